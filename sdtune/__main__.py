@@ -1,0 +1,5 @@
+import sys
+
+from sdtune.cli import main
+
+sys.exit(main())

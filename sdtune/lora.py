@@ -1,0 +1,107 @@
+"""LoRA adapters (PEFT) on the UNet and text encoders, and saving them in diffusers' format.
+
+The saved file is what ``pipe.load_lora_weights(output_dir)`` reads: ``unet.``/``text_encoder.``/
+``text_encoder_2.`` prefixed keys plus each adapter's PEFT config (rank, alpha, DoRA) in the safetensors
+metadata, so an ``alpha`` different from ``rank`` loads with the right scale.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sdtune.errors import SdtuneError
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(
+    module: torch.nn.Module,
+    rank: int,
+    alpha: float | None,
+    target_modules: list[str],
+    dropout: float = 0.0,
+    use_dora: bool = False,
+    key: str = "lora.target_modules",
+) -> None:
+    """Freeze ``module`` and add a trainable LoRA adapter named ``default`` to its ``target_modules``."""
+    from peft import LoraConfig
+
+    module.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",  # as diffusers' DreamBooth: A ~ N(0, 1/r), B = 0, so training starts at the base model
+        target_modules=target_modules,
+        use_dora=use_dora,
+    )
+    try:
+        module.add_adapter(config)
+    except ValueError as e:
+        raise SdtuneError(f"{key}: {str(e).splitlines()[0][:200]}") from None
+
+
+def trainable_parameters(*modules: torch.nn.Module | None) -> list[torch.nn.Parameter]:
+    return [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+
+
+def adapter_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in PEFT naming (the form ``set_peft_model_state_dict`` takes back)."""
+    from peft import get_peft_model_state_dict
+
+    return {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in get_peft_model_state_dict(module, save_embedding_layers=False).items()
+    }
+
+
+def load_adapter_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put tensors from ``adapter_state_dict`` back into ``module``'s adapter, refusing any mismatch."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(module, state, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    missing = [k for k in (getattr(result, "missing_keys", None) or []) if "lora_" in k]
+    if unexpected or missing:
+        raise SdtuneError(
+            f"checkpoint does not match the LoRA layout of this run ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[0]})"
+        )
+
+
+def save_diffusers_lora(
+    output_dir: str | Path,
+    family: str,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None = None,
+    text_encoder_2: torch.nn.Module | None = None,
+) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` in diffusers' format; pass only modules that were trained."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    def layers(m):
+        return None if m is None else convert_state_dict_to_diffusers(adapter_state_dict(m))
+
+    def meta(m):
+        return None if m is None else m.peft_config["default"].to_dict()
+
+    kwargs = dict(
+        unet_lora_layers=layers(unet),
+        text_encoder_lora_layers=layers(text_encoder),
+        unet_lora_adapter_metadata=meta(unet),
+        text_encoder_lora_adapter_metadata=meta(text_encoder),
+        safe_serialization=True,
+    )
+    if family == "sdxl":
+        StableDiffusionXLPipeline.save_lora_weights(
+            output_dir,
+            text_encoder_2_lora_layers=layers(text_encoder_2),
+            text_encoder_2_lora_adapter_metadata=meta(text_encoder_2),
+            **kwargs,
+        )
+    else:
+        StableDiffusionPipeline.save_lora_weights(output_dir, **kwargs)
+    return Path(output_dir) / WEIGHT_NAME

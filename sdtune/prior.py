@@ -1,0 +1,91 @@
+"""Prior preservation: make sure ``num_class_images`` class images exist, generating the missing ones.
+
+Generated images get deterministic names (``class-00017.png``) and seeds (``seed + index``), are written
+atomically, and are counted again on every start, so a run that crashed halfway continues where it stopped
+and the next run with the same model and prompt reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdtune.data import list_images
+from sdtune.sample import save_image
+
+MANIFEST = "sdtune_class_images.json"
+
+
+def missing_class_indices(class_dir: Path, num_class_images: int) -> list[int]:
+    """Indices of ``class-NNNNN.png`` still to generate so the folder holds ``num_class_images`` images
+    (images the user put there count too)."""
+    existing = list_images(class_dir)
+    need = num_class_images - len(existing)
+    names = {p.name for p in existing}
+    missing, i = [], 0
+    while len(missing) < need:
+        if f"class-{i:05d}.png" not in names:
+            missing.append(i)
+        i += 1
+    return missing
+
+
+def ensure_class_images(
+    pipe: Any,
+    class_dir: Path,
+    class_prompt: str,
+    num_class_images: int,
+    *,
+    resolution: int,
+    batch_size: int,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    model_id: str,
+    process_index: int = 0,
+    num_processes: int = 1,
+    progress: bool = True,
+) -> list[str]:
+    """Generate this process's share of the missing class images; return warnings for the user."""
+    from tqdm.auto import tqdm
+
+    class_dir.mkdir(parents=True, exist_ok=True)
+    warnings: list[str] = []
+    manifest = class_dir / MANIFEST
+    record = {"model": model_id, "class_prompt": class_prompt, "resolution": resolution}
+    if manifest.is_file():
+        try:
+            old = json.loads(manifest.read_text())
+        except ValueError:
+            old = {}
+        if old.get("class_prompt") != class_prompt or old.get("model") != model_id:
+            warnings.append(
+                f"{class_dir} holds class images made for '{old.get('class_prompt')}' with {old.get('model')}, "
+                f"not '{class_prompt}' with {model_id}; they are used as they are"
+            )
+    elif process_index == 0:
+        manifest.write_text(json.dumps(record, indent=2))
+
+    todo = missing_class_indices(class_dir, num_class_images)[process_index::num_processes]
+    if not todo:
+        return warnings
+    bar = tqdm(total=len(todo), desc="class images", disable=not progress, unit="img")
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        images = pipe(
+            [class_prompt] * len(batch),
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            height=resolution,
+            width=resolution,
+            # One generator per image: image i is the same whatever the batch size or process count.
+            generator=[torch.Generator("cpu").manual_seed(seed + i) for i in batch],
+        ).images
+        for i, image in zip(batch, images):
+            save_image(image, class_dir / f"class-{i:05d}.png")
+        bar.update(len(batch))
+    bar.close()
+    return warnings

@@ -1,0 +1,81 @@
+"""The CLIP vocabulary, rebuilt offline from the BPE merge list shipped as package data.
+
+Every Stable Diffusion text encoder (SD1.x's CLIP ViT-L/14, SD2's OpenCLIP ViT-H/14, both SDXL encoders)
+uses the same byte-level BPE with 49,408 tokens. OpenAI publishes it as ``bpe_simple_vocab_16e6.txt.gz``;
+token ids follow merge order, so the vocabulary can be rebuilt exactly the way ``clip/simple_tokenizer.py``
+does it, and written in the ``vocab.json`` + ``merges.txt`` form that ``transformers.CLIPTokenizer`` reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+from importlib import resources
+from pathlib import Path
+
+VOCAB_SIZE = 49408
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+# CLIP's merge file has a header line, then 49152 - 256 - 2 merges are used (the rest are unused).
+_NUM_MERGES = 49152 - 256 - 2
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """Byte -> printable unicode character map of GPT-2/CLIP byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+@functools.cache
+def clip_merges() -> tuple[tuple[str, str], ...]:
+    """The 48,894 BPE merges CLIP uses, in rank order."""
+    raw = resources.files("sdtune").joinpath("assets", "bpe_simple_vocab_16e6.txt.gz").read_bytes()
+    lines = gzip.decompress(raw).decode("utf-8").split("\n")[1 : _NUM_MERGES + 1]
+    return tuple(tuple(line.split()) for line in lines)  # type: ignore[misc]
+
+
+@functools.cache
+def clip_vocab() -> dict[str, int]:
+    """Token string -> id, exactly CLIP's 49,408 entries (``sks</w>`` is 48136)."""
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    tokens += ["".join(merge) for merge in clip_merges()]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    assert len(tokens) == VOCAB_SIZE, len(tokens)
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def write_clip_tokenizer_files(directory: str | Path) -> tuple[Path, Path]:
+    """Write ``vocab.json`` and ``merges.txt`` (Hugging Face format) into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
+    vocab_file.write_text(json.dumps(clip_vocab(), ensure_ascii=False), encoding="utf-8")
+    merges_file.write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in clip_merges()) + "\n", encoding="utf-8"
+    )
+    return vocab_file, merges_file
+
+
+def clip_tokenizer(pad_token: str = EOS_TOKEN, model_max_length: int = 77):
+    """A ``transformers.CLIPTokenizer`` with the real CLIP vocabulary, built offline.
+
+    SD1.x pads with ``<|endoftext|>``; SD2 and SDXL's second encoder (OpenCLIP) pad with ``!``.
+    """
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    # from_pretrained on a folder holding vocab.json + merges.txt works in transformers 4 and 5 alike
+    # (their constructors differ: file paths in 4, in-memory vocab and merges in 5).
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer_files(tmp)
+        return CLIPTokenizer.from_pretrained(tmp, pad_token=pad_token, model_max_length=model_max_length)

@@ -1,0 +1,543 @@
+"""DreamBooth LoRA training: one loop, under Hugging Face Accelerate.
+
+``sdtune train RECIPE`` and ``accelerate launch -m sdtune train RECIPE`` run this same code; Accelerate
+decides how many processes there are. The maths of one step is ``training_step``, a pure function of its
+inputs and a random generator, which tests call directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdtune.config import Config, RunPlan, check_run
+from sdtune.errors import SdtuneError
+
+# Keys of the config that may change between a checkpoint and its resume; anything else alters the run.
+RESUMABLE_CHANGES = {
+    "train.max_steps", "train.resume", "train.log_every", "train.report_to", "train.checkpoint_every",
+    "train.checkpoints_total_limit", "train.dataloader_workers", "train.output_dir", "sample",
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The step
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar that is back-propagated
+    instance_loss: torch.Tensor  # scalar, detached
+    prior_loss: torch.Tensor | None  # scalar, detached; None without prior preservation
+
+
+def training_step(
+    unet: torch.nn.Module,
+    noise_scheduler: Any,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    prediction_type: str = "epsilon",
+    prior_preservation: bool = False,
+    prior_loss_weight: float = 1.0,
+    noise_offset: float = 0.0,
+    snr_gamma: float | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+) -> StepOutput:
+    """DreamBooth loss for one batch.
+
+    latents: (B, 4, h, w), already scaled by the VAE's scaling factor. With prior preservation the first
+    B/2 rows are instance examples and the last B/2 class examples (one forward pass serves both).
+    encoder_hidden_states: (B, 77, D). All randomness (noise, timesteps) comes from ``generator``.
+    """
+    bsz, channels = latents.shape[:2]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        # A per-channel constant shift lets the model learn overall brightness (very dark / light images).
+        offset = torch.randn((bsz, channels, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = noise + noise_offset * offset
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_train_timesteps, (bsz,), generator=generator, device=latents.device).long()
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+
+    model_pred = unet(
+        noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False
+    )[0]
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise SdtuneError(f"model: unsupported prediction type '{prediction_type}'")
+
+    # Per-example MSE, (B,), in fp32 whatever the compute dtype.
+    mse = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        # Min-SNR-gamma (Hang et al. 2023): weight min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v.
+        alphas_cumprod = noise_scheduler.alphas_cumprod.to(latents.device)[timesteps].float()
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        weight = torch.clamp(snr, max=snr_gamma)
+        mse = mse * weight / (snr if prediction_type == "epsilon" else snr + 1)
+
+    if prior_preservation:
+        instance, prior = mse.chunk(2)
+        instance_loss, prior_loss = instance.mean(), prior.mean()
+        loss = instance_loss + prior_loss_weight * prior_loss
+        return StepOutput(loss, instance_loss.detach(), prior_loss.detach())
+    loss = mse.mean()
+    return StepOutput(loss, loss.detach(), None)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Text conditioning
+
+
+def encode_prompt(
+    text_encoders: list[torch.nn.Module], input_ids: list[torch.Tensor], family: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(encoder_hidden_states (B, 77, D), pooled (B, D2) for SDXL else None), as the pipelines compute them."""
+    if family != "sdxl":
+        return text_encoders[0](input_ids[0], return_dict=True).last_hidden_state, None
+    # SDXL: penultimate hidden states of both encoders side by side (768 + 1280 = 2048 wide) and the
+    # projected pooled output of the second one.
+    hidden, pooled = [], None
+    for encoder, ids in zip(text_encoders, input_ids):
+        out = encoder(ids, output_hidden_states=True, return_dict=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = getattr(out, "text_embeds", None)
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_time_ids(
+    original_sizes: list[tuple[int, int]], crops: list[tuple[int, int]], resolution: int, crop_conditioning: bool
+) -> torch.Tensor:
+    """SDXL micro-conditioning, (B, 6): original (h, w) + crop top-left (y, x) + target (h, w)."""
+    rows = [
+        [*orig, *(crop if crop_conditioning else (0, 0)), resolution, resolution]
+        for orig, crop in zip(original_sizes, crops)
+    ]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_drift(saved: dict, current: dict) -> list[str]:
+    """Keys whose values differ between a checkpoint's config and this run's, except harmless ones."""
+    a, b = _flat(saved), _flat(current)
+    return sorted(
+        k for k in set(a) | set(b)
+        if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES and k.split(".")[0] not in RESUMABLE_CHANGES
+    )
+
+
+def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: the newest complete one for 'latest', or the given folder."""
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / "COMPLETE").is_file():
+            raise SdtuneError(f"train.resume: {path} is not a complete checkpoint (no COMPLETE marker)")
+        return path
+    root = output_dir / "checkpoints"
+    done = sorted(p for p in root.glob("step-*") if (p / "COMPLETE").is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    accelerator: Any, output_dir: Path, global_step: int, trained: dict[str, torch.nn.Module], optimizer: Any,
+    lr_scheduler: Any, generator: torch.Generator, config: dict, family: str, limit: int | None,
+) -> Path:
+    """Write ``checkpoints/step-NNNNNN/`` via a temporary folder renamed into place, then prune old ones."""
+    from safetensors.torch import save_file
+
+    from sdtune.lora import adapter_state_dict, save_diffusers_lora
+
+    root = output_dir / "checkpoints"
+    final = root / f"step-{global_step:06d}"
+    tmp = root / f".tmp-step-{global_step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    # Every process keeps its own random streams (noise differs per process).
+    torch.save(_rng_state(generator), tmp / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for name, module in trained.items():
+            save_file(adapter_state_dict(module), tmp / f"adapter-{name}.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+        save_diffusers_lora(tmp, family, **trained)
+        (tmp / "state.json").write_text(
+            json.dumps({"global_step": global_step, "num_processes": accelerator.num_processes, "config": config},
+                       indent=2)
+        )
+        (tmp / "COMPLETE").write_text("ok\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        if limit:
+            done = sorted(p for p in root.glob("step-*") if (p / "COMPLETE").is_file())
+            for old in done[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(
+    path: Path, accelerator: Any, trained: dict[str, torch.nn.Module], optimizer: Any, lr_scheduler: Any,
+    generator: torch.Generator, config: dict,
+) -> int:
+    """Restore adapters, optimizer, LR schedule and random streams; return the step to continue from."""
+    from safetensors.torch import load_file
+
+    from sdtune.lora import load_adapter_state_dict
+
+    state = json.loads((path / "state.json").read_text())
+    drift = config_drift(state["config"], config)
+    if drift:
+        raise SdtuneError(
+            f"train.resume: {path} was trained with a different config ({', '.join(drift)}); "
+            "fix: restore those values, or start a new output_dir"
+        )
+    if state.get("num_processes", 1) != accelerator.num_processes:
+        raise SdtuneError(
+            f"train.resume: {path} was written by {state.get('num_processes')} processes, this run has "
+            f"{accelerator.num_processes}; the data order would change. Launch with the same count"
+        )
+    for name, module in trained.items():
+        load_adapter_state_dict(module, load_file(path / f"adapter-{name}.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
+    rng = path / f"rng-{accelerator.process_index}.pt"
+    _set_rng_state(torch.load(rng, weights_only=True), generator)
+    return int(state["global_step"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _make_optimizer(name: str, groups: list[dict], betas, eps: float, weight_decay: float):
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:  # chosen explicitly: never fall back silently to fp32 AdamW
+            raise SdtuneError(
+                f"train.optimizer: adamw8bit needs bitsandbytes ({e}); pip install bitsandbytes, "
+                "or set train.optimizer=adamw"
+            ) from None
+        return bnb.optim.AdamW8bit(groups, betas=betas, eps=eps, weight_decay=weight_decay)
+    # fused kernels on CUDA, foreach elsewhere: far fewer kernel launches than the per-tensor loop
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
+
+
+def _log_grid(accelerator: Any, grid: Any, step: int) -> None:
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"samples": wandb.Image(grid)}, step=step)
+
+
+def train(cfg: Config, plan: RunPlan | None = None) -> Path:
+    """Run DreamBooth LoRA training as configured; return the output folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from tqdm.auto import tqdm
+
+    from sdtune.data import DreamBoothDataset, StreamBatchSampler, collate, list_images, tokenize
+    from sdtune.lora import WEIGHT_NAME, add_lora, save_diffusers_lora, trainable_parameters
+    from sdtune.models import Components, build_pipeline, load_components
+    from sdtune.prior import ensure_class_images
+    from sdtune.sample import render_grid, sampling_scheduler, save_image
+
+    plan = plan or check_run(cfg)  # every config problem is reported before any weight loads
+    info, resolution, t = plan.model, plan.resolution, cfg.train
+    output_dir = Path(t.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=None if t.report_to == "none" else t.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    device = accelerator.device
+    if t.mixed_precision == "fp16" and device.type == "cpu":
+        raise SdtuneError("train.mixed_precision: fp16 needs a GPU; on CPU use bf16 or no")
+    main = accelerator.is_main_process
+    say = accelerator.print
+    for w in plan.warnings:
+        say(f"warning: {w}")
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    # Same base seed everywhere (identical LoRA init on every process); noise differs per process.
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    generator = torch.Generator(device).manual_seed(t.seed * 1000 + accelerator.process_index)
+    if t.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    say(f"model: {info.pretrained} ({info.family}, {info.prediction_type}), {resolution} px, {weight_dtype}")
+    c: Components = load_components(info.pretrained, info.family, cfg.model.revision, cfg.model.variant)
+    # Frozen weights in the compute dtype; the SDXL VAE overflows in fp16, so it stays fp32 (force_upcast).
+    vae_dtype = torch.float32 if c.vae.config.force_upcast else weight_dtype
+    c.vae.requires_grad_(False).to(device, vae_dtype)
+    c.unet.requires_grad_(False).to(device, weight_dtype)
+    for te in c.text_encoders:
+        te.requires_grad_(False).to(device, weight_dtype)
+    sampler_scheduler = sampling_scheduler(c.noise_scheduler.config)
+
+    # Prior preservation: class images from the base model, before any adapter exists.
+    class_paths: list[Path] = []
+    if cfg.prior.enabled:
+        assert plan.class_dir is not None and cfg.prior.class_prompt
+        pipe = build_pipeline(c, info.family, sampler_scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        with accelerator.autocast():
+            for w in ensure_class_images(
+                pipe, plan.class_dir, cfg.prior.class_prompt, cfg.prior.num_class_images,
+                resolution=resolution, batch_size=cfg.prior.generation_batch_size, steps=cfg.prior.generation_steps,
+                guidance_scale=cfg.prior.generation_guidance, seed=t.seed, model_id=info.pretrained,
+                process_index=accelerator.process_index, num_processes=accelerator.num_processes, progress=main,
+            ):
+                say(f"warning: {w}")
+        accelerator.wait_for_everyone()
+        class_paths = list_images(plan.class_dir)[: cfg.prior.num_class_images]
+        say(f"prior preservation: {len(class_paths)} class images in {plan.class_dir}")
+        del pipe
+
+    # LoRA adapters; their parameters are trained in fp32 even under mixed precision.
+    lora = cfg.lora
+    add_lora(c.unet, lora.rank, lora.alpha, lora.target_modules, lora.dropout, lora.use_dora)
+    trained: dict[str, torch.nn.Module] = {"unet": c.unet}
+    if lora.train_text_encoder:
+        add_lora(c.text_encoder, lora.rank, lora.alpha, lora.text_encoder_target_modules, lora.dropout,
+                 lora.use_dora, key="lora.text_encoder_target_modules")
+        trained["text_encoder"] = c.text_encoder
+        if info.family == "sdxl" and cfg.sdxl.train_text_encoder_2:
+            add_lora(c.text_encoder_2, lora.rank, lora.alpha, lora.text_encoder_target_modules, lora.dropout,
+                     lora.use_dora, key="lora.text_encoder_target_modules")
+            trained["text_encoder_2"] = c.text_encoder_2
+    cast_training_params(list(trained.values()), dtype=torch.float32)
+    if t.gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+        for name in ("text_encoder", "text_encoder_2"):
+            if name in trained:
+                trained[name].gradient_checkpointing_enable()
+
+    groups = [{"params": trainable_parameters(c.unet), "lr": t.learning_rate}]
+    te_params = trainable_parameters(*(m for n, m in trained.items() if n != "unet"))
+    if te_params:
+        groups.append({"params": te_params, "lr": lora.text_encoder_lr or t.learning_rate})
+    optimizer = _make_optimizer(t.optimizer, groups, (t.adam_beta1, t.adam_beta2), t.adam_epsilon, t.weight_decay)
+    # Stepped once per optimizer step by this loop (not prepared), so no num_processes scaling is needed.
+    lr_scheduler = get_scheduler(
+        t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_steps
+    )
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    modules = dict(zip(trained, prepared[:-1]))
+    optimizer = prepared[-1]
+    unet = modules["unet"]
+    text_encoders = [modules.get("text_encoder", c.text_encoder)]
+    if info.family == "sdxl":
+        text_encoders.append(modules.get("text_encoder_2", c.text_encoder_2))
+
+    config_dict = cfg.model_dump(mode="json")
+    global_step = 0
+    if t.resume:
+        ckpt = find_checkpoint(output_dir, t.resume)
+        if ckpt is None:
+            say(f"train.resume=latest: no checkpoint in {output_dir / 'checkpoints'} yet; starting at step 0")
+        else:
+            global_step = load_checkpoint(ckpt, accelerator, trained, optimizer, lr_scheduler, generator, config_dict)
+            say(f"resumed from {ckpt} at step {global_step}")
+
+    dataset = DreamBoothDataset(
+        plan.examples, resolution, cfg.data.center_crop, cfg.data.random_flip, cfg.data.repeats,
+        class_paths or None, cfg.prior.class_prompt, seed=t.seed,
+    )
+    batch_sampler = StreamBatchSampler(
+        len(dataset), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes,
+        start=global_step * t.gradient_accumulation_steps,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=t.dataloader_workers,
+        pin_memory=device.type == "cuda", persistent_workers=t.dataloader_workers > 0,
+    )
+
+    if accelerator.is_main_process and accelerator.trackers == [] and t.report_to != "none":
+        init = {"wandb": {"dir": str(output_dir)}} if t.report_to == "wandb" else {}
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flat(config_dict).items()}
+        accelerator.init_trackers("sdtune", config=hparams, init_kwargs=init)
+
+    def sample(step: int) -> Path | None:
+        """Render the fixed-seed grid with the live adapters; runs on the main process only."""
+        path = None
+        if main:
+            prompts = cfg.sample.prompts or list(dict.fromkeys(
+                [plan.examples[0].caption if plan.examples else cfg.data.instance_prompt]
+                + ([cfg.prior.class_prompt] if cfg.prior.class_prompt else [])
+            ))
+            parts = Components(
+                tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, vae=c.vae, noise_scheduler=c.noise_scheduler,
+                unet=accelerator.unwrap_model(unet), text_encoder=accelerator.unwrap_model(text_encoders[0]),
+                text_encoder_2=accelerator.unwrap_model(text_encoders[1]) if len(text_encoders) > 1 else None,
+            )
+            pipe = build_pipeline(parts, info.family, sampler_scheduler)
+            pipe.set_progress_bar_config(disable=True)
+            for m in trained.values():
+                m.eval()
+            with accelerator.autocast():
+                grid, _ = render_grid(
+                    pipe, prompts, cfg.sample.seeds, negative_prompt=cfg.sample.negative_prompt,
+                    steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale, height=resolution,
+                    width=resolution, title=f"step {step}",
+                )
+            for m in trained.values():
+                m.train()
+            path = save_image(grid, output_dir / "samples" / f"step-{step:06d}.png")
+            _log_grid(accelerator, grid, step)
+        accelerator.wait_for_everyone()
+        return path
+
+    say(
+        f"training {sum(p.numel() for g in groups for p in g['params']):,} LoRA parameters "
+        f"({', '.join(trained)}) for {t.max_steps} steps, batch {t.batch_size} x {t.gradient_accumulation_steps} "
+        f"accumulation x {accelerator.num_processes} processes"
+        + (f", with {len(class_paths)} class images" if class_paths else "")
+    )
+    for m in trained.values():
+        m.train()
+    params = [p for g in groups for p in g["params"]]
+    progress = tqdm(total=t.max_steps, initial=global_step, desc="train", disable=not main, unit="step")
+    loss_sum = torch.zeros((), device=device)  # summed on device; read (a host sync) only every log_every
+    loss_count = 0
+    last_log_time, last_log_step = time.perf_counter(), global_step
+    data_iter = iter(loader)
+    while global_step < t.max_steps:
+        batch = next(data_iter)
+        with accelerator.accumulate(*modules.values()):
+            pixel_values = batch["pixel_values"].to(device, vae_dtype, non_blocking=True)
+            with torch.no_grad():
+                # (B, 3, H, W) -> (B, 4, H/8, W/8)
+                latents = c.vae.encode(pixel_values).latent_dist.sample(generator=generator)
+                latents = (latents * c.vae.config.scaling_factor).to(weight_dtype)
+            input_ids = [ids.to(device) for ids in tokenize(c.tokenizers, batch["captions"])]
+            with torch.set_grad_enabled(lora.train_text_encoder):
+                encoder_hidden_states, pooled = encode_prompt(text_encoders, input_ids, info.family)
+            added_cond_kwargs = None
+            if info.family == "sdxl":
+                time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], resolution,
+                                         cfg.sdxl.crop_conditioning)
+                added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids.to(device, weight_dtype)}
+            with accelerator.autocast():
+                out = training_step(
+                    unet, c.noise_scheduler, latents, encoder_hidden_states, generator,
+                    prediction_type=info.prediction_type, prior_preservation=bool(class_paths),
+                    prior_loss_weight=cfg.prior.loss_weight, noise_offset=t.noise_offset, snr_gamma=t.snr_gamma,
+                    added_cond_kwargs=added_cond_kwargs,
+                )
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients and t.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += out.loss.detach()
+        loss_count += 1
+        if not accelerator.sync_gradients:
+            continue
+
+        global_step += 1
+        progress.update(1)
+        if global_step % t.log_every == 0 or global_step == t.max_steps:
+            loss = accelerator.reduce(loss_sum, reduction="mean").item() / loss_count
+            now = time.perf_counter()
+            logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0],
+                    "steps_per_s": (global_step - last_log_step) / max(now - last_log_time, 1e-9)}
+            if out.prior_loss is not None:
+                logs["prior_loss"] = out.prior_loss.item()
+            if not math.isfinite(loss):
+                say(f"warning: loss is {loss} at step {global_step}")
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+            loss_sum.zero_()
+            loss_count, last_log_time, last_log_step = 0, now, global_step
+        if t.checkpoint_every and global_step % t.checkpoint_every == 0 and global_step < t.max_steps:
+            save_checkpoint(accelerator, output_dir, global_step, trained_unwrapped(accelerator, modules),
+                            optimizer, lr_scheduler, generator, config_dict, info.family, t.checkpoints_total_limit)
+        if cfg.sample.every and global_step % cfg.sample.every == 0 and global_step < t.max_steps:
+            sample(global_step)
+    progress.close()
+
+    final = trained_unwrapped(accelerator, modules)
+    save_checkpoint(accelerator, output_dir, global_step, final, optimizer, lr_scheduler, generator, config_dict,
+                    info.family, t.checkpoints_total_limit)
+    if main:
+        save_diffusers_lora(output_dir, info.family, **final)
+    grid = sample(global_step)
+    accelerator.end_training()
+    if main:
+        say(f"LoRA: {output_dir / WEIGHT_NAME}")
+        say(f"samples: {grid}")
+    return output_dir
+
+
+def trained_unwrapped(accelerator: Any, modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    return {name: accelerator.unwrap_model(m) for name, m in modules.items()}
+
