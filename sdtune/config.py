@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sdtune.errors import SdtuneError
 
@@ -108,6 +108,12 @@ class TrainConfig(_Section):
     dataloader_workers: int = Field(0, ge=0)
     report_to: Literal["none", "tensorboard", "wandb"] = "tensorboard"
     log_every: int = Field(10, ge=1)
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false; `mixed_precision: no` means "no".
+        return "no" if v is False else v
 
 
 class SampleConfig(_Section):

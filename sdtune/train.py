@@ -464,6 +464,11 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
         m.train()
     params = [p for g in groups for p in g["params"]]
     progress = tqdm(total=t.max_steps, initial=global_step, desc="train", disable=not main, unit="step")
+    # Steady-state speed is timed from `timing_from` to the end (two host syncs in the whole run).
+    timing_from = min(global_step + 10, (global_step + t.max_steps) // 2)
+    timer_start, timer_step = time.perf_counter(), global_step
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     loss_sum = torch.zeros((), device=device)  # summed on device; read (a host sync) only every log_every
     loss_count = 0
     last_log_time, last_log_step = time.perf_counter(), global_step
@@ -505,6 +510,10 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
 
         global_step += 1
         progress.update(1)
+        if global_step == timing_from:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            timer_start, timer_step = time.perf_counter(), global_step
         if global_step % t.log_every == 0 or global_step == t.max_steps:
             loss = accelerator.reduce(loss_sum, reduction="mean").item() / loss_count
             now = time.perf_counter()
@@ -524,12 +533,29 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
         if cfg.sample.every and global_step % cfg.sample.every == 0 and global_step < t.max_steps:
             sample(global_step)
     progress.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    steady_steps = global_step - timer_step
+    s_per_step = (time.perf_counter() - timer_start) / steady_steps if steady_steps else float("nan")
+    images_per_step = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+    summary = {
+        "global_step": global_step,
+        "timed_steps": steady_steps,
+        "s_per_step": s_per_step,
+        "img_per_s": images_per_step / s_per_step if steady_steps else float("nan"),
+        "images_per_step": images_per_step,
+        "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "mixed_precision": accelerator.mixed_precision,
+        "optimizer": t.optimizer,
+    }
 
     final = trained_unwrapped(accelerator, modules)
     save_checkpoint(accelerator, output_dir, global_step, final, optimizer, lr_scheduler, generator, config_dict,
                     info.family, t.checkpoints_total_limit)
     if main:
         save_diffusers_lora(output_dir, info.family, **final)
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     grid = sample(global_step)
     accelerator.end_training()
     if main:

@@ -1,0 +1,107 @@
+"""Time sdtune's own training path (data loader, VAE, text encoder, LoRA UNet step, optimizer).
+
+Builds a random model with `sdtune random-model` (tiny or with the real architecture's shapes), trains
+warm-up + N steps on the drawn demo subject, and prints one JSON line: s/step, img/s, peak GPU memory and
+MFU (model FLOPs utilisation, from about 1.80 TFLOP per SD1.5 512 px image and 14.7 per SDXL 1024 px image
+for a LoRA training step: forward + backward through the UNet).
+
+    python bench/train_bench.py --family sd15 --size full --batch-size 1 --steps 100 \
+        --mixed-precision fp16 --optimizer adamw8bit          # GPU
+    python bench/train_bench.py --size tiny --steps 3         # CPU smoke test (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Dense bf16/fp16 tensor-core peak (TFLOP/s) of cards we may run on; MFU is only printed when known.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
+TFLOP_PER_IMAGE = {("sd15", 512): 1.80, ("sdxl", 1024): 14.7}
+
+
+def main() -> None:
+    from sdtune.cli import _quiet_imports, _quiet_libraries
+
+    _quiet_imports()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=("sd15", "sd2", "sdxl"), default="sd15")
+    p.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    p.add_argument("--model", help="use this model folder instead of writing a random one")
+    p.add_argument("--resolution", type=int, help="default: the model's native size")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=100, help="timed steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    p.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--workdir", help="default: a temporary folder")
+    args = p.parse_args()
+    _quiet_libraries()
+
+    from sdtune.config import load_config
+    from sdtune.models import inspect_model, write_random_model
+    from sdtune.train import train
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="sdtune-bench-"))
+    model = args.model
+    if model is None:
+        model = str(work / f"model-{args.family}-{args.size}")
+        if not (Path(model) / "model_index.json").is_file():
+            dtype = "fp16" if args.size == "full" else "fp32"
+            write_random_model(model, args.family, args.size, dtype=dtype)
+    info = inspect_model(model)
+    resolution = args.resolution or info.resolution
+    overrides = [
+        f"model.pretrained={model}",
+        f"data.instance_dir={ROOT / 'data' / 'demo_toy'}",
+        "data.identifier=sks",
+        f"data.resolution={resolution}",
+        f"lora.rank={args.rank}",
+        f"train.output_dir={work / 'run'}",
+        f"train.max_steps={args.warmup + args.steps}",
+        f"train.batch_size={args.batch_size}",
+        f"train.mixed_precision={args.mixed_precision}",
+        f"train.optimizer={args.optimizer}",
+        f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+        "train.checkpoint_every=0",
+        "train.report_to=none",
+        f"train.log_every={10**9}",
+        "sample.prompts=[a photo of sks toy]",
+        "sample.seeds=[0]",
+        "sample.steps=2",
+    ]
+    cfg = load_config(None, overrides)
+    out = train(cfg)
+    summary = json.loads((out / "train_summary.json").read_text())
+    # train() times from min(10, max_steps / 2) steps on; report exactly what it measured.
+    result = {
+        "family": info.family,
+        "size": args.size,
+        "resolution": resolution,
+        "batch_size": args.batch_size,
+        "mixed_precision": args.mixed_precision,
+        "optimizer": args.optimizer,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "rank": args.rank,
+        "timed_steps": summary["timed_steps"],
+        "s_per_step": round(summary["s_per_step"], 4),
+        "img_per_s": round(summary["img_per_s"], 2),
+        "peak_gpu_mem_gib": None if summary["peak_gpu_mem_gib"] is None else round(summary["peak_gpu_mem_gib"], 2),
+        "device": summary["device"],
+    }
+    flop = TFLOP_PER_IMAGE.get((info.family, resolution)) if args.size == "full" else None
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in summary["device"]), None)
+    result["mfu"] = round(flop * summary["img_per_s"] / peak, 4) if flop and peak else None
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
