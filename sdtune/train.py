@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -290,6 +291,7 @@ def _log_grid(accelerator: Any, grid: Any, step: int) -> None:
 def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     """Run DreamBooth LoRA training as configured; return the output folder."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
@@ -304,7 +306,15 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     plan = plan or check_run(cfg)  # every config problem is reported before any weight loads
     info, resolution, t = plan.model, plan.resolution, cfg.train
     output_dir = Path(t.output_dir)
+    # Accelerate keeps process-wide state; forget the last run's precision and accumulation so train()
+    # can run again in one process (notebooks, tests). The distributed state itself is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    # Launched as several processes (accelerate launch --multi_gpu, torchrun) on a machine without a GPU:
+    # Accelerate uses gloo on the CPU only when told cpu=True, else every process would think it is alone.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
     accelerator = Accelerator(
+        cpu=launched and not torch.cuda.is_available(),
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=None if t.report_to == "none" else t.report_to,
@@ -315,6 +325,9 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
         raise SdtuneError("train.mixed_precision: fp16 needs a GPU; on CPU use bf16 or no")
     main = accelerator.is_main_process
     say = accelerator.print
+    if os.environ.get("MASTER_PORT") and accelerator.num_processes == 1 and not launched:
+        say("note: `accelerate launch --cpu` starts one process unless MPI is set up; for N processes on the "
+            "CPU use `accelerate launch --multi_gpu --num_processes N` (sdtune then runs them on the CPU with gloo)")
     for w in plan.warnings:
         say(f"warning: {w}")
     if main:
@@ -384,6 +397,14 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     if te_params:
         groups.append({"params": te_params, "lr": lora.text_encoder_lr or t.learning_rate})
     optimizer = _make_optimizer(t.optimizer, groups, (t.adam_beta1, t.adam_beta2), t.adam_epsilon, t.weight_decay)
+    if t.optimizer == "adamw8bit":
+        # bitsandbytes keeps tensors under 4096 elements in 32-bit state (small tensors quantise badly);
+        # at low LoRA ranks that is most of them, so say how much is really 8-bit.
+        tensors = [p for g in groups for p in g["params"]]
+        big = [p for p in tensors if p.numel() >= 4096]
+        say(f"8-bit AdamW: 8-bit state for {len(big)} of {len(tensors)} LoRA tensors "
+            f"({sum(p.numel() for p in big):,} of {sum(p.numel() for p in tensors):,} values); "
+            "bitsandbytes keeps tensors under 4096 values in 32-bit")
     # Stepped once per optimizer step by this loop (not prepared), so no num_processes scaling is needed.
     lr_scheduler = get_scheduler(
         t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_steps
@@ -417,6 +438,9 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=t.dataloader_workers,
         pin_memory=device.type == "cuda", persistent_workers=t.dataloader_workers > 0,
+        # Its own generator: creating the iterator would otherwise draw from the global RNG, which a resume
+        # has just restored (dropout must see the same stream as in the uninterrupted run).
+        generator=torch.Generator().manual_seed(t.seed),
     )
 
     if accelerator.is_main_process and accelerator.trackers == [] and t.report_to != "none":

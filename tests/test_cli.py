@@ -1,0 +1,56 @@
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+from conftest import ROOT, overrides
+from sdtune.cli import main
+from sdtune.config import load_config
+from sdtune.train import train
+
+
+def test_python_m_sdtune_help():
+    proc = subprocess.run([sys.executable, "-m", "sdtune", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for command in ("train", "sample", "random-model", "doctor"):
+        assert command in proc.stdout
+
+
+def test_sample_grid_from_a_run(tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(load_config(None, overrides(tiny_model("sd15"), out, "train.max_steps=2",
+                                      "data.instance_prompt=a photo of sks toy")))
+    capsys.readouterr()
+    grid_path = tmp_path / "grid.png"
+    code = main(["sample", str(out), "--seeds", "0,1", "--lora-scale", "0,1", "--steps", "2",
+                 "--prompt", "a photo of sks toy", "--prompt", "sks toy in the snow", "--out", str(grid_path)])
+    assert code == 0
+    assert f"grid: {grid_path}" in capsys.readouterr().out
+    with Image.open(grid_path) as grid:
+        # 2 prompts x 2 scales rows, 2 seed columns, plus labels
+        assert grid.width > 2 * 64 and grid.height > 4 * 64
+
+
+def test_sample_errors(tmp_path, capsys):
+    assert main(["sample", str(tmp_path / "nothing")]) == 2
+    assert "no such run folder or LoRA file" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path)]) == 2
+    assert "no pytorch_lora_weights.safetensors" in capsys.readouterr().err
+
+
+def test_dry_run_reports_and_writes_nothing(tiny_model, tmp_path, capsys):
+    out = tmp_path / "never"
+    code = main(["train", str(ROOT / "recipes/tiny_cpu.yaml"), f"model.pretrained={tiny_model('sd15')}",
+                 f"train.output_dir={out}", f"prior.class_dir={tmp_path / 'cls'}", "--dry-run"])
+    assert code == 0
+    assert "8 instance images at 64 px" in capsys.readouterr().out
+    assert not out.exists() and not (tmp_path / "cls").exists()
+
+
+def test_train_bench_smoke():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/train_bench.py"), "--size", "tiny", "--steps", "2",
+                           "--warmup", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["family"] == "sd15" and result["s_per_step"] > 0 and result["device"] == "cpu"

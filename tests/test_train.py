@@ -1,0 +1,229 @@
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, overrides
+from sdtune.config import load_config
+from sdtune.errors import SdtuneError
+from sdtune.lora import WEIGHT_NAME, add_lora
+from sdtune.models import build_pipeline, inspect_model, load_components
+from sdtune.train import train, training_step
+
+
+def _unet_with_lora(model, rank=4):
+    c = load_components(str(model), "sd15")
+    add_lora(c.unet, rank, rank, ["to_k", "to_q", "to_v", "to_out.0"])
+    return c
+
+
+def test_training_step_is_deterministic_and_splits_prior(tiny_model):
+    c = _unet_with_lora(tiny_model("sd15"))
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(4, 77, 32, generator=torch.Generator().manual_seed(1))
+    a = training_step(c.unet, c.noise_scheduler, latents, hidden, torch.Generator().manual_seed(5),
+                      prior_preservation=True, prior_loss_weight=0.5)
+    b = training_step(c.unet, c.noise_scheduler, latents, hidden, torch.Generator().manual_seed(5),
+                      prior_preservation=True, prior_loss_weight=0.5)
+    assert torch.equal(a.loss, b.loss)
+    assert torch.allclose(a.loss, a.instance_loss + 0.5 * a.prior_loss)
+    a.loss.backward()
+    grads = [p.grad for n, p in c.unet.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None for g in grads)  # B = 0 at init, so A's gradient is zero but present
+    assert all(p.grad is None for n, p in c.unet.named_parameters() if "lora" not in n)
+
+
+def test_v_prediction_and_min_snr_change_the_loss(tiny_model):
+    c = _unet_with_lora(tiny_model("sd2"))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(2, 77, 32)
+    losses = [
+        training_step(c.unet, c.noise_scheduler, latents, hidden, torch.Generator().manual_seed(1),
+                      prediction_type=p, snr_gamma=g).loss.item()
+        for p, g in [("epsilon", None), ("v_prediction", None), ("v_prediction", 5.0)]
+    ]
+    assert len(set(losses)) == 3
+
+
+def test_loss_goes_down_when_overfitting(tiny_model):
+    """Train on 2 fixed latents; loss on a fixed held-out set of noise and timesteps must fall clearly."""
+    c = _unet_with_lora(tiny_model("sd15"), rank=8)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    hidden = torch.randn(2, 77, 32, generator=g)
+    params = [p for p in c.unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+
+    def eval_loss():
+        with torch.no_grad():
+            return sum(training_step(c.unet, c.noise_scheduler, latents, hidden,
+                                     torch.Generator().manual_seed(1000 + i)).loss.item() for i in range(8)) / 8
+
+    before = eval_loss()
+    train_gen = torch.Generator().manual_seed(1)
+    for _ in range(150):
+        out = training_step(c.unet, c.noise_scheduler, latents, hidden, train_gen)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    after = eval_loss()
+    assert after < 0.8 * before, (before, after)
+
+
+def _lora_keys_match(pipe_module, adapter_file):
+    """Every tensor of the trained adapter is in the module loaded by diffusers, with equal values."""
+    from peft import get_peft_model_state_dict
+
+    adapter_name = next(iter(pipe_module.peft_config))
+    loaded = get_peft_model_state_dict(pipe_module, adapter_name=adapter_name)
+    trained = load_file(adapter_file)
+    assert set(loaded) == set(trained), set(loaded) ^ set(trained)
+    for k, v in trained.items():
+        assert torch.equal(loaded[k].float(), v), k
+
+
+def test_sd15_prior_text_encoder_adamw8bit_run(tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = load_config(None, overrides(
+        tiny_model("sd15"), out, "prior.enabled=true", "prior.class_prompt=a photo of a toy",
+        "prior.num_class_images=3", "prior.generation_steps=2", f"prior.class_dir={tmp_path / 'class'}",
+        "lora.train_text_encoder=true", "train.optimizer=adamw8bit", "lora.rank=64", "lora.alpha=32",
+        "train.checkpoint_every=2", "sample.every=2",
+    ))
+    train(cfg)
+    printed = capsys.readouterr().out
+    assert "prior preservation: 3 class images" in printed
+    assert "8-bit AdamW: 8-bit state for " in printed and "8-bit state for 0 of" not in printed
+    assert sorted(p.name for p in (tmp_path / "class").glob("*.png")) == [f"class-0000{i}.png" for i in range(3)]
+    for name in ["config.yaml", WEIGHT_NAME, "train_summary.json", "samples/step-000002.png",
+                 "samples/step-000004.png", "checkpoints/step-000002/COMPLETE", "checkpoints/step-000004/COMPLETE"]:
+        assert (out / name).exists(), name
+    opt_state = torch.load(out / "checkpoints/step-000004/optimizer.pt", weights_only=True)
+
+    def tensors(node):
+        if torch.is_tensor(node):
+            yield node
+        elif isinstance(node, dict):
+            for v in node.values():
+                yield from tensors(v)
+
+    assert any(v.dtype == torch.uint8 for v in tensors(opt_state["state"])), "8-bit AdamW keeps uint8 state"
+
+    # diffusers loads it with every key, and it changes the output
+    info = inspect_model(str(tiny_model("sd15")))
+    pipe = build_pipeline(load_components(info.pretrained, info.family), info.family)
+    pipe.set_progress_bar_config(disable=True)
+
+    def render():
+        return pipe("a photo of sks toy", num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    base = render()
+    pipe.load_lora_weights(str(out))
+    _lora_keys_match(pipe.unet, out / "checkpoints/step-000004/adapter-unet.safetensors")
+    _lora_keys_match(pipe.text_encoder, out / "checkpoints/step-000004/adapter-text_encoder.safetensors")
+    assert abs(render() - base).max() > 1e-4
+
+    # a second run with the same model and class prompt reuses the class images
+    train(load_config(None, overrides(
+        tiny_model("sd15"), tmp_path / "run2", "prior.enabled=true", "prior.class_prompt=a photo of a toy",
+        "prior.num_class_images=3", f"prior.class_dir={tmp_path / 'class'}", "train.max_steps=1",
+    )))
+    assert "class images:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_other_families_train_and_load(family, tiny_model, tmp_path):
+    out = tmp_path / family
+    extra = ["lora.train_text_encoder=true", "train.mixed_precision=bf16", "train.snr_gamma=5"]
+    if family == "sdxl":
+        extra.append("sdxl.crop_conditioning=false")
+    train(load_config(None, overrides(tiny_model(family), out, *extra)))
+    lora = load_file(out / WEIGHT_NAME)
+    prefixes = {k.split(".")[0] for k in lora}
+    assert prefixes == ({"unet", "text_encoder", "text_encoder_2"} if family == "sdxl" else {"unet", "text_encoder"})
+    assert all(torch.isfinite(v).all() for v in lora.values())
+    info = inspect_model(str(tiny_model(family)))
+    pipe = build_pipeline(load_components(info.pretrained, family), family)
+    pipe.load_lora_weights(str(out))
+    _lora_keys_match(pipe.unet, out / "checkpoints/step-000004/adapter-unet.safetensors")
+    if family == "sdxl":
+        _lora_keys_match(pipe.text_encoder_2, out / "checkpoints/step-000004/adapter-text_encoder_2.safetensors")
+
+
+def test_resume_continues_at_the_exact_step(tiny_model, tmp_path):
+    common = ["train.gradient_accumulation_steps=2", "train.batch_size=1", "lora.dropout=0.1",
+              "data.random_flip=true", "data.center_crop=false", "train.lr_scheduler=cosine",
+              "train.learning_rate=1e-3"]
+    straight = tmp_path / "straight"
+    train(load_config(None, overrides(tiny_model("sd15"), straight, "train.max_steps=6", *common)))
+
+    # the same run, "crashed" after its step-3 checkpoint: later artifacts gone, then resumed
+    split = tmp_path / "split"
+    train(load_config(None, overrides(tiny_model("sd15"), split, "train.max_steps=6", "train.checkpoint_every=3",
+                                      *common)))
+    shutil.rmtree(split / "checkpoints/step-000006")
+    (split / WEIGHT_NAME).unlink()
+    train(load_config(None, overrides(tiny_model("sd15"), split, "train.max_steps=6", "train.resume=latest",
+                                      *common)))
+    state = json.loads((split / "checkpoints/step-000006/state.json").read_text())
+    assert state["global_step"] == 6
+    a = load_file(straight / "checkpoints/step-000006/adapter-unet.safetensors")
+    b = load_file(split / "checkpoints/step-000006/adapter-unet.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_resume_refuses_a_changed_run(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    train(load_config(None, overrides(tiny_model("sd15"), out, "train.max_steps=2")))
+    with pytest.raises(SdtuneError, match="lora.rank"):
+        train(load_config(None, overrides(tiny_model("sd15"), out, "train.max_steps=4", "train.resume=latest",
+                                          "lora.rank=8")))
+
+
+def test_wandb_offline_and_tensorboard_logs(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "wb"
+    train(load_config(None, overrides(tiny_model("sd15"), out, "train.report_to=wandb", "train.max_steps=2")))
+    assert list((out / "wandb").glob("offline-run-*")), "wandb wrote an offline run"
+    out = tmp_path / "tb"
+    train(load_config(None, overrides(tiny_model("sd15"), out, "train.report_to=tensorboard", "train.max_steps=2")))
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["--cpu", "--multi_gpu"])
+def test_two_process_cpu_launch(mode, tiny_model, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine runs 2 gloo processes.
+    `--cpu --num_processes 2` works too, but accelerate itself starts one process there unless MPI is set
+    up; sdtune says so."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", mode, "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "sdtune", "train", str(ROOT / "recipes/tiny_cpu.yaml"),
+           *overrides(tiny_model("sd15"), out, "prior.enabled=false", "train.checkpoint_every=2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / WEIGHT_NAME).is_file()
+    processes = 2 if mode == "--multi_gpu" else 1
+    state = json.loads((out / "checkpoints/step-000004/state.json").read_text())
+    assert state["num_processes"] == processes
+    assert len(list((out / "checkpoints/step-000004").glob("rng-*.pt"))) == processes
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["images_per_step"] == 2 * processes  # batch 2 on each process
+    if mode == "--cpu":
+        assert "accelerate launch --multi_gpu --num_processes N" in proc.stdout
