@@ -20,13 +20,15 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	@test -f $(DEMO_MODEL)/model_index.json || $(BIN)/sdtune random-model $(DEMO_MODEL) --family sd15
+	rm -rf runs/demo
 	$(BIN)/sdtune train recipes/tiny_cpu.yaml
 	$(BIN)/sdtune sample runs/demo --seeds 0,1,2 --lora-scale 0,1 --out runs/demo/grid.png
 	@echo
-	@echo "The grid above compares the base model (LoRA x0) with the trained LoRA (LoRA x1)."
-	@echo "The demo model is a tiny *random* network, so every cell is coloured noise: the demo proves that"
-	@echo "data -> class images -> training -> checkpoints -> LoRA file -> sampling runs end to end offline."
-	@echo "The same run on a real model (GPU, internet): see README.md, 'Real GPU quick start'."
+	@echo "runs/demo/grid.png: rows 'LoRA x0' are the base model, rows 'LoRA x1' the same seeds with the trained LoRA."
+	@echo "The demo model is a tiny *random* network, so every cell is coloured noise; that the x1 rows differ"
+	@echo "from the x0 rows shows the adapter was trained, saved and loaded. The demo proves that data -> class"
+	@echo "images -> training -> checkpoints -> LoRA file -> sampling runs end to end offline on a CPU."
+	@echo "Training-time grids: runs/demo/samples/. The same on a real model: README.md, 'Real GPU quick start'."
 
 test: install
 	$(BIN)/python -m pytest -q

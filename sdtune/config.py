@@ -337,6 +337,13 @@ def check_run(cfg: Config) -> RunPlan:
     resume = cfg.train.resume
     if resume and resume != "latest" and not Path(resume).is_dir():
         problems.append(f"train.resume: {resume} is not a checkpoint folder; use 'latest' or a path")
+    earlier = sorted(Path(cfg.train.output_dir).glob("checkpoints/step-*/COMPLETE"))
+    if earlier and not resume:
+        # Never overwrite an earlier run's checkpoints by starting afresh in the same folder.
+        problems.append(
+            f"train.output_dir: {cfg.train.output_dir} already holds checkpoints of a run (newest "
+            f"{earlier[-1].parent.name}); fix: train.resume=latest to continue it, or another train.output_dir"
+        )
     if cfg.train.lr_warmup_steps >= cfg.train.max_steps and cfg.train.lr_warmup_steps > 0:
         problems.append(
             f"train.lr_warmup_steps: {cfg.train.lr_warmup_steps} is not below train.max_steps "

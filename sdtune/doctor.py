@@ -211,6 +211,20 @@ def _check_packages() -> list[Check]:
     return checks
 
 
+def _check_peft_for_transformers() -> list[Check]:
+    """transformers' text-encoder adapters need a minimum peft; a newer transformers than peft supports
+    breaks text-encoder LoRA (training and diffusers' load_lora_weights) with an unhelpful message."""
+    from transformers.integrations import peft as tf_peft
+
+    needed = getattr(tf_peft, "MIN_PEFT_VERSION", None)
+    have = importlib.metadata.version("peft")
+    if needed and _older_than(have, needed):
+        tf = importlib.metadata.version("transformers")
+        fix = f"pip install 'peft>={needed}', or if that is not released yet: pip install 'transformers<{tf}'"
+        return [Check("peft/transformers", f"transformers {tf} needs peft>={needed}, have {have}", "problem", fix)]
+    return [Check("peft/transformers", f"compatible (transformers needs peft>={needed})", "ok")]
+
+
 def _check_adamw8bit() -> list[Check]:
     """Whether bitsandbytes' 8-bit AdamW really runs here: build it and take one optimizer step.
 
@@ -406,6 +420,7 @@ def collect(output_dir: str | os.PathLike[str] | None = None) -> list[Check]:
         ("platform", _check_platform),
         ("torch", _check_torch),
         ("packages", _check_packages),
+        ("peft/transformers", _check_peft_for_transformers),
         ("8-bit AdamW", _check_adamw8bit),
         ("gpu", _check_gpus),
         ("mps", _check_mps),

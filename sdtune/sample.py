@@ -58,9 +58,19 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
 
 
 def make_grid(
-    images: list[list[Image.Image]], row_labels: list[str], col_labels: list[str], title: str | None = None
+    images: list[list[Image.Image]],
+    row_labels: list[str],
+    col_labels: list[str],
+    title: str | None = None,
+    min_cell: int = 128,
 ) -> Image.Image:
-    """Paste ``images[row][col]`` into one picture with a header row and a label column."""
+    """Paste ``images[row][col]`` into one picture with a header row and a label column.
+
+    Cells smaller than ``min_cell`` px are enlarged (nearest neighbour) so a person can see them."""
+    zoom = max(1, -(-min_cell // max(images[0][0].width, images[0][0].height)))
+    if zoom > 1:
+        images = [[im.resize((im.width * zoom, im.height * zoom), Image.Resampling.NEAREST) for im in row]
+                  for row in images]
     h, w = images[0][0].height, images[0][0].width
     size = max(12, min(24, w // 12))
     font = _font(size)
@@ -70,7 +80,7 @@ def make_grid(
     grid = Image.new("RGB", (label_w + w * len(col_labels), header_h + h * len(row_labels)), "white")
     draw = ImageDraw.Draw(grid)
     if title:
-        draw.text((6, 4), title, fill="black", font=font)
+        draw.text((6, 4), title[: grid.width // max(1, size // 2)], fill="black", font=font)
     for c, label in enumerate(col_labels):
         draw.text((label_w + c * w + 4, header_h - size - 6), label, fill="black", font=font)
     for r, label in enumerate(row_labels):

@@ -9,7 +9,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = ROOT / "data" / "demo_toy"
-DREAMBENCH = ROOT.parent / "shared" / "data" / "dreambench"
+# Real photos (CC-BY 4.0), read in place, never copied into the repo; CI has ../shared beside the clone.
+DREAMBENCH = Path(os.environ.get("SDTUNE_DREAMBENCH", ROOT.parent / "shared" / "data" / "dreambench"))
+
+
+@pytest.fixture
+def dreambench() -> Path:
+    if not DREAMBENCH.is_dir():
+        pytest.skip(f"DreamBench photos not found at {DREAMBENCH} (set SDTUNE_DREAMBENCH)")
+    return DREAMBENCH
 
 # Offline, quiet, and nothing written to the user's caches.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -3,7 +3,7 @@ import shutil
 
 import torch
 
-from conftest import DEMO_DATA, DREAMBENCH
+from conftest import DEMO_DATA
 from sdtune.data import DreamBoothDataset, StreamBatchSampler, collate, scan_instance_dir
 
 
@@ -40,8 +40,8 @@ def test_broken_image_and_bad_metadata_are_reported(tmp_path):
     assert [e.path.name for e in scan.examples] == ["good.png"]
 
 
-def test_real_photos_load_upright_and_square():
-    dog = DREAMBENCH / "dog"
+def test_real_photos_load_upright_and_square(dreambench):
+    dog = dreambench / "dog"
     scan = scan_instance_dir(dog, "sks", "a photo of sks dog")
     assert len(scan.examples) >= 4 and not scan.problems
     ds = DreamBoothDataset(scan.examples, 64, center_crop=False, random_flip=True, seed=3)

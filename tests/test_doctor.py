@@ -261,3 +261,12 @@ def test_import_does_not_pull_in_heavy_modules() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_transformers_newer_than_peft_supports_is_a_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    # transformers 5.24 asks for peft>=0.22 for text-encoder adapters; this is what breaks installs
+    from transformers.integrations import peft as tf_peft
+
+    monkeypatch.setattr(tf_peft, "MIN_PEFT_VERSION", "99.0.0")
+    [check] = doctor._check_peft_for_transformers()
+    assert check.status == "problem" and "peft>=99.0.0" in check.value and "transformers<" in (check.fix or "")

@@ -7,10 +7,11 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import ROOT, overrides
-from sdtune.config import load_config
+from sdtune.config import ConfigError, load_config
 from sdtune.errors import SdtuneError
 from sdtune.lora import WEIGHT_NAME, add_lora
 from sdtune.models import build_pipeline, inspect_model, load_components
@@ -184,6 +185,9 @@ def test_resume_continues_at_the_exact_step(tiny_model, tmp_path):
 def test_resume_refuses_a_changed_run(tiny_model, tmp_path):
     out = tmp_path / "run"
     train(load_config(None, overrides(tiny_model("sd15"), out, "train.max_steps=2")))
+    # a fresh start in the same folder would overwrite its checkpoints: refused before any weight loads
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(load_config(None, overrides(tiny_model("sd15"), out, "train.max_steps=2")))
     with pytest.raises(SdtuneError, match="lora.rank"):
         train(load_config(None, overrides(tiny_model("sd15"), out, "train.max_steps=4", "train.resume=latest",
                                           "lora.rank=8")))
@@ -227,3 +231,30 @@ def test_two_process_cpu_launch(mode, tiny_model, tmp_path):
     assert summary["images_per_step"] == 2 * processes  # batch 2 on each process
     if mode == "--cpu":
         assert "accelerate launch --multi_gpu --num_processes N" in proc.stdout
+
+
+def test_dora_noise_offset_checkpointing_and_retention(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    train(load_config(None, overrides(
+        tiny_model("sd15"), out, "lora.use_dora=true", "train.noise_offset=0.1", "train.gradient_checkpointing=true",
+        "train.checkpoint_every=1", "train.checkpoints_total_limit=2", "train.max_steps=4",
+        "train.lr_scheduler=linear", "train.lr_warmup_steps=2",
+    )))
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step-000003", "step-000004"]  # retention keeps the newest 2, no temporary folders left
+    lora = load_file(out / WEIGHT_NAME)
+    assert any("lora_magnitude_vector" in k or "dora_scale" in k for k in lora), "DoRA magnitudes are saved"
+    info = inspect_model(str(tiny_model("sd15")))
+    pipe = build_pipeline(load_components(info.pretrained, "sd15"), "sd15")
+    pipe.load_lora_weights(str(out))
+    _lora_keys_match(pipe.unet, out / "checkpoints/step-000004/adapter-unet.safetensors")
+
+
+def test_missing_class_images_continue_where_a_crash_stopped(tmp_path):
+    from sdtune.prior import missing_class_indices
+
+    for i in (0, 1, 3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"class-{i:05d}.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "my_own_dog.jpg")  # user-supplied images count too
+    assert missing_class_indices(tmp_path, 6) == [2, 4]
+    assert missing_class_indices(tmp_path, 3) == []
