@@ -36,12 +36,18 @@ def _quiet_libraries() -> None:
         lib.disable_progress_bar()
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+def _floats(text: str, key: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SdtuneError(f"{key}: expected comma-separated numbers, got '{text}'") from None
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _ints(text: str, key: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SdtuneError(f"{key}: expected comma-separated integers, got '{text}'") from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -84,63 +90,102 @@ def cmd_random_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
+def _run_config(target: Path) -> dict:
+    """The config.yaml of the run that ``target`` (run folder, checkpoint folder or LoRA file) belongs to."""
     import yaml
 
+    for folder in (target, *target.parents[:3]):
+        if (folder / "config.yaml").is_file():
+            return yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    return {}
+
+
+def _lora_files(target: Path, checkpoints: str | None) -> list[tuple[str | None, str]]:
+    """(label, LoRA file) pairs that a sample TARGET names; several with --checkpoints all."""
     from sdtune.lora import WEIGHT_NAME
 
-    target = Path(args.target)
-    run_cfg: dict = {}
-    if target.is_dir():
-        for folder in (target, *target.parents[:2]):
-            if (folder / "config.yaml").is_file():
-                run_cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-                break
-        lora_path = target / WEIGHT_NAME
-        if not lora_path.is_file():
-            raise SdtuneError(f"{target}: no {WEIGHT_NAME} here; point at a run or checkpoint folder, or a LoRA file")
-    elif target.is_file():
-        lora_path = target
+    if target.is_file():
+        return [(target.stem, str(target))]
+    if not target.is_dir():
+        raise SdtuneError(f"{target}: no such run folder, checkpoint folder or LoRA file")
+    if checkpoints == "all":
+        found = [(p.parent.name, str(p)) for p in sorted(target.glob(f"checkpoints/step-*/{WEIGHT_NAME}"))
+                 if (p.parent / "COMPLETE").is_file()]
+        if not found:
+            raise SdtuneError(f"--checkpoints all: {target} has no complete checkpoints")
+        return found
+    if (target / WEIGHT_NAME).is_file():
+        return [(target.name, str(target / WEIGHT_NAME))]
+    raise SdtuneError(f"{target}: no {WEIGHT_NAME} here; point at a run or checkpoint folder, or a LoRA file")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from sdtune.sample import Cell, Request, Settings, request_from_sidecar, run_sample
+
+    if args.replay:
+        req = request_from_sidecar(args.replay)
+        out = Path(args.out or Path(args.replay).with_suffix(".replay.png"))
     else:
-        raise SdtuneError(f"{target}: no such run folder or LoRA file")
-    model = args.model or run_cfg.get("model", {}).get("pretrained")
-    if not model:
-        raise SdtuneError(f"--model: {target} does not say its base model; pass --model HUB_ID_OR_FOLDER")
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        prompts += [p.strip() for p in Path(args.prompts_file).read_text().splitlines() if p.strip()]
-    if not prompts:
-        data = run_cfg.get("data", {})
-        prompts = run_cfg.get("sample", {}).get("prompts") or [p for p in [data.get("instance_prompt")] if p]
-    if not prompts:
-        raise SdtuneError("--prompt: no prompt given and the run has none; pass --prompt 'a photo of sks dog'")
-
+        if not args.target:
+            raise SdtuneError("sample: give a TARGET (run folder, checkpoint folder or LoRA file) or --replay CELL.json")
+        target = Path(args.target)
+        run_cfg = _run_config(target)
+        loras = [] if args.no_lora else _lora_files(target, args.checkpoints)
+        model = args.model or run_cfg.get("model", {}).get("pretrained")
+        if not model:
+            raise SdtuneError(f"--model: {target} does not say its base model; pass --model HUB_ID_OR_FOLDER")
+        prompts = list(args.prompt or [])
+        if args.prompts_file:
+            try:
+                prompts += [p.strip() for p in Path(args.prompts_file).read_text().splitlines() if p.strip()]
+            except OSError as e:
+                raise SdtuneError(f"--prompts-file: {e}") from None
+        if not prompts:
+            data = run_cfg.get("data", {})
+            prompts = run_cfg.get("sample", {}).get("prompts") or [p for p in [data.get("instance_prompt")] if p]
+        if not prompts:
+            raise SdtuneError("--prompt: no prompt given and the run has none; pass --prompt 'a photo of sks dog'")
+        size = run_cfg.get("data", {}).get("resolution")
+        mode = ("depth" if args.depth else "outpaint" if args.outpaint else "inpaint" if args.mask
+                else "img2img" if args.init_image else "txt2img")
+        settings = Settings(
+            negative_prompt=args.negative_prompt, steps=args.steps, scheduler=args.scheduler, mode=mode,
+            width=args.width or size or 0, height=args.height or size or 0, strength=args.strength,
+            batch_size=args.batch_size,
+        )
+        scales = [None] if not loras else _floats(args.lora_scale, "--lora-scale")
+        cells = [Cell(p, s, g, sc, label) for label, _ in (loras or [(None, None)]) for p in prompts
+                 for sc in scales for g in _floats(args.guidance, "--guidance") for s in _ints(args.seeds, "--seeds")]
+        outpaint = None
+        if args.outpaint:
+            outpaint = tuple(_ints(args.outpaint, "--outpaint"))
+            if len(outpaint) == 1:
+                outpaint = outpaint * 4
+            if len(outpaint) != 4 or min(outpaint) < 0:
+                raise SdtuneError("--outpaint: give one number or left,top,right,bottom pixels, e.g. 0,0,128,0")
+        req = Request(
+            model=model, lora=loras, cells=cells, settings=settings, revision=run_cfg.get("model", {}).get("revision"),
+            variant=run_cfg.get("model", {}).get("variant"), dtype=args.dtype, device=args.device,
+            init_image=args.init_image, mask=args.mask, outpaint=outpaint,  # type: ignore[arg-type]
+        )
+        default_dir = target if target.is_dir() else target.parent
+        out = Path(args.out) if args.out else default_dir / "grid.png"
     _quiet_libraries()
-    from sdtune.models import build_pipeline, inspect_model, load_components
-    from sdtune.sample import render_grid, sampling_scheduler, save_image
+    if not req.settings.width or not req.settings.height:
+        from sdtune.models import inspect_model
 
-    info = inspect_model(model, run_cfg.get("model", {}).get("revision"))
-    components = load_components(info.pretrained, info.family, run_cfg.get("model", {}).get("revision"),
-                                 run_cfg.get("model", {}).get("variant"))
-    pipe = build_pipeline(components, info.family, sampling_scheduler(components.noise_scheduler.config, args.scheduler))
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe.to(device, dtype)
-    try:
-        pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name)
-    except Exception as e:  # a LoRA for another family or with another layout
-        raise SdtuneError(f"{lora_path}: cannot apply it to {model}: {str(e).splitlines()[0][:200]}") from None
-    pipe.set_progress_bar_config(disable=True)
-    size = args.size or run_cfg.get("data", {}).get("resolution") or info.resolution
-    grid, _ = render_grid(
-        pipe, prompts, _ints(args.seeds), lora_scales=_floats(args.lora_scale),
-        negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
-        height=size, width=size, title=f"{lora_path.name} on {model}",
-    )
-    out = Path(args.out) if args.out else (target if target.is_dir() else target.parent) / "grid.png"
-    print(f"grid: {save_image(grid, out)}")
-    return 0
+        native = inspect_model(req.model, req.revision, for_training=False).resolution
+        req.settings = Settings(**{**req.settings.__dict__, "width": req.settings.width or native,
+                                   "height": req.settings.height or native})
+    written, failures = run_sample(req, out, grid=not args.replay)
+    if args.replay:
+        print(f"image: {written}")
+    else:
+        print(f"grid: {written}")
+        print(f"cells: {written.with_name(written.stem + '_cells')} (each with a .json sidecar; sdtune sample --replay)")
+    for line in failures:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -177,20 +222,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_random_model)
 
     p = sub.add_parser("sample", help="render a labelled grid with a trained LoRA (rows: prompt x scale)")
-    p.add_argument("target", help="run folder, checkpoint folder or LoRA .safetensors file")
+    p.add_argument("target", nargs="?", help="run folder, checkpoint folder or LoRA .safetensors file")
     p.add_argument("--model", help="base model (default: the run's)")
     p.add_argument("--prompt", action="append", help="prompt (repeatable)")
-    p.add_argument("--prompts-file")
+    p.add_argument("--prompts-file", help="one prompt per line")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seeds", default="0,1,2,3")
     p.add_argument("--lora-scale", default="0,1", help="comma list; 0 shows the base model")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", default="7.5", help="comma list of guidance scales")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--scheduler", choices=SCHEDULERS, default="dpmpp_2m")
-    p.add_argument("--size", type=int, help="image size (default: the run's resolution)")
+    p.add_argument("--width", type=int, help="default: the run's resolution, else the model's")
+    p.add_argument("--height", type=int)
+    p.add_argument("--batch-size", type=int, default=1, help="seeds rendered per pipeline call")
+    p.add_argument("--checkpoints", choices=("all",), help="one row per saved checkpoint of the run")
+    p.add_argument("--no-lora", action="store_true", help="the base model alone")
+    p.add_argument("--init-image", help="image-to-image (or inpainting/outpainting source)")
+    p.add_argument("--strength", type=float, default=0.75, help="how much of --init-image to repaint (0-1)")
+    p.add_argument("--mask", help="inpainting mask, same size as --init-image, white = repaint")
+    p.add_argument("--outpaint", help="extend the canvas: N or left,top,right,bottom pixels, then inpaint it")
+    p.add_argument("--depth", action="store_true", help="depth-to-image (the base model must be a depth model)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    p.add_argument("--device")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--out", help="grid file (default: TARGET/grid.png)")
+    p.add_argument("--replay", help="render one cell again from its .json sidecar")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("doctor", help="print the environment facts a bug report needs, and problems")

@@ -86,14 +86,16 @@ def _read_json(pretrained: str, filename: str, revision: str | None) -> dict:
         raise SdtuneError(f"model.pretrained: cannot read {path}: {e}") from None
 
 
-def inspect_model(pretrained: str, revision: str | None = None) -> ModelInfo:
-    """Family, prediction type and native resolution of a model, from config files only."""
+def inspect_model(pretrained: str, revision: str | None = None, for_training: bool = True) -> ModelInfo:
+    """Family, prediction type and native resolution of a model, from config files only.
+
+    ``for_training`` refuses inpainting / depth UNets (more than 4 input channels), which sampling accepts."""
     index = _read_json(pretrained, "model_index.json", revision)
     unet = _read_json(pretrained, "unet/config.json", revision)
     vae = _read_json(pretrained, "vae/config.json", revision)
     scheduler = _read_json(pretrained, "scheduler/scheduler_config.json", revision)
 
-    if unet.get("in_channels", 4) != 4:
+    if for_training and unet.get("in_channels", 4) != 4:
         raise SdtuneError(
             f"model.pretrained: {pretrained} is a {index.get('_class_name')} whose UNet takes "
             f"{unet.get('in_channels')} input channels (inpainting or depth model); sdtune trains "

@@ -301,7 +301,7 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     from sdtune.lora import WEIGHT_NAME, add_lora, save_diffusers_lora, trainable_parameters
     from sdtune.models import Components, build_pipeline, load_components
     from sdtune.prior import ensure_class_images
-    from sdtune.sample import render_grid, sampling_scheduler, save_image
+    from sdtune.sample import Settings, render_grid, sampling_scheduler, save_image
 
     plan = plan or check_run(cfg)  # every config problem is reported before any weight loads
     info, resolution, t = plan.model, plan.resolution, cfg.train
@@ -466,11 +466,10 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
             for m in trained.values():
                 m.eval()
             with accelerator.autocast():
-                grid, _ = render_grid(
-                    pipe, prompts, cfg.sample.seeds, negative_prompt=cfg.sample.negative_prompt,
-                    steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale, height=resolution,
-                    width=resolution, title=f"step {step}",
-                )
+                settings = Settings(negative_prompt=cfg.sample.negative_prompt, steps=cfg.sample.steps,
+                                    width=resolution, height=resolution)
+                grid = render_grid(pipe, prompts, cfg.sample.seeds, settings,
+                                   guidance_scale=cfg.sample.guidance_scale, title=f"step {step}")
             for m in trained.values():
                 m.train()
             path = save_image(grid, output_dir / "samples" / f"step-{step:06d}.png")

@@ -1,0 +1,106 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import DEMO_DATA, overrides
+from sdtune.cli import main
+from sdtune.config import load_config
+from sdtune.sample import Cell, Settings, layout, render_cells
+from sdtune.train import train
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    train(load_config(None, overrides(tiny_model("sd15"), out, "train.max_steps=4", "train.checkpoint_every=2",
+                                      "train.learning_rate=1e-2", "data.instance_prompt=a photo of sks toy")))
+    return out
+
+
+def _cells(grid):
+    return sorted((grid.parent / f"{grid.stem}_cells").glob("cell-*.png"))
+
+
+def test_grid_axes_sidecars_and_replay(run, tmp_path, capsys):
+    grid = tmp_path / "g.png"
+    code = main(["sample", str(run), "--prompt", "a photo of sks toy", "--seeds", "0,1", "--lora-scale", "0,1",
+                 "--guidance", "3,7.5", "--steps", "2", "--batch-size", "2", "--out", str(grid)])
+    assert code == 0, capsys.readouterr().err
+    cells = _cells(grid)
+    assert len(cells) == 8  # 1 prompt x 2 scales x 2 guidance x 2 seeds
+    side = json.loads(cells[5].with_suffix(".json").read_text())
+    assert set(side) >= {"model", "lora", "lora_sha256", "cell", "settings", "dtype", "device"}
+    assert side["cell"]["seed"] in (0, 1) and side["settings"]["steps"] == 2
+    # LoRA x0 is the base model; LoRA x1 differs from it
+    by = {(json.loads(c.with_suffix(".json").read_text())["cell"]["lora_scale"],
+           json.loads(c.with_suffix(".json").read_text())["cell"]["guidance_scale"],
+           json.loads(c.with_suffix(".json").read_text())["cell"]["seed"]): np.asarray(Image.open(c)) for c in cells}
+    assert not np.array_equal(by[(0.0, 3.0, 0)], by[(1.0, 3.0, 0)])
+    # replay renders the same pixels (same batch size is recorded in the sidecar)
+    replay = tmp_path / "again.png"
+    assert main(["sample", "--replay", str(cells[5].with_suffix(".json")), "--out", str(replay)]) == 0
+    assert np.array_equal(np.asarray(Image.open(replay)), np.asarray(Image.open(cells[5])))
+
+
+def test_checkpoints_all_gives_one_row_per_checkpoint(run, tmp_path):
+    grid = tmp_path / "ckpt.png"
+    assert main(["sample", str(run), "--checkpoints", "all", "--lora-scale", "1", "--seeds", "0", "--steps", "2",
+                 "--out", str(grid)]) == 0
+    labels = {json.loads(c.with_suffix(".json").read_text())["cell"]["checkpoint"] for c in _cells(grid)}
+    assert labels == {"step-000002", "step-000004"}
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint", "outpaint"])
+def test_image_modes_with_lora(mode, run, tmp_path):
+    init = DEMO_DATA / "toy_00.png"  # 128 x 128
+    args = ["sample", str(run), "--seeds", "0", "--steps", "3", "--lora-scale", "1", "--init-image", str(init),
+            "--out", str(tmp_path / "g.png")]
+    if mode == "inpaint":
+        mask = Image.new("L", (128, 128), 0)
+        mask.paste(255, (32, 32, 96, 96))
+        mask.save(tmp_path / "mask.png")
+        args += ["--mask", str(tmp_path / "mask.png")]
+    if mode == "outpaint":
+        args += ["--outpaint", "0,0,64,0"]
+    assert main(args) == 0
+    [cell] = _cells(tmp_path / "g.png")
+    assert Image.open(cell).size == ((192, 128) if mode == "outpaint" else (128, 128))
+    assert json.loads(cell.with_suffix(".json").read_text())["settings"]["mode"] == mode
+
+
+def test_bad_inputs_are_one_line_errors(run, tmp_path, tiny_model, capsys):
+    Image.new("L", (64, 64)).save(tmp_path / "small_mask.png")
+    cases = [
+        (["--init-image", str(DEMO_DATA / "toy_00.png"), "--mask", str(tmp_path / "small_mask.png")],
+         "--mask: 64x64 but the init image is 128x128"),
+        (["--init-image", str(tmp_path / "missing.png")], "--init-image: cannot read"),
+        (["--init-image", str(DEMO_DATA / "metadata.jsonl")], "--init-image: cannot read"),
+        (["--depth", "--init-image", str(DEMO_DATA / "toy_00.png")], "not a depth-to-image model"),
+        (["--model", str(tmp_path / "nope")], "model.pretrained"),
+        (["--model", str(tiny_model("sdxl"))], "does not fit the base model"),
+        (["--seeds", "a,b"], "--seeds: expected comma-separated integers"),
+    ]
+    for extra, message in cases:
+        code = main(["sample", str(run), "--steps", "1", "--seeds", "0", *extra, "--out", str(tmp_path / "x.png")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
+
+
+def test_a_failing_cell_keeps_the_others():
+    class FlakyPipe:
+        def __call__(self, prompt, generator, **kw):
+            if generator[0].initial_seed() == 1:
+                raise RuntimeError("boom")
+
+            class Out:
+                images = [Image.new("RGB", (32, 32), "red") for _ in prompt]
+
+            return Out()
+
+    cells = [Cell("p", s) for s in (0, 1, 2)]
+    images, errors = render_cells(FlakyPipe(), cells, Settings(width=32, height=32))
+    assert errors == [None, "boom", None]
+    assert images[0].getpixel((0, 0)) == (255, 0, 0) and images[1].getpixel((0, 0)) != (255, 0, 0)
+    assert layout(cells, images).width > 3 * 32
