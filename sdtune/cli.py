@@ -188,6 +188,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from sdtune.share import push
+
+    names = push(Path(args.run), args.repo, public=args.public, dry_run=args.dry_run)
+    verb = "would upload" if args.dry_run else "uploaded"
+    visibility = "public" if args.public else "private"
+    for name in names:
+        print(f"{verb}: {name}")
+    print(f"{verb} {len(names)} files to {args.repo} ({visibility})")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from sdtune.doctor import run_doctor
 
@@ -247,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="grid file (default: TARGET/grid.png)")
     p.add_argument("--replay", help="render one cell again from its .json sidecar")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("push", help="upload a finished run (model card, LoRA files, samples) to the Hugging Face Hub")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--repo", required=True, help="user/name; created private unless --public")
+    p.add_argument("--public", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded and exit")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("doctor", help="print the environment facts a bug report needs, and problems")
     p.add_argument("--output-dir", default=".")

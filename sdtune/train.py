@@ -302,6 +302,7 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     from sdtune.models import Components, build_pipeline, load_components
     from sdtune.prior import ensure_class_images
     from sdtune.sample import Settings, render_grid, sampling_scheduler, save_image
+    from sdtune.share import write_model_card
 
     plan = plan or check_run(cfg)  # every config problem is reported before any weight loads
     info, resolution, t = plan.model, plan.resolution, cfg.train
@@ -582,8 +583,10 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     grid = sample(global_step)
     accelerator.end_training()
     if main:
+        card = write_model_card(output_dir, config_dict, info.family)
         say(f"LoRA: {output_dir / WEIGHT_NAME}")
         say(f"samples: {grid}")
+        say(f"model card: {card}")
     return output_dir
 
 
