@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the UNet")
+    p.add_argument("--no-cache", action="store_true", help="encode images and captions every step")
     p.add_argument("--workdir", help="default: a temporary folder")
     args = p.parse_args()
     _quiet_libraries()
@@ -71,6 +73,9 @@ def main() -> None:
         f"train.mixed_precision={args.mixed_precision}",
         f"train.optimizer={args.optimizer}",
         f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+        f"train.compile={str(args.compile).lower()}",
+        f"train.cache_latents={str(not args.no_cache).lower()}",
+        f"train.cache_text_embeddings={str(not args.no_cache).lower()}",
         "train.checkpoint_every=0",
         "train.report_to=none",
         f"train.log_every={10**9}",
@@ -90,6 +95,8 @@ def main() -> None:
         "mixed_precision": args.mixed_precision,
         "optimizer": args.optimizer,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "compile": args.compile,
+        "cached": not args.no_cache,
         "rank": args.rank,
         "timed_steps": summary["timed_steps"],
         "s_per_step": round(summary["s_per_step"], 4),

@@ -99,6 +99,11 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    cache_latents: bool = Field(True, description="encode images once (needs data.center_crop: true)")
+    cache_text_embeddings: bool = Field(True, description="encode captions once (when text encoders are frozen)")
+    offload_frozen: bool = Field(True, description="keep the VAE / frozen text encoders off the GPU once cached")
+    compile: bool = Field(False, description="torch.compile the UNet (GPU; the first steps are slow)")
+    channels_last: bool = Field(True, description="channels-last UNet memory layout on GPU")
     allow_tf32: bool = True
     noise_offset: float = Field(0.0, ge=0)
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting; 5.0 is usual")

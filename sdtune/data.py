@@ -117,6 +117,27 @@ def scan_instance_dir(
 # Images -> tensors
 
 
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(w, h) after scaling the shorter side to ``resolution``."""
+    scale = resolution / min(width, height)
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
+def center_crop_top_left(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(top, left) of the centre crop taken after resizing, in resized pixels (SDXL conditions on it)."""
+    w, h = resized_size(width, height, resolution)
+    return (h - resolution) // 2, (w - resolution) // 2
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) as the image is seen (EXIF rotation applied), from the header only."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap the axes
+            w, h = h, w
+    return w, h
+
+
 def load_image(path: Path, resolution: int, center_crop: bool, flip: bool, rng: random.Random):
     """Read, upright (EXIF), resize (Lanczos, shorter side = resolution) and crop one image.
 
@@ -126,8 +147,7 @@ def load_image(path: Path, resolution: int, center_crop: bool, flip: bool, rng: 
         im = ImageOps.exif_transpose(im)
         im = im.convert("RGB")
     original_size = (im.height, im.width)
-    scale = resolution / min(im.width, im.height)
-    w, h = max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))
+    w, h = resized_size(im.width, im.height, resolution)
     im = im.resize((w, h), Image.Resampling.LANCZOS)
     if center_crop:
         top, left = (h - resolution) // 2, (w - resolution) // 2
@@ -165,11 +185,13 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         class_images: list[Path] | None = None,
         class_prompt: str | None = None,
         seed: int = 0,
+        latents: dict[tuple[str, bool], torch.Tensor] | None = None,
     ):
         self.instance = instance
         self.class_images = class_images or []
         self.class_prompt = class_prompt
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
+        self.latents = latents  # (path, flip) -> cached latent distribution; then no pixels are decoded
         # As in diffusers' DreamBooth: one epoch covers every instance image (x repeats) and every class image.
         self.length = max(len(instance) * repeats, len(self.class_images))
 
@@ -179,6 +201,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def _example(self, path: Path, caption: str, pos: int, kind: str) -> dict:
         rng = random.Random(f"{self.seed}/{kind}/{pos}")
         flip = self.random_flip and rng.random() < 0.5
+        if self.latents is not None:
+            w, h = upright_size(path)
+            return {"latent_params": self.latents[(str(path), flip)], "caption": caption, "original_size": (h, w),
+                    "crop_top_left": center_crop_top_left(w, h, self.resolution), "path": str(path)}
         pixels, original_size, crop = load_image(path, self.resolution, self.center_crop, flip, rng)
         return {"pixel_values": pixels, "caption": caption, "original_size": original_size, "crop_top_left": crop,
                 "path": str(path)}
@@ -196,8 +222,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 def collate(items: list[dict]) -> dict:
     """Instance examples first, then class examples, so one forward pass serves both (split by ``chunk(2)``)."""
     examples = [it["instance"] for it in items] + [it["class"] for it in items if "class" in it]
+    key = "latent_params" if "latent_params" in examples[0] else "pixel_values"
     return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).to(memory_format=torch.contiguous_format),
+        key: torch.stack([e[key] for e in examples]).to(memory_format=torch.contiguous_format),
         "captions": [e["caption"] for e in examples],
         "original_sizes": [e["original_size"] for e in examples],
         "crop_top_lefts": [e["crop_top_left"] for e in examples],

@@ -27,7 +27,8 @@ from sdtune.errors import SdtuneError
 # Keys of the config that may change between a checkpoint and its resume; anything else alters the run.
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.resume", "train.log_every", "train.report_to", "train.checkpoint_every",
-    "train.checkpoints_total_limit", "train.dataloader_workers", "train.output_dir", "sample",
+    "train.checkpoints_total_limit", "train.dataloader_workers", "train.output_dir", "train.offload_frozen",
+    "train.compile", "train.channels_last", "train.allow_tf32", "sample",
 }
 
 
@@ -293,12 +294,15 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
-    from sdtune.data import DreamBoothDataset, StreamBatchSampler, collate, list_images, tokenize
+    from sdtune.cache import cache_latents, cache_root, cache_text, vae_identity
+    from sdtune.data import DreamBoothDataset, Example, StreamBatchSampler, collate, list_images, tokenize
     from sdtune.lora import WEIGHT_NAME, add_lora, save_diffusers_lora, trainable_parameters
+    from sdtune.memory import estimate
     from sdtune.models import Components, build_pipeline, load_components
     from sdtune.prior import ensure_class_images
     from sdtune.sample import Settings, render_grid, sampling_scheduler, save_image
@@ -317,6 +321,7 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     accelerator = Accelerator(
         cpu=launched and not torch.cuda.is_available(),
         mixed_precision=t.mixed_precision,
+        dynamo_backend="inductor" if t.compile else None,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=None if t.report_to == "none" else t.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
@@ -374,8 +379,38 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
         say(f"prior preservation: {len(class_paths)} class images in {plan.class_dir}")
         del pipe
 
-    # LoRA adapters; their parameters are trained in fp32 even under mixed precision.
+    # Caches: the frozen VAE and text encoders run once per image / caption instead of every step.
     lora = cfg.lora
+    latent_cache = None
+    if t.cache_latents and not cfg.data.center_crop:
+        say("note: train.cache_latents is off because data.center_crop=false takes a new random crop every step")
+    elif t.cache_latents:
+        vae_id = vae_identity(info.pretrained, cfg.model.revision, cfg.model.variant, c.vae.config, str(vae_dtype))
+        items = [(e.path, flip) for e in plan.examples + [Example(p, "") for p in class_paths]
+                 for flip in ((False, True) if cfg.data.random_flip else (False,))]
+        # Each process encodes what it needs from the shared disk cache; the main one first, so the others
+        # mostly read its files.
+        with accelerator.main_process_first():
+            latent_cache = cache_latents(c.vae, items, resolution, vae_id, cache_root() / "latents", progress=main)
+    text_cache = None
+    if t.cache_text_embeddings and not lora.train_text_encoder:
+        captions = [e.caption for e in plan.examples] + ([cfg.prior.class_prompt] if class_paths else [])
+        with torch.no_grad(), accelerator.autocast():
+            text_cache = cache_text(
+                captions,
+                lambda caps: encode_prompt(c.text_encoders, [i.to(device) for i in tokenize(c.tokenizers, caps)],
+                                           info.family),
+            )
+    offloaded = t.offload_frozen and device.type != "cpu" and latent_cache is not None and text_cache is not None
+    if offloaded:
+        # Nothing in the step needs them now; sampling brings them back for a moment.
+        for m in (c.vae, *c.text_encoders):
+            m.to("cpu")
+        torch.cuda.empty_cache()
+    if t.channels_last and device.type == "cuda":
+        c.unet.to(memory_format=torch.channels_last)
+
+    # LoRA adapters; their parameters are trained in fp32 even under mixed precision.
     add_lora(c.unet, lora.rank, lora.alpha, lora.target_modules, lora.dropout, lora.use_dora)
     trained: dict[str, torch.nn.Module] = {"unet": c.unet}
     if lora.train_text_encoder:
@@ -406,6 +441,20 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
         say(f"8-bit AdamW: 8-bit state for {len(big)} of {len(tensors)} LoRA tensors "
             f"({sum(p.numel() for p in big):,} of {sum(p.numel() for p in tensors):,} values); "
             "bitsandbytes keeps tensors under 4096 values in 32-bit")
+    # A pre-flight estimate of peak GPU memory (printed on every device; on a CPU it says what a GPU needs).
+    def count(*ms):
+        return sum(p.numel() for m in ms for p in m.parameters())
+
+    fp32_vae = c.vae.dtype == torch.float32
+    est = estimate(
+        unet_params=count(c.unet) - count_trainable(groups),
+        frozen_on_gpu_params=0 if offloaded else count(*c.text_encoders) + (0 if fp32_vae else count(c.vae)),
+        fp32_on_gpu_params=count(c.vae) if fp32_vae and not offloaded else 0,
+        trainable_params=count_trainable(groups), weight_bytes=torch.finfo(weight_dtype).bits // 8,
+        images_per_micro_batch=t.batch_size * (2 if class_paths else 1), latent_pixels=(resolution // 8) ** 2,
+        gradient_checkpointing=t.gradient_checkpointing, optimizer=t.optimizer,
+    )
+    say(est.line())
     # Stepped once per optimizer step by this loop (not prepared), so no num_processes scaling is needed.
     lr_scheduler = get_scheduler(
         t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_steps
@@ -430,7 +479,7 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
 
     dataset = DreamBoothDataset(
         plan.examples, resolution, cfg.data.center_crop, cfg.data.random_flip, cfg.data.repeats,
-        class_paths or None, cfg.prior.class_prompt, seed=t.seed,
+        class_paths or None, cfg.prior.class_prompt, seed=t.seed, latents=latent_cache,
     )
     batch_sampler = StreamBatchSampler(
         len(dataset), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes,
@@ -464,6 +513,9 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
             )
             pipe = build_pipeline(parts, info.family, sampler_scheduler)
             pipe.set_progress_bar_config(disable=True)
+            if offloaded:
+                for m in (c.vae, *c.text_encoders):
+                    m.to(device)
             for m in trained.values():
                 m.eval()
             with accelerator.autocast():
@@ -473,6 +525,10 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
                                    guidance_scale=cfg.sample.guidance_scale, title=f"step {step}")
             for m in trained.values():
                 m.train()
+            if offloaded:
+                for m in (c.vae, *c.text_encoders):
+                    m.to("cpu")
+                torch.cuda.empty_cache()
             path = save_image(grid, output_dir / "samples" / f"step-{step:06d}.png")
             _log_grid(accelerator, grid, step)
         accelerator.wait_for_everyone()
@@ -500,14 +556,23 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     while global_step < t.max_steps:
         batch = next(data_iter)
         with accelerator.accumulate(*modules.values()):
-            pixel_values = batch["pixel_values"].to(device, vae_dtype, non_blocking=True)
             with torch.no_grad():
-                # (B, 3, H, W) -> (B, 4, H/8, W/8)
-                latents = c.vae.encode(pixel_values).latent_dist.sample(generator=generator)
+                if latent_cache is not None:
+                    # cached (B, 8, h, w) mean + log-variance; a fresh sample every step, as uncached
+                    params = batch["latent_params"].to(device, non_blocking=True)
+                    latents = DiagonalGaussianDistribution(params).sample(generator=generator)
+                else:
+                    pixel_values = batch["pixel_values"].to(device, vae_dtype, non_blocking=True)
+                    # (B, 3, H, W) -> (B, 4, H/8, W/8)
+                    latents = c.vae.encode(pixel_values).latent_dist.sample(generator=generator)
                 latents = (latents * c.vae.config.scaling_factor).to(weight_dtype)
-            input_ids = [ids.to(device) for ids in tokenize(c.tokenizers, batch["captions"])]
-            with torch.set_grad_enabled(lora.train_text_encoder):
-                encoder_hidden_states, pooled = encode_prompt(text_encoders, input_ids, info.family)
+            if text_cache is not None:
+                encoder_hidden_states = torch.stack([text_cache[t_][0] for t_ in batch["captions"]])
+                pooled = torch.stack([text_cache[t_][1] for t_ in batch["captions"]]) if info.family == "sdxl" else None
+            else:
+                input_ids = [ids.to(device) for ids in tokenize(c.tokenizers, batch["captions"])]
+                with torch.set_grad_enabled(lora.train_text_encoder):
+                    encoder_hidden_states, pooled = encode_prompt(text_encoders, input_ids, info.family)
             added_cond_kwargs = None
             if info.family == "sdxl":
                 time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], resolution,
@@ -588,6 +653,10 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
         say(f"samples: {grid}")
         say(f"model card: {card}")
     return output_dir
+
+
+def count_trainable(groups: list[dict]) -> int:
+    return sum(p.numel() for g in groups for p in g["params"])
 
 
 def trained_unwrapped(accelerator: Any, modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:

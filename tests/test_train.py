@@ -158,10 +158,21 @@ def test_other_families_train_and_load(family, tiny_model, tmp_path):
         _lora_keys_match(pipe.text_encoder_2, out / "checkpoints/step-000004/adapter-text_encoder_2.safetensors")
 
 
-def test_resume_continues_at_the_exact_step(tiny_model, tmp_path):
-    common = ["train.gradient_accumulation_steps=2", "train.batch_size=1", "lora.dropout=0.1",
-              "data.random_flip=true", "data.center_crop=false", "train.lr_scheduler=cosine",
-              "train.learning_rate=1e-3"]
+RESUME_CASES = {
+    # random crops (no latent cache), dropout, gradient accumulation, a cosine schedule
+    "uncached": ["train.gradient_accumulation_steps=2", "train.batch_size=1", "lora.dropout=0.1",
+                 "data.random_flip=true", "data.center_crop=false", "train.lr_scheduler=cosine",
+                 "train.learning_rate=1e-3"],
+    # cached latents (both flips) and text, prior preservation, 8-bit AdamW
+    "cached_prior_8bit": ["data.random_flip=true", "train.optimizer=adamw8bit", "lora.rank=64",
+                          "prior.enabled=true", "prior.class_prompt=a photo of a toy", "prior.num_class_images=2",
+                          "prior.generation_steps=1", "train.learning_rate=1e-3"],
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_continues_at_the_exact_step(case, tiny_model, tmp_path):
+    common = [*RESUME_CASES[case], f"prior.class_dir={tmp_path / 'class'}"]
     straight = tmp_path / "straight"
     train(load_config(None, overrides(tiny_model("sd15"), straight, "train.max_steps=6", *common)))
 
@@ -258,3 +269,18 @@ def test_missing_class_images_continue_where_a_crash_stopped(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "my_own_dog.jpg")  # user-supplied images count too
     assert missing_class_indices(tmp_path, 6) == [2, 4]
     assert missing_class_indices(tmp_path, 3) == []
+
+
+def test_latent_cache_is_written_once_and_reused(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path / "cache"))
+    train(load_config(None, overrides(tiny_model("sd15"), tmp_path / "a", "data.random_flip=true",
+                                      "train.max_steps=1")))
+    files = sorted((tmp_path / "cache" / "latents").glob("*.safetensors"))
+    assert len(files) == 8 * 2  # 8 images x (mirrored or not)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    capsys.readouterr()
+    train(load_config(None, overrides(tiny_model("sd15"), tmp_path / "b", "data.random_flip=true",
+                                      "train.max_steps=1")))
+    assert "caching latents" not in capsys.readouterr().err
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert load_file(files[0])["params"].shape == (8, 8, 8)  # mean + log-variance, 64 px / 8

@@ -1,0 +1,108 @@
+"""Caches that take the frozen VAE and text encoders out of the training step.
+
+Latents: each training image (and its mirror image, when flips are on) is encoded once. What is cached is
+the VAE's latent *distribution* (mean and log-variance, (8, H/8, W/8)), not one sample of it, so every step
+still draws a fresh latent from it exactly as the uncached path does. Files live on disk as safetensors,
+keyed by the image's content hash, the VAE's identity, the resolution and the crop, so reruns and resumes
+skip the encoding.
+
+Text: with the text encoders frozen, each distinct caption is encoded once and kept on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdtune.data import load_image
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SDTUNE_CACHE", Path.home() / ".cache" / "sdtune"))
+
+
+def vae_identity(pretrained: str, revision: str | None, variant: str | None, vae_config: dict, dtype: str) -> str:
+    """A short hash naming one VAE (model, revision, variant, config, compute dtype)."""
+    text = json.dumps([pretrained, revision, variant, dict(vae_config), dtype], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def latent_key(image_hash: str, vae_id: str, size: tuple[int, int], flip: bool) -> str:
+    """Cache file name: content hash, VAE identity, target size (h, w), crop ("center"), flip."""
+    text = f"{image_hash}|{vae_id}|{size[0]}x{size[1]}|center|{'flip' if flip else 'noflip'}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@torch.no_grad()
+def cache_latents(
+    vae: Any,
+    items: list[tuple[Path, bool]],
+    resolution: int,
+    vae_id: str,
+    directory: Path,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[tuple[str, bool], torch.Tensor]:
+    """Latent distribution parameters (8, h, w) on the CPU for every (image, flip), encoding only the
+    ones not on disk yet. Center crops only: a random crop would need a new latent every step."""
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    directory.mkdir(parents=True, exist_ok=True)
+    hashes = {p: _file_hash(p) for p in {p for p, _ in items}}
+    out: dict[tuple[str, bool], torch.Tensor] = {}
+    todo: list[tuple[Path, bool, Path]] = []
+    for path, flip in items:
+        file = directory / f"{latent_key(hashes[path], vae_id, (resolution, resolution), flip)}.safetensors"
+        if file.is_file():
+            out[(str(path), flip)] = load_file(file)["params"]
+        else:
+            todo.append((path, flip, file))
+    device, dtype = vae.device, vae.dtype
+    bar = tqdm(total=len(todo), desc="caching latents", unit="img", disable=not progress or not todo)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        pixels = torch.stack(
+            [load_image(p, resolution, True, flip, random.Random(0))[0] for p, flip, _ in batch]
+        ).to(device, dtype)
+        params = vae.encode(pixels).latent_dist.parameters.float().cpu()  # (B, 8, h, w)
+        for (path, flip, file), p in zip(batch, params):
+            tmp = file.with_name(f".{file.name}.tmp")
+            save_file({"params": p.contiguous()}, tmp)
+            tmp.replace(file)  # atomic: a killed run never leaves half a cache file
+            out[(str(path), flip)] = p
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+@torch.no_grad()
+def cache_text(
+    captions: list[str], encode: Any, batch_size: int = 16
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """caption -> (encoder_hidden_states (77, D), pooled (D2,) or None), for each distinct caption.
+
+    ``encode(list_of_captions)`` returns the batched (hidden, pooled) the training step uses."""
+    unique = list(dict.fromkeys(captions))
+    out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for start in range(0, len(unique), batch_size):
+        chunk = unique[start : start + batch_size]
+        hidden, pooled = encode(chunk)
+        for i, caption in enumerate(chunk):
+            out[caption] = (hidden[i], None if pooled is None else pooled[i])
+    return out
