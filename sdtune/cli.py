@@ -267,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded and exit")
     p.set_defaults(func=cmd_push)
 
+    from sdtune import identifier, prep
+
+    prep.add_commands(sub)
+    identifier.add_commands(sub)
+
     p = sub.add_parser("doctor", help="print the environment facts a bug report needs, and problems")
     p.add_argument("--output-dir", default=".")
     p.set_defaults(func=cmd_doctor)

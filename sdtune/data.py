@@ -90,6 +90,14 @@ def scan_instance_dir(
             if not (folder / name).is_file():
                 scan.problems.append(f"{key}: {metadata} names {name}, which is not in the folder")
 
+    if metadata.is_file():
+        # As datasets' imagefolder does: with a metadata.jsonl, images it does not list are not examples
+        # (`sdtune prep`'s contact_sheet.jpg among them).
+        unlisted = [p.name for p in images if p.name not in captions and p.name != "contact_sheet.jpg"]
+        if unlisted:
+            scan.warnings.append(f"not in metadata.jsonl, so not used: {', '.join(unlisted[:5])}"
+                                 + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else ""))
+        images = [p for p in images if p.name in captions]
     for path in images:
         caption = captions.get(path.name)
         sidecar = path.with_suffix(".txt")

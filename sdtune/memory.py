@@ -1,9 +1,11 @@
 """A pre-flight estimate of peak GPU memory for a training run, printed before the first step.
 
-weights (frozen parts in the compute dtype, where they live during the step) + LoRA parameters, gradients and
-optimizer state + activations. Activations are the uncertain part: per image they scale with UNet size x
-latent pixels; the constants are calibrated on measured H200 runs in bench/RESULTS.md (SD1.5 512 px: about
-1.05 GiB per image without gradient checkpointing; gradient checkpointing keeps about a fifth). Expect +-30%.
+peak = weights on the GPU + LoRA weights, gradients and optimizer state + the larger of
+  (a) the UNet's activations for the micro-batch (forward + backward), and
+  (b) the VAE encoder's activations, when latents are encoded every step instead of cached.
+The activation constants are calibrated on the H200 runs in bench/RESULTS.md (2026-11-26): SD1.5 at 512 px
+takes about 1.08 GiB per image; SDXL at 1024 px with gradient checkpointing about 0.75 GiB; the SDXL VAE
+encoding one 1024 px image in fp32 about 3.1 GiB. Expect +-30% elsewhere.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GIB = 2**30
-# GiB of activations per image, per billion UNet parameters, per 64x64 latent pixels (calibrated, see above)
-ACTIVATIONS_PER_IMAGE = 1.22
-CHECKPOINTING_FACTOR = 0.21
+UNET_ACT = 1.26  # GiB per image, per billion UNet parameters, per 64x64 latent pixels, 2-byte activations
+CHECKPOINTING_FACTOR = 0.058  # share of those activations kept with gradient checkpointing
+VAE_ACT = 3.1  # GiB per 1024x1024 image through the VAE encoder, 4-byte activations
+OVERHEAD = 0.15  # CUDA context, allocator slack, workspaces
 
 
 @dataclass(frozen=True)
@@ -24,8 +27,7 @@ class Estimate:
 
     @property
     def total_gib(self) -> float:
-        # + 0.5 GiB: CUDA context, allocator slack, cuDNN workspaces
-        return self.weights_gib + self.trainable_gib + self.activations_gib + 0.5
+        return self.weights_gib + self.trainable_gib + self.activations_gib + OVERHEAD
 
     def line(self) -> str:
         return (f"pre-flight estimate: ~{self.total_gib:.1f} GiB peak GPU memory (weights {self.weights_gib:.1f}, "
@@ -39,15 +41,20 @@ def estimate(
     trainable_params: int,
     weight_bytes: int,
     images_per_micro_batch: int,
-    latent_pixels: int,
+    resolution: int,
     gradient_checkpointing: bool,
     optimizer: str,
+    latents_cached: bool,
+    vae_bytes: int = 4,
 ) -> Estimate:
     """Peak memory from parameter counts (frozen in ``weight_bytes`` each, some kept fp32) and batch shape."""
     weights = (unet_params + frozen_on_gpu_params) * weight_bytes + fp32_on_gpu_params * 4
     # fp32 LoRA weight + gradient, AdamW's two moments (8-bit AdamW: about 2 bytes for both)
     trainable = trainable_params * (4 + 4 + (2 if optimizer == "adamw8bit" else 8))
-    per_image = ACTIVATIONS_PER_IMAGE * unet_params / 1e9 * latent_pixels / 4096
+    latent_pixels = (resolution // 8) ** 2
+    unet = UNET_ACT * unet_params / 1e9 * latent_pixels / 4096 * weight_bytes / 2
     if gradient_checkpointing:
-        per_image *= CHECKPOINTING_FACTOR
-    return Estimate(weights / GIB, trainable / GIB, per_image * images_per_micro_batch * weight_bytes / 2)
+        unet *= CHECKPOINTING_FACTOR
+    vae = 0.0 if latents_cached else VAE_ACT * (resolution / 1024) ** 2 * vae_bytes / 4
+    activations = max(unet, vae) * images_per_micro_batch
+    return Estimate(weights / GIB, trainable / GIB, activations)

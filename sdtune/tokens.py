@@ -79,3 +79,91 @@ def clip_tokenizer(pad_token: str = EOS_TOKEN, model_max_length: int = 77):
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer_files(tmp)
         return CLIPTokenizer.from_pretrained(tmp, pad_token=pad_token, model_max_length=model_max_length)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A pure-Python CLIP encoder: the same pieces as clip_tokenizer(), without importing transformers (~1 s),
+# so the identifier check can run anywhere, fast. Mirrors the tokenizers pipeline step by step.
+
+# Pre-tokenizer 1: CLIP's own split (clip/simple_tokenizer.py); whitespace between matches is dropped.
+_CLIP_SPLIT = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+# Pre-tokenizer 2: the ByteLevel step re-splits each piece with GPT-2's pattern. It only matters for the
+# literal text '<|startoftext|>' (after lowercasing), which it cuts into '<|', 'startoftext', '|>'.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+@functools.cache
+def _regexes():
+    import regex  # \p{L} and \p{N}, which the standard re module lacks
+
+    return regex.compile(r"\s+"), regex.compile(_CLIP_SPLIT), regex.compile(_GPT2_SPLIT)
+
+
+@functools.cache
+def _byte_chars() -> dict[int, str]:
+    return _bytes_to_unicode()
+
+
+@functools.cache
+def _merge_ranks() -> dict[tuple[str, str], int]:
+    return {pair: rank for rank, pair in enumerate(clip_merges())}
+
+
+@functools.lru_cache(maxsize=65536)
+def _bpe(word: str) -> tuple[str, ...]:
+    """BPE of one pre-token (already mapped to byte characters); the last symbol carries ``</w>``."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    ranks = _merge_ranks()
+    while len(parts) > 1:
+        pair = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, len(ranks)))
+        if pair not in ranks:
+            break
+        # Merge every occurrence, left to right. Merges that use the new symbol rank later than this one,
+        # so this equals tokenizers' one-merge-at-a-time priority queue.
+        merged, i = [], 0
+        while i < len(parts):
+            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == pair:
+                merged.append(pair[0] + pair[1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return tuple(parts)
+
+
+def clip_tokenize(text: str, pad_token: str = EOS_TOKEN) -> list[str]:
+    """The CLIP tokens of ``text`` without BOS/EOS, exactly as ``clip_tokenizer(pad_token)`` splits it.
+
+    ``clip_vocab()[t]`` gives the ids. The pad token matters: a pad token outside the vocabulary's own
+    special tokens (SD2 and SDXL's second encoder pad with ``!``) is matched as a special token, so ``!``
+    becomes id 0 there but ``!</w>`` (256) for SD1.x. Characters newer than Python's Unicode database and
+    some stacks of combining marks can normalize differently from the Rust tokenizer; nothing else does.
+    """
+    import unicodedata
+
+    import regex
+
+    whitespace, clip_split, gpt2_split = _regexes()
+    byte_chars = _byte_chars()
+    specials = sorted({BOS_TOKEN, EOS_TOKEN, pad_token}, key=len, reverse=True)
+    tokens: list[str] = []
+    # Special tokens are cut out of the raw text first (they are not normalized), as tokenizers does.
+    for i, chunk in enumerate(regex.split("(" + "|".join(map(regex.escape, specials)) + ")", text)):
+        if i % 2:
+            tokens.append(chunk)
+            continue
+        # Normalizer: NFC, whitespace runs -> one space, then lowercase one character at a time (tokenizers
+        # lowercases per character, so a final capital sigma becomes 'σ', not str.lower()'s 'ς').
+        chunk = "".join(c.lower() for c in whitespace.sub(" ", unicodedata.normalize("NFC", chunk)))
+        for piece in clip_split.findall(chunk):
+            for word in gpt2_split.findall(piece):
+                tokens.extend(_bpe("".join(byte_chars[b] for b in word.encode("utf-8"))))
+    return tokens
+
+
+def clip_encode(text: str, pad_token: str = EOS_TOKEN) -> list[int]:
+    """The ids of :func:`clip_tokenize` (no BOS/EOS)."""
+    vocab = clip_vocab()
+    return [vocab[t] for t in clip_tokenize(text, pad_token)]
+

@@ -301,6 +301,7 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
 
     from sdtune.cache import cache_latents, cache_root, cache_text, vae_identity
     from sdtune.data import DreamBoothDataset, Example, StreamBatchSampler, collate, list_images, tokenize
+    from sdtune.identifier import check_identifier
     from sdtune.lora import WEIGHT_NAME, add_lora, save_diffusers_lora, trainable_parameters
     from sdtune.memory import estimate
     from sdtune.models import Components, build_pipeline, load_components
@@ -352,6 +353,11 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     say(f"model: {info.pretrained} ({info.family}, {info.prediction_type}), {resolution} px, {weight_dtype}")
     c: Components = load_components(info.pretrained, info.family, cfg.model.revision, cfg.model.variant)
+    # Is the identifier a single, rare, meaningless token for this model's tokenizer(s)? (sdtune check-token)
+    report = check_identifier(cfg.data.identifier, c.tokenizers)
+    if report.verdict != "good":
+        say(f"warning: data.identifier {report.summary} (see `sdtune check-token {cfg.data.identifier}`, "
+            "`sdtune suggest-tokens`)")
     # Frozen weights in the compute dtype; the SDXL VAE overflows in fp16, so it stays fp32 (force_upcast).
     vae_dtype = torch.float32 if c.vae.config.force_upcast else weight_dtype
     c.vae.requires_grad_(False).to(device, vae_dtype)
@@ -451,8 +457,9 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
         frozen_on_gpu_params=0 if offloaded else count(*c.text_encoders) + (0 if fp32_vae else count(c.vae)),
         fp32_on_gpu_params=count(c.vae) if fp32_vae and not offloaded else 0,
         trainable_params=count_trainable(groups), weight_bytes=torch.finfo(weight_dtype).bits // 8,
-        images_per_micro_batch=t.batch_size * (2 if class_paths else 1), latent_pixels=(resolution // 8) ** 2,
+        images_per_micro_batch=t.batch_size * (2 if class_paths else 1), resolution=resolution,
         gradient_checkpointing=t.gradient_checkpointing, optimizer=t.optimizer,
+        latents_cached=latent_cache is not None, vae_bytes=torch.finfo(vae_dtype).bits // 8,
     )
     say(est.line())
     # Stepped once per optimizer step by this loop (not prepared), so no num_processes scaling is needed.

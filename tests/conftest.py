@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -26,6 +27,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+# Library loggers keep a handle on the sys.stderr of the test that first used them, which pytest's capsys
+# closes afterwards; a later log record would print a "--- Logging error ---" traceback into another
+# test's captured stderr. That is an artefact of capturing, not an sdtune traceback.
+logging.raiseExceptions = False
 
 
 @pytest.fixture(autouse=True)

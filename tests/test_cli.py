@@ -34,7 +34,7 @@ def test_sample_grid_from_a_run(tiny_model, tmp_path, capsys):
 
 def test_sample_errors(tmp_path, capsys):
     assert main(["sample", str(tmp_path / "nothing")]) == 2
-    assert "no such run folder or LoRA file" in capsys.readouterr().err
+    assert "no such run folder, checkpoint folder or LoRA file" in capsys.readouterr().err
     assert main(["sample", str(tmp_path)]) == 2
     assert "no pytorch_lora_weights.safetensors" in capsys.readouterr().err
 

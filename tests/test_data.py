@@ -30,6 +30,7 @@ def test_broken_image_and_bad_metadata_are_reported(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (tmp_path / "metadata.jsonl").write_text(
         json.dumps({"file_name": "good.png", "text": "a sks toy"}) + "\nnot json\n"
+        + json.dumps({"file_name": "broken.jpg", "text": "a sks toy"}) + "\n"
         + json.dumps({"file_name": "gone.png", "text": "a sks toy"}) + "\n"
     )
     scan = scan_instance_dir(tmp_path, "sks", "a photo of sks toy")
@@ -38,6 +39,10 @@ def test_broken_image_and_bad_metadata_are_reported(tmp_path):
     assert "line 2 is not a JSON object" in text
     assert "names gone.png, which is not in the folder" in text
     assert [e.path.name for e in scan.examples] == ["good.png"]
+    # an image the metadata does not list is not an example (as in datasets' imagefolder)
+    shutil.copy(DEMO_DATA / "toy_01.png", tmp_path / "extra.png")
+    scan = scan_instance_dir(tmp_path, "sks", None)
+    assert "not in metadata.jsonl, so not used: extra.png" in scan.warnings[0]
 
 
 def test_real_photos_load_upright_and_square(dreambench):

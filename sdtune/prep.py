@@ -1,0 +1,769 @@
+"""``sdtune prep SRC OUT``: turn a folder of phone photos into a training-ready ``imagefolder`` dataset.
+
+Every file in SRC is read safely (``sdtune.images``), cropped (center, saliency, face or aspect bucket),
+Lanczos-resized and written to OUT with ``metadata.jsonl`` (``file_name``, ``text``), which is what
+``datasets.load_dataset("imagefolder", data_dir=OUT)`` and ``sdtune train`` read. Beside them:
+``prep_report.json`` (every source file: kept / fixed (what) / skipped (why) / ignored, output name, crop
+box, and the checks) and ``contact_sheet.jpg``, every kept crop labelled on one page. The sheet is not in
+``metadata.jsonl``, so neither ``datasets`` nor ``sdtune train`` takes it for a training image.
+
+Problems with the photos themselves (near duplicates, blur, upscaling, extreme aspect, a grayscale-only
+set) are reported, never silently fixed. Sources are only read; nothing is written outside OUT; running
+twice gives the same bytes.
+
+``--crop bucket`` keeps each photo's aspect ratio (snapped to the family's training buckets), so its
+images are not square. ``datasets`` and ``sdtune train`` read them as they are; the trainer still
+crops a square from each (``data.center_crop``) until it learns to batch by bucket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import string
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PIL import Image, ImageColor, ImageDraw, ImageFont
+
+from sdtune.errors import SdtuneError
+
+if TYPE_CHECKING:
+    from sdtune.images import Decoded
+
+# numpy, OpenCV, imagehash, smartcrop and the image readers are imported where used: `sdtune --help` and
+# every other command import this module for its subcommand, and should not pay for them.
+
+FAMILY_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
+CROPS = ("center", "smart", "face", "bucket")
+FORMATS = ("png", "jpg", "webp")
+RENAME_FIELDS = {"token": "the --token word", "index": "1, 2, ... in source order", "stem": "source name"}
+DEFAULT_RENAME = "{index:03d}"
+
+REPORT, METADATA, SHEET = "prep_report.json", "metadata.jsonl", "contact_sheet.jpg"
+TMP_DIR = ".sdtune-prep-tmp"  # new outputs are built here, inside OUT, then moved into place
+
+JUNK_FILES = {".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", ".localized"}
+JUNK_DIRS = {"__macosx", "@eadir", "$recycle.bin", "system volume information", ".thumbnails"}
+TEXT_SUFFIXES = {".txt", ".caption", ".json", ".jsonl", ".md", ".csv", ".xmp", ".aae"}
+MAX_FILE_BYTES = 512 * 2**20
+
+NEAR_DUPLICATE_BITS = 6  # phash Hamming distance (of 64) at or below which two photos are the same shot
+BLUR_RATIO = 0.25  # flagged when the variance of the Laplacian is below this fraction of the set's median
+EXTREME_ASPECT = 2.5
+ANALYSIS_SIDE = 256  # short side of the small copy the saliency crop and the perceptual hash look at
+FACE_SIDE = 512
+SHEET_CELL = 192
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every worker needs to turn one source file into one training image."""
+
+    resolution: int = 512
+    crop: str = "smart"
+    format: str = "png"
+    min_side: int = 256
+    background: tuple[int, int, int] = (255, 255, 255)
+    max_pixels: int | None = Image.MAX_IMAGE_PIXELS
+
+
+@dataclass
+class Result:
+    """The outcome for one source file (picklable: it travels back from a worker process)."""
+
+    source: str
+    status: str  # kept | fixed | skipped | ignored
+    reason: str | None = None
+    caption: str | None = None
+    format: str | None = None
+    size: tuple[int, int] | None = None
+    crop: str | None = None  # how the crop was chosen, e.g. "smart", "face (1 found)", "bucket 1152x896"
+    crop_box: tuple[int, int, int, int] | None = None
+    output_size: tuple[int, int] | None = None
+    fixes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    output: str | None = None
+    encoded: bytes = b""
+    thumb: Image.Image | None = None
+    sha256: str = ""
+    phash: int = 0
+    sharpness: float = 0.0
+    grayscale: bool = False
+    flags: list[str] = field(default_factory=list)  # short tags for the contact sheet: DUP, BLUR, ...
+
+    def warn(self, flag: str, text: str) -> None:
+        self.warnings.append(text)
+        if flag not in self.flags:
+            self.flags.append(flag)
+
+    def entry(self) -> dict:
+        """This file's line in prep_report.json."""
+        row: dict = {"source": self.source, "status": self.status}
+        optional = {
+            "reason": self.reason, "output": self.output, "caption": self.caption, "format": self.format,
+            "size": list(self.size) if self.size else None,
+            "crop": self.crop, "crop_box": list(self.crop_box) if self.crop_box else None,
+            "output_size": list(self.output_size) if self.output_size else None,
+            "fixed": self.fixes or None, "warnings": self.warnings or None,
+        }
+        row.update({k: v for k, v in optional.items() if v is not None})
+        if self.status in ("kept", "fixed"):
+            row.update(sharpness=round(self.sharpness, 2), phash=f"{self.phash:016x}", grayscale=self.grayscale)
+        return row
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_commands(sub) -> None:
+    """Add ``prep`` to an argparse subparsers object."""
+    fields = ", ".join(f"{{{k}}} ({v})" for k, v in RENAME_FIELDS.items())
+    p = sub.add_parser(
+        "prep", help="crop, resize and check subject photos into a training-ready imagefolder dataset",
+        description="Turn a folder of photos into an imagefolder dataset (images + metadata.jsonl) with "
+        "prep_report.json and contact_sheet.jpg. Sources are only read; OUT must be empty or an earlier "
+        "prep output.",
+    )
+    p.add_argument("src", metavar="SRC", help="folder of photos (read only; subfolders included)")
+    p.add_argument("out", metavar="OUT", help="output folder: empty, new, or an earlier prep output")
+    p.add_argument("--family", choices=tuple(FAMILY_RESOLUTION), default="sd15",
+                   help="model family; sets the default resolution (512 / 768 / 1024) and the buckets")
+    p.add_argument("--resolution", type=int, help="output size in pixels (default: the family's)")
+    p.add_argument("--crop", choices=CROPS, default="smart",
+                   help="center; smart (saliency, as Birme); face (keep faces in frame, else smart); "
+                   "bucket (keep the aspect ratio, snap to the family's nearest training bucket)")
+    p.add_argument("--rename", default=DEFAULT_RENAME, metavar="PATTERN",
+                   help=f"output name pattern, Python format syntax; fields: {fields} (default {DEFAULT_RENAME})")
+    p.add_argument("--token", help="the identifier word for {token} in --rename, e.g. sks")
+    captions = p.add_mutually_exclusive_group()
+    captions.add_argument("--caption", help="one caption for every image, e.g. 'a photo of sks dog'")
+    captions.add_argument("--caption-from", choices=("filename", "txt"),
+                          help="filename: the source name ('sks_dog_beach_2.jpg' -> 'sks dog beach'); "
+                          "txt: a .txt file with the same name beside each image")
+    p.add_argument("--format", choices=FORMATS, default="png", help="output format (default png)")
+    p.add_argument("--min-side", type=int,
+                   help="refuse sources whose crop is smaller than this; between it and the resolution they "
+                   "are upscaled with a warning (default: half the resolution)")
+    p.add_argument("--background", default="white", help="colour behind transparent pixels (name or #rrggbb)")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    p.set_defaults(func=cmd_prep)
+
+
+def cmd_prep(args: argparse.Namespace) -> int:
+    """Run ``sdtune prep`` and print what happened: skips and warnings, one line each, then a summary."""
+    report = prep(
+        args.src, args.out, resolution=args.resolution or FAMILY_RESOLUTION[args.family], crop=args.crop,
+        family=args.family, fmt=args.format, min_side=args.min_side, background=args.background,
+        rename=args.rename, token=args.token, caption=args.caption, caption_from=args.caption_from,
+        workers=args.workers,
+    )
+    for row in report["files"]:
+        if row["status"] == "skipped":
+            print(f"skipped: {row['source']}: {row['reason']}")
+        for w in row.get("warnings", []):
+            print(f"warning: {row.get('output', '-')} ({row['source']}): {w}")
+    for w in report["set_warnings"]:
+        print(f"warning: {w}")
+    s = report["summary"]
+    out = Path(args.out)
+    print(
+        f"prep: {s['images']} images in {out} ({s['fixed']} fixed, {s['skipped']} skipped, {s['ignored']} "
+        f"ignored, {s['warnings']} warnings); see {out / REPORT} and {out / SHEET}"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# The whole run
+
+
+def prep(
+    src: str | Path,
+    out: str | Path,
+    *,
+    resolution: int = 512,
+    crop: str = "smart",
+    family: str = "sd15",
+    fmt: str = "png",
+    min_side: int | None = None,
+    background: str = "white",
+    rename: str = DEFAULT_RENAME,
+    token: str | None = None,
+    caption: str | None = None,
+    caption_from: str | None = None,
+    workers: int = 0,
+    progress: bool | None = None,
+) -> dict:
+    """Prepare SRC into OUT and return the report (also written to OUT/prep_report.json).
+
+    Raises SdtuneError for bad options, an unusable OUT, or a SRC with no usable image.
+    """
+    settings = _settings(resolution, crop, fmt, min_side, background)
+    _check_rename(rename, token)
+    if caption is None and caption_from is None:
+        raise SdtuneError("--caption: give a caption, e.g. --caption 'a photo of sks dog', or --caption-from "
+                          "filename|txt")
+    if caption_from not in (None, "filename", "txt"):
+        raise SdtuneError(f"--caption-from: '{caption_from}' is not one of filename, txt")
+    src_dir, out_dir = _check_folders(src, out)
+    previous = _previous_outputs(out_dir)
+
+    sources, results = find_sources(src_dir, out_dir)
+    jobs = []
+    for rel, path in sources:
+        text, why = _caption(src_dir, rel, caption, caption_from)
+        if text is None:
+            results.append(Result(rel, "skipped", reason=why))
+        else:
+            jobs.append((rel, str(path), text, settings))
+    results += _run(jobs, workers, progress)
+    results.sort(key=lambda r: _order(r.source))
+
+    kept = [r for r in results if r.status in ("kept", "fixed")]
+    if not kept:
+        raise SdtuneError(_nothing_usable(src_dir, results))
+    _name(kept, rename, token, fmt)
+    set_warnings = check_set(kept)
+    report = _report(src_dir, settings, family, rename, caption, caption_from, results, set_warnings)
+    _write(out_dir, previous, kept, report)
+    return report
+
+
+def _settings(resolution: int, crop: str, fmt: str, min_side: int | None, background: str) -> Settings:
+    if not isinstance(resolution, int) or resolution < 64 or resolution > 4096 or resolution % 8:
+        raise SdtuneError(f"--resolution: {resolution} is not a multiple of 8 between 64 and 4096; e.g. 512")
+    if crop not in CROPS:
+        raise SdtuneError(f"--crop: '{crop}' is not one of {', '.join(CROPS)}")
+    if fmt not in FORMATS:
+        raise SdtuneError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
+    min_side = resolution // 2 if min_side is None else min_side
+    if min_side < 1:
+        raise SdtuneError(f"--min-side: {min_side} must be at least 1")
+    try:
+        rgb = ImageColor.getrgb(background)[:3]
+    except ValueError:
+        raise SdtuneError(f"--background: '{background}' is not a colour; use a name or #rrggbb") from None
+    return Settings(resolution, crop, fmt, min_side, rgb, Image.MAX_IMAGE_PIXELS)  # type: ignore[arg-type]
+
+
+def _check_rename(pattern: str, token: str | None) -> None:
+    """Refuse a --rename pattern with unknown fields or a bad format spec, before any work."""
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None}
+    except ValueError as e:
+        raise SdtuneError(f"--rename: '{pattern}' is not a valid pattern ({e}); e.g. '{{token}}_{{index:03d}}'") from None
+    unknown = names - set(RENAME_FIELDS)
+    if unknown:
+        raise SdtuneError(f"--rename: unknown field {{{sorted(unknown)[0]}}}; fields: "
+                          + ", ".join(f"{{{k}}}" for k in RENAME_FIELDS))
+    if "token" in names and not token:
+        raise SdtuneError("--rename: the pattern uses {token}; pass --token WORD, e.g. --token sks")
+    try:
+        pattern.format(token=token or "sks", index=1, stem="photo")
+    except (ValueError, TypeError, IndexError, KeyError) as e:
+        raise SdtuneError(f"--rename: '{pattern}' cannot be filled in ({e}); e.g. '{{token}}_{{index:03d}}'") from None
+
+
+def _check_folders(src: str | Path, out: str | Path) -> tuple[Path, Path]:
+    src_dir, out_dir = Path(src).resolve(), Path(out).resolve()
+    if not src_dir.is_dir():
+        raise SdtuneError(f"SRC: {src} is not a folder")
+    if out_dir == src_dir or src_dir.is_relative_to(out_dir):
+        raise SdtuneError(f"OUT: {out} holds SRC; choose an output folder outside the photos")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SdtuneError(f"OUT: {out} exists and is not a folder")
+    return src_dir, out_dir
+
+
+def _previous_outputs(out_dir: Path) -> list[Path]:
+    """What an earlier prep left in OUT (to be replaced); refuse an OUT that holds anything else."""
+    if not out_dir.exists():
+        return []
+    entries = [p for p in out_dir.iterdir() if p.name.lower() not in JUNK_FILES]
+    if not entries:
+        return []
+    report = out_dir / REPORT
+    if not report.is_file():
+        raise SdtuneError(f"OUT: {out_dir} is not empty and holds no {REPORT} from an earlier prep; choose an "
+                          "empty or new folder")
+    try:
+        rows = json.loads(report.read_text(encoding="utf-8"))["files"]
+        ours = {REPORT, METADATA, SHEET, TMP_DIR} | {r["output"] for r in rows if r.get("output")}
+    except (ValueError, KeyError, TypeError):
+        raise SdtuneError(f"OUT: {report} is unreadable; empty {out_dir} or choose another folder") from None
+    foreign = sorted(p.name for p in entries if p.name not in ours)
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise SdtuneError(f"OUT: {out_dir} holds files an earlier prep did not write ({listed}); move them or "
+                          "choose another folder")
+    return entries
+
+
+def _nothing_usable(src_dir: Path, results: list[Result]) -> str:
+    usable = [r for r in results if r.status != "ignored"]
+    if not usable:
+        return f"SRC: {src_dir} holds no image files" + (
+            f" ({len(results)} ignored: {', '.join(r.source for r in results[:5])})" if results else "")
+    lines = [f"SRC: none of the {len(usable)} files in {src_dir} is usable:"]
+    lines += [f"{r.source}: {r.reason}" for r in usable[:20]]
+    if len(usable) > 20:
+        lines.append(f"... and {len(usable) - 20} more")
+    if any((r.reason or "").startswith("too small") for r in usable):
+        lines.append("fix: use larger photos, or lower --min-side (they will be upscaled) or --resolution")
+    return "\n".join(lines)
+
+
+def _order(rel: str) -> tuple[str, str]:
+    return rel.casefold(), rel  # the same order on case-sensitive and case-insensitive file systems
+
+
+# --------------------------------------------------------------------------------------------------------
+# Finding source files and captions
+
+
+def find_sources(src_dir: Path, out_dir: Path) -> tuple[list[tuple[str, Path]], list[Result]]:
+    """Candidate image files under ``src_dir`` (relative name, path) and results for what is left out:
+    junk and text files (ignored), symlinks leaving SRC and non-regular files (skipped)."""
+    sources: list[tuple[str, Path]] = []
+    left_out: list[Result] = []
+    for dirpath, dirnames, filenames in os.walk(src_dir):  # does not follow symlinked folders
+        here = Path(dirpath)
+        for d in sorted(dirnames):
+            path, rel = here / d, (here / d).relative_to(src_dir).as_posix()
+            if d.lower() in JUNK_DIRS or d.startswith("."):
+                left_out.append(Result(rel + "/", "ignored", reason="junk or hidden folder"))
+                dirnames.remove(d)
+            elif path.resolve() == out_dir:
+                dirnames.remove(d)  # OUT inside SRC: our own output is not a source
+            elif path.is_symlink():
+                left_out.append(Result(rel + "/", "skipped", reason="symlinked folder not followed"))
+        dirnames.sort()
+        for name in sorted(filenames):
+            path, rel = here / name, (here / name).relative_to(src_dir).as_posix()
+            why = _left_out(path, src_dir)
+            if why is None:
+                sources.append((rel, path))
+            else:
+                left_out.append(Result(rel, *why))
+    return sources, left_out
+
+
+def _left_out(path: Path, src_dir: Path) -> tuple[str, str] | None:
+    name = path.name
+    if name.lower() in JUNK_FILES or name.startswith("."):  # also macOS's "._name" resource forks
+        return "ignored", "junk or hidden file"
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        return "ignored", "text file, not an image"
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.is_relative_to(src_dir):
+            return "skipped", "symlink to a file outside SRC refused"
+    if not path.is_file():
+        return "skipped", "not a regular file (broken link, device or pipe)"
+    if path.stat().st_size > MAX_FILE_BYTES:
+        return "skipped", f"file larger than {MAX_FILE_BYTES // 2**20} MiB"
+    return None
+
+
+def _caption(src_dir: Path, rel: str, caption: str | None, caption_from: str | None) -> tuple[str | None, str]:
+    """(caption, '') or (None, why there is none)."""
+    if caption is not None:
+        return caption, ""
+    path = src_dir / rel
+    if caption_from == "filename":
+        text = caption_from_filename(path.stem)
+        return (text, "") if text else (None, "no caption: the file name holds no words")
+    sidecar = path.with_suffix(".txt")
+    if not sidecar.is_file() or not sidecar.resolve().is_relative_to(src_dir):
+        return None, f"no caption: {sidecar.name} not found beside it (--caption-from txt)"
+    try:
+        text = " ".join(sidecar.read_bytes()[:65536].decode("utf-8-sig").split())
+    except UnicodeDecodeError:
+        return None, f"no caption: {sidecar.name} is not UTF-8 text"
+    return (text, "") if text else (None, f"no caption: {sidecar.name} is empty")
+
+
+def caption_from_filename(stem: str) -> str:
+    """'sks_dog_on_the_beach (2)' -> 'sks dog on the beach': underscores to spaces, copy numbers dropped."""
+    text = re.sub(r"[_\s]+", " ", stem)
+    text = re.sub(r"(\s*(\(\d+\)|copy|-?\d+))+$", "", text, flags=re.IGNORECASE)
+    return text.strip(" -.")
+
+
+# --------------------------------------------------------------------------------------------------------
+# One file (runs in a worker process)
+
+
+def _run(jobs: list[tuple], workers: int, progress: bool | None) -> list[Result]:
+    """Process every job, over ``workers`` processes (0: all cores), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    workers = max(1, min(workers or _cores(), len(jobs)))
+    # disable=None: a bar on a terminal, none in logs
+    bar = tqdm(total=len(jobs), desc="prep", unit="img", disable=None if progress is None else not progress)
+    results = []
+    if workers == 1:
+        for job in jobs:
+            results.append(process(*job))
+            bar.update()
+    else:
+        import multiprocessing
+
+        # spawn, not fork: the parent may hold torch threads, which a fork can deadlock on
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for r in pool.imap_unordered(_process_job, jobs):
+                results.append(r)
+                bar.update()
+    bar.close()
+    return results
+
+
+def _process_job(job: tuple) -> Result:
+    return process(*job)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def process(rel: str, path: str, caption: str, settings: Settings) -> Result:
+    """Read, crop, resize, encode and measure one source file."""
+    import imagehash
+
+    from sdtune.images import Unreadable, read_image
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return Result(rel, "skipped", reason=f"cannot read the file: {e.strerror or e}")
+    try:
+        decoded = read_image(data, Path(path).suffix, settings.resolution, settings.max_pixels, settings.background)
+    except Unreadable as e:
+        return Result(rel, "skipped", reason=str(e))
+    r = Result(rel, "kept", caption=caption, format=decoded.format, size=decoded.size, fixes=decoded.fixes,
+               warnings=decoded.warnings, sha256=hashlib.sha256(data).hexdigest())
+    if decoded.animated:
+        r.flags.append("ANIM")
+    small = _small(decoded.image, ANALYSIS_SIDE)
+    box, out_size = choose_crop(decoded, small, settings, r)
+    sx, sy = decoded.scale
+    r.crop_box = (round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy))
+    too_small = _size_checks(r, out_size, settings)
+    if too_small:
+        return Result(rel, "skipped", format=decoded.format, size=decoded.size, reason=too_small)
+
+    image = decoded.image.resize(out_size, Image.Resampling.LANCZOS, box=box)
+    image.info = {}  # Pillow would write the source's EXIF or ICC profile back out from here
+    r.output_size = image.size
+    r.encoded = encode(image, settings.format)
+    r.thumb = _small(image, SHEET_CELL * min(image.size) // max(image.size))
+    r.phash = int(str(imagehash.phash(small)), 16)  # of the whole picture: crops of one shot may differ
+    r.sharpness = sharpness(image)
+    r.grayscale = is_grayscale(r.thumb)
+    r.status = "fixed" if r.fixes else "kept"
+    return r
+
+
+def _size_checks(r: Result, out_size: tuple[int, int], settings: Settings) -> str | None:
+    """Why the source is too small to use, or None after adding upscaling / aspect warnings to ``r``."""
+    (w, h), (left, top, right, bottom) = r.size, r.crop_box  # type: ignore[misc]
+    crop_w, crop_h = right - left, bottom - top
+    if min(crop_w, crop_h) < settings.min_side:
+        return f"too small: {w}x{h}, crop {crop_w}x{crop_h} is under --min-side {settings.min_side}"
+    upscale = out_size[0] / crop_w
+    if upscale > 1.001:
+        r.warn("SMALL", f"upscaled x{upscale:.2f}: crop {crop_w}x{crop_h} is smaller than {out_size[0]}x{out_size[1]}")
+    aspect = max(w, h) / min(w, h)
+    if aspect > EXTREME_ASPECT:
+        r.warn("ASPECT", f"extreme aspect ratio {aspect:.1f}:1" + (
+            "" if settings.crop == "bucket" else f"; the square crop keeps {100 / aspect:.0f}% of it"))
+    return None
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    """Image -> file bytes with no metadata (EXIF and ICC are stripped: pixels are sRGB)."""
+    import io
+
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        image.save(buf, "JPEG", quality=95, subsampling=0)  # 4:4:4: keep colour edges for training
+    elif fmt == "webp":
+        image.save(buf, "WEBP", quality=95, method=4)
+    else:
+        image.save(buf, "PNG", compress_level=1)  # 5x faster than the default 6, files ~20% larger
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Crops. Boxes are (left, top, right, bottom) floats in the decoded image's pixels.
+
+
+def choose_crop(
+    decoded: Decoded, small: Image.Image, settings: Settings, r: Result
+) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """The crop box and the output size for one image, by ``settings.crop`` (``small``: a reduced copy)."""
+    im, res = decoded.image, settings.resolution
+    r.crop = settings.crop
+    if settings.crop == "bucket":
+        bw, bh = nearest_bucket(decoded.size, res)
+        r.crop = f"bucket {bw}x{bh}"
+        return aspect_box(im.size, bw / bh), (bw, bh)
+    if settings.crop == "center":
+        return square_box(im.size, None), (res, res)
+    if settings.crop == "face":
+        faces = detect_faces(im)
+        if faces:
+            r.crop = f"face ({len(faces)} found)"
+            x, y = _face_center(faces, min(im.size))
+            return square_box(im.size, x if im.width >= im.height else y), (res, res)
+        r.crop = "smart (no face found)"
+    return square_box(im.size, smart_center(small) * max(im.size) / max(small.size)), (res, res)
+
+
+def square_box(size: tuple[int, int], center: float | None) -> tuple[float, float, float, float]:
+    """The largest square, centred on ``center`` along the long axis (None: the middle), kept inside."""
+    w, h = size
+    side = min(w, h)
+    long = max(w, h)
+    start = (long - side) / 2 if center is None else min(max(center - side / 2, 0), long - side)
+    return (start, 0, start + side, h) if w >= h else (0, start, w, start + side)
+
+
+def aspect_box(size: tuple[int, int], aspect: float) -> tuple[float, float, float, float]:
+    """The largest centred box of width/height ``aspect``."""
+    w, h = size
+    if w / h > aspect:
+        cw = h * aspect
+        return ((w - cw) / 2, 0, (w + cw) / 2, h)
+    ch = w / aspect
+    return (0, (h - ch) / 2, w, (h + ch) / 2)
+
+
+def smart_center(im: Image.Image) -> float:
+    """Centre along the long axis of the square crop smartcrop (skin, detail, saturation, thirds) picks."""
+    from smartcrop import SmartCrop
+
+    side = min(im.size)
+    if im.width == im.height:
+        return side / 2
+    best = SmartCrop().analyse(im, crop_width=side, crop_height=side, min_scale=1.0, max_scale=1.0,
+                               num_scale_steps=1, step=max(1, side // 32))["top_crop"]
+    return (best["x"] if im.width > im.height else best["y"]) + side / 2
+
+
+@functools.lru_cache(maxsize=1)
+def _face_cascade():
+    import cv2
+
+    return cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml"))
+
+
+def detect_faces(im: Image.Image) -> list[tuple[float, float, float, float]]:
+    """Frontal faces as boxes in ``im``'s pixels (OpenCV's Haar cascade, shipped with opencv-python)."""
+    import cv2
+    import numpy as np
+
+    small = _small(im, FACE_SIDE)
+    gray = cv2.equalizeHist(np.asarray(small.convert("L")))
+    least = max(24, min(small.size) // 16)
+    found = _face_cascade().detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(least, least))
+    k = im.width / small.width
+    return [(x * k, y * k, (x + w) * k, (y + h) * k) for x, y, w, h in np.asarray(found).reshape(-1, 4).tolist()]
+
+
+def _face_center(faces: list[tuple[float, float, float, float]], side: float) -> tuple[float, float]:
+    """(x, y) to centre the crop on: all faces if they fit in one crop, else the largest face."""
+    x0, y0 = min(f[0] for f in faces), min(f[1] for f in faces)
+    x1, y1 = max(f[2] for f in faces), max(f[3] for f in faces)
+    if max(x1 - x0, y1 - y0) > side:
+        x0, y0, x1, y1 = max(faces, key=lambda f: (f[2] - f[0]) * (f[3] - f[1]))
+    return (x0 + x1) / 2, (y0 + y1) / 2
+
+
+def _small(im: Image.Image, side: int) -> Image.Image:
+    """A copy with short side ``side`` (or the image itself if already smaller), fast and good enough."""
+    if min(im.size) <= side:
+        return im
+    k = side / min(im.size)
+    return im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))), Image.Resampling.BILINEAR,
+                     reducing_gap=2.0)
+
+
+def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
+    """Training buckets (width, height): multiples of 64 (8 below 512 px), area <= resolution², sides
+    between resolution/2 and 2 x resolution. At 1024 these are SDXL's buckets (1024², 1152x896, 1216x832,
+    1344x768, 1536x640, ... 512x2048)."""
+    step = 64 if resolution >= 512 else 8
+    area, lo, hi = resolution * resolution, math.ceil(resolution / 2 / step) * step, 2 * resolution
+    sizes = set()
+    for w in range(lo, hi + 1, step):
+        h = min(hi, area // w // step * step)
+        if h >= lo:
+            sizes.update({(w, h), (h, w)})
+    return sorted(sizes)
+
+
+def nearest_bucket(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest (in log ratio) to ``size``'s."""
+    target = math.log(size[0] / size[1])
+    return min(bucket_sizes(resolution), key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1]))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checks: measured per image in the workers, judged over the whole set here
+
+
+def sharpness(image: Image.Image) -> float:
+    """Variance of the Laplacian of the grayscale image: low means blurry (only comparable within a set)."""
+    import cv2
+    import numpy as np
+
+    return float(cv2.Laplacian(np.asarray(image.convert("L")), cv2.CV_64F).var())
+
+
+def is_grayscale(image: Image.Image) -> bool:
+    """True when (almost) no pixel has colour: 99% of pixels within 6 levels across R, G, B."""
+    import numpy as np
+
+    a = np.asarray(image, dtype=np.int16)
+    chroma = a.max(axis=2) - a.min(axis=2)
+    return bool(np.percentile(chroma, 99) <= 6)
+
+
+def check_set(kept: list[Result]) -> list[str]:
+    """Add duplicate and blur warnings to the images; return warnings about the set as a whole."""
+    import numpy as np
+
+    hashes = np.array([r.phash for r in kept], dtype=np.uint64)
+    for i, r in enumerate(kept):
+        same = next((j for j in range(i) if kept[j].sha256 == r.sha256), None)
+        if same is not None:
+            r.warn("DUP", f"exact duplicate of {kept[same].output} ({kept[same].source})")
+            continue
+        if i:
+            dist = np.unpackbits((hashes[:i] ^ hashes[i]).view(np.uint8)).reshape(i, 64).sum(axis=1)
+            j = int(np.argmin(dist))
+            if dist[j] <= NEAR_DUPLICATE_BITS:
+                r.warn("DUP", f"near duplicate of {kept[j].output} ({kept[j].source}), perceptual hash "
+                                  f"distance {int(dist[j])}/64")
+    if len(kept) >= 3:
+        median = float(np.median([r.sharpness for r in kept]))
+        for r in kept:
+            if median > 0 and r.sharpness < BLUR_RATIO * median:
+                r.warn("BLUR", f"looks blurry: sharpness {100 * r.sharpness / median:.0f}% of the set's median")
+    if all(r.grayscale for r in kept):
+        return ["every image is grayscale: the LoRA will learn a black-and-white subject"]
+    return []
+
+
+# --------------------------------------------------------------------------------------------------------
+# Names and output
+
+
+def sanitise(name: str) -> str:
+    """A file name safe everywhere: ASCII letters, digits, '.', '_', '-'; no path parts, no leading dot."""
+    name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    name = re.sub(r"\.{2,}", ".", name).strip("._-")[:100].strip("._-")
+    if name.split(".")[0].upper() in {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)),
+                                      *(f"LPT{i}" for i in range(10))}:
+        name = "_" + name
+    return name or "image"
+
+
+def _name(kept: list[Result], pattern: str, token: str | None, ext: str) -> None:
+    """Give each kept image its output name; names differ even on case-insensitive file systems."""
+    taken: set[str] = set()
+    for index, r in enumerate(kept, 1):
+        stem = sanitise(Path(r.source).stem)
+        base = sanitise(pattern.format(token=token or "", index=index, stem=stem))
+        name, n = base, 1
+        while name.casefold() in taken:
+            n += 1
+            name = f"{base}-{n}"
+        if n > 1:
+            r.warn("RENAMED", f"renamed to {name}.{ext}: {base}.{ext} was taken (names compared ignoring case)")
+        taken.add(name.casefold())
+        r.output = f"{name}.{ext}"
+
+
+def _report(src_dir: Path, settings: Settings, family: str, rename: str, caption: str | None,
+            caption_from: str | None, results: list[Result], set_warnings: list[str]) -> dict:
+    count = {s: sum(r.status == s for r in results) for s in ("kept", "fixed", "skipped", "ignored")}
+    return {
+        "sdtune_prep": 1,
+        "source": str(src_dir),
+        "settings": {
+            "family": family, "resolution": settings.resolution, "crop": settings.crop, "format": settings.format,
+            "min_side": settings.min_side, "background": "#{:02x}{:02x}{:02x}".format(*settings.background),
+            "rename": rename, "caption": caption, "caption_from": caption_from,
+        },
+        "summary": {"files": len(results), "images": count["kept"] + count["fixed"], **count,
+                    "warnings": sum(len(r.warnings) for r in results) + len(set_warnings)},
+        "set_warnings": set_warnings,
+        "files": [r.entry() for r in results],
+    }
+
+
+def _write(out_dir: Path, previous: list[Path], kept: list[Result], report: dict) -> None:
+    """Build every output in OUT/.sdtune-prep-tmp, then replace the earlier run's outputs with them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / TMP_DIR
+    _remove(tmp)
+    tmp.mkdir()
+    for r in kept:
+        (tmp / r.output).write_bytes(r.encoded)  # type: ignore[operator]
+    rows = [json.dumps({"file_name": r.output, "text": r.caption}, ensure_ascii=False) for r in kept]
+    (tmp / METADATA).write_text("\n".join(rows) + "\n", encoding="utf-8")
+    contact_sheet(kept).save(tmp / SHEET, "JPEG", quality=90)
+    (tmp / REPORT).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    for p in previous:
+        if p.name != TMP_DIR:
+            _remove(p)
+    for p in sorted(tmp.iterdir()):
+        os.replace(p, out_dir / p.name)
+    tmp.rmdir()
+
+
+def _remove(p: Path) -> None:
+    """Delete a file, link or folder inside OUT (a link is removed, never followed)."""
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+    elif p.is_dir():
+        shutil.rmtree(p)
+
+
+def contact_sheet(kept: list[Result]) -> Image.Image:
+    """All kept crops on one sheet, each labelled with its output name, source and warnings."""
+    cell = SHEET_CELL if len(kept) <= 400 else SHEET_CELL // 2
+    cols = min(8, max(1, math.ceil(math.sqrt(len(kept)))))
+    rows = math.ceil(len(kept) / cols)
+    label_h, pad = 40, 8
+    sheet = Image.new("RGB", (cols * (cell + pad) + pad, rows * (cell + label_h + pad) + pad), (32, 32, 32))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=11)
+    for i, r in enumerate(kept):
+        x, y = pad + (i % cols) * (cell + pad), pad + (i // cols) * (cell + label_h + pad)
+        thumb = r.thumb.copy()  # type: ignore[union-attr]
+        thumb.thumbnail((cell, cell))
+        sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
+        flags = " ".join(r.flags + (["GRAY"] if r.grayscale else []))
+        colour = (255, 200, 80) if flags else (220, 220, 220)
+        draw.text((x, y + cell + 2), _ascii(f"{r.output}  {flags}", cell // 6), fill=colour, font=font)
+        draw.text((x, y + cell + 18), _ascii(r.source, cell // 6), fill=(150, 150, 150), font=font)
+    return sheet
+
+
+def _ascii(text: str, limit: int) -> str:
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "replace").decode()
+    return text if len(text) <= limit else text[: limit - 3] + "..."

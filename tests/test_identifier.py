@@ -1,0 +1,214 @@
+"""check-token / suggest-tokens: the identifier check, its CLI, and agreement with the real tokenizers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import string
+
+import pytest
+
+from sdtune.errors import SdtuneError
+from sdtune.identifier import (
+    SUGGEST_PATTERN,
+    add_commands,
+    check_identifier,
+    check_identifiers,
+    load_tokenizers,
+    suggest_identifiers,
+    word_frequencies,
+)
+from sdtune.tokens import clip_tokenize, clip_tokenizer
+
+REQUIRED_KEYS = {"pieces", "ids", "single_token", "rarity_percentile", "is_word", "verdict", "reasons"}
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """Run a check-token / suggest-tokens command line; (exit code, stdout)."""
+    parser = argparse.ArgumentParser(prog="sdtune")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code = args.func(args)
+    return code, capsys.readouterr().out
+
+
+# --- verdicts ---------------------------------------------------------------------------------------------
+
+
+def test_sks_is_one_late_token_but_a_rifle():
+    r = check_identifier("sks")
+    assert r.pieces == ["sks</w>"] and r.ids == [48136] and r.single_token
+    assert r.rarity_percentile == pytest.approx(100 * 48136 / 49405, abs=0.05)
+    assert r.verdict == "risky"
+    assert "rifle" in r.reasons[0] and r.meaning
+    assert r.summary.startswith("risky: ") and "\n" not in r.summary
+
+
+def test_common_words_are_bad():
+    for r in check_identifiers(["dog", "Dog", "house"]):
+        assert r.single_token and r.is_word
+        assert r.verdict == "bad"
+        assert "common word in English" in r.reasons[0]
+        assert r.frequencies["en"] >= 4.0
+
+
+def test_unusable_identifiers_are_bad():
+    cases = {
+        "ohwxx": "3 tokens",  # oh + w + xx</w>
+        "": "empty",
+        "sks dog": "whitespace",
+        "sks\u00a0": "whitespace",
+        "<|endoftext|>": "special token",
+    }
+    for (word, says), r in zip(cases.items(), check_identifiers(list(cases))):
+        assert r.verdict == "bad", word
+        assert says in r.reasons[0], (word, r.reasons)
+
+
+def test_a_rare_single_token_nobody_uses_is_good():
+    r = check_identifier("ohwx")
+    assert r.verdict == "good" and r.single_token and not r.is_word
+    assert r.pieces == ["ohwx</w>"] and r.rarity_percentile > 90
+    assert r.frequencies == {}
+
+
+def test_early_merges_and_compounds_are_risky():
+    drwho, qx = check_identifiers(["drwho", "qx"])
+    # 'drwho' is one late token that no word list has, but it reads as 'dr' + 'who'.
+    assert drwho.verdict == "risky" and "'dr' + 'who'" in drwho.reasons[0]
+    assert qx.verdict != "good", qx.reasons
+
+
+def test_word_lookup_is_the_same_for_one_word_and_for_many(monkeypatch):
+    import wordfreq
+
+    from sdtune import identifier
+
+    words = ("dog", "sks", "ohwx", "Straße")
+    monkeypatch.setattr(identifier, "_FOUND", {"": {}})  # no answers from earlier tests
+    many = word_frequencies(list(words) + [f"filler{i}" for i in range(40)])  # unpacks every list
+    monkeypatch.setattr(identifier, "_FOUND", {"": {}})
+    one = word_frequencies(words)  # few words: byte search first
+    assert all(one[w] == many[w] for w in words)
+    assert one["dog"]["en"] == wordfreq.zipf_frequency("dog", "en")
+    assert one["Straße"]["de"] == wordfreq.zipf_frequency("Straße", "de")
+    assert one["ohwx"] == {}
+    assert set(identifier.LANGUAGES) == set(wordfreq.available_languages("best"))  # names for every list
+
+
+# --- suggestions ------------------------------------------------------------------------------------------
+
+
+def test_suggestions_are_single_tokens_that_check_good():
+    words = suggest_identifiers(20)
+    assert len(words) == 20 and len(set(words)) == 20
+    assert words == suggest_identifiers(20)  # deterministic
+    for w in words:
+        assert SUGGEST_PATTERN.fullmatch(w)
+        assert clip_tokenize(w) == [w + "</w>"]
+    reports = check_identifiers(words)
+    assert [r.verdict for r in reports] == ["good"] * 20, [r.summary for r in reports if r.verdict != "good"]
+
+
+def test_seeded_suggestions_are_reproducible_samples():
+    a, b = suggest_identifiers(10, seed=1), suggest_identifiers(10, seed=1)
+    assert a == b and len(set(a)) == 10
+    assert suggest_identifiers(10, seed=2) != a
+    assert set(a) <= set(suggest_identifiers(10_000))
+    with pytest.raises(SdtuneError):
+        suggest_identifiers(0)
+
+
+# --- command line -----------------------------------------------------------------------------------------
+
+
+def test_check_token_exit_codes_and_one_line_reason(capsys):
+    for word, code, verdict in [("ohwx", 0, "good"), ("sks", 1, "risky"), ("dog", 1, "bad"), ("zwx", 1, "bad")]:
+        got, out = run_cli(["check-token", word], capsys)
+        assert got == code, word
+        assert out.splitlines()[0].startswith(f"{verdict}: "), out
+        assert all(line.startswith("  ") for line in out.splitlines()[1:])  # details, indented
+
+
+def test_check_token_json(capsys):
+    for word in ["sks", "dog", "zwx", "ohwx", ""]:
+        code, out = run_cli(["check-token", word, "--json"], capsys)
+        assert len(out.strip().splitlines()) == 1
+        report = json.loads(out)
+        assert REQUIRED_KEYS <= report.keys()
+        assert report["verdict"] in ("good", "risky", "bad")
+        assert code == (0 if report["verdict"] == "good" else 1)
+        assert report["ids"] == clip_tokenizer()(word, add_special_tokens=False).input_ids
+        assert isinstance(report["reasons"], list) and report["reasons"]
+
+
+def test_suggest_tokens_cli(capsys):
+    code, out = run_cli(["suggest-tokens", "--n", "5"], capsys)
+    assert code == 0 and out.split() == suggest_identifiers(5)
+    code, out = run_cli(["suggest-tokens", "--n", "3", "--seed", "4"], capsys)
+    assert out.split() == suggest_identifiers(3, seed=4)
+
+
+def test_sdxl_family_checks_both_encoders(capsys):
+    # OpenCLIP's tokenizer (SD2, SDXL's second encoder) pads with '!', so '!' is a special token there.
+    r = check_identifiers(["sks!"], family="sdxl")[0]
+    assert [e["ids"] for e in r.encoders] == [[48136, 256], [48136, 0]]
+    assert r.verdict == "bad"
+    code, out = run_cli(["check-token", "ohwx", "--family", "sdxl"], capsys)
+    assert code == 0 and "CLIP ViT-L/14" in out and "OpenCLIP ViT-bigG/14" in out
+
+
+# --- agreement with the real tokenizers ----------------------------------------------------------------------
+
+ALPHABET = (
+    string.ascii_letters + string.digits + string.punctuation + " \t\n\u00a0\u3000"
+    + "éÉèüÜßçñøÆœİıΣσςΑΒΓЖжЯя" + "日本語中文字한국어" + "مرحبا" + "नमस्ते" + "😀👍🏽🇫🇷❤️" + "\u0301\u0308\u200d"
+)
+CHUNKS = ["'s", "'LL", "'re", "<|endoftext|>", "<|startoftext|>", "<|STARTOFTEXT|>", "sks", "!!", "..."]
+
+
+def random_strings(n: int, seed: int = 0) -> list[str]:
+    """Letters, digits, mixed case, punctuation, whitespace, unicode (combining marks, emoji), contractions."""
+    rng = random.Random(seed)
+    kinds = [
+        string.ascii_lowercase,
+        string.ascii_letters + string.digits,
+        string.ascii_letters + string.punctuation,
+        ALPHABET,
+    ]
+    out = []
+    for i in range(n):
+        symbols = list(kinds[i % 4]) if i % 5 else CHUNKS + list(ALPHABET)
+        out.append("".join(rng.choice(symbols) for _ in range(rng.randint(0, 12))))
+    return out
+
+
+def test_check_token_agrees_with_the_clip_tokenizer_on_random_strings():
+    words = random_strings(3000)
+    for family, pad in (("sd15", "<|endoftext|>"), ("sd2", "!")):
+        tok = clip_tokenizer(pad_token=pad)
+        reports = check_identifiers(words, family=family)
+        for word, report, ids in zip(words, reports, tok(words, add_special_tokens=False).input_ids):
+            assert report.ids == ids, word
+            assert report.pieces == tok.convert_ids_to_tokens(ids), word
+            assert report.single_token == (len(ids) == 1)
+
+
+def test_check_token_agrees_with_a_model_folders_tokenizers(tiny_model):
+    tokenizers = load_tokenizers(str(tiny_model("sdxl")), family="sdxl")
+    assert len(tokenizers) == 2
+    words = random_strings(1000, seed=1)
+    from_model = check_identifiers(words, tokenizers)
+    shipped = check_identifiers(words, family="sdxl")
+    for word, a, b in zip(words, from_model, shipped):
+        assert [e["ids"] for e in a.encoders] == [e["ids"] for e in b.encoders], word
+        assert (a.verdict, a.single_token, a.rarity_percentile) == (b.verdict, b.single_token, b.rarity_percentile)
+
+
+def test_tokenizer_option_errors(tiny_model, tmp_path):
+    with pytest.raises(SdtuneError, match="not an SDXL model"):
+        load_tokenizers(str(tiny_model("sd15")), family="sdxl")
+    with pytest.raises(SdtuneError, match="cannot read a CLIP tokenizer"):
+        load_tokenizers(str(tmp_path))
+    assert len(load_tokenizers(str(tiny_model("sdxl") / "tokenizer_2"))) == 1
