@@ -53,6 +53,7 @@ def main() -> None:
     from sdtune.train import train
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sdtune-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     model = args.model
     if model is None:
         model = str(work / f"model-{args.family}-{args.size}")
@@ -67,7 +68,7 @@ def main() -> None:
         "data.identifier=sks",
         f"data.resolution={resolution}",
         f"lora.rank={args.rank}",
-        f"train.output_dir={work / 'run'}",
+        f"train.output_dir={tempfile.mkdtemp(prefix='run-', dir=work)}",  # a fresh run every time
         f"train.max_steps={args.warmup + args.steps}",
         f"train.batch_size={args.batch_size}",
         f"train.mixed_precision={args.mixed_precision}",
