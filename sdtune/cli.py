@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import Interrupted, SdtuneError
 
 
 def _quiet_imports() -> None:
@@ -267,10 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded and exit")
     p.set_defaults(func=cmd_push)
 
-    from sdtune import identifier, prep
+    from sdtune import export, identifier, prep
 
     prep.add_commands(sub)
     identifier.add_commands(sub)
+    export.add_commands(sub)
 
     p = sub.add_parser("doctor", help="print the environment facts a bug report needs, and problems")
     p.add_argument("--output-dir", default=".")
@@ -283,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     except SdtuneError as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)

@@ -35,6 +35,9 @@ class ModelConfig(_Section):
     pretrained: str = Field(description="hub id or local diffusers-format folder (SD1.x, SD2.x or SDXL)")
     revision: str | None = None
     variant: str | None = Field(None, description="weights variant, e.g. fp16")
+    allow_unsafe_pickle: bool = Field(
+        False, description="also load .bin/.ckpt pickle weights (with torch's weights_only); safetensors otherwise"
+    )
 
 
 class DataConfig(_Section):
@@ -113,6 +116,7 @@ class TrainConfig(_Section):
     dataloader_workers: int = Field(0, ge=0)
     report_to: Literal["none", "tensorboard", "wandb"] = "tensorboard"
     log_every: int = Field(10, ge=1)
+    max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many NaN/inf steps in a row")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

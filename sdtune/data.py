@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -48,12 +48,22 @@ def list_images(folder: str | Path) -> list[Path]:
     )
 
 
+def _decode(path: Path, resolution: int):
+    """Upright sRGB RGB through the safe reader: allowed decoders only, decompression bombs refused."""
+    from sdtune.images import read_image
+
+    return read_image(path.read_bytes(), path.suffix, resolution, Image.MAX_IMAGE_PIXELS, (255, 255, 255))
+
+
 def _unreadable(path: Path) -> str | None:
+    from sdtune.images import Unreadable
+
     try:
-        with Image.open(path) as im:
-            im.verify()  # parses the whole file structure without decoding pixels
+        _decode(path, 64)
         return None
-    except Exception as e:  # any decoder error is the same to the user: this file is broken
+    except Unreadable as e:
+        return str(e)
+    except OSError as e:
         return f"{type(e).__name__}: {e}"
 
 
@@ -98,6 +108,10 @@ def scan_instance_dir(
             scan.warnings.append(f"not in metadata.jsonl, so not used: {', '.join(unlisted[:5])}"
                                  + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else ""))
         images = [p for p in images if p.name in captions]
+    for path in list(images):
+        if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+            scan.problems.append(f"{key}: {path.name} is a link to a file outside the folder; refused")
+            images.remove(path)
     for path in images:
         caption = captions.get(path.name)
         sidecar = path.with_suffix(".txt")
@@ -151,10 +165,9 @@ def load_image(path: Path, resolution: int, center_crop: bool, flip: bool, rng: 
 
     Returns (pixel_values (3, H, W) float in [-1, 1], original (h, w), crop top-left (y, x)).
     """
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im = im.convert("RGB")
-    original_size = (im.height, im.width)
+    decoded = _decode(path, resolution)
+    im = decoded.image  # may be decoded smaller than the source (JPEG draft), never below `resolution`
+    original_size = (decoded.size[1], decoded.size[0])
     w, h = resized_size(im.width, im.height, resolution)
     im = im.resize((w, h), Image.Resampling.LANCZOS)
     if center_crop:

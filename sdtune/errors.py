@@ -3,3 +3,11 @@
 
 class SdtuneError(Exception):
     """A user-fixable problem. The CLI prints its message as one ``error:`` line and exits non-zero."""
+
+
+class Interrupted(SdtuneError):
+    """SIGINT / SIGTERM: the run stopped after a step and saved a checkpoint. ``exit_code`` is 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -80,10 +80,12 @@ def save_diffusers_lora(
 ) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` in diffusers' format; pass only modules that were trained."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     def layers(m):
-        return None if m is None else convert_state_dict_to_diffusers(adapter_state_dict(m))
+        # PEFT key names (lora_A / lora_B), as diffusers' own training scripts now save them. Converting
+        # them to the old diffusers names renames only attention keys; diffusers' loader then guesses the
+        # format from the first key and silently drops the others when a run trains more than attention.
+        return None if m is None else adapter_state_dict(m)
 
     def meta(m):
         return None if m is None else m.peft_config["default"].to_dict()

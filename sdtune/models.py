@@ -127,14 +127,29 @@ def inspect_model(pretrained: str, revision: str | None = None, for_training: bo
 
 
 def load_components(
-    pretrained: str, family: Family, revision: str | None = None, variant: str | None = None
+    pretrained: str,
+    family: Family,
+    revision: str | None = None,
+    variant: str | None = None,
+    allow_unsafe_pickle: bool = False,
 ) -> Components:
-    """Load tokenizers, text encoders, VAE, UNet (safetensors only) and a DDPM noise scheduler."""
+    """Load tokenizers, text encoders, VAE, UNet and a DDPM noise scheduler.
+
+    Weights load from safetensors only, unless ``allow_unsafe_pickle``: then .bin files are accepted too,
+    and diffusers / transformers read them with torch's ``weights_only`` unpickler. Never remote code."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    local = Path(pretrained).expanduser()
+    if local.is_dir() and not allow_unsafe_pickle:
+        pickles = [p for p in local.rglob("*") if p.suffix in (".bin", ".ckpt", ".pt", ".pth")]
+        if pickles and not any(local.rglob("*.safetensors")):
+            raise SdtuneError(
+                f"model.pretrained: {pretrained} has only pickle weights ({pickles[0].name}); sdtune loads "
+                "safetensors. Convert them, or set model.allow_unsafe_pickle=true (loaded with weights_only)"
+            )
     kw = dict(revision=revision)
-    wkw = dict(revision=revision, variant=variant, use_safetensors=True)
+    wkw = dict(revision=revision, variant=variant, use_safetensors=None if allow_unsafe_pickle else True)
     try:
         c = Components(
             tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw),
@@ -150,7 +165,7 @@ def load_components(
             c.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
                 pretrained, subfolder="text_encoder_2", **wkw
             )
-    except OSError as e:
+    except (OSError, ValueError) as e:  # missing files, or pickle weights where safetensors are required
         raise SdtuneError(
             f"model.pretrained: could not load {pretrained}"
             f"{f' (variant {variant})' if variant else ''}: {str(e).splitlines()[0][:200]}"

@@ -11,7 +11,8 @@ import json
 import math
 import os
 import random
-import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdtune.checkpoint import _flat, clean_temporary, find_checkpoint, load_checkpoint, save_checkpoint
 from sdtune.config import Config, RunPlan, check_run
-from sdtune.errors import SdtuneError
-
-# Keys of the config that may change between a checkpoint and its resume; anything else alters the run.
-RESUMABLE_CHANGES = {
-    "train.max_steps", "train.resume", "train.log_every", "train.report_to", "train.checkpoint_every",
-    "train.checkpoints_total_limit", "train.dataloader_workers", "train.output_dir", "train.offload_frozen",
-    "train.compile", "train.channels_last", "train.allow_tf32", "sample",
-}
-
+from sdtune.errors import Interrupted, SdtuneError
 
 # --------------------------------------------------------------------------------------------------------
 # The step
@@ -133,131 +127,35 @@ def sdxl_time_ids(
 
 
 # --------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Stopping
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
+class StopSignals:
+    """While active, SIGINT and SIGTERM only ask the loop to stop after the current step (which then saves a
+    checkpoint); any further signal, e.g. a second Ctrl-C during that save, is ignored."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, say=print):
+        self.signum: int | None = None
+        self._say, self._old = say, {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            self._say(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint")
         else:
-            out[key] = v
-    return out
+            self._say(f"\n{signal.Signals(signum).name} ignored: saving the checkpoint, please wait")
 
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
 
-def config_drift(saved: dict, current: dict) -> list[str]:
-    """Keys whose values differ between a checkpoint's config and this run's, except harmless ones."""
-    a, b = _flat(saved), _flat(current)
-    return sorted(
-        k for k in set(a) | set(b)
-        if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES and k.split(".")[0] not in RESUMABLE_CHANGES
-    )
-
-
-def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: the newest complete one for 'latest', or the given folder."""
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / "COMPLETE").is_file():
-            raise SdtuneError(f"train.resume: {path} is not a complete checkpoint (no COMPLETE marker)")
-        return path
-    root = output_dir / "checkpoints"
-    done = sorted(p for p in root.glob("step-*") if (p / "COMPLETE").is_file()) if root.is_dir() else []
-    return done[-1] if done else None
-
-
-def _rng_state(generator: torch.Generator) -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
-        "torch": torch.get_rng_state(),
-        "generator": generator.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, generator: torch.Generator) -> None:
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(
-    accelerator: Any, output_dir: Path, global_step: int, trained: dict[str, torch.nn.Module], optimizer: Any,
-    lr_scheduler: Any, generator: torch.Generator, config: dict, family: str, limit: int | None,
-) -> Path:
-    """Write ``checkpoints/step-NNNNNN/`` via a temporary folder renamed into place, then prune old ones."""
-    from safetensors.torch import save_file
-
-    from sdtune.lora import adapter_state_dict, save_diffusers_lora
-
-    root = output_dir / "checkpoints"
-    final = root / f"step-{global_step:06d}"
-    tmp = root / f".tmp-step-{global_step:06d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    # Every process keeps its own random streams (noise differs per process).
-    torch.save(_rng_state(generator), tmp / f"rng-{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for name, module in trained.items():
-            save_file(adapter_state_dict(module), tmp / f"adapter-{name}.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-        save_diffusers_lora(tmp, family, **trained)
-        (tmp / "state.json").write_text(
-            json.dumps({"global_step": global_step, "num_processes": accelerator.num_processes, "config": config},
-                       indent=2)
-        )
-        (tmp / "COMPLETE").write_text("ok\n")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        if limit:
-            done = sorted(p for p in root.glob("step-*") if (p / "COMPLETE").is_file())
-            for old in done[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(
-    path: Path, accelerator: Any, trained: dict[str, torch.nn.Module], optimizer: Any, lr_scheduler: Any,
-    generator: torch.Generator, config: dict,
-) -> int:
-    """Restore adapters, optimizer, LR schedule and random streams; return the step to continue from."""
-    from safetensors.torch import load_file
-
-    from sdtune.lora import load_adapter_state_dict
-
-    state = json.loads((path / "state.json").read_text())
-    drift = config_drift(state["config"], config)
-    if drift:
-        raise SdtuneError(
-            f"train.resume: {path} was trained with a different config ({', '.join(drift)}); "
-            "fix: restore those values, or start a new output_dir"
-        )
-    if state.get("num_processes", 1) != accelerator.num_processes:
-        raise SdtuneError(
-            f"train.resume: {path} was written by {state.get('num_processes')} processes, this run has "
-            f"{accelerator.num_processes}; the data order would change. Launch with the same count"
-        )
-    for name, module in trained.items():
-        load_adapter_state_dict(module, load_file(path / f"adapter-{name}.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
-    rng = path / f"rng-{accelerator.process_index}.pt"
-    _set_rng_state(torch.load(rng, weights_only=True), generator)
-    return int(state["global_step"])
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            # Once asked to stop, further signals are ignored until the process exits with 130 / 143.
+            signal.signal(s, signal.SIG_IGN if self.signum is not None else handler)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -301,13 +199,14 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
 
     from sdtune.cache import cache_latents, cache_root, cache_text, vae_identity
     from sdtune.data import DreamBoothDataset, Example, StreamBatchSampler, collate, list_images, tokenize
+    from sdtune.export import write_kohya
     from sdtune.identifier import check_identifier
     from sdtune.lora import WEIGHT_NAME, add_lora, save_diffusers_lora, trainable_parameters
     from sdtune.memory import estimate
     from sdtune.models import Components, build_pipeline, load_components
     from sdtune.prior import ensure_class_images
     from sdtune.sample import Settings, render_grid, sampling_scheduler, save_image
-    from sdtune.share import write_model_card
+    from sdtune.share import KOHYA_SUFFIX, write_model_card
 
     plan = plan or check_run(cfg)  # every config problem is reported before any weight loads
     info, resolution, t = plan.model, plan.resolution, cfg.train
@@ -340,6 +239,8 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(cfg.to_yaml())
+        for leftover in clean_temporary(output_dir):
+            say(f"removed {leftover.name}: a checkpoint save that was interrupted (the earlier ones are intact)")
 
     # Same base seed everywhere (identical LoRA init on every process); noise differs per process.
     torch.manual_seed(t.seed)
@@ -352,7 +253,8 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     say(f"model: {info.pretrained} ({info.family}, {info.prediction_type}), {resolution} px, {weight_dtype}")
-    c: Components = load_components(info.pretrained, info.family, cfg.model.revision, cfg.model.variant)
+    c: Components = load_components(info.pretrained, info.family, cfg.model.revision, cfg.model.variant,
+                                    cfg.model.allow_unsafe_pickle)
     # Is the identifier a single, rare, meaningless token for this model's tokenizer(s)? (sdtune check-token)
     report = check_identifier(cfg.data.identifier, c.tokenizers)
     if report.verdict != "good":
@@ -502,7 +404,7 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
 
     if accelerator.is_main_process and accelerator.trackers == [] and t.report_to != "none":
         init = {"wandb": {"dir": str(output_dir)}} if t.report_to == "wandb" else {}
-        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flat(config_dict).items()}
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flat(config_dict).items()}  # noqa: E501
         accelerator.init_trackers("sdtune", config=hparams, init_kwargs=init)
 
     def sample(step: int) -> Path | None:
@@ -559,75 +461,120 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     loss_sum = torch.zeros((), device=device)  # summed on device; read (a host sync) only every log_every
     loss_count = 0
     last_log_time, last_log_step = time.perf_counter(), global_step
+    nonfinite_in_a_row = nonfinite_total = 0
+    # A LoRA that has not moved after a few steps never will (lr 0, nothing trainable, A = B = 0).
+    initial_step, change_check_step = global_step, min(global_step + 5, t.max_steps)
+    initial_params = [p.detach().clone() for p in params]
     data_iter = iter(loader)
-    while global_step < t.max_steps:
-        batch = next(data_iter)
-        with accelerator.accumulate(*modules.values()):
-            with torch.no_grad():
-                if latent_cache is not None:
-                    # cached (B, 8, h, w) mean + log-variance; a fresh sample every step, as uncached
-                    params = batch["latent_params"].to(device, non_blocking=True)
-                    latents = DiagonalGaussianDistribution(params).sample(generator=generator)
+    with StopSignals(say) as stop:  # SIGINT / SIGTERM handlers during the loop only
+        while global_step < t.max_steps:
+            batch = next(data_iter)
+            with accelerator.accumulate(*modules.values()):
+                with torch.no_grad():
+                    if latent_cache is not None:
+                        # cached (B, 8, h, w) mean + log-variance; a fresh sample every step, as uncached
+                        latent_params = batch["latent_params"].to(device, non_blocking=True)
+                        latents = DiagonalGaussianDistribution(latent_params).sample(generator=generator)
+                    else:
+                        pixel_values = batch["pixel_values"].to(device, vae_dtype, non_blocking=True)
+                        # (B, 3, H, W) -> (B, 4, H/8, W/8)
+                        latents = c.vae.encode(pixel_values).latent_dist.sample(generator=generator)
+                    latents = (latents * c.vae.config.scaling_factor).to(weight_dtype)
+                if text_cache is not None:
+                    encoder_hidden_states = torch.stack([text_cache[t_][0] for t_ in batch["captions"]])
+                    pooled = torch.stack([text_cache[t_][1] for t_ in batch["captions"]]) if info.family == "sdxl" else None
                 else:
-                    pixel_values = batch["pixel_values"].to(device, vae_dtype, non_blocking=True)
-                    # (B, 3, H, W) -> (B, 4, H/8, W/8)
-                    latents = c.vae.encode(pixel_values).latent_dist.sample(generator=generator)
-                latents = (latents * c.vae.config.scaling_factor).to(weight_dtype)
-            if text_cache is not None:
-                encoder_hidden_states = torch.stack([text_cache[t_][0] for t_ in batch["captions"]])
-                pooled = torch.stack([text_cache[t_][1] for t_ in batch["captions"]]) if info.family == "sdxl" else None
-            else:
-                input_ids = [ids.to(device) for ids in tokenize(c.tokenizers, batch["captions"])]
-                with torch.set_grad_enabled(lora.train_text_encoder):
-                    encoder_hidden_states, pooled = encode_prompt(text_encoders, input_ids, info.family)
-            added_cond_kwargs = None
-            if info.family == "sdxl":
-                time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], resolution,
-                                         cfg.sdxl.crop_conditioning)
-                added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids.to(device, weight_dtype)}
-            with accelerator.autocast():
-                out = training_step(
-                    unet, c.noise_scheduler, latents, encoder_hidden_states, generator,
-                    prediction_type=info.prediction_type, prior_preservation=bool(class_paths),
-                    prior_loss_weight=cfg.prior.loss_weight, noise_offset=t.noise_offset, snr_gamma=t.snr_gamma,
-                    added_cond_kwargs=added_cond_kwargs,
-                )
-            accelerator.backward(out.loss)
-            if accelerator.sync_gradients and t.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
-            if accelerator.sync_gradients:
-                lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        loss_sum += out.loss.detach()
-        loss_count += 1
-        if not accelerator.sync_gradients:
-            continue
+                    input_ids = [ids.to(device) for ids in tokenize(c.tokenizers, batch["captions"])]
+                    with torch.set_grad_enabled(lora.train_text_encoder):
+                        encoder_hidden_states, pooled = encode_prompt(text_encoders, input_ids, info.family)
+                added_cond_kwargs = None
+                if info.family == "sdxl":
+                    time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], resolution,
+                                             cfg.sdxl.crop_conditioning)
+                    added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids.to(device, weight_dtype)}
+                with accelerator.autocast():
+                    out = training_step(
+                        unet, c.noise_scheduler, latents, encoder_hidden_states, generator,
+                        prediction_type=info.prediction_type, prior_preservation=bool(class_paths),
+                        prior_loss_weight=cfg.prior.loss_weight, noise_offset=t.noise_offset, snr_gamma=t.snr_gamma,
+                        added_cond_kwargs=added_cond_kwargs,
+                    )
+                accelerator.backward(out.loss)
+                step_ok = True
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+                    # The one host sync per optimizer step: a NaN/inf loss or gradient must never reach the weights.
+                    step_ok = bool(torch.isfinite(grad_norm) & torch.isfinite(out.loss.detach()))
+                if step_ok or accelerator.scaler is not None:  # fp16: the grad scaler skips inf steps itself
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if step_ok:
+                loss_sum += out.loss.detach()
+                loss_count += 1
+            if not accelerator.sync_gradients:
+                continue
 
-        global_step += 1
-        progress.update(1)
-        if global_step == timing_from:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            timer_start, timer_step = time.perf_counter(), global_step
-        if global_step % t.log_every == 0 or global_step == t.max_steps:
-            loss = accelerator.reduce(loss_sum, reduction="mean").item() / loss_count
-            now = time.perf_counter()
-            logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0],
-                    "steps_per_s": (global_step - last_log_step) / max(now - last_log_time, 1e-9)}
-            if out.prior_loss is not None:
-                logs["prior_loss"] = out.prior_loss.item()
-            if not math.isfinite(loss):
-                say(f"warning: loss is {loss} at step {global_step}")
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}")
-            accelerator.log(logs, step=global_step)
-            loss_sum.zero_()
-            loss_count, last_log_time, last_log_step = 0, now, global_step
-        if t.checkpoint_every and global_step % t.checkpoint_every == 0 and global_step < t.max_steps:
-            save_checkpoint(accelerator, output_dir, global_step, trained_unwrapped(accelerator, modules),
-                            optimizer, lr_scheduler, generator, config_dict, info.family, t.checkpoints_total_limit)
-        if cfg.sample.every and global_step % cfg.sample.every == 0 and global_step < t.max_steps:
-            sample(global_step)
+            global_step += 1
+            progress.update(1)
+            if not step_ok:
+                nonfinite_in_a_row, nonfinite_total = nonfinite_in_a_row + 1, nonfinite_total + 1
+                files = ", ".join(sorted({Path(p).name for p in batch["paths"]}))
+                say(f"warning: step {global_step}: loss or gradients not finite, update skipped (batch: {files})")
+                if nonfinite_in_a_row >= t.max_nonfinite_steps:
+                    raise SdtuneError(
+                        f"loss or gradients were not finite for {nonfinite_in_a_row} steps in a row (last batch: {files});"
+                        " stopped. Nothing non-finite was saved. Try a lower train.learning_rate, bf16 instead of fp16,"
+                        " or check those images"
+                    )
+            else:
+                nonfinite_in_a_row = 0
+            if global_step == change_check_step:
+                # Relative to the weights' size: a learning rate of 1e-30 "moves" lora_B off zero, uselessly.
+                delta = max(float((p.detach() - p0).abs().max()) for p, p0 in zip(params, initial_params))
+                scale = max(float(p0.abs().max()) for p0 in initial_params)
+                if delta <= 1e-7 * max(scale, 1e-12):
+                    raise SdtuneError(
+                        f"the LoRA weights did not change in {global_step - initial_step} steps (learning rate "
+                        f"{lr_scheduler.get_last_lr()[0]:g}, {nonfinite_total} skipped steps); training on would "
+                        "produce an empty LoRA. Check train.learning_rate, lr_warmup_steps and lora settings"
+                    )
+                del initial_params[:]
+            if accelerator.num_processes > 1 and global_step % t.log_every == 0:
+                # all processes must stop at the same step: agree on the flag (a sync, so not every step)
+                flag = accelerator.reduce(torch.tensor(stop.signum or 0, device=device), reduction="max")
+                stop.signum = int(flag.item()) or None
+            if stop.signum is not None and (accelerator.num_processes == 1 or global_step % t.log_every == 0):
+                save_checkpoint(accelerator, output_dir, global_step, trained_unwrapped(accelerator, modules),
+                                optimizer, lr_scheduler, generator, config_dict, info.family, t.checkpoints_total_limit)
+                progress.close()
+                raise Interrupted(
+                    f"stopped by {signal.Signals(stop.signum).name} at step {global_step}; checkpoint saved in "
+                    f"{output_dir / 'checkpoints'}; continue with train.resume=latest", 128 + stop.signum,
+                )
+            if global_step == timing_from:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                timer_start, timer_step = time.perf_counter(), global_step
+            if global_step % t.log_every == 0 or global_step == t.max_steps:
+                loss = accelerator.reduce(loss_sum, reduction="mean").item() / loss_count if loss_count else math.nan
+                now = time.perf_counter()
+                logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0],
+                        "steps_per_s": (global_step - last_log_step) / max(now - last_log_time, 1e-9)}
+                if out.prior_loss is not None:
+                    logs["prior_loss"] = out.prior_loss.item()
+                if not math.isfinite(loss):
+                    say(f"warning: loss is {loss} at step {global_step}")
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}")
+                accelerator.log(logs, step=global_step)
+                loss_sum.zero_()
+                loss_count, last_log_time, last_log_step = 0, now, global_step
+            if t.checkpoint_every and global_step % t.checkpoint_every == 0 and global_step < t.max_steps:
+                save_checkpoint(accelerator, output_dir, global_step, trained_unwrapped(accelerator, modules),
+                                optimizer, lr_scheduler, generator, config_dict, info.family, t.checkpoints_total_limit)
+            if cfg.sample.every and global_step % cfg.sample.every == 0 and global_step < t.max_steps:
+                sample(global_step)
     progress.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -651,6 +598,10 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
                     info.family, t.checkpoints_total_limit)
     if main:
         save_diffusers_lora(output_dir, info.family, **final)
+        # The single file AUTOMATIC1111, ComfyUI, Forge and InvokeAI load (kohya names, real alpha).
+        write_kohya(output_dir / f"{output_dir.name}{KOHYA_SUFFIX}", info.family, **final,
+                    trigger_word=cfg.data.identifier, base_model=info.pretrained,
+                    prediction_type=info.prediction_type, resolution=resolution)
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     grid = sample(global_step)
     accelerator.end_training()

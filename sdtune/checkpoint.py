@@ -1,0 +1,271 @@
+"""Checkpoints that survive kills and full disks, and resume exactly.
+
+A checkpoint is written into ``checkpoints/.tmp-step-NNNNNN/``, every file fsynced, with ``manifest.json``
+(size and sha256 of each file) and a ``COMPLETE`` marker, then renamed to ``checkpoints/step-NNNNNN/``. A
+kill at any moment leaves either the previous checkpoints alone or a temporary folder that the next start
+ignores and removes. Resuming verifies the manifest first: a corrupt checkpoint is named and never loaded.
+Old checkpoints are pruned only after the new one verifies.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdtune.errors import SdtuneError
+
+MANIFEST, MARKER = "manifest.json", "COMPLETE"
+
+# Keys of the config that may change between a checkpoint and its resume; anything else alters the run.
+RESUMABLE_CHANGES = {
+    "train.max_steps", "train.resume", "train.log_every", "train.report_to", "train.checkpoint_every",
+    "train.checkpoints_total_limit", "train.dataloader_workers", "train.output_dir", "train.offload_frozen",
+    "train.compile", "train.channels_last", "train.allow_tf32", "train.max_nonfinite_steps", "sample",
+}
+
+
+class DiskFull(SdtuneError):
+    """The disk filled up during a save; the temporary files are gone and older checkpoints are intact."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Config drift
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_drift(saved: dict, current: dict) -> list[str]:
+    """Keys whose values differ between a checkpoint's config and this run's, except harmless ones."""
+    a, b = _flat(saved), _flat(current)
+    return sorted(
+        k for k in set(a) | set(b)
+        if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES and k.split(".")[0] not in RESUMABLE_CHANGES
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Random state
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """Every random stream a step draws from: Python, NumPy, torch (CPU, CUDA) and the training generator."""
+    state = {
+        "python": random.getstate(),
+        "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Files
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path) -> None:
+    """fsync every file, then record its size and sha256, then the marker (each fsynced, then the folder)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (MANIFEST, MARKER))
+    for p in files:
+        _fsync(p)
+    manifest = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _fsync(folder / MANIFEST)
+    (folder / MARKER).write_text("ok\n")
+    _fsync(folder / MARKER)
+    _fsync(folder)
+
+
+def verify(folder: Path) -> str | None:
+    """None if the checkpoint is complete and every file matches its manifest, else the reason."""
+    if not (folder / MARKER).is_file():
+        return "incomplete (no COMPLETE marker)"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"its {MANIFEST} is missing or unreadable"
+    for name, entry in manifest.items():
+        p = folder / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != entry["size"]:
+            return f"{name} has {p.stat().st_size} bytes, the manifest says {entry['size']}"
+        if sha256_file(p) != entry["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (corrupted)"
+    return None
+
+
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint so that a kill halfway never leaves a half-deleted one that looks complete:
+    first an atomic rename to a temporary name (which the next start removes), then the deletion."""
+    doomed = folder.with_name(f".tmp-discard-{folder.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    folder.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def clean_temporary(output_dir: Path) -> list[Path]:
+    """Remove temporary folders left by a save that was killed; return what was removed."""
+    root = output_dir / "checkpoints"
+    leftovers = sorted(root.glob(".tmp-*")) if root.is_dir() else []
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+    return leftovers
+
+
+def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: the newest complete one for 'latest', or the given folder.
+    A corrupt one is an error naming it, never skipped silently and never loaded."""
+    if resume != "latest":
+        path = Path(resume)
+        problem = verify(path)
+        if problem:
+            raise SdtuneError(f"train.resume: {path} cannot be used: {problem}")
+        return path
+    root = output_dir / "checkpoints"
+    done = sorted(p for p in root.glob("step-*") if (p / MARKER).is_file()) if root.is_dir() else []
+    if not done:
+        return None
+    problem = verify(done[-1])
+    if problem:
+        older = f"; the previous one is {done[-2]}: pass train.resume={done[-2]}" if len(done) > 1 else ""
+        raise SdtuneError(
+            f"train.resume=latest: the newest checkpoint {done[-1]} is corrupt ({problem}); it was not loaded"
+            f"{older}, or delete the corrupt folder"
+        )
+    return done[-1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Save and load
+
+
+def save_checkpoint(
+    accelerator: Any, output_dir: Path, global_step: int, trained: dict[str, torch.nn.Module], optimizer: Any,
+    lr_scheduler: Any, generator: torch.Generator, config: dict, family: str, limit: int | None,
+) -> Path:
+    """Write ``checkpoints/step-NNNNNN/`` atomically and verified, then prune old ones (main process writes
+    all but the per-process random state)."""
+    from safetensors.torch import save_file
+
+    from sdtune.lora import adapter_state_dict, save_diffusers_lora
+
+    root = output_dir / "checkpoints"
+    final = root / f"step-{global_step:06d}"
+    tmp = root / f".tmp-step-{global_step:06d}"
+    states = {name: adapter_state_dict(module) for name, module in trained.items()}
+    bad = [f"{name}.{k}" for name, sd in states.items() for k, v in sd.items() if not torch.isfinite(v).all()]
+    if bad:  # never write a checkpoint that would poison a resume or an export
+        raise SdtuneError(f"LoRA weights are not finite at step {global_step} ({bad[0]}); nothing was saved")
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        # Every process keeps its own random streams (noise differs per process).
+        torch.save(rng_state(generator), tmp / f"rng-{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for name, sd in states.items():
+                save_file(sd, tmp / f"adapter-{name}.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+            save_diffusers_lora(tmp, family, **trained)
+            state = {"global_step": global_step, "num_processes": accelerator.num_processes, "config": config}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            write_manifest(tmp)
+            if final.exists():  # saving the same step again (a resume at max_steps): replace it whole
+                _discard(final)
+            tmp.rename(final)
+            _fsync(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise DiskFull(
+                f"disk full while saving checkpoint step {global_step} in {root}: its temporary files were "
+                "removed and the earlier checkpoints are intact; free space, then train.resume=latest"
+            ) from None
+        raise SdtuneError(f"could not save checkpoint step {global_step} in {root}: {e}") from None
+    if accelerator.is_main_process and limit:
+        problem = verify(final)
+        if problem:  # keep every older checkpoint if the new one does not read back
+            raise SdtuneError(f"checkpoint {final} did not verify after saving ({problem}); older ones kept")
+        done = sorted(p for p in root.glob("step-*") if (p / MARKER).is_file())
+        for old in done[:-limit]:
+            _discard(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(
+    path: Path, accelerator: Any, trained: dict[str, torch.nn.Module], optimizer: Any, lr_scheduler: Any,
+    generator: torch.Generator, config: dict,
+) -> int:
+    """Restore adapters, optimizer, LR schedule and random streams; return the step to continue from."""
+    from safetensors.torch import load_file
+
+    from sdtune.lora import load_adapter_state_dict
+
+    state = json.loads((path / "state.json").read_text())
+    drift = config_drift(state["config"], config)
+    if drift:
+        raise SdtuneError(
+            f"train.resume: {path} was trained with a different config ({', '.join(drift)}); "
+            "fix: restore those values, or start a new output_dir"
+        )
+    if state.get("num_processes", 1) != accelerator.num_processes:
+        raise SdtuneError(
+            f"train.resume: {path} was written by {state.get('num_processes')} processes, this run has "
+            f"{accelerator.num_processes}; the data order would change. Launch with the same count"
+        )
+    for name, module in trained.items():
+        load_adapter_state_dict(module, load_file(path / f"adapter-{name}.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True), generator)
+    return int(state["global_step"])

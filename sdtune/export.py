@@ -1,0 +1,555 @@
+"""Export a trained LoRA for other tools: diffusers, PEFT, or the one kohya file that AUTOMATIC1111, ComfyUI,
+InvokeAI and Forge load.
+
+    sdtune export RUN --format kohya -o my_subject.safetensors
+
+RUN is a run folder or one of its ``checkpoints/step-NNNNNN/`` folders. Both hold
+``pytorch_lora_weights.safetensors`` (diffusers format, each adapter's PEFT config in its metadata); every
+format is converted from that file. The kohya key rules were read from the loaders' own code; each rule below
+says where it comes from, and ``tests/test_export.py`` re-implements the loaders' rules to check every key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdtune.errors import SdtuneError
+
+FORMATS: tuple[str, ...] = ("diffusers", "peft", "kohya")
+COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")
+
+# Key prefixes per family: kohya-ss sd-scripts' networks/lora.py names. SD1.x/SD2.x text encoders use
+# lora_te_, the one prefix all loaders take: InvokeAI patches them with prefix "lora_te_" only
+# (invokeai/app/invocations/compel.py); AUTOMATIC1111's convert_diffusers_name_to_compvis has rules for
+# lora_te_ only (lora_te1_ reaches an SD1 model through a fallback, an SD2 model not at all); ComfyUI
+# (comfy/lora.py model_lora_keys_clip) and diffusers take lora_te_ and lora_te1_ alike. diffusers' own
+# convert_state_dict_to_kohya writes lora_te1_ even for SD1. SDXL: lora_te1_ (CLIP-L) and lora_te2_
+# (OpenCLIP-bigG) everywhere.
+_PREFIX = {
+    "sd15": {"unet": "lora_unet_", "text_encoder": "lora_te_"},
+    "sd2": {"unet": "lora_unet_", "text_encoder": "lora_te_"},
+    "sdxl": {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+}
+
+# What ss_base_model_version / modelspec.architecture say, from kohya-ss sd-scripts
+# (library/model_util.py get_model_version_str_for_sd1_sd2, sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0,
+# library/sai_model_spec.py ARCH_* and determine_implementation).
+# AUTOMATIC1111 (extensions-builtin/Lora/network.py NetworkOnDisk.detect_version) files a LoRA as SDXL when
+# ss_base_model_version starts with "sdxl_", as SD2 when ss_v2 == "True", else as SD1 if it has any metadata,
+# and by default hides LoRAs of another version than the loaded checkpoint.
+_IMPL_SGM = "https://github.com/Stability-AI/generative-models"
+
+
+@dataclass
+class Adapter:
+    """One module's LoRA: tensors in PEFT naming and the PEFT ``LoraConfig`` fields that scale them.
+
+    tensors: ``<module>.lora_A.weight`` (rank, in[, kh, kw]), ``<module>.lora_B.weight`` (out, rank[, 1, 1]),
+    and with DoRA ``<module>.lora_magnitude_vector`` ((out,) for Linear, (1, out, 1, 1) for Conv2d).
+    config: ``LoraConfig.to_dict()``; ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``,
+    ``alpha_pattern`` and ``use_dora`` are read.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, adapter_name: str = "default") -> Adapter:
+        """The adapter a PEFT-injected module holds (as ``sdtune.lora.add_lora`` made it)."""
+        from peft import get_peft_model_state_dict
+
+        tensors = get_peft_model_state_dict(module, adapter_name=adapter_name, save_embedding_layers=False)
+        return cls(
+            {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()},
+            module.peft_config[adapter_name].to_dict(),  # type: ignore[index]
+        )
+
+    def modules(self) -> list[str]:
+        return sorted(k[: -len(".lora_A.weight")] for k in self.tensors if k.endswith(".lora_A.weight"))
+
+    def rank(self) -> int:
+        """The configured rank (``r``), else the first module's."""
+        if self.config.get("r"):
+            return int(self.config["r"])
+        return int(self.tensors[self.modules()[0] + ".lora_A.weight"].shape[0])
+
+    def scale(self, module: str) -> float:
+        """The factor PEFT multiplies ``B @ A`` by in ``module`` (peft LoraLayer.update_layer)."""
+        c = self.config
+        r = self.rank()
+        alpha = c.get("lora_alpha", r)
+        r = (c.get("rank_pattern") or {}).get(_pattern_key(c.get("rank_pattern") or {}, module), r)
+        alpha = (c.get("alpha_pattern") or {}).get(_pattern_key(c.get("alpha_pattern") or {}, module), alpha)
+        return alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
+
+
+def _pattern_key(patterns: dict[str, Any], module: str) -> str:
+    # peft.utils.other.get_pattern_key: a pattern matches a module name at a dot boundary
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return module
+
+
+# --------------------------------------------------------------------------------------------------------
+# kohya format
+
+
+def kohya_module_name(family: str, component: str, module: str) -> str:
+    """The kohya name of one LoRA'd module: its prefix plus the diffusers/transformers module path, with dots
+    turned into underscores (kohya networks/lora.py: ``lora_name.replace(".", "_")``).
+
+    UNet names stay the diffusers ones (down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q): what
+    sd-scripts writes for SD1/SD2, and what the loaders take for SD1, SD2 and SDXL. ComfyUI maps them via
+    comfy/utils.py unet_to_diffusers, AUTOMATIC1111 via convert_diffusers_name_to_compvis (bar two SDXL
+    module kinds, see kohya_warnings), InvokeAI and diffusers natively.
+
+    Text-encoder names carry the ``text_model`` level of transformers' CLIPTextModel
+    (lora_te_text_model_encoder_layers_0_self_attn_q_proj): ComfyUI's LORA_CLIP_MAP keys and A1111's regexes
+    require it, although transformers >= 5 names CLIPTextModel's modules without it (PEFT keys
+    ``encoder.layers.0...``) while CLIPTextModelWithProjection keeps it.
+    """
+    prefixes = _PREFIX.get(family)
+    if prefixes is None:
+        raise SdtuneError(f"unknown model family '{family}'; expected one of {', '.join(_PREFIX)}")
+    if component not in prefixes:
+        raise SdtuneError(f"a {family} LoRA has no {component}; kohya files hold {', '.join(prefixes)}")
+    if component != "unet":
+        module = module.removeprefix("text_model.")
+        # CLIPTextModelWithProjection.text_projection sits beside text_model, not in it
+        if not module.startswith("text_projection"):
+            module = "text_model." + module
+    return prefixes[component] + module.replace(".", "_")
+
+
+def to_kohya(
+    family: str,
+    unet: Adapter | None = None,
+    text_encoder: Adapter | None = None,
+    text_encoder_2: Adapter | None = None,
+    *,
+    title: str = "LoRA",
+    trigger_word: str | None = None,
+    base_model: str | None = None,
+    prediction_type: str = "epsilon",
+    resolution: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """PEFT adapters -> (kohya tensors, safetensors metadata). Pure: no files, no model weights.
+
+    Per module ``NAME.lora_down.weight`` = PEFT lora_A, ``NAME.lora_up.weight`` = lora_B, ``NAME.alpha`` and,
+    with DoRA, ``NAME.dora_scale``.
+    """
+    adapters = {n: a for n, a in zip(COMPONENTS, (unet, text_encoder, text_encoder_2)) if a is not None}
+    if not adapters:
+        raise SdtuneError("no LoRA to export: the run trained no adapter")
+    tensors: dict[str, torch.Tensor] = {}
+    for component, adapter in adapters.items():
+        known = set()
+        for module in adapter.modules():
+            name = kohya_module_name(family, component, module)
+            if f"{name}.lora_down.weight" in tensors:
+                raise SdtuneError(f"two {component} modules have the kohya name {name}")
+            down = adapter.tensors[f"{module}.lora_A.weight"]
+            up = adapter.tensors.get(f"{module}.lora_B.weight")
+            if up is None:
+                raise SdtuneError(f"{component}: {module} has lora_A but no lora_B")
+            tensors[f"{name}.lora_down.weight"] = down.contiguous()
+            tensors[f"{name}.lora_up.weight"] = up.contiguous()
+            # Every loader scales by alpha / rank with rank = lora_down.shape[0] (kohya LoRAModule, ComfyUI
+            # calculate_weight, A1111 NetworkModule.calc_scale, diffusers network_alphas), so the alpha that
+            # reproduces PEFT is PEFT's own scale times that rank. diffusers' convert_state_dict_to_kohya
+            # writes alpha = rank instead, which drops lora_alpha / r whenever alpha != rank.
+            alpha = adapter.scale(module) * down.shape[0]
+            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+            known |= {f"{module}.lora_A.weight", f"{module}.lora_B.weight"}
+            magnitude = adapter.tensors.get(f"{module}.lora_magnitude_vector")
+            if magnitude is not None:
+                # PEFT's DoRA magnitude is one norm per output channel. kohya/LyCORIS name it dora_scale and
+                # store it (out, 1[, 1, 1]) for that axis (LyCORIS wd_on_out=True); ComfyUI's weight_decompose
+                # (comfy/weight_adapter/base.py) picks the axis by dora_scale.shape[0] == out.
+                per_output = (up.shape[0], *[1] * (up.dim() - 1))
+                tensors[f"{name}.dora_scale"] = magnitude.reshape(per_output).contiguous()
+                known.add(f"{module}.lora_magnitude_vector")
+        left = sorted(set(adapter.tensors) - known)
+        if left:
+            raise SdtuneError(f"{component}: {len(left)} tensors have no kohya equivalent, e.g. {left[0]}")
+
+    first = next(iter(adapters.values()))  # the UNet's, as kohya's ss_network_dim / ss_network_alpha
+    rank = first.rank()
+    alpha = first.scale("") * rank
+    dora = any(k.endswith(".lora_magnitude_vector") for a in adapters.values() for k in a.tensors)
+    metadata = kohya_metadata(
+        family, rank, alpha, title=title, trigger_word=trigger_word, base_model=base_model,
+        prediction_type=prediction_type, resolution=resolution, dora=dora,
+    )
+    return tensors, metadata
+
+
+def kohya_metadata(
+    family: str,
+    rank: int,
+    alpha: float,
+    *,
+    title: str = "LoRA",
+    trigger_word: str | None = None,
+    base_model: str | None = None,
+    prediction_type: str = "epsilon",
+    resolution: int | None = None,
+    dora: bool = False,
+) -> dict[str, str]:
+    """The safetensors metadata the UIs read and display: kohya ``ss_*`` keys and ModelSpec ``modelspec.*``.
+
+    Only public facts: no path, caption, folder or user name. ``base_model`` is written only when it is a
+    hub id (``owner/name``), never a local folder.
+    """
+    v_pred = prediction_type == "v_prediction"
+    if family == "sdxl":
+        version, arch, impl, default_res = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", _IMPL_SGM, 1024
+    elif family == "sd2":
+        version = "sd_v2_v" if v_pred else "sd_v2"
+        arch = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
+        impl, default_res = "diffusers", 768 if v_pred else 512
+    elif family == "sd15":
+        version, arch, impl, default_res = "sd_v1", "stable-diffusion-v1", "diffusers", 512
+    else:
+        raise SdtuneError(f"unknown model family '{family}'; expected one of {', '.join(_PREFIX)}")
+    res = resolution or default_res
+    meta = {
+        # kohya-ss sd-scripts train_network.py writes these as str(value)
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_base_model_version": version,
+        "ss_v2": str(family == "sd2"),
+        "ss_v_parameterization": str(v_pred),
+        "ss_resolution": f"({res}, {res})",
+        # Stability AI ModelSpec 1.0 (the "MUST" fields plus what the UIs show)
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": impl,
+        "modelspec.title": title,
+        "modelspec.resolution": f"{res}x{res}",
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        "modelspec.date": datetime.date.today().isoformat(),
+    }
+    if dora:
+        # networks.lora has no DoRA; LyCORIS (which wrote the first dora_scale files) reads these network args
+        meta["ss_network_module"] = "lycoris.kohya"
+        meta["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
+    if trigger_word:
+        meta["modelspec.trigger_phrase"] = trigger_word
+        meta["modelspec.usage_hint"] = f"put '{trigger_word}' in the prompt"
+    public = public_model_id(base_model)
+    if public:
+        meta["ss_sd_model_name"] = public
+    return meta
+
+
+def kohya_warnings(family: str, adapters: dict[str, Adapter]) -> list[str]:
+    """Known limits of the loaders for this LoRA, one line each (empty for the default recipes)."""
+    warnings = []
+    if any(k.endswith(".lora_magnitude_vector") for a in adapters.values() for k in a.tensors):
+        warnings.append(
+            "DoRA in kohya format: ComfyUI and Forge apply the per-output dora_scale (normalising by the "
+            "base weight, an approximation), AUTOMATIC1111 assumes per-input magnitudes and diffusers drops "
+            "dora_scale keys; for exact DoRA use --format diffusers or peft"
+        )
+    if family == "sdxl" and "unet" in adapters:
+        # A1111's convert_diffusers_name_to_compvis assumes SD1's layout for upsamplers
+        # (output_blocks.2.1.conv; SDXL's is .2.2) and has no rule for add_embedding (SGM label_emb)
+        odd = [m for m in adapters["unet"].modules()
+               if m.startswith(("up_blocks.0.upsamplers", "add_embedding"))]
+        if odd:
+            warnings.append(f"AUTOMATIC1111 cannot place SDXL LoRA modules such as {odd[0]}; ComfyUI can")
+    # AUTOMATIC1111 (networks.py network_apply_weights) patches OpenCLIP's fused nn.MultiheadAttention only
+    # when q, k, v and out LoRAs are all present; SD2's encoder and SDXL's encoder 2 are OpenCLIP there.
+    openclip = {"sd2": "text_encoder", "sdxl": "text_encoder_2"}.get(family)
+    if openclip in adapters:
+        trained = {m.rsplit(".", 1)[-1] for m in adapters[openclip].modules() if ".self_attn." in m}
+        if trained and trained != {"q_proj", "k_proj", "v_proj", "out_proj"}:
+            warnings.append(
+                f"AUTOMATIC1111 ignores {openclip} attention LoRAs unless q_proj, k_proj, v_proj and "
+                "out_proj are all trained (lora.text_encoder_target_modules)"
+            )
+    return warnings
+
+
+def write_kohya(
+    out_file: str | Path,
+    family: str,
+    unet: torch.nn.Module | Adapter | None = None,
+    text_encoder: torch.nn.Module | Adapter | None = None,
+    text_encoder_2: torch.nn.Module | Adapter | None = None,
+    trigger_word: str | None = None,
+    base_model: str | None = None,
+    *,
+    prediction_type: str | None = None,
+    resolution: int | None = None,
+    title: str | None = None,
+) -> Path:
+    """Write the kohya/A1111 ``.safetensors`` for trained modules (PEFT-injected, as train.py holds them) or
+    ``Adapter``s; pass only what was trained. Returns the file.
+
+    prediction_type: the base model's ("epsilon" / "v_prediction"); read from ``base_model``'s config when
+    not given. title: ``modelspec.title``; default the file's stem.
+    """
+    out_file = Path(out_file)
+    if out_file.suffix != ".safetensors":
+        raise SdtuneError(f"{out_file}: a kohya LoRA file must end in .safetensors")
+    adapters = [
+        None if m is None else m if isinstance(m, Adapter) else Adapter.from_module(m)
+        for m in (unet, text_encoder, text_encoder_2)
+    ]
+    if prediction_type is None:
+        prediction_type = "epsilon"
+        if family == "sd2" and base_model:
+            from sdtune.models import inspect_model
+
+            try:
+                prediction_type = inspect_model(base_model).prediction_type
+            except SdtuneError:
+                pass  # only the metadata's v-prediction flag depends on it
+    tensors, metadata = to_kohya(
+        family, *adapters, title=title or out_file.stem, trigger_word=trigger_word, base_model=base_model,
+        prediction_type=prediction_type, resolution=resolution,
+    )
+    _save_safetensors(tensors, out_file, metadata)
+    return out_file
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading a run
+
+
+@dataclass
+class RunLora:
+    """A run's (or checkpoint's) trained LoRA and the public facts about it."""
+
+    lora_file: Path
+    adapters: dict[str, Adapter]
+    config: dict[str, Any]  # the run's resolved recipe (config.yaml / state.json)
+
+    @property
+    def base_model(self) -> str | None:
+        return (self.config.get("model") or {}).get("pretrained")
+
+    @property
+    def trigger_word(self) -> str | None:
+        return (self.config.get("data") or {}).get("identifier")
+
+
+# sdtune's diffusers file holds PEFT keys renamed by diffusers' convert_state_dict_to_diffusers
+# (utils/state_dict_utils.py PEFT_TO_DIFFUSERS: lora_A -> lora.down, or lora_linear_layer.down for CLIP
+# projections) for some modules and unchanged for others; this undoes it.
+_DIFFUSERS_TO_PEFT_SUFFIX = (
+    (".lora_linear_layer.down.weight", ".lora_A.weight"),
+    (".lora_linear_layer.up.weight", ".lora_B.weight"),
+    (".lora.down.weight", ".lora_A.weight"),
+    (".lora.up.weight", ".lora_B.weight"),
+    (".lora_A.weight", ".lora_A.weight"),
+    (".lora_B.weight", ".lora_B.weight"),
+    (".lora_magnitude_vector.weight", ".lora_magnitude_vector"),
+    (".lora_magnitude_vector", ".lora_magnitude_vector"),
+)
+
+
+def read_diffusers_lora(
+    path: str | Path, fallback_config: dict[str, Any] | None = None
+) -> dict[str, Adapter]:
+    """Adapters (PEFT naming) of a ``pytorch_lora_weights.safetensors`` as sdtune writes it.
+
+    Configs come from the file's ``lora_adapter_metadata``; ``fallback_config`` (a LoraConfig dict) serves
+    files without it.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in json.loads(metadata.get("lora_adapter_metadata") or "{}").items():
+        component, name = key.split(".", 1)
+        configs.setdefault(component, {})[name] = value
+    adapters: dict[str, Adapter] = {}
+    for key, tensor in raw.items():
+        component, rest = key.split(".", 1)
+        if component not in COMPONENTS:
+            raise SdtuneError(f"{path}: unexpected key {key} (not unet., text_encoder. or text_encoder_2.)")
+        for old, new in _DIFFUSERS_TO_PEFT_SUFFIX:
+            if rest.endswith(old):
+                peft_key = rest[: -len(old)] + new
+                break
+        else:
+            raise SdtuneError(f"{path}: unrecognised LoRA key {key}")
+        if component not in adapters:
+            adapters[component] = Adapter({}, configs.get(component) or dict(fallback_config or {}))
+        adapters[component].tensors[peft_key] = tensor.to(torch.float32)
+    for component, adapter in adapters.items():
+        if not adapter.config.get("r"):
+            raise SdtuneError(f"{path}: {component} has no rank/alpha (no adapter metadata, no config.yaml)")
+    return adapters
+
+
+def _run_config(run: Path) -> dict[str, Any]:
+    import yaml
+
+    state = run / "state.json"  # a checkpoint records the exact config it was trained with
+    if state.is_file():
+        return json.loads(state.read_text()).get("config") or {}
+    for folder in (run, *run.parents[:2]):
+        if (folder / "config.yaml").is_file():
+            return yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    return {}
+
+
+def read_run(run_dir: str | Path) -> RunLora:
+    """The LoRA of a run folder or of one of its ``checkpoints/step-NNNNNN/`` folders."""
+    from sdtune.lora import WEIGHT_NAME
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise SdtuneError(
+            f"{run}: no such run folder; point at a run folder or one of its checkpoints/step-NNNNNN folders"
+        )
+    lora_file = run / WEIGHT_NAME
+    if not lora_file.is_file():
+        raise SdtuneError(f"{run}: no {WEIGHT_NAME} here; is it a finished run or a checkpoint folder?")
+    config = _run_config(run)
+    lora = config.get("lora") or {}
+    fallback = None
+    if lora.get("rank"):  # for files without adapter metadata: the recipe's numbers
+        fallback = {"r": lora["rank"], "lora_alpha": lora.get("alpha") or lora["rank"],
+                    "use_dora": bool(lora.get("use_dora"))}
+    return RunLora(lora_file, read_diffusers_lora(lora_file, fallback), config)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing each format
+
+
+def public_model_id(model: str | None) -> str | None:
+    """``model`` if it is a Hugging Face hub id (safe to publish), None for a local folder or nothing."""
+    if not model or model.startswith((".", "/", "~")) or Path(model).expanduser().exists():
+        return None
+    return model if re.fullmatch(r"[\w.-]+/[\w.-]+", model) else None
+
+
+def _public_config(config: dict[str, Any], base_model: str | None) -> dict[str, Any]:
+    """A LoraConfig dict fit to publish: JSON types, and the base model only as a hub id, never a path."""
+    out = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
+    out["base_model_name_or_path"] = public_model_id(base_model)
+    return out
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], out_file: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(out_file.name + ".tmp")  # never leave a half-written LoRA under the real name
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(out_file)
+
+
+def _write_diffusers(run: RunLora, out_file: Path) -> Path:
+    """The diffusers LoRA file, all keys in PEFT naming (``pipe.load_lora_weights(folder, weight_name=...)``).
+
+    Not a byte copy of the run's file: that one mixes renamed (``.lora.down``) and PEFT (``.lora_A``) keys
+    when modules other than attention are trained, and diffusers' load_lora_adapter converts a state dict
+    only when its first key lacks ``lora_A``, so it would drop the renamed ones. Configs keep no local path.
+    """
+    if out_file.suffix != ".safetensors":
+        raise SdtuneError(f"{out_file}: a diffusers LoRA file must end in .safetensors")
+    tensors, configs = {}, {}
+    for component, adapter in run.adapters.items():
+        tensors |= {f"{component}.{k}": v for k, v in adapter.tensors.items()}
+        configs |= {f"{component}.{k}": v for k, v in _public_config(adapter.config, run.base_model).items()}
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(configs, indent=2, sort_keys=True)}
+    _save_safetensors(tensors, out_file, metadata)
+    return out_file
+
+
+def _write_peft(run: RunLora, out_dir: Path) -> Path:
+    """One PEFT adapter folder per trained module (``OUT/unet``, ``OUT/text_encoder``,
+    ``OUT/text_encoder_2``), each ``adapter_model.safetensors`` + ``adapter_config.json``, for
+    ``PeftModel.from_pretrained(unet, "OUT/unet")``.
+    """
+    if out_dir.suffix == ".safetensors" or out_dir.is_file():
+        raise SdtuneError(f"{out_dir}: --format peft writes a folder (one adapter per module); give a folder")
+    for component, adapter in run.adapters.items():
+        folder = out_dir / component
+        # PeftModel.save_pretrained's naming: the model sits at base_model.model inside a PeftModel
+        tensors = {f"base_model.model.{k}": v for k, v in adapter.tensors.items()}
+        _save_safetensors(tensors, folder / "adapter_model.safetensors", {"format": "pt"})
+        config = _public_config(adapter.config, run.base_model)
+        config.setdefault("peft_type", "LORA")
+        config["inference_mode"] = True  # as PeftModel.save_pretrained writes it
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def _write_kohya(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
+    from sdtune.models import inspect_model
+
+    if not run.base_model:
+        raise SdtuneError(
+            f"{run.lora_file.parent}: no config.yaml names the base model, whose family the kohya file needs"
+        )
+    info = inspect_model(run.base_model, (run.config.get("model") or {}).get("revision"))
+    path = write_kohya(
+        out_file, info.family, **run.adapters, trigger_word=run.trigger_word, base_model=run.base_model,
+        prediction_type=info.prediction_type,
+        resolution=(run.config.get("data") or {}).get("resolution") or info.resolution,
+    )
+    return path, kohya_warnings(info.family, run.adapters)
+
+
+def _export(run_dir: str | Path, fmt: str, out_file: str | Path) -> tuple[Path, list[str]]:
+    if fmt not in FORMATS:
+        raise SdtuneError(f"--format: unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    run = read_run(run_dir)
+    out = Path(out_file)
+    if out.resolve() == run.lora_file.resolve():
+        raise SdtuneError(f"-o: {out} is the run's own LoRA file; choose another name")
+    if fmt != "peft" and out.is_dir():
+        raise SdtuneError(f"-o: {out} is a folder; give a file name ending in .safetensors")
+    if fmt == "kohya":
+        return _write_kohya(run, out)
+    return (_write_diffusers if fmt == "diffusers" else _write_peft)(run, out), []
+
+
+def export_run(run_dir: str | Path, fmt: str, out_file: str | Path) -> Path:
+    """Write the LoRA of ``run_dir`` (a run or checkpoint folder) as ``fmt`` (diffusers, peft or kohya) to
+    ``out_file``; return what was written (a file, or a folder for peft)."""
+    return _export(run_dir, fmt, out_file)[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    path, warnings = _export(args.run, args.format, args.out)
+    for line in warnings:
+        print(f"warning: {line}")
+    print(f"wrote {args.format} LoRA: {path}")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``sdtune export`` to the CLI's subparsers."""
+    p = sub.add_parser(
+        "export", help="write a run's LoRA as diffusers, PEFT or kohya (A1111, ComfyUI, InvokeAI, Forge)"
+    )
+    p.add_argument("run", help="run folder or checkpoint folder (checkpoints/step-NNNNNN)")
+    p.add_argument("--format", default="kohya", help="diffusers | peft | kohya (default kohya)")
+    p.add_argument("-o", "--out", required=True, help="output .safetensors file (a folder for peft)")
+    p.set_defaults(func=cmd_export)
