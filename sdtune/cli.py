@@ -1,4 +1,4 @@
-"""The ``sdtune`` command line: train, sample, random-model, doctor.
+"""The ``sdtune`` command line: train, sample, prep, check-token, export, eval, push, random-model, doctor.
 
 Mistakes a user can make end in ``error: ...`` lines and exit code 2, never a traceback.
 """
@@ -267,11 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded and exit")
     p.set_defaults(func=cmd_push)
 
+    from sdtune import eval as evaluation  # (`eval` would shadow the built-in)
     from sdtune import export, identifier, prep
 
     prep.add_commands(sub)
     identifier.add_commands(sub)
     export.add_commands(sub)
+    evaluation.add_commands(sub)
 
     p = sub.add_parser("doctor", help="print the environment facts a bug report needs, and problems")
     p.add_argument("--output-dir", default=".")

@@ -1,0 +1,272 @@
+"""`sdtune eval`: the metric maths on hand-made embeddings, the prompt handling, and an end-to-end run on a tiny
+trained LoRA with tiny random DINO and CLIP models (their numbers mean nothing; the plumbing is what is tested)."""
+
+import argparse
+import json
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import DEMO_DATA, overrides
+from sdtune.config import load_config
+from sdtune.errors import SdtuneError
+from sdtune.eval import (
+    Row,
+    add_commands,
+    class_noun_from,
+    dreambench,
+    fill,
+    is_live,
+    plot_metrics,
+    read_prompt_file,
+    recommend,
+    strip_identifier,
+    table,
+)
+from sdtune.metrics import cosine_matrix, diversity, mean_pairwise_similarity, paired_similarity
+from sdtune.train import train
+
+# --------------------------------------------------------------------------------------------------------
+# Metric maths
+
+
+def test_identical_orthogonal_and_opposite_embeddings():
+    e = torch.eye(4)
+    assert mean_pairwise_similarity(e[:1] * 3, e[:1]) == pytest.approx(1.0)  # the scale does not matter
+    assert mean_pairwise_similarity(e[:1], e[1:2]) == pytest.approx(0.0)
+    assert mean_pairwise_similarity(e[:1], -e[:1]) == pytest.approx(-1.0)
+    # every (generated, real) pair counts once: one identical and one orthogonal pair average to 0.5
+    assert mean_pairwise_similarity(e[:1], e[:2]) == pytest.approx(0.5)
+    assert cosine_matrix(e[:2], e[:3]).shape == (2, 3)
+
+
+def test_clip_t_pairs_each_image_with_its_own_prompt():
+    images = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert paired_similarity(images, images.clone()) == pytest.approx(1.0)
+    assert paired_similarity(images, images.flip(0)) == pytest.approx(0.0)  # each image vs the other prompt
+    with pytest.raises(ValueError):
+        paired_similarity(images, images[:1])
+
+
+def test_diversity_of_identical_and_different_images():
+    same = torch.tensor([[1.0, 2.0, 3.0]]).repeat(4, 1)
+    assert diversity([same]) == pytest.approx(0.0, abs=1e-9)
+    assert diversity([torch.eye(3)]) == pytest.approx(1.0)
+    # prompts weigh equally; a prompt with one image has no pair and does not count
+    assert diversity([same, torch.eye(3), torch.ones(1, 3)]) == pytest.approx(0.5)
+    assert diversity([torch.ones(1, 3)]) is None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def test_dreambench_prompts_are_the_papers_25_and_25():
+    data = dreambench()
+    assert len(data["object"]) == 25 and len(data["live"]) == 25
+    assert "CC-BY" in data["license"] and "Ruiz" in data["credit"]
+    assert fill(data["live"][10], "sks", "dog") == "a sks dog wearing a red hat"  # accessorization
+    assert fill(data["object"][-1], "sks", "backpack") == "a cube shaped sks backpack"  # property modification
+    assert data["classes"]["bear_plushie"] == "stuffed animal"
+    assert sum(c in ("dog", "cat") for c in data["classes"].values()) == 9  # the paper's 9 live subjects
+
+
+def test_clip_t_prompt_has_the_identifier_removed(tmp_path):
+    assert strip_identifier("a sks dog in the jungle", "sks") == "a dog in the jungle"
+    assert strip_identifier("sks, a photo of sks dog", "sks") == ", a photo of dog"
+    assert strip_identifier("a sksy dog", "sks") == "a sksy dog"  # whole words only
+    f = tmp_path / "prompts.txt"
+    f.write_text("# a comment\na {} on the moon\n\na {identifier} {class} as a painting\na photo of sks toy\n")
+    prompts = [fill(t, "sks", "toy") for t in read_prompt_file(f)]
+    assert prompts == ["a sks toy on the moon", "a sks toy as a painting", "a photo of sks toy"]
+    assert [strip_identifier(p, "sks") for p in prompts] == ["a toy on the moon", "a toy as a painting",
+                                                             "a photo of toy"]
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(SdtuneError, match="holds no prompts"):
+        read_prompt_file(tmp_path / "empty.txt")
+
+
+def test_class_noun_and_prompt_set_from_the_run():
+    assert class_noun_from({"prior": {"class_prompt": "a photo of a dog"}}) == "dog"
+    assert class_noun_from({"prior": {"class_prompt": "a photo of a stuffed animal"}}) == "stuffed animal"
+    assert class_noun_from({"prior": {"class_prompt": "A cat"}}) == "cat"
+    assert class_noun_from({"data": {"identifier": "sks", "instance_prompt": "a photo of sks toy, red"}}) == "toy"
+    assert class_noun_from({"data": {"identifier": "sks"}}) is None
+    assert is_live("dog") and is_live("Cat") and not is_live("stuffed animal") and not is_live("backpack")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Recommendation, table, plot
+
+
+def _row(step, scale, dino, clip_t):
+    return Row(f"step-{step:06d}", step, scale, dino=dino, clip_i=dino, clip_t=clip_t, images=4)
+
+
+def test_recommendation_trades_a_little_prompt_fidelity_for_identity():
+    rows = [_row(100, 0, 0.30, 0.33), _row(100, 1, 0.55, 0.320), _row(200, 1, 0.66, 0.305),
+            _row(300, 1, 0.70, 0.280)]
+    # scale 0 (the base model) is never recommended; 0.305 is within 0.02 of the best LoRA CLIP-T 0.320,
+    # 0.280 is not
+    assert recommend(rows) is rows[2]
+    assert recommend(rows, tolerance=0.05) is rows[3]
+    assert recommend(rows, tolerance=0.0) is rows[1]
+    assert recommend([_row(100, 0, 0.3, 0.3)]) is None
+    text = table(rows, rows[2])
+    assert "* " in text.splitlines()[4] and "paper: DreamBooth (SD)" in text and "0.668" in text
+
+
+def test_plot_draws_single_points_and_unknown_steps(tmp_path):
+    rows = [Row("final", None, 1.0, dino=0.5, clip_i=0.7, clip_t=0.3, images=1)]
+    path = plot_metrics(rows, tmp_path / "m.png", rows[0])
+    with Image.open(path) as im:
+        assert im.width == 3 * 380  # DINO, CLIP-I, CLIP-T panels (no DIV, no PRES measured)
+
+
+# --------------------------------------------------------------------------------------------------------
+# End to end on tiny models
+
+
+def eval_main(argv: list[str]) -> int:
+    """`sdtune eval ...` as the CLI runs it: SdtuneError -> one `error:` line and exit code 2."""
+    parser = argparse.ArgumentParser(prog="sdtune")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", *argv])
+    try:
+        return args.func(args)
+    except SdtuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+@pytest.fixture(scope="module")
+def metric_models(tmp_path_factory):
+    """Tiny random DINO (ViT) and CLIP folders, each with a preprocessor_config.json written in code."""
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+    from sdtune.tokens import VOCAB_SIZE, clip_tokenizer
+
+    root = tmp_path_factory.mktemp("metric-models")
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    dino = root / "dino"
+    ViTModel(ViTConfig(**small, image_size=32, patch_size=16), add_pooling_layer=False).save_pretrained(dino)
+    (dino / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
+        "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    clip = root / "clip"
+    CLIPModel(CLIPConfig(text_config={**small, "vocab_size": VOCAB_SIZE, "max_position_embeddings": 77},
+                         vision_config={**small, "image_size": 32, "patch_size": 16}, projection_dim=16)
+              ).save_pretrained(clip)
+    (clip / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    clip_tokenizer().save_pretrained(clip)
+    return dino, clip
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, tmp_path_factory):
+    """A tiny run with checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("eval-run") / "run"
+    train(load_config(None, overrides(tiny_model("sd15"), out, "train.max_steps=4", "train.checkpoint_every=2",
+                                      "train.learning_rate=1e-2", "data.instance_prompt=a photo of sks toy")))
+    return out
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("a {} on the beach\na {identifier} {class} in the snow\n")
+    return f
+
+
+def test_eval_end_to_end(run, metric_models, prompt_file, tmp_path, capsys):
+    dino, clip = metric_models
+    out = tmp_path / "report"
+    argv = [str(run), "--checkpoints", "all", "--images-per-prompt", "2", "--prompts", str(prompt_file),
+            "--lora-scale", "0,1", "--pres", "--steps", "2", "--dino", str(dino), "--clip", str(clip),
+            "--out", str(out)]
+    assert eval_main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "paper: DreamBooth (SD)" in printed and "recommended: step-00000" in printed
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["class_noun"] == "toy"  # from data.instance_prompt: the run has no class prompt
+    assert report["prompts"] == ["a sks toy on the beach", "a sks toy in the snow"]
+    assert report["clip_t_prompts"] == ["a toy on the beach", "a toy in the snow"]
+    rows = report["rows"]
+    assert [(r["checkpoint"], r["step"], r["lora_scale"]) for r in rows] == [
+        ("step-000002", 2, 0.0), ("step-000002", 2, 1.0), ("step-000004", 4, 0.0), ("step-000004", 4, 1.0)]
+    for r in rows:
+        assert r["images"] == 4 and r["failed"] == 0
+        for key in ("dino", "clip_i", "clip_t", "div", "pres"):
+            assert -1.0 <= r[key] <= 1.0, (key, r)
+        assert {p["clip_text"] for p in r["per_prompt"]} == {"a toy on the beach", "a toy in the snow"}
+    # LoRA x0 is the base model: the same pixels, so the same numbers, at every checkpoint
+    assert rows[0]["dino"] == pytest.approx(rows[2]["dino"])
+    rec = report["recommendation"]
+    assert rec["lora_scale"] == 1.0 and rec["checkpoint"] in ("step-000002", "step-000004") and "CLIP-T" in rec["rule"]
+    md = (out / "report.md").read_text()
+    assert "Recommended" in md and "paper: Real images" in md and "LPIPS" in md
+    with Image.open(out / "metrics.png") as im:
+        assert im.size == (3 * 380, 2 * 280 + 28)  # DINO, CLIP-I, CLIP-T; DIV, PRES
+    cells = sorted((out / "samples" / "step-000004_cells").glob("cell-*.png"))
+    assert len(cells) == (2 + 1) * 2 * 2  # (prompts + the class prompt) x scales x images
+    assert json.loads(cells[0].with_suffix(".json").read_text())["cell"]["checkpoint"] == "step-000004"
+
+    # Same settings again: every image is reused (nothing re-rendered), the numbers are the same.
+    stamp = cells[0].stat().st_mtime_ns
+    assert eval_main(argv) == 0
+    assert "reusing 12 images" in capsys.readouterr().out
+    assert cells[0].stat().st_mtime_ns == stamp
+    assert json.loads((out / "report.json").read_text())["rows"] == rows
+
+
+def test_user_mistakes_are_one_line_errors(run, metric_models, prompt_file, tmp_path, capsys):
+    dino, clip = metric_models
+    base = ["--prompts", str(prompt_file), "--images-per-prompt", "1", "--steps", "1", "--out", str(tmp_path / "r")]
+    cases = [
+        ([str(tmp_path / "nope"), *base], "no such run folder"),
+        ([str(run), "--subject-dir", str(tmp_path / "missing"), *base], "--subject-dir: --subject-dir"),
+        ([str(run), "--subject-dir", str(tmp_path), *base, "--dino", str(dino), "--clip", str(clip)],
+         "holds no subject photos"),
+        ([str(run), *base, "--clip", str(clip)], "--dino: could not load facebook/dino-vits16"),
+        ([str(run), *base, "--dino", str(clip), "--clip", str(clip)], "--dino: " + str(clip) + " is a clip model"),
+        ([str(run), *base, "--dino", str(dino), "--clip", str(dino)], "--clip: " + str(dino) + " is a vit model"),
+        ([str(run), "--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r")], "--prompts: cannot"),
+        ([str(run), *base, "--lora-scale", "x"], "--lora-scale: expected comma-separated numbers"),
+    ]
+    for argv, message in cases:
+        code = eval_main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "r" / "samples").exists()  # nothing was rendered before the models were checked
+
+
+def test_subject_photos_follow_metadata_jsonl(tmp_path):
+    from sdtune.eval import subject_images
+
+    assert len(subject_images(DEMO_DATA)) == len(
+        [line for line in (DEMO_DATA / "metadata.jsonl").read_text().splitlines() if line.strip()])
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "contact_sheet.jpg")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a sks toy"}\n')
+    assert [p.name for p in subject_images(tmp_path)] == ["a.png"]
+
+
+def test_default_report_folder_is_in_the_run(tmp_path):
+    from sdtune.eval import _run_root
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
+    ckpt.mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("{}")
+    (ckpt / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert _run_root(ckpt) == _run_root(ckpt / "pytorch_lora_weights.safetensors") == tmp_path / "run"
+    assert _run_root(tmp_path / "run") == tmp_path / "run"
+    assert _run_root(tmp_path) == tmp_path  # not a run: beside the target
