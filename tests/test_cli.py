@@ -54,3 +54,11 @@ def test_train_bench_smoke():
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["family"] == "sd15" and result["s_per_step"] > 0 and result["device"] == "cpu"
+
+
+def test_sample_bench_smoke():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/sample_bench.py"), "--size", "tiny", "--steps", "2",
+                           "--seeds", "2", "--batch-size", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["images"] == 2 and result["s_per_grid_with_load"] > 0
