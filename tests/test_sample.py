@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,3 +105,42 @@ def test_a_failing_cell_keeps_the_others():
     assert errors == [None, "boom", None]
     assert images[0].getpixel((0, 0)) == (255, 0, 0) and images[1].getpixel((0, 0)) != (255, 0, 0)
     assert layout(cells, images).width > 3 * 32
+
+
+def _tiny_depth_model(sd2: Path, out: Path) -> Path:
+    """A tiny SD2 depth-to-image pipeline: the tiny SD2 parts, a 5-channel UNet and a tiny DPT, as diffusers'
+    own fast tests build it."""
+    import torch
+    from diffusers import StableDiffusionDepth2ImgPipeline, UNet2DConditionModel
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    from sdtune.models import load_components
+
+    c = load_components(str(sd2), "sd2")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**dict(c.unet.config), "in_channels": 5})  # latents + depth
+    backbone = {"global_padding": "same", "layer_type": "bottleneck", "depths": [3, 4, 9],
+                "out_features": ["stage1", "stage2", "stage3"], "embedding_dynamic_padding": True,
+                "hidden_sizes": [96, 192, 384, 768], "num_groups": 2}
+    dpt = DPTForDepthEstimation(DPTConfig(
+        image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=4, backbone_out_indices=(0, 1, 2, 3),
+        num_attention_heads=4, intermediate_size=37, is_hybrid=True, backbone_config=backbone,
+        backbone_featmap_shape=[1, 384, 24, 24])).eval()
+    StableDiffusionDepth2ImgPipeline(
+        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=unet, scheduler=c.noise_scheduler,
+        depth_estimator=dpt, feature_extractor=DPTImageProcessor(size={"height": 32, "width": 32}),
+    ).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def test_depth_to_image_with_the_lora(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    train(load_config(None, overrides(tiny_model("sd2"), run, "train.max_steps=2",
+                                      "data.instance_prompt=a photo of sks toy")))
+    depth = _tiny_depth_model(tiny_model("sd2"), tmp_path / "depth")
+    grid = tmp_path / "g.png"
+    assert main(["sample", str(run), "--model", str(depth), "--depth", "--init-image", str(DEMO_DATA / "toy_00.png"),
+                 "--seeds", "0", "--steps", "2", "--lora-scale", "0,1", "--out", str(grid)]) == 0
+    cells = _cells(grid)
+    assert len(cells) == 2 and json.loads(cells[1].with_suffix(".json").read_text())["settings"]["mode"] == "depth"
+    assert not np.array_equal(np.asarray(Image.open(cells[0])), np.asarray(Image.open(cells[1])))
