@@ -330,7 +330,8 @@ def _reusable(cells_dir: Path, cells: list[Cell], spec: EvalSpec, lora_sha: str)
 def render(spec: EvalSpec, out: Path, progress: bool = True) -> tuple[dict[str, Path], list[str]]:
     """Render (or reuse) every checkpoint's cells under ``out/samples``. Returns ({label: cells folder},
     one line per failed cell)."""
-    from sdtune.sample import Request, run_sample, sha256_file
+    from sdtune.checkpoint import sha256_file
+    from sdtune.sample import Request, run_sample
 
     folders: dict[str, Path] = {}
     failures: list[str] = []

@@ -11,7 +11,6 @@ the base model is a depth model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from sdtune.checkpoint import sha256_file
 from sdtune.errors import SdtuneError
 
 SCHEDULERS = ("dpmpp_2m", "ddim", "euler", "euler_a")
@@ -256,14 +256,6 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
     image.save(tmp, format="PNG")
     tmp.replace(path)
     return path
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------
