@@ -3,8 +3,8 @@
 Latents: each training image (and its mirror image, when flips are on) is encoded once. What is cached is
 the VAE's latent *distribution* (mean and log-variance, (8, H/8, W/8)), not one sample of it, so every step
 still draws a fresh latent from it exactly as the uncached path does. Files live on disk as safetensors,
-keyed by the image's content hash, the VAE's identity, the resolution and the crop, so reruns and resumes
-skip the encoding.
+keyed by the image's content hash, the VAE's identity, the target size (the square resolution, or an
+aspect-ratio bucket) and the crop, so reruns and resumes skip the encoding.
 
 Text: with the text encoders frozen, each distinct caption is encoded once and kept on the device.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sdtune.data import load_image
+from sdtune.data import Size, load_image
 
 
 def cache_root() -> Path:
@@ -50,43 +50,48 @@ def latent_key(image_hash: str, vae_id: str, size: tuple[int, int], flip: bool) 
 @torch.no_grad()
 def cache_latents(
     vae: Any,
-    items: list[tuple[Path, bool]],
-    resolution: int,
+    items: list[tuple[Path, bool, Size]],
     vae_id: str,
     directory: Path,
     *,
     batch_size: int = 8,
     progress: bool = True,
-) -> dict[tuple[str, bool], torch.Tensor]:
-    """Latent distribution parameters (8, h, w) on the CPU for every (image, flip), encoding only the
-    ones not on disk yet. Center crops only: a random crop would need a new latent every step."""
+) -> dict[tuple[str, bool, Size], torch.Tensor]:
+    """Latent distribution parameters (8, h/8, w/8) on the CPU for every (image, flip, size (w, h)),
+    keyed ``(str(path), flip, size)``, encoding only the ones not on disk yet. Centre crops only: a random
+    crop would need a new latent every step."""
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
     directory.mkdir(parents=True, exist_ok=True)
-    hashes = {p: _file_hash(p) for p in {p for p, _ in items}}
-    out: dict[tuple[str, bool], torch.Tensor] = {}
-    todo: list[tuple[Path, bool, Path]] = []
-    for path, flip in items:
-        file = directory / f"{latent_key(hashes[path], vae_id, (resolution, resolution), flip)}.safetensors"
+    hashes = {p: _file_hash(p) for p in {p for p, _, _ in items}}
+    out: dict[tuple[str, bool, Size], torch.Tensor] = {}
+    todo: list[tuple[Path, bool, Size, Path]] = []
+    for path, flip, (w, h) in items:
+        file = directory / f"{latent_key(hashes[path], vae_id, (h, w), flip)}.safetensors"
         if file.is_file():
-            out[(str(path), flip)] = load_file(file)["params"]
+            out[(str(path), flip, (w, h))] = load_file(file)["params"]
         else:
-            todo.append((path, flip, file))
+            todo.append((path, flip, (w, h), file))
+    # One size per VAE batch (stacked pixels need one shape); a stable sort keeps a single-size list as is.
+    todo.sort(key=lambda item: item[2])
     device, dtype = vae.device, vae.dtype
     bar = tqdm(total=len(todo), desc="caching latents", unit="img", disable=not progress or not todo)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
+    start = 0
+    while start < len(todo):
+        size = todo[start][2]
+        batch = [it for it in todo[start : start + batch_size] if it[2] == size]
         pixels = torch.stack(
-            [load_image(p, resolution, True, flip, random.Random(0))[0] for p, flip, _ in batch]
-        ).to(device, dtype)
-        params = vae.encode(pixels).latent_dist.parameters.float().cpu()  # (B, 8, h, w)
-        for (path, flip, file), p in zip(batch, params):
+            [load_image(p, size, True, flip, random.Random(0))[0] for p, flip, _, _ in batch]
+        ).to(device, dtype)  # (B, 3, h, w)
+        params = vae.encode(pixels).latent_dist.parameters.float().cpu()  # (B, 8, h/8, w/8)
+        for (path, flip, _, file), p in zip(batch, params):
             tmp = file.with_name(f".{file.name}.tmp")
             save_file({"params": p.contiguous()}, tmp)
             tmp.replace(file)  # atomic: a killed run never leaves half a cache file
-            out[(str(path), flip)] = p
+            out[(str(path), flip, size)] = p
         bar.update(len(batch))
+        start += len(batch)
     bar.close()
     return out
 

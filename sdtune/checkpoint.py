@@ -53,11 +53,14 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_drift(saved: dict, current: dict) -> list[str]:
-    """Keys whose values differ between a checkpoint's config and this run's, except harmless ones."""
+    """Keys whose values differ between a checkpoint's config and this run's, except harmless ones.
+
+    Keys only one side has (an option added or removed by another sdtune version) are not compared: a newer
+    sdtune must resume the checkpoints of an older one."""
     a, b = _flat(saved), _flat(current)
     return sorted(
-        k for k in set(a) | set(b)
-        if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES and k.split(".")[0] not in RESUMABLE_CHANGES
+        k for k in set(a) & set(b)
+        if a[k] != b[k] and k not in RESUMABLE_CHANGES and k.split(".")[0] not in RESUMABLE_CHANGES
     )
 
 

@@ -47,9 +47,14 @@ class DataConfig(_Section):
         None, description="caption for images without one in metadata.jsonl, e.g. 'a photo of sks dog'"
     )
     resolution: int | None = Field(None, ge=64, le=4096, multiple_of=8, description="default: the model's own")
-    center_crop: bool = True
+    center_crop: bool = Field(True, description="false: a random square crop each step (not with aspect_buckets)")
     random_flip: bool = False
     repeats: int = Field(1, ge=1, description="how often each instance image appears per epoch")
+    aspect_buckets: bool = Field(
+        False,
+        description="train each image at the aspect-ratio bucket of `sdtune prep --crop bucket` nearest its own "
+        "(resized to cover it, centre-cropped; data.center_crop is not used); batches never mix buckets",
+    )
 
 
 class PriorConfig(_Section):
@@ -102,7 +107,7 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
-    cache_latents: bool = Field(True, description="encode images once (needs data.center_crop: true)")
+    cache_latents: bool = Field(True, description="encode images once (not with data.center_crop: false)")
     cache_text_embeddings: bool = Field(True, description="encode captions once (when text encoders are frozen)")
     offload_frozen: bool = Field(True, description="keep the VAE / frozen text encoders off the GPU once cached")
     compile: bool = Field(False, description="torch.compile the UNet (GPU; the first steps are slow)")
@@ -335,6 +340,9 @@ def check_run(cfg: Config) -> RunPlan:
                 f"prior.class_prompt: '{cfg.prior.class_prompt}' contains the identifier "
                 f"'{cfg.data.identifier}'; the class prompt names the class only, e.g. 'a photo of a dog'"
             )
+    if cfg.data.aspect_buckets and not cfg.data.center_crop:
+        warnings.append("data.center_crop=false is not used with data.aspect_buckets=true: each image is "
+                        "centre-cropped to its bucket")
     if not cfg.sample.prompts and not (scan.examples or cfg.data.instance_prompt):
         problems.append("sample.prompts: nothing to sample; set sample.prompts")
 

@@ -6,12 +6,19 @@ images that all share ``data.instance_prompt``.
 
 The order of examples is a pure function of (seed, position in the stream), so a resumed run continues with
 exactly the batch it would have seen, mid-epoch included, without replaying the loader.
+
+With aspect-ratio buckets (``data.aspect_buckets``) each instance image is trained at the bucket (w, h) of
+``sdtune prep --crop bucket`` nearest its aspect ratio, its class image (prior preservation) at the same
+size, and ``BucketBatchSampler`` builds batches of one bucket each, still as a pure function of (seed,
+position).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +27,7 @@ import torch
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+Size = tuple[int, int]  # (width, height) of a training crop, as PIL and `sdtune prep` write sizes
 
 
 @dataclass(frozen=True)
@@ -139,16 +147,23 @@ def scan_instance_dir(
 # Images -> tensors
 
 
-def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """(w, h) after scaling the shorter side to ``resolution``."""
-    scale = resolution / min(width, height)
-    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+def _target(size: int | Size) -> Size:
+    return (size, size) if isinstance(size, int) else size
 
 
-def center_crop_top_left(width: int, height: int, resolution: int) -> tuple[int, int]:
+def resized_size(width: int, height: int, size: int | Size) -> Size:
+    """(w, h) after scaling, aspect kept, to just cover ``size``: a square side, or a bucket (w, h).
+    For a square that scales the shorter side to it."""
+    tw, th = _target(size)
+    scale = max(tw / width, th / height)
+    return max(tw, round(width * scale)), max(th, round(height * scale))
+
+
+def center_crop_top_left(width: int, height: int, size: int | Size) -> tuple[int, int]:
     """(top, left) of the centre crop taken after resizing, in resized pixels (SDXL conditions on it)."""
-    w, h = resized_size(width, height, resolution)
-    return (h - resolution) // 2, (w - resolution) // 2
+    tw, th = _target(size)
+    w, h = resized_size(width, height, (tw, th))
+    return (h - th) // 2, (w - tw) // 2
 
 
 def upright_size(path: Path) -> tuple[int, int]:
@@ -160,25 +175,36 @@ def upright_size(path: Path) -> tuple[int, int]:
     return w, h
 
 
-def load_image(path: Path, resolution: int, center_crop: bool, flip: bool, rng: random.Random):
-    """Read, upright (EXIF), resize (Lanczos, shorter side = resolution) and crop one image.
+def load_image(path: Path, size: int | Size, center_crop: bool, flip: bool, rng: random.Random):
+    """Read, upright (EXIF), resize (Lanczos, aspect kept, just covering ``size``) and crop one image to
+    ``size``: a square side (the resolution) or a bucket (w, h).
 
     Returns (pixel_values (3, H, W) float in [-1, 1], original (h, w), crop top-left (y, x)).
     """
-    decoded = _decode(path, resolution)
-    im = decoded.image  # may be decoded smaller than the source (JPEG draft), never below `resolution`
+    tw, th = _target(size)
+    # The resized image's shorter side is at most max(tw, th), so a decode (JPEG draft) that size is enough.
+    decoded = _decode(path, max(tw, th))
+    im = decoded.image
     original_size = (decoded.size[1], decoded.size[0])
-    w, h = resized_size(im.width, im.height, resolution)
+    w, h = resized_size(im.width, im.height, (tw, th))
     im = im.resize((w, h), Image.Resampling.LANCZOS)
     if center_crop:
-        top, left = (h - resolution) // 2, (w - resolution) // 2
+        top, left = (h - th) // 2, (w - tw) // 2
     else:
-        top, left = rng.randint(0, h - resolution), rng.randint(0, w - resolution)
-    im = im.crop((left, top, left + resolution, top + resolution))
+        top, left = rng.randint(0, h - th), rng.randint(0, w - tw)
+    im = im.crop((left, top, left + tw, top + th))
     if flip:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), original_size, (top, left)
+
+
+def assign_buckets(paths: list[Path], resolution: int, multiple: int = 1) -> list[Size]:
+    """The training bucket (w, h) of each image: of ``sdtune prep --crop bucket``'s buckets at
+    ``resolution`` whose sides are multiples of ``multiple``, the one nearest its upright aspect ratio."""
+    from sdtune.prep import nearest_bucket
+
+    return [nearest_bucket(upright_size(p), resolution, multiple) for p in paths]
 
 
 def tokenize(tokenizers: list, captions: list[str]) -> list[torch.Tensor]:
@@ -194,6 +220,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     """Item ``pos`` of an endless stream: instance example (and class example, with prior preservation).
 
     ``pos = epoch * len(self) + index``; the epoch only seeds per-example randomness (crop, flip).
+    With ``buckets`` (one (w, h) per instance example) both examples of an item are centre crops of that
+    bucket's size, whatever ``center_crop`` says; without, squares of ``resolution``.
     """
 
     def __init__(
@@ -206,37 +234,58 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         class_images: list[Path] | None = None,
         class_prompt: str | None = None,
         seed: int = 0,
-        latents: dict[tuple[str, bool], torch.Tensor] | None = None,
+        latents: dict[tuple[str, bool, Size], torch.Tensor] | None = None,
+        buckets: list[Size] | None = None,
     ):
+        if buckets is not None and len(buckets) != len(instance):
+            raise ValueError(f"{len(buckets)} buckets for {len(instance)} instance examples")
         self.instance = instance
         self.class_images = class_images or []
         self.class_prompt = class_prompt
-        self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
-        self.latents = latents  # (path, flip) -> cached latent distribution; then no pixels are decoded
+        self.resolution, self.random_flip, self.seed = resolution, random_flip, seed
+        self.buckets = buckets
+        # A bucket is the crop itself (chosen for the image's shape), and its latent is cached: no random crops.
+        self.center_crop = center_crop or buckets is not None
+        self.latents = latents  # (path, flip, (w, h)) -> cached latent distribution; then no pixels are decoded
         # As in diffusers' DreamBooth: one epoch covers every instance image (x repeats) and every class image.
         self.length = max(len(instance) * repeats, len(self.class_images))
 
     def __len__(self) -> int:
         return self.length
 
-    def _example(self, path: Path, caption: str, pos: int, kind: str) -> dict:
+    def size(self, index: int) -> Size:
+        """(w, h) of both examples of item ``index`` (any position with that index in the stream)."""
+        index %= self.length
+        return self.buckets[index % len(self.instance)] if self.buckets else (self.resolution, self.resolution)
+
+    def targets(self) -> list[tuple[Path, Size]]:
+        """Every distinct (image, size) an epoch uses, instance and class images: what a latent cache holds."""
+        pairs = [(self.instance[i % len(self.instance)].path, self.size(i)) for i in range(self.length)]
+        if self.class_images:
+            pairs += [(self.class_images[i % len(self.class_images)], self.size(i)) for i in range(self.length)]
+        return list(dict.fromkeys(pairs))
+
+    def _example(self, path: Path, caption: str, pos: int, kind: str, size: Size) -> dict:
         rng = random.Random(f"{self.seed}/{kind}/{pos}")
         flip = self.random_flip and rng.random() < 0.5
         if self.latents is not None:
             w, h = upright_size(path)
-            return {"latent_params": self.latents[(str(path), flip)], "caption": caption, "original_size": (h, w),
-                    "crop_top_left": center_crop_top_left(w, h, self.resolution), "path": str(path)}
-        pixels, original_size, crop = load_image(path, self.resolution, self.center_crop, flip, rng)
+            return {"latent_params": self.latents[(str(path), flip, size)], "caption": caption,
+                    "original_size": (h, w), "crop_top_left": center_crop_top_left(w, h, size),
+                    "target_size": (size[1], size[0]), "path": str(path)}
+        pixels, original_size, crop = load_image(path, size, self.center_crop, flip, rng)
         return {"pixel_values": pixels, "caption": caption, "original_size": original_size, "crop_top_left": crop,
-                "path": str(path)}
+                "target_size": (size[1], size[0]), "path": str(path)}
 
     def __getitem__(self, pos: int) -> dict:
         index = pos % self.length
+        size = self.size(index)
         ex = self.instance[index % len(self.instance)]
-        item = {"instance": self._example(ex.path, ex.caption, pos, "instance")}
+        item = {"instance": self._example(ex.path, ex.caption, pos, "instance", size)}
         if self.class_images:
+            # The class image is cropped to its instance example's size, so the whole batch has one shape.
             item["class"] = self._example(self.class_images[index % len(self.class_images)], self.class_prompt or "",
-                                          pos, "class")
+                                          pos, "class", size)
         return item
 
 
@@ -249,6 +298,7 @@ def collate(items: list[dict]) -> dict:
         "captions": [e["caption"] for e in examples],
         "original_sizes": [e["original_size"] for e in examples],
         "crop_top_lefts": [e["crop_top_left"] for e in examples],
+        "target_sizes": [e["target_size"] for e in examples],  # (h, w) of each crop
         "paths": [e["path"] for e in examples],
     }
 
@@ -276,6 +326,57 @@ class StreamBatchSampler(torch.utils.data.Sampler):
     def batch(self, k: int) -> list[int]:
         first = (k * self.world_size + self.rank) * self.batch_size
         return [self.position(p) for p in range(first, first + self.batch_size)]
+
+    def __iter__(self):
+        k = self.start
+        while True:
+            yield self.batch(k)
+            k += 1
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Endless batches that never mix aspect-ratio buckets; this process's share from global micro-batch k on.
+
+    ``buckets[i]`` is dataset index i's bucket (any hashable, e.g. its (w, h)). Epoch e, a pure function of
+    (seed, e): each bucket's indices are shuffled and cut into batches of ``batch_size`` (a short last batch
+    is filled from the start of the same bucket, so an example may appear twice in an epoch), then the order
+    of all the batches is shuffled. The epoch has the same number M of batches every time, so the stream of
+    batches is (epoch j // M, batch j % M), and process r of W takes batches r, r + W, r + 2W, ... as its
+    micro-batches 0, 1, 2, ...: global micro-batch k is stream batch k * W + r. Starting at any k costs one
+    epoch's shuffle, which is what makes mid-epoch resume exact. Positions are ``epoch * n + index``, as
+    ``DreamBoothDataset`` expects.
+    """
+
+    def __init__(self, buckets: list[Hashable], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 start: int = 0):
+        self.n, self.batch_size, self.seed = len(buckets), batch_size, seed
+        self.rank, self.world_size, self.start = rank, world_size, start
+        members: dict[Hashable, list[int]] = {}
+        for i, b in enumerate(buckets):
+            members.setdefault(b, []).append(i)
+        # In order of first appearance: the shuffles below must not depend on how buckets sort or hash.
+        self.members: list[list[int]] = list(members.values())
+        self.batches_per_epoch = sum(math.ceil(len(m) / batch_size) for m in self.members)
+        self._epoch, self._batches = -1, []
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Epoch ``epoch``'s batches of stream positions, in training order (cached for the current epoch)."""
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            batches = []
+            for members in self.members:
+                order = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
+                for first in range(0, len(order), self.batch_size):
+                    # wraps around to the bucket's start for the last batch (more than once if the bucket is tiny)
+                    batches.append([epoch * self.n + order[j % len(order)]
+                                    for j in range(first, first + self.batch_size)])
+            perm = torch.randperm(len(batches), generator=g).tolist()
+            self._batches, self._epoch = [batches[i] for i in perm], epoch
+        return self._batches
+
+    def batch(self, k: int) -> list[int]:
+        j = k * self.world_size + self.rank
+        return self.epoch_batches(j // self.batches_per_epoch)[j % self.batches_per_epoch]
 
     def __iter__(self):
         k = self.start

@@ -12,8 +12,9 @@ set) are reported, never silently fixed. Sources are only read; nothing is writt
 twice gives the same bytes.
 
 ``--crop bucket`` keeps each photo's aspect ratio (snapped to the family's training buckets), so its
-images are not square. ``datasets`` and ``sdtune train`` read them as they are; the trainer still
-crops a square from each (``data.center_crop``) until it learns to batch by bucket.
+images are not square. ``datasets`` and ``sdtune train`` read them as they are; with
+``data.aspect_buckets: true`` the trainer batches them by the same buckets, otherwise it crops a square
+from each (``data.center_crop``).
 """
 
 from __future__ import annotations
@@ -599,10 +600,13 @@ def _small(im: Image.Image, side: int) -> Image.Image:
                      reducing_gap=2.0)
 
 
-def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
+def bucket_sizes(resolution: int, multiple: int = 1) -> list[tuple[int, int]]:
     """Training buckets (width, height): multiples of 64 (8 below 512 px), area <= resolution², sides
     between resolution/2 and 2 x resolution. At 1024 these are SDXL's buckets (1024², 1152x896, 1216x832,
-    1344x768, 1536x640, ... 512x2048)."""
+    1344x768, 1536x640, ... 512x2048).
+
+    With ``multiple`` (the trainer passes the sides its UNet takes without resampling, e.g. 64 for SD1.x),
+    only the buckets whose sides are multiples of it; if none is, the square."""
     step = 64 if resolution >= 512 else 8
     area, lo, hi = resolution * resolution, math.ceil(resolution / 2 / step) * step, 2 * resolution
     sizes = set()
@@ -610,13 +614,15 @@ def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
         h = min(hi, area // w // step * step)
         if h >= lo:
             sizes.update({(w, h), (h, w)})
-    return sorted(sizes)
+    return sorted(s for s in sizes if s[0] % multiple == 0 and s[1] % multiple == 0) or [(resolution, resolution)]
 
 
-def nearest_bucket(size: tuple[int, int], resolution: int) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest (in log ratio) to ``size``'s."""
+def nearest_bucket(size: tuple[int, int], resolution: int, multiple: int = 1) -> tuple[int, int]:
+    """The bucket (of ``bucket_sizes(resolution, multiple)``) whose aspect ratio is closest (in log ratio)
+    to ``size``'s."""
     target = math.log(size[0] / size[1])
-    return min(bucket_sizes(resolution), key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1]))
+    return min(bucket_sizes(resolution, multiple),
+               key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1]))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import random
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,12 +117,17 @@ def encode_prompt(
 
 
 def sdxl_time_ids(
-    original_sizes: list[tuple[int, int]], crops: list[tuple[int, int]], resolution: int, crop_conditioning: bool
+    original_sizes: list[tuple[int, int]],
+    crops: list[tuple[int, int]],
+    target_sizes: list[tuple[int, int]],
+    crop_conditioning: bool,
 ) -> torch.Tensor:
-    """SDXL micro-conditioning, (B, 6): original (h, w) + crop top-left (y, x) + target (h, w)."""
+    """SDXL micro-conditioning, (B, 6): original (h, w) + crop top-left (y, x) + target (h, w).
+
+    The target is the size each example was cropped to: (resolution, resolution), or its aspect bucket's."""
     rows = [
-        [*orig, *(crop if crop_conditioning else (0, 0)), resolution, resolution]
-        for orig, crop in zip(original_sizes, crops)
+        [*orig, *(crop if crop_conditioning else (0, 0)), *target]
+        for orig, crop, target in zip(original_sizes, crops, target_sizes)
     ]
     return torch.tensor(rows, dtype=torch.float32)
 
@@ -198,7 +204,15 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     from tqdm.auto import tqdm
 
     from sdtune.cache import cache_latents, cache_root, cache_text, vae_identity
-    from sdtune.data import DreamBoothDataset, Example, StreamBatchSampler, collate, list_images, tokenize
+    from sdtune.data import (
+        BucketBatchSampler,
+        DreamBoothDataset,
+        StreamBatchSampler,
+        assign_buckets,
+        collate,
+        list_images,
+        tokenize,
+    )
     from sdtune.export import write_kohya
     from sdtune.identifier import check_identifier
     from sdtune.lora import WEIGHT_NAME, add_lora, save_diffusers_lora, trainable_parameters
@@ -287,19 +301,35 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
         say(f"prior preservation: {len(class_paths)} class images in {plan.class_dir}")
         del pipe
 
+    # Aspect-ratio buckets: each instance image at the `sdtune prep --crop bucket` bucket nearest its shape,
+    # among those whose sides the UNet takes without resampling (VAE factor x 2 per UNet downsampling:
+    # 64 for SD1.x/2.x, 32 for SDXL, 16 for the tiny test models). Buckets are centre crops.
+    buckets = None
+    if cfg.data.aspect_buckets:
+        multiple = 2 ** (len(c.vae.config.block_out_channels) - 1) * 2 ** (len(c.unet.config.down_block_types) - 1)
+        buckets = assign_buckets([e.path for e in plan.examples], resolution, multiple)
+        say("aspect buckets: " + ", ".join(f"{w}x{h} ({k} images)" for (w, h), k in sorted(Counter(buckets).items())))
+    center_crop = cfg.data.center_crop or buckets is not None
+    dataset = DreamBoothDataset(
+        plan.examples, resolution, center_crop, cfg.data.random_flip, cfg.data.repeats,
+        class_paths or None, cfg.prior.class_prompt, seed=t.seed, buckets=buckets,
+    )
+
     # Caches: the frozen VAE and text encoders run once per image / caption instead of every step.
     lora = cfg.lora
     latent_cache = None
-    if t.cache_latents and not cfg.data.center_crop:
+    if t.cache_latents and not center_crop:
         say("note: train.cache_latents is off because data.center_crop=false takes a new random crop every step")
     elif t.cache_latents:
         vae_id = vae_identity(info.pretrained, cfg.model.revision, cfg.model.variant, c.vae.config, str(vae_dtype))
-        items = [(e.path, flip) for e in plan.examples + [Example(p, "") for p in class_paths]
+        # Every (image, size) the data can ask for: a class image once per bucket it is paired with.
+        items = [(path, flip, size) for path, size in dataset.targets()
                  for flip in ((False, True) if cfg.data.random_flip else (False,))]
         # Each process encodes what it needs from the shared disk cache; the main one first, so the others
         # mostly read its files.
         with accelerator.main_process_first():
-            latent_cache = cache_latents(c.vae, items, resolution, vae_id, cache_root() / "latents", progress=main)
+            latent_cache = cache_latents(c.vae, items, vae_id, cache_root() / "latents", progress=main)
+        dataset.latents = latent_cache
     text_cache = None
     if t.cache_text_embeddings and not lora.train_text_encoder:
         captions = [e.caption for e in plan.examples] + ([cfg.prior.class_prompt] if class_paths else [])
@@ -386,14 +416,14 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
             global_step = load_checkpoint(ckpt, accelerator, trained, optimizer, lr_scheduler, generator, config_dict)
             say(f"resumed from {ckpt} at step {global_step}")
 
-    dataset = DreamBoothDataset(
-        plan.examples, resolution, cfg.data.center_crop, cfg.data.random_flip, cfg.data.repeats,
-        class_paths or None, cfg.prior.class_prompt, seed=t.seed, latents=latent_cache,
-    )
-    batch_sampler = StreamBatchSampler(
-        len(dataset), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes,
-        start=global_step * t.gradient_accumulation_steps,
-    )
+    # This process's micro-batches from the one the resumed step needs (global micro-batch k = step x accumulation).
+    start = global_step * t.gradient_accumulation_steps
+    if buckets is not None:  # batches of one bucket each (one tensor shape per step)
+        batch_sampler = BucketBatchSampler([dataset.size(i) for i in range(len(dataset))], t.batch_size, t.seed,
+                                           accelerator.process_index, accelerator.num_processes, start=start)
+    else:
+        batch_sampler = StreamBatchSampler(len(dataset), t.batch_size, t.seed, accelerator.process_index,
+                                           accelerator.num_processes, start=start)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=t.dataloader_workers,
         pin_memory=device.type == "cuda", persistent_workers=t.dataloader_workers > 0,
@@ -489,7 +519,7 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
                         encoder_hidden_states, pooled = encode_prompt(text_encoders, input_ids, info.family)
                 added_cond_kwargs = None
                 if info.family == "sdxl":
-                    time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], resolution,
+                    time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"],
                                              cfg.sdxl.crop_conditioning)
                     added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids.to(device, weight_dtype)}
                 with accelerator.autocast():

@@ -72,3 +72,21 @@ def overrides(model: Path, out: Path, *extra: str) -> list[str]:
         "sample.seeds=[0]",
         *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def bucketed_toy(tmp_path_factory) -> Path:
+    """The demo subject cut to portrait, landscape and square shapes, then `sdtune prep --crop bucket` at 64 px:
+    an imagefolder of 48x80, 80x48, 64x64, 56x72, 72x56, 40x88 and 88x40 images captioned 'a photo of sks toy'."""
+    from PIL import Image
+
+    from sdtune.prep import prep
+
+    src, out = tmp_path_factory.mktemp("mixed-src"), tmp_path_factory.mktemp("mixed") / "prepped"
+    boxes = [(0, 0, 72, 120), (0, 0, 120, 72), (0, 0, 128, 128), (16, 0, 112, 128), (0, 16, 128, 112),
+             (32, 0, 96, 128), (0, 32, 128, 96), (0, 0, 128, 128)]  # of 128 px squares: 3:5, 5:3, 1:1, 3:4, ...
+    for i, box in enumerate(boxes):
+        with Image.open(DEMO_DATA / f"toy_{i:02d}.png") as im:
+            im.crop(box).save(src / f"toy{i}.png")
+    prep(src, out, resolution=64, crop="bucket", caption="a photo of sks toy", workers=1, progress=False)
+    return out

@@ -89,6 +89,12 @@ def test_caption_without_identifier_warns(tiny_model):
     assert any("does not contain the identifier 'zwx'" in w for w in plan.warnings)
 
 
+def test_aspect_buckets_say_random_crops_are_not_used(tiny_model):
+    plan = _check(tiny_model, "data.aspect_buckets=true", "data.center_crop=false")
+    assert any("data.center_crop=false is not used with data.aspect_buckets=true" in w for w in plan.warnings)
+    assert not any("center_crop" in w for w in _check(tiny_model, "data.aspect_buckets=true").warnings)
+
+
 def test_cli_errors_are_lines_not_tracebacks(tmp_path, capsys):
     code = main(["train", str(_recipe(tmp_path, MINIMAL)), "train.max_stepz=3", "lora.rank=0"])
     err = capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, overrides
+from conftest import DEMO_DATA, ROOT, overrides
 from sdtune.config import ConfigError, load_config
 from sdtune.errors import SdtuneError
 from sdtune.lora import WEIGHT_NAME, add_lora
@@ -167,12 +167,18 @@ RESUME_CASES = {
     "cached_prior_8bit": ["data.random_flip=true", "train.optimizer=adamw8bit", "lora.rank=64",
                           "prior.enabled=true", "prior.class_prompt=a photo of a toy", "prior.num_class_images=2",
                           "prior.generation_steps=1", "train.learning_rate=1e-3"],
+    # aspect-ratio buckets (mixed shapes), cached latents per bucket, prior preservation, accumulation: the
+    # resume lands mid-epoch (4 bucket batches an epoch, 2 micro-batches a step, checkpoint at step 3)
+    "buckets": ["data.aspect_buckets=true", "data.instance_dir={bucketed_toy}", "data.random_flip=true",
+                "train.gradient_accumulation_steps=2", "prior.enabled=true", "prior.class_prompt=a photo of a toy",
+                "prior.num_class_images=3", "prior.generation_steps=1", "train.learning_rate=1e-3"],
 }
 
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
-def test_resume_continues_at_the_exact_step(case, tiny_model, tmp_path):
-    common = [*RESUME_CASES[case], f"prior.class_dir={tmp_path / 'class'}"]
+def test_resume_continues_at_the_exact_step(case, tiny_model, tmp_path, bucketed_toy):
+    common = [a.replace("{bucketed_toy}", str(bucketed_toy)) for a in RESUME_CASES[case]]
+    common.append(f"prior.class_dir={tmp_path / 'class'}")
     straight = tmp_path / "straight"
     train(load_config(None, overrides(tiny_model("sd15"), straight, "train.max_steps=6", *common)))
 
@@ -191,6 +197,14 @@ def test_resume_continues_at_the_exact_step(case, tiny_model, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_config_drift_ignores_options_one_version_does_not_have():
+    from sdtune.checkpoint import config_drift
+
+    saved = {"lora": {"rank": 4}, "train": {"max_steps": 10}}
+    assert config_drift(saved, {"lora": {"rank": 4}, "train": {"max_steps": 20}, "data": {"aspect_buckets": False}}) == []
+    assert config_drift(saved, {"lora": {"rank": 8}, "train": {"max_steps": 10}}) == ["lora.rank"]
 
 
 def test_resume_refuses_a_changed_run(tiny_model, tmp_path):
@@ -284,3 +298,92 @@ def test_latent_cache_is_written_once_and_reused(tiny_model, tmp_path, monkeypat
     assert "caching latents" not in capsys.readouterr().err
     assert [f.stat().st_mtime_ns for f in files] == stamps
     assert load_file(files[0])["params"].shape == (8, 8, 8)  # mean + log-variance, 64 px / 8
+
+
+# --------------------------------------------------------------------------------------------------------
+# Aspect-ratio buckets
+
+
+@pytest.mark.parametrize("family,cached", [("sd15", True), ("sdxl", True), ("sdxl", False)])
+def test_aspect_buckets_train_with_prior_and_cached_latents(family, cached, tiny_model, tmp_path, bucketed_toy,
+                                                           monkeypatch, capsys):
+    """A folder of portrait, landscape and square images (`sdtune prep --crop bucket` at 64 px) trains in
+    batches of one bucket each; class images follow their instance images' buckets; SDXL is told each crop."""
+    import sdtune.train as train_module
+    from sdtune.data import center_crop_top_left
+
+    monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path / "cache"))
+    seen = []
+    real_step = train_module.training_step
+
+    def recording_step(unet, scheduler, latents, hidden, generator, **kw):
+        time_ids = (kw.get("added_cond_kwargs") or {}).get("time_ids")
+        seen.append((tuple(latents.shape), None if time_ids is None else time_ids.float().cpu()))
+        return real_step(unet, scheduler, latents, hidden, generator, **kw)
+
+    monkeypatch.setattr(train_module, "training_step", recording_step)
+    out = tmp_path / "run"
+    extra = ["sdxl.crop_conditioning=true"] if family == "sdxl" else []
+    train(load_config(None, overrides(
+        tiny_model(family), out, f"data.instance_dir={bucketed_toy}", "data.aspect_buckets=true",
+        "data.random_flip=true", "prior.enabled=true", "prior.class_prompt=a photo of a toy",
+        "prior.num_class_images=3", "prior.generation_steps=1", f"prior.class_dir={tmp_path / 'class'}",
+        f"train.cache_latents={str(cached).lower()}", *extra,
+    )))
+    assert "aspect buckets: 48x80 (2 images), 64x64 (4 images), 80x48 (2 images)" in capsys.readouterr().out
+    assert (out / WEIGHT_NAME).is_file() and all(torch.isfinite(v).all() for v in load_file(out / WEIGHT_NAME).values())
+    # 4 steps of batch 2 = one epoch of 4 bucket batches: every bucket, each batch one shape, class rows included
+    assert sorted(shape for shape, _ in seen) == [(4, 4, 6, 10), (4, 4, 8, 8), (4, 4, 8, 8), (4, 4, 10, 6)]
+    # latents cached per (image, flip, bucket): each bucket's (8, h/8, w/8), class images in their pairs' buckets
+    shapes = [tuple(load_file(f)["params"].shape) for f in (tmp_path / "cache" / "latents").glob("*.safetensors")]
+    if cached:
+        assert set(shapes) == {(8, 10, 6), (8, 6, 10), (8, 8, 8)} and len(shapes) >= 2 * (8 + 3)
+    else:
+        assert not shapes
+    assert (out / "samples" / "step-000004.png").is_file()  # sampling (square, data.resolution) still runs
+    if family == "sdxl":
+        crops = set()
+        for (b, _, lh, lw), time_ids in seen:
+            th, tw = lh * 8, lw * 8
+            assert time_ids.shape == (b, 6)
+            for i, (oh, ow, top, left, h, w) in enumerate(time_ids.int().tolist()):
+                assert (h, w) == (th, tw)  # the bucket, not (64, 64)
+                if i >= b // 2:  # class images are generated 64 px squares
+                    assert (oh, ow) == (64, 64)
+                # the centre crop of the image resized to cover the bucket, e.g. 56x72 -> 64x82 -> (9, 0)
+                assert (top, left) == center_crop_top_left(ow, oh, (tw, th))
+                crops.add((top, left))
+        assert len(crops) > 1  # some crops are not at the corner
+
+
+def test_latent_cache_takes_a_size_per_item(tiny_model, tmp_path):
+    from sdtune.cache import cache_latents
+
+    c = load_components(str(tiny_model("sd15")), "sd15")
+    image = DEMO_DATA / "toy_00.png"
+    items = [(image, False, (48, 80)), (image, True, (48, 80)), (image, False, (64, 64)), (image, False, (80, 48))]
+    got = cache_latents(c.vae, items, "vae", tmp_path, batch_size=8, progress=False)
+    assert {k: tuple(v.shape) for k, v in got.items()} == {
+        (str(image), False, (48, 80)): (8, 10, 6), (str(image), True, (48, 80)): (8, 10, 6),
+        (str(image), False, (64, 64)): (8, 8, 8), (str(image), False, (80, 48)): (8, 6, 10)}
+    assert not torch.equal(got[(str(image), False, (48, 80))], got[(str(image), True, (48, 80))])
+    # the same as encoding each alone (sizes are batched apart), and read back from disk the second time
+    alone = cache_latents(c.vae, items[2:3], "vae", tmp_path / "alone", progress=False)
+    assert torch.allclose(alone[(str(image), False, (64, 64))], got[(str(image), False, (64, 64))], atol=1e-5)
+
+    class NoVAE:
+        device, dtype = torch.device("cpu"), torch.float32
+
+        def encode(self, x):
+            raise AssertionError("encoded again")
+
+    again = cache_latents(NoVAE(), items, "vae", tmp_path, progress=False)
+    assert all(torch.equal(again[k], got[k]) for k in got)
+
+
+def test_sdxl_time_ids_use_each_crops_target_size():
+    from sdtune.train import sdxl_time_ids
+
+    ids = sdxl_time_ids([(768, 1024), (1024, 1024)], [(0, 32), (64, 0)], [(896, 1152), (1024, 1024)], True)
+    assert ids.tolist() == [[768, 1024, 0, 32, 896, 1152], [1024, 1024, 64, 0, 1024, 1024]]
+    assert sdxl_time_ids([(8, 8)], [(1, 2)], [(64, 48)], False).tolist() == [[8, 8, 0, 0, 64, 48]]
