@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from sdtune.checkpoint import sha256_file
 from sdtune.data import Size, load_image
 
 
@@ -31,14 +32,6 @@ def vae_identity(pretrained: str, revision: str | None, variant: str | None, vae
     """A short hash naming one VAE (model, revision, variant, config, compute dtype)."""
     text = json.dumps([pretrained, revision, variant, dict(vae_config), dtype], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def latent_key(image_hash: str, vae_id: str, size: tuple[int, int], flip: bool) -> str:
@@ -64,7 +57,7 @@ def cache_latents(
     from tqdm.auto import tqdm
 
     directory.mkdir(parents=True, exist_ok=True)
-    hashes = {p: _file_hash(p) for p in {p for p, _, _ in items}}
+    hashes = {p: sha256_file(p) for p in {p for p, _, _ in items}}
     out: dict[tuple[str, bool, Size], torch.Tensor] = {}
     todo: list[tuple[Path, bool, Size, Path]] = []
     for path, flip, (w, h) in items:

@@ -41,12 +41,13 @@ class DiskFull(SdtuneError):
 # Config drift
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+def flat_keys(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: config keys as the user writes them."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
+            out.update(flat_keys(v, key + "."))
         else:
             out[key] = v
     return out
@@ -57,7 +58,7 @@ def config_drift(saved: dict, current: dict) -> list[str]:
 
     Keys only one side has (an option added or removed by another sdtune version) are not compared: a newer
     sdtune must resume the checkpoints of an older one."""
-    a, b = _flat(saved), _flat(current)
+    a, b = flat_keys(saved), flat_keys(current)
     return sorted(
         k for k in set(a) & set(b)
         if a[k] != b[k] and k not in RESUMABLE_CHANGES and k.split(".")[0] not in RESUMABLE_CHANGES

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sdtune.checkpoint import _flat, clean_temporary, find_checkpoint, load_checkpoint, save_checkpoint
+from sdtune.checkpoint import clean_temporary, find_checkpoint, flat_keys, load_checkpoint, save_checkpoint
 from sdtune.config import Config, RunPlan, check_run
 from sdtune.errors import Interrupted, SdtuneError
 
@@ -434,7 +434,7 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
 
     if accelerator.is_main_process and accelerator.trackers == [] and t.report_to != "none":
         init = {"wandb": {"dir": str(output_dir)}} if t.report_to == "wandb" else {}
-        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flat(config_dict).items()}  # noqa: E501
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_keys(config_dict).items()}
         accelerator.init_trackers("sdtune", config=hparams, init_kwargs=init)
 
     def sample(step: int) -> Path | None:
@@ -598,6 +598,9 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
                     say(f"warning: loss is {loss} at step {global_step}")
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=global_step)
+                if main:  # a plain record too, one line per log point (a resume appends)
+                    with open(output_dir / "losses.jsonl", "a") as f:
+                        f.write(json.dumps({"step": global_step, **logs}) + "\n")
                 loss_sum.zero_()
                 loss_count, last_log_time, last_log_step = 0, now, global_step
             if t.checkpoint_every and global_step % t.checkpoint_every == 0 and global_step < t.max_steps:

@@ -192,6 +192,11 @@ def test_resume_continues_at_the_exact_step(case, tiny_model, tmp_path, bucketed
                                       *common)))
     state = json.loads((split / "checkpoints/step-000006/state.json").read_text())
     assert state["global_step"] == 6
+    # per-step losses: the resumed run logged steps 4-6 again; they equal the uninterrupted run's
+    def losses(run):
+        return {r["step"]: r["loss"] for r in map(json.loads, (run / "losses.jsonl").read_text().splitlines())}
+
+    assert [losses(split)[k] for k in range(1, 7)] == [losses(straight)[k] for k in range(1, 7)]
     a = load_file(straight / "checkpoints/step-000006/adapter-unet.safetensors")
     b = load_file(split / "checkpoints/step-000006/adapter-unet.safetensors")
     assert a.keys() == b.keys()
