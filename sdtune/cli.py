@@ -200,6 +200,18 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_micro_subject(args: argparse.Namespace) -> int:
+    from sdtune.micro.world import write_subject_photos
+
+    out = Path(args.directory)
+    if out.exists() and any(out.iterdir()):
+        raise SdtuneError(f"{out} exists and is not empty; choose a new folder")
+    path = write_subject_photos(out, n=args.n, seed=args.seed, size=args.size, identifier=args.identifier,
+                                class_noun=args.class_noun)
+    print(f"wrote {args.n} photos of the micro world's subject toy (with metadata.jsonl) to {path}")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from sdtune.doctor import run_doctor
 
@@ -274,6 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     identifier.add_commands(sub)
     export.add_commands(sub)
     evaluation.add_commands(sub)
+
+    p = sub.add_parser("micro", help="the procedural micro world (offline subjects for demos and tests)")
+    micro = p.add_subparsers(dest="micro_command", required=True, metavar="MICRO_COMMAND")
+    m = micro.add_parser("subject", help="render photos of the micro world's subject toy as an imagefolder")
+    m.add_argument("directory")
+    m.add_argument("--n", type=int, default=8)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--size", type=int, default=64)
+    m.add_argument("--identifier", default="sks")
+    m.add_argument("--class-noun", default="toy")
+    m.set_defaults(func=cmd_micro_subject)
 
     p = sub.add_parser("doctor", help="print the environment facts a bug report needs, and problems")
     p.add_argument("--output-dir", default=".")
