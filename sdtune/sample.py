@@ -410,8 +410,10 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
     cells_dir = out.with_name(out.stem + "_cells") if grid else None
     images: dict[Cell, Image.Image] = {}
     failures: list[str] = []
+    position = {c: i for i, c in enumerate(req.cells)}
     for label, lora_file in req.lora or [(None, None)]:
         cells = [c for c in req.cells if c.checkpoint == label]
+        lora_sha256 = sha256_file(lora_file) if lora_file else None  # once per file, not once per cell
         if lora_file:
             _apply_lora(pipe, lora_file, family)
         rendered, errors = render_cells(pipe, cells, req.settings, init_image=init_image, mask=mask,
@@ -420,7 +422,7 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
             pipe.unload_lora_weights()
         for c, im, err in zip(cells, rendered, errors):
             images[c] = im
-            i = req.cells.index(c)
+            i = position[c]
             if err:
                 failures.append(f"cell {i} ({c.prompt!r}, seed {c.seed}): {err}")
                 continue
@@ -428,7 +430,7 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
                 continue
             sidecar = {
                 "sdtune_version": __version__, "model": req.model, "revision": req.revision, "variant": req.variant,
-                "lora": lora_file, "lora_sha256": sha256_file(lora_file) if lora_file else None,
+                "lora": lora_file, "lora_sha256": lora_sha256,
                 "cell": asdict(c), "settings": asdict(req.settings), "dtype": req.dtype, "device": req.device,
                 "init_image": req.init_image, "mask": req.mask, "outpaint": req.outpaint,
             }
