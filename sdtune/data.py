@@ -247,6 +247,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         # A bucket is the crop itself (chosen for the image's shape), and its latent is cached: no random crops.
         self.center_crop = center_crop or buckets is not None
         self.latents = latents  # (path, flip, (w, h)) -> cached latent distribution; then no pixels are decoded
+        self._upright: dict[Path, tuple[int, int]] = {}  # header reads, once per file rather than every step
         # As in diffusers' DreamBooth: one epoch covers every instance image (x repeats) and every class image.
         self.length = max(len(instance) * repeats, len(self.class_images))
 
@@ -269,7 +270,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{self.seed}/{kind}/{pos}")
         flip = self.random_flip and rng.random() < 0.5
         if self.latents is not None:
-            w, h = upright_size(path)
+            if path not in self._upright:
+                self._upright[path] = upright_size(path)
+            w, h = self._upright[path]
             return {"latent_params": self.latents[(str(path), flip, size)], "caption": caption,
                     "original_size": (h, w), "crop_top_left": center_crop_top_left(w, h, size),
                     "target_size": (size[1], size[0]), "path": str(path)}

@@ -309,16 +309,15 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
         multiple = 2 ** (len(c.vae.config.block_out_channels) - 1) * 2 ** (len(c.unet.config.down_block_types) - 1)
         buckets = assign_buckets([e.path for e in plan.examples], resolution, multiple)
         say("aspect buckets: " + ", ".join(f"{w}x{h} ({k} images)" for (w, h), k in sorted(Counter(buckets).items())))
-    center_crop = cfg.data.center_crop or buckets is not None
     dataset = DreamBoothDataset(
-        plan.examples, resolution, center_crop, cfg.data.random_flip, cfg.data.repeats,
+        plan.examples, resolution, cfg.data.center_crop, cfg.data.random_flip, cfg.data.repeats,
         class_paths or None, cfg.prior.class_prompt, seed=t.seed, buckets=buckets,
     )
 
     # Caches: the frozen VAE and text encoders run once per image / caption instead of every step.
     lora = cfg.lora
     latent_cache = None
-    if t.cache_latents and not center_crop:
+    if t.cache_latents and not dataset.center_crop:  # buckets are centre crops too
         say("note: train.cache_latents is off because data.center_crop=false takes a new random crop every step")
     elif t.cache_latents:
         vae_id = vae_identity(info.pretrained, cfg.model.revision, cfg.model.variant, c.vae.config, str(vae_dtype))
