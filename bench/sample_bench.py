@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from sdtune.cli import _quiet_imports, _quiet_libraries
+    from sdtune.cli import quiet_imports, quiet_libraries
 
-    _quiet_imports()
+    quiet_imports()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=("sd15", "sd2", "sdxl"), default="sd15")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny")
@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--workdir")
     args = p.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
 
     import torch
 

@@ -27,9 +27,9 @@ TFLOP_PER_IMAGE = {("sd15", 512): 1.80, ("sdxl", 1024): 14.7}
 
 
 def main() -> None:
-    from sdtune.cli import _quiet_imports, _quiet_libraries
+    from sdtune.cli import quiet_imports, quiet_libraries
 
-    _quiet_imports()
+    quiet_imports()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=("sd15", "sd2", "sdxl"), default="sd15")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny")
@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--no-cache", action="store_true", help="encode images and captions every step")
     p.add_argument("--workdir", help="default: a temporary folder")
     args = p.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
 
     from sdtune.config import load_config
     from sdtune.models import inspect_model, write_random_model

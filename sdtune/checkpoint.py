@@ -162,6 +162,20 @@ def clean_temporary(output_dir: Path) -> list[Path]:
     return leftovers
 
 
+def run_config(target: Path) -> dict:
+    """The config a run folder, checkpoint folder or LoRA file inside one was trained with: a checkpoint's
+    own ``state.json`` first (exact), else the nearest ``config.yaml`` above; {} if none."""
+    import yaml
+
+    state = target / "state.json"
+    if state.is_file():
+        return json.loads(state.read_text()).get("config") or {}
+    for folder in (target, *target.parents[:3]):
+        if (folder / "config.yaml").is_file():
+            return yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    return {}
+
+
 def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
     """The checkpoint to resume from: the newest complete one for 'latest', or the given folder.
     A corrupt one is an error naming it, never skipped silently and never loaded."""

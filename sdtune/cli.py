@@ -15,7 +15,7 @@ from pathlib import Path
 from sdtune.errors import Interrupted, SdtuneError
 
 
-def _quiet_imports() -> None:
+def quiet_imports() -> None:
     """Keep the terminal for sdtune's own messages: library chatter hides the ones that matter.
     Runs before any library is imported (their loggers read these at import)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,7 +27,7 @@ def _quiet_imports() -> None:
     warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """No per-file progress bars while loading weights (the run has its own progress bar)."""
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
@@ -36,14 +36,14 @@ def _quiet_libraries() -> None:
         lib.disable_progress_bar()
 
 
-def _floats(text: str, key: str) -> list[float]:
+def parse_floats(text: str, key: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise SdtuneError(f"{key}: expected comma-separated numbers, got '{text}'") from None
 
 
-def _ints(text: str, key: str) -> list[int]:
+def parse_ints(text: str, key: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             + f"; output in {cfg.train.output_dir}"
         )
         return 0
-    _quiet_libraries()
+    quiet_libraries()
     from sdtune.train import train
 
     train(cfg, plan)
@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_random_model(args: argparse.Namespace) -> int:
-    _quiet_libraries()
+    quiet_libraries()
     from sdtune.models import inspect_model, write_random_model
 
     path = write_random_model(args.directory, args.family, args.size, args.seed, args.dtype)
@@ -90,17 +90,7 @@ def cmd_random_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(target: Path) -> dict:
-    """The config.yaml of the run that ``target`` (run folder, checkpoint folder or LoRA file) belongs to."""
-    import yaml
-
-    for folder in (target, *target.parents[:3]):
-        if (folder / "config.yaml").is_file():
-            return yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    return {}
-
-
-def _lora_files(target: Path, checkpoints: str | None) -> list[tuple[str | None, str]]:
+def lora_files(target: Path, checkpoints: str | None) -> list[tuple[str | None, str]]:
     """(label, LoRA file) pairs that a sample TARGET names; several with --checkpoints all."""
     from sdtune.lora import WEIGHT_NAME
 
@@ -129,8 +119,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if not args.target:
             raise SdtuneError("sample: give a TARGET (run folder, checkpoint folder or LoRA file) or --replay CELL.json")
         target = Path(args.target)
-        run_cfg = _run_config(target)
-        loras = [] if args.no_lora else _lora_files(target, args.checkpoints)
+        from sdtune.checkpoint import run_config
+
+        run_cfg = run_config(target)
+        loras = [] if args.no_lora else lora_files(target, args.checkpoints)
         model = args.model or run_cfg.get("model", {}).get("pretrained")
         if not model:
             raise SdtuneError(f"--model: {target} does not say its base model; pass --model HUB_ID_OR_FOLDER")
@@ -153,12 +145,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
             width=args.width or size or 0, height=args.height or size or 0, strength=args.strength,
             batch_size=args.batch_size,
         )
-        scales = [None] if not loras else _floats(args.lora_scale, "--lora-scale")
+        scales = [None] if not loras else parse_floats(args.lora_scale, "--lora-scale")
         cells = [Cell(p, s, g, sc, label) for label, _ in (loras or [(None, None)]) for p in prompts
-                 for sc in scales for g in _floats(args.guidance, "--guidance") for s in _ints(args.seeds, "--seeds")]
+                 for sc in scales for g in parse_floats(args.guidance, "--guidance") for s in parse_ints(args.seeds, "--seeds")]
         outpaint = None
         if args.outpaint:
-            outpaint = tuple(_ints(args.outpaint, "--outpaint"))
+            outpaint = tuple(parse_ints(args.outpaint, "--outpaint"))
             if len(outpaint) == 1:
                 outpaint = outpaint * 4
             if len(outpaint) != 4 or min(outpaint) < 0:
@@ -170,7 +162,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
         default_dir = target if target.is_dir() else target.parent
         out = Path(args.out) if args.out else default_dir / "grid.png"
-    _quiet_libraries()
+    quiet_libraries()
     if not req.settings.width or not req.settings.height:
         from sdtune.models import inspect_model
 
@@ -305,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_imports()
+    quiet_imports()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

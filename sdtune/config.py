@@ -379,10 +379,10 @@ def check_run(cfg: Config) -> RunPlan:
         # Check LoRA targets against the real module names, on an empty (meta) skeleton of the UNet.
         from diffusers import UNet2DConditionModel
 
-        from sdtune.models import _read_json
+        from sdtune.models import read_model_file
 
         with init_empty_weights():
-            unet = UNet2DConditionModel.from_config(_read_json(cfg.model.pretrained, "unet/config.json", cfg.model.revision))
+            unet = UNet2DConditionModel.from_config(read_model_file(cfg.model.pretrained, "unet/config.json", cfg.model.revision))
         names = [n for n, _ in unet.named_modules()]
         for target in cfg.lora.target_modules:
             if not any(n == target or n.endswith("." + target) for n in names):

@@ -787,13 +787,14 @@ def _run_root(target: Path) -> Path:
 
 def spec_from_args(args: argparse.Namespace) -> EvalSpec:
     """Resolve the run folder and the flags into an EvalSpec (every user mistake is one SdtuneError)."""
-    from sdtune.cli import _floats, _lora_files, _run_config
+    from sdtune.checkpoint import run_config
+    from sdtune.cli import lora_files, parse_floats
 
     target = Path(args.run)
     if not target.exists():
         raise SdtuneError(f"{target}: no such run folder, checkpoint folder or LoRA file")
-    run_cfg = _run_config(target)
-    loras = _lora_files(target, args.checkpoints)
+    run_cfg = run_config(target)
+    loras = lora_files(target, args.checkpoints)
     data, model_cfg = run_cfg.get("data") or {}, run_cfg.get("model") or {}
     model = args.model or model_cfg.get("pretrained")
     if not model:
@@ -825,7 +826,7 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
             print(f"warning: prompt '{p}' does not contain the identifier '{identifier}'", file=sys.stderr)
     if args.images_per_prompt < 1:
         raise SdtuneError("--images-per-prompt: must be at least 1")
-    scales = _floats(args.lora_scale, "--lora-scale")
+    scales = parse_floats(args.lora_scale, "--lora-scale")
     if not scales:
         raise SdtuneError("--lora-scale: give at least one scale, e.g. 1 or 0.8,1")
     article = "an" if class_noun[0].lower() in "aeiou" else "a"
@@ -852,11 +853,11 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from sdtune.cli import _quiet_libraries
+    from sdtune.cli import quiet_libraries
 
     spec = spec_from_args(args)
     out = Path(args.out) if args.out else _run_root(Path(args.run)) / "eval"
-    _quiet_libraries()
+    quiet_libraries()
     print(f"eval: {len(spec.loras)} checkpoint(s) x {len(spec.lora_scales)} scale(s) x {len(spec.prompts)} prompts "
           f"({spec.prompt_set}) x {spec.images_per_prompt} images; identifier '{spec.identifier}', class "
           f"'{spec.class_noun}'; subject: {spec.subject_dir}")

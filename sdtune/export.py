@@ -399,20 +399,9 @@ def read_diffusers_lora(
     return adapters
 
 
-def _run_config(run: Path) -> dict[str, Any]:
-    import yaml
-
-    state = run / "state.json"  # a checkpoint records the exact config it was trained with
-    if state.is_file():
-        return json.loads(state.read_text()).get("config") or {}
-    for folder in (run, *run.parents[:2]):
-        if (folder / "config.yaml").is_file():
-            return yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    return {}
-
-
 def read_run(run_dir: str | Path) -> RunLora:
     """The LoRA of a run folder or of one of its ``checkpoints/step-NNNNNN/`` folders."""
+    from sdtune.checkpoint import run_config
     from sdtune.lora import WEIGHT_NAME
 
     run = Path(run_dir)
@@ -423,7 +412,7 @@ def read_run(run_dir: str | Path) -> RunLora:
     lora_file = run / WEIGHT_NAME
     if not lora_file.is_file():
         raise SdtuneError(f"{run}: no {WEIGHT_NAME} here; is it a finished run or a checkpoint folder?")
-    config = _run_config(run)
+    config = run_config(run)
     lora = config.get("lora") or {}
     fallback = None
     if lora.get("rank"):  # for files without adapter metadata: the recipe's numbers

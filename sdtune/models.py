@@ -55,7 +55,7 @@ class Components:
 # Reading a model
 
 
-def _read_json(pretrained: str, filename: str, revision: str | None) -> dict:
+def read_model_file(pretrained: str, filename: str, revision: str | None) -> dict:
     local = Path(pretrained).expanduser()
     if local.is_dir():
         path = local / filename
@@ -90,10 +90,10 @@ def inspect_model(pretrained: str, revision: str | None = None, for_training: bo
     """Family, prediction type and native resolution of a model, from config files only.
 
     ``for_training`` refuses inpainting / depth UNets (more than 4 input channels), which sampling accepts."""
-    index = _read_json(pretrained, "model_index.json", revision)
-    unet = _read_json(pretrained, "unet/config.json", revision)
-    vae = _read_json(pretrained, "vae/config.json", revision)
-    scheduler = _read_json(pretrained, "scheduler/scheduler_config.json", revision)
+    index = read_model_file(pretrained, "model_index.json", revision)
+    unet = read_model_file(pretrained, "unet/config.json", revision)
+    vae = read_model_file(pretrained, "vae/config.json", revision)
+    scheduler = read_model_file(pretrained, "scheduler/scheduler_config.json", revision)
 
     if for_training and unet.get("in_channels", 4) != 4:
         raise SdtuneError(

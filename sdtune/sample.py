@@ -315,9 +315,9 @@ def _load_pipeline(req: Request):
     if req.settings.mode == "depth":
         from diffusers import StableDiffusionDepth2ImgPipeline
 
-        from sdtune.models import _read_json
+        from sdtune.models import read_model_file
 
-        if "depth_estimator" not in _read_json(req.model, "model_index.json", req.revision):
+        if "depth_estimator" not in read_model_file(req.model, "model_index.json", req.revision):
             raise SdtuneError(f"--depth: {req.model} is not a depth-to-image model (it has no depth_estimator); "
                               "use e.g. stabilityai/stable-diffusion-2-depth")
 
