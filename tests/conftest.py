@@ -90,3 +90,15 @@ def bucketed_toy(tmp_path_factory) -> Path:
             im.crop(box).save(src / f"toy{i}.png")
     prep(src, out, resolution=64, crop="bucket", caption="a photo of sks toy", workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tiny_model, tmp_path_factory):
+    """A tiny sd15 run (one per test module) with checkpoints at steps 2 and 4, for sample and eval tests."""
+    from sdtune.config import load_config
+    from sdtune.train import train
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    train(load_config(None, overrides(tiny_model("sd15"), out, "train.max_steps=4", "train.checkpoint_every=2",
+                                      "train.learning_rate=1e-2", "data.instance_prompt=a photo of sks toy")))
+    return out

@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import DEMO_DATA, overrides
-from sdtune.config import load_config
+from conftest import DEMO_DATA
 from sdtune.errors import SdtuneError
 from sdtune.eval import (
     Row,
@@ -26,7 +25,6 @@ from sdtune.eval import (
     table,
 )
 from sdtune.metrics import cosine_matrix, diversity, mean_pairwise_similarity, paired_similarity
-from sdtune.train import train
 
 # --------------------------------------------------------------------------------------------------------
 # Metric maths
@@ -171,12 +169,8 @@ def metric_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run(tiny_model, tmp_path_factory):
-    """A tiny run with checkpoints at steps 2 and 4."""
-    out = tmp_path_factory.mktemp("eval-run") / "run"
-    train(load_config(None, overrides(tiny_model("sd15"), out, "train.max_steps=4", "train.checkpoint_every=2",
-                                      "train.learning_rate=1e-2", "data.instance_prompt=a photo of sks toy")))
-    return out
+def run(checkpointed_run):
+    return checkpointed_run
 
 
 @pytest.fixture
