@@ -510,8 +510,9 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
                         latents = c.vae.encode(pixel_values).latent_dist.sample(generator=generator)
                     latents = (latents * c.vae.config.scaling_factor).to(weight_dtype)
                 if text_cache is not None:
-                    encoder_hidden_states = torch.stack([text_cache[t_][0] for t_ in batch["captions"]])
-                    pooled = torch.stack([text_cache[t_][1] for t_ in batch["captions"]]) if info.family == "sdxl" else None
+                    cached = [text_cache[caption] for caption in batch["captions"]]
+                    encoder_hidden_states = torch.stack([hidden for hidden, _ in cached])  # (B, 77, D)
+                    pooled = torch.stack([p for _, p in cached]) if info.family == "sdxl" else None
                 else:
                     input_ids = [ids.to(device) for ids in tokenize(c.tokenizers, batch["captions"])]
                     with torch.set_grad_enabled(lora.train_text_encoder):
