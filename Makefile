@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned to a CPU build here so that a bare install does not pull a multi-GB CUDA build;
 # on a GPU machine install the torch you need first, then `pip install -e .`.
 TORCH ?= torch==2.13.0
-DEMO_MODEL := .cache/demo/model-sd15
+DEMO := .cache/demo
 
 .PHONY: install demo test lint clean
 
@@ -19,16 +19,26 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	@test -f $(DEMO_MODEL)/model_index.json || $(BIN)/sdtune random-model $(DEMO_MODEL) --family sd15
-	rm -rf runs/demo
-	$(BIN)/sdtune train recipes/tiny_cpu.yaml
-	$(BIN)/sdtune sample runs/demo --seeds 0,1,2 --lora-scale 0,1 --out runs/demo/grid.png
+	rm -rf runs/demo .cache/demo
+	$(BIN)/sdtune micro model $(DEMO)/micro-model
+	$(BIN)/sdtune micro subject $(DEMO)/subject_photos --n 8
+	$(BIN)/sdtune prep $(DEMO)/subject_photos $(DEMO)/subject --resolution 64 --caption-from txt --workers 1
+	@# sks is the classic identifier and a known word (a rifle): check-token says so and exits 1; the micro
+	@# model never saw it, so the demo keeps it. For a real model pick one from `sdtune suggest-tokens`.
+	-$(BIN)/sdtune check-token sks
+	$(BIN)/sdtune train recipes/micro_dreambooth.yaml
+	$(BIN)/sdtune sample runs/demo --seeds 0,1,2,3 --lora-scale 0,1 --guidance 4 --steps 20 --batch-size 4 \
+	    --prompt "a photo of sks toy on a green background" \
+	    --prompt "a photo of sks toy on a red floor in front of a blue wall" \
+	    --prompt "a photo of sks toy right of a yellow star on a white background" \
+	    --prompt "a photo of a toy" --out runs/demo/grid.png
+	$(BIN)/sdtune eval runs/demo --metrics world --checkpoints all --lora-scale 0,1 --batch-size 4
 	@echo
-	@echo "runs/demo/grid.png: rows 'LoRA x0' are the base model, rows 'LoRA x1' the same seeds with the trained LoRA."
-	@echo "The demo model is a tiny *random* network, so every cell is coloured noise; that the x1 rows differ"
-	@echo "from the x0 rows shows the adapter was trained, saved and loaded. The demo proves that data -> class"
-	@echo "images -> training -> checkpoints -> LoRA file -> sampling runs end to end offline on a CPU."
-	@echo "Training-time grids: runs/demo/samples/. The same on a real model: README.md, 'Real GPU quick start'."
+	@echo "runs/demo/grid.png: rows 'LoRA x0' are the pretrained micro model, rows 'LoRA x1' the same seeds with the"
+	@echo "trained LoRA: the subject toy (purple body, orange hat, white eyes) appears in contexts its 8 photos never"
+	@echo "showed, while 'a photo of a toy' still draws other toys (prior preservation)."
+	@echo "runs/demo/eval/report.md: subject fidelity, context and class drift per checkpoint, with a recommendation."
+	@echo "grid: runs/demo/grid.png"
 
 test: install
 	$(BIN)/python -m pytest -q

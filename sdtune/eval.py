@@ -751,9 +751,14 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--clip", default=DEFAULT_CLIP, metavar="MODEL", help=f"CLIP model, hub id or folder (default {DEFAULT_CLIP})")
     p.add_argument("--clip-t-tolerance", type=float, default=CLIP_T_TOLERANCE, metavar="X",
                    help="how much CLIP-T the recommendation may give up for DINO (default %(default)s)")
+    p.add_argument("--metrics", choices=("paper", "world"), default="paper",
+                   help="paper: DINO / CLIP-I / CLIP-T (needs the metric models); world: runs on the micro model, "
+                        "scored from pixels by the micro world's detector (subject, context, class drift), offline")
+    p.add_argument("--world-prompts", type=int, default=8, metavar="N",
+                   help="--metrics world: how many subject-in-a-new-context prompts (default %(default)s)")
     p.add_argument("--model", help="base model (default: the run's)")
-    p.add_argument("--steps", type=int, default=25, help="sampler steps per image")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=int, help="sampler steps per image (default 25; world: 20)")
+    p.add_argument("--guidance", type=float, help="default 7.5; world: 4")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="dpmpp_2m")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--width", type=int, help="default: the run's resolution, else the model's")
@@ -815,7 +820,15 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         source = "--subject-dir" if args.subject_dir else "the run's data.instance_dir"
         raise SdtuneError(f"--subject-dir: {source} {subject_dir} is not a folder here; pass --subject-dir DIR "
                           "with the subject photos")
-    if args.prompts == "dreambench":
+    world = getattr(args, "metrics", "paper") == "world"
+    if world:
+        from sdtune.micro.measure import subject_prompts
+
+        if args.world_prompts < 1:
+            raise SdtuneError("--world-prompts: must be at least 1")
+        templates = [p for p, _ in subject_prompts(args.world_prompts, "{identifier}", "{class}")]
+        prompt_set = "micro-world"
+    elif args.prompts == "dreambench":
         kind = args.kind or ("live" if is_live(class_noun) else "object")
         templates, prompt_set = dreambench()[kind], f"dreambench-{kind}"
     else:
@@ -833,7 +846,9 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
     class_prompt = (args.class_prompt or (run_cfg.get("prior") or {}).get("class_prompt")
                     or f"a photo of {article} {class_noun}")
     size = data.get("resolution")
-    settings = Settings(negative_prompt=args.negative_prompt, steps=args.steps, scheduler=args.scheduler,
+    steps = args.steps if args.steps is not None else (20 if world else 25)
+    guidance = args.guidance if args.guidance is not None else (4.0 if world else 7.5)
+    settings = Settings(negative_prompt=args.negative_prompt, steps=steps, scheduler=args.scheduler,
                         width=args.width or size or 0, height=args.height or size or 0, batch_size=args.batch_size)
     revision, variant = model_cfg.get("revision"), model_cfg.get("variant")
     if not settings.width or not settings.height:
@@ -845,11 +860,31 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
     return EvalSpec(
         run=str(target), model=model, loras=loras, steps={label: _step_of(label, f) for label, f in loras},  # type: ignore[misc]
         subject_dir=Path(subject_dir), identifier=identifier, class_noun=class_noun, prompt_set=prompt_set,
-        prompts=prompts, images_per_prompt=args.images_per_prompt, lora_scales=scales, guidance=args.guidance,
-        settings=settings, pres=args.pres, class_prompt=class_prompt, dino=args.dino,
+        prompts=prompts, images_per_prompt=args.images_per_prompt, lora_scales=scales, guidance=guidance,
+        settings=settings, pres=args.pres or world, class_prompt=class_prompt, dino=args.dino,
         clip=args.clip, clip_t_tolerance=args.clip_t_tolerance, revision=revision, variant=variant,
         dtype=args.dtype, device=args.device,
     )
+
+
+def _cmd_eval_world(args: argparse.Namespace, spec: EvalSpec, out: Path) -> int:
+    from sdtune.micro.measure import RULE, evaluate_run, subject_prompts
+
+    scenes = {fill(p, spec.identifier, spec.class_noun): scene
+              for p, scene in subject_prompts(args.world_prompts, "{identifier}", "{class}")}
+    print(f"eval (micro world): {len(spec.loras)} checkpoint(s) x {len(spec.lora_scales)} scale(s) x "
+          f"{len(spec.prompts)} subject prompts + the class prompt '{spec.class_prompt}' x {spec.images_per_prompt} images")
+    rows, best, failures = evaluate_run(spec, out, scenes)
+    from sdtune.micro.measure import table as world_table
+
+    print()
+    print(world_table(rows, best))
+    if best is not None:
+        print(f"\nrecommended: {best.checkpoint} at LoRA scale {best.lora_scale:g}: {RULE}")
+    print(f"report: {out / 'report.md'} (report.json, samples/)")
+    for line in failures:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -858,6 +893,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     out = Path(args.out) if args.out else _run_root(Path(args.run)) / "eval"
     quiet_libraries()
+    if args.metrics == "world":
+        return _cmd_eval_world(args, spec, out)
     print(f"eval: {len(spec.loras)} checkpoint(s) x {len(spec.lora_scales)} scale(s) x {len(spec.prompts)} prompts "
           f"({spec.prompt_set}) x {spec.images_per_prompt} images; identifier '{spec.identifier}', class "
           f"'{spec.class_noun}'; subject: {spec.subject_dir}")

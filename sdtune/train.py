@@ -178,9 +178,18 @@ def _make_optimizer(name: str, groups: list[dict], betas, eps: float, weight_dec
                 "or set train.optimizer=adamw"
             ) from None
         return bnb.optim.AdamW8bit(groups, betas=betas, eps=eps, weight_decay=weight_decay)
-    # fused kernels on CUDA, foreach elsewhere: far fewer kernel launches than the per-tensor loop
-    fused = all(p.is_cuda for g in groups for p in g["params"])
+    # Fused kernels (CUDA and CPU): one launch for all LoRA tensors, and they can skip a non-finite step on
+    # the device (``found_inf``), which lets the loop run without a host sync per step.
+    fused = all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
+
+
+def skips_on_device(optimizer: Any, scaler: Any) -> bool:
+    """Whether a non-finite step can be skipped without the host looking: fp16's grad scaler skips it
+    itself, and fused torch AdamW takes a ``found_inf`` flag. Otherwise (8-bit AdamW, foreach) the loop
+    must read the flag before ``optimizer.step()``."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return scaler is not None or bool(getattr(inner, "defaults", {}).get("fused"))
 
 
 def _log_grid(accelerator: Any, grid: Any, step: int) -> None:
@@ -488,9 +497,36 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     loss_sum = torch.zeros((), device=device)  # summed on device; read (a host sync) only every log_every
-    loss_count = 0
+    loss_count = torch.zeros((), device=device)
     last_log_time, last_log_step = time.perf_counter(), global_step
+    # Whether each step's loss and gradients were finite, as device flags; read in one go at the next log,
+    # checkpoint or sample (`check_steps`), so the loop itself never waits for the GPU.
+    defer = skips_on_device(optimizer, accelerator.scaler)
+    inner_optimizer = getattr(optimizer, "optimizer", optimizer)
+    pending: list[tuple[int, torch.Tensor, list[str]]] = []  # (step, finite flag, batch files)
     nonfinite_in_a_row = nonfinite_total = 0
+
+    def check_steps() -> None:
+        """Warn about each skipped (non-finite) step since the last check; stop after too many in a row."""
+        nonlocal nonfinite_in_a_row, nonfinite_total
+        if not pending:
+            return
+        flags = torch.stack([flag for _, flag, _ in pending]).tolist()  # the one host sync
+        for (step, _, paths), ok in zip(pending, flags):
+            if ok:
+                nonfinite_in_a_row = 0
+                continue
+            nonfinite_in_a_row, nonfinite_total = nonfinite_in_a_row + 1, nonfinite_total + 1
+            files = ", ".join(sorted({Path(p).name for p in paths}))
+            say(f"warning: step {step}: loss or gradients not finite, update skipped (batch: {files})")
+            if nonfinite_in_a_row >= t.max_nonfinite_steps:
+                raise SdtuneError(
+                    f"loss or gradients were not finite for {nonfinite_in_a_row} steps in a row (last batch: {files});"
+                    " stopped. Nothing non-finite was saved. Try a lower train.learning_rate, bf16 instead of fp16,"
+                    " or check those images"
+                )
+        pending.clear()
+
     # A LoRA that has not moved after a few steps never will (lr 0, nothing trainable, A = B = 0).
     initial_step, change_check_step = global_step, min(global_step + 5, t.max_steps)
     initial_params = [p.detach().clone() for p in params]
@@ -530,37 +566,33 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
                         added_cond_kwargs=added_cond_kwargs,
                     )
                 accelerator.backward(out.loss)
+                finite = torch.isfinite(out.loss.detach())  # () bool, on the device
                 step_ok = True
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-                    # The one host sync per optimizer step: a NaN/inf loss or gradient must never reach the weights.
-                    step_ok = bool(torch.isfinite(grad_norm) & torch.isfinite(out.loss.detach()))
+                    # A NaN/inf loss or gradient must never reach the weights.
+                    finite = finite & torch.isfinite(grad_norm)
+                    if not defer:
+                        step_ok = bool(finite)  # a host sync: this optimizer cannot skip on its own
+                    elif accelerator.scaler is None:
+                        inner_optimizer.found_inf = (~finite).float()  # the fused kernel skips the update
                 if step_ok or accelerator.scaler is not None:  # fp16: the grad scaler skips inf steps itself
                     optimizer.step()
                     if accelerator.sync_gradients:
                         lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            if step_ok:
-                loss_sum += out.loss.detach()
-                loss_count += 1
+            loss_sum += torch.where(finite, out.loss.detach(), 0.0)
+            loss_count += finite
             if not accelerator.sync_gradients:
                 continue
 
             global_step += 1
             progress.update(1)
-            if not step_ok:
-                nonfinite_in_a_row, nonfinite_total = nonfinite_in_a_row + 1, nonfinite_total + 1
-                files = ", ".join(sorted({Path(p).name for p in batch["paths"]}))
-                say(f"warning: step {global_step}: loss or gradients not finite, update skipped (batch: {files})")
-                if nonfinite_in_a_row >= t.max_nonfinite_steps:
-                    raise SdtuneError(
-                        f"loss or gradients were not finite for {nonfinite_in_a_row} steps in a row (last batch: {files});"
-                        " stopped. Nothing non-finite was saved. Try a lower train.learning_rate, bf16 instead of fp16,"
-                        " or check those images"
-                    )
-            else:
-                nonfinite_in_a_row = 0
+            pending.append((global_step, finite, batch["paths"]))
+            if not defer:
+                check_steps()
             if global_step == change_check_step:
+                check_steps()
                 # Relative to the weights' size: a learning rate of 1e-30 "moves" lora_B off zero, uselessly.
                 delta = max(float((p.detach() - p0).abs().max()) for p, p0 in zip(params, initial_params))
                 scale = max(float(p0.abs().max()) for p0 in initial_params)
@@ -576,6 +608,7 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
                 flag = accelerator.reduce(torch.tensor(stop.signum or 0, device=device), reduction="max")
                 stop.signum = int(flag.item()) or None
             if stop.signum is not None and (accelerator.num_processes == 1 or global_step % t.log_every == 0):
+                check_steps()
                 save_checkpoint(accelerator, output_dir, global_step, trained_unwrapped(accelerator, modules),
                                 optimizer, lr_scheduler, generator, config_dict, info.family, t.checkpoints_total_limit)
                 progress.close()
@@ -588,7 +621,9 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
                     torch.cuda.synchronize(device)
                 timer_start, timer_step = time.perf_counter(), global_step
             if global_step % t.log_every == 0 or global_step == t.max_steps:
-                loss = accelerator.reduce(loss_sum, reduction="mean").item() / loss_count if loss_count else math.nan
+                check_steps()
+                # mean over the finite steps of all processes (0 / 0 = nan when none was), one host sync
+                loss = float(accelerator.reduce(loss_sum, reduction="sum") / accelerator.reduce(loss_count, reduction="sum"))
                 now = time.perf_counter()
                 logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0],
                         "steps_per_s": (global_step - last_log_step) / max(now - last_log_time, 1e-9)}
@@ -602,12 +637,16 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
                     with open(output_dir / "losses.jsonl", "a") as f:
                         f.write(json.dumps({"step": global_step, **logs}) + "\n")
                 loss_sum.zero_()
-                loss_count, last_log_time, last_log_step = 0, now, global_step
+                loss_count.zero_()
+                last_log_time, last_log_step = now, global_step
             if t.checkpoint_every and global_step % t.checkpoint_every == 0 and global_step < t.max_steps:
+                check_steps()
                 save_checkpoint(accelerator, output_dir, global_step, trained_unwrapped(accelerator, modules),
                                 optimizer, lr_scheduler, generator, config_dict, info.family, t.checkpoints_total_limit)
             if cfg.sample.every and global_step % cfg.sample.every == 0 and global_step < t.max_steps:
+                check_steps()
                 sample(global_step)
+    check_steps()
     progress.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

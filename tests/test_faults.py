@@ -6,6 +6,7 @@ written, the user gets one clear line), not just "no crash".
 
 import errno
 import json
+import math
 import os
 import random
 import signal
@@ -178,6 +179,34 @@ def test_nan_losses_are_skipped_then_stop_the_run(tiny_model, tmp_path, monkeypa
                                           "train.max_nonfinite_steps=3", "train.checkpoint_every=1")))
     for f in (tmp_path / "all").rglob("*.safetensors"):  # nothing non-finite was ever written
         assert all(torch.isfinite(v).all() for v in load_file(f).values()), f
+
+
+def test_nan_steps_are_skipped_on_the_device_and_reported_at_the_next_log(tiny_model, tmp_path, monkeypatch,
+                                                                          capsys):
+    """Fused AdamW skips a non-finite step by itself (found_inf), so the loop reads the flags only every
+    log_every steps; the step and its batch are still named, and the logged loss averages finite steps."""
+    import sdtune.train as tr
+
+    assert tr.skips_on_device(torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], fused=True), None)
+    assert not tr.skips_on_device(torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], foreach=True), None)
+    real = tr.training_step
+
+    def nan_at_three(*a, **kw):
+        out = real(*a, **kw)
+        nan_at_three.calls += 1
+        if nan_at_three.calls == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    nan_at_three.calls = 0
+    monkeypatch.setattr(tr, "training_step", nan_at_three)
+    out = tmp_path / "run"
+    train(load_config(None, overrides(tiny_model("sd15"), out, "train.max_steps=12", "train.log_every=10")))
+    printed = capsys.readouterr().out
+    assert "step 3: loss or gradients not finite, update skipped (batch: toy_0" in printed
+    assert all(torch.isfinite(v).all() for v in load_file(out / WEIGHT_NAME).values())
+    logged = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [10, 12] and all(math.isfinite(r["loss"]) for r in logged)
 
 
 def test_a_lora_that_does_not_learn_is_reported_early(tiny_model, tmp_path):

@@ -109,7 +109,7 @@ def test_write_subject_photos_is_a_loadable_byte_identical_imagefolder(tmp_path)
     folder = write_subject_photos(tmp_path / "a", n=6, seed=2, size=32, identifier="sks", class_noun="toy")
     again = write_subject_photos(tmp_path / "b", n=6, seed=2, size=32)
     files = sorted(p.name for p in folder.iterdir())
-    assert files == sorted(p.name for p in again.iterdir()) and len(files) == 7
+    assert files == sorted(p.name for p in again.iterdir()) and len(files) == 13  # 6 PNG + 6 .txt + metadata
     for name in files:
         digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
         assert digest == hashlib.sha256((again / name).read_bytes()).hexdigest()

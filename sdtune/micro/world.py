@@ -337,7 +337,9 @@ def dataset(n: int, seed: int = 0, size: int = 64) -> Iterator[tuple[Image.Image
 def write_subject_photos(directory: str | Path, n: int = 8, seed: int = 0, size: int = 64,
                          identifier: str = "sks", class_noun: str = "toy") -> Path:
     """Write ``n`` photos of the subject as an imagefolder dataset: ``subject_00.png``, ... and a
-    ``metadata.jsonl`` with captions like "a photo of sks toy on a blue background". Returns the folder.
+    ``metadata.jsonl`` with captions like "a photo of sks toy on a blue background", each caption also in a
+    ``.txt`` beside its image (kohya's convention; ``sdtune prep --caption-from txt`` reads them). Returns
+    the folder.
 
     The same arguments give byte-identical files (PIL writes no timestamp into PNGs)."""
     folder = Path(directory)
@@ -348,7 +350,9 @@ def write_subject_photos(directory: str | Path, n: int = 8, seed: int = 0, size:
         scene = subject_scene(rng)
         name = f"subject_{i:02d}.png"
         render(scene, size).save(folder / name, format="PNG")
-        rows.append({"file_name": name, "text": caption(scene, f"{identifier} {class_noun}", "a photo of ")})
+        text = caption(scene, f"{identifier} {class_noun}", "a photo of ")
+        (folder / name).with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
+        rows.append({"file_name": name, "text": text})
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return folder
 

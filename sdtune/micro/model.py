@@ -1,0 +1,184 @@
+"""The micro model: a Stable-Diffusion-1.x-shaped text-to-image model small enough to train and run on a CPU.
+
+It is a standard diffusers ``StableDiffusionPipeline`` (``AutoencoderKL``, ``UNet2DConditionModel``, a CLIP
+text encoder with the real CLIP tokenizer, a scheduler, ``model_index.json``), so everything in sdtune (and
+any diffusers code) treats it as an SD1.x model: ``inspect_model`` reads family ``sd15``, 64 px native.
+
+Shapes (why these):
+- 64 x 64 RGB images, a VAE with a 4x downscale -> latents (4, 16, 16). A flat-coloured world compresses
+  easily, and 16 x 16 latents make the UNet cheap enough for an hour of CPU pretraining.
+- UNet at 16 -> 8 -> 4 latents with cross-attention at 8 and 4 (and in the mid block): the background
+  colour is a global property, so the text must reach the coarse levels.
+- Text encoder: CLIP architecture, 32 wide (its 49,408-row token table is most of its size), 2 layers, the full 49,408-token vocabulary (so ``sks`` is the
+  same rare token id 48136 as in real CLIP, and the identifier lessons carry over).
+- Noise schedule: the cosine schedule of Nichol & Dhariwal (``squaredcos_cap_v2``), made for small images,
+  with v-prediction and "trailing" sampling steps (Lin et al. 2023, "Common diffusion noise schedules and
+  sample steps are flawed"). SD's scaled-linear schedule leaves ~7% of the signal at its last step: at
+  16 x 16 the mean of pure noise is as large as that leak, so the seed, not the prompt, picks the background.
+  DDPM's linear schedule ends clean but spends most timesteps on almost pure noise (a first run with it
+  learned the prompts only weakly in 1,000 steps). The cosine schedule ends at ~0 signal, where predicting
+  the noise is ill-posed; v-prediction is not, and the sampler starts at the last training step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+RESOLUTION = 64
+VAE_FACTOR = 4
+LATENT_SIZE = RESOLUTION // VAE_FACTOR
+TEXT_WIDTH = 32
+
+SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                timestep_spacing="trailing")
+
+
+def vae_config() -> dict[str, Any]:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32, 64),  # 3 blocks = 2 downsamples = 4x; thin at 64 px, where it costs most
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=RESOLUTION,
+        scaling_factor=1.0,  # set from the latents' standard deviation after the VAE is trained
+    )
+
+
+def unet_config(width: int = 48) -> dict[str, Any]:
+    return dict(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(width, 2 * width, 2 * width),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=16,
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=8,
+    )
+
+
+def text_config():
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=4 * TEXT_WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=TEXT_WIDTH,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+
+
+def noise_scheduler():
+    """The training (forward-process) scheduler."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SCHEDULE, clip_sample=False)
+
+
+def sampling_scheduler():
+    """The scheduler saved with the model: DPM-Solver++ draws this world well in ~20 steps."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(**SCHEDULE)
+
+
+def build(seed: int = 0, unet_width: int = 48):
+    """Freshly initialised (tokenizer, text_encoder, vae, unet) with the micro shapes."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from sdtune.tokens import clip_tokenizer
+
+    torch.manual_seed(seed)
+    return (clip_tokenizer(), CLIPTextModel(text_config()), AutoencoderKL(**vae_config()),
+            UNet2DConditionModel(**unet_config(unet_width)))
+
+
+def save_pipeline(directory: str | Path, tokenizer: Any, text_encoder: Any, vae: Any, unet: Any,
+                  dtype: str = "fp16") -> Path:
+    """Write the model as a diffusers pipeline folder (safetensors), weights in ``dtype``; the modules passed
+    in are not changed (fp16 copies are saved)."""
+    import copy
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from sdtune.tokens import write_clip_tokenizer_files
+
+    if dtype == "fp16":
+        text_encoder, vae, unet = (copy.deepcopy(m).to(torch.float16) for m in (text_encoder, vae, unet))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampling_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    directory = Path(directory)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    write_clip_tokenizer_files(directory / "tokenizer")
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------------
+# The shipped weights: package data without the tokenizer files (4.5 MB that the shipped BPE merges rebuild)
+
+SHIPPED_PARTS = ("model_index.json", "scheduler", "text_encoder", "unet", "vae", "pretrain_report.json")
+
+
+def shipped_dir() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("sdtune").joinpath("assets", "micro")))
+
+
+def ship(model_dir: str | Path, target: str | Path | None = None) -> Path:
+    """Copy a pretrained micro model's weights and configs (not its tokenizer) into the package data."""
+    import shutil
+
+    source, target = Path(model_dir), Path(target) if target else shipped_dir()
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for part in SHIPPED_PARTS:
+        if (source / part).is_dir():
+            shutil.copytree(source / part, target / part)
+        elif (source / part).is_file():
+            shutil.copy2(source / part, target / part)
+    return target
+
+
+def write_model(directory: str | Path, source: str | Path | None = None) -> Path:
+    """Write the shipped micro model as a complete diffusers pipeline folder (tokenizer included)."""
+    import shutil
+
+    from sdtune.errors import SdtuneError
+    from sdtune.tokens import clip_tokenizer, write_clip_tokenizer_files
+
+    source = Path(source) if source else shipped_dir()
+    if not (source / "model_index.json").is_file():
+        raise SdtuneError(f"no micro model weights in {source}; train them with `sdtune micro pretrain DIR`")
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise SdtuneError(f"{directory} exists and is not empty; choose a new folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    for part in SHIPPED_PARTS:
+        if (source / part).is_dir():
+            shutil.copytree(source / part, directory / part)
+        elif (source / part).is_file():
+            shutil.copy2(source / part, directory / part)
+    clip_tokenizer().save_pretrained(directory / "tokenizer")
+    write_clip_tokenizer_files(directory / "tokenizer")
+    return directory

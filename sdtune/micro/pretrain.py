@@ -1,0 +1,241 @@
+"""`sdtune micro pretrain`: train the micro model from scratch on the procedural world.
+
+Three stages, all seeded (the same seed, thread count and torch build give the same weights):
+1. render ``num_images`` scenes of ``sdtune.micro.world`` at 64 px with their captions;
+2. train the VAE (reconstruction + a small KL term), then encode every image once and set the VAE's
+   ``scaling_factor`` so that the UNet sees unit-variance latents (as SD's 0.18215 does);
+3. train the UNet and the text encoder together on the cached latents (v-prediction loss, captions dropped
+   10% of the time so classifier-free guidance works, an EMA of the weights is what gets saved), scoring
+   prompt following with the world's detector every ``eval_every`` steps and writing the pipeline folder
+   each time (so a long run can be stopped and still leaves a usable model).
+
+This is a from-scratch pretraining loop, not DreamBooth: sdtune's LoRA trainer (``sdtune.train``) is what
+users run on top of the result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sdtune.micro import measure, world
+from sdtune.micro import model as micro
+
+# Captions are seen with these prefixes, so "a photo of sks toy" is phrased the way the model knows.
+PREFIXES = ("", "", "a photo of ", "a picture of ")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    out: str
+    seed: int = 0
+    num_images: int = 30000
+    vae_steps: int = 1500
+    vae_batch_size: int = 16
+    vae_lr: float = 1e-3
+    steps: int = 5000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    unet_width: int = 48
+    eval_every: int = 500
+    eval_images: int = 64
+    threads: int = 0  # 0: torch's default
+
+
+def render_world(n: int, seed: int) -> tuple[np.ndarray, list[str], list[world.Scene]]:
+    """(n, 64, 64, 3) uint8 images, their captions (with a random prefix) and scenes."""
+    rng = random.Random(seed)
+    images = np.empty((n, micro.RESOLUTION, micro.RESOLUTION, 3), dtype=np.uint8)
+    captions, scenes = [], []
+    for i in range(n):
+        scene = world.sample_scene(rng)
+        images[i] = np.asarray(world.render(scene, micro.RESOLUTION))
+        captions.append(world.caption(scene, prefix=rng.choice(PREFIXES)))
+        scenes.append(scene)
+    return images, captions, scenes
+
+
+def _to_tensor(images: np.ndarray):
+    import torch
+
+    # (n, H, W, 3) uint8 -> (n, 3, H, W) in [-1, 1], the VAE's input range
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def train_vae(vae, images: np.ndarray, steps: int, batch_size: int, lr: float, seed: int, log) -> float:
+    """Train the VAE in place; returns the final reconstruction PSNR (dB) on 256 held-in images."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * (1 + math.cos(math.pi * s / steps)) / 2))
+    vae.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(images), (batch_size,), generator=g)
+        x = _to_tensor(images[idx.numpy()])
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample(generator=g)).sample
+        # L1 keeps flat colours and edges crisp; the KL only keeps the latent space smooth and bounded.
+        rec_loss = (rec - x).abs().mean() + (rec - x).pow(2).mean()
+        loss = rec_loss + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f}")
+    vae.eval()
+    return psnr(vae, images)
+
+
+def psnr(vae, images: np.ndarray) -> float:
+    """Reconstruction PSNR (dB) of the VAE on the first 256 images."""
+    import torch
+
+    with torch.no_grad():
+        x = _to_tensor(images[:256])
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = (rec - x).pow(2).mean().item() / 4  # in [0, 1] units
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+VAE_STAGE = "stage-vae"  # the trained VAE (fp16) and what it was trained with, reused by a rerun
+
+
+def vae_stage(cfg: PretrainConfig, vae, images: np.ndarray, log):
+    """Stage 2: train the VAE, or reuse ``OUT/stage-vae`` when it was trained with the same settings.
+
+    Either way the VAE goes on rounded to fp16, as it ships: the UNet learns exactly the shipped latents."""
+    import copy
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    stage = Path(cfg.out) / VAE_STAGE
+    key = {k: getattr(cfg, k) for k in ("seed", "num_images", "vae_steps", "vae_batch_size", "vae_lr")}
+    marker = stage / "stage.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+        log(f"vae: reusing {stage} (trained with the same settings)")
+        return AutoencoderKL.from_pretrained(stage, torch_dtype=torch.float32).eval()
+    train_vae(vae, images, cfg.vae_steps, cfg.vae_batch_size, cfg.vae_lr, cfg.seed, log)
+    vae = vae.to(torch.float16).to(torch.float32)
+    copy.deepcopy(vae).to(torch.float16).save_pretrained(stage, safe_serialization=True)
+    marker.write_text(json.dumps({"key": key}) + "\n")
+    return vae
+
+
+def encode_latents(vae, images: np.ndarray, batch_size: int = 256):
+    """Posterior means and stds of every image: (n, 4, 16, 16) each, unscaled."""
+    import torch
+
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            dist = vae.encode(_to_tensor(images[i: i + batch_size])).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def pretrain(cfg: PretrainConfig, log=print) -> dict:
+    """Run all stages; write the pipeline to ``cfg.out`` and ``cfg.out/pretrain_report.json``."""
+    import copy
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    report: dict = {"config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+    images, captions, _ = render_world(cfg.num_images, cfg.seed)
+    log(f"rendered {len(images)} scenes in {time.time() - t0:.0f} s")
+    tokenizer, text_encoder, vae, unet = micro.build(cfg.seed, cfg.unet_width)
+
+    t1 = time.time()
+    vae = vae_stage(cfg, vae, images, log)
+    vae_psnr = psnr(vae, images)
+    means, stds = encode_latents(vae, images)
+    scaling_factor = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=round(scaling_factor, 5))
+    vae.requires_grad_(False)
+    report["vae"] = {"psnr_db": round(vae_psnr, 2), "scaling_factor": round(scaling_factor, 5),
+                     "seconds": round(time.time() - t1)}
+    log(f"vae: PSNR {vae_psnr:.1f} dB, scaling_factor {scaling_factor:.4f}, {time.time() - t1:.0f} s")
+
+    # Token ids once: (n, 77). Caption dropout swaps in the empty prompt's ids per step.
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+    scheduler = micro.noise_scheduler()
+    alphas_cumprod = scheduler.alphas_cumprod
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    lr_at = lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.05 + 0.95 * (1 + math.cos(math.pi * s / cfg.steps)) / 2)  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params))
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    unet.train()
+    text_encoder.train()
+    t2, history = time.time(), []
+
+    def save_and_score(step: int) -> None:
+        ema_unet.eval()
+        ema_text.eval()
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet,
+                                       scheduler=micro.sampling_scheduler(), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        scores = measure.prompt_following(pipe, cfg.eval_images, seed=cfg.seed)
+        history.append({"step": step, "seconds": round(time.time() - t2), **asdict(scores)})
+        log(f"eval step {step}: {asdict(scores)}")
+        micro.save_pipeline(out, tokenizer, ema_text, vae, ema_unet)
+        report.update(steps_done=step, unet_seconds=round(time.time() - t2), history=history,
+                      total_seconds=round(time.time() - t0))
+        (out / "pretrain_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
+        # latents: (B, 4, 16, 16), a fresh sample of each image's posterior, scaled to unit variance
+        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scaling_factor
+        input_ids = ids[idx]
+        drop = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
+        input_ids[drop] = empty_ids
+        noise = torch.randn(latents.shape, generator=g)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
+        a = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        noisy_latents = a.sqrt() * latents + (1 - a).sqrt() * noise
+        encoder_hidden_states = text_encoder(input_ids)[0]
+        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        target = a.sqrt() * noise - (1 - a).sqrt() * latents  # v-prediction (see sdtune.micro.model)
+        loss = torch.nn.functional.mse_loss(model_pred, target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in ema_pairs:
+                e.lerp_(p, 1 - decay)
+        if step % 50 == 0:
+            rate = (time.time() - t2) / step
+            log(f"step {step}/{cfg.steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
+                f"{rate:.2f} s/step, ~{rate * (cfg.steps - step) / 60:.0f} min left")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            save_and_score(step)
+    return report

@@ -1,0 +1,122 @@
+"""The micro model: its format, reproducible pretraining, the shipped weights and the world measures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from sdtune.cli import main
+from sdtune.micro import measure, world
+from sdtune.micro import model as micro
+from sdtune.micro.pretrain import PretrainConfig, pretrain
+from sdtune.models import inspect_model, load_components
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """sha256 of each weight file of the pipeline (not of the reusable stage-vae/ beside it)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*.safetensors")) if not p.relative_to(folder).parts[0].startswith("stage-")}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A micro model pretrained for a handful of steps (the format, not the quality)."""
+    out = tmp_path_factory.mktemp("micro") / "a"
+    pretrain(PretrainConfig(out=str(out), num_images=48, vae_steps=3, vae_batch_size=4, steps=4, batch_size=8,
+                            eval_every=4, eval_images=4), log=lambda _: None)
+    return out
+
+
+def test_pretraining_writes_a_diffusers_sd1_model_with_a_report(pretrained):
+    info = inspect_model(str(pretrained))
+    assert (info.family, info.prediction_type, info.resolution) == ("sd15", "v_prediction", micro.RESOLUTION)
+    report = json.loads((pretrained / "pretrain_report.json").read_text())
+    assert report["steps_done"] == 4 and report["history"][-1]["images"] == 4
+    assert 0 <= report["history"][-1]["all"] <= 1 and report["vae"]["scaling_factor"] > 0
+    vae_config = json.loads((pretrained / "vae/config.json").read_text())
+    assert vae_config["scaling_factor"] == report["vae"]["scaling_factor"]  # latents of unit variance
+    c = load_components(str(pretrained), "sd15")
+    assert c.tokenizer("a photo of sks toy").input_ids[4] == 48136  # the real CLIP vocabulary
+    assert c.unet.config.sample_size * 4 == 64 and c.text_encoder.config.vocab_size == 49408
+
+
+def test_pretraining_is_reproducible(pretrained, tmp_path):
+    again, lines = tmp_path / "b", []
+    pretrain(PretrainConfig(out=str(again), num_images=48, vae_steps=3, vae_batch_size=4, steps=4, batch_size=8,
+                            eval_every=4, eval_images=4), log=lambda _: None)
+    assert _digests(again) == _digests(pretrained) and len(_digests(again)) == 3
+    # a rerun into the same folder reuses the trained VAE stage and still gives the same model
+    before = _digests(again)
+    pretrain(PretrainConfig(out=str(again), num_images=48, vae_steps=3, vae_batch_size=4, steps=4, batch_size=8,
+                            eval_every=4, eval_images=4), log=lambda line: lines.append(line))
+    assert any("reusing" in line for line in lines) and _digests(again) == before
+
+
+def test_shipping_drops_the_tokenizer_and_writing_the_model_restores_it(pretrained, tmp_path):
+    shipped = micro.ship(pretrained, tmp_path / "assets" / "micro")
+    assert not (shipped / "tokenizer").exists() and (shipped / "unet").is_dir()
+    folder = micro.write_model(tmp_path / "model", source=shipped)
+    assert _digests(folder) == _digests(pretrained)
+    c = load_components(str(folder), "sd15")
+    assert c.tokenizer.model_max_length == 77 and (folder / "tokenizer" / "merges.txt").is_file()
+
+
+def test_writing_into_a_used_folder_or_without_weights_is_a_one_line_error(tmp_path, capsys):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    assert main(["micro", "model", str(used)]) == 2 or not micro.shipped_dir().is_dir()
+    assert (used / "keep.txt").read_text() == "mine"
+    with pytest.raises(Exception, match="no micro model weights"):
+        micro.write_model(tmp_path / "x", source=tmp_path / "nothing")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Measures on rendered (exact) images: what a perfect model would score
+
+
+def test_subject_similarity_separates_the_subject_from_other_toys():
+    rng = random.Random(3)
+    subject = [measure.subject_similarity(world.render(world.subject_scene(rng), 64)) for _ in range(40)]
+    toys = []
+    while len(toys) < 40:
+        scene = world.sample_scene(rng)
+        if any(t.shape == world.TOY for t in scene.things):
+            toys.append(measure.subject_similarity(world.render(scene, 64)))
+    assert sum(subject) / 40 >= 0.9 and sum(toys) / 40 <= 0.35, (sum(subject) / 40, sum(toys) / 40)
+
+
+def test_context_toy_and_diversity_measures_on_rendered_scenes():
+    rng = random.Random(4)
+    pairs = measure.subject_prompts(12, "sks", "toy", seed=7)
+    assert len({p for p, _ in pairs}) == 12 and all(p.startswith("a photo of sks toy") for p, _ in pairs)
+    assert sum(measure.context_ok(world.render(s, 64), s) for _, s in pairs) >= 11
+    # the same image under another background is wrong context
+    _, scene = pairs[0]
+    other = world.Background(next(c for c in ("green", "red", "blue") if c not in scene.background.colors))
+    assert not measure.context_ok(world.render(world.Scene(scene.things, other), 64), scene)
+
+    toy_images = []
+    while len(toy_images) < 20:
+        s = world.sample_scene(rng)
+        if len(s.things) == 1 and s.things[0].shape == world.TOY:
+            toy_images.append(world.render(s, 64))
+    assert sum(map(measure.is_toy, toy_images)) >= 16
+    plain = world.render(world.Scene((world.Thing("circle", "red"),), world.Background("blue")), 64)
+    assert not measure.is_toy(plain)
+    assert measure.color_diversity(toy_images) > 0.4
+    assert measure.color_diversity([toy_images[0]] * 5) == 0.0
+
+
+def test_recommendation_prefers_subject_fidelity_within_the_context_tolerance():
+    def row(step, scale, subject, context, drift=0.2):
+        return measure.WorldRow(f"step-{step:06d}", step, scale, subject, context, drift, 1.0, 0.5)
+
+    rows = [row(100, 0, 0.2, 0.95), row(100, 1, 0.6, 0.9), row(200, 1, 0.85, 0.85),
+            row(300, 1, 0.95, 0.5)]  # step 300 is over-trained: the subject wins, the context is lost
+    assert measure.recommend(rows).step == 200
+    assert measure.recommend([row(100, 0, 0.2, 0.9)]) is None
