@@ -599,11 +599,16 @@ def _dashed(draw: ImageDraw.ImageDraw, x0: float, x1: float, y: float, colour, d
         x += 2 * dash
 
 
-def plot_metrics(rows: list[Row], path: str | Path, best: Row | None = None) -> Path:
+def plot_metrics(rows: list, path: str | Path, best: Any = None,
+                 metrics: list[tuple[str, str, bool]] | None = None,
+                 references: dict[str, float] | None = None,
+                 reference_label: str = "paper: DreamBooth (Stable Diffusion)") -> Path:
     """One panel per metric against training step (rows' order when steps are unknown), one line per LoRA scale;
-    the paper's DreamBooth-SD value dashed in grey; the recommended point ringed."""
+    a reference value per metric dashed in grey (default: the paper's DreamBooth-SD row); the recommended point
+    ringed. ``rows`` need ``checkpoint``, ``step``, ``lora_scale`` and the metrics' attributes."""
     path = Path(path)
-    metrics = _present(rows)
+    metrics = metrics if metrics is not None else _present(rows)
+    references = PAPER_DREAMBOOTH_SD if references is None else references
     scales = list(dict.fromkeys(r.lora_scale for r in rows))
     labels = list(dict.fromkeys(r.checkpoint for r in rows))
     steps = {r.checkpoint: r.step for r in rows}
@@ -623,7 +628,7 @@ def plot_metrics(rows: list[Row], path: str | Path, best: Row | None = None) -> 
     for k, (key, title, higher) in enumerate(metrics):
         ox, oy = (k % columns) * pw, (k // columns) * ph
         ax0, ax1, ay0, ay1 = ox + left, ox + pw - right, oy + top, oy + ph - bottom
-        ref = PAPER_DREAMBOOTH_SD.get(key)
+        ref = references.get(key)
         values = [getattr(r, key) for r in rows if getattr(r, key) is not None] + ([] if ref is None else [ref])
         lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
         pad = max((hi - lo) * 0.1, 0.01)
@@ -670,10 +675,10 @@ def plot_metrics(rows: list[Row], path: str | Path, best: Row | None = None) -> 
         text = f"LoRA x{scale:g}"
         draw.text((x + 28, y), text, fill="black", font=small)
         x += 40 + draw.textlength(text, font=small)
-    _dashed(draw, x, x + 24, y + 7, (150, 150, 150), dash=4)
-    text = "paper: DreamBooth (Stable Diffusion)"
-    draw.text((x + 30, y), text, fill="black", font=small)
-    x += 46 + draw.textlength(text, font=small)
+    if references:
+        _dashed(draw, x, x + 24, y + 7, (150, 150, 150), dash=4)
+        draw.text((x + 30, y), reference_label, fill="black", font=small)
+        x += 46 + draw.textlength(reference_label, font=small)
     draw.ellipse([x, y + 1, x + 12, y + 13], outline="black", width=2)
     draw.text((x + 18, y), "recommended", fill="black", font=small)
     path.parent.mkdir(parents=True, exist_ok=True)

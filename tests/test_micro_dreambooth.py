@@ -62,13 +62,22 @@ def test_the_shipped_model_is_small_and_follows_prompts(micro_model, capsys):
 
 def test_the_lora_teaches_the_subject_and_keeps_the_context(micro_runs):
     base, tuned = _final(micro_runs["prior"], 0.0), _final(micro_runs["prior"], 1.0)
-    assert tuned["subject"] >= base["subject"] + 0.3, (base, tuned)
+    assert tuned["subject"] >= base["subject"] + 0.4, (base, tuned)  # measured: 0.17 -> 0.78
     assert tuned["context"] >= 0.5, tuned
 
 
 def test_prior_preservation_keeps_the_class_from_drifting(micro_runs):
     with_prior, without = _final(micro_runs["prior"], 1.0), _final(micro_runs["noprior"], 1.0)
-    assert without["class_subject"] >= with_prior["class_subject"] + 0.1, (with_prior, without)
+    assert without["class_subject"] >= with_prior["class_subject"] + 0.3, (with_prior, without)  # 0.17 vs 0.92
+
+
+def test_over_training_shows_in_the_curves_and_the_recommendation_stops_before_it(micro_runs):
+    """Without prior preservation the class drifts towards the subject as training goes on; the
+    recommendation then picks a checkpoint before the last one."""
+    report = json.loads((micro_runs["noprior"] / "eval" / "report.json").read_text())
+    tuned = sorted((r for r in report["rows"] if r["lora_scale"] == 1), key=lambda r: r["step"])
+    assert tuned[-1]["class_subject"] >= tuned[0]["class_subject"] + 0.2, tuned
+    assert report["recommendation"]["step"] < tuned[-1]["step"]
 
 
 def test_the_report_follows_training_and_recommends_a_checkpoint(micro_runs):

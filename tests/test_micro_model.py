@@ -69,7 +69,8 @@ def test_writing_into_a_used_folder_or_without_weights_is_a_one_line_error(tmp_p
     used = tmp_path / "used"
     used.mkdir()
     (used / "keep.txt").write_text("mine")
-    assert main(["micro", "model", str(used)]) == 2 or not micro.shipped_dir().is_dir()
+    assert main(["micro", "model", str(used)]) == 2
+    assert "not empty" in capsys.readouterr().err
     assert (used / "keep.txt").read_text() == "mine"
     with pytest.raises(Exception, match="no micro model weights"):
         micro.write_model(tmp_path / "x", source=tmp_path / "nothing")
@@ -110,13 +111,18 @@ def test_context_toy_and_diversity_measures_on_rendered_scenes():
     assert not measure.is_toy(plain)
     assert measure.color_diversity(toy_images) > 0.4
     assert measure.color_diversity([toy_images[0]] * 5) == 0.0
+    empty = world.render(world.Scene((), world.Background("blue")), 64)
+    assert measure.color_diversity([empty, empty.copy()]) == 0.0  # nothing drawn twice is not diversity
 
 
-def test_recommendation_prefers_subject_fidelity_within_the_context_tolerance():
-    def row(step, scale, subject, context, drift=0.2):
+def test_recommendation_stops_before_over_training():
+    def row(step, scale, subject, context, drift=0.1):
         return measure.WorldRow(f"step-{step:06d}", step, scale, subject, context, drift, 1.0, 0.5)
 
     rows = [row(100, 0, 0.2, 0.95), row(100, 1, 0.6, 0.9), row(200, 1, 0.85, 0.85),
             row(300, 1, 0.95, 0.5)]  # step 300 is over-trained: the subject wins, the context is lost
+    assert measure.recommend(rows).step == 200
+    rows = [row(100, 1, 0.6, 1.0, drift=0.2), row(200, 1, 0.7, 1.0, drift=0.25),
+            row(300, 1, 0.9, 1.0, drift=0.7)]  # without prior preservation the class turns into the subject
     assert measure.recommend(rows).step == 200
     assert measure.recommend([row(100, 0, 0.2, 0.9)]) is None

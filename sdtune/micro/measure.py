@@ -11,7 +11,8 @@
 
 ``evaluate_run`` draws subject prompts and the class prompt for every checkpoint at each LoRA scale
 (with ``sdtune eval``'s renderer, so images are cached and replayable) and scores them; ``recommend`` picks
-the checkpoint with the best subject fidelity whose context accuracy is still near the best.
+the checkpoint with the best subject fidelity among those not yet over-trained: context accuracy near the
+best and class drift near the lowest.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sdtune.micro import world
 
 EVAL_SEED = 1_000  # held-out contexts: the training photos use seed 0
 CONTEXT_TOLERANCE = 0.1
+DRIFT_TOLERANCE = 0.25
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -81,7 +83,8 @@ def color_diversity(images: list[Image.Image]) -> float:
     pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1:]]
     if not pairs:
         return 0.0
-    return sum(1 - len(a & b) / max(1, len(a | b)) for a, b in pairs) / len(pairs)
+    # two images with nothing in the foreground are alike (distance 0), not maximally different
+    return sum(1 - len(a & b) / len(a | b) if a | b else 0.0 for a, b in pairs) / len(pairs)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -163,14 +166,18 @@ class WorldRow:
         return f"{self.checkpoint} x{self.lora_scale:g}"
 
 
-def recommend(rows: list[WorldRow], tolerance: float = CONTEXT_TOLERANCE) -> WorldRow | None:
-    """Among rows with LoRA scale > 0: the highest subject fidelity whose context accuracy is within
-    ``tolerance`` of the best; ties go to the earlier step (less over-trained) and the lower class drift."""
+def recommend(rows: list[WorldRow], tolerance: float = CONTEXT_TOLERANCE,
+              drift_tolerance: float = DRIFT_TOLERANCE) -> WorldRow | None:
+    """Among rows with LoRA scale > 0 whose context accuracy is within ``tolerance`` of the best and whose
+    class drift is within ``drift_tolerance`` of the lowest (the signs of over-training): the highest subject
+    fidelity; ties go to the earlier step and the lower class drift."""
     candidates = [r for r in rows if r.lora_scale > 0]
     if not candidates:
         return None
     best_context = max(r.context for r in candidates)
-    near = [r for r in candidates if r.context >= best_context - tolerance - 1e-12]
+    least_drift = min(r.class_subject for r in candidates)
+    near = [r for r in candidates if r.context >= best_context - tolerance - 1e-12
+            and r.class_subject <= least_drift + drift_tolerance + 1e-12]
     return max(near, key=lambda r: (round(r.subject, 3), -(r.step or 0), -r.class_subject))
 
 
@@ -224,7 +231,8 @@ def table(rows: list[WorldRow], best: WorldRow | None) -> str:
 
 
 RULE = (f"the highest subject score among rows with LoRA scale > 0 whose context accuracy is within "
-        f"{CONTEXT_TOLERANCE:g} of the best (ties: earlier step, lower class drift)")
+        f"{CONTEXT_TOLERANCE:g} of the best and whose class drift is within {DRIFT_TOLERANCE:g} of the lowest "
+        "(ties: earlier step, lower class drift)")
 
 
 def write_report(out: Path, spec, rows: list[WorldRow], best: WorldRow | None) -> tuple[Path, Path]:
@@ -255,7 +263,8 @@ def write_report(out: Path, spec, rows: list[WorldRow], best: WorldRow | None) -
              "", "```", table(rows, best), "```", ""]
     if best is not None:
         lines += [f"**Recommended: `{best.checkpoint}` at LoRA scale {best.lora_scale:g}.** Rule: {RULE}.", ""]
-    lines += ["Measures (read from pixels by `sdtune.micro.world.detect`):", ""]
+    lines += ["![measures against training step](metrics.png)", "",
+              "Measures (read from pixels by `sdtune.micro.world.detect`):", ""]
     lines += [f"- {label}: {data['measures'][key]}" for key, label in COLUMNS]
     md_path = out / "report.md"
     md_path.write_text("\n".join(lines) + "\n")
@@ -272,4 +281,14 @@ def evaluate_run(spec, out: str | Path, scenes: dict[str, world.Scene], progress
     rows = score_rows(spec, folders, scenes)
     best = recommend(rows)
     write_report(out, spec, rows, best)
+    plot_curves(rows, out / "metrics.png", best)
     return rows, best, failures
+
+
+def plot_curves(rows: list[WorldRow], path: Path, best: WorldRow | None) -> Path:
+    """Each measure against training step, one line per LoRA scale: over-training shows as context and class
+    toy share falling while subject fidelity saturates."""
+    from sdtune.eval import plot_metrics
+
+    metrics = [(key, label.rstrip(" ↑↓"), not label.endswith("↓")) for key, label in COLUMNS]
+    return plot_metrics(rows, path, best, metrics=metrics, references={})
