@@ -191,9 +191,12 @@ def render_cells(
     mask: Image.Image | None = None,
     progress: bool = False,
     adapter: str | None = None,
+    batch_seeds: dict[Cell, list[int]] | None = None,
 ) -> tuple[list[Image.Image], list[str | None]]:
     """Render every cell (batched over seeds). A failing batch becomes grey cells with the reason;
-    the other cells are kept. Returns (images, errors) in cell order."""
+    the other cells are kept. Returns (images, errors) in cell order; fills ``batch_seeds`` (if given) with
+    the seeds each cell was rendered together with, in batch order (a replay must batch them the same way:
+    batched kernels may round differently)."""
     from tqdm.auto import tqdm
 
     images: dict[Cell, Image.Image] = {}
@@ -208,6 +211,8 @@ def render_cells(
             pipe.set_adapters([adapter], adapter_weights=[key.lora_scale])
         for start in range(0, len(members), settings.batch_size):
             batch = members[start : start + settings.batch_size]
+            if batch_seeds is not None:
+                batch_seeds.update({c: [m.seed for m in batch] for c in batch})
             try:
                 out = pipe(
                     prompt=[key.prompt] * len(batch),
@@ -304,6 +309,7 @@ class Request:
     mask: str | None = None
     outpaint: tuple[int, int, int, int] | None = None
     extras: dict = field(default_factory=dict)
+    target: Cell | None = None  # a replay: the one cell to write (``cells`` holds its whole batch)
 
 
 def _load_pipeline(req: Request):
@@ -416,8 +422,10 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
         lora_sha256 = sha256_file(lora_file) if lora_file else None  # once per file, not once per cell
         if lora_file:
             _apply_lora(pipe, lora_file, family)
+        batch_seeds: dict[Cell, list[int]] = {}
         rendered, errors = render_cells(pipe, cells, req.settings, init_image=init_image, mask=mask,
-                                        progress=progress, adapter=ADAPTER if lora_file else None)
+                                        progress=progress, adapter=ADAPTER if lora_file else None,
+                                        batch_seeds=batch_seeds)
         if lora_file:
             pipe.unload_lora_weights()
         for c, im, err in zip(cells, rendered, errors):
@@ -433,11 +441,12 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
                 "lora": lora_file, "lora_sha256": lora_sha256,
                 "cell": asdict(c), "settings": asdict(req.settings), "dtype": req.dtype, "device": req.device,
                 "init_image": req.init_image, "mask": req.mask, "outpaint": req.outpaint,
+                "batch_seeds": batch_seeds.get(c, [c.seed]),
             }
             save_image(im, cells_dir / f"cell-{i:04d}.png")
             (cells_dir / f"cell-{i:04d}.json").write_text(json.dumps(sidecar, indent=2))
     if not grid:
-        return save_image(images[req.cells[0]], out), failures
+        return save_image(images[req.target or req.cells[0]], out), failures
     title = f"{Path(req.lora[0][1]).name if req.lora else 'base model'} on {req.model}"
     picture = layout(req.cells, [images[c] for c in req.cells], title=title)
     return save_image(picture, out), failures
@@ -448,8 +457,12 @@ def request_from_sidecar(path: str | Path) -> Request:
     try:
         d = json.loads(Path(path).read_text())
         cell = Cell(**d["cell"])
+        # the cell's whole batch, in its order (sidecars before batch_seeds existed: the cell alone)
+        batch = [replace(cell, seed=int(seed)) for seed in d.get("batch_seeds") or [cell.seed]]
+        if cell not in batch:
+            batch = [cell]
         return Request(
-            model=d["model"], lora=[(cell.checkpoint, d["lora"])] if d["lora"] else [], cells=[cell],
+            model=d["model"], lora=[(cell.checkpoint, d["lora"])] if d["lora"] else [], cells=batch, target=cell,
             settings=Settings(**d["settings"]), revision=d["revision"], variant=d["variant"], dtype=d["dtype"],
             device=d["device"], init_image=d["init_image"], mask=d["mask"],
             outpaint=tuple(d["outpaint"]) if d["outpaint"] else None,  # type: ignore[arg-type]

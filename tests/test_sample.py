@@ -36,7 +36,13 @@ def test_grid_axes_sidecars_and_replay(run, tmp_path, capsys):
            json.loads(c.with_suffix(".json").read_text())["cell"]["guidance_scale"],
            json.loads(c.with_suffix(".json").read_text())["cell"]["seed"]): np.asarray(Image.open(c)) for c in cells}
     assert not np.array_equal(by[(0.0, 3.0, 0)], by[(1.0, 3.0, 0)])
-    # replay renders the same pixels (same batch size is recorded in the sidecar)
+    # replay renders the same pixels: it batches the cell with the same seeds as the grid did (batched kernels
+    # may round differently, so a cell rendered alone can differ by a pixel level)
+    assert side["batch_seeds"] == [0, 1]
+    from sdtune.sample import request_from_sidecar
+
+    req = request_from_sidecar(cells[5].with_suffix(".json"))
+    assert [c.seed for c in req.cells] == [0, 1] and req.target.seed == side["cell"]["seed"]
     replay = tmp_path / "again.png"
     assert main(["sample", "--replay", str(cells[5].with_suffix(".json")), "--out", str(replay)]) == 0
     assert np.array_equal(np.asarray(Image.open(replay)), np.asarray(Image.open(cells[5])))
