@@ -206,12 +206,14 @@ def cmd_micro_subject(args: argparse.Namespace) -> int:
 
 def cmd_micro_pretrain(args: argparse.Namespace) -> int:
     from sdtune.micro.model import ship
-    from sdtune.micro.pretrain import PretrainConfig, pretrain
+    from sdtune.micro.pretrain import VAE_STAGE, PretrainConfig, pretrain
 
     quiet_libraries()
     out = Path(args.directory)
-    if out.exists() and any(out.iterdir()):
-        raise SdtuneError(f"{out} exists and is not empty; choose a new folder")
+    # An earlier pretraining folder is allowed: its trained VAE stage is reused when the settings match.
+    if out.exists() and any(out.iterdir()) and not (out / VAE_STAGE / "stage.json").is_file():
+        raise SdtuneError(f"{out} exists and is neither empty nor an earlier `sdtune micro pretrain` folder; "
+                          "choose a new folder")
     cfg = PretrainConfig(out=str(out), seed=args.seed, num_images=args.num_images, vae_steps=args.vae_steps,
                          steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
                          eval_images=args.eval_images, threads=args.threads)
@@ -246,7 +248,6 @@ def cmd_micro_check(args: argparse.Namespace) -> int:
     pipe = build_pipeline(c, info.family, scheduler=sampling_scheduler(c.noise_scheduler.config))
     pipe.to(torch.float32)  # the shipped weights are fp16; transformers 5 keeps a checkpoint's dtype
     pipe.set_progress_bar_config(disable=True)
-    torch.manual_seed(args.seed)
     scores, images, prompts = prompt_following(pipe, args.n, args.seed, args.steps, args.guidance,
                                                return_images=True)
     print(f"prompt following of {args.model} on {args.n} held-out scenes of the micro world "

@@ -874,14 +874,13 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
 
 def _cmd_eval_world(args: argparse.Namespace, spec: EvalSpec, out: Path) -> int:
     from sdtune.micro.measure import RULE, evaluate_run, subject_prompts
+    from sdtune.micro.measure import table as world_table
 
     scenes = {fill(p, spec.identifier, spec.class_noun): scene
               for p, scene in subject_prompts(args.world_prompts, "{identifier}", "{class}")}
     print(f"eval (micro world): {len(spec.loras)} checkpoint(s) x {len(spec.lora_scales)} scale(s) x "
           f"{len(spec.prompts)} subject prompts + the class prompt '{spec.class_prompt}' x {spec.images_per_prompt} images")
     rows, best, failures = evaluate_run(spec, out, scenes)
-    from sdtune.micro.measure import table as world_table
-
     print()
     print(world_table(rows, best))
     if best is not None:

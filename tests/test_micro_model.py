@@ -56,6 +56,20 @@ def test_pretraining_is_reproducible(pretrained, tmp_path):
     assert any("reusing" in line for line in lines) and _digests(again) == before
 
 
+def test_the_pretrain_command_reuses_its_own_folder_and_refuses_others(tmp_path, capsys):
+    args = ["micro", "pretrain", str(tmp_path / "m"), "--num-images", "48", "--vae-steps", "3", "--steps", "2",
+            "--batch-size", "8", "--eval-every", "2", "--eval-images", "2"]
+    assert main(args) == 0 and "micro model:" in capsys.readouterr().out
+    assert main(args) == 0  # a rerun into its own folder: the VAE stage is reused
+    assert "vae: reusing" in capsys.readouterr().out
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    assert main([*args[:2], str(other), *args[3:]]) == 2
+    assert "earlier `sdtune micro pretrain` folder" in capsys.readouterr().err
+    assert (other / "keep.txt").read_text() == "mine"
+
+
 def test_shipping_drops_the_tokenizer_and_writing_the_model_restores_it(pretrained, tmp_path):
     shipped = micro.ship(pretrained, tmp_path / "assets" / "micro")
     assert not (shipped / "tokenizer").exists() and (shipped / "unet").is_dir()

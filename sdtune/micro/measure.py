@@ -38,7 +38,11 @@ DRIFT_TOLERANCE = 0.25
 def subject_similarity(image: Image.Image) -> float:
     """0..1: a quarter each for a purple region, an orange region above it (the hat), white inside the
     purple region's box (the eyes), and the purple region being the largest foreground thing."""
-    found = world.detect(image)
+    return subject_score(world.detect(image))
+
+
+def subject_score(found: dict) -> float:
+    """``subject_similarity`` from a ``world.detect`` result (scoring reads each image once)."""
     by_color = {o["color"]: o for o in found["objects"]}
     score = 0.0
     purple, orange, white = by_color.get("purple"), by_color.get("orange"), by_color.get("white")
@@ -59,27 +63,29 @@ def subject_similarity(image: Image.Image) -> float:
     return score
 
 
-def context_ok(image: Image.Image, scene: world.Scene) -> bool:
-    """The scene's background colours are on the border, and every non-subject thing's colour is there."""
-    found = world.detect(image)
+def context_ok(image: Image.Image, scene: world.Scene, found: dict | None = None) -> bool:
+    """The scene's background colours are on the border, and every non-subject thing's colour is there.
+    ``found``: the image's ``world.detect`` result, if already made."""
+    found = found or world.detect(image)
     colors = {o["color"] for o in found["objects"]}
     background = set(scene.background.colors) <= set(found["background_colors"])
     others = all(c in colors for t in scene.things if not t.subject for c in t.colors)
     return background and others
 
 
-def is_toy(image: Image.Image) -> bool:
+def is_toy(image: Image.Image, found: dict | None = None) -> bool:
     """A toy is made of parts: two or more foreground colours, one above the other."""
-    objects = world.detect(image)["objects"]
+    objects = (found or world.detect(image))["objects"]
     if len(objects) < 2:
         return False
     (_, a0, _, a1), (_, b0, _, b1) = objects[0]["bbox"], objects[1]["bbox"]
     return abs((a0 + a1) / 2 - (b0 + b1) / 2) > 2  # centres at different heights (px)
 
 
-def color_diversity(images: list[Image.Image]) -> float:
+def color_diversity(images: list[Image.Image], found: list[dict] | None = None) -> float:
     """Mean pairwise Jaccard distance of the images' foreground colour sets: 0 when all alike."""
-    sets = [frozenset(o["color"] for o in world.detect(im)["objects"]) for im in images]
+    found = found or [world.detect(im) for im in images]
+    sets = [frozenset(o["color"] for o in f["objects"]) for f in found]
     pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1:]]
     if not pairs:
         return 0.0
@@ -195,19 +201,21 @@ def score_rows(spec, folders: dict[str, Path], scenes: dict[str, world.Scene]) -
                                       lambda c, s=scale: c.lora_scale == s and c.prompt == spec.class_prompt)
             subject, context, per_prompt = [], [], []
             for prompt, images in by_prompt.items():
-                sims = [subject_similarity(im) for im in images]
-                oks = [context_ok(im, scenes[prompt]) for im in images]
+                found = [world.detect(im) for im in images]  # each image read once for both measures
+                sims = [subject_score(f) for f in found]
+                oks = [context_ok(im, scenes[prompt], f) for im, f in zip(images, found)]
                 subject += sims
                 context += oks
                 per_prompt.append({"prompt": prompt, "subject": round(sum(sims) / len(sims), 3),
                                    "context": round(sum(oks) / len(oks), 3)})
             klass = by_class.get(spec.class_prompt, [])
+            klass_found = [world.detect(im) for im in klass]
             mean = lambda xs: round(sum(xs) / len(xs), 3) if xs else 0.0  # noqa: E731
             rows.append(WorldRow(
                 label, spec.steps.get(label), scale, subject=mean(subject), context=mean([float(x) for x in context]),
-                class_subject=mean([subject_similarity(im) for im in klass]),
-                class_toy=mean([float(is_toy(im)) for im in klass]),
-                class_diversity=round(color_diversity(klass), 3), images=len(subject) + len(klass),
+                class_subject=mean([subject_score(f) for f in klass_found]),
+                class_toy=mean([float(is_toy(im, f)) for im, f in zip(klass, klass_found)]),
+                class_diversity=round(color_diversity(klass, klass_found), 3), images=len(subject) + len(klass),
                 per_prompt=per_prompt,
             ))
     return rows

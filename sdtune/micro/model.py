@@ -109,6 +109,16 @@ def build(seed: int = 0, unet_width: int = 48):
             UNet2DConditionModel(**unet_config(unet_width)))
 
 
+def pipeline(tokenizer: Any, text_encoder: Any, vae: Any, unet: Any):
+    """A ``StableDiffusionPipeline`` around the given modules (no copies), with the sampling scheduler."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampling_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
 def save_pipeline(directory: str | Path, tokenizer: Any, text_encoder: Any, vae: Any, unet: Any,
                   dtype: str = "fp16") -> Path:
     """Write the model as a diffusers pipeline folder (safetensors), weights in ``dtype``; the modules passed
@@ -116,18 +126,13 @@ def save_pipeline(directory: str | Path, tokenizer: Any, text_encoder: Any, vae:
     import copy
 
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from sdtune.tokens import write_clip_tokenizer_files
 
     if dtype == "fp16":
         text_encoder, vae, unet = (copy.deepcopy(m).to(torch.float16) for m in (text_encoder, vae, unet))
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampling_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
     directory = Path(directory)
-    pipe.save_pretrained(directory, safe_serialization=True)
+    pipeline(tokenizer, text_encoder, vae, unet).save_pretrained(directory, safe_serialization=True)
     write_clip_tokenizer_files(directory / "tokenizer")
     return directory
 
@@ -144,26 +149,31 @@ def shipped_dir() -> Path:
     return Path(str(resources.files("sdtune").joinpath("assets", "micro")))
 
 
-def ship(model_dir: str | Path, target: str | Path | None = None) -> Path:
-    """Copy a pretrained micro model's weights and configs (not its tokenizer) into the package data."""
+def _copy_parts(source: Path, target: Path) -> None:
+    """Copy SHIPPED_PARTS of a model folder (weights, configs, report; not the tokenizer) into ``target``."""
     import shutil
 
-    source, target = Path(model_dir), Path(target) if target else shipped_dir()
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
+    target.mkdir(parents=True, exist_ok=True)
     for part in SHIPPED_PARTS:
         if (source / part).is_dir():
             shutil.copytree(source / part, target / part)
         elif (source / part).is_file():
             shutil.copy2(source / part, target / part)
+
+
+def ship(model_dir: str | Path, target: str | Path | None = None) -> Path:
+    """Copy a pretrained micro model's weights and configs (not its tokenizer) into the package data."""
+    import shutil
+
+    target = Path(target) if target else shipped_dir()
+    if target.exists():
+        shutil.rmtree(target)
+    _copy_parts(Path(model_dir), target)
     return target
 
 
 def write_model(directory: str | Path, source: str | Path | None = None) -> Path:
     """Write the shipped micro model as a complete diffusers pipeline folder (tokenizer included)."""
-    import shutil
-
     from sdtune.errors import SdtuneError
     from sdtune.tokens import clip_tokenizer, write_clip_tokenizer_files
 
@@ -173,12 +183,7 @@ def write_model(directory: str | Path, source: str | Path | None = None) -> Path
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         raise SdtuneError(f"{directory} exists and is not empty; choose a new folder")
-    directory.mkdir(parents=True, exist_ok=True)
-    for part in SHIPPED_PARTS:
-        if (source / part).is_dir():
-            shutil.copytree(source / part, directory / part)
-        elif (source / part).is_file():
-            shutil.copy2(source / part, directory / part)
+    _copy_parts(source, directory)
     clip_tokenizer().save_pretrained(directory / "tokenizer")
     write_clip_tokenizer_files(directory / "tokenizer")
     return directory

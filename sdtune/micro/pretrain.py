@@ -152,7 +152,6 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     import copy
 
     import torch
-    from diffusers import StableDiffusionPipeline
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -196,9 +195,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     def save_and_score(step: int) -> None:
         ema_unet.eval()
         ema_text.eval()
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet,
-                                       scheduler=micro.sampling_scheduler(), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        pipe = micro.pipeline(tokenizer, ema_text, vae, ema_unet)
         pipe.set_progress_bar_config(disable=True)
         scores = measure.prompt_following(pipe, cfg.eval_images, seed=cfg.seed)
         history.append({"step": step, "seconds": round(time.time() - t2), **asdict(scores)})
