@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO := .cache/demo
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# the fast lane: everything but the tests marked slow (long trainings, subprocess launches, the notebook)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check sdtune tests bench

@@ -22,26 +22,30 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from sdtune.cli import quiet_imports, quiet_libraries
+    from sdtune import families
+    from sdtune.cli.console import quiet_imports, quiet_libraries
+    from sdtune.models import DTYPES
+    from sdtune.schedulers import SCHEDULERS
 
     quiet_imports()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=("sd15", "sd2", "sdxl"), default="sd15")
+    p.add_argument("--family", choices=families.names(), default="sd15")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seeds", type=int, default=4, help="images in the grid (one prompt)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--scheduler", default="dpmpp_2m")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="dpmpp_2m")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--workdir")
     args = p.parse_args()
     quiet_libraries()
 
     import torch
 
+    from sdtune.grid import Cell, Settings
     from sdtune.lora import add_lora, save_diffusers_lora
     from sdtune.models import inspect_model, load_components, write_random_model
-    from sdtune.sample import Cell, Request, Settings, run_sample
+    from sdtune.sample import Request, run_sample
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sdtune-sample-bench-"))
     model = work / f"model-{args.family}-{args.size}"
@@ -51,12 +55,12 @@ def main() -> None:
     lora_dir = work / "lora"
     if not (lora_dir / "pytorch_lora_weights.safetensors").is_file():
         c = load_components(str(model), info.family)
-        add_lora(c.unet, 4, 4, ["to_k", "to_q", "to_v", "to_out.0"])
+        add_lora(c.denoiser, 4, 4, ["to_k", "to_q", "to_v", "to_out.0"])
         with torch.no_grad():  # a non-zero B so the LoRA really does work in every layer
-            for n, prm in c.unet.named_parameters():
+            for n, prm in c.denoiser.named_parameters():
                 if "lora_B" in n:
                     prm.normal_(0, 0.01)
-        save_diffusers_lora(lora_dir, info.family, c.unet)
+        save_diffusers_lora(lora_dir, info.family, {info.family.denoiser_name: c.denoiser})
     lora = str(lora_dir / "pytorch_lora_weights.safetensors")
     settings = Settings(steps=args.steps, width=info.resolution, height=info.resolution,
                         scheduler=args.scheduler, batch_size=args.batch_size)
@@ -73,7 +77,7 @@ def main() -> None:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0  # includes loading the pipeline, as a user's `sdtune sample` does
     print(json.dumps({
-        "family": info.family, "size": args.size, "resolution": info.resolution, "images": args.seeds,
+        "family": info.family.name, "size": args.size, "resolution": info.resolution, "images": args.seeds,
         "steps": args.steps, "batch_size": args.batch_size, "dtype": args.dtype, "scheduler": args.scheduler,
         "s_per_grid_with_load": round(seconds, 3), "s_per_image_with_load": round(seconds / args.seeds, 3),
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,

@@ -27,11 +27,12 @@ TFLOP_PER_IMAGE = {("sd15", 512): 1.80, ("sdxl", 1024): 14.7}
 
 
 def main() -> None:
-    from sdtune.cli import quiet_imports, quiet_libraries
+    from sdtune import families
+    from sdtune.cli.console import quiet_imports, quiet_libraries
 
     quiet_imports()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=("sd15", "sd2", "sdxl"), default="sd15")
+    p.add_argument("--family", choices=families.names(), default="sd15")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny")
     p.add_argument("--model", help="use this model folder instead of writing a random one")
     p.add_argument("--resolution", type=int, help="default: the model's native size")
@@ -89,7 +90,7 @@ def main() -> None:
     summary = json.loads((out / "train_summary.json").read_text())
     # train() times from min(10, max_steps / 2) steps on; report exactly what it measured.
     result = {
-        "family": info.family,
+        "family": info.family.name,
         "size": args.size,
         "resolution": resolution,
         "batch_size": args.batch_size,
@@ -105,7 +106,7 @@ def main() -> None:
         "peak_gpu_mem_gib": None if summary["peak_gpu_mem_gib"] is None else round(summary["peak_gpu_mem_gib"], 2),
         "device": summary["device"],
     }
-    flop = TFLOP_PER_IMAGE.get((info.family, resolution)) if args.size == "full" else None
+    flop = TFLOP_PER_IMAGE.get((info.family.name, resolution)) if args.size == "full" else None
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in summary["device"]), None)
     result["mfu"] = round(flop * summary["img_per_s"] / peak, 4) if flop and peak else None
     print(json.dumps(result))

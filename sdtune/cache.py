@@ -6,26 +6,25 @@ still draws a fresh latent from it exactly as the uncached path does. Files live
 keyed by the image's content hash, the VAE's identity, the target size (the square resolution, or an
 aspect-ratio bucket) and the crop, so reruns and resumes skip the encoding.
 
-Text: with the text encoders frozen, each distinct caption is encoded once and kept on the device.
+Text: with the text encoders frozen, each distinct caption is encoded once and kept on the device, as the
+family's prompt embeddings (``Family.encode_prompt``: hidden states, pooled embeddings, ...).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from sdtune.checkpoint import sha256_file
 from sdtune.data import Size, load_image
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SDTUNE_CACHE", Path.home() / ".cache" / "sdtune"))
+from sdtune.files import atomic_path, sha256_file
 
 
 def vae_identity(pretrained: str, revision: str | None, variant: str | None, vae_config: dict, dtype: str) -> str:
@@ -53,9 +52,6 @@ def cache_latents(
     """Latent distribution parameters (8, h/8, w/8) on the CPU for every (image, flip, size (w, h)),
     keyed ``(str(path), flip, size)``, encoding only the ones not on disk yet. Centre crops only: a random
     crop would need a new latent every step."""
-    from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
-
     directory.mkdir(parents=True, exist_ok=True)
     hashes = {p: sha256_file(p) for p in {p for p, _, _ in items}}
     out: dict[tuple[str, bool, Size], torch.Tensor] = {}
@@ -79,9 +75,8 @@ def cache_latents(
         ).to(device, dtype)  # (B, 3, h, w)
         params = vae.encode(pixels).latent_dist.parameters.float().cpu()  # (B, 8, h/8, w/8)
         for (path, flip, _, file), p in zip(batch, params):
-            tmp = file.with_name(f".{file.name}.tmp")
-            save_file({"params": p.contiguous()}, tmp)
-            tmp.replace(file)  # atomic: a killed run never leaves half a cache file
+            with atomic_path(file) as tmp:  # a killed run never leaves half a cache file
+                save_file({"params": p.contiguous()}, tmp)
             out[(str(path), flip, size)] = p
         bar.update(len(batch))
         start += len(batch)
@@ -89,18 +84,23 @@ def cache_latents(
     return out
 
 
-@torch.no_grad()
-def cache_text(
-    captions: list[str], encode: Any, batch_size: int = 16
-) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """caption -> (encoder_hidden_states (77, D), pooled (D2,) or None), for each distinct caption.
+class TextCache:
+    """Prompt embeddings of each distinct caption, computed once: ``{caption: {name: tensor without the batch
+    dimension}}``, on the device of the encoders."""
 
-    ``encode(list_of_captions)`` returns the batched (hidden, pooled) the training step uses."""
-    unique = list(dict.fromkeys(captions))
-    out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for start in range(0, len(unique), batch_size):
-        chunk = unique[start : start + batch_size]
-        hidden, pooled = encode(chunk)
-        for i, caption in enumerate(chunk):
-            out[caption] = (hidden[i], None if pooled is None else pooled[i])
-    return out
+    def __init__(self, captions: list[str], encode: Callable[[list[str]], dict[str, torch.Tensor]],
+                 batch_size: int = 16):
+        """``encode(captions)`` returns the batched prompt embeddings the training step uses."""
+        unique = list(dict.fromkeys(captions))
+        self.embeddings: dict[str, dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            for start in range(0, len(unique), batch_size):
+                chunk = unique[start : start + batch_size]
+                batch = encode(chunk)
+                for i, caption in enumerate(chunk):
+                    self.embeddings[caption] = {name: value[i] for name, value in batch.items()}
+
+    def __getitem__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The batched embeddings of ``captions`` (each (B, ...)), as ``encode`` would give them."""
+        rows = [self.embeddings[caption] for caption in captions]
+        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}

@@ -10,9 +10,7 @@ Old checkpoints are pruned only after the new one verifies.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -20,10 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from sdtune.errors import SdtuneError
+from sdtune.families import Family
+from sdtune.files import fsync, sha256_file
+from sdtune.lora import adapter_state_dict, load_adapter_state_dict, save_diffusers_lora
+from sdtune.runs import CHECKPOINTS, MARKER, complete_checkpoints
 
-MANIFEST, MARKER = "manifest.json", "COMPLETE"
+MANIFEST = "manifest.json"
 
 # Keys of the config that may change between a checkpoint and its resume; anything else alters the run.
 RESUMABLE_CHANGES = {
@@ -96,33 +99,17 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 # Files
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(folder: Path) -> None:
     """fsync every file, then record its size and sha256, then the marker (each fsynced, then the folder)."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (MANIFEST, MARKER))
     for p in files:
-        _fsync(p)
+        fsync(p)
     manifest = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    _fsync(folder / MANIFEST)
+    fsync(folder / MANIFEST)
     (folder / MARKER).write_text("ok\n")
-    _fsync(folder / MARKER)
-    _fsync(folder)
+    fsync(folder / MARKER)
+    fsync(folder)
 
 
 def verify(folder: Path) -> str | None:
@@ -155,25 +142,11 @@ def _discard(folder: Path) -> None:
 
 def clean_temporary(output_dir: Path) -> list[Path]:
     """Remove temporary folders left by a save that was killed; return what was removed."""
-    root = output_dir / "checkpoints"
+    root = output_dir / CHECKPOINTS
     leftovers = sorted(root.glob(".tmp-*")) if root.is_dir() else []
     for p in leftovers:
         shutil.rmtree(p, ignore_errors=True)
     return leftovers
-
-
-def run_config(target: Path) -> dict:
-    """The config a run folder, checkpoint folder or LoRA file inside one was trained with: a checkpoint's
-    own ``state.json`` first (exact), else the nearest ``config.yaml`` above; {} if none."""
-    import yaml
-
-    state = target / "state.json"
-    if state.is_file():
-        return json.loads(state.read_text()).get("config") or {}
-    for folder in (target, *target.parents[:3]):
-        if (folder / "config.yaml").is_file():
-            return yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    return {}
 
 
 def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
@@ -185,8 +158,7 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
         if problem:
             raise SdtuneError(f"train.resume: {path} cannot be used: {problem}")
         return path
-    root = output_dir / "checkpoints"
-    done = sorted(p for p in root.glob("step-*") if (p / MARKER).is_file()) if root.is_dir() else []
+    done = complete_checkpoints(output_dir)
     if not done:
         return None
     problem = verify(done[-1])
@@ -205,15 +177,11 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
 
 def save_checkpoint(
     accelerator: Any, output_dir: Path, global_step: int, trained: dict[str, torch.nn.Module], optimizer: Any,
-    lr_scheduler: Any, generator: torch.Generator, config: dict, family: str, limit: int | None,
+    lr_scheduler: Any, generator: torch.Generator, config: dict, family: Family, limit: int | None,
 ) -> Path:
     """Write ``checkpoints/step-NNNNNN/`` atomically and verified, then prune old ones (main process writes
     all but the per-process random state)."""
-    from safetensors.torch import save_file
-
-    from sdtune.lora import adapter_state_dict, save_diffusers_lora
-
-    root = output_dir / "checkpoints"
+    root = output_dir / CHECKPOINTS
     final = root / f"step-{global_step:06d}"
     tmp = root / f".tmp-step-{global_step:06d}"
     states = {name: adapter_state_dict(module) for name, module in trained.items()}
@@ -233,14 +201,14 @@ def save_checkpoint(
                 save_file(sd, tmp / f"adapter-{name}.safetensors")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-            save_diffusers_lora(tmp, family, **trained)
+            save_diffusers_lora(tmp, family, trained)
             state = {"global_step": global_step, "num_processes": accelerator.num_processes, "config": config}
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
             write_manifest(tmp)
             if final.exists():  # saving the same step again (a resume at max_steps): replace it whole
                 _discard(final)
             tmp.rename(final)
-            _fsync(root)
+            fsync(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
@@ -253,8 +221,7 @@ def save_checkpoint(
         problem = verify(final)
         if problem:  # keep every older checkpoint if the new one does not read back
             raise SdtuneError(f"checkpoint {final} did not verify after saving ({problem}); older ones kept")
-        done = sorted(p for p in root.glob("step-*") if (p / MARKER).is_file())
-        for old in done[:-limit]:
+        for old in complete_checkpoints(output_dir)[:-limit]:
             _discard(old)
     accelerator.wait_for_everyone()
     return final
@@ -265,10 +232,6 @@ def load_checkpoint(
     generator: torch.Generator, config: dict,
 ) -> int:
     """Restore adapters, optimizer, LR schedule and random streams; return the step to continue from."""
-    from safetensors.torch import load_file
-
-    from sdtune.lora import load_adapter_state_dict
-
     state = json.loads((path / "state.json").read_text())
     drift = config_drift(state["config"], config)
     if drift:

@@ -1,22 +1,39 @@
 """The run recipe: one typed config tree, loaded from YAML plus ``a.b=value`` overrides.
 
-Every problem (unknown key, wrong type, bad range, missing folder, missing model, option of another model
-family) is collected and reported at once, naming the key as the user writes it and the fix, before any
-weights load. Only ``cli.py`` and ``train()`` see the whole tree; everything below takes explicit arguments.
+Every structural problem (unknown key with a "did you mean", wrong type, bad range, missing section) is
+collected and reported at once, naming the key as the user writes it and the fix; ``sdtune.plan`` then
+checks what needs the disk and the model's config files, still before any weight loads. Only the CLI and
+``train()`` see the whole tree; everything below takes explicit arguments.
+
+The sections are ``model``, ``data``, ``prior``, ``lora``, ``train``, ``sample``, plus one per model family
+that has options of its own (``Family.options_section``, e.g. ``sdxl``).
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
 
+from sdtune import families
 from sdtune.errors import SdtuneError
+
+# YAML 1.1 (PyYAML) reads 1e-4 and 1e3 as strings. pydantic's lax mode parses such strings for float fields;
+# for int fields (train.max_steps: 1e3) the section validator below turns whole-number ones into numbers.
+_SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 class ConfigError(SdtuneError):
@@ -29,6 +46,14 @@ class ConfigError(SdtuneError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _scientific_int(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = str(cls.model_fields[info.field_name].annotation) if info.field_name else ""
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()) and "int" in annotation:
+            return float(value)  # pydantic takes 1000.0 for an int, and refuses 1.5 with a clear message
+        return value
 
 
 class ModelConfig(_Section):
@@ -79,13 +104,6 @@ class LoraConfig(_Section):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1
     )
     text_encoder_lr: float | None = Field(None, gt=0, description="default: train.learning_rate")
-
-
-class SDXLConfig(_Section):
-    """Options that exist only for SDXL models; setting one for another family is an error."""
-
-    crop_conditioning: bool = Field(True, description="pass each crop's top-left corner as micro-conditioning")
-    train_text_encoder_2: bool = Field(True, description="with lora.train_text_encoder, also train encoder 2")
 
 
 class TrainConfig(_Section):
@@ -139,20 +157,35 @@ class SampleConfig(_Section):
     guidance_scale: float = Field(7.5, ge=0)
 
 
-class Config(_Section):
-    model: ModelConfig
-    data: DataConfig
-    prior: PriorConfig = PriorConfig()
-    lora: LoraConfig = LoraConfig()
-    sdxl: SDXLConfig = SDXLConfig()
-    train: TrainConfig = TrainConfig()
-    sample: SampleConfig = SampleConfig()
-
+class _Config(_Section):
     def to_yaml(self) -> str:
+        """The resolved recipe, every key, as YAML (what ``config.yaml`` in a run folder holds)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def family_options(self, family: families.Family) -> BaseModel | None:
+        """The options section of ``family`` (e.g. ``sdxl``), None for a family without one."""
+        return getattr(self, family.options_section) if family.options_section else None
 
-SECTIONS: dict[str, type[_Section]] = {
+
+def _family_sections() -> dict[str, Any]:
+    """One optional section per family with options of its own, named as recipes spell it."""
+    return {f.options_section: (f.options, f.options()) for f in families.registered() if f.options_section}
+
+
+# The whole tree. Built with create_model so that a family's options section comes from the family.
+Config = create_model(
+    "Config",
+    __base__=_Config,
+    model=(ModelConfig, ...),
+    data=(DataConfig, ...),
+    prior=(PriorConfig, PriorConfig()),
+    lora=(LoraConfig, LoraConfig()),
+    **_family_sections(),
+    train=(TrainConfig, TrainConfig()),
+    sample=(SampleConfig, SampleConfig()),
+)
+
+SECTIONS: dict[str, type[BaseModel]] = {
     name: field.annotation for name, field in Config.model_fields.items()  # type: ignore[misc]
 }
 
@@ -199,7 +232,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    return parts, _fix_scientific(value)
+    return parts, value
 
 
 def _read_recipe(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -219,24 +252,8 @@ def _read_recipe(path: str | os.PathLike | None) -> dict[str, Any]:
     return raw
 
 
-def _fix_scientific(node: Any) -> Any:
-    # YAML 1.1 (PyYAML) reads 1e-4 as the string "1e-4"; every recipe author writes it so.
-    if isinstance(node, dict):
-        return {k: _fix_scientific(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_scientific(v) for v in node]
-    if isinstance(node, str):
-        try:
-            return float(node) if ("e" in node.lower() and node.strip()[0] in "0123456789.+-") else node
-        except ValueError:
-            return node
-    return node
-
-
-def load_config(recipe: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a recipe and apply overrides; raise ConfigError listing every structural problem."""
-    raw = _fix_scientific(_read_recipe(recipe))
-    problems: list[str] = []
+def _apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], problems: list[str]) -> None:
+    """Set each ``a.b=value`` in ``raw``; a malformed one becomes a problem."""
     for text in overrides:
         try:
             parts, value = parse_override(text)
@@ -253,7 +270,9 @@ def load_config(recipe: str | os.PathLike | None, overrides: list[str] | tuple[s
         else:
             node[parts[-1]] = value
 
-    sections: dict[str, Any] = {}
+
+def _validate_sections(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """Each known section validated on its own, so that an error in one does not hide those in another."""
     for name, value in raw.items():
         if name not in SECTIONS:
             close = difflib.get_close_matches(str(name), list(SECTIONS), n=1)
@@ -261,144 +280,26 @@ def load_config(recipe: str | os.PathLike | None, overrides: list[str] | tuple[s
             problems.append(f"{name}: unknown section{hint}")
         elif value is not None and not isinstance(value, dict):
             problems.append(f"{name}: must be a section of keys, got {value!r}")
-    # Validate each section on its own so that an error in one does not hide the errors in another.
+    sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         value = raw.get(name) or {}
         if name not in raw and Config.model_fields[name].is_required():
             required = [k for k, f in cls.model_fields.items() if f.is_required()]
             problems.append(f"{name}: required section (with {', '.join(f'{name}.{k}' for k in required)})")
-            continue
-        if not isinstance(value, dict):
-            continue
-        try:
-            sections[name] = cls.model_validate(value)
-        except ValidationError as e:
-            problems.extend(_problem_from_pydantic(name, err) for err in e.errors())
+        elif isinstance(value, dict):
+            try:
+                sections[name] = cls.model_validate(value)
+            except ValidationError as e:
+                problems.extend(_problem_from_pydantic(name, err) for err in e.errors())
+    return sections
+
+
+def load_config(recipe: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a recipe and apply overrides; raise ConfigError listing every structural problem."""
+    raw = _read_recipe(recipe)
+    problems: list[str] = []
+    _apply_overrides(raw, overrides, problems)
+    sections = _validate_sections(raw, problems)
     if problems:
         raise ConfigError(problems)
     return Config(**sections)
-
-
-def class_images_dir(cfg: Config, resolution: int) -> Path:
-    """Where class images live: ``prior.class_dir``, or a cache folder shared by runs of the same
-    model, prompt and size (so a second run reuses what the first generated)."""
-    if cfg.prior.class_dir:
-        return Path(cfg.prior.class_dir)
-    key = "|".join(
-        [cfg.model.pretrained, cfg.model.revision or "", cfg.model.variant or "", cfg.prior.class_prompt or "",
-         str(resolution)]
-    )
-    cache = Path(os.environ.get("SDTUNE_CACHE", Path.home() / ".cache" / "sdtune"))
-    return cache / "class_images" / hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------------------------
-# Checks that look at the disk and the model's config files (never its weights)
-
-
-class RunPlan(BaseModel):
-    """What ``check_run`` found: enough to start training without asking the disk again."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
-
-    model: Any  # models.ModelInfo
-    resolution: int
-    examples: list[Any]  # data.Example
-    class_dir: Path | None
-    warnings: list[str]
-
-
-def check_run(cfg: Config) -> RunPlan:
-    """Check model presence, data, and options that depend on the model family; raise ConfigError with
-    every problem at once. Reads config files and image headers only."""
-    from accelerate import init_empty_weights
-
-    from sdtune.data import scan_instance_dir
-    from sdtune.models import FAMILY_NAMES, inspect_model
-
-    problems: list[str] = []
-    info = None
-    try:
-        info = inspect_model(cfg.model.pretrained, cfg.model.revision)
-    except SdtuneError as e:
-        problems.append(str(e))
-
-    scan = scan_instance_dir(cfg.data.instance_dir, cfg.data.identifier, cfg.data.instance_prompt)
-    problems += scan.problems
-    warnings = list(scan.warnings)
-    if cfg.data.instance_prompt and cfg.data.identifier not in cfg.data.instance_prompt:
-        problems.append(
-            f"data.instance_prompt: '{cfg.data.instance_prompt}' does not contain data.identifier "
-            f"'{cfg.data.identifier}'; fix: e.g. 'a photo of {cfg.data.identifier} dog'"
-        )
-
-    if cfg.prior.enabled:
-        if not cfg.prior.class_prompt:
-            problems.append("prior.class_prompt: required with prior.enabled=true; fix: e.g. 'a photo of a dog'")
-        elif cfg.data.identifier in cfg.prior.class_prompt.split():
-            problems.append(
-                f"prior.class_prompt: '{cfg.prior.class_prompt}' contains the identifier "
-                f"'{cfg.data.identifier}'; the class prompt names the class only, e.g. 'a photo of a dog'"
-            )
-    if cfg.data.aspect_buckets and not cfg.data.center_crop:
-        warnings.append("data.center_crop=false is not used with data.aspect_buckets=true: each image is "
-                        "centre-cropped to its bucket")
-    if not cfg.sample.prompts and not (scan.examples or cfg.data.instance_prompt):
-        problems.append("sample.prompts: nothing to sample; set sample.prompts")
-
-    if cfg.train.report_to == "wandb":
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            problems.append("train.report_to: wandb is not installed; pip install wandb, or use tensorboard")
-    resume = cfg.train.resume
-    if resume and resume != "latest" and not Path(resume).is_dir():
-        problems.append(f"train.resume: {resume} is not a checkpoint folder; use 'latest' or a path")
-    earlier = sorted(Path(cfg.train.output_dir).glob("checkpoints/step-*/COMPLETE"))
-    if earlier and not resume:
-        # Never overwrite an earlier run's checkpoints by starting afresh in the same folder.
-        problems.append(
-            f"train.output_dir: {cfg.train.output_dir} already holds checkpoints of a run (newest "
-            f"{earlier[-1].parent.name}); fix: train.resume=latest to continue it, or another train.output_dir"
-        )
-    if cfg.train.lr_warmup_steps >= cfg.train.max_steps and cfg.train.lr_warmup_steps > 0:
-        problems.append(
-            f"train.lr_warmup_steps: {cfg.train.lr_warmup_steps} is not below train.max_steps "
-            f"{cfg.train.max_steps}; the run would never reach the full learning rate"
-        )
-
-    resolution = cfg.data.resolution
-    if info is not None:
-        resolution = resolution or info.resolution
-        if info.family != "sdxl":
-            for key in sorted(cfg.sdxl.model_fields_set):
-                problems.append(
-                    f"sdxl.{key}: an SDXL-only option, but {cfg.model.pretrained} is an {FAMILY_NAMES[info.family]} "
-                    "model; fix: remove it"
-                )
-        # Check LoRA targets against the real module names, on an empty (meta) skeleton of the UNet.
-        from diffusers import UNet2DConditionModel
-
-        from sdtune.models import read_model_file
-
-        with init_empty_weights():
-            unet = UNet2DConditionModel.from_config(read_model_file(cfg.model.pretrained, "unet/config.json", cfg.model.revision))
-        names = [n for n, _ in unet.named_modules()]
-        for target in cfg.lora.target_modules:
-            if not any(n == target or n.endswith("." + target) for n in names):
-                problems.append(
-                    f"lora.target_modules: no UNet module is named '{target}'; "
-                    "fix: e.g. [to_k, to_q, to_v, to_out.0] (attention) plus [proj_in, proj_out, ff.net.0.proj, ff.net.2]"
-                )
-        if cfg.lora.train_text_encoder:
-            known = {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
-            for target in cfg.lora.text_encoder_target_modules:
-                if target not in known:
-                    problems.append(
-                        f"lora.text_encoder_target_modules: CLIP has no module '{target}'; choose from "
-                        f"{', '.join(sorted(known))}"
-                    )
-    if problems:
-        raise ConfigError(problems)
-    class_dir = class_images_dir(cfg, resolution) if cfg.prior.enabled else None  # type: ignore[arg-type]
-    return RunPlan(model=info, resolution=resolution, examples=scan.examples, class_dir=class_dir, warnings=warnings)

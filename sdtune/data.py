@@ -26,6 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdtune.images import Unreadable, read_image
+from sdtune.prep import nearest_bucket
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 Size = tuple[int, int]  # (width, height) of a training crop, as PIL and `sdtune prep` write sizes
 
@@ -58,14 +61,10 @@ def list_images(folder: str | Path) -> list[Path]:
 
 def _decode(path: Path, resolution: int):
     """Upright sRGB RGB through the safe reader: allowed decoders only, decompression bombs refused."""
-    from sdtune.images import read_image
-
     return read_image(path.read_bytes(), path.suffix, resolution, Image.MAX_IMAGE_PIXELS, (255, 255, 255))
 
 
 def _unreadable(path: Path) -> str | None:
-    from sdtune.images import Unreadable
-
     try:
         _decode(path, 64)
         return None
@@ -73,6 +72,36 @@ def _unreadable(path: Path) -> str | None:
         return str(e)
     except OSError as e:
         return f"{type(e).__name__}: {e}"
+
+
+def _read_metadata(folder: Path, key: str, scan: Scan) -> dict[str, str] | None:
+    """{file name: caption} from ``metadata.jsonl`` (None without one); bad lines become problems."""
+    metadata = folder / "metadata.jsonl"
+    if not metadata.is_file():
+        return None
+    captions: dict[str, str] = {}
+    for n, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[str(row["file_name"])] = str(row["text"])
+        except (ValueError, KeyError, TypeError):
+            scan.problems.append(f"{key}: {metadata} line {n} is not a JSON object with file_name and text")
+    for name in captions:
+        if not (folder / name).is_file():
+            scan.problems.append(f"{key}: {metadata} names {name}, which is not in the folder")
+    return captions
+
+
+def _listed(images: list[Path], captions: dict[str, str], scan: Scan) -> list[Path]:
+    """As datasets' imagefolder does: with a metadata.jsonl, images it does not list are not examples
+    (`sdtune prep`'s contact_sheet.jpg among them)."""
+    unlisted = [p.name for p in images if p.name not in captions and p.name != "contact_sheet.jpg"]
+    if unlisted:
+        scan.warnings.append(f"not in metadata.jsonl, so not used: {', '.join(unlisted[:5])}"
+                             + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else ""))
+    return [p for p in images if p.name in captions]
 
 
 def scan_instance_dir(
@@ -90,50 +119,25 @@ def scan_instance_dir(
             f"{key}: {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add 3-20 photos of the subject"
         )
         return scan
-
-    captions: dict[str, str] = {}
-    metadata = folder / "metadata.jsonl"
-    if metadata.is_file():
-        for n, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                captions[str(row["file_name"])] = str(row["text"])
-            except (ValueError, KeyError, TypeError):
-                scan.problems.append(
-                    f"{key}: {metadata} line {n} is not a JSON object with file_name and text"
-                )
-        for name in captions:
-            if not (folder / name).is_file():
-                scan.problems.append(f"{key}: {metadata} names {name}, which is not in the folder")
-
-    if metadata.is_file():
-        # As datasets' imagefolder does: with a metadata.jsonl, images it does not list are not examples
-        # (`sdtune prep`'s contact_sheet.jpg among them).
-        unlisted = [p.name for p in images if p.name not in captions and p.name != "contact_sheet.jpg"]
-        if unlisted:
-            scan.warnings.append(f"not in metadata.jsonl, so not used: {', '.join(unlisted[:5])}"
-                                 + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else ""))
-        images = [p for p in images if p.name in captions]
-    for path in list(images):
+    captions = _read_metadata(folder, key, scan)
+    if captions is not None:
+        images = _listed(images, captions, scan)
+    for path in images:
         if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
             scan.problems.append(f"{key}: {path.name} is a link to a file outside the folder; refused")
-            images.remove(path)
-    for path in images:
-        caption = captions.get(path.name)
+            continue
         sidecar = path.with_suffix(".txt")
+        caption = (captions or {}).get(path.name)
         if caption is None and sidecar.is_file():
             caption = sidecar.read_text(encoding="utf-8").strip()
-        if caption is None:
-            caption = instance_prompt
+        caption = caption if caption is not None else instance_prompt
         if caption is None:
             scan.problems.append(
                 f"{key}: {path.name} has no caption; fix: set data.instance_prompt (e.g. 'a photo of "
                 f"{identifier} dog') or give it one in metadata.jsonl"
             )
             continue
-        if identifier not in caption.split() and identifier not in caption:
+        if identifier not in caption:
             scan.warnings.append(f"{path.name}: caption '{caption}' does not contain the identifier '{identifier}'")
         reason = _unreadable(path)
         if reason:
@@ -202,18 +206,7 @@ def load_image(path: Path, size: int | Size, center_crop: bool, flip: bool, rng:
 def assign_buckets(paths: list[Path], resolution: int, multiple: int = 1) -> list[Size]:
     """The training bucket (w, h) of each image: of ``sdtune prep --crop bucket``'s buckets at
     ``resolution`` whose sides are multiples of ``multiple``, the one nearest its upright aspect ratio."""
-    from sdtune.prep import nearest_bucket
-
     return [nearest_bucket(upright_size(p), resolution, multiple) for p in paths]
-
-
-def tokenize(tokenizers: list, captions: list[str]) -> list[torch.Tensor]:
-    """One (B, 77) id tensor per tokenizer, padded to the encoder's full context like training in diffusers."""
-    return [
-        tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        .input_ids
-        for tok in tokenizers
-    ]
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):

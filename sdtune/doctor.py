@@ -1,12 +1,17 @@
 """`sdtune doctor`: an environment report for bug reports and broken installs.
 
-`collect()` runs every check and returns them as `Check` records; `run_doctor()` prints them as an aligned
-report and returns a process exit code. Each check is isolated: one that raises becomes a "problem" line
-instead of a traceback, so the report is always complete enough to paste into an issue.
+`collect()` runs every check and returns them as `Check` records; `report()` renders them as an aligned
+report with a process exit code, and `run_doctor()` prints that report. Each check is isolated: one that
+raises becomes a "problem" line instead of a traceback, so the report is always complete enough to paste
+into an issue.
 
-Only the standard library is imported at module level; torch, bitsandbytes, huggingface_hub and accelerate
-are imported inside the checks that need them, so `import sdtune.doctor` stays cheap and works even when
-one of those packages is broken.
+Package versions are checked against the requirements of the installed `sdtune` distribution (its metadata,
+written from pyproject.toml at install), whole specifier sets included, so the report cannot drift from
+what sdtune declares.
+
+Only the standard library is imported at module level; torch, bitsandbytes, huggingface_hub, accelerate and
+packaging (not a direct requirement of sdtune, it comes with its dependencies) are imported inside the checks
+that need them, so `import sdtune.doctor` stays cheap and works even when one of those packages is broken.
 """
 
 from __future__ import annotations
@@ -18,35 +23,40 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-__all__ = ["Check", "Status", "collect", "run_doctor"]
+from sdtune.files import cache_root
+
+if TYPE_CHECKING:
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+__all__ = ["Check", "Status", "collect", "report"]
 
 Status = Literal["ok", "warn", "problem", "info"]
 
-# Packages whose versions a bug report needs, with the minimum sdtune declares in pyproject.toml (None: no
-# direct pin). Keep in sync with [project.dependencies]; torch is separate since it also gets a build kind.
-_PACKAGES: dict[str, str | None] = {
-    "diffusers": "0.35",
-    "transformers": "4.50",
-    "peft": "0.17",
-    "accelerate": "1.5",
-    "datasets": "3.0",
-    "bitsandbytes": "0.45",
-    "wandb": "0.19",
-    "safetensors": "0.4.3",
-    "huggingface_hub": None,  # pulled in by diffusers/transformers, which pin it themselves
+# Why sdtune pins a package, shown in the fix when the installed version is outside the pin. The metadata
+# keeps pyproject.toml's specifiers but not its comments, so the reasons live here, keyed by package name.
+_PIN_REASONS: dict[str, str] = {
+    "transformers": "transformers 5.24 needs peft>=0.22 for text-encoder adapters, which is not released yet",
+    "opencv-python-headless": "opencv 5 no longer ships the Haar face cascades that `sdtune prep` uses",
 }
+# Below its minimum, a package of the training stack breaks training (APIs sdtune calls are missing): a
+# problem. Any other package below its minimum is a warning: sdtune is tested from there, older may work.
+_TRAINING_STACK = frozenset({"torch", "diffusers", "transformers", "peft", "accelerate", "safetensors"})
+# Reported for bug reports although sdtune does not require them directly (diffusers/transformers pin them).
+_INDIRECT = ("huggingface_hub",)
+# torch.load(weights_only=True) had unpickling bypasses before 2.6, so it is not a safety boundary there.
+# A fact about torch rather than a copy of pyproject's pin: it holds even without sdtune's metadata.
+_SAFE_TORCH = "2.6"
 
 _MIN_PYTHON = (3, 10)
-_MIN_TORCH = "2.6"
 _LOW_DISK_GIB = 10.0
 _GIB = 1024**3
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -71,18 +81,65 @@ class Check:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    """Parse the leading numeric release of a version string ("2.6.0+cu124" -> (2, 6, 0))."""
-    match = re.match(r"\d+(?:\.\d+)*", version.strip())
-    # A version we cannot parse compares as 0 so it is flagged rather than silently passing.
-    return tuple(int(part) for part in match.group(0).split(".")) if match else (0,)
+def _parse_version(text: str) -> Version | None:
+    """`text` as a PEP 440 version ("2.6.0+cu124" included), or None if it is not one."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None
 
 
-def _older_than(version: str, minimum: str) -> bool:
-    """True if `version` is older than `minimum`, by release number (pre-release tags ignored)."""
-    have, want = _version_tuple(version), _version_tuple(minimum)
-    width = max(len(have), len(want))
-    return have + (0,) * (width - len(have)) < want + (0,) * (width - len(want))
+def _installed(name: str) -> str | None:
+    """The installed version of distribution `name` from its metadata (nothing imported), None if absent."""
+    try:
+        # Looked up through the module attribute (not a from-import) so tests can monkeypatch it.
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _requirements() -> list[Requirement] | None:
+    """The requirements of the installed `sdtune` distribution that apply here, None if it is not installed.
+
+    Markers are evaluated against this interpreter, so extras (`extra == "dev"`) and requirements for other
+    platforms drop out.
+    """
+    from packaging.requirements import Requirement
+
+    try:
+        lines = importlib.metadata.requires("sdtune") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    requirements = [Requirement(line) for line in lines]
+    return [req for req in requirements if req.marker is None or req.marker.evaluate()]
+
+
+def _same_name(a: str, b: str) -> bool:
+    """Whether two distribution names are the same package ("PyYAML" / "pyyaml", "a_b" / "a-b")."""
+    from packaging.utils import canonicalize_name
+
+    return canonicalize_name(a) == canonicalize_name(b)
+
+
+def _out_of_range(req: Requirement, version: Version) -> tuple[Status, str, str]:
+    """Status, short note and fix for a `version` outside `req`'s specifier set.
+
+    Above an upper pin is a problem (pins mark known breakage); below a minimum is a problem for the training
+    stack and a warning otherwise; anything else outside the set (==, ~=, !=) is a warning.
+    """
+    failed = [spec for spec in req.specifier if not spec.contains(version, prereleases=True)]
+    pin = f"'{req.name}{req.specifier}'"
+    reason = _PIN_REASONS.get(req.name)
+    if any(spec.operator in ("<", "<=") for spec in failed):
+        why = reason or f"sdtune pins {req.name}{req.specifier} because newer releases break it"
+        return "problem", f"too new; sdtune needs {req.specifier}", f"{why}; pip install {pin}"
+    if any(spec.operator in (">", ">=") for spec in failed):
+        status: Status = "problem" if req.name in _TRAINING_STACK else "warn"
+        why = reason or f"sdtune {'needs' if status == 'problem' else 'is tested with'} {req.name}{req.specifier}"
+        return status, f"too old; sdtune needs {req.specifier}", f"{why}; pip install -U {pin}"
+    return "warn", f"outside {req.specifier}", f"pip install {pin}"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -138,11 +195,6 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-def _sdtune_cache_dir() -> Path:
-    """The sdtune cache folder: `$SDTUNE_CACHE`, else `~/.cache/sdtune`."""
-    return Path(os.environ.get("SDTUNE_CACHE") or Path.home() / ".cache" / "sdtune")
-
-
 # ---------------------------------------------------------------------------------------------- checks
 
 
@@ -177,37 +229,61 @@ def _torch_build(torch: object) -> str:
 
 
 def _check_torch() -> list[Check]:
-    """torch version, build kind, and the minimum-version rule for safe checkpoint loading."""
-    try:
-        version = importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
-        return [Check("torch", "not installed", "problem", f"pip install 'torch>={_MIN_TORCH}'")]
+    """torch version, build kind, sdtune's torch requirement and the safety rule for checkpoint loading."""
+    req = next((r for r in _requirements() or [] if _same_name(r.name, "torch")), None)
+    spec = str(req.specifier) if req else f">={_SAFE_TORCH}"
+    version = _installed("torch")
+    if version is None:
+        return [Check("torch", "not installed", "problem", f"pip install 'torch{spec}'")]
     import torch
 
-    value = f"{version} ({_torch_build(torch)})"
-    if _older_than(version, _MIN_TORCH):
-        # torch.load(weights_only=True) had unpickling bypasses before 2.6, so it is not a safety boundary.
-        fix = f"older torch runs pickles even with weights_only; pip install -U 'torch>={_MIN_TORCH}'"
+    build = _torch_build(torch)
+    value = f"{version} ({build})"
+    parsed = _parse_version(version)
+    # An unreadable version is a problem too: there is no telling whether weights_only is safe in it.
+    if parsed is None or parsed < _parse_version(_SAFE_TORCH):
+        fix = f"older torch runs pickles even with weights_only; pip install -U 'torch{spec}'"
         return [Check("torch", value, "problem", fix)]
+    if req is not None and not req.specifier.contains(parsed, prereleases=True):
+        status, note, fix = _out_of_range(req, parsed)
+        return [Check("torch", f"{version} ({build}; {note})", status, fix)]
     return [Check("torch", value, "ok")]
 
 
+def _check_requirement(req: Requirement) -> Check:
+    """One requirement of sdtune: installed, and inside its whole specifier set (upper pins included)."""
+    version = _installed(req.name)
+    if version is None:
+        return Check(req.name, "not installed", "problem", f"pip install '{req.name}{req.specifier}'")
+    parsed = _parse_version(version)
+    if parsed is None:
+        fix = f"pip install -U '{req.name}{req.specifier}'"
+        return Check(req.name, f"{version} (not a PEP 440 version; cannot check {req.specifier})", "warn", fix)
+    if req.specifier.contains(parsed, prereleases=True):
+        return Check(req.name, version, "ok")
+    status, note, fix = _out_of_range(req, parsed)
+    return Check(req.name, f"{version} ({note})", status, fix)
+
+
 def _check_packages() -> list[Check]:
-    """Installed versions of the libraries sdtune builds on, read from metadata without importing them."""
+    """Every requirement of the installed sdtune against its installed version, read from metadata without
+    importing anything; then the indirect packages a bug report needs (info)."""
+    requirements = _requirements()
     checks: list[Check] = []
-    for name, minimum in _PACKAGES.items():
-        try:
-            # Looked up through the module attribute (not a from-import) so tests can monkeypatch it.
-            version = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            spec = f"'{name}>={minimum}'" if minimum else name
-            checks.append(Check(name, "not installed", "problem", f"pip install {spec}"))
-            continue
-        if minimum and _older_than(version, minimum):
-            fix = f"sdtune is tested with {name}>={minimum}; pip install -U '{name}>={minimum}'"
-            checks.append(Check(name, f"{version} (older than {minimum})", "warn", fix))
+    if requirements is None:
+        value = "sdtune's package metadata not found (run from a source tree?); versions not checked"
+        checks.append(Check("packages", value, "warn", "install it: pip install -e . in the source tree"))
+    else:
+        # torch has its own line, with the build kind and the weights_only rule.
+        checks.extend(_check_requirement(req) for req in requirements if not _same_name(req.name, "torch"))
+    for name in _INDIRECT:
+        if any(_same_name(req.name, name) for req in requirements or []):
+            continue  # already checked as a direct requirement
+        version = _installed(name)
+        if version is None:
+            checks.append(Check(name, "not installed", "problem", f"pip install {name}"))
         else:
-            checks.append(Check(name, version, "ok"))
+            checks.append(Check(name, version, "info"))
     return checks
 
 
@@ -218,7 +294,8 @@ def _check_peft_for_transformers() -> list[Check]:
 
     needed = getattr(tf_peft, "MIN_PEFT_VERSION", None)
     have = importlib.metadata.version("peft")
-    if needed and _older_than(have, needed):
+    have_version = _parse_version(have)
+    if needed and (have_version is None or have_version < _parse_version(str(needed))):
         tf = importlib.metadata.version("transformers")
         fix = f"pip install 'peft>={needed}', or if that is not released yet: pip install 'transformers<{tf}'"
         return [Check("peft/transformers", f"transformers {tf} needs peft>={needed}, have {have}", "problem", fix)]
@@ -337,7 +414,7 @@ def _check_disk(output_dir: Path) -> list[Check]:
     folders: list[tuple[str, Callable[[], Path]]] = [
         ("disk (output)", lambda: output_dir),
         ("disk (hf cache)", _hf_hub_cache),
-        ("disk (sdtune)", _sdtune_cache_dir),
+        ("disk (sdtune)", cache_root),
     ]
     checks: list[Check] = []
     for name, folder in folders:
@@ -461,11 +538,11 @@ def _format(checks: list[Check]) -> str:
     return "\n".join(lines)
 
 
-def run_doctor(output_dir: str | os.PathLike[str] | None = None) -> int:
-    """Print the environment report to stdout; return 0 if there is no problem (warnings allowed), else 1."""
+def report(output_dir: str | os.PathLike[str] | None = None) -> tuple[str, int]:
+    """The environment report as text, tokens redacted, and its exit code: 0 if there is no problem (warnings
+    allowed), else 1. Prints nothing; `output_dir` is as for `collect`."""
     checks = collect(output_dir)
-    report = _format(checks)
+    text = _format(checks)
     for secret in _secrets():
-        report = report.replace(secret, "***")
-    print(report, flush=True)
-    return 1 if any(check.status == "problem" for check in checks) else 0
+        text = text.replace(secret, "***")
+    return text, 1 if any(check.status == "problem" for check in checks) else 0

@@ -5,48 +5,37 @@ InvokeAI and Forge load.
 
 RUN is a run folder or one of its ``checkpoints/step-NNNNNN/`` folders. Both hold
 ``pytorch_lora_weights.safetensors`` (diffusers format, each adapter's PEFT config in its metadata); every
-format is converted from that file. The kohya key rules were read from the loaders' own code; each rule below
-says where it comes from, and ``tests/test_export.py`` re-implements the loaders' rules to check every key.
+format is converted from that file by its writer in ``WRITERS`` (``--format`` offers its keys; training writes
+the formats that name a run file; ``sdtune push`` uploads those files). A new format is one function and one
+entry there. The kohya key rules were read from the loaders' own code; each rule below says where it comes
+from, and ``tests/test_export.py`` re-implements the loaders' rules to check every key. Key prefixes and
+version metadata come from the model's family (``Family.kohya_prefixes``, ``Family.kohya_version``).
+
+torch and safetensors are imported inside the functions that use them: the command line reads ``WRITERS`` for
+``--format``'s choices without paying for torch.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from sdtune import families
 from sdtune.errors import SdtuneError
+from sdtune.families import Family
+from sdtune.files import atomic_path
+from sdtune.hub import public_model_id
+from sdtune.models import inspect_model
+from sdtune.runs import KOHYA_SUFFIX, WEIGHT_NAME, run_config
 
-FORMATS: tuple[str, ...] = ("diffusers", "peft", "kohya")
-COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")
-
-# Key prefixes per family: kohya-ss sd-scripts' networks/lora.py names. SD1.x/SD2.x text encoders use
-# lora_te_, the one prefix all loaders take: InvokeAI patches them with prefix "lora_te_" only
-# (invokeai/app/invocations/compel.py); AUTOMATIC1111's convert_diffusers_name_to_compvis has rules for
-# lora_te_ only (lora_te1_ reaches an SD1 model through a fallback, an SD2 model not at all); ComfyUI
-# (comfy/lora.py model_lora_keys_clip) and diffusers take lora_te_ and lora_te1_ alike. diffusers' own
-# convert_state_dict_to_kohya writes lora_te1_ even for SD1. SDXL: lora_te1_ (CLIP-L) and lora_te2_
-# (OpenCLIP-bigG) everywhere.
-_PREFIX = {
-    "sd15": {"unet": "lora_unet_", "text_encoder": "lora_te_"},
-    "sd2": {"unet": "lora_unet_", "text_encoder": "lora_te_"},
-    "sdxl": {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
-}
-
-# What ss_base_model_version / modelspec.architecture say, from kohya-ss sd-scripts
-# (library/model_util.py get_model_version_str_for_sd1_sd2, sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0,
-# library/sai_model_spec.py ARCH_* and determine_implementation).
-# AUTOMATIC1111 (extensions-builtin/Lora/network.py NetworkOnDisk.detect_version) files a LoRA as SDXL when
-# ss_base_model_version starts with "sdxl_", as SD2 when ss_v2 == "True", else as SD1 if it has any metadata,
-# and by default hides LoRAs of another version than the loaded checkpoint.
-_IMPL_SGM = "https://github.com/Stability-AI/generative-models"
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -65,6 +54,7 @@ class Adapter:
     @classmethod
     def from_module(cls, module: torch.nn.Module, adapter_name: str = "default") -> Adapter:
         """The adapter a PEFT-injected module holds (as ``sdtune.lora.add_lora`` made it)."""
+        import torch
         from peft import get_peft_model_state_dict
 
         tensors = get_peft_model_state_dict(module, adapter_name=adapter_name, save_embedding_layers=False)
@@ -104,7 +94,7 @@ def _pattern_key(patterns: dict[str, Any], module: str) -> str:
 # kohya format
 
 
-def kohya_module_name(family: str, component: str, module: str) -> str:
+def kohya_module_name(family: Family, component: str, module: str) -> str:
     """The kohya name of one LoRA'd module: its prefix plus the diffusers/transformers module path, with dots
     turned into underscores (kohya networks/lora.py: ``lora_name.replace(".", "_")``).
 
@@ -118,12 +108,10 @@ def kohya_module_name(family: str, component: str, module: str) -> str:
     require it, although transformers >= 5 names CLIPTextModel's modules without it (PEFT keys
     ``encoder.layers.0...``) while CLIPTextModelWithProjection keeps it.
     """
-    prefixes = _PREFIX.get(family)
-    if prefixes is None:
-        raise SdtuneError(f"unknown model family '{family}'; expected one of {', '.join(_PREFIX)}")
+    prefixes = family.kohya_prefixes
     if component not in prefixes:
-        raise SdtuneError(f"a {family} LoRA has no {component}; kohya files hold {', '.join(prefixes)}")
-    if component != "unet":
+        raise SdtuneError(f"a {family.label} LoRA has no {component}; kohya files hold {', '.join(prefixes)}")
+    if component != family.denoiser_name:
         module = module.removeprefix("text_model.")
         # CLIPTextModelWithProjection.text_projection sits beside text_model, not in it
         if not module.startswith("text_projection"):
@@ -132,10 +120,8 @@ def kohya_module_name(family: str, component: str, module: str) -> str:
 
 
 def to_kohya(
-    family: str,
-    unet: Adapter | None = None,
-    text_encoder: Adapter | None = None,
-    text_encoder_2: Adapter | None = None,
+    family: Family,
+    adapters: dict[str, Adapter],
     *,
     title: str = "LoRA",
     trigger_word: str | None = None,
@@ -143,59 +129,67 @@ def to_kohya(
     prediction_type: str = "epsilon",
     resolution: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """PEFT adapters -> (kohya tensors, safetensors metadata). Pure: no files, no model weights.
+    """PEFT adapters ({component: Adapter}) -> (kohya tensors, safetensors metadata). Pure: no files, no
+    model weights.
 
     Per module ``NAME.lora_down.weight`` = PEFT lora_A, ``NAME.lora_up.weight`` = lora_B, ``NAME.alpha`` and,
     with DoRA, ``NAME.dora_scale``.
     """
-    adapters = {n: a for n, a in zip(COMPONENTS, (unet, text_encoder, text_encoder_2)) if a is not None}
     if not adapters:
         raise SdtuneError("no LoRA to export: the run trained no adapter")
     tensors: dict[str, torch.Tensor] = {}
     for component, adapter in adapters.items():
-        known = set()
-        for module in adapter.modules():
-            name = kohya_module_name(family, component, module)
-            if f"{name}.lora_down.weight" in tensors:
-                raise SdtuneError(f"two {component} modules have the kohya name {name}")
-            down = adapter.tensors[f"{module}.lora_A.weight"]
-            up = adapter.tensors.get(f"{module}.lora_B.weight")
-            if up is None:
-                raise SdtuneError(f"{component}: {module} has lora_A but no lora_B")
-            tensors[f"{name}.lora_down.weight"] = down.contiguous()
-            tensors[f"{name}.lora_up.weight"] = up.contiguous()
-            # Every loader scales by alpha / rank with rank = lora_down.shape[0] (kohya LoRAModule, ComfyUI
-            # calculate_weight, A1111 NetworkModule.calc_scale, diffusers network_alphas), so the alpha that
-            # reproduces PEFT is PEFT's own scale times that rank. diffusers' convert_state_dict_to_kohya
-            # writes alpha = rank instead, which drops lora_alpha / r whenever alpha != rank.
-            alpha = adapter.scale(module) * down.shape[0]
-            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-            known |= {f"{module}.lora_A.weight", f"{module}.lora_B.weight"}
-            magnitude = adapter.tensors.get(f"{module}.lora_magnitude_vector")
-            if magnitude is not None:
-                # PEFT's DoRA magnitude is one norm per output channel. kohya/LyCORIS name it dora_scale and
-                # store it (out, 1[, 1, 1]) for that axis (LyCORIS wd_on_out=True); ComfyUI's weight_decompose
-                # (comfy/weight_adapter/base.py) picks the axis by dora_scale.shape[0] == out.
-                per_output = (up.shape[0], *[1] * (up.dim() - 1))
-                tensors[f"{name}.dora_scale"] = magnitude.reshape(per_output).contiguous()
-                known.add(f"{module}.lora_magnitude_vector")
-        left = sorted(set(adapter.tensors) - known)
-        if left:
-            raise SdtuneError(f"{component}: {len(left)} tensors have no kohya equivalent, e.g. {left[0]}")
-
-    first = next(iter(adapters.values()))  # the UNet's, as kohya's ss_network_dim / ss_network_alpha
+        tensors.update(_kohya_tensors(family, component, adapter, tensors))
+    # the denoiser's adapter (else the first) gives kohya's ss_network_dim / ss_network_alpha
+    first = adapters.get(family.denoiser_name) or next(iter(adapters.values()))
     rank = first.rank()
-    alpha = first.scale("") * rank
     dora = any(k.endswith(".lora_magnitude_vector") for a in adapters.values() for k in a.tensors)
     metadata = kohya_metadata(
-        family, rank, alpha, title=title, trigger_word=trigger_word, base_model=base_model,
+        family, rank, first.scale("") * rank, title=title, trigger_word=trigger_word, base_model=base_model,
         prediction_type=prediction_type, resolution=resolution, dora=dora,
     )
     return tensors, metadata
 
 
+def _kohya_tensors(family: Family, component: str, adapter: Adapter,
+                   written: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One component's kohya tensors; ``written`` holds the other components' (names must not collide)."""
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {}
+    known = set()
+    for module in adapter.modules():
+        name = kohya_module_name(family, component, module)
+        if f"{name}.lora_down.weight" in written or f"{name}.lora_down.weight" in tensors:
+            raise SdtuneError(f"two {component} modules have the kohya name {name}")
+        down = adapter.tensors[f"{module}.lora_A.weight"]
+        up = adapter.tensors.get(f"{module}.lora_B.weight")
+        if up is None:
+            raise SdtuneError(f"{component}: {module} has lora_A but no lora_B")
+        tensors[f"{name}.lora_down.weight"] = down.contiguous()
+        tensors[f"{name}.lora_up.weight"] = up.contiguous()
+        # Every loader scales by alpha / rank with rank = lora_down.shape[0] (kohya LoRAModule, ComfyUI
+        # calculate_weight, A1111 NetworkModule.calc_scale, diffusers network_alphas), so the alpha that
+        # reproduces PEFT is PEFT's own scale times that rank. diffusers' convert_state_dict_to_kohya
+        # writes alpha = rank instead, which drops lora_alpha / r whenever alpha != rank.
+        tensors[f"{name}.alpha"] = torch.tensor(adapter.scale(module) * down.shape[0], dtype=torch.float32)
+        known |= {f"{module}.lora_A.weight", f"{module}.lora_B.weight"}
+        magnitude = adapter.tensors.get(f"{module}.lora_magnitude_vector")
+        if magnitude is not None:
+            # PEFT's DoRA magnitude is one norm per output channel. kohya/LyCORIS name it dora_scale and
+            # store it (out, 1[, 1, 1]) for that axis (LyCORIS wd_on_out=True); ComfyUI's weight_decompose
+            # (comfy/weight_adapter/base.py) picks the axis by dora_scale.shape[0] == out.
+            per_output = (up.shape[0], *[1] * (up.dim() - 1))
+            tensors[f"{name}.dora_scale"] = magnitude.reshape(per_output).contiguous()
+            known.add(f"{module}.lora_magnitude_vector")
+    left = sorted(set(adapter.tensors) - known)
+    if left:
+        raise SdtuneError(f"{component}: {len(left)} tensors have no kohya equivalent, e.g. {left[0]}")
+    return tensors
+
+
 def kohya_metadata(
-    family: str,
+    family: Family,
     rank: int,
     alpha: float,
     *,
@@ -212,30 +206,21 @@ def kohya_metadata(
     hub id (``owner/name``), never a local folder.
     """
     v_pred = prediction_type == "v_prediction"
-    if family == "sdxl":
-        version, arch, impl, default_res = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", _IMPL_SGM, 1024
-    elif family == "sd2":
-        version = "sd_v2_v" if v_pred else "sd_v2"
-        arch = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
-        impl, default_res = "diffusers", 768 if v_pred else 512
-    elif family == "sd15":
-        version, arch, impl, default_res = "sd_v1", "stable-diffusion-v1", "diffusers", 512
-    else:
-        raise SdtuneError(f"unknown model family '{family}'; expected one of {', '.join(_PREFIX)}")
-    res = resolution or default_res
+    version = family.kohya_version(prediction_type)
+    res = resolution or version.default_resolution
     meta = {
         # kohya-ss sd-scripts train_network.py writes these as str(value)
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(rank)),
         "ss_network_alpha": str(float(alpha)),
-        "ss_base_model_version": version,
-        "ss_v2": str(family == "sd2"),
+        "ss_base_model_version": version.base_model_version,
+        "ss_v2": str(version.v2),
         "ss_v_parameterization": str(v_pred),
         "ss_resolution": f"({res}, {res})",
         # Stability AI ModelSpec 1.0 (the "MUST" fields plus what the UIs show)
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{arch}/lora",
-        "modelspec.implementation": impl,
+        "modelspec.architecture": f"{version.architecture}/lora",
+        "modelspec.implementation": version.implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
@@ -254,7 +239,7 @@ def kohya_metadata(
     return meta
 
 
-def kohya_warnings(family: str, adapters: dict[str, Adapter]) -> list[str]:
+def kohya_warnings(family: Family, adapters: dict[str, Adapter]) -> list[str]:
     """Known limits of the loaders for this LoRA, one line each (empty for the default recipes)."""
     warnings = []
     if any(k.endswith(".lora_magnitude_vector") for a in adapters.values() for k in a.tensors):
@@ -263,63 +248,28 @@ def kohya_warnings(family: str, adapters: dict[str, Adapter]) -> list[str]:
             "base weight, an approximation), AUTOMATIC1111 assumes per-input magnitudes and diffusers drops "
             "dora_scale keys; for exact DoRA use --format diffusers or peft"
         )
-    if family == "sdxl" and "unet" in adapters:
-        # A1111's convert_diffusers_name_to_compvis assumes SD1's layout for upsamplers
-        # (output_blocks.2.1.conv; SDXL's is .2.2) and has no rule for add_embedding (SGM label_emb)
-        odd = [m for m in adapters["unet"].modules()
-               if m.startswith(("up_blocks.0.upsamplers", "add_embedding"))]
-        if odd:
-            warnings.append(f"AUTOMATIC1111 cannot place SDXL LoRA modules such as {odd[0]}; ComfyUI can")
-    # AUTOMATIC1111 (networks.py network_apply_weights) patches OpenCLIP's fused nn.MultiheadAttention only
-    # when q, k, v and out LoRAs are all present; SD2's encoder and SDXL's encoder 2 are OpenCLIP there.
-    openclip = {"sd2": "text_encoder", "sdxl": "text_encoder_2"}.get(family)
-    if openclip in adapters:
-        trained = {m.rsplit(".", 1)[-1] for m in adapters[openclip].modules() if ".self_attn." in m}
-        if trained and trained != {"q_proj", "k_proj", "v_proj", "out_proj"}:
-            warnings.append(
-                f"AUTOMATIC1111 ignores {openclip} attention LoRAs unless q_proj, k_proj, v_proj and "
-                "out_proj are all trained (lora.text_encoder_target_modules)"
-            )
-    return warnings
+    return warnings + family.kohya_warnings({c: a.modules() for c, a in adapters.items()})
 
 
 def write_kohya(
     out_file: str | Path,
-    family: str,
-    unet: torch.nn.Module | Adapter | None = None,
-    text_encoder: torch.nn.Module | Adapter | None = None,
-    text_encoder_2: torch.nn.Module | Adapter | None = None,
+    family: Family,
+    adapters: dict[str, Any],
     trigger_word: str | None = None,
     base_model: str | None = None,
     *,
-    prediction_type: str | None = None,
+    prediction_type: str = "epsilon",
     resolution: int | None = None,
     title: str | None = None,
 ) -> Path:
-    """Write the kohya/A1111 ``.safetensors`` for trained modules (PEFT-injected, as train.py holds them) or
-    ``Adapter``s; pass only what was trained. Returns the file.
-
-    prediction_type: the base model's ("epsilon" / "v_prediction"); read from ``base_model``'s config when
-    not given. title: ``modelspec.title``; default the file's stem.
-    """
+    """Write the kohya/A1111 ``.safetensors`` for trained modules ({component: PEFT-injected module or
+    ``Adapter``}); pass only what was trained. ``title`` is ``modelspec.title``, default the file's stem."""
     out_file = Path(out_file)
     if out_file.suffix != ".safetensors":
         raise SdtuneError(f"{out_file}: a kohya LoRA file must end in .safetensors")
-    adapters = [
-        None if m is None else m if isinstance(m, Adapter) else Adapter.from_module(m)
-        for m in (unet, text_encoder, text_encoder_2)
-    ]
-    if prediction_type is None:
-        prediction_type = "epsilon"
-        if family == "sd2" and base_model:
-            from sdtune.models import inspect_model
-
-            try:
-                prediction_type = inspect_model(base_model).prediction_type
-            except SdtuneError:
-                pass  # only the metadata's v-prediction flag depends on it
+    adapters = {c: m if isinstance(m, Adapter) else Adapter.from_module(m) for c, m in adapters.items()}
     tensors, metadata = to_kohya(
-        family, *adapters, title=title or out_file.stem, trigger_word=trigger_word, base_model=base_model,
+        family, adapters, title=title or out_file.stem, trigger_word=trigger_word, base_model=base_model,
         prediction_type=prediction_type, resolution=resolution,
     )
     _save_safetensors(tensors, out_file, metadata)
@@ -370,11 +320,14 @@ def read_diffusers_lora(
     Configs come from the file's ``lora_adapter_metadata``; ``fallback_config`` (a LoraConfig dict) serves
     files without it.
     """
+    import torch
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
         raw = {k: f.get_tensor(k) for k in f.keys()}
+    components = {name for family in families.registered()
+                  for name in (family.denoiser_name, *(e.name for e in family.text_encoders))}
     configs: dict[str, dict[str, Any]] = {}
     for key, value in json.loads(metadata.get("lora_adapter_metadata") or "{}").items():
         component, name = key.split(".", 1)
@@ -382,8 +335,8 @@ def read_diffusers_lora(
     adapters: dict[str, Adapter] = {}
     for key, tensor in raw.items():
         component, rest = key.split(".", 1)
-        if component not in COMPONENTS:
-            raise SdtuneError(f"{path}: unexpected key {key} (not unet., text_encoder. or text_encoder_2.)")
+        if component not in components:
+            raise SdtuneError(f"{path}: unexpected key {key} (not {', '.join(sorted(components))})")
         for old, new in _DIFFUSERS_TO_PEFT_SUFFIX:
             if rest.endswith(old):
                 peft_key = rest[: -len(old)] + new
@@ -401,9 +354,6 @@ def read_diffusers_lora(
 
 def read_run(run_dir: str | Path) -> RunLora:
     """The LoRA of a run folder or of one of its ``checkpoints/step-NNNNNN/`` folders."""
-    from sdtune.checkpoint import run_config
-    from sdtune.lora import WEIGHT_NAME
-
     run = Path(run_dir)
     if not run.is_dir():
         raise SdtuneError(
@@ -425,13 +375,6 @@ def read_run(run_dir: str | Path) -> RunLora:
 # Writing each format
 
 
-def public_model_id(model: str | None) -> str | None:
-    """``model`` if it is a Hugging Face hub id (safe to publish), None for a local folder or nothing."""
-    if not model or model.startswith((".", "/", "~")) or Path(model).expanduser().exists():
-        return None
-    return model if re.fullmatch(r"[\w.-]+/[\w.-]+", model) else None
-
-
 def _public_config(config: dict[str, Any], base_model: str | None) -> dict[str, Any]:
     """A LoraConfig dict fit to publish: JSON types, and the base model only as a hub id, never a path."""
     out = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
@@ -442,13 +385,11 @@ def _public_config(config: dict[str, Any], base_model: str | None) -> dict[str, 
 def _save_safetensors(tensors: dict[str, torch.Tensor], out_file: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".tmp")  # never leave a half-written LoRA under the real name
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(out_file)
+    with atomic_path(out_file) as tmp:  # never leave a half-written LoRA under the real name
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
-def _write_diffusers(run: RunLora, out_file: Path) -> Path:
+def _write_diffusers(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
     """The diffusers LoRA file, all keys in PEFT naming (``pipe.load_lora_weights(folder, weight_name=...)``).
 
     Not a byte copy of the run's file: that one mixes renamed (``.lora.down``) and PEFT (``.lora_A``) keys
@@ -463,10 +404,10 @@ def _write_diffusers(run: RunLora, out_file: Path) -> Path:
         configs |= {f"{component}.{k}": v for k, v in _public_config(adapter.config, run.base_model).items()}
     metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(configs, indent=2, sort_keys=True)}
     _save_safetensors(tensors, out_file, metadata)
-    return out_file
+    return out_file, []
 
 
-def _write_peft(run: RunLora, out_dir: Path) -> Path:
+def _write_peft(run: RunLora, out_dir: Path) -> tuple[Path, list[str]]:
     """One PEFT adapter folder per trained module (``OUT/unet``, ``OUT/text_encoder``,
     ``OUT/text_encoder_2``), each ``adapter_model.safetensors`` + ``adapter_config.json``, for
     ``PeftModel.from_pretrained(unet, "OUT/unet")``.
@@ -482,63 +423,75 @@ def _write_peft(run: RunLora, out_dir: Path) -> Path:
         config.setdefault("peft_type", "LORA")
         config["inference_mode"] = True  # as PeftModel.save_pretrained writes it
         (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return out_dir
+    return out_dir, []
 
 
 def _write_kohya(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
-    from sdtune.models import inspect_model
-
     if not run.base_model:
         raise SdtuneError(
             f"{run.lora_file.parent}: no config.yaml names the base model, whose family the kohya file needs"
         )
     info = inspect_model(run.base_model, (run.config.get("model") or {}).get("revision"))
     path = write_kohya(
-        out_file, info.family, **run.adapters, trigger_word=run.trigger_word, base_model=run.base_model,
+        out_file, info.family, run.adapters, trigger_word=run.trigger_word, base_model=run.base_model,
         prediction_type=info.prediction_type,
         resolution=(run.config.get("data") or {}).get("resolution") or info.resolution,
     )
     return path, kohya_warnings(info.family, run.adapters)
 
 
-def _export(run_dir: str | Path, fmt: str, out_file: str | Path) -> tuple[Path, list[str]]:
-    if fmt not in FORMATS:
-        raise SdtuneError(f"--format: unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
+# --------------------------------------------------------------------------------------------------------
+# The registry
+
+
+@dataclass(frozen=True)
+class Format:
+    """One export format: its writer, and the name training gives it in the run folder (if it writes it)."""
+
+    write: Callable[[RunLora, Path], tuple[Path, list[str]]]  # -> (what was written, warnings)
+    description: str
+    run_file: str | None = None  # e.g. "{run}_kohya.safetensors"; None: training does not write it
+
+
+WRITERS: dict[str, Format] = {
+    "diffusers": Format(_write_diffusers, "one .safetensors for diffusers' load_lora_weights"),
+    "peft": Format(_write_peft, "a folder with one PEFT adapter per trained module"),
+    "kohya": Format(_write_kohya, "one .safetensors for AUTOMATIC1111, ComfyUI, Forge and InvokeAI",
+                    run_file="{run}" + KOHYA_SUFFIX),
+}
+
+
+def export_run(run_dir: str | Path, fmt: str, out_file: str | Path) -> tuple[Path, list[str]]:
+    """Write the LoRA of ``run_dir`` (a run or checkpoint folder) as ``fmt`` (a key of ``WRITERS``) to
+    ``out_file``; return what was written (a file, or a folder for peft) and the loaders' known limits."""
+    if fmt not in WRITERS:
+        raise SdtuneError(f"--format: unknown format '{fmt}'; choose one of {', '.join(WRITERS)}")
     run = read_run(run_dir)
     out = Path(out_file)
     if out.resolve() == run.lora_file.resolve():
         raise SdtuneError(f"-o: {out} is the run's own LoRA file; choose another name")
     if fmt != "peft" and out.is_dir():
         raise SdtuneError(f"-o: {out} is a folder; give a file name ending in .safetensors")
-    if fmt == "kohya":
-        return _write_kohya(run, out)
-    return (_write_diffusers if fmt == "diffusers" else _write_peft)(run, out), []
+    return WRITERS[fmt].write(run, out)
 
 
-def export_run(run_dir: str | Path, fmt: str, out_file: str | Path) -> Path:
-    """Write the LoRA of ``run_dir`` (a run or checkpoint folder) as ``fmt`` (diffusers, peft or kohya) to
-    ``out_file``; return what was written (a file, or a folder for peft)."""
-    return _export(run_dir, fmt, out_file)[0]
+def run_files(run_dir: str | Path) -> dict[str, Path]:
+    """{format: file} for the formats training writes into a run folder beside its diffusers LoRA."""
+    run_dir = Path(run_dir)
+    return {fmt: run_dir / f.run_file.format(run=run_dir.name) for fmt, f in WRITERS.items() if f.run_file}
 
 
-# --------------------------------------------------------------------------------------------------------
-# Command line
+def existing_run_files(run_dir: str | Path) -> dict[str, list[Path]]:
+    """{format: files} of the run formats present in a folder, by their name pattern (``*_kohya.safetensors``),
+    so a renamed run folder or a file exported into it counts too."""
+    run_dir = Path(run_dir)
+    return {fmt: sorted(run_dir.glob(f.run_file.format(run="*"))) for fmt, f in WRITERS.items() if f.run_file}
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    path, warnings = _export(args.run, args.format, args.out)
-    for line in warnings:
-        print(f"warning: {line}")
-    print(f"wrote {args.format} LoRA: {path}")
-    return 0
-
-
-def add_commands(sub: Any) -> None:
-    """Add ``sdtune export`` to the CLI's subparsers."""
-    p = sub.add_parser(
-        "export", help="write a run's LoRA as diffusers, PEFT or kohya (A1111, ComfyUI, InvokeAI, Forge)"
-    )
-    p.add_argument("run", help="run folder or checkpoint folder (checkpoints/step-NNNNNN)")
-    p.add_argument("--format", default="kohya", help="diffusers | peft | kohya (default kohya)")
-    p.add_argument("-o", "--out", required=True, help="output .safetensors file (a folder for peft)")
-    p.set_defaults(func=cmd_export)
+def write_run_files(run_dir: str | Path) -> list[str]:
+    """Write every ``run_files`` format from the run's diffusers LoRA (as ``sdtune export`` would); return the
+    loaders' known limits, one line each."""
+    warnings: list[str] = []
+    for fmt, path in run_files(run_dir).items():
+        warnings += export_run(run_dir, fmt, path)[1]
+    return warnings

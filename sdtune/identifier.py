@@ -14,7 +14,6 @@ answers for all of them; ``--tokenizer`` checks a model's own tokenizer(s) inste
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import functools
 import gzip
@@ -27,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdtune import families
 from sdtune.errors import SdtuneError
 from sdtune.tokens import BOS_TOKEN, EOS_TOKEN, VOCAB_SIZE, clip_tokenize, clip_vocab
 
@@ -55,14 +55,6 @@ KNOWN_MEANINGS: dict[str, tuple[str, str]] = {
         "the SKS, a Soviet semi-automatic carbine; models draw rifles for it",
         "https://en.wikipedia.org/wiki/SKS, https://github.com/PaddlePaddle/PaddleNLP/issues/3852",
     ),
-}
-
-# Pad tokens of the shipped encoders: OpenCLIP (SD2, SDXL's second encoder) pads with '!', which its
-# tokenizer then matches as a special token.
-FAMILY_ENCODERS: dict[str, list[tuple[str, str]]] = {
-    "sd15": [("CLIP ViT-L/14", EOS_TOKEN)],
-    "sd2": [("OpenCLIP ViT-H/14", "!")],
-    "sdxl": [("CLIP ViT-L/14", EOS_TOKEN), ("OpenCLIP ViT-bigG/14", "!")],
 }
 
 LANGUAGES = {
@@ -116,6 +108,9 @@ class _Encoder:
 
 def _shipped_encoder(name: str, pad_token: str) -> _Encoder:
     vocab = clip_vocab()
+    if pad_token not in vocab:  # a text encoder with a vocabulary of its own (T5, ...): the shipped one is wrong
+        raise SdtuneError(f"--family: {name} does not use CLIP's vocabulary, which is all sdtune ships; pass "
+                          "--tokenizer MODEL to check with the model's own tokenizers")
 
     def tokenize(text: str) -> tuple[list[str], list[int]]:
         pieces = clip_tokenize(text, pad_token)
@@ -141,7 +136,9 @@ def _encoders(tokenizers: list | None, family: str | None = None) -> list[_Encod
         return [_hf_encoder(n, t) for n, t in zip(names, tokenizers)]
     if family is None:
         return [_shipped_encoder("CLIP", EOS_TOKEN)]
-    return [_shipped_encoder(n, pad) for n, pad in FAMILY_ENCODERS[family]]
+    # A family's encoders differ in their pad token: OpenCLIP (SD2, SDXL's second encoder) pads with '!',
+    # which its tokenizer then matches as a special token.
+    return [_shipped_encoder(e.label, e.pad_token) for e in families.get(family).text_encoders]
 
 
 # --- word lists ---------------------------------------------------------------------------------------------
@@ -264,7 +261,8 @@ def _word_reason(word: str, freqs: dict[str, float]) -> tuple[str, str] | None:
     return "risky", f"'{word}' is a rare word, name or abbreviation in {where}"
 
 
-def _piece_list(pieces: list[str], ids: list[int]) -> str:
+def piece_list(pieces: list[str], ids: list[int]) -> str:
+    """``sks</w> (48136) + ...``: tokens with their ids, for reports."""
     return " + ".join(f"{p} ({i})" for p, i in zip(pieces, ids))
 
 
@@ -288,11 +286,11 @@ def _check(word: str, encoders: list[_Encoder], freqs: dict[str, float]) -> Repo
     for e, p, i in tokenized:
         name = f" in {e.name}" if len(encoders) > 1 else ""
         if any(x in e.special_ids for x in i):
-            problems.append(("bad", f"{word!r} contains a special token{name} ({_piece_list(p, i)})"))
+            problems.append(("bad", f"{word!r} contains a special token{name} ({piece_list(p, i)})"))
         elif len(p) > 1:
             problems.append((
                 "bad",
-                f"{word!r} is {len(p)} tokens{name} ({_piece_list(p, i)}): the pieces bring their own meanings; "
+                f"{word!r} is {len(p)} tokens{name} ({piece_list(p, i)}): the pieces bring their own meanings; "
                 "use a single token (see `sdtune suggest-tokens`)",
             ))
     if meaning:
@@ -336,8 +334,6 @@ def _check(word: str, encoders: list[_Encoder], freqs: dict[str, float]) -> Repo
 def check_identifiers(words: list[str], tokenizers: list | None = None, family: str | None = None) -> list[Report]:
     """:func:`check_identifier` for many words at once (one pass over the word lists). Without tokenizers,
     ``family`` picks the shipped encoders to check (both of SDXL's; default: SD1.x's CLIP)."""
-    if family is not None and family not in FAMILY_ENCODERS:
-        raise SdtuneError(f"--family: {family!r} is not one of {', '.join(FAMILY_ENCODERS)}")
     encoders = _encoders(tokenizers, family)
     freqs = word_frequencies(w for w in words if w)
     return [_check(w, encoders, freqs.get(w, {})) for w in words]
@@ -382,13 +378,15 @@ def _suggestion_pool() -> tuple[str, ...]:
     return tuple(sorted(good, key=lambda w: -pool[w]))
 
 
-# --- command line -------------------------------------------------------------------------------------------
+# --- a model's own tokenizers ------------------------------------------------------------------------------
 
 
 def load_tokenizers(path_or_id: str, family: str | None = None) -> list:
-    """The tokenizer(s) of a model folder or hub id (``tokenizer/``, plus ``tokenizer_2/`` for SDXL), or of a
-    tokenizer folder or tokenizer repo."""
+    """The tokenizer(s) of a model folder or hub id (``tokenizer/``, ``tokenizer_2/``, ... as its family has
+    them), or of a tokenizer folder or tokenizer repo."""
     from transformers import CLIPTokenizer
+
+    names = list(dict.fromkeys(e.tokenizer_name for f in families.registered() for e in f.text_encoders))
 
     def load(subfolder: str | None) -> Any:
         try:
@@ -404,55 +402,19 @@ def load_tokenizers(path_or_id: str, family: str | None = None) -> list:
     if local.is_file():
         raise SdtuneError(f"--tokenizer: {path_or_id} is a file; give {hint}")
     if local.is_dir():
-        subfolders: list[str | None] = [s for s in ("tokenizer", "tokenizer_2") if (local / s).is_dir()] or [None]
+        subfolders: list[str | None] = [s for s in names if (local / s).is_dir()] or [None]
         tokenizers = [load(s) for s in subfolders]
         for s, tok in zip(subfolders, tokenizers):
             if tok is None:
                 raise SdtuneError(f"--tokenizer: cannot read a CLIP tokenizer from {local / (s or '')}; give {hint}")
     else:
-        first = load("tokenizer")
+        first = load(names[0])
         tokenizers = [first if first is not None else load(None)]  # a model repo, or a tokenizer repo
         if tokenizers[0] is None:
             raise SdtuneError(f"--tokenizer: cannot load {path_or_id}; give {hint}")
-        if (second := load("tokenizer_2")) is not None:
-            tokenizers.append(second)
-    if family == "sdxl" and len(tokenizers) < 2:
-        raise SdtuneError(f"--family sdxl: {path_or_id} has no tokenizer_2, so it is not an SDXL model")
-    if family in ("sd15", "sd2") and len(tokenizers) > 1:
-        raise SdtuneError(f"--family {family}: {path_or_id} has a tokenizer_2, so it is an SDXL model")
+        tokenizers += [tok for tok in map(load, names[1:]) if tok is not None]
+    expected = len(families.get(family).text_encoders) if family else len(tokenizers)
+    if len(tokenizers) != expected:
+        raise SdtuneError(f"--family {family}: {path_or_id} has {len(tokenizers)} tokenizer(s), so it is not an "
+                          f"{families.get(family).label} model (which has {expected})")
     return tokenizers
-
-
-def cmd_check_token(args: argparse.Namespace) -> int:
-    tokenizers = load_tokenizers(args.tokenizer, args.family) if args.tokenizer else None
-    report = check_identifiers([args.word], tokenizers, None if tokenizers else args.family)[0]
-    if args.json:
-        print(report.to_json())
-    else:
-        print(report.summary)
-        for reason in report.reasons[1:]:
-            print(f"  also: {reason}")
-        for e in report.encoders:
-            print(f"  {e['name']}: {_piece_list(e['pieces'], e['ids']) or '(no tokens)'}")
-    return 0 if report.verdict == "good" else 1
-
-
-def cmd_suggest_tokens(args: argparse.Namespace) -> int:
-    for word in suggest_identifiers(args.n, args.seed):
-        print(word)
-    return 0
-
-
-def add_commands(sub: Any) -> None:
-    """Add ``check-token`` and ``suggest-tokens`` to the ``sdtune`` subparsers."""
-    p = sub.add_parser("check-token", help="is WORD a good DreamBooth identifier? (exit 0 good, 1 risky/bad)")
-    p.add_argument("word", help="the identifier, e.g. sks")
-    p.add_argument("--tokenizer", help="a model folder or hub id (tokenizer/, tokenizer_2/) or tokenizer folder")
-    p.add_argument("--family", choices=tuple(FAMILY_ENCODERS), help="which text encoders (default: CLIP's vocab)")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.set_defaults(func=cmd_check_token)
-
-    p = sub.add_parser("suggest-tokens", help="list rare single-token identifiers that pass check-token")
-    p.add_argument("--n", type=int, default=20, help="how many (default 20)")
-    p.add_argument("--seed", type=int, help="a random sample of the candidates instead of the latest merges")
-    p.set_defaults(func=cmd_suggest_tokens)

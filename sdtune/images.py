@@ -12,9 +12,15 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
+
+from sdtune.errors import SdtuneError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 try:  # HEIC/HEIF from iPhones; pillow-heif registers a Pillow opener named "HEIF"
     import pillow_heif
@@ -67,6 +73,17 @@ class Decoded:
     def scale(self) -> tuple[float, float]:
         """Source pixels per working pixel, (x, y)."""
         return self.size[0] / self.image.width, self.size[1] / self.image.height
+
+
+def open_image(path: str | Path, key: str, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """A whole input image (init image, mask, subject photo) at full size, upright and sRGB, through the same
+    safe reader as training data; one SdtuneError naming the option ``key`` if it cannot be used."""
+    path = Path(path)
+    try:
+        # a short side this large asks for no reduction: the full-resolution pixels
+        return read_image(path.read_bytes(), path.suffix, 1 << 30, Image.MAX_IMAGE_PIXELS, background).image
+    except (OSError, Unreadable) as e:
+        raise SdtuneError(f"{key}: cannot read {path} ({_one_line(e)})") from None
 
 
 def read_image(
@@ -172,7 +189,7 @@ def _normalise_mode(im: Image.Image, fixes: list[str]) -> Image.Image:
         return im
     if mode.startswith("I") or mode == "F":
         fixes.append(f"{_depth_name(mode)} scaled to 8-bit")
-        return Image.fromarray(_to_uint8(np.asarray(im), mode)).convert("RGB")
+        return Image.fromarray(_to_uint8(im, mode)).convert("RGB")
     if mode in ("P", "PA"):
         fixes.append("palette converted to RGB")
         return im.convert("RGBA" if "transparency" in im.info or mode == "PA" else "RGB")
@@ -190,9 +207,11 @@ def _depth_name(mode: str) -> str:
     return "32-bit float" if mode == "F" else "32-bit integer" if mode == "I" else "16-bit"
 
 
-def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+def _to_uint8(a: Image.Image, mode: str) -> np.ndarray:
     """High-bit-depth grayscale -> 0..255, by the range the mode can hold (Pillow's convert clips at 255)."""
-    a = a.astype(np.float64)
+    import numpy as np  # here: the command line imports this module, and only rare images need numpy
+
+    a = np.asarray(a).astype(np.float64)
     if mode == "F":
         a = a * 255.0 if a.size and np.nanmax(a) <= 1.0 else a  # float images are 0..1 by convention
     else:

@@ -1,8 +1,8 @@
-"""LoRA adapters (PEFT) on the UNet and text encoders, and saving them in diffusers' format.
+"""LoRA adapters (PEFT) on the denoiser and text encoders, and saving them in diffusers' format.
 
-The saved file is what ``pipe.load_lora_weights(output_dir)`` reads: ``unet.``/``text_encoder.``/
-``text_encoder_2.`` prefixed keys plus each adapter's PEFT config (rank, alpha, DoRA) in the safetensors
-metadata, so an ``alpha`` different from ``rank`` loads with the right scale.
+The saved file is what ``pipe.load_lora_weights(output_dir)`` reads: keys prefixed by component name
+(``unet.``, ``text_encoder.``, ``text_encoder_2.``) plus each adapter's PEFT config (rank, alpha, DoRA) in
+the safetensors metadata, so an ``alpha`` different from ``rank`` loads with the right scale.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from sdtune.errors import SdtuneError
-
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+from sdtune.families import Family
+from sdtune.runs import WEIGHT_NAME
 
 
 def add_lora(
@@ -71,39 +71,17 @@ def load_adapter_state_dict(module: torch.nn.Module, state: dict[str, torch.Tens
         )
 
 
-def save_diffusers_lora(
-    output_dir: str | Path,
-    family: str,
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None = None,
-    text_encoder_2: torch.nn.Module | None = None,
-) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` in diffusers' format; pass only modules that were trained."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def save_diffusers_lora(output_dir: str | Path, family: Family, trained: dict[str, torch.nn.Module]) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` in diffusers' format for the trained modules
+    ({component name: PEFT-injected module}); ``pipe.load_lora_weights(output_dir)`` reads it back."""
+    import diffusers
 
-    def layers(m):
-        # PEFT key names (lora_A / lora_B), as diffusers' own training scripts now save them. Converting
-        # them to the old diffusers names renames only attention keys; diffusers' loader then guesses the
-        # format from the first key and silently drops the others when a run trains more than attention.
-        return None if m is None else adapter_state_dict(m)
-
-    def meta(m):
-        return None if m is None else m.peft_config["default"].to_dict()
-
-    kwargs = dict(
-        unet_lora_layers=layers(unet),
-        text_encoder_lora_layers=layers(text_encoder),
-        unet_lora_adapter_metadata=meta(unet),
-        text_encoder_lora_adapter_metadata=meta(text_encoder),
-        safe_serialization=True,
-    )
-    if family == "sdxl":
-        StableDiffusionXLPipeline.save_lora_weights(
-            output_dir,
-            text_encoder_2_lora_layers=layers(text_encoder_2),
-            text_encoder_2_lora_adapter_metadata=meta(text_encoder_2),
-            **kwargs,
-        )
-    else:
-        StableDiffusionPipeline.save_lora_weights(output_dir, **kwargs)
+    kwargs = {}
+    for name, module in trained.items():
+        # PEFT key names (lora_A / lora_B), as diffusers' own training scripts now save them. Converting them
+        # to the old diffusers names renames only attention keys; diffusers' loader then guesses the format
+        # from the first key and silently drops the others when a run trains more than attention.
+        kwargs[f"{name}_lora_layers"] = adapter_state_dict(module)
+        kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+    getattr(diffusers, family.lora_pipeline).save_lora_weights(output_dir, safe_serialization=True, **kwargs)
     return Path(output_dir) / WEIGHT_NAME

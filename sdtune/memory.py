@@ -3,19 +3,20 @@
 peak = weights on the GPU + LoRA weights, gradients and optimizer state + the larger of
   (a) the UNet's activations for the micro-batch (forward + backward), and
   (b) the VAE encoder's activations, when latents are encoded every step instead of cached.
-The activation constants are calibrated on the H200 runs in bench/RESULTS.md (2026-11-26): SD1.5 at 512 px
-takes about 1.08 GiB per image; SDXL at 1024 px with gradient checkpointing about 0.75 GiB; the SDXL VAE
-encoding one 1024 px image in fp32 about 3.1 GiB. Expect +-30% elsewhere.
+The activation constants are the family's (``Family.memory``). Those of the SD families are calibrated on
+the H200 runs in bench/RESULTS.md (2026-11-26): SD1.5 at 512 px takes about 1.08 GiB per image; SDXL at
+1024 px with gradient checkpointing about 0.75 GiB; the SDXL VAE encoding one 1024 px image in fp32 about
+3.1 GiB. Expect +-30% elsewhere.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sdtune.families import MemoryConstants
+
 GIB = 2**30
-UNET_ACT = 1.26  # GiB per image, per billion UNet parameters, per 64x64 latent pixels, 2-byte activations
-CHECKPOINTING_FACTOR = 0.058  # share of those activations kept with gradient checkpointing
-VAE_ACT = 3.1  # GiB per 1024x1024 image through the VAE encoder, 4-byte activations
+SD_CONSTANTS = MemoryConstants()  # the SD families' (the default)
 OVERHEAD = 0.15  # CUDA context, allocator slack, workspaces
 
 
@@ -46,15 +47,16 @@ def estimate(
     optimizer: str,
     latents_cached: bool,
     vae_bytes: int = 4,
+    constants: MemoryConstants = SD_CONSTANTS,
 ) -> Estimate:
     """Peak memory from parameter counts (frozen in ``weight_bytes`` each, some kept fp32) and batch shape."""
     weights = (unet_params + frozen_on_gpu_params) * weight_bytes + fp32_on_gpu_params * 4
     # fp32 LoRA weight + gradient, AdamW's two moments (8-bit AdamW: about 2 bytes for both)
     trainable = trainable_params * (4 + 4 + (2 if optimizer == "adamw8bit" else 8))
     latent_pixels = (resolution // 8) ** 2
-    unet = UNET_ACT * unet_params / 1e9 * latent_pixels / 4096 * weight_bytes / 2
+    unet = constants.unet_activation_gib * unet_params / 1e9 * latent_pixels / 4096 * weight_bytes / 2
     if gradient_checkpointing:
-        unet *= CHECKPOINTING_FACTOR
-    vae = 0.0 if latents_cached else VAE_ACT * (resolution / 1024) ** 2 * vae_bytes / 4
+        unet *= constants.checkpointing_factor
+    vae = 0.0 if latents_cached else constants.vae_activation_gib * (resolution / 1024) ** 2 * vae_bytes / 4
     activations = max(unet, vae) * images_per_micro_batch
     return Estimate(weights / GIB, trainable / GIB, activations)

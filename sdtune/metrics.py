@@ -6,7 +6,7 @@ arXiv:2208.12242), Sec. 4.1 and 4.3:
 - DINO and CLIP-I (subject fidelity): the average pairwise cosine similarity between the embeddings of the
   generated images and of the real subject photos (DINO ViT-S/16 and CLIP image embeddings respectively).
 - CLIP-T (prompt fidelity): the average cosine similarity between each image's CLIP embedding and the CLIP text
-  embedding of its prompt (``sdtune.eval`` removes the identifier from the prompt first).
+  embedding of its prompt (``sdtune.eval.paper`` removes the identifier from the prompt first).
 - PRES (prior preservation, lower is better): DINO between images of the bare class prompt and the subject
   photos; a high value means "a dog" has collapsed onto *your* dog.
 - DIV (diversity, higher is better): the paper uses LPIPS between images of the same prompt. LPIPS needs
@@ -14,23 +14,13 @@ arXiv:2208.12242), Sec. 4.1 and 4.3:
   similarity of the images' DINO embeddings within each prompt: 0 for identical images, on another scale
   than the paper's LPIPS numbers.
 
-Everything here is plain tensor maths in float64, so the tests can check it on hand-made embeddings.
+Everything here is plain tensor maths in float64, so the tests can check it on hand-made embeddings. The paper's
+own numbers (Table 1) and the metrics' definitions for reports are in ``sdtune.eval.dreambench``.
 """
 
 from __future__ import annotations
 
 import torch
-
-# Table 1 of the paper: 30 subjects x 25 prompts x 4 images. (name, DINO, CLIP-I, CLIP-T); None: not reported.
-PAPER_SOURCE = "Ruiz et al. 2022 (DreamBooth, arXiv:2208.12242), Table 1"
-PAPER_TABLE1: tuple[tuple[str, float, float, float | None], ...] = (
-    ("Real images", 0.774, 0.885, None),
-    ("DreamBooth (Stable Diffusion)", 0.668, 0.803, 0.305),
-    ("Textual Inversion (Stable Diffusion)", 0.569, 0.780, 0.255),
-)
-# Table 3 (Imagen, 15 subjects): PRES with / without the prior preservation loss. Its DIV is LPIPS, which
-# sdtune's substitute does not reproduce, so only PRES is quoted.
-PAPER_PRES = {"with prior preservation": 0.493, "without": 0.664}
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ from each (``data.center_crop``).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
@@ -31,19 +30,16 @@ import string
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from PIL import Image, ImageColor, ImageDraw, ImageFont
+from PIL import Image, ImageColor, ImageDraw
 
 from sdtune.errors import SdtuneError
+from sdtune.grid import load_font
+from sdtune.images import Decoded, Unreadable, read_image
 
-if TYPE_CHECKING:
-    from sdtune.images import Decoded
-
-# numpy, OpenCV, imagehash, smartcrop and the image readers are imported where used: `sdtune --help` and
+# numpy, OpenCV, imagehash and smartcrop are imported where used: `sdtune --help` and
 # every other command import this module for its subcommand, and should not pay for them.
 
-FAMILY_RESOLUTION = {"sd15": 512, "sd2": 768, "sdxl": 1024}
 CROPS = ("center", "smart", "face", "bucket")
 FORMATS = ("png", "jpg", "webp")
 RENAME_FIELDS = {"token": "the --token word", "index": "1, 2, ... in source order", "stem": "source name"}
@@ -123,68 +119,6 @@ class Result:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_commands(sub) -> None:
-    """Add ``prep`` to an argparse subparsers object."""
-    fields = ", ".join(f"{{{k}}} ({v})" for k, v in RENAME_FIELDS.items())
-    p = sub.add_parser(
-        "prep", help="crop, resize and check subject photos into a training-ready imagefolder dataset",
-        description="Turn a folder of photos into an imagefolder dataset (images + metadata.jsonl) with "
-        "prep_report.json and contact_sheet.jpg. Sources are only read; OUT must be empty or an earlier "
-        "prep output.",
-    )
-    p.add_argument("src", metavar="SRC", help="folder of photos (read only; subfolders included)")
-    p.add_argument("out", metavar="OUT", help="output folder: empty, new, or an earlier prep output")
-    p.add_argument("--family", choices=tuple(FAMILY_RESOLUTION), default="sd15",
-                   help="model family; sets the default resolution (512 / 768 / 1024) and the buckets")
-    p.add_argument("--resolution", type=int, help="output size in pixels (default: the family's)")
-    p.add_argument("--crop", choices=CROPS, default="smart",
-                   help="center; smart (saliency, as Birme); face (keep faces in frame, else smart); "
-                   "bucket (keep the aspect ratio, snap to the family's nearest training bucket)")
-    p.add_argument("--rename", default=DEFAULT_RENAME, metavar="PATTERN",
-                   help=f"output name pattern, Python format syntax; fields: {fields} (default {DEFAULT_RENAME})")
-    p.add_argument("--token", help="the identifier word for {token} in --rename, e.g. sks")
-    captions = p.add_mutually_exclusive_group()
-    captions.add_argument("--caption", help="one caption for every image, e.g. 'a photo of sks dog'")
-    captions.add_argument("--caption-from", choices=("filename", "txt"),
-                          help="filename: the source name ('sks_dog_beach_2.jpg' -> 'sks dog beach'); "
-                          "txt: a .txt file with the same name beside each image")
-    p.add_argument("--format", choices=FORMATS, default="png", help="output format (default png)")
-    p.add_argument("--min-side", type=int,
-                   help="refuse sources whose crop is smaller than this; between it and the resolution they "
-                   "are upscaled with a warning (default: half the resolution)")
-    p.add_argument("--background", default="white", help="colour behind transparent pixels (name or #rrggbb)")
-    p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
-    p.set_defaults(func=cmd_prep)
-
-
-def cmd_prep(args: argparse.Namespace) -> int:
-    """Run ``sdtune prep`` and print what happened: skips and warnings, one line each, then a summary."""
-    report = prep(
-        args.src, args.out, resolution=args.resolution or FAMILY_RESOLUTION[args.family], crop=args.crop,
-        family=args.family, fmt=args.format, min_side=args.min_side, background=args.background,
-        rename=args.rename, token=args.token, caption=args.caption, caption_from=args.caption_from,
-        workers=args.workers,
-    )
-    for row in report["files"]:
-        if row["status"] == "skipped":
-            print(f"skipped: {row['source']}: {row['reason']}")
-        for w in row.get("warnings", []):
-            print(f"warning: {row.get('output', '-')} ({row['source']}): {w}")
-    for w in report["set_warnings"]:
-        print(f"warning: {w}")
-    s = report["summary"]
-    out = Path(args.out)
-    print(
-        f"prep: {s['images']} images in {out} ({s['fixed']} fixed, {s['skipped']} skipped, {s['ignored']} "
-        f"ignored, {s['warnings']} warnings); see {out / REPORT} and {out / SHEET}"
-    )
-    return 0
-
-
-# --------------------------------------------------------------------------------------------------------
 # The whole run
 
 
@@ -194,7 +128,7 @@ def prep(
     *,
     resolution: int = 512,
     crop: str = "smart",
-    family: str = "sd15",
+    family: str | None = None,
     fmt: str = "png",
     min_side: int | None = None,
     background: str = "white",
@@ -440,8 +374,6 @@ def _cores() -> int:
 def process(rel: str, path: str, caption: str, settings: Settings) -> Result:
     """Read, crop, resize, encode and measure one source file."""
     import imagehash
-
-    from sdtune.images import Unreadable, read_image
 
     try:
         data = Path(path).read_bytes()
@@ -703,7 +635,7 @@ def _name(kept: list[Result], pattern: str, token: str | None, ext: str) -> None
         r.output = f"{name}.{ext}"
 
 
-def _report(src_dir: Path, settings: Settings, family: str, rename: str, caption: str | None,
+def _report(src_dir: Path, settings: Settings, family: str | None, rename: str, caption: str | None,
             caption_from: str | None, results: list[Result], set_warnings: list[str]) -> dict:
     count = {s: sum(r.status == s for r in results) for s in ("kept", "fixed", "skipped", "ignored")}
     return {
@@ -757,7 +689,7 @@ def contact_sheet(kept: list[Result]) -> Image.Image:
     label_h, pad = 40, 8
     sheet = Image.new("RGB", (cols * (cell + pad) + pad, rows * (cell + label_h + pad) + pad), (32, 32, 32))
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=11)
+    font = load_font(11)
     for i, r in enumerate(kept):
         x, y = pad + (i % cols) * (cell + pad), pad + (i // cols) * (cell + label_h + pad)
         thumb = r.thumb.copy()  # type: ignore[union-attr]

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from sdtune.data import list_images
+from sdtune.files import write_text
 from sdtune.sample import save_image
 
 MANIFEST = "sdtune_class_images.json"
@@ -50,8 +52,6 @@ def ensure_class_images(
     progress: bool = True,
 ) -> list[str]:
     """Generate this process's share of the missing class images; return warnings for the user."""
-    from tqdm.auto import tqdm
-
     class_dir.mkdir(parents=True, exist_ok=True)
     warnings: list[str] = []
     manifest = class_dir / MANIFEST
@@ -67,7 +67,7 @@ def ensure_class_images(
                 f"not '{class_prompt}' with {model_id}; they are used as they are"
             )
     elif process_index == 0:
-        manifest.write_text(json.dumps(record, indent=2))
+        write_text(manifest, json.dumps(record, indent=2))
 
     todo = missing_class_indices(class_dir, num_class_images)[process_index::num_processes]
     if not todo:

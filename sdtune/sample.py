@@ -17,151 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageOps
+from safetensors import safe_open
+from tqdm.auto import tqdm
 
-from sdtune.checkpoint import sha256_file
+from sdtune import __version__, families
 from sdtune.errors import SdtuneError
+from sdtune.families import Family, ModelFiles
+from sdtune.files import atomic_path, sha256_file
+from sdtune.grid import Cell, Settings, failed_cell, layout
+from sdtune.images import open_image
+from sdtune.models import inspect_model, load_components, torch_dtype
+from sdtune.schedulers import sampling_scheduler
 
-SCHEDULERS = ("dpmpp_2m", "ddim", "euler", "euler_a")
 ADAPTER = "sdtune"  # adapter name under which `sdtune sample` loads a LoRA
-
-
-def sampling_scheduler(config: Any, name: str = "dpmpp_2m"):
-    """A sampling scheduler built from the model's scheduler config (betas, prediction type)."""
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-    )
-
-    classes = {
-        "dpmpp_2m": DPMSolverMultistepScheduler,
-        "ddim": DDIMScheduler,
-        "euler": EulerDiscreteScheduler,
-        "euler_a": EulerAncestralDiscreteScheduler,
-    }
-    if name not in classes:
-        raise SdtuneError(f"--scheduler: unknown '{name}'; choose one of {', '.join(SCHEDULERS)}")
-    # A training (DDPM) config may say clip_sample=True, which sampling schedulers must not inherit.
-    return classes[name].from_config({**dict(config), "clip_sample": False})
-
-
-# --------------------------------------------------------------------------------------------------------
-# Cells and grids
-
-
-@dataclass(frozen=True)
-class Cell:
-    """Everything that can differ between two images of one grid."""
-
-    prompt: str
-    seed: int
-    guidance_scale: float = 7.5
-    lora_scale: float | None = None  # None: leave the adapters as they are (training-time samples)
-    checkpoint: str | None = None  # label of the LoRA file, for --checkpoints all
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What all cells of a grid share."""
-
-    negative_prompt: str = ""
-    steps: int = 25
-    width: int = 512
-    height: int = 512
-    scheduler: str = "dpmpp_2m"
-    mode: str = "txt2img"  # txt2img | img2img | inpaint | outpaint | depth
-    strength: float = 0.75
-    batch_size: int = 1
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the small bitmap font
-        return ImageFont.load_default()
-
-
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        trial = f"{line} {word}".strip()
-        if draw.textlength(trial, font=font) <= width or not line:
-            line = trial
-        else:
-            lines.append(line)
-            line = word
-    return [*lines, line] if line else lines
-
-
-def make_grid(
-    images: list[list[Image.Image]],
-    row_labels: list[str],
-    col_labels: list[str],
-    title: str | None = None,
-    min_cell: int = 128,
-) -> Image.Image:
-    """Paste ``images[row][col]`` into one picture with a header row and a label column.
-
-    Cells smaller than ``min_cell`` px are enlarged (nearest neighbour) so a person can see them."""
-    zoom = max(1, -(-min_cell // max(images[0][0].width, images[0][0].height)))
-    if zoom > 1:
-        images = [[im.resize((im.width * zoom, im.height * zoom), Image.Resampling.NEAREST) for im in row]
-                  for row in images]
-    h, w = images[0][0].height, images[0][0].width
-    size = max(12, min(24, w // 12))
-    font = _font(size)
-    label_w = max(160, w)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    header_h = size * 2 + (size + 6 if title else 0)
-    grid = Image.new("RGB", (label_w + w * len(col_labels), header_h + h * len(row_labels)), "white")
-    draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((6, 4), title[: grid.width // max(1, size // 2)], fill="black", font=font)
-    for c, label in enumerate(col_labels):
-        draw.text((label_w + c * w + 4, header_h - size - 6), label, fill="black", font=font)
-    for r, label in enumerate(row_labels):
-        y = header_h + r * h + 4
-        for line in _wrap(probe, label, font, label_w - 8)[: max(1, h // (size + 2))]:
-            draw.text((4, y), line, fill="black", font=font)
-            y += size + 2
-        for c, im in enumerate(images[r]):
-            grid.paste(im.resize((w, h)) if im.size != (w, h) else im, (label_w + c * w, header_h + r * h))
-    return grid
-
-
-def _failed_cell(width: int, height: int, reason: str) -> Image.Image:
-    im = Image.new("RGB", (width, height), (90, 90, 90))
-    draw = ImageDraw.Draw(im)
-    font = _font(max(10, width // 16))
-    y = 4
-    for line in _wrap(draw, f"failed: {reason}", font, width - 8)[:8]:
-        draw.text((4, y), line, fill="white", font=font)
-        y += max(10, width // 16) + 2
-    return im
-
-
-def row_label(cell: Cell, varying: set[str]) -> str:
-    """The prompt, plus whichever of checkpoint / LoRA scale / guidance varies in this grid."""
-    parts = [cell.prompt]
-    if "checkpoint" in varying:
-        parts.append(str(cell.checkpoint))
-    if "lora_scale" in varying or (cell.lora_scale is not None and cell.lora_scale != 1):
-        parts.append(f"LoRA x{cell.lora_scale:g}")
-    if "guidance_scale" in varying:
-        parts.append(f"cfg {cell.guidance_scale:g}")
-    return " | ".join(parts)
-
-
-def layout(cells: list[Cell], images: list[Image.Image], title: str | None = None) -> Image.Image:
-    """One row per (checkpoint, prompt, LoRA scale, guidance), one column per seed."""
-    row_keys = list(dict.fromkeys(replace(c, seed=0) for c in cells))
-    seeds = list(dict.fromkeys(c.seed for c in cells))
-    varying = {f for f in ("checkpoint", "lora_scale", "guidance_scale") if len({getattr(c, f) for c in cells}) > 1}
-    by_cell = dict(zip(cells, images))
-    rows = [[by_cell[replace(key, seed=s)] for s in seeds] for key in row_keys]
-    return make_grid(rows, [row_label(k, varying) for k in row_keys], [f"seed {s}" for s in seeds], title=title)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -197,8 +66,6 @@ def render_cells(
     the other cells are kept. Returns (images, errors) in cell order; fills ``batch_seeds`` (if given) with
     the seeds each cell was rendered together with, in batch order (a replay must batch them the same way:
     batched kernels may round differently)."""
-    from tqdm.auto import tqdm
-
     images: dict[Cell, Image.Image] = {}
     errors: dict[Cell, str] = {}
     groups: dict[Cell, list[Cell]] = {}
@@ -234,7 +101,7 @@ def render_cells(
             bar.update(len(batch))
     bar.close()
     size = (settings.width, settings.height) if init_image is None else init_image.size
-    out_images = [images.get(c) or _failed_cell(*size, errors[c]) for c in cells]
+    out_images = [images.get(c) or failed_cell(*size, errors[c]) for c in cells]
     return out_images, [errors.get(c) for c in cells]
 
 
@@ -254,26 +121,14 @@ def render_grid(
 
 
 def save_image(image: Image.Image, path: str | Path) -> Path:
-    """Save atomically (temporary name, then rename), so a crash never leaves half a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    """Save as PNG atomically, so a crash never leaves half a picture."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Input images
-
-
-def read_image(path: str | Path, key: str) -> Image.Image:
-    """An RGB, EXIF-upright copy of an input image, or one clear error naming the option."""
-    try:
-        with Image.open(path) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except (OSError, ValueError) as e:
-        raise SdtuneError(f"{key}: cannot read {path} ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def outpaint_canvas(image: Image.Image, left: int, top: int, right: int, bottom: int, multiple: int = 8):
@@ -312,34 +167,15 @@ class Request:
     target: Cell | None = None  # a replay: the one cell to write (``cells`` holds its whole batch)
 
 
-def _load_pipeline(req: Request):
+def _load_pipeline(req: Request) -> tuple[Any, Family]:
     """The base pipeline for the request's mode, on its device and dtype (one copy of every weight)."""
-    from sdtune.models import build_pipeline, inspect_model, load_components
-
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[req.dtype]
+    dtype = torch_dtype(req.dtype)
     device = req.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = inspect_model(req.model, req.revision, for_training=False)
     if req.settings.mode == "depth":
-        from diffusers import StableDiffusionDepth2ImgPipeline
-
-        from sdtune.models import read_model_file
-
-        if "depth_estimator" not in read_model_file(req.model, "model_index.json", req.revision):
-            raise SdtuneError(f"--depth: {req.model} is not a depth-to-image model (it has no depth_estimator); "
-                              "use e.g. stabilityai/stable-diffusion-2-depth")
-
-        try:
-            pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(
-                req.model, revision=req.revision, variant=req.variant, use_safetensors=True
-            )
-        except (OSError, ValueError, TypeError) as e:
-            raise SdtuneError(f"--depth: {req.model} is not a depth-to-image model ({str(e).splitlines()[0][:120]})"
-                              ) from None
-        family = "sd2"
+        pipe = _depth_pipeline(req)
     else:
-        info = inspect_model(req.model, req.revision, for_training=False)
-        family = info.family
-        components = load_components(info.pretrained, info.family, req.revision, req.variant)
-        pipe = build_pipeline(components, info.family)
+        pipe = info.family.pipeline(load_components(info.pretrained, info.family, req.revision, req.variant))
         if req.settings.mode == "img2img":
             from diffusers import AutoPipelineForImage2Image
 
@@ -351,44 +187,54 @@ def _load_pipeline(req: Request):
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, req.settings.scheduler)
     pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, family
+    return pipe, info.family
 
 
-def lora_family(path: str | Path) -> str | None:
-    """'sdxl' if a LoRA file carries a second text encoder or SDXL's kohya prefixes, else None (unknown)."""
-    from safetensors import safe_open
+def _depth_pipeline(req: Request) -> Any:
+    from diffusers import StableDiffusionDepth2ImgPipeline
 
+    if "depth_estimator" not in ModelFiles(req.model, req.revision).read("model_index.json"):
+        raise SdtuneError(f"--depth: {req.model} is not a depth-to-image model (it has no depth_estimator); "
+                          "use e.g. stabilityai/stable-diffusion-2-depth")
+    try:
+        return StableDiffusionDepth2ImgPipeline.from_pretrained(
+            req.model, revision=req.revision, variant=req.variant, use_safetensors=True
+        )
+    except (OSError, ValueError, TypeError) as e:
+        raise SdtuneError(f"--depth: {req.model} is not a depth-to-image model ({str(e).splitlines()[0][:120]})"
+                          ) from None
+
+
+def lora_family(path: str | Path) -> Family | None:
+    """The family a LoRA file says it was made for (by its keys or kohya metadata), None if it does not say."""
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
         meta = f.metadata() or {}
-    if any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in keys) or "sdxl" in meta.get(
-        "ss_base_model_version", ""
-    ):
-        return "sdxl"
-    return None
+    return next((family for family in families.registered() if family.recognises_lora(keys, meta)), None)
 
 
-def _apply_lora(pipe: Any, path: str, family: str) -> None:
-    if lora_family(path) == "sdxl" and family != "sdxl":
-        raise SdtuneError(f"{path}: an SDXL LoRA cannot be applied to this {family} model; use --model with an SDXL model")
+def _apply_lora(pipe: Any, path: str, family: Family) -> None:
+    owner = lora_family(path)
+    if owner is not None and owner is not family:
+        raise SdtuneError(f"{path}: an {owner.label} LoRA cannot be applied to this {family.label} model; use "
+                          f"--model with an {owner.label} model")
     try:
         pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name, adapter_name=ADAPTER)
     except Exception as e:  # diffusers raises many types for a LoRA of another layout or rank
         raise SdtuneError(f"{path}: does not fit the base model ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
                           ) from None
-    loaded = [n for n, _ in pipe.unet.named_parameters() if "lora_" in n]
+    loaded = [n for n, _ in getattr(pipe, family.denoiser_name).named_parameters() if "lora_" in n]
     if not loaded:
-        raise SdtuneError(f"{path}: none of its keys match this model's UNet (another family or format?)")
+        raise SdtuneError(f"{path}: none of its keys match this model's {family.denoiser_name} (another family or "
+                          "format?)")
 
 
 def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True) -> tuple[Path, list[str]]:
     """Render the request's grid to ``out`` and each cell (+ JSON sidecar) to ``<out stem>_cells/``;
     with ``grid=False`` (a replay) just the first cell's image to ``out``.
     Returns (path written, one line per failed cell)."""
-    from sdtune import __version__
-
-    init_image = read_image(req.init_image, "--init-image") if req.init_image else None
-    mask = read_image(req.mask, "--mask").convert("L") if req.mask else None
+    init_image = open_image(req.init_image, "--init-image") if req.init_image else None
+    mask = open_image(req.mask, "--mask").convert("L") if req.mask else None
     if req.settings.mode in ("img2img", "inpaint", "outpaint", "depth") and init_image is None:
         raise SdtuneError(f"--init-image: required for {req.settings.mode}")
     if mask is not None and mask.size != init_image.size:  # type: ignore[union-attr]

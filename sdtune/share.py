@@ -11,42 +11,35 @@ from pathlib import Path
 import yaml
 
 from sdtune.errors import SdtuneError
-from sdtune.lora import WEIGHT_NAME
-
-CARD = "README.md"
-KOHYA_SUFFIX = "_kohya.safetensors"
-
-
-def _hub_id(pretrained: str) -> str | None:
-    """The model id if ``pretrained`` is a hub id, None if it is a local folder (never publish paths)."""
-    if Path(pretrained).expanduser().exists() or pretrained.startswith((".", "/", "~")):
-        return None
-    return pretrained if pretrained.count("/") == 1 else None
+from sdtune.export import existing_run_files
+from sdtune.families import Family
+from sdtune.files import write_text
+from sdtune.hub import check_repo_id, public_model_id
+from sdtune.runs import CARD, WEIGHT_NAME
 
 
-def model_card(config: dict, family: str, grid: str | None, kohya_name: str | None) -> str:
+def model_card(config: dict, family: Family, grid: str | None, kohya_name: str | None) -> str:
     """Markdown with YAML front matter: base_model, tags, instance_prompt, license, widget."""
     model, data, lora, train = config["model"], config["data"], config["lora"], config["train"]
-    base = _hub_id(model["pretrained"])
+    base = public_model_id(model["pretrained"])  # never publish a local path
     instance_prompt = data.get("instance_prompt") or f"a photo of {data['identifier']}"
-    sdxl = family == "sdxl"
     front = {
         "base_model": base,
         "library_name": "diffusers",
         # The LoRA inherits the base model's licence, which sdtune cannot read offline.
         "license": "other",
         "tags": ["text-to-image", "diffusers", "lora", "dreambooth", "sdtune", "template:sd-lora",
-                 "stable-diffusion-xl" if sdxl else "stable-diffusion"],
+                 *family.hub_tags],
         "instance_prompt": instance_prompt,
         "widget": [{"text": instance_prompt, "output": {"url": grid}}] if grid else [],
     }
     front = {k: v for k, v in front.items() if v not in (None, [])}
     base_text = f"[{base}](https://huggingface.co/{base})" if base else "a local base model"
-    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    pipeline = family.lora_pipeline
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# DreamBooth LoRA: `{data['identifier']}`", "",
-        f"A LoRA trained with [sdtune](https://pypi.org/project/sdtune/) on {base_text} ({family}). "
+        f"A LoRA trained with [sdtune](https://pypi.org/project/sdtune/) on {base_text} ({family.label}). "
         f"Use `{instance_prompt}` in prompts to get the subject.", "",
     ]
     if grid:
@@ -79,18 +72,16 @@ def model_card(config: dict, family: str, grid: str | None, kohya_name: str | No
     return "\n".join(lines)
 
 
-def write_model_card(run_dir: Path, config: dict, family: str) -> Path:
+def write_model_card(run_dir: Path, config: dict, family: Family) -> Path:
     """Write ``README.md`` into the run folder, pointing at its newest sample grid and kohya file."""
     grids = sorted((run_dir / "samples").glob("step-*.png"))
-    kohya = sorted(run_dir.glob(f"*{KOHYA_SUFFIX}"))
+    kohya = existing_run_files(run_dir).get("kohya")
     card = model_card(
         config, family,
         grid=grids[-1].relative_to(run_dir).as_posix() if grids else None,
         kohya_name=kohya[-1].name if kohya else None,
     )
-    path = run_dir / CARD
-    path.write_text(card, encoding="utf-8")
-    return path
+    return write_text(run_dir / CARD, card)
 
 
 def files_to_push(run_dir: Path) -> list[Path]:
@@ -98,29 +89,36 @@ def files_to_push(run_dir: Path) -> list[Path]:
     checkpoints, logs or class images."""
     if not (run_dir / WEIGHT_NAME).is_file():
         raise SdtuneError(f"{run_dir}: no {WEIGHT_NAME}; push a finished run folder")
-    files = [run_dir / CARD, run_dir / WEIGHT_NAME, *sorted(run_dir.glob(f"*{KOHYA_SUFFIX}"))]
+    files = [run_dir / CARD, run_dir / WEIGHT_NAME, *(f for fs in existing_run_files(run_dir).values() for f in fs)]
     grids = sorted((run_dir / "samples").glob("step-*.png"))
     return [f for f in files if f.is_file()] + grids[-1:]
 
 
 def push(run_dir: Path, repo: str, public: bool = False, dry_run: bool = False) -> list[str]:
-    """Upload a run to ``repo`` (private unless ``public``); return the uploaded paths in the repo."""
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise SdtuneError(f"--repo: '{repo}' is not a repo id like user/my-dog-lora")
+    """Upload a run to ``repo`` (private unless ``public``) as one commit; return the paths in the repo.
+
+    One commit means a failure (offline, no token, no permission, a file gone) leaves the repo as it was,
+    never half-pushed. ``dry_run`` only lists the files and touches nothing.
+    """
+    check_repo_id(repo, "--repo")
     if not (run_dir / CARD).is_file():
         raise SdtuneError(f"{run_dir}: no {CARD} model card; it is written at the end of training")
     files = files_to_push(run_dir)
     names = [f.relative_to(run_dir).as_posix() for f in files]
     if dry_run:
         return names
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi()  # token from HF_TOKEN or `hf auth login`, never from a flag
     try:
+        # Built inside the try: CommitOperationAdd reads and hashes each file, which can fail too.
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(f))
+                      for f, name in zip(files, names)]
         api.create_repo(repo, private=not public, exist_ok=True, repo_type="model")
-        for f, name in zip(files, names):
-            api.upload_file(path_or_fileobj=str(f), path_in_repo=name, repo_id=repo, repo_type="model")
+        # The message names no local folder: run folder names can be private.
+        message = f"Upload LoRA with sdtune ({len(names)} files)"
+        api.create_commit(repo, operations=operations, commit_message=message, repo_type="model")
     except Exception as e:  # offline, no token, no permission: one line
-        raise SdtuneError(f"push to {repo} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
+        raise SdtuneError(f"push to {repo} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]} "
                           "(log in with `hf auth login` or set HF_TOKEN)") from None
     return names

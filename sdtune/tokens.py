@@ -13,6 +13,12 @@ import gzip
 import json
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+if TYPE_CHECKING:  # transformers takes ~1 s to import; clip_tokenizer() imports it when called
+    from transformers import CLIPTokenizer
 
 VOCAB_SIZE = 49408
 BOS_TOKEN = "<|startoftext|>"
@@ -65,7 +71,7 @@ def write_clip_tokenizer_files(directory: str | Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def clip_tokenizer(pad_token: str = EOS_TOKEN, model_max_length: int = 77):
+def clip_tokenizer(pad_token: str = EOS_TOKEN, model_max_length: int = 77) -> CLIPTokenizer:
     """A ``transformers.CLIPTokenizer`` with the real CLIP vocabulary, built offline.
 
     SD1.x pads with ``<|endoftext|>``; SD2 and SDXL's second encoder (OpenCLIP) pad with ``!``.
@@ -82,54 +88,41 @@ def clip_tokenizer(pad_token: str = EOS_TOKEN, model_max_length: int = 77):
 
 
 # --------------------------------------------------------------------------------------------------------
-# A pure-Python CLIP encoder: the same pieces as clip_tokenizer(), without importing transformers (~1 s),
-# so the identifier check can run anywhere, fast. Mirrors the tokenizers pipeline step by step.
+# The same pipeline as clip_tokenizer(), built on the Rust `tokenizers` library alone: no transformers import
+# (~1 s), so the identifier check can run anywhere, fast. Mirrors transformers' CLIPTokenizer(Fast).
 
-# Pre-tokenizer 1: CLIP's own split (clip/simple_tokenizer.py); whitespace between matches is dropped.
+# CLIP's own split (clip/simple_tokenizer.py); the whitespace between matches is dropped.
 _CLIP_SPLIT = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
-# Pre-tokenizer 2: the ByteLevel step re-splits each piece with GPT-2's pattern. It only matters for the
-# literal text '<|startoftext|>' (after lowercasing), which it cuts into '<|', 'startoftext', '|>'.
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
 @functools.cache
-def _regexes():
-    import regex  # \p{L} and \p{N}, which the standard re module lacks
-
-    return regex.compile(r"\s+"), regex.compile(_CLIP_SPLIT), regex.compile(_GPT2_SPLIT)
-
-
-@functools.cache
-def _byte_chars() -> dict[int, str]:
-    return _bytes_to_unicode()
-
-
-@functools.cache
-def _merge_ranks() -> dict[tuple[str, str], int]:
-    return {pair: rank for rank, pair in enumerate(clip_merges())}
-
-
-@functools.lru_cache(maxsize=65536)
-def _bpe(word: str) -> tuple[str, ...]:
-    """BPE of one pre-token (already mapped to byte characters); the last symbol carries ``</w>``."""
-    parts = list(word[:-1]) + [word[-1] + "</w>"]
-    ranks = _merge_ranks()
-    while len(parts) > 1:
-        pair = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, len(ranks)))
-        if pair not in ranks:
-            break
-        # Merge every occurrence, left to right. Merges that use the new symbol rank later than this one,
-        # so this equals tokenizers' one-merge-at-a-time priority queue.
-        merged, i = [], 0
-        while i < len(parts):
-            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == pair:
-                merged.append(pair[0] + pair[1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
-    return tuple(parts)
+def _fast_tokenizer(pad_token: str) -> Tokenizer:
+    """A ``tokenizers.Tokenizer`` configured like ``clip_tokenizer(pad_token).backend_tokenizer``."""
+    bpe = models.BPE(
+        vocab=clip_vocab(),
+        merges=list(clip_merges()),
+        continuing_subword_prefix="",
+        end_of_word_suffix="</w>",
+        fuse_unk=False,
+        unk_token=EOS_TOKEN,
+    )
+    tokenizer = Tokenizer(bpe)
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    # transformers adds these un-normalized, so they are cut from the raw text before lowercasing:
+    # '<|STARTOFTEXT|>' stays text. A pad token outside the vocabulary's own specials (OpenCLIP's '!')
+    # becomes a special token too, which is why '!' is id 0 there but '!</w>' (256) for SD1.x.
+    tokenizer.add_special_tokens(
+        [AddedToken(t, normalized=False, special=True) for t in (pad_token, BOS_TOKEN, EOS_TOKEN)]
+    )
+    return tokenizer
 
 
 def clip_tokenize(text: str, pad_token: str = EOS_TOKEN) -> list[str]:
@@ -137,33 +130,11 @@ def clip_tokenize(text: str, pad_token: str = EOS_TOKEN) -> list[str]:
 
     ``clip_vocab()[t]`` gives the ids. The pad token matters: a pad token outside the vocabulary's own
     special tokens (SD2 and SDXL's second encoder pad with ``!``) is matched as a special token, so ``!``
-    becomes id 0 there but ``!</w>`` (256) for SD1.x. Characters newer than Python's Unicode database and
-    some stacks of combining marks can normalize differently from the Rust tokenizer; nothing else does.
+    becomes id 0 there but ``!</w>`` (256) for SD1.x.
     """
-    import unicodedata
-
-    import regex
-
-    whitespace, clip_split, gpt2_split = _regexes()
-    byte_chars = _byte_chars()
-    specials = sorted({BOS_TOKEN, EOS_TOKEN, pad_token}, key=len, reverse=True)
-    tokens: list[str] = []
-    # Special tokens are cut out of the raw text first (they are not normalized), as tokenizers does.
-    for i, chunk in enumerate(regex.split("(" + "|".join(map(regex.escape, specials)) + ")", text)):
-        if i % 2:
-            tokens.append(chunk)
-            continue
-        # Normalizer: NFC, whitespace runs -> one space, then lowercase one character at a time (tokenizers
-        # lowercases per character, so a final capital sigma becomes 'σ', not str.lower()'s 'ς').
-        chunk = "".join(c.lower() for c in whitespace.sub(" ", unicodedata.normalize("NFC", chunk)))
-        for piece in clip_split.findall(chunk):
-            for word in gpt2_split.findall(piece):
-                tokens.extend(_bpe("".join(byte_chars[b] for b in word.encode("utf-8"))))
-    return tokens
+    return _fast_tokenizer(pad_token).encode(text, add_special_tokens=False).tokens
 
 
 def clip_encode(text: str, pad_token: str = EOS_TOKEN) -> list[int]:
     """The ids of :func:`clip_tokenize` (no BOS/EOS)."""
-    vocab = clip_vocab()
-    return [vocab[t] for t in clip_tokenize(text, pad_token)]
-
+    return _fast_tokenizer(pad_token).encode(text, add_special_tokens=False).ids

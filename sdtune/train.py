@@ -1,31 +1,85 @@
 """DreamBooth LoRA training: one loop, under Hugging Face Accelerate.
 
-``sdtune train RECIPE`` and ``accelerate launch -m sdtune train RECIPE`` run this same code; Accelerate
-decides how many processes there are. The maths of one step is ``training_step``, a pure function of its
-inputs and a random generator, which tests call directly.
+``sdtune train RECIPE`` and ``accelerate launch -m sdtune train RECIPE`` run this same code; Accelerate decides
+how many processes there are. ``train()`` reads as setup -> loop -> finish:
+
+- ``setup`` turns a checked recipe (``sdtune.plan.RunPlan``) into a ``Run``: the model's parts on the device,
+  class images, the dataset and its caches, LoRA adapters, optimizer and schedule, a resumed step;
+- ``loop`` runs optimizer steps to ``train.max_steps``, watched by the guards of ``sdtune.guards``;
+- ``finish`` saves the last checkpoint, the LoRA files, a summary, a sample grid and the model card.
+
+One batch: cached latent distributions (or pixels) -> ``batch_latents``; captions -> ``batch_conditioning``
+(text cache or the family's text encoders, then ``Family.conditioning``); both -> ``training_step``, a pure
+function of its inputs and a random generator that tests call directly: the family's ``Objective`` draws noise
+and timesteps and gives the target, ``Family.predict`` runs the denoiser, the loss is their MSE.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import random
 import signal
-import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params, offload_models
+from tqdm.auto import tqdm
 
+from sdtune.cache import TextCache, cache_latents, vae_identity
 from sdtune.checkpoint import clean_temporary, find_checkpoint, flat_keys, load_checkpoint, save_checkpoint
-from sdtune.config import Config, RunPlan, check_run
+from sdtune.config import Config
+from sdtune.data import (
+    BucketBatchSampler,
+    DreamBoothDataset,
+    StreamBatchSampler,
+    assign_buckets,
+    collate,
+    list_images,
+)
 from sdtune.errors import Interrupted, SdtuneError
+from sdtune.export import write_run_files
+from sdtune.families import Components, Family
+from sdtune.files import cache_root
+from sdtune.grid import Settings
+from sdtune.guards import NonFiniteGuard, StalledLoraGuard, StepTimer, StopSignals
+from sdtune.identifier import check_identifier
+from sdtune.lora import add_lora, save_diffusers_lora, trainable_parameters
+from sdtune.memory import estimate
+from sdtune.models import load_components, torch_dtype
+from sdtune.objectives import Objective, scale_latents
+from sdtune.plan import RunPlan, check_run
+from sdtune.prior import ensure_class_images
+from sdtune.runs import WEIGHT_NAME
+from sdtune.sample import render_grid, save_image
+from sdtune.schedulers import sampling_scheduler
+from sdtune.share import write_model_card
+
+
+class _MainProcessLogger(logging.LoggerAdapter):
+    """Logs on the main process only (as ``accelerate.logging.get_logger`` does, without its "[RANK 0]" prefix
+    on every line)."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if PartialState().is_main_process:
+            super().log(level, msg, *args, **kwargs)
+
+
+logger = _MainProcessLogger(logging.getLogger(__name__))
 
 # --------------------------------------------------------------------------------------------------------
 # The step
@@ -39,54 +93,33 @@ class StepOutput:
 
 
 def training_step(
-    unet: torch.nn.Module,
-    noise_scheduler: Any,
+    denoiser: torch.nn.Module,
+    family: Family,
+    objective: Objective,
     latents: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
+    conditioning: dict[str, Any],
     generator: torch.Generator,
     *,
-    prediction_type: str = "epsilon",
     prior_preservation: bool = False,
     prior_loss_weight: float = 1.0,
-    noise_offset: float = 0.0,
-    snr_gamma: float | None = None,
-    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> StepOutput:
     """DreamBooth loss for one batch.
 
-    latents: (B, 4, h, w), already scaled by the VAE's scaling factor. With prior preservation the first
+    latents: (B, C, h, w) in the denoiser's latent space (``scale_latents``). With prior preservation the first
     B/2 rows are instance examples and the last B/2 class examples (one forward pass serves both).
-    encoder_hidden_states: (B, 77, D). All randomness (noise, timesteps) comes from ``generator``.
+    conditioning: the denoiser's other inputs (``Family.conditioning``), e.g. encoder_hidden_states (B, 77, D).
+    All randomness (noise, timesteps) comes from ``generator``.
     """
-    bsz, channels = latents.shape[:2]
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    if noise_offset:
-        # A per-channel constant shift lets the model learn overall brightness (very dark / light images).
-        offset = torch.randn((bsz, channels, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
-        noise = noise + noise_offset * offset
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_train_timesteps, (bsz,), generator=generator, device=latents.device).long()
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-
-    model_pred = unet(
-        noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False
-    )[0]
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise SdtuneError(f"model: unsupported prediction type '{prediction_type}'")
+    noise, timesteps = objective.sample(latents, generator)
+    noisy_latents = objective.add_noise(latents, noise, timesteps)
+    model_pred = family.predict(denoiser, noisy_latents, timesteps, conditioning)
+    target = objective.target(latents, noise, timesteps)
 
     # Per-example MSE, (B,), in fp32 whatever the compute dtype.
-    mse = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if snr_gamma is not None:
-        # Min-SNR-gamma (Hang et al. 2023): weight min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v.
-        alphas_cumprod = noise_scheduler.alphas_cumprod.to(latents.device)[timesteps].float()
-        snr = alphas_cumprod / (1 - alphas_cumprod)
-        weight = torch.clamp(snr, max=snr_gamma)
-        mse = mse * weight / (snr if prediction_type == "epsilon" else snr + 1)
-
+    mse = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.dim())))
+    weights = objective.loss_weights(timesteps)
+    if weights is not None:
+        mse = mse * weights
     if prior_preservation:
         instance, prior = mse.chunk(2)
         instance_loss, prior_loss = instance.mean(), prior.mean()
@@ -97,78 +130,277 @@ def training_step(
 
 
 # --------------------------------------------------------------------------------------------------------
-# Text conditioning
+# The run's state
 
 
-def encode_prompt(
-    text_encoders: list[torch.nn.Module], input_ids: list[torch.Tensor], family: str
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(encoder_hidden_states (B, 77, D), pooled (B, D2) for SDXL else None), as the pipelines compute them."""
-    if family != "sdxl":
-        return text_encoders[0](input_ids[0], return_dict=True).last_hidden_state, None
-    # SDXL: penultimate hidden states of both encoders side by side (768 + 1280 = 2048 wide) and the
-    # projected pooled output of the second one.
-    hidden, pooled = [], None
-    for encoder, ids in zip(text_encoders, input_ids):
-        out = encoder(ids, output_hidden_states=True, return_dict=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = getattr(out, "text_embeds", None)
-    return torch.cat(hidden, dim=-1), pooled
+@dataclass
+class Run:
+    """Everything the loop and ``finish`` work with, built by ``setup``."""
+
+    cfg: Config
+    plan: RunPlan
+    accelerator: Accelerator
+    components: Components  # the model's parts (unwrapped; the trained ones carry the LoRA adapters)
+    options: Any  # the family's options section (e.g. ``sdxl``), or None
+    objective: Objective
+    generator: torch.Generator  # every random draw of a step; its state is in each checkpoint
+    weight_dtype: torch.dtype
+    class_paths: list[Path]
+    dataset: DreamBoothDataset
+    latent_cache: dict | None
+    text_cache: TextCache | None
+    offloaded: bool  # VAE and frozen text encoders are kept off the GPU (caches make them unneeded)
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # trained, as prepared, by component name
+    text_encoders: list[torch.nn.Module] = field(default_factory=list)  # what encodes prompts in a step
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    loader: Any = None
+    global_step: int = 0
+    timing: tuple[int, float] = (0, float("nan"))  # (timed steps, seconds per step)
+
+    @property
+    def family(self) -> Family:
+        return self.plan.family
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def unwrapped(self) -> dict[str, torch.nn.Module]:
+        """The trained modules without Accelerate's wrappers, by component name."""
+        return {name: self.accelerator.unwrap_model(m) for name, m in self.modules.items()}
+
+    def save(self) -> Path:
+        """A verified checkpoint of this step (all processes take part)."""
+        return save_checkpoint(self.accelerator, self.output_dir, self.global_step, self.unwrapped(), self.optimizer,
+                               self.lr_scheduler, self.generator, self.cfg.model_dump(mode="json"), self.family,
+                               self.cfg.train.checkpoints_total_limit)
+
+    def sync(self) -> None:
+        """Wait for the device (for timings)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
-def sdxl_time_ids(
-    original_sizes: list[tuple[int, int]],
-    crops: list[tuple[int, int]],
-    target_sizes: list[tuple[int, int]],
-    crop_conditioning: bool,
-) -> torch.Tensor:
-    """SDXL micro-conditioning, (B, 6): original (h, w) + crop top-left (y, x) + target (h, w).
-
-    The target is the size each example was cropped to: (resolution, resolution), or its aspect bucket's."""
-    rows = [
-        [*orig, *(crop if crop_conditioning else (0, 0)), *target]
-        for orig, crop, target in zip(original_sizes, crops, target_sizes)
-    ]
-    return torch.tensor(rows, dtype=torch.float32)
+def train(cfg: Config, plan: RunPlan | None = None) -> Path:
+    """Run DreamBooth LoRA training as configured; return the output folder."""
+    plan = plan or check_run(cfg)  # every config problem is reported before any weight loads
+    run = setup(cfg, plan)
+    loop(run)
+    return finish(run)
 
 
 # --------------------------------------------------------------------------------------------------------
-# Stopping
+# Setup
 
 
-class StopSignals:
-    """While active, SIGINT and SIGTERM only ask the loop to stop after the current step (which then saves a
-    checkpoint); any further signal, e.g. a second Ctrl-C during that save, is ignored."""
+def setup(cfg: Config, plan: RunPlan) -> Run:
+    """Everything before the first step, in an order that keeps runs reproducible (seed, then adapters)."""
+    t = cfg.train
+    accelerator = _accelerator(cfg)
+    for w in plan.warnings:
+        logger.warning(w)
+    if accelerator.is_main_process:
+        Path(t.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(t.output_dir) / "config.yaml").write_text(cfg.to_yaml())
+        for leftover in clean_temporary(Path(t.output_dir)):
+            logger.info(f"removed {leftover.name}: a checkpoint save that was interrupted (the earlier ones are intact)")
+    set_seed(t.seed)  # the same base seed everywhere: identical LoRA init on every process
+    generator = torch.Generator(accelerator.device).manual_seed(t.seed * 1000 + accelerator.process_index)
+    if t.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    components, weight_dtype = _load_model(cfg, plan, accelerator)
+    class_paths = _class_images(cfg, plan, components, accelerator)
+    dataset = _dataset(cfg, plan, class_paths)
+    run = Run(
+        cfg=cfg, plan=plan, accelerator=accelerator, components=components, options=cfg.family_options(plan.family),
+        objective=plan.family.objective(components.noise_scheduler, plan.model.prediction_type,
+                                        noise_offset=t.noise_offset, snr_gamma=t.snr_gamma),
+        generator=generator, weight_dtype=weight_dtype, class_paths=class_paths, dataset=dataset,
+        latent_cache=_latent_cache(cfg, plan, components, dataset, accelerator),
+        text_cache=None, offloaded=False,
+    )
+    run.text_cache = _text_cache(run)
+    run.offloaded = t.offload_frozen and run.device.type != "cpu" and run.latent_cache is not None \
+        and run.text_cache is not None
+    if run.offloaded:  # nothing in the step needs them now; sampling brings them back for a moment
+        for m in (components.vae, *components.text_encoders):
+            m.to("cpu")
+        torch.cuda.empty_cache()
+    if t.channels_last and run.device.type == "cuda":
+        components.denoiser.to(memory_format=torch.channels_last)
 
-    def __init__(self, say=print):
-        self.signum: int | None = None
-        self._say, self._old = say, {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is None:
-            self.signum = signum
-            self._say(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint")
-        else:
-            self._say(f"\n{signal.Signals(signum).name} ignored: saving the checkpoint, please wait")
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
-            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._old.items():
-            # Once asked to stop, further signals are ignored until the process exits with 130 / 143.
-            signal.signal(s, signal.SIG_IGN if self.signum is not None else handler)
+    trained = _add_adapters(cfg, plan.family, run.options, components)
+    optimizer = _optimizer(cfg, plan.family, trained)
+    _log_memory_estimate(run, trained, optimizer)
+    # Stepped once per optimizer step by this loop (not prepared), so no num_processes scaling is needed.
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                 num_training_steps=t.max_steps)
+    *prepared, run.optimizer = accelerator.prepare(*trained.values(), optimizer)
+    run.modules, run.lr_scheduler = dict(zip(trained, prepared)), lr_scheduler
+    run.text_encoders = [run.modules.get(spec.name, encoder)
+                         for spec, encoder in zip(plan.family.text_encoders, components.text_encoders)]
+    run.global_step = _resume(run)
+    run.loader = _loader(run)
+    _init_trackers(run)
+    return run
 
 
-# --------------------------------------------------------------------------------------------------------
-# The run
+def _accelerator(cfg: Config) -> Accelerator:
+    t = cfg.train
+    # Accelerate keeps process-wide state; forget the last run's precision and accumulation so train() can
+    # run again in one process (notebooks, tests). The distributed state itself is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    # Launched as several processes (accelerate launch --multi_gpu, torchrun) on a machine without a GPU:
+    # Accelerate uses gloo on the CPU only when told cpu=True, else every process would think it is alone.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+    accelerator = Accelerator(
+        cpu=launched and not torch.cuda.is_available(),
+        mixed_precision=t.mixed_precision,
+        dynamo_backend="inductor" if t.compile else None,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=None if t.report_to == "none" else t.report_to,
+        project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=str(Path(t.output_dir) / "logs")),
+    )
+    if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise SdtuneError("train.mixed_precision: fp16 needs a GPU; on CPU use bf16 or no")
+    if os.environ.get("MASTER_PORT") and accelerator.num_processes == 1 and not launched:
+        logger.info("note: `accelerate launch --cpu` starts one process unless MPI is set up; for N processes on "
+                    "the CPU use `accelerate launch --multi_gpu --num_processes N` (sdtune then runs them on the "
+                    "CPU with gloo)")
+    return accelerator
 
 
-def _make_optimizer(name: str, groups: list[dict], betas, eps: float, weight_decay: float):
+def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> tuple[Components, torch.dtype]:
+    """The model's parts, frozen, on the device in the compute dtype; returns (components, weight_dtype)."""
+    info, device = plan.model, accelerator.device
+    weight_dtype = torch_dtype(accelerator.mixed_precision)
+    logger.info(f"model: {info.pretrained} ({info.family.label}, {info.prediction_type}), {plan.resolution} px, "
+                f"{weight_dtype}")
+    c = load_components(info.pretrained, info.family, cfg.model.revision, cfg.model.variant,
+                        cfg.model.allow_unsafe_pickle)
+    # Is the identifier a single, rare, meaningless token for this model's tokenizer(s)? (sdtune check-token)
+    report = check_identifier(cfg.data.identifier, c.tokenizers)
+    if report.verdict != "good":
+        logger.warning(f"data.identifier {report.summary} (see `sdtune check-token {cfg.data.identifier}`, "
+                       "`sdtune suggest-tokens`)")
+    # Frozen weights in the compute dtype; a VAE that overflows in fp16 (SDXL's) asks for fp32 (force_upcast).
+    c.vae.requires_grad_(False).to(device, torch.float32 if c.vae.config.force_upcast else weight_dtype)
+    c.denoiser.requires_grad_(False).to(device, weight_dtype)
+    for te in c.text_encoders:
+        te.requires_grad_(False).to(device, weight_dtype)
+    return c, weight_dtype
+
+
+def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accelerator) -> list[Path]:
+    """Prior preservation: class images from the base model, before any adapter exists."""
+    if not cfg.prior.enabled:
+        return []
+    assert plan.class_dir is not None and cfg.prior.class_prompt
+    pipe = plan.family.pipeline(c, sampling_scheduler(c.noise_scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    with accelerator.autocast():
+        for w in ensure_class_images(
+            pipe, plan.class_dir, cfg.prior.class_prompt, cfg.prior.num_class_images, resolution=plan.resolution,
+            batch_size=cfg.prior.generation_batch_size, steps=cfg.prior.generation_steps,
+            guidance_scale=cfg.prior.generation_guidance, seed=cfg.train.seed, model_id=plan.model.pretrained,
+            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+            progress=accelerator.is_main_process,
+        ):
+            logger.warning(w)
+    accelerator.wait_for_everyone()
+    class_paths = list_images(plan.class_dir)[: cfg.prior.num_class_images]
+    logger.info(f"prior preservation: {len(class_paths)} class images in {plan.class_dir}")
+    return class_paths
+
+
+def _dataset(cfg: Config, plan: RunPlan, class_paths: list[Path]) -> DreamBoothDataset:
+    # Aspect-ratio buckets: each instance image at the `sdtune prep --crop bucket` bucket nearest its shape, among
+    # those whose sides the denoiser takes without resampling (ModelInfo.bucket_multiple). Buckets are centre crops.
+    buckets = None
+    if cfg.data.aspect_buckets:
+        buckets = assign_buckets([e.path for e in plan.examples], plan.resolution, plan.model.bucket_multiple)
+        logger.info("aspect buckets: " + ", ".join(f"{w}x{h} ({k} images)"
+                                                   for (w, h), k in sorted(Counter(buckets).items())))
+    return DreamBoothDataset(
+        plan.examples, plan.resolution, cfg.data.center_crop, cfg.data.random_flip, cfg.data.repeats,
+        class_paths or None, cfg.prior.class_prompt, seed=cfg.train.seed, buckets=buckets,
+    )
+
+
+def _latent_cache(cfg: Config, plan: RunPlan, c: Components, dataset: DreamBoothDataset,
+                  accelerator: Accelerator) -> dict | None:
+    """Each image (and its mirror) encoded once: the frozen VAE leaves the step."""
+    if not cfg.train.cache_latents:
+        return None
+    if not dataset.center_crop:  # buckets are centre crops too
+        logger.info("note: train.cache_latents is off because data.center_crop=false takes a new random crop every step")
+        return None
+    vae_id = vae_identity(plan.model.pretrained, cfg.model.revision, cfg.model.variant, c.vae.config, str(c.vae.dtype))
+    # Every (image, size) the data can ask for: a class image once per bucket it is paired with.
+    items = [(path, flip, size) for path, size in dataset.targets()
+             for flip in ((False, True) if cfg.data.random_flip else (False,))]
+    # Each process encodes what it needs from the shared disk cache; the main one first, so the others mostly
+    # read its files.
+    with accelerator.main_process_first():
+        cache = cache_latents(c.vae, items, vae_id, cache_root() / "latents", progress=accelerator.is_main_process)
+    dataset.latents = cache
+    return cache
+
+
+def _text_cache(run: Run) -> TextCache | None:
+    """Each caption encoded once, while the text encoders are frozen."""
+    if not run.cfg.train.cache_text_embeddings or run.cfg.lora.train_text_encoder:
+        return None
+    captions = [e.caption for e in run.plan.examples] + ([run.cfg.prior.class_prompt] if run.class_paths else [])
+    c, family = run.components, run.family
+
+    def encode(chunk: list[str]) -> dict[str, torch.Tensor]:
+        return family.encode_prompt(c.text_encoders, [ids.to(run.device) for ids in family.tokenize(c.tokenizers, chunk)])
+
+    with run.accelerator.autocast():
+        return TextCache(captions, encode)
+
+
+def _add_adapters(cfg: Config, family: Family, options: Any, c: Components) -> dict[str, torch.nn.Module]:
+    """LoRA adapters on the denoiser (and text encoders); returns the trained modules by component name.
+    Their parameters are trained in fp32 even under mixed precision."""
+    lora = cfg.lora
+    add_lora(c.denoiser, lora.rank, lora.alpha, lora.target_modules, lora.dropout, lora.use_dora)
+    trained = {family.denoiser_name: c.denoiser}
+    if lora.train_text_encoder:
+        chosen = family.trained_text_encoders(options)
+        for spec, encoder in zip(family.text_encoders, c.text_encoders):
+            if spec.name in chosen:
+                add_lora(encoder, lora.rank, lora.alpha, lora.text_encoder_target_modules, lora.dropout,
+                         lora.use_dora, key="lora.text_encoder_target_modules")
+                trained[spec.name] = encoder
+    cast_training_params(list(trained.values()), dtype=torch.float32)
+    if cfg.train.gradient_checkpointing:
+        c.denoiser.enable_gradient_checkpointing()
+        for module in trained.values():
+            if module is not c.denoiser:
+                module.gradient_checkpointing_enable()
+    return trained
+
+
+def make_optimizer(name: str, groups: list[dict], betas: tuple[float, float], eps: float, weight_decay: float) -> Any:
+    """AdamW (fused where the device allows) or bitsandbytes' 8-bit AdamW over parameter groups."""
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -184,15 +416,303 @@ def _make_optimizer(name: str, groups: list[dict], betas, eps: float, weight_dec
     return torch.optim.AdamW(groups, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
 
 
-def skips_on_device(optimizer: Any, scaler: Any) -> bool:
-    """Whether a non-finite step can be skipped without the host looking: fp16's grad scaler skips it
-    itself, and fused torch AdamW takes a ``found_inf`` flag. Otherwise (8-bit AdamW, foreach) the loop
-    must read the flag before ``optimizer.step()``."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return scaler is not None or bool(getattr(inner, "defaults", {}).get("fused"))
+def _optimizer(cfg: Config, family: Family, trained: dict[str, torch.nn.Module]) -> Any:
+    t = cfg.train
+    groups = [{"params": trainable_parameters(trained[family.denoiser_name]), "lr": t.learning_rate}]
+    te_params = trainable_parameters(*(m for n, m in trained.items() if n != family.denoiser_name))
+    if te_params:
+        groups.append({"params": te_params, "lr": cfg.lora.text_encoder_lr or t.learning_rate})
+    optimizer = make_optimizer(t.optimizer, groups, (t.adam_beta1, t.adam_beta2), t.adam_epsilon, t.weight_decay)
+    if t.optimizer == "adamw8bit":
+        # bitsandbytes keeps tensors under 4096 elements in 32-bit state (small tensors quantise badly); at low
+        # LoRA ranks that is most of them, so say how much is really 8-bit.
+        tensors = [p for g in groups for p in g["params"]]
+        big = [p for p in tensors if p.numel() >= 4096]
+        logger.info(f"8-bit AdamW: 8-bit state for {len(big)} of {len(tensors)} LoRA tensors "
+                    f"({sum(p.numel() for p in big):,} of {sum(p.numel() for p in tensors):,} values); "
+                    "bitsandbytes keeps tensors under 4096 values in 32-bit")
+    return optimizer
 
 
-def _log_grid(accelerator: Any, grid: Any, step: int) -> None:
+def _log_memory_estimate(run: Run, trained: dict[str, torch.nn.Module], optimizer: Any) -> None:
+    """A pre-flight estimate of peak GPU memory (printed on every device; on a CPU it says what a GPU needs)."""
+    c, t = run.components, run.cfg.train
+
+    def count(*modules: torch.nn.Module) -> int:
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    fp32_vae = c.vae.dtype == torch.float32
+    est = estimate(
+        unet_params=count(c.denoiser) - trainable,
+        frozen_on_gpu_params=0 if run.offloaded else count(*c.text_encoders) + (0 if fp32_vae else count(c.vae)),
+        fp32_on_gpu_params=count(c.vae) if fp32_vae and not run.offloaded else 0,
+        trainable_params=trainable, weight_bytes=torch.finfo(run.weight_dtype).bits // 8,
+        images_per_micro_batch=t.batch_size * (2 if run.class_paths else 1), resolution=run.plan.resolution,
+        gradient_checkpointing=t.gradient_checkpointing, optimizer=t.optimizer,
+        latents_cached=run.latent_cache is not None, vae_bytes=torch.finfo(c.vae.dtype).bits // 8,
+        constants=run.family.memory,
+    )
+    logger.info(est.line())
+    logger.info(
+        f"training {trainable:,} LoRA parameters ({', '.join(trained)}) for {t.max_steps} steps, batch "
+        f"{t.batch_size} x {t.gradient_accumulation_steps} accumulation x {run.accelerator.num_processes} processes"
+        + (f", with {len(run.class_paths)} class images" if run.class_paths else "")
+    )
+
+
+def _resume(run: Run) -> int:
+    """The step to start at: 0, or a verified checkpoint's, with every state it holds restored."""
+    t = run.cfg.train
+    if not t.resume:
+        return 0
+    checkpoint = find_checkpoint(run.output_dir, t.resume)
+    if checkpoint is None:
+        logger.info(f"train.resume=latest: no checkpoint in {run.output_dir / 'checkpoints'} yet; starting at step 0")
+        return 0
+    step = load_checkpoint(checkpoint, run.accelerator, run.unwrapped(), run.optimizer, run.lr_scheduler,
+                           run.generator, run.cfg.model_dump(mode="json"))
+    logger.info(f"resumed from {checkpoint} at step {step}")
+    return step
+
+
+def _loader(run: Run) -> torch.utils.data.DataLoader:
+    """This process's micro-batches from the one the resumed step needs (global micro-batch k = step x accum)."""
+    t, acc, dataset = run.cfg.train, run.accelerator, run.dataset
+    start = run.global_step * t.gradient_accumulation_steps
+    if dataset.buckets is not None:  # batches of one bucket each (one tensor shape per step)
+        batch_sampler: Any = BucketBatchSampler([dataset.size(i) for i in range(len(dataset))], t.batch_size, t.seed,
+                                                acc.process_index, acc.num_processes, start=start)
+    else:
+        batch_sampler = StreamBatchSampler(len(dataset), t.batch_size, t.seed, acc.process_index, acc.num_processes,
+                                           start=start)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=t.dataloader_workers,
+        pin_memory=run.device.type == "cuda", persistent_workers=t.dataloader_workers > 0,
+        # Its own generator: creating the iterator would otherwise draw from the global RNG, which a resume has
+        # just restored (dropout must see the same stream as in the uninterrupted run).
+        generator=torch.Generator().manual_seed(t.seed),
+    )
+
+
+def _init_trackers(run: Run) -> None:
+    t, acc = run.cfg.train, run.accelerator
+    if acc.is_main_process and acc.trackers == [] and t.report_to != "none":
+        init = {"wandb": {"dir": str(run.output_dir)}} if t.report_to == "wandb" else {}
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                   for k, v in flat_keys(run.cfg.model_dump(mode="json")).items()}
+        acc.init_trackers("sdtune", config=hparams, init_kwargs=init)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def batch_latents(run: Run, batch: dict) -> torch.Tensor:
+    """(B, C, h, w) latents in the denoiser's space and compute dtype, a fresh sample of each image's latent
+    distribution: from the cache, or from the VAE."""
+    if "latent_params" in batch:
+        # cached (B, 2C, h, w) mean + log-variance; sampled every step, as uncached
+        latent_params = batch["latent_params"].to(run.device, non_blocking=True)
+        latents = DiagonalGaussianDistribution(latent_params).sample(generator=run.generator)
+    else:
+        vae = run.components.vae
+        pixel_values = batch["pixel_values"].to(run.device, vae.dtype, non_blocking=True)  # (B, 3, H, W)
+        latents = vae.encode(pixel_values).latent_dist.sample(generator=run.generator)
+    return scale_latents(latents, run.components.vae.config).to(run.weight_dtype)
+
+
+def batch_conditioning(run: Run, batch: dict) -> dict[str, Any]:
+    """The denoiser's other inputs for a batch: prompt embeddings (cached, or from the text encoders, with
+    gradients when they are trained) and whatever else the family adds (SDXL's size and crop ids)."""
+    family = run.family
+    if run.text_cache is not None:
+        prompt_embeds = run.text_cache[batch["captions"]]
+    else:
+        input_ids = [ids.to(run.device) for ids in family.tokenize(run.components.tokenizers, batch["captions"])]
+        with torch.set_grad_enabled(run.cfg.lora.train_text_encoder):
+            prompt_embeds = family.encode_prompt(run.text_encoders, input_ids)
+    return family.conditioning(prompt_embeds, batch, run.options, run.device, run.weight_dtype)
+
+
+def forward_backward(run: Run, batch: dict) -> StepOutput:
+    """One micro-batch: latents, conditioning, ``training_step``, backward."""
+    with torch.no_grad():
+        latents = batch_latents(run, batch)
+    conditioning = batch_conditioning(run, batch)
+    with run.accelerator.autocast():
+        out = training_step(
+            run.modules[run.family.denoiser_name], run.family, run.objective, latents, conditioning, run.generator,
+            prior_preservation=bool(run.class_paths), prior_loss_weight=run.cfg.prior.loss_weight,
+        )
+    run.accelerator.backward(out.loss)
+    return out
+
+
+def optimizer_update(run: Run, loss: torch.Tensor, nonfinite: NonFiniteGuard) -> torch.Tensor:
+    """Clip, step and zero the gradients (Accelerate makes the step a no-op while accumulating); returns
+    whether the loss (and, at a real step, the gradient norm) was finite, as a device flag."""
+    t, acc = run.cfg.train, run.accelerator
+    finite = torch.isfinite(loss.detach())  # () bool, on the device
+    step_ok = True
+    if acc.sync_gradients:
+        grad_norm = acc.clip_grad_norm_(run.params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+        finite = finite & torch.isfinite(grad_norm)  # a NaN/inf loss or gradient must never reach the weights
+        step_ok = nonfinite.allow(finite)
+    if step_ok:
+        run.optimizer.step()
+        if acc.sync_gradients:
+            run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+class LossLog:
+    """The mean loss of the finite micro-batches between log points, summed on the device and read once per
+    log point (a host sync); written to the trackers, the progress bar and ``losses.jsonl``."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.total = torch.zeros((), device=run.device)
+        self.count = torch.zeros((), device=run.device)
+        self.clock, self.clock_step = time.perf_counter(), run.global_step
+
+    def add(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+        self.total += torch.where(finite, loss.detach(), 0.0)
+        self.count += finite
+
+    def write(self, step: int, out: StepOutput, progress: Any) -> None:
+        acc = self.run.accelerator
+        # mean over the finite steps of all processes (0 / 0 = nan when none was)
+        loss = float(acc.reduce(self.total, reduction="sum") / acc.reduce(self.count, reduction="sum"))
+        now = time.perf_counter()
+        logs = {"loss": loss, "lr": self.run.lr_scheduler.get_last_lr()[0],
+                "steps_per_s": (step - self.clock_step) / max(now - self.clock, 1e-9)}
+        if out.prior_loss is not None:
+            logs["prior_loss"] = out.prior_loss.item()
+        if not math.isfinite(loss):
+            logger.warning(f"loss is {loss} at step {step}")
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}")
+        acc.log(logs, step=step)
+        if acc.is_main_process:  # a plain record too, one line per log point (a resume appends)
+            with open(self.run.output_dir / "losses.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
+        self.total.zero_()
+        self.count.zero_()
+        self.clock, self.clock_step = now, step
+
+
+def loop(run: Run) -> None:
+    """Optimizer steps from ``run.global_step`` to ``train.max_steps``; logs, checkpoints and samples on the way."""
+    t, acc = run.cfg.train, run.accelerator
+    nonfinite = NonFiniteGuard(run.optimizer, acc.scaler, t.max_nonfinite_steps, warn=logger.warning)
+    stalled = StalledLoraGuard(run.params, run.global_step, t.max_steps)
+    timer = StepTimer(run.global_step, t.max_steps, sync=run.sync)
+    losses = LossLog(run)
+    progress = tqdm(total=t.max_steps, initial=run.global_step, desc="train", disable=not run.main, unit="step")
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    for module in run.modules.values():
+        module.train()
+    data_iter = iter(run.loader)
+    with StopSignals(logger.info) as stop:  # SIGINT / SIGTERM handlers during the loop only
+        while run.global_step < t.max_steps:
+            batch = next(data_iter)
+            with acc.accumulate(*run.modules.values()):
+                out = forward_backward(run, batch)
+                finite = optimizer_update(run, out.loss, nonfinite)
+            losses.add(out.loss, finite)
+            if not acc.sync_gradients:
+                continue
+            run.global_step += 1
+            step = run.global_step
+            progress.update(1)
+            nonfinite.record(step, finite, batch["paths"])
+            if step == stalled.at_step:
+                nonfinite.check()  # skipped steps are part of the message
+                stalled.check(step, run.params, run.lr_scheduler.get_last_lr()[0], nonfinite.total)
+            if _stop_requested(run, stop):
+                nonfinite.check()
+                run.save()
+                progress.close()
+                by = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
+                raise Interrupted(f"stopped by {by} at step {step}; checkpoint saved in "
+                                  f"{run.output_dir / 'checkpoints'}; continue with train.resume=latest", stop.exit_code)
+            timer.tick(step)
+            _periodic(run, step, out, nonfinite, losses, progress)
+    nonfinite.check()
+    progress.close()
+    run.timing = timer.result(run.global_step)
+
+
+def _periodic(run: Run, step: int, out: StepOutput, nonfinite: NonFiniteGuard, losses: LossLog, progress: Any) -> None:
+    """What happens every N steps: log, checkpoint, sample grid (each reads the non-finite flags first)."""
+    t, every = run.cfg.train, run.cfg.sample.every
+    if step % t.log_every == 0 or step == t.max_steps:
+        nonfinite.check()
+        losses.write(step, out, progress)
+    if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
+        nonfinite.check()
+        run.save()
+    if every and step % every == 0 and step < t.max_steps:
+        nonfinite.check()
+        sample_grid(run, step)
+
+
+def _stop_requested(run: Run, stop: StopSignals) -> bool:
+    """Whether a signal asked this run to stop. Several processes agree on it every ``train.log_every`` steps
+    (a collective, so not every step) and all stop at the same step."""
+    acc = run.accelerator
+    if acc.num_processes == 1:
+        return stop.signum is not None
+    if run.global_step % run.cfg.train.log_every:
+        return False
+    if stop.signum is not None:
+        acc.set_trigger()
+    return acc.check_trigger()
+
+
+@contextmanager
+def _eval_mode(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+    modules = list(modules)
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.train()
+
+
+def sample_grid(run: Run, step: int) -> Path | None:
+    """Render the fixed-seed grid with the live adapters (main process) into ``samples/step-NNNNNN.png``."""
+    path = None
+    if run.main:
+        cfg, c, plan = run.cfg, run.components, run.plan
+        prompts = cfg.sample.prompts or list(dict.fromkeys(
+            [plan.examples[0].caption if plan.examples else cfg.data.instance_prompt]
+            + ([cfg.prior.class_prompt] if cfg.prior.class_prompt else [])
+        ))
+        live = replace(c, denoiser=run.accelerator.unwrap_model(run.modules[run.family.denoiser_name]),
+                       text_encoders=[run.accelerator.unwrap_model(te) for te in run.text_encoders])
+        pipe = run.family.pipeline(live, sampling_scheduler(c.noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        settings = Settings(negative_prompt=cfg.sample.negative_prompt, steps=cfg.sample.steps,
+                            width=plan.resolution, height=plan.resolution)
+        frozen = [c.vae, *c.text_encoders]
+        with offload_models(*frozen, device=run.device, offload=run.offloaded), _eval_mode(run.modules.values()), \
+                run.accelerator.autocast():
+            grid = render_grid(pipe, prompts, cfg.sample.seeds, settings, guidance_scale=cfg.sample.guidance_scale,
+                               title=f"step {step}")
+        if run.offloaded:
+            torch.cuda.empty_cache()
+        path = save_image(grid, run.output_dir / "samples" / f"step-{step:06d}.png")
+        _log_grid(run.accelerator, grid, step)
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def _log_grid(accelerator: Accelerator, grid: Any, step: int) -> None:
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
@@ -202,493 +722,40 @@ def _log_grid(accelerator: Any, grid: Any, step: int) -> None:
             tracker.log({"samples": wandb.Image(grid)}, step=step)
 
 
-def train(cfg: Config, plan: RunPlan | None = None) -> Path:
-    """Run DreamBooth LoRA training as configured; return the output folder."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import ProjectConfiguration
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-    from tqdm.auto import tqdm
+# --------------------------------------------------------------------------------------------------------
+# Finish
 
-    from sdtune.cache import cache_latents, cache_root, cache_text, vae_identity
-    from sdtune.data import (
-        BucketBatchSampler,
-        DreamBoothDataset,
-        StreamBatchSampler,
-        assign_buckets,
-        collate,
-        list_images,
-        tokenize,
-    )
-    from sdtune.export import write_kohya
-    from sdtune.identifier import check_identifier
-    from sdtune.lora import WEIGHT_NAME, add_lora, save_diffusers_lora, trainable_parameters
-    from sdtune.memory import estimate
-    from sdtune.models import Components, build_pipeline, load_components
-    from sdtune.prior import ensure_class_images
-    from sdtune.sample import Settings, render_grid, sampling_scheduler, save_image
-    from sdtune.share import KOHYA_SUFFIX, write_model_card
 
-    plan = plan or check_run(cfg)  # every config problem is reported before any weight loads
-    info, resolution, t = plan.model, plan.resolution, cfg.train
-    output_dir = Path(t.output_dir)
-    # Accelerate keeps process-wide state; forget the last run's precision and accumulation so train()
-    # can run again in one process (notebooks, tests). The distributed state itself is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    # Launched as several processes (accelerate launch --multi_gpu, torchrun) on a machine without a GPU:
-    # Accelerate uses gloo on the CPU only when told cpu=True, else every process would think it is alone.
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
-    accelerator = Accelerator(
-        cpu=launched and not torch.cuda.is_available(),
-        mixed_precision=t.mixed_precision,
-        dynamo_backend="inductor" if t.compile else None,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        log_with=None if t.report_to == "none" else t.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
-    device = accelerator.device
-    if t.mixed_precision == "fp16" and device.type == "cpu":
-        raise SdtuneError("train.mixed_precision: fp16 needs a GPU; on CPU use bf16 or no")
-    main = accelerator.is_main_process
-    say = accelerator.print
-    if os.environ.get("MASTER_PORT") and accelerator.num_processes == 1 and not launched:
-        say("note: `accelerate launch --cpu` starts one process unless MPI is set up; for N processes on the "
-            "CPU use `accelerate launch --multi_gpu --num_processes N` (sdtune then runs them on the CPU with gloo)")
-    for w in plan.warnings:
-        say(f"warning: {w}")
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(cfg.to_yaml())
-        for leftover in clean_temporary(output_dir):
-            say(f"removed {leftover.name}: a checkpoint save that was interrupted (the earlier ones are intact)")
-
-    # Same base seed everywhere (identical LoRA init on every process); noise differs per process.
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-    np.random.seed(t.seed)
-    generator = torch.Generator(device).manual_seed(t.seed * 1000 + accelerator.process_index)
-    if t.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    say(f"model: {info.pretrained} ({info.family}, {info.prediction_type}), {resolution} px, {weight_dtype}")
-    c: Components = load_components(info.pretrained, info.family, cfg.model.revision, cfg.model.variant,
-                                    cfg.model.allow_unsafe_pickle)
-    # Is the identifier a single, rare, meaningless token for this model's tokenizer(s)? (sdtune check-token)
-    report = check_identifier(cfg.data.identifier, c.tokenizers)
-    if report.verdict != "good":
-        say(f"warning: data.identifier {report.summary} (see `sdtune check-token {cfg.data.identifier}`, "
-            "`sdtune suggest-tokens`)")
-    # Frozen weights in the compute dtype; the SDXL VAE overflows in fp16, so it stays fp32 (force_upcast).
-    vae_dtype = torch.float32 if c.vae.config.force_upcast else weight_dtype
-    c.vae.requires_grad_(False).to(device, vae_dtype)
-    c.unet.requires_grad_(False).to(device, weight_dtype)
-    for te in c.text_encoders:
-        te.requires_grad_(False).to(device, weight_dtype)
-    sampler_scheduler = sampling_scheduler(c.noise_scheduler.config)
-
-    # Prior preservation: class images from the base model, before any adapter exists.
-    class_paths: list[Path] = []
-    if cfg.prior.enabled:
-        assert plan.class_dir is not None and cfg.prior.class_prompt
-        pipe = build_pipeline(c, info.family, sampler_scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        with accelerator.autocast():
-            for w in ensure_class_images(
-                pipe, plan.class_dir, cfg.prior.class_prompt, cfg.prior.num_class_images,
-                resolution=resolution, batch_size=cfg.prior.generation_batch_size, steps=cfg.prior.generation_steps,
-                guidance_scale=cfg.prior.generation_guidance, seed=t.seed, model_id=info.pretrained,
-                process_index=accelerator.process_index, num_processes=accelerator.num_processes, progress=main,
-            ):
-                say(f"warning: {w}")
-        accelerator.wait_for_everyone()
-        class_paths = list_images(plan.class_dir)[: cfg.prior.num_class_images]
-        say(f"prior preservation: {len(class_paths)} class images in {plan.class_dir}")
-        del pipe
-
-    # Aspect-ratio buckets: each instance image at the `sdtune prep --crop bucket` bucket nearest its shape,
-    # among those whose sides the UNet takes without resampling (VAE factor x 2 per UNet downsampling:
-    # 64 for SD1.x/2.x, 32 for SDXL, 16 for the tiny test models). Buckets are centre crops.
-    buckets = None
-    if cfg.data.aspect_buckets:
-        multiple = 2 ** (len(c.vae.config.block_out_channels) - 1) * 2 ** (len(c.unet.config.down_block_types) - 1)
-        buckets = assign_buckets([e.path for e in plan.examples], resolution, multiple)
-        say("aspect buckets: " + ", ".join(f"{w}x{h} ({k} images)" for (w, h), k in sorted(Counter(buckets).items())))
-    dataset = DreamBoothDataset(
-        plan.examples, resolution, cfg.data.center_crop, cfg.data.random_flip, cfg.data.repeats,
-        class_paths or None, cfg.prior.class_prompt, seed=t.seed, buckets=buckets,
-    )
-
-    # Caches: the frozen VAE and text encoders run once per image / caption instead of every step.
-    lora = cfg.lora
-    latent_cache = None
-    if t.cache_latents and not dataset.center_crop:  # buckets are centre crops too
-        say("note: train.cache_latents is off because data.center_crop=false takes a new random crop every step")
-    elif t.cache_latents:
-        vae_id = vae_identity(info.pretrained, cfg.model.revision, cfg.model.variant, c.vae.config, str(vae_dtype))
-        # Every (image, size) the data can ask for: a class image once per bucket it is paired with.
-        items = [(path, flip, size) for path, size in dataset.targets()
-                 for flip in ((False, True) if cfg.data.random_flip else (False,))]
-        # Each process encodes what it needs from the shared disk cache; the main one first, so the others
-        # mostly read its files.
-        with accelerator.main_process_first():
-            latent_cache = cache_latents(c.vae, items, vae_id, cache_root() / "latents", progress=main)
-        dataset.latents = latent_cache
-    text_cache = None
-    if t.cache_text_embeddings and not lora.train_text_encoder:
-        captions = [e.caption for e in plan.examples] + ([cfg.prior.class_prompt] if class_paths else [])
-        with torch.no_grad(), accelerator.autocast():
-            text_cache = cache_text(
-                captions,
-                lambda caps: encode_prompt(c.text_encoders, [i.to(device) for i in tokenize(c.tokenizers, caps)],
-                                           info.family),
-            )
-    offloaded = t.offload_frozen and device.type != "cpu" and latent_cache is not None and text_cache is not None
-    if offloaded:
-        # Nothing in the step needs them now; sampling brings them back for a moment.
-        for m in (c.vae, *c.text_encoders):
-            m.to("cpu")
-        torch.cuda.empty_cache()
-    if t.channels_last and device.type == "cuda":
-        c.unet.to(memory_format=torch.channels_last)
-
-    # LoRA adapters; their parameters are trained in fp32 even under mixed precision.
-    add_lora(c.unet, lora.rank, lora.alpha, lora.target_modules, lora.dropout, lora.use_dora)
-    trained: dict[str, torch.nn.Module] = {"unet": c.unet}
-    if lora.train_text_encoder:
-        add_lora(c.text_encoder, lora.rank, lora.alpha, lora.text_encoder_target_modules, lora.dropout,
-                 lora.use_dora, key="lora.text_encoder_target_modules")
-        trained["text_encoder"] = c.text_encoder
-        if info.family == "sdxl" and cfg.sdxl.train_text_encoder_2:
-            add_lora(c.text_encoder_2, lora.rank, lora.alpha, lora.text_encoder_target_modules, lora.dropout,
-                     lora.use_dora, key="lora.text_encoder_target_modules")
-            trained["text_encoder_2"] = c.text_encoder_2
-    cast_training_params(list(trained.values()), dtype=torch.float32)
-    if t.gradient_checkpointing:
-        c.unet.enable_gradient_checkpointing()
-        for name in ("text_encoder", "text_encoder_2"):
-            if name in trained:
-                trained[name].gradient_checkpointing_enable()
-
-    groups = [{"params": trainable_parameters(c.unet), "lr": t.learning_rate}]
-    te_params = trainable_parameters(*(m for n, m in trained.items() if n != "unet"))
-    if te_params:
-        groups.append({"params": te_params, "lr": lora.text_encoder_lr or t.learning_rate})
-    optimizer = _make_optimizer(t.optimizer, groups, (t.adam_beta1, t.adam_beta2), t.adam_epsilon, t.weight_decay)
-    if t.optimizer == "adamw8bit":
-        # bitsandbytes keeps tensors under 4096 elements in 32-bit state (small tensors quantise badly);
-        # at low LoRA ranks that is most of them, so say how much is really 8-bit.
-        tensors = [p for g in groups for p in g["params"]]
-        big = [p for p in tensors if p.numel() >= 4096]
-        say(f"8-bit AdamW: 8-bit state for {len(big)} of {len(tensors)} LoRA tensors "
-            f"({sum(p.numel() for p in big):,} of {sum(p.numel() for p in tensors):,} values); "
-            "bitsandbytes keeps tensors under 4096 values in 32-bit")
-    # A pre-flight estimate of peak GPU memory (printed on every device; on a CPU it says what a GPU needs).
-    def count(*ms):
-        return sum(p.numel() for m in ms for p in m.parameters())
-
-    fp32_vae = c.vae.dtype == torch.float32
-    est = estimate(
-        unet_params=count(c.unet) - count_trainable(groups),
-        frozen_on_gpu_params=0 if offloaded else count(*c.text_encoders) + (0 if fp32_vae else count(c.vae)),
-        fp32_on_gpu_params=count(c.vae) if fp32_vae and not offloaded else 0,
-        trainable_params=count_trainable(groups), weight_bytes=torch.finfo(weight_dtype).bits // 8,
-        images_per_micro_batch=t.batch_size * (2 if class_paths else 1), resolution=resolution,
-        gradient_checkpointing=t.gradient_checkpointing, optimizer=t.optimizer,
-        latents_cached=latent_cache is not None, vae_bytes=torch.finfo(vae_dtype).bits // 8,
-    )
-    say(est.line())
-    # Stepped once per optimizer step by this loop (not prepared), so no num_processes scaling is needed.
-    lr_scheduler = get_scheduler(
-        t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.max_steps
-    )
-    prepared = accelerator.prepare(*trained.values(), optimizer)
-    modules = dict(zip(trained, prepared[:-1]))
-    optimizer = prepared[-1]
-    unet = modules["unet"]
-    text_encoders = [modules.get("text_encoder", c.text_encoder)]
-    if info.family == "sdxl":
-        text_encoders.append(modules.get("text_encoder_2", c.text_encoder_2))
-
-    config_dict = cfg.model_dump(mode="json")
-    global_step = 0
-    if t.resume:
-        ckpt = find_checkpoint(output_dir, t.resume)
-        if ckpt is None:
-            say(f"train.resume=latest: no checkpoint in {output_dir / 'checkpoints'} yet; starting at step 0")
-        else:
-            global_step = load_checkpoint(ckpt, accelerator, trained, optimizer, lr_scheduler, generator, config_dict)
-            say(f"resumed from {ckpt} at step {global_step}")
-
-    # This process's micro-batches from the one the resumed step needs (global micro-batch k = step x accumulation).
-    start = global_step * t.gradient_accumulation_steps
-    if buckets is not None:  # batches of one bucket each (one tensor shape per step)
-        batch_sampler = BucketBatchSampler([dataset.size(i) for i in range(len(dataset))], t.batch_size, t.seed,
-                                           accelerator.process_index, accelerator.num_processes, start=start)
-    else:
-        batch_sampler = StreamBatchSampler(len(dataset), t.batch_size, t.seed, accelerator.process_index,
-                                           accelerator.num_processes, start=start)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=t.dataloader_workers,
-        pin_memory=device.type == "cuda", persistent_workers=t.dataloader_workers > 0,
-        # Its own generator: creating the iterator would otherwise draw from the global RNG, which a resume
-        # has just restored (dropout must see the same stream as in the uninterrupted run).
-        generator=torch.Generator().manual_seed(t.seed),
-    )
-
-    if accelerator.is_main_process and accelerator.trackers == [] and t.report_to != "none":
-        init = {"wandb": {"dir": str(output_dir)}} if t.report_to == "wandb" else {}
-        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_keys(config_dict).items()}
-        accelerator.init_trackers("sdtune", config=hparams, init_kwargs=init)
-
-    def sample(step: int) -> Path | None:
-        """Render the fixed-seed grid with the live adapters; runs on the main process only."""
-        path = None
-        if main:
-            prompts = cfg.sample.prompts or list(dict.fromkeys(
-                [plan.examples[0].caption if plan.examples else cfg.data.instance_prompt]
-                + ([cfg.prior.class_prompt] if cfg.prior.class_prompt else [])
-            ))
-            parts = Components(
-                tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, vae=c.vae, noise_scheduler=c.noise_scheduler,
-                unet=accelerator.unwrap_model(unet), text_encoder=accelerator.unwrap_model(text_encoders[0]),
-                text_encoder_2=accelerator.unwrap_model(text_encoders[1]) if len(text_encoders) > 1 else None,
-            )
-            pipe = build_pipeline(parts, info.family, sampler_scheduler)
-            pipe.set_progress_bar_config(disable=True)
-            if offloaded:
-                for m in (c.vae, *c.text_encoders):
-                    m.to(device)
-            for m in trained.values():
-                m.eval()
-            with accelerator.autocast():
-                settings = Settings(negative_prompt=cfg.sample.negative_prompt, steps=cfg.sample.steps,
-                                    width=resolution, height=resolution)
-                grid = render_grid(pipe, prompts, cfg.sample.seeds, settings,
-                                   guidance_scale=cfg.sample.guidance_scale, title=f"step {step}")
-            for m in trained.values():
-                m.train()
-            if offloaded:
-                for m in (c.vae, *c.text_encoders):
-                    m.to("cpu")
-                torch.cuda.empty_cache()
-            path = save_image(grid, output_dir / "samples" / f"step-{step:06d}.png")
-            _log_grid(accelerator, grid, step)
-        accelerator.wait_for_everyone()
-        return path
-
-    say(
-        f"training {sum(p.numel() for g in groups for p in g['params']):,} LoRA parameters "
-        f"({', '.join(trained)}) for {t.max_steps} steps, batch {t.batch_size} x {t.gradient_accumulation_steps} "
-        f"accumulation x {accelerator.num_processes} processes"
-        + (f", with {len(class_paths)} class images" if class_paths else "")
-    )
-    for m in trained.values():
-        m.train()
-    params = [p for g in groups for p in g["params"]]
-    progress = tqdm(total=t.max_steps, initial=global_step, desc="train", disable=not main, unit="step")
-    # Steady-state speed is timed from `timing_from` to the end (two host syncs in the whole run).
-    timing_from = min(global_step + 10, (global_step + t.max_steps) // 2)
-    timer_start, timer_step = time.perf_counter(), global_step
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    loss_sum = torch.zeros((), device=device)  # summed on device; read (a host sync) only every log_every
-    loss_count = torch.zeros((), device=device)
-    last_log_time, last_log_step = time.perf_counter(), global_step
-    # Whether each step's loss and gradients were finite, as device flags; read in one go at the next log,
-    # checkpoint or sample (`check_steps`), so the loop itself never waits for the GPU.
-    defer = skips_on_device(optimizer, accelerator.scaler)
-    inner_optimizer = getattr(optimizer, "optimizer", optimizer)
-    pending: list[tuple[int, torch.Tensor, list[str]]] = []  # (step, finite flag, batch files)
-    nonfinite_in_a_row = nonfinite_total = 0
-
-    def check_steps() -> None:
-        """Warn about each skipped (non-finite) step since the last check; stop after too many in a row."""
-        nonlocal nonfinite_in_a_row, nonfinite_total
-        if not pending:
-            return
-        flags = torch.stack([flag for _, flag, _ in pending]).tolist()  # the one host sync
-        for (step, _, paths), ok in zip(pending, flags):
-            if ok:
-                nonfinite_in_a_row = 0
-                continue
-            nonfinite_in_a_row, nonfinite_total = nonfinite_in_a_row + 1, nonfinite_total + 1
-            files = ", ".join(sorted({Path(p).name for p in paths}))
-            say(f"warning: step {step}: loss or gradients not finite, update skipped (batch: {files})")
-            if nonfinite_in_a_row >= t.max_nonfinite_steps:
-                raise SdtuneError(
-                    f"loss or gradients were not finite for {nonfinite_in_a_row} steps in a row (last batch: {files});"
-                    " stopped. Nothing non-finite was saved. Try a lower train.learning_rate, bf16 instead of fp16,"
-                    " or check those images"
-                )
-        pending.clear()
-
-    # A LoRA that has not moved after a few steps never will (lr 0, nothing trainable, A = B = 0).
-    initial_step, change_check_step = global_step, min(global_step + 5, t.max_steps)
-    initial_params = [p.detach().clone() for p in params]
-    data_iter = iter(loader)
-    with StopSignals(say) as stop:  # SIGINT / SIGTERM handlers during the loop only
-        while global_step < t.max_steps:
-            batch = next(data_iter)
-            with accelerator.accumulate(*modules.values()):
-                with torch.no_grad():
-                    if latent_cache is not None:
-                        # cached (B, 8, h, w) mean + log-variance; a fresh sample every step, as uncached
-                        latent_params = batch["latent_params"].to(device, non_blocking=True)
-                        latents = DiagonalGaussianDistribution(latent_params).sample(generator=generator)
-                    else:
-                        pixel_values = batch["pixel_values"].to(device, vae_dtype, non_blocking=True)
-                        # (B, 3, H, W) -> (B, 4, H/8, W/8)
-                        latents = c.vae.encode(pixel_values).latent_dist.sample(generator=generator)
-                    latents = (latents * c.vae.config.scaling_factor).to(weight_dtype)
-                if text_cache is not None:
-                    cached = [text_cache[caption] for caption in batch["captions"]]
-                    encoder_hidden_states = torch.stack([hidden for hidden, _ in cached])  # (B, 77, D)
-                    pooled = torch.stack([p for _, p in cached]) if info.family == "sdxl" else None
-                else:
-                    input_ids = [ids.to(device) for ids in tokenize(c.tokenizers, batch["captions"])]
-                    with torch.set_grad_enabled(lora.train_text_encoder):
-                        encoder_hidden_states, pooled = encode_prompt(text_encoders, input_ids, info.family)
-                added_cond_kwargs = None
-                if info.family == "sdxl":
-                    time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"],
-                                             cfg.sdxl.crop_conditioning)
-                    added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids.to(device, weight_dtype)}
-                with accelerator.autocast():
-                    out = training_step(
-                        unet, c.noise_scheduler, latents, encoder_hidden_states, generator,
-                        prediction_type=info.prediction_type, prior_preservation=bool(class_paths),
-                        prior_loss_weight=cfg.prior.loss_weight, noise_offset=t.noise_offset, snr_gamma=t.snr_gamma,
-                        added_cond_kwargs=added_cond_kwargs,
-                    )
-                accelerator.backward(out.loss)
-                finite = torch.isfinite(out.loss.detach())  # () bool, on the device
-                step_ok = True
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-                    # A NaN/inf loss or gradient must never reach the weights.
-                    finite = finite & torch.isfinite(grad_norm)
-                    if not defer:
-                        step_ok = bool(finite)  # a host sync: this optimizer cannot skip on its own
-                    elif accelerator.scaler is None:
-                        inner_optimizer.found_inf = (~finite).float()  # the fused kernel skips the update
-                if step_ok or accelerator.scaler is not None:  # fp16: the grad scaler skips inf steps itself
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += torch.where(finite, out.loss.detach(), 0.0)
-            loss_count += finite
-            if not accelerator.sync_gradients:
-                continue
-
-            global_step += 1
-            progress.update(1)
-            pending.append((global_step, finite, batch["paths"]))
-            if not defer:
-                check_steps()
-            if global_step == change_check_step:
-                check_steps()
-                # Relative to the weights' size: a learning rate of 1e-30 "moves" lora_B off zero, uselessly.
-                delta = max(float((p.detach() - p0).abs().max()) for p, p0 in zip(params, initial_params))
-                scale = max(float(p0.abs().max()) for p0 in initial_params)
-                if delta <= 1e-7 * max(scale, 1e-12):
-                    raise SdtuneError(
-                        f"the LoRA weights did not change in {global_step - initial_step} steps (learning rate "
-                        f"{lr_scheduler.get_last_lr()[0]:g}, {nonfinite_total} skipped steps); training on would "
-                        "produce an empty LoRA. Check train.learning_rate, lr_warmup_steps and lora settings"
-                    )
-                del initial_params[:]
-            if accelerator.num_processes > 1 and global_step % t.log_every == 0:
-                # all processes must stop at the same step: agree on the flag (a sync, so not every step)
-                flag = accelerator.reduce(torch.tensor(stop.signum or 0, device=device), reduction="max")
-                stop.signum = int(flag.item()) or None
-            if stop.signum is not None and (accelerator.num_processes == 1 or global_step % t.log_every == 0):
-                check_steps()
-                save_checkpoint(accelerator, output_dir, global_step, trained_unwrapped(accelerator, modules),
-                                optimizer, lr_scheduler, generator, config_dict, info.family, t.checkpoints_total_limit)
-                progress.close()
-                raise Interrupted(
-                    f"stopped by {signal.Signals(stop.signum).name} at step {global_step}; checkpoint saved in "
-                    f"{output_dir / 'checkpoints'}; continue with train.resume=latest", 128 + stop.signum,
-                )
-            if global_step == timing_from:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                timer_start, timer_step = time.perf_counter(), global_step
-            if global_step % t.log_every == 0 or global_step == t.max_steps:
-                check_steps()
-                # mean over the finite steps of all processes (0 / 0 = nan when none was), one host sync
-                loss = float(accelerator.reduce(loss_sum, reduction="sum") / accelerator.reduce(loss_count, reduction="sum"))
-                now = time.perf_counter()
-                logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0],
-                        "steps_per_s": (global_step - last_log_step) / max(now - last_log_time, 1e-9)}
-                if out.prior_loss is not None:
-                    logs["prior_loss"] = out.prior_loss.item()
-                if not math.isfinite(loss):
-                    say(f"warning: loss is {loss} at step {global_step}")
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}")
-                accelerator.log(logs, step=global_step)
-                if main:  # a plain record too, one line per log point (a resume appends)
-                    with open(output_dir / "losses.jsonl", "a") as f:
-                        f.write(json.dumps({"step": global_step, **logs}) + "\n")
-                loss_sum.zero_()
-                loss_count.zero_()
-                last_log_time, last_log_step = now, global_step
-            if t.checkpoint_every and global_step % t.checkpoint_every == 0 and global_step < t.max_steps:
-                check_steps()
-                save_checkpoint(accelerator, output_dir, global_step, trained_unwrapped(accelerator, modules),
-                                optimizer, lr_scheduler, generator, config_dict, info.family, t.checkpoints_total_limit)
-            if cfg.sample.every and global_step % cfg.sample.every == 0 and global_step < t.max_steps:
-                check_steps()
-                sample(global_step)
-    check_steps()
-    progress.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    steady_steps = global_step - timer_step
-    s_per_step = (time.perf_counter() - timer_start) / steady_steps if steady_steps else float("nan")
-    images_per_step = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+def finish(run: Run) -> Path:
+    """The last checkpoint, the LoRA in every run format, a summary, a sample grid and the model card."""
+    t, acc, out = run.cfg.train, run.accelerator, run.output_dir
+    timed_steps, s_per_step = run.timing
+    images_per_step = t.batch_size * t.gradient_accumulation_steps * acc.num_processes
+    cuda = run.device.type == "cuda"
     summary = {
-        "global_step": global_step,
-        "timed_steps": steady_steps,
+        "global_step": run.global_step,
+        "timed_steps": timed_steps,
         "s_per_step": s_per_step,
-        "img_per_s": images_per_step / s_per_step if steady_steps else float("nan"),
+        "img_per_s": images_per_step / s_per_step if timed_steps else float("nan"),
         "images_per_step": images_per_step,
-        "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-        "mixed_precision": accelerator.mixed_precision,
+        "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(run.device) / 2**30 if cuda else None,
+        "device": torch.cuda.get_device_name(run.device) if cuda else run.device.type,
+        "mixed_precision": acc.mixed_precision,
         "optimizer": t.optimizer,
     }
-
-    final = trained_unwrapped(accelerator, modules)
-    save_checkpoint(accelerator, output_dir, global_step, final, optimizer, lr_scheduler, generator, config_dict,
-                    info.family, t.checkpoints_total_limit)
-    if main:
-        save_diffusers_lora(output_dir, info.family, **final)
-        # The single file AUTOMATIC1111, ComfyUI, Forge and InvokeAI load (kohya names, real alpha).
-        write_kohya(output_dir / f"{output_dir.name}{KOHYA_SUFFIX}", info.family, **final,
-                    trigger_word=cfg.data.identifier, base_model=info.pretrained,
-                    prediction_type=info.prediction_type, resolution=resolution)
-        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    grid = sample(global_step)
-    accelerator.end_training()
-    if main:
-        card = write_model_card(output_dir, config_dict, info.family)
-        say(f"LoRA: {output_dir / WEIGHT_NAME}")
-        say(f"samples: {grid}")
-        say(f"model card: {card}")
-    return output_dir
-
-
-def count_trainable(groups: list[dict]) -> int:
-    return sum(p.numel() for g in groups for p in g["params"])
-
-
-def trained_unwrapped(accelerator: Any, modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
-    return {name: accelerator.unwrap_model(m) for name, m in modules.items()}
-
+    run.save()
+    if run.main:
+        save_diffusers_lora(out, run.family, run.unwrapped())
+        # the other run formats (the kohya file AUTOMATIC1111, ComfyUI, Forge and InvokeAI load), converted from
+        # that file exactly as `sdtune export` converts it
+        for line in write_run_files(out):
+            logger.warning(line)
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    grid = sample_grid(run, run.global_step)
+    acc.end_training()
+    if run.main:
+        card = write_model_card(out, run.cfg.model_dump(mode="json"), run.family)
+        logger.info(f"LoRA: {out / WEIGHT_NAME}")
+        logger.info(f"samples: {grid}")
+        logger.info(f"model card: {card}")
+    return out

@@ -29,6 +29,12 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+# sdtune's library logs; the CLI prints those messages on stdout, and so do the tests that call the library
+# directly (they assert on what a user would read).
+from sdtune.cli.console import show_messages  # noqa: E402
+
+show_messages()
+
 # Library loggers keep a handle on the sys.stderr of the test that first used them, which pytest's capsys
 # closes afterwards; a later log record would print a "--- Logging error ---" traceback into another
 # test's captured stderr. That is an artefact of capturing, not an sdtune traceback.

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from conftest import ROOT, overrides
@@ -48,6 +49,7 @@ def test_dry_run_reports_and_writes_nothing(tiny_model, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "cls").exists()
 
 
+@pytest.mark.slow  # subprocess runs
 def test_train_bench_smoke():
     proc = subprocess.run([sys.executable, str(ROOT / "bench/train_bench.py"), "--size", "tiny", "--steps", "2",
                            "--warmup", "1"], capture_output=True, text=True, timeout=300)
@@ -56,6 +58,7 @@ def test_train_bench_smoke():
     assert result["family"] == "sd15" and result["s_per_step"] > 0 and result["device"] == "cpu"
 
 
+@pytest.mark.slow  # subprocess runs
 def test_sample_bench_smoke():
     proc = subprocess.run([sys.executable, str(ROOT / "bench/sample_bench.py"), "--size", "tiny", "--steps", "2",
                            "--seeds", "2", "--batch-size", "2"], capture_output=True, text=True, timeout=300)

@@ -5,7 +5,8 @@ import yaml
 
 from conftest import DEMO_DATA, ROOT
 from sdtune.cli import main
-from sdtune.config import ConfigError, check_run, load_config, parse_override
+from sdtune.config import ConfigError, load_config, parse_override
+from sdtune.plan import check_run
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
@@ -23,7 +24,14 @@ data: {{instance_dir: {DEMO_DATA}, identifier: sks}}
 
 
 def test_overrides_are_typed():
-    assert parse_override("train.learning_rate=1e-4") == (["train", "learning_rate"], 1e-4)
+    # YAML 1.1 reads 1e-4 as a string; the typed section makes it a number, a string field keeps it a string
+    assert parse_override("train.learning_rate=1e-4") == (["train", "learning_rate"], "1e-4")
+    cfg = load_config(None, ["model.pretrained=m", "data.instance_dir=d", "data.identifier=1e5",
+                             "train.learning_rate=1e-4", "train.max_steps=1e3", "train.snr_gamma=5e0"])
+    assert cfg.train.learning_rate == 1e-4 and cfg.train.max_steps == 1000 and cfg.train.snr_gamma == 5.0
+    assert cfg.data.identifier == "1e5"
+    with pytest.raises(ConfigError, match="train.max_steps: input should be a valid integer"):
+        load_config(None, ["model.pretrained=m", "data.instance_dir=d", "data.identifier=x", "train.max_steps=1.5e0"])
     assert parse_override("sample.seeds=[1, 2]") == (["sample", "seeds"], [1, 2])
     assert parse_override("lora.use_dora=true") == (["lora", "use_dora"], True)
     assert parse_override("data.instance_prompt=a photo of sks dog")[1] == "a photo of sks dog"
@@ -71,7 +79,7 @@ def test_cross_checks_all_reported_before_weights(tiny_model, tmp_path):
     problems = "\n".join(e.value.problems)
     assert "prior.class_prompt: required with prior.enabled=true" in problems
     assert "sdxl.crop_conditioning: an SDXL-only option" in problems and "SD1.x" in problems
-    assert "lora.target_modules: no UNet module is named 'to_qq'" in problems
+    assert "lora.target_modules: no unet module is named 'to_qq'" in problems
     assert "data.instance_prompt: 'a photo of a dog' does not contain data.identifier 'sks'" in problems
 
 

@@ -11,13 +11,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from sdtune import doctor
-from sdtune.doctor import Check, collect, run_doctor
+from sdtune.cli import main
+from sdtune.doctor import Check, collect, report
 
+ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_secretvalue123"
 STATUSES = {"ok", "warn", "problem", "info"}
 DiskUsage = collections.namedtuple("DiskUsage", "total used free")
+
+
+def run_doctor(output_dir: Path) -> int:
+    """`sdtune doctor --output-dir DIR`: the library reports, the CLI prints."""
+    return main(["doctor", "--output-dir", str(output_dir)])
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +40,27 @@ def _hermetic_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def _by_name(checks: list[Check]) -> dict[str, Check]:
     return {check.name: check for check in checks}
+
+
+def _fake_versions(monkeypatch: pytest.MonkeyPatch, **versions: str | None) -> None:
+    """Make importlib.metadata.version report these versions (None: not installed); others stay real."""
+    real_version = importlib.metadata.version
+
+    def fake_version(name: str) -> str:
+        key = name.replace("-", "_")
+        if key in versions:
+            if versions[key] is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return versions[key]
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", fake_version)
+
+
+def _pyproject_dependencies() -> list[str]:
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["dependencies"]
 
 
 def _line(out: str, name: str) -> str:
@@ -144,19 +173,167 @@ def test_old_torch_is_problem(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+@pytest.mark.parametrize("version", ["2.6.0", "2.13.0+cpu", "2.10.1+cu128"])  # "2.13" < "2.6" as strings
+def test_recent_torch_is_ok(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
+    pytest.importorskip("torch")
+    _fake_versions(monkeypatch, torch=version)
+
+    (torch_check,) = doctor._check_torch()
+
+    assert torch_check.status == "ok", torch_check
+    assert torch_check.value.startswith(f"{version} (")
+
+
+def test_unreadable_torch_version_is_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    _fake_versions(monkeypatch, torch="garbage")
+
+    (torch_check,) = doctor._check_torch()
+
+    assert torch_check.status == "problem" and "weights_only" in (torch_check.fix or "")
+
+
+def test_report_lists_every_pyproject_dependency(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever pyproject.toml declares is what doctor checks: fed as sdtune's metadata (which pip writes
+    from pyproject.toml at install), with a dev extra that must not be reported."""
+    dependencies = _pyproject_dependencies()
+    real_requires = importlib.metadata.requires
+    monkeypatch.setattr(
+        importlib.metadata,
+        "requires",
+        lambda name: [*dependencies, 'pytest>=8; extra == "dev"'] if name == "sdtune" else real_requires(name),
+    )
+
+    text, code = report(tmp_path)
+
+    assert capsys.readouterr().out == ""  # report() prints nothing; the CLI does
+    assert code in (0, 1)
+    for dependency in dependencies:
+        _line(text, Requirement(dependency).name)
+    _line(text, "huggingface_hub")
+    assert not any(line.startswith("  pytest ") for line in text.splitlines())
+
+
+def test_report_checks_installed_sdtune_requirements(tmp_path: Path) -> None:
+    """Unfaked: the installed sdtune's own requirements (extras excluded) are each one line of the report."""
+    try:
+        lines = importlib.metadata.requires("sdtune") or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("sdtune is not installed (pip install -e .)")
+    requirements = [Requirement(line) for line in lines]
+    names = _by_name(collect(tmp_path))
+
+    for req in requirements:
+        if req.marker is None:
+            assert req.name in names, req.name
+            if req.name != "torch":
+                assert names[req.name].status in ("ok", "warn", "problem")
+        else:
+            assert req.name not in names, req.name  # dev extras
+    assert names["huggingface_hub"].status == "info"
+
+
+def test_transformers_above_upper_pin_is_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    req = next(r for r in map(Requirement, _pyproject_dependencies()) if r.name == "transformers")
+    assert not req.specifier.contains("5.24.0")  # the pin this test is about
+    _fake_versions(monkeypatch, transformers="5.24.0")
+
+    check = _by_name(collect(tmp_path))["transformers"]
+
+    assert check.status == "problem"
+    assert check.value.startswith("5.24.0 (too new; sdtune needs ")
+    assert check.fix is not None
+    assert "peft>=0.22" in check.fix and "pip install 'transformers<5.24" in check.fix
+    assert run_doctor(tmp_path) == 1
+    assert "[PROBLEM]" in _line(capsys.readouterr().out, "transformers")
+
+
+@pytest.mark.parametrize("version", ["5.24.0rc1", "6.0.0"])
+def test_prerelease_or_major_above_upper_pin_is_flagged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str
+) -> None:
+    _fake_versions(monkeypatch, transformers=version)
+    assert _by_name(collect(tmp_path))["transformers"].status == "problem"
+
+
+def test_old_diffusers_is_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_versions(monkeypatch, diffusers="0.30.3")
+
+    check = _by_name(collect(tmp_path))["diffusers"]
+
+    assert check.status == "problem"  # the training stack: sdtune calls APIs older diffusers lacks
+    assert check.value == "0.30.3 (too old; sdtune needs >=0.35)"
+    assert check.fix == "sdtune needs diffusers>=0.35; pip install -U 'diffusers>=0.35'"
+
+
+def test_prerelease_inside_range_is_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_versions(monkeypatch, diffusers="0.99.0.dev0")
+    assert _by_name(collect(tmp_path))["diffusers"].status == "ok"
+
+
+def test_old_non_training_package_is_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_versions(monkeypatch, wandb="0.18.7", tqdm="not a version")
+
+    checks = _by_name(collect(tmp_path))
+
+    assert checks["wandb"].status == "warn"
+    assert checks["wandb"].fix == "sdtune is tested with wandb>=0.19; pip install -U 'wandb>=0.19'"
+    assert checks["tqdm"].status == "warn" and "not a PEP 440 version" in checks["tqdm"].value
+
+
 @pytest.mark.parametrize(
-    ("version", "minimum", "older"),
+    ("name", "fix"),
     [
-        ("2.5.1+cu121", "2.6", True),
-        ("2.6.0", "2.6", False),
-        ("2.6", "2.6.0", False),
-        ("2.13.0+cpu", "2.6", False),  # a plain string comparison would get this one wrong
-        ("0.4.2", "0.4.3", True),
-        ("garbage", "0.1", True),
+        ("diffusers", "pip install 'diffusers>=0.35'"),
+        ("pillow-heif", "pip install 'pillow-heif>=1.0'"),
+        ("huggingface_hub", "pip install huggingface_hub"),  # indirect: no pin of sdtune's own
     ],
 )
-def test_older_than(version: str, minimum: str, older: bool) -> None:
-    assert doctor._older_than(version, minimum) is older
+def test_other_missing_packages_are_problems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, fix: str
+) -> None:
+    _fake_versions(monkeypatch, **{name.replace("-", "_"): None})
+
+    check = _by_name(collect(tmp_path))[name]
+
+    assert check.status == "problem" and check.value == "not installed"
+    assert check.fix == fix
+
+
+def test_missing_sdtune_metadata_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_requires = importlib.metadata.requires
+
+    def no_sdtune(name: str) -> list[str] | None:
+        if name == "sdtune":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_requires(name)
+
+    monkeypatch.setattr(importlib.metadata, "requires", no_sdtune)
+
+    text, code = report(tmp_path)
+
+    assert capsys.readouterr().out == ""
+    packages = _line(text, "packages")
+    assert "metadata not found" in packages and "[warning]" in packages
+    assert "pip install -e ." in text
+    assert "check failed" not in text and "Traceback" not in text
+    _line(text, "torch")  # still checked, against the weights_only safety floor
+    _line(text, "huggingface_hub")
+    assert code in (0, 1)
+
+
+def test_run_doctor_prints_what_report_returns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(doctor, "report", lambda output_dir=None: ("sdtune doctor\nfake body", 7))
+    assert run_doctor(tmp_path) == 7
+    assert capsys.readouterr().out == "sdtune doctor\nfake body\n"
 
 
 def test_crashing_check_becomes_problem_line(

@@ -1,30 +1,26 @@
-"""`sdtune eval`: the metric maths on hand-made embeddings, the prompt handling, and an end-to-end run on a tiny
-trained LoRA with tiny random DINO and CLIP models (their numbers mean nothing; the plumbing is what is tested)."""
+"""`sdtune eval`: the metric maths on hand-made embeddings, the prompt handling, the evaluation core's writers on
+hand-made rows (a new metric reaches every output), and an end-to-end run on a tiny trained LoRA with tiny
+random DINO and CLIP models (their numbers mean nothing; the plumbing is what is tested)."""
 
-import argparse
 import json
-import sys
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from conftest import DEMO_DATA
+from sdtune.cli import main
 from sdtune.errors import SdtuneError
-from sdtune.eval import (
-    Row,
-    add_commands,
-    class_noun_from,
-    dreambench,
-    fill,
-    is_live,
-    plot_metrics,
-    read_prompt_file,
-    recommend,
-    strip_identifier,
-    table,
-)
+from sdtune.eval.core import EvalSpec, Metric, Rendered, Row, cell_path, eval_cells, read_rendered
+from sdtune.eval.dreambench import METRICS, dreambench, is_live, recommend
+from sdtune.eval.paper import PaperScorer, subject_images
+from sdtune.eval.prompts import class_noun_from, fill, read_prompt_file, strip_identifier
+from sdtune.eval.report import plot_metrics, shown_metrics, table, write_reports
 from sdtune.metrics import cosine_matrix, diversity, mean_pairwise_similarity, paired_similarity
+from sdtune.runs import run_root
 
 # --------------------------------------------------------------------------------------------------------
 # Metric maths
@@ -100,7 +96,7 @@ def test_class_noun_and_prompt_set_from_the_run():
 
 
 def _row(step, scale, dino, clip_t):
-    return Row(f"step-{step:06d}", step, scale, dino=dino, clip_i=dino, clip_t=clip_t, images=4)
+    return Row(f"step-{step:06d}", step, scale, {"dino": dino, "clip_i": dino, "clip_t": clip_t}, images=4)
 
 
 def test_recommendation_trades_a_little_prompt_fidelity_for_identity():
@@ -112,15 +108,142 @@ def test_recommendation_trades_a_little_prompt_fidelity_for_identity():
     assert recommend(rows, tolerance=0.05) is rows[3]
     assert recommend(rows, tolerance=0.0) is rows[1]
     assert recommend([_row(100, 0, 0.3, 0.3)]) is None
-    text = table(rows, rows[2])
+    text = table(PaperScorer(), rows, rows[2])
     assert "* " in text.splitlines()[4] and "paper: DreamBooth (SD)" in text and "0.668" in text
+    # the paper's rows are matched by metric: Real images has no CLIP-T ("-"); no paper row has DIV (blank)
+    real = next(line for line in text.splitlines() if "paper: Real images" in line)
+    assert real.split()[-3:] == ["0.774", "0.885", "-"]
+    assert "DIV" not in text  # an optional metric no row measured is left out
 
 
 def test_plot_draws_single_points_and_unknown_steps(tmp_path):
-    rows = [Row("final", None, 1.0, dino=0.5, clip_i=0.7, clip_t=0.3, images=1)]
-    path = plot_metrics(rows, tmp_path / "m.png", rows[0])
+    rows = [Row("final", None, 1.0, {"dino": 0.5, "clip_i": 0.7, "clip_t": 0.3}, images=1)]
+    path = plot_metrics(rows, tmp_path / "m.png", shown_metrics(METRICS, rows), rows[0])
     with Image.open(path) as im:
         assert im.width == 3 * 380  # DINO, CLIP-I, CLIP-T panels (no DIV, no PRES measured)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The evaluation core: cells on disk -> rows -> every output, for any scorer
+
+
+def _spec(**kw) -> EvalSpec:
+    loras = [("step-000010", "a.safetensors"), ("step-000020", "b.safetensors")]
+    return EvalSpec(run="runs/x", model="model", loras=loras,
+                    subject_dir=Path("photos"), identifier="sks", class_noun="toy", prompt_set="test",
+                    prompts=["a sks toy", "a sks toy in the snow"], steps={"step-000010": 10, "step-000020": 20},
+                    images_per_prompt=2, lora_scales=[0.0, 1.0], class_prompt="a photo of a toy", **kw)
+
+
+BRIGHT = Metric("bright", "bright", True, "mean pixel value of the images, 0..1")
+DARK = Metric("dark", "dark share", False, "share of pixels darker than 64 (the metric a test adds)")
+
+
+@dataclass
+class PixelScorer:
+    """A scorer with no model: numbers from pixel values. ``dark``: one more metric."""
+
+    dark: bool = False
+
+    name = "pixels"
+    title = "sdtune eval (pixels)"
+    references = None
+    quote = ("bright",)
+    class_images = False
+    steps = 1
+    guidance = 1.0
+    rule = "the brightest row"
+
+    @property
+    def metrics(self):
+        return (BRIGHT, DARK) if self.dark else (BRIGHT,)
+
+    def templates(self, class_noun):
+        return ["a {} in the snow"], "test"
+
+    def prepare(self, spec):
+        pass
+
+    def score(self, spec, rendered):
+        rows = []
+        for r in rendered:
+            pixels = np.stack([np.asarray(im, dtype=float) for ims in r.images.values() for im in ims])
+            values = {"bright": pixels.mean() / 255}
+            if self.dark:
+                values["dark"] = float((pixels < 64).mean())
+            rows.append(r.row(values, len(pixels), [{"prompt": p, "bright": np.mean(ims) / 255}
+                                                    for p, ims in r.images.items()]))
+        return rows
+
+    def recommend(self, rows):
+        return max((r for r in rows if r.lora_scale > 0), key=lambda r: r.metrics["bright"], default=None)
+
+    def report_fields(self, spec):
+        return {"pixels": True}
+
+    def report_lines(self, spec):
+        return []
+
+    def notes(self, spec):
+        return ["- pixel values only"]
+
+
+def _rendered(spec) -> list[Rendered]:
+    """Hand-made images: brighter with the LoRA and with training."""
+    return [Rendered(label, spec.steps[label], scale,
+                     {p: [Image.new("RGB", (8, 8), (v, v, v))] * 2 for p in spec.prompts})
+            for label in spec.steps for scale in spec.lora_scales
+            for v in [int(40 + 60 * scale + spec.steps[label])]]
+
+
+def test_a_new_metric_reaches_the_table_both_reports_and_the_plot(tmp_path):
+    spec = _spec()
+    outputs = {}
+    for dark in (False, True):
+        scorer = PixelScorer(dark)
+        rows = scorer.score(spec, _rendered(spec))
+        best = scorer.recommend(rows)
+        out = tmp_path / str(dark)
+        out.mkdir()
+        assert [p.name for p in write_reports(out, spec, scorer, rows, best)] == ["report.json", "report.md",
+                                                                                   "metrics.png"]
+        with Image.open(out / "metrics.png") as im:
+            outputs[dark] = (table(scorer, rows, best), json.loads((out / "report.json").read_text()),
+                             (out / "report.md").read_text(), im.size)
+    (text, report, md, size), (text0, report0, md0, size0) = outputs[True], outputs[False]
+    assert best.checkpoint == "step-000020" and best.lora_scale == 1.0
+
+    assert "dark share ↓" in text.splitlines()[0] and "dark share" not in text0
+    # step 10 at LoRA x0: pixel value 50, all dark; 2 prompts x 2 images
+    assert text.splitlines()[2].split()[-2:] == ["1.000", "4"]
+    assert [r["metrics"]["dark"] for r in report["rows"]] == [1.0, 0.0, 1.0, 0.0]
+    assert report["metrics"]["dark"] == {"label": "dark share", "higher_is_better": False,
+                                         "description": DARK.description}
+    assert "dark" not in report0["metrics"] and "dark" not in report0["rows"][0]["metrics"]
+    assert report["recommendation"]["metrics"]["dark"] == 0.0 and report["recommendation"]["rule"] == scorer.rule
+    assert report["scorer"] == "pixels" and report["pixels"] is True and report["class_prompt"] is None
+    assert "| dark share ↓ |" in md and f"- dark share ↓: {DARK.description}" in md and "dark share" not in md0
+    assert "**Recommended: `step-000020` at LoRA scale 1** (bright 0.471)" in md
+    assert size == (2 * 380, 280 + 28) and size0 == (380, 280 + 28)  # one panel more
+
+
+def test_cells_are_read_back_per_checkpoint_and_scale(tmp_path):
+    spec = _spec()
+    cells = eval_cells(spec, "step-000010", class_images=True)
+    assert len(cells) == 3 * 2 * 2 and cells[-1].prompt == "a photo of a toy"  # (prompts + class) x scales x seeds
+    folders = {label: tmp_path / label for label in spec.steps}
+    for label, folder in folders.items():
+        folder.mkdir()
+        for i, cell in enumerate(eval_cells(spec, label, class_images=True)):
+            if not (label == "step-000020" and i == 0):  # one failed cell
+                shade = int(100 * cell.lora_scale) + cell.seed
+                Image.new("RGB", (4, 4), (shade, 0, 0)).save(cell_path(folder, i))
+    rows = list(read_rendered(spec, folders, class_images=True))
+    assert [(r.checkpoint, r.step, r.lora_scale, r.failed) for r in rows] == [
+        ("step-000010", 10, 0.0, 0), ("step-000010", 10, 1.0, 0), ("step-000020", 20, 0.0, 1),
+        ("step-000020", 20, 1.0, 0)]
+    assert [im.getpixel((0, 0))[0] for im in rows[1].images["a sks toy in the snow"]] == [100, 101]  # seed order
+    assert len(rows[2].images["a sks toy"]) == 1 and len(rows[2].images["a photo of a toy"]) == 2
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -128,15 +251,9 @@ def test_plot_draws_single_points_and_unknown_steps(tmp_path):
 
 
 def eval_main(argv: list[str]) -> int:
-    """`sdtune eval ...` as the CLI runs it: SdtuneError -> one `error:` line and exit code 2."""
-    parser = argparse.ArgumentParser(prog="sdtune")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *argv])
-    try:
-        return args.func(args)
-    except SdtuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """`sdtune eval ...` as the CLI runs it: SdtuneError -> one `error:` line and exit code 2; log lines on
+    stdout."""
+    return main(["eval", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +306,7 @@ def test_eval_end_to_end(run, metric_models, prompt_file, tmp_path, capsys):
     assert eval_main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "paper: DreamBooth (SD)" in printed and "recommended: step-00000" in printed
+    assert "subject: " in printed and "rendering 12 images" in printed  # library log lines reach the terminal
 
     report = json.loads((out / "report.json").read_text())
     assert report["class_noun"] == "toy"  # from data.instance_prompt: the run has no class prompt
@@ -200,10 +318,10 @@ def test_eval_end_to_end(run, metric_models, prompt_file, tmp_path, capsys):
     for r in rows:
         assert r["images"] == 4 and r["failed"] == 0
         for key in ("dino", "clip_i", "clip_t", "div", "pres"):
-            assert -1.0 <= r[key] <= 1.0, (key, r)
+            assert -1.0 <= r["metrics"][key] <= 1.0, (key, r)
         assert {p["clip_text"] for p in r["per_prompt"]} == {"a toy on the beach", "a toy in the snow"}
     # LoRA x0 is the base model: the same pixels, so the same numbers, at every checkpoint
-    assert rows[0]["dino"] == pytest.approx(rows[2]["dino"])
+    assert rows[0]["metrics"]["dino"] == pytest.approx(rows[2]["metrics"]["dino"])
     rec = report["recommendation"]
     assert rec["lora_scale"] == 1.0 and rec["checkpoint"] in ("step-000002", "step-000004") and "CLIP-T" in rec["rule"]
     md = (out / "report.md").read_text()
@@ -244,8 +362,6 @@ def test_user_mistakes_are_one_line_errors(run, metric_models, prompt_file, tmp_
 
 
 def test_subject_photos_follow_metadata_jsonl(tmp_path):
-    from sdtune.eval import subject_images
-
     assert len(subject_images(DEMO_DATA)) == len(
         [line for line in (DEMO_DATA / "metadata.jsonl").read_text().splitlines() if line.strip()])
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
@@ -255,12 +371,10 @@ def test_subject_photos_follow_metadata_jsonl(tmp_path):
 
 
 def test_default_report_folder_is_in_the_run(tmp_path):
-    from sdtune.eval import _run_root
-
     ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
     ckpt.mkdir(parents=True)
     (tmp_path / "run" / "config.yaml").write_text("{}")
     (ckpt / "pytorch_lora_weights.safetensors").write_bytes(b"")
-    assert _run_root(ckpt) == _run_root(ckpt / "pytorch_lora_weights.safetensors") == tmp_path / "run"
-    assert _run_root(tmp_path / "run") == tmp_path / "run"
-    assert _run_root(tmp_path) == tmp_path  # not a run: beside the target
+    assert run_root(ckpt) == run_root(ckpt / "pytorch_lora_weights.safetensors") == tmp_path / "run"
+    assert run_root(tmp_path / "run") == tmp_path / "run"
+    assert run_root(tmp_path) == tmp_path  # not a run: beside the target

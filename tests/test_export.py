@@ -7,7 +7,6 @@ ComfyUI logs as "lora key not loaded" and A1111 as "Failed to match keys when lo
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import json
 import re
@@ -20,21 +19,26 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import DEMO_DATA, overrides
+from sdtune import export, families
+from sdtune.cli import main
 from sdtune.config import load_config
 from sdtune.errors import SdtuneError
-from sdtune.export import (
-    Adapter,
-    export_run,
-    kohya_module_name,
-    kohya_warnings,
-    public_model_id,
-    read_run,
-    to_kohya,
-    write_kohya,
-)
+from sdtune.export import Adapter, kohya_warnings, read_run, to_kohya, write_kohya
+from sdtune.hub import public_model_id
 from sdtune.lora import WEIGHT_NAME, add_lora
-from sdtune.models import FAMILIES, build_pipeline, load_components
+from sdtune.models import load_components
 from sdtune.train import train
+
+FAMILIES = families.names()
+F = families.get  # the tests name families as recipes do; the library takes Family objects
+
+
+def kohya_module_name(family: str, component: str, module: str) -> str:
+    return export.kohya_module_name(F(family), component, module)
+
+
+def export_run(run_dir, fmt, out):
+    return export.export_run(run_dir, fmt, out)[0]
 
 RANK, ALPHA = 4, 2.0  # alpha != rank, so a file carrying alpha = rank renders differently
 # Images are float32 in [0, 1]; the kohya path hands PEFT the same tensors and scales, so the same pixels up
@@ -96,7 +100,7 @@ def _direct(out: Path):
 
 def _render(family: str, model: Path, lora_dir: Path | None = None, weight_name: str | None = None,
             setup=None):
-    pipe = build_pipeline(load_components(str(model), family), family)  # type: ignore[arg-type]
+    pipe = F(family).pipeline(load_components(str(model), F(family)))
     pipe.set_progress_bar_config(disable=True)
     if lora_dir is not None:
         pipe.load_lora_weights(str(lora_dir), weight_name=weight_name)
@@ -178,7 +182,7 @@ def test_diffusers_convert_state_dict_to_kohya_writes_alpha_equal_to_rank(run, t
     alphas = {float(v) for k, v in theirs.items() if k.endswith(".alpha")}
     assert alphas == {float(RANK)} != {ALPHA}
     save_file(theirs, str(tmp_path / "theirs.safetensors"))
-    ours, meta = to_kohya("sd15", unet=adapters["unet"])
+    ours, meta = to_kohya(F("sd15"), {"unet": adapters["unet"]})
     save_file(ours, str(tmp_path / "ours.safetensors"), metadata=meta)
     wrong, _ = _render("sd15", tiny_model("sd15"), tmp_path, "theirs.safetensors")
     right, _ = _render("sd15", tiny_model("sd15"), tmp_path, "ours.safetensors")
@@ -223,7 +227,7 @@ def comfy_unet_config(config: dict) -> dict:
             "transformer_depth_output": up[::-1], "transformer_depth_middle": depth[-1]}
 
 
-def comfy_unet_to_diffusers(uc: dict) -> dict[str, str]:
+def comfy_unet_to_diffusers(uc: dict) -> dict[str, str]:  # noqa: C901 (ComfyUI's function, kept in its shape)
     """comfy/utils.py unet_to_diffusers, per module: diffusers module name -> LDM module name."""
     out: dict[str, str] = {}
     num_res = uc["num_res_blocks"]
@@ -449,14 +453,14 @@ def test_every_kohya_key_loads_in_comfyui_and_a1111(family, run, tmp_path):
     out = run(family, wide(family))
     tensors, _ = _kohya(export_run(out, "kohya", tmp_path / "export.safetensors"))
     adapters = read_run(out).adapters
-    components = load_components(str(read_run(out).base_model), family)  # type: ignore[arg-type]
-    te_layers = {name: getattr(components, name).config.num_hidden_layers for name in TEXT_ENCODERS[family]}
-    unet_config = dict(components.unet.config)
+    components = load_components(str(read_run(out).base_model), F(family))
+    te_layers = {name: te.config.num_hidden_layers for name, te in zip(TEXT_ENCODERS[family], components.text_encoders)}
+    unet_config = dict(components.denoiser.config)
     assert len(tensors) == 3 * sum(len(a.modules()) for a in adapters.values())  # down, up, alpha each
     per_level = unet_config["layers_per_block"] + 1
     problems = _check_loaders(family, set(tensors), unet_config, te_layers, per_level, adapters)
     assert problems == []
-    assert kohya_warnings(family, adapters) == []
+    assert kohya_warnings(F(family), adapters) == []
     # InvokeAI patches the UNet with prefix lora_unet_, SD1/SD2 text encoders with lora_te_ only, SDXL's with
     # lora_te1_ / lora_te2_ (invokeai/app/invocations/compel.py); ComfyUI and A1111 also take lora_te1_ on SD1
     prefixes = {"sd15": ("lora_unet_", "lora_te_"), "sd2": ("lora_unet_", "lora_te_"),
@@ -469,18 +473,9 @@ def _skeleton_adapters(family: str) -> tuple[dict[str, Adapter], dict, dict[str,
     """Adapters with one-number tensors on every targetable module of the real architecture (weights on the
     meta device): names are all that the loaders' rules look at."""
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdtune.models import _random_configs, _text_config
-
-    cfg = _random_configs(family, "full")  # type: ignore[arg-type]
     with init_empty_weights():
-        modules = {"unet": UNet2DConditionModel(**cfg["unet"]),
-                   "text_encoder": CLIPTextModel(_text_config(act="gelu", pad_id=0, **cfg["te"]))}
-        if family == "sdxl":
-            config_2 = _text_config(act="gelu", pad_id=0, **cfg["te_2"])
-            modules["text_encoder_2"] = CLIPTextModelWithProjection(config_2)
+        modules = F(family).random_components("full").named_modules(F(family))
     targets = {"unet": UNET_TARGETS["sd15"] + ["linear_1", "linear_2"], "text_encoder": TE_TARGETS,
                "text_encoder_2": TE_TARGETS}
     adapters = {}
@@ -499,7 +494,7 @@ def test_real_layouts_follow_a1111_and_comfyui(family):
     attention, projection, feed-forward, resnet, sampler and embedding LoRAs maps, except the SDXL modules
     A1111's rules place wrongly, which are exactly the ones kohya_warnings names."""
     adapters, unet_config, te_layers = _skeleton_adapters(family)
-    tensors, _ = to_kohya(family, **adapters)
+    tensors, _ = to_kohya(F(family), adapters)
     problems = _check_loaders(family, set(tensors), unet_config, te_layers, 3, adapters)
     if family == "sdxl":
         odd = ("up_blocks.0.upsamplers.0.conv", "add_embedding.linear_1", "add_embedding.linear_2")
@@ -508,10 +503,10 @@ def test_real_layouts_follow_a1111_and_comfyui(family):
              for m in odd for part in ("alpha", "lora_down.weight", "lora_up.weight")]
             + [f"A1111 and ComfyUI disagree on {m}: None" for m in odd]
         )
-        assert any("AUTOMATIC1111 cannot place" in w for w in kohya_warnings(family, adapters))
+        assert any("AUTOMATIC1111 cannot place" in w for w in kohya_warnings(F(family), adapters))
     else:
         assert problems == []
-        assert kohya_warnings(family, adapters) == []
+        assert kohya_warnings(F(family), adapters) == []
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -584,18 +579,18 @@ def test_public_model_id_and_names():
 def test_alpha_follows_peft_scaling_rules():
     """kohya alpha = PEFT's scale x rank: lora_alpha / r, lora_alpha / sqrt(r) with rsLoRA, alpha_pattern."""
     tensors = {f"{m}.lora_{ab}.weight": torch.zeros(4, 4) for m in ("a.to_q", "a.to_k") for ab in "AB"}
-    out, meta = to_kohya("sd15", Adapter(tensors, {"r": 4, "lora_alpha": 2, "alpha_pattern": {"to_q": 8}}))
+    out, meta = to_kohya(F("sd15"), {"unet": Adapter(tensors, {"r": 4, "lora_alpha": 2, "alpha_pattern": {"to_q": 8}})})
     assert out["lora_unet_a_to_q.alpha"].item() == 8 and out["lora_unet_a_to_k.alpha"].item() == 2
-    out, meta = to_kohya("sd15", Adapter(tensors, {"r": 4, "lora_alpha": 2, "use_rslora": True}))
+    out, meta = to_kohya(F("sd15"), {"unet": Adapter(tensors, {"r": 4, "lora_alpha": 2, "use_rslora": True})})
     assert out["lora_unet_a_to_k.alpha"].item() == pytest.approx(4.0) and meta["ss_network_alpha"] == "4.0"
 
 
 def test_write_kohya_from_trained_modules(tiny_model, tmp_path):
     """train.py's call: PEFT-injected modules in, one file out; a hub id is published, a path would not be."""
-    c = load_components(str(tiny_model("sd15")), "sd15")
-    add_lora(c.unet, RANK, ALPHA, ATTENTION)
-    add_lora(c.text_encoder, RANK, ALPHA, ["q_proj", "v_proj"])
-    path = write_kohya(tmp_path / "lora.safetensors", "sd15", unet=c.unet, text_encoder=c.text_encoder,
+    c = load_components(str(tiny_model("sd15")), F("sd15"))
+    add_lora(c.denoiser, RANK, ALPHA, ATTENTION)
+    add_lora(c.text_encoders[0], RANK, ALPHA, ["q_proj", "v_proj"])
+    path = write_kohya(tmp_path / "lora.safetensors", F("sd15"), {"unet": c.denoiser, "text_encoder": c.text_encoders[0]},
                        trigger_word="sks", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5")
     tensors, meta = _kohya(path)
     assert "lora_te_text_model_encoder_layers_1_self_attn_v_proj.lora_up.weight" in tensors
@@ -603,7 +598,7 @@ def test_write_kohya_from_trained_modules(tiny_model, tmp_path):
     assert meta["ss_sd_model_name"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert meta["modelspec.title"] == "lora"
     with pytest.raises(SdtuneError, match=r"\.safetensors"):
-        write_kohya(tmp_path / "lora.ckpt", "sd15", unet=c.unet)
+        write_kohya(tmp_path / "lora.ckpt", F("sd15"), {"unet": c.denoiser})
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -626,23 +621,24 @@ def test_dora_exports_dora_scale_per_output_channel(run, tiny_model, tmp_path):
     assert meta["ss_network_module"] == "lycoris.kohya"
     assert json.loads(meta["ss_network_args"])["dora_wd"] == "True"
     adapters = read_run(out).adapters
-    assert any("DoRA" in w for w in kohya_warnings("sd15", adapters))
-    c = load_components(str(tiny_model("sd15")), "sd15")
-    te_layers = {"text_encoder": c.text_encoder.config.num_hidden_layers}
-    per_level = c.unet.config.layers_per_block + 1
-    assert _check_loaders("sd15", set(tensors), dict(c.unet.config), te_layers, per_level, adapters) == []
+    assert any("DoRA" in w for w in kohya_warnings(F("sd15"), adapters))
+    c = load_components(str(tiny_model("sd15")), F("sd15"))
+    te_layers = {"text_encoder": c.text_encoders[0].config.num_hidden_layers}
+    per_level = c.denoiser.config.layers_per_block + 1
+    assert _check_loaders("sd15", set(tensors), dict(c.denoiser.config), te_layers, per_level, adapters) == []
 
     # The file's numbers rebuild PEFT's merged DoRA weight: W' = m * (W + a/r up@down) / ||W + a/r up@down||,
     # the norm per output channel (LyCORIS wd_on_output; ComfyUI divides by ||W|| instead, an approximation).
-    add_lora(c.unet, RANK, ALPHA, UNET_TARGETS["sd15"], use_dora=True)
-    add_lora(c.text_encoder, RANK, ALPHA, TE_TARGETS, use_dora=True)
-    load_adapter_state_dict(c.unet, adapters["unet"].tensors)
-    load_adapter_state_dict(c.text_encoder, adapters["text_encoder"].tensors)
+    unet, text_encoder = c.denoiser, c.text_encoders[0]
+    add_lora(unet, RANK, ALPHA, UNET_TARGETS["sd15"], use_dora=True)
+    add_lora(text_encoder, RANK, ALPHA, TE_TARGETS, use_dora=True)
+    load_adapter_state_dict(unet, adapters["unet"].tensors)
+    load_adapter_state_dict(text_encoder, adapters["text_encoder"].tensors)
     for module, name in [
-        (c.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q,
+        (unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q,
          "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"),
-        (c.unet.down_blocks[0].resnets[0].conv1, "lora_unet_down_blocks_0_resnets_0_conv1"),
-        (getattr(c.text_encoder, "text_model", c.text_encoder).encoder.layers[1].mlp.fc1,
+        (unet.down_blocks[0].resnets[0].conv1, "lora_unet_down_blocks_0_resnets_0_conv1"),
+        (getattr(text_encoder, "text_model", text_encoder).encoder.layers[1].mlp.fc1,
          "lora_te_text_model_encoder_layers_1_mlp_fc1"),
     ]:
         w = module.base_layer.weight.detach().clone()
@@ -670,11 +666,12 @@ def test_peft_folders_load_with_peft(run, tiny_model, tmp_path):
     out = run("sdxl")
     folder = export_run(out, "peft", tmp_path / "peft")
     adapters = read_run(out).adapters
-    c = load_components(str(tiny_model("sdxl")), "sdxl")
+    c = load_components(str(tiny_model("sdxl")), F("sdxl"))
+    modules = c.named_modules(F("sdxl"))
     for component in ("unet", "text_encoder", "text_encoder_2"):
         config = json.loads((folder / component / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] is None and config["lora_alpha"] == ALPHA
-        model = PeftModel.from_pretrained(getattr(c, component), str(folder / component))
+        model = PeftModel.from_pretrained(modules[component], str(folder / component))
         loaded = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()}
         assert loaded.keys() == adapters[component].tensors.keys()
         assert all(torch.equal(loaded[k], v) for k, v in adapters[component].tensors.items())
@@ -700,19 +697,7 @@ def test_diffusers_export_loads_every_module_and_keeps_no_path(run, tiny_model, 
 
 
 def _main(argv: list[str]) -> int:
-    """sdtune's own main(), with ``export`` added if cli.py does not have it yet."""
-    from sdtune import cli
-    from sdtune.export import add_commands
-
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "export" not in sub.choices:
-        add_commands(sub)
-    original, cli.build_parser = cli.build_parser, lambda: parser
-    try:
-        return cli.main(argv)
-    finally:
-        cli.build_parser = original
+    return main(argv)
 
 
 def test_cli_export_and_its_errors(run, tmp_path, capsys):
@@ -726,7 +711,7 @@ def test_cli_export_and_its_errors(run, tmp_path, capsys):
         (["export", str(tmp_path / "nope"), "-o", str(tmp_path / "b.safetensors")], "no such run folder"),
         (["export", str(tmp_path), "-o", str(tmp_path / "b.safetensors")], f"no {WEIGHT_NAME} here"),
         (["export", str(out), "--format", "onnx", "-o", str(tmp_path / "b.onnx")],
-         "--format: unknown format 'onnx'; choose one of diffusers, peft, kohya"),
+         "argument --format: invalid choice: 'onnx'"),
         (["export", str(out), "-o", str(tmp_path / "b.ckpt")], "must end in .safetensors"),
         (["export", str(out), "-o", str(tmp_path)], "is a folder"),
         (["export", str(out), "--format", "diffusers", "-o", str(out / WEIGHT_NAME)], "run's own LoRA file"),
@@ -736,3 +721,25 @@ def test_cli_export_and_its_errors(run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "b.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# (6) The registry: every format is offered, written, and (where training writes it) found in the run folder
+
+
+@pytest.mark.parametrize("fmt", list(export.WRITERS))
+def test_every_registered_format_exports_and_reads_back(fmt, run, tmp_path):
+    from sdtune.cli import build_parser
+
+    out = run("sd15")
+    choices = build_parser()._subparsers._group_actions[0].choices["export"]._option_string_actions["--format"].choices
+    assert list(choices) == list(export.WRITERS)  # --format offers exactly the registry
+    written = export_run(out, fmt, tmp_path / ("peft" if fmt == "peft" else f"{fmt}.safetensors"))
+    files = sorted(written.rglob("*.safetensors")) if written.is_dir() else [written]
+    assert files and all(load_file(f) for f in files), fmt  # every file holds tensors
+    run_file = export.run_files(out).get(fmt)
+    if export.WRITERS[fmt].run_file:  # training wrote this format into the run folder, and push uploads it
+        assert run_file is not None and run_file.is_file()
+        assert run_file in export.existing_run_files(out)[fmt]
+    else:
+        assert run_file is None

@@ -9,10 +9,10 @@ import string
 
 import pytest
 
+from sdtune.cli.data import add_commands
 from sdtune.errors import SdtuneError
 from sdtune.identifier import (
     SUGGEST_PATTERN,
-    add_commands,
     check_identifier,
     check_identifiers,
     load_tokenizers,

@@ -17,6 +17,8 @@ from sdtune.cli import main
 from sdtune.micro import model as micro
 from sdtune.micro.world import write_subject_photos
 
+pytestmark = pytest.mark.slow  # trains DreamBooth on the micro model for minutes
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "micro_dreambooth.yaml"
 
@@ -47,8 +49,9 @@ def _rows(run: Path) -> list[dict]:
 
 
 def _final(run: Path, scale: float) -> dict:
+    """The measures of the last checkpoint at LoRA scale ``scale``."""
     rows = [r for r in _rows(run) if r["lora_scale"] == scale]
-    return max(rows, key=lambda r: r["step"])
+    return max(rows, key=lambda r: r["step"])["metrics"]
 
 
 def test_the_shipped_model_is_small_and_follows_prompts(micro_model, capsys):
@@ -76,7 +79,7 @@ def test_over_training_shows_in_the_curves_and_the_recommendation_stops_before_i
     recommendation then picks a checkpoint before the last one."""
     report = json.loads((micro_runs["noprior"] / "eval" / "report.json").read_text())
     tuned = sorted((r for r in report["rows"] if r["lora_scale"] == 1), key=lambda r: r["step"])
-    assert tuned[-1]["class_subject"] >= tuned[0]["class_subject"] + 0.2, tuned
+    assert tuned[-1]["metrics"]["class_subject"] >= tuned[0]["metrics"]["class_subject"] + 0.2, tuned
     assert report["recommendation"]["step"] < tuned[-1]["step"]
 
 
@@ -85,7 +88,9 @@ def test_the_report_follows_training_and_recommends_a_checkpoint(micro_runs):
     steps = sorted({r["step"] for r in report["rows"]})
     config = yaml.safe_load(RECIPE.read_text())["train"]
     assert steps == list(range(config["checkpoint_every"], config["max_steps"] + 1, config["checkpoint_every"]))
-    subject = [r["subject"] for r in sorted(report["rows"], key=lambda r: r["step"]) if r["lora_scale"] == 1]
+    subject = [r["metrics"]["subject"] for r in sorted(report["rows"], key=lambda r: r["step"]) if r["lora_scale"] == 1]
     assert subject[-1] > subject[0] - 0.05  # learning shows over the checkpoints
     assert report["recommendation"]["lora_scale"] == 1 and report["recommendation"]["step"] in steps
+    assert report["scorer"] == "world" and report["recommendation"]["rule"].startswith("the highest subject score")
     assert (micro_runs["prior"] / "eval" / "report.md").read_text().count("step-") >= len(steps)
+    assert (micro_runs["prior"] / "eval" / "metrics.png").is_file()

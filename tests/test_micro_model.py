@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sdtune.cli import main
+from sdtune.eval.core import Row
 from sdtune.micro import measure, world
 from sdtune.micro import model as micro
 from sdtune.micro.pretrain import PretrainConfig, pretrain
@@ -33,17 +34,18 @@ def pretrained(tmp_path_factory) -> Path:
 
 def test_pretraining_writes_a_diffusers_sd1_model_with_a_report(pretrained):
     info = inspect_model(str(pretrained))
-    assert (info.family, info.prediction_type, info.resolution) == ("sd15", "v_prediction", micro.RESOLUTION)
+    assert (info.family.name, info.prediction_type, info.resolution) == ("sd15", "v_prediction", micro.RESOLUTION)
     report = json.loads((pretrained / "pretrain_report.json").read_text())
     assert report["steps_done"] == 4 and report["history"][-1]["images"] == 4
     assert 0 <= report["history"][-1]["all"] <= 1 and report["vae"]["scaling_factor"] > 0
     vae_config = json.loads((pretrained / "vae/config.json").read_text())
     assert vae_config["scaling_factor"] == report["vae"]["scaling_factor"]  # latents of unit variance
-    c = load_components(str(pretrained), "sd15")
-    assert c.tokenizer("a photo of sks toy").input_ids[4] == 48136  # the real CLIP vocabulary
-    assert c.unet.config.sample_size * 4 == 64 and c.text_encoder.config.vocab_size == 49408
+    c = load_components(str(pretrained), info.family)
+    assert c.tokenizers[0]("a photo of sks toy").input_ids[4] == 48136  # the real CLIP vocabulary
+    assert c.denoiser.config.sample_size * 4 == 64 and c.text_encoders[0].config.vocab_size == 49408
 
 
+@pytest.mark.slow  # pretrains twice
 def test_pretraining_is_reproducible(pretrained, tmp_path):
     again, lines = tmp_path / "b", []
     pretrain(PretrainConfig(out=str(again), num_images=48, vae_steps=3, vae_batch_size=4, steps=4, batch_size=8,
@@ -56,6 +58,7 @@ def test_pretraining_is_reproducible(pretrained, tmp_path):
     assert any("reusing" in line for line in lines) and _digests(again) == before
 
 
+@pytest.mark.slow  # pretrains twice
 def test_the_pretrain_command_reuses_its_own_folder_and_refuses_others(tmp_path, capsys):
     args = ["micro", "pretrain", str(tmp_path / "m"), "--num-images", "48", "--vae-steps", "3", "--steps", "2",
             "--batch-size", "8", "--eval-every", "2", "--eval-images", "2"]
@@ -75,8 +78,8 @@ def test_shipping_drops_the_tokenizer_and_writing_the_model_restores_it(pretrain
     assert not (shipped / "tokenizer").exists() and (shipped / "unet").is_dir()
     folder = micro.write_model(tmp_path / "model", source=shipped)
     assert _digests(folder) == _digests(pretrained)
-    c = load_components(str(folder), "sd15")
-    assert c.tokenizer.model_max_length == 77 and (folder / "tokenizer" / "merges.txt").is_file()
+    c = load_components(str(folder), micro.family())
+    assert c.tokenizers[0].model_max_length == 77 and (folder / "tokenizer" / "merges.txt").is_file()
 
 
 def test_writing_into_a_used_folder_or_without_weights_is_a_one_line_error(tmp_path, capsys):
@@ -131,7 +134,8 @@ def test_context_toy_and_diversity_measures_on_rendered_scenes():
 
 def test_recommendation_stops_before_over_training():
     def row(step, scale, subject, context, drift=0.1):
-        return measure.WorldRow(f"step-{step:06d}", step, scale, subject, context, drift, 1.0, 0.5)
+        return Row(f"step-{step:06d}", step, scale, {"subject": subject, "context": context, "class_subject": drift,
+                                                     "class_toy": 1.0, "class_diversity": 0.5})
 
     rows = [row(100, 0, 0.2, 0.95), row(100, 1, 0.6, 0.9), row(200, 1, 0.85, 0.85),
             row(300, 1, 0.95, 0.5)]  # step 300 is over-trained: the subject wins, the context is lost

@@ -3,10 +3,12 @@
 import shutil
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # runs the whole notebook in a kernel
 
 def test_quickstart_notebook_runs(tmp_path):
     work = tmp_path / "notebooks"

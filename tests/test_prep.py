@@ -23,12 +23,12 @@ from prep_corpus import (
 )
 
 from conftest import overrides
+from sdtune.cli.data import add_commands
 from sdtune.errors import SdtuneError
 from sdtune.prep import (
     METADATA,
     REPORT,
     SHEET,
-    add_commands,
     bucket_sizes,
     caption_from_filename,
     nearest_bucket,

@@ -8,7 +8,8 @@ from PIL import Image
 from conftest import DEMO_DATA, overrides
 from sdtune.cli import main
 from sdtune.config import load_config
-from sdtune.sample import Cell, Settings, layout, render_cells
+from sdtune.grid import Cell, Settings, layout
+from sdtune.sample import render_cells
 from sdtune.train import train
 
 
@@ -117,11 +118,12 @@ def _tiny_depth_model(sd2: Path, out: Path) -> Path:
     from diffusers import StableDiffusionDepth2ImgPipeline, UNet2DConditionModel
     from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
+    from sdtune import families
     from sdtune.models import load_components
 
-    c = load_components(str(sd2), "sd2")
+    c = load_components(str(sd2), families.get("sd2"))
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config({**dict(c.unet.config), "in_channels": 5})  # latents + depth
+    unet = UNet2DConditionModel.from_config({**dict(c.denoiser.config), "in_channels": 5})  # latents + depth
     backbone = {"global_padding": "same", "layer_type": "bottleneck", "depths": [3, 4, 9],
                 "out_features": ["stage1", "stage2", "stage3"], "embedding_dynamic_padding": True,
                 "hidden_sizes": [96, 192, 384, 768], "num_groups": 2}
@@ -130,7 +132,7 @@ def _tiny_depth_model(sd2: Path, out: Path) -> Path:
         num_attention_heads=4, intermediate_size=37, is_hybrid=True, backbone_config=backbone,
         backbone_featmap_shape=[1, 384, 24, 24])).eval()
     StableDiffusionDepth2ImgPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=unet, scheduler=c.noise_scheduler,
+        vae=c.vae, text_encoder=c.text_encoders[0], tokenizer=c.tokenizers[0], unet=unet, scheduler=c.noise_scheduler,
         depth_estimator=dpt, feature_extractor=DPTImageProcessor(size={"height": 32, "width": 32}),
     ).save_pretrained(out, safe_serialization=True)
     return out

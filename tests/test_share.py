@@ -1,11 +1,17 @@
 import getpass
+from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import overrides
+from sdtune import share
 from sdtune.cli import main
 from sdtune.config import load_config
+from sdtune.errors import SdtuneError
+from sdtune.lora import WEIGHT_NAME
+from sdtune.runs import KOHYA_SUFFIX
+from sdtune.share import files_to_push, push
 from sdtune.train import train
 
 
@@ -42,3 +48,127 @@ def test_push_errors_are_one_line(run, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("error: push to me/toy-lora failed") and "Traceback" not in err
     assert getpass.getuser() not in (run / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------------------
+# push against a fake HfApi: what is sent, in how many commits, and what a failure leaves behind
+
+
+class FakeHub:
+    """Stands in for huggingface_hub.HfApi: records every call; create_commit raises if ``fail`` is set."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+        self.fail = False
+
+    def api(self, *args, **kwargs):
+        hub = self
+
+        class Api:
+            def __init__(self, *a, **kw):
+                hub.calls.append(("__init__", kw))
+
+            def create_repo(self, repo_id, **kw):
+                hub.calls.append(("create_repo", {"repo_id": repo_id, **kw}))
+
+            def create_commit(self, repo_id, operations, **kw):
+                hub.calls.append(("create_commit", {"repo_id": repo_id, "operations": list(operations), **kw}))
+                if hub.fail:
+                    raise RuntimeError("boom: 403 Forbidden\nsecond line of the server's answer")
+
+            def upload_file(self, **kw):
+                hub.calls.append(("upload_file", kw))
+
+            def upload_folder(self, **kw):
+                hub.calls.append(("upload_folder", kw))
+
+        return Api(*args, **kwargs)
+
+    def named(self, name: str) -> list[dict]:
+        return [kw for call, kw in self.calls if call == name]
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+
+    hub = FakeHub()
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub.api)
+    return hub
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    """A run folder as training leaves it, without training: card, weights, kohya file, grids, private files."""
+    run_dir = tmp_path / "alice-private-photos"
+    (run_dir / "samples").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-2").mkdir(parents=True)
+    (run_dir / "README.md").write_text("---\ntags: [lora]\n---\n# card\n")
+    (run_dir / WEIGHT_NAME).write_bytes(b"weights")
+    (run_dir / f"sks{KOHYA_SUFFIX}").write_bytes(b"kohya")
+    (run_dir / "samples" / "step-000001.png").write_bytes(b"png1")
+    (run_dir / "samples" / "step-000002.png").write_bytes(b"png2")
+    (run_dir / "config.yaml").write_text(f"data:\n  instance_dir: {tmp_path}/photos\n")
+    (run_dir / "checkpoints" / "step-2" / "state.pt").write_bytes(b"state")
+    return run_dir
+
+
+def test_push_is_one_private_commit_of_every_file(finished_run, fake_hub):
+    names = push(finished_run, "me/toy-lora")
+
+    files = files_to_push(finished_run)
+    assert names == [f.relative_to(finished_run).as_posix() for f in files]
+    assert names == ["README.md", WEIGHT_NAME, f"sks{KOHYA_SUFFIX}", "samples/step-000002.png"]
+    assert [call for call, _ in fake_hub.calls] == ["__init__", "create_repo", "create_commit"]
+    assert fake_hub.named("__init__") == [{}]  # no token passed: it comes from the environment or hf auth login
+    [repo] = fake_hub.named("create_repo")
+    assert repo["repo_id"] == "me/toy-lora" and repo["private"] is True and repo["repo_type"] == "model"
+    [commit] = fake_hub.named("create_commit")
+    assert commit["repo_id"] == "me/toy-lora" and commit["repo_type"] == "model"
+    assert [op.path_in_repo for op in commit["operations"]] == names
+    assert [Path(op.path_or_fileobj) for op in commit["operations"]] == files
+    # the commit message names no local folder
+    assert finished_run.name not in commit["commit_message"] and "/" not in commit["commit_message"]
+
+
+def test_push_public(finished_run, fake_hub):
+    push(finished_run, "me/toy-lora", public=True)
+    [repo] = fake_hub.named("create_repo")
+    assert repo["private"] is False
+    assert len(fake_hub.named("create_commit")) == 1
+
+
+def test_failed_commit_is_one_error_line_and_nothing_partial(finished_run, fake_hub):
+    fake_hub.fail = True
+    with pytest.raises(SdtuneError) as info:
+        push(finished_run, "me/toy-lora")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("push to me/toy-lora failed: RuntimeError: boom: 403 Forbidden")
+    assert "hf auth login" in message and "second line" not in message
+    assert len(fake_hub.named("create_commit")) == 1
+    assert fake_hub.named("upload_file") == [] and fake_hub.named("upload_folder") == []
+
+
+def test_vanished_file_fails_before_the_repo_is_created(finished_run, fake_hub, monkeypatch):
+    monkeypatch.setattr(share, "files_to_push", lambda run_dir: [run_dir / "README.md", run_dir / "gone.png"])
+    with pytest.raises(SdtuneError, match=r"^push to me/toy-lora failed: ValueError: ") as info:
+        push(finished_run, "me/toy-lora")
+    assert "\n" not in str(info.value)
+    assert fake_hub.named("create_repo") == [] and fake_hub.named("create_commit") == []
+
+
+def test_dry_run_and_refusals_call_nothing(finished_run, fake_hub, tmp_path):
+    assert push(finished_run, "me/toy-lora", dry_run=True) == [
+        "README.md", WEIGHT_NAME, f"sks{KOHYA_SUFFIX}", "samples/step-000002.png"]
+    with pytest.raises(SdtuneError, match=r"^--repo: 'me/my lora' is not a Hugging Face repo id"):
+        push(finished_run, "me/my lora")
+    (finished_run / "README.md").unlink()
+    with pytest.raises(SdtuneError, match="no README.md model card"):
+        push(finished_run, "me/toy-lora")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "README.md").write_text("# card\n")
+    with pytest.raises(SdtuneError, match=f"no {WEIGHT_NAME}; push a finished run folder"):
+        push(unfinished, "me/toy-lora")
+    assert fake_hub.calls == []

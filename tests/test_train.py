@@ -11,42 +11,53 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import DEMO_DATA, ROOT, overrides
+from sdtune import families
 from sdtune.config import ConfigError, load_config
 from sdtune.errors import SdtuneError
 from sdtune.lora import WEIGHT_NAME, add_lora
-from sdtune.models import build_pipeline, inspect_model, load_components
+from sdtune.models import inspect_model, load_components
 from sdtune.train import train, training_step
 
+SD15 = families.get("sd15")
 
-def _unet_with_lora(model, rank=4):
-    c = load_components(str(model), "sd15")
-    add_lora(c.unet, rank, rank, ["to_k", "to_q", "to_v", "to_out.0"])
+
+def _unet_with_lora(model, rank=4, family=SD15):
+    c = load_components(str(model), family)
+    add_lora(c.denoiser, rank, rank, ["to_k", "to_q", "to_v", "to_out.0"])
     return c
+
+
+def _pipeline(model):
+    """The base model's pipeline, as diffusers users load it for inference."""
+    info = inspect_model(str(model))
+    return info.family.pipeline(load_components(info.pretrained, info.family))
+
+
+def _step(c, latents, hidden, generator, family=SD15, prediction_type="epsilon", snr_gamma=None, **kw):
+    objective = family.objective(c.noise_scheduler, prediction_type, snr_gamma=snr_gamma)
+    return training_step(c.denoiser, family, objective, latents, {"encoder_hidden_states": hidden}, generator, **kw)
 
 
 def test_training_step_is_deterministic_and_splits_prior(tiny_model):
     c = _unet_with_lora(tiny_model("sd15"))
     latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     hidden = torch.randn(4, 77, 32, generator=torch.Generator().manual_seed(1))
-    a = training_step(c.unet, c.noise_scheduler, latents, hidden, torch.Generator().manual_seed(5),
-                      prior_preservation=True, prior_loss_weight=0.5)
-    b = training_step(c.unet, c.noise_scheduler, latents, hidden, torch.Generator().manual_seed(5),
-                      prior_preservation=True, prior_loss_weight=0.5)
+    a = _step(c, latents, hidden, torch.Generator().manual_seed(5), prior_preservation=True, prior_loss_weight=0.5)
+    b = _step(c, latents, hidden, torch.Generator().manual_seed(5), prior_preservation=True, prior_loss_weight=0.5)
     assert torch.equal(a.loss, b.loss)
     assert torch.allclose(a.loss, a.instance_loss + 0.5 * a.prior_loss)
     a.loss.backward()
-    grads = [p.grad for n, p in c.unet.named_parameters() if "lora_A" in n]
+    grads = [p.grad for n, p in c.denoiser.named_parameters() if "lora_A" in n]
     assert grads and all(g is not None for g in grads)  # B = 0 at init, so A's gradient is zero but present
-    assert all(p.grad is None for n, p in c.unet.named_parameters() if "lora" not in n)
+    assert all(p.grad is None for n, p in c.denoiser.named_parameters() if "lora" not in n)
 
 
 def test_v_prediction_and_min_snr_change_the_loss(tiny_model):
-    c = _unet_with_lora(tiny_model("sd2"))
+    c = _unet_with_lora(tiny_model("sd2"), family=families.get("sd2"))
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     hidden = torch.randn(2, 77, 32)
     losses = [
-        training_step(c.unet, c.noise_scheduler, latents, hidden, torch.Generator().manual_seed(1),
-                      prediction_type=p, snr_gamma=g).loss.item()
+        _step(c, latents, hidden, torch.Generator().manual_seed(1), families.get("sd2"), p, g).loss.item()
         for p, g in [("epsilon", None), ("v_prediction", None), ("v_prediction", 5.0)]
     ]
     assert len(set(losses)) == 3
@@ -58,18 +69,18 @@ def test_loss_goes_down_when_overfitting(tiny_model):
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, 8, 8, generator=g)
     hidden = torch.randn(2, 77, 32, generator=g)
-    params = [p for p in c.unet.parameters() if p.requires_grad]
+    params = [p for p in c.denoiser.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-3)
 
     def eval_loss():
         with torch.no_grad():
-            return sum(training_step(c.unet, c.noise_scheduler, latents, hidden,
-                                     torch.Generator().manual_seed(1000 + i)).loss.item() for i in range(8)) / 8
+            return sum(_step(c, latents, hidden, torch.Generator().manual_seed(1000 + i)).loss.item()
+                       for i in range(8)) / 8
 
     before = eval_loss()
     train_gen = torch.Generator().manual_seed(1)
     for _ in range(150):
-        out = training_step(c.unet, c.noise_scheduler, latents, hidden, train_gen)
+        out = _step(c, latents, hidden, train_gen)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -117,8 +128,7 @@ def test_sd15_prior_text_encoder_adamw8bit_run(tiny_model, tmp_path, capsys):
     assert any(v.dtype == torch.uint8 for v in tensors(opt_state["state"])), "8-bit AdamW keeps uint8 state"
 
     # diffusers loads it with every key, and it changes the output
-    info = inspect_model(str(tiny_model("sd15")))
-    pipe = build_pipeline(load_components(info.pretrained, info.family), info.family)
+    pipe = _pipeline(tiny_model("sd15"))
     pipe.set_progress_bar_config(disable=True)
 
     def render():
@@ -150,8 +160,7 @@ def test_other_families_train_and_load(family, tiny_model, tmp_path):
     prefixes = {k.split(".")[0] for k in lora}
     assert prefixes == ({"unet", "text_encoder", "text_encoder_2"} if family == "sdxl" else {"unet", "text_encoder"})
     assert all(torch.isfinite(v).all() for v in lora.values())
-    info = inspect_model(str(tiny_model(family)))
-    pipe = build_pipeline(load_components(info.pretrained, family), family)
+    pipe = _pipeline(tiny_model(family))
     pipe.load_lora_weights(str(out))
     _lora_keys_match(pipe.unet, out / "checkpoints/step-000004/adapter-unet.safetensors")
     if family == "sdxl":
@@ -239,6 +248,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # launches two processes
 @pytest.mark.parametrize("mode", ["--cpu", "--multi_gpu"])
 def test_two_process_cpu_launch(mode, tiny_model, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine runs 2 gloo processes.
@@ -274,8 +284,7 @@ def test_dora_noise_offset_checkpointing_and_retention(tiny_model, tmp_path):
     assert kept == ["step-000003", "step-000004"]  # retention keeps the newest 2, no temporary folders left
     lora = load_file(out / WEIGHT_NAME)
     assert any("lora_magnitude_vector" in k or "dora_scale" in k for k in lora), "DoRA magnitudes are saved"
-    info = inspect_model(str(tiny_model("sd15")))
-    pipe = build_pipeline(load_components(info.pretrained, "sd15"), "sd15")
+    pipe = _pipeline(tiny_model("sd15"))
     pipe.load_lora_weights(str(out))
     _lora_keys_match(pipe.unet, out / "checkpoints/step-000004/adapter-unet.safetensors")
 
@@ -321,10 +330,10 @@ def test_aspect_buckets_train_with_prior_and_cached_latents(family, cached, tiny
     seen = []
     real_step = train_module.training_step
 
-    def recording_step(unet, scheduler, latents, hidden, generator, **kw):
-        time_ids = (kw.get("added_cond_kwargs") or {}).get("time_ids")
+    def recording_step(denoiser, family, objective, latents, conditioning, generator, **kw):
+        time_ids = (conditioning.get("added_cond_kwargs") or {}).get("time_ids")
         seen.append((tuple(latents.shape), None if time_ids is None else time_ids.float().cpu()))
-        return real_step(unet, scheduler, latents, hidden, generator, **kw)
+        return real_step(denoiser, family, objective, latents, conditioning, generator, **kw)
 
     monkeypatch.setattr(train_module, "training_step", recording_step)
     out = tmp_path / "run"
@@ -364,7 +373,7 @@ def test_aspect_buckets_train_with_prior_and_cached_latents(family, cached, tiny
 def test_latent_cache_takes_a_size_per_item(tiny_model, tmp_path):
     from sdtune.cache import cache_latents
 
-    c = load_components(str(tiny_model("sd15")), "sd15")
+    c = load_components(str(tiny_model("sd15")), SD15)
     image = DEMO_DATA / "toy_00.png"
     items = [(image, False, (48, 80)), (image, True, (48, 80)), (image, False, (64, 64)), (image, False, (80, 48))]
     got = cache_latents(c.vae, items, "vae", tmp_path, batch_size=8, progress=False)
@@ -387,8 +396,8 @@ def test_latent_cache_takes_a_size_per_item(tiny_model, tmp_path):
 
 
 def test_sdxl_time_ids_use_each_crops_target_size():
-    from sdtune.train import sdxl_time_ids
+    from sdtune.families.sdxl import time_ids
 
-    ids = sdxl_time_ids([(768, 1024), (1024, 1024)], [(0, 32), (64, 0)], [(896, 1152), (1024, 1024)], True)
+    ids = time_ids([(768, 1024), (1024, 1024)], [(0, 32), (64, 0)], [(896, 1152), (1024, 1024)], True)
     assert ids.tolist() == [[768, 1024, 0, 32, 896, 1152], [1024, 1024, 64, 0, 1024, 1024]]
-    assert sdxl_time_ids([(8, 8)], [(1, 2)], [(64, 48)], False).tolist() == [[8, 8, 0, 0, 64, 48]]
+    assert time_ids([(8, 8)], [(1, 2)], [(64, 48)], False).tolist() == [[8, 8, 0, 0, 64, 48]]

@@ -9,21 +9,24 @@
 - ``toy_share`` / ``color_diversity``: whether class-prompt images ("a photo of a toy") still show varied
   toys; ``subject_similarity`` of those images is the prior-preservation drift (lower is better).
 
-``evaluate_run`` draws subject prompts and the class prompt for every checkpoint at each LoRA scale
-(with ``sdtune eval``'s renderer, so images are cached and replayable) and scores them; ``recommend`` picks
-the checkpoint with the best subject fidelity among those not yet over-trained: context accuracy near the
-best and class drift near the lowest.
+``WorldScorer`` plugs these into ``sdtune eval --metrics world`` (``sdtune.eval``): subject prompts and the
+class prompt are drawn for every checkpoint at each LoRA scale by the evaluation core (cached and replayable)
+and scored here; ``recommend`` picks the checkpoint with the best subject fidelity among those not yet
+over-trained: context accuracy near the best and class drift near the lowest.
 """
 
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image
 
+from sdtune.errors import SdtuneError
+from sdtune.eval.core import EvalSpec, Metric, Rendered, Row
+from sdtune.eval.prompts import fill
 from sdtune.micro import world
 
 EVAL_SEED = 1_000  # held-out contexts: the training photos use seed 0
@@ -149,154 +152,118 @@ def prompt_following(pipe, n: int = 64, seed: int = 0, steps: int = 20, guidance
 
 
 # --------------------------------------------------------------------------------------------------------
-# A DreamBooth run, checkpoint by checkpoint
+# A DreamBooth run, checkpoint by checkpoint: the scorer for ``sdtune eval --metrics world``
 
 
-@dataclass
-class WorldRow:
-    """Scores of one checkpoint at one LoRA scale."""
-
-    checkpoint: str
-    step: int | None
-    lora_scale: float
-    subject: float  # mean subject_similarity of subject-prompt images (higher: the subject is learned)
-    context: float  # share of subject-prompt images whose background / companion is as asked
-    class_subject: float  # mean subject_similarity of class-prompt images (lower: the class kept its prior)
-    class_toy: float  # share of class-prompt images that still show a toy
-    class_diversity: float  # colour diversity of the class-prompt images
-    images: int = 0
-    per_prompt: list[dict] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return f"{self.checkpoint} x{self.lora_scale:g}"
+METRICS = (
+    Metric("subject", "subject", True, "mean subject_similarity (0..1) of subject-prompt images"),
+    Metric("context", "context", True,
+           "share of subject-prompt images whose background and companion thing are as asked"),
+    Metric("class_subject", "class drift", False,
+           "mean subject_similarity of class-prompt images: drift of the class towards the subject"),
+    Metric("class_toy", "class toy", True, "share of class-prompt images that show a toy (2+ parts stacked)"),
+    Metric("class_diversity", "class div", True,
+           "mean pairwise Jaccard distance of the class images' foreground colour sets"),
+)
+RULE = (f"the highest subject score among rows with LoRA scale > 0 whose context accuracy is within "
+        f"{CONTEXT_TOLERANCE:g} of the best and whose class drift is within {DRIFT_TOLERANCE:g} of the lowest "
+        "(ties: earlier step, lower class drift)")
 
 
-def recommend(rows: list[WorldRow], tolerance: float = CONTEXT_TOLERANCE,
-              drift_tolerance: float = DRIFT_TOLERANCE) -> WorldRow | None:
+def recommend(rows: list[Row], tolerance: float = CONTEXT_TOLERANCE,
+              drift_tolerance: float = DRIFT_TOLERANCE) -> Row | None:
     """Among rows with LoRA scale > 0 whose context accuracy is within ``tolerance`` of the best and whose
     class drift is within ``drift_tolerance`` of the lowest (the signs of over-training): the highest subject
     fidelity; ties go to the earlier step and the lower class drift."""
     candidates = [r for r in rows if r.lora_scale > 0]
     if not candidates:
         return None
-    best_context = max(r.context for r in candidates)
-    least_drift = min(r.class_subject for r in candidates)
-    near = [r for r in candidates if r.context >= best_context - tolerance - 1e-12
-            and r.class_subject <= least_drift + drift_tolerance + 1e-12]
-    return max(near, key=lambda r: (round(r.subject, 3), -(r.step or 0), -r.class_subject))
+    best_context = max(_value(r, "context") for r in candidates)
+    least_drift = min(_value(r, "class_subject") for r in candidates)
+    near = [r for r in candidates if _value(r, "context") >= best_context - tolerance - 1e-12
+            and _value(r, "class_subject") <= least_drift + drift_tolerance + 1e-12]
+    return max(near, key=lambda r: (round(_value(r, "subject"), 3), -(r.step or 0), -_value(r, "class_subject")))
 
 
-def score_rows(spec, folders: dict[str, Path], scenes: dict[str, world.Scene]) -> list[WorldRow]:
-    """One WorldRow per (checkpoint, scale) from the images ``sdtune.eval.render`` wrote."""
-    from sdtune.eval import _read_cells, eval_cells
-
-    rows = []
-    for label, _ in spec.loras:
-        cells = eval_cells(spec, label)
-        for scale in spec.lora_scales:
-            by_prompt, _ = _read_cells(folders[label], cells,
-                                       lambda c, s=scale: c.lora_scale == s and c.prompt in scenes)
-            by_class, _ = _read_cells(folders[label], cells,
-                                      lambda c, s=scale: c.lora_scale == s and c.prompt == spec.class_prompt)
-            subject, context, per_prompt = [], [], []
-            for prompt, images in by_prompt.items():
-                found = [world.detect(im) for im in images]  # each image read once for both measures
-                sims = [subject_score(f) for f in found]
-                oks = [context_ok(im, scenes[prompt], f) for im, f in zip(images, found)]
-                subject += sims
-                context += oks
-                per_prompt.append({"prompt": prompt, "subject": round(sum(sims) / len(sims), 3),
-                                   "context": round(sum(oks) / len(oks), 3)})
-            klass = by_class.get(spec.class_prompt, [])
-            klass_found = [world.detect(im) for im in klass]
-            mean = lambda xs: round(sum(xs) / len(xs), 3) if xs else 0.0  # noqa: E731
-            rows.append(WorldRow(
-                label, spec.steps.get(label), scale, subject=mean(subject), context=mean([float(x) for x in context]),
-                class_subject=mean([subject_score(f) for f in klass_found]),
-                class_toy=mean([float(is_toy(im, f)) for im, f in zip(klass, klass_found)]),
-                class_diversity=round(color_diversity(klass, klass_found), 3), images=len(subject) + len(klass),
-                per_prompt=per_prompt,
-            ))
-    return rows
+def _value(row: Row, key: str) -> float:
+    # The world scorer measures every row (an empty row scores 0), so None only comes from a hand-made row.
+    return row.metrics.get(key) or 0.0
 
 
-COLUMNS = (("subject", "subject ↑"), ("context", "context ↑"), ("class_subject", "class drift ↓"),
-           ("class_toy", "class toy ↑"), ("class_diversity", "class div ↑"))
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 3) if values else 0.0
 
 
-def table(rows: list[WorldRow], best: WorldRow | None) -> str:
-    head = ["", "checkpoint", "step", "LoRA", *[c[1] for c in COLUMNS], "images"]
-    body = [["*" if r is best else "", r.checkpoint, "-" if r.step is None else str(r.step), f"{r.lora_scale:g}",
-             *[f"{getattr(r, k):.3f}" for k, _ in COLUMNS], str(r.images)] for r in rows]
-    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
+@dataclass
+class WorldScorer:
+    """``--metrics world``: a run on the micro model, scored from pixels by the world's detector. Subject
+    prompts put the subject in held-out contexts (``subject_prompts``); the class prompt shows the drift."""
 
-    def fmt(line: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+    n_prompts: int = 8  # subject-in-a-new-context prompts
+    seed: int = EVAL_SEED
 
-    rule = "-" * len(fmt([w * "-" for w in widths]))
-    return "\n".join([fmt(head), rule, *map(fmt, body)])
+    name = "world"
+    title = "sdtune eval (micro world)"
+    metrics = METRICS
+    references = None
+    quote = ()
+    class_images = True
+    steps = 20
+    guidance = 4.0
+    rule = RULE
 
+    def _pairs(self) -> list[tuple[str, world.Scene]]:
+        if self.n_prompts < 1:
+            raise SdtuneError("--world-prompts: must be at least 1")
+        return subject_prompts(self.n_prompts, "{identifier}", "{class}", self.seed)
 
-RULE = (f"the highest subject score among rows with LoRA scale > 0 whose context accuracy is within "
-        f"{CONTEXT_TOLERANCE:g} of the best and whose class drift is within {DRIFT_TOLERANCE:g} of the lowest "
-        "(ties: earlier step, lower class drift)")
+    def templates(self, class_noun: str) -> tuple[list[str], str]:
+        """``n_prompts`` subject prompts in contexts the training photos did not use."""
+        return [p for p, _ in self._pairs()], "micro-world"
 
+    def prepare(self, spec: EvalSpec) -> None:
+        """Nothing to load: the detector reads pixels."""
 
-def write_report(out: Path, spec, rows: list[WorldRow], best: WorldRow | None) -> tuple[Path, Path]:
-    """``report.json`` and ``report.md`` in ``out``."""
-    from sdtune import __version__
+    def score(self, spec: EvalSpec, rendered: Iterable[Rendered]) -> list[Row]:
+        """One Row per (checkpoint, LoRA scale), each image read by the detector once."""
+        scenes = {fill(p, spec.identifier, spec.class_noun): scene for p, scene in self._pairs()}
+        return [self._row(spec, scenes, r) for r in rendered]
 
-    data = {
-        "sdtune_version": __version__, "run": spec.run, "model": spec.model, "metrics": "world",
-        "identifier": spec.identifier, "class_noun": spec.class_noun, "prompts": spec.prompts,
-        "class_prompt": spec.class_prompt, "images_per_prompt": spec.images_per_prompt,
-        "lora_scales": spec.lora_scales, "guidance_scale": spec.guidance, "settings": asdict(spec.settings),
-        "rows": [asdict(r) for r in rows],
-        "recommendation": None if best is None else {"checkpoint": best.checkpoint, "step": best.step,
-                                                     "lora_scale": best.lora_scale, "rule": RULE},
-        "measures": {k: v for k, v in zip((c[0] for c in COLUMNS), (
-            "mean subject_similarity (0..1) of subject-prompt images",
-            "share of subject-prompt images whose background and companion thing are as asked",
-            "mean subject_similarity of class-prompt images: drift of the class towards the subject",
-            "share of class-prompt images that show a toy (2+ parts stacked)",
-            "mean pairwise Jaccard distance of the class images' foreground colour sets"))},
-    }
-    json_path = out / "report.json"
-    json_path.write_text(json.dumps(data, indent=2) + "\n")
-    lines = [f"# sdtune eval (micro world): {spec.run}", "",
-             f"- model `{spec.model}`; identifier `{spec.identifier}`, class prompt \"{spec.class_prompt}\"",
-             f"- {len(spec.prompts)} subject prompts x {spec.images_per_prompt} images; LoRA scales "
-             f"{', '.join(f'{x:g}' for x in spec.lora_scales)}; {spec.settings.steps} steps, guidance {spec.guidance:g}",
-             "", "```", table(rows, best), "```", ""]
-    if best is not None:
-        lines += [f"**Recommended: `{best.checkpoint}` at LoRA scale {best.lora_scale:g}.** Rule: {RULE}.", ""]
-    lines += ["![measures against training step](metrics.png)", "",
-              "Measures (read from pixels by `sdtune.micro.world.detect`):", ""]
-    lines += [f"- {label}: {data['measures'][key]}" for key, label in COLUMNS]
-    md_path = out / "report.md"
-    md_path.write_text("\n".join(lines) + "\n")
-    return json_path, md_path
+    def _row(self, spec: EvalSpec, scenes: dict[str, world.Scene], r: Rendered) -> Row:
+        subject, context, per_prompt = [], [], []
+        for prompt, scene in scenes.items():
+            images = r.images.get(prompt)
+            if not images:
+                continue  # every image of it failed
+            found = [world.detect(im) for im in images]  # each image read once for both measures
+            sims = [subject_score(f) for f in found]
+            oks = [float(context_ok(im, scene, f)) for im, f in zip(images, found)]
+            subject += sims
+            context += oks
+            per_prompt.append({"prompt": prompt, "subject": _mean(sims), "context": _mean(oks)})
+        klass = r.images.get(spec.class_prompt, [])
+        klass_found = [world.detect(im) for im in klass]
+        metrics: dict[str, float | None] = {
+            "subject": _mean(subject), "context": _mean(context),
+            "class_subject": _mean([subject_score(f) for f in klass_found]),
+            "class_toy": _mean([float(is_toy(im, f)) for im, f in zip(klass, klass_found)]),
+            "class_diversity": round(color_diversity(klass, klass_found), 3),
+        }
+        return r.row(metrics, len(subject) + len(klass), per_prompt)
 
+    def recommend(self, rows: list[Row]) -> Row | None:
+        """``recommend`` with the default tolerances."""
+        return recommend(rows)
 
-def evaluate_run(spec, out: str | Path, scenes: dict[str, world.Scene], progress: bool = True):
-    """Render (or reuse) and score every checkpoint; write the report. Returns (rows, best, failures)."""
-    from sdtune.eval import render
+    def report_fields(self, spec: EvalSpec) -> dict[str, Any]:
+        """How the measures were read."""
+        return {"measured_by": "sdtune.micro.world.detect: colours, shapes and backgrounds read from pixels"}
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    folders, failures = render(spec, out, progress=progress)
-    rows = score_rows(spec, folders, scenes)
-    best = recommend(rows)
-    write_report(out, spec, rows, best)
-    plot_curves(rows, out / "metrics.png", best)
-    return rows, best, failures
+    def report_lines(self, spec: EvalSpec) -> list[str]:
+        """Nothing beyond the common header."""
+        return []
 
-
-def plot_curves(rows: list[WorldRow], path: Path, best: WorldRow | None) -> Path:
-    """Each measure against training step, one line per LoRA scale: over-training shows as context and class
-    toy share falling while subject fidelity saturates."""
-    from sdtune.eval import plot_metrics
-
-    metrics = [(key, label.rstrip(" ↑↓"), not label.endswith("↓")) for key, label in COLUMNS]
-    return plot_metrics(rows, path, best, metrics=metrics, references={})
+    def notes(self, spec: EvalSpec) -> list[str]:
+        """Where the measures come from."""
+        return ["- Measures are read from pixels by `sdtune.micro.world.detect`; subject prompts put the subject "
+                "in contexts the training photos did not use."]

@@ -22,13 +22,27 @@ Shapes (why these):
 
 from __future__ import annotations
 
+import copy
+import shutil
+from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from sdtune import families
+from sdtune.errors import SdtuneError
+from sdtune.families import Components, Family
+from sdtune.tokens import clip_tokenizer, write_clip_tokenizer_files
 
 RESOLUTION = 64
 VAE_FACTOR = 4
 LATENT_SIZE = RESOLUTION // VAE_FACTOR
 TEXT_WIDTH = 32
+FAMILY = "sd15"  # an SD1.x-shaped pipeline: everything in sdtune treats it as one
+
+
+def family() -> Family:
+    """The model family of the micro model."""
+    return families.get(FAMILY)
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
                 timestep_spacing="trailing")
@@ -102,32 +116,23 @@ def build(seed: int = 0, unet_width: int = 48):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from sdtune.tokens import clip_tokenizer
-
     torch.manual_seed(seed)
     return (clip_tokenizer(), CLIPTextModel(text_config()), AutoencoderKL(**vae_config()),
             UNet2DConditionModel(**unet_config(unet_width)))
 
 
-def pipeline(tokenizer: Any, text_encoder: Any, vae: Any, unet: Any):
+def pipeline(tokenizer: Any, text_encoder: Any, vae: Any, unet: Any) -> Any:
     """A ``StableDiffusionPipeline`` around the given modules (no copies), with the sampling scheduler."""
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampling_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    parts = Components(tokenizers=[tokenizer], text_encoders=[text_encoder], vae=vae, denoiser=unet,
+                       noise_scheduler=noise_scheduler())
+    return family().pipeline(parts, scheduler=sampling_scheduler())
 
 
 def save_pipeline(directory: str | Path, tokenizer: Any, text_encoder: Any, vae: Any, unet: Any,
                   dtype: str = "fp16") -> Path:
     """Write the model as a diffusers pipeline folder (safetensors), weights in ``dtype``; the modules passed
     in are not changed (fp16 copies are saved)."""
-    import copy
-
     import torch
-
-    from sdtune.tokens import write_clip_tokenizer_files
 
     if dtype == "fp16":
         text_encoder, vae, unet = (copy.deepcopy(m).to(torch.float16) for m in (text_encoder, vae, unet))
@@ -144,15 +149,12 @@ SHIPPED_PARTS = ("model_index.json", "scheduler", "text_encoder", "unet", "vae",
 
 
 def shipped_dir() -> Path:
-    from importlib import resources
-
+    """Where the shipped weights live in the installed package."""
     return Path(str(resources.files("sdtune").joinpath("assets", "micro")))
 
 
 def _copy_parts(source: Path, target: Path) -> None:
     """Copy SHIPPED_PARTS of a model folder (weights, configs, report; not the tokenizer) into ``target``."""
-    import shutil
-
     target.mkdir(parents=True, exist_ok=True)
     for part in SHIPPED_PARTS:
         if (source / part).is_dir():
@@ -163,8 +165,6 @@ def _copy_parts(source: Path, target: Path) -> None:
 
 def ship(model_dir: str | Path, target: str | Path | None = None) -> Path:
     """Copy a pretrained micro model's weights and configs (not its tokenizer) into the package data."""
-    import shutil
-
     target = Path(target) if target else shipped_dir()
     if target.exists():
         shutil.rmtree(target)
@@ -174,9 +174,6 @@ def ship(model_dir: str | Path, target: str | Path | None = None) -> Path:
 
 def write_model(directory: str | Path, source: str | Path | None = None) -> Path:
     """Write the shipped micro model as a complete diffusers pipeline folder (tokenizer included)."""
-    from sdtune.errors import SdtuneError
-    from sdtune.tokens import clip_tokenizer, write_clip_tokenizer_files
-
     source = Path(source) if source else shipped_dir()
     if not (source / "model_index.json").is_file():
         raise SdtuneError(f"no micro model weights in {source}; train them with `sdtune micro pretrain DIR`")

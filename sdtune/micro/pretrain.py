@@ -15,17 +15,25 @@ users run on top of the result.
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from diffusers import AutoencoderKL
 
 from sdtune.micro import measure, world
 from sdtune.micro import model as micro
+from sdtune.train import training_step
+
+logger = logging.getLogger(__name__)
 
 # Captions are seen with these prefixes, so "a photo of sks toy" is phrased the way the model knows.
 PREFIXES = ("", "", "a photo of ", "a picture of ")
@@ -65,16 +73,12 @@ def render_world(n: int, seed: int) -> tuple[np.ndarray, list[str], list[world.S
 
 
 def _to_tensor(images: np.ndarray):
-    import torch
-
     # (n, H, W, 3) uint8 -> (n, 3, H, W) in [-1, 1], the VAE's input range
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def train_vae(vae, images: np.ndarray, steps: int, batch_size: int, lr: float, seed: int, log) -> float:
     """Train the VAE in place; returns the final reconstruction PSNR (dB) on 256 held-in images."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * (1 + math.cos(math.pi * s / steps)) / 2))
@@ -100,8 +104,6 @@ def train_vae(vae, images: np.ndarray, steps: int, batch_size: int, lr: float, s
 
 def psnr(vae, images: np.ndarray) -> float:
     """Reconstruction PSNR (dB) of the VAE on the first 256 images."""
-    import torch
-
     with torch.no_grad():
         x = _to_tensor(images[:256])
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
@@ -116,10 +118,6 @@ def vae_stage(cfg: PretrainConfig, vae, images: np.ndarray, log):
     """Stage 2: train the VAE, or reuse ``OUT/stage-vae`` when it was trained with the same settings.
 
     Either way the VAE goes on rounded to fp16, as it ships: the UNet learns exactly the shipped latents."""
-    import copy
-
-    import torch
-    from diffusers import AutoencoderKL
 
     stage = Path(cfg.out) / VAE_STAGE
     key = {k: getattr(cfg, k) for k in ("seed", "num_images", "vae_steps", "vae_batch_size", "vae_lr")}
@@ -136,8 +134,6 @@ def vae_stage(cfg: PretrainConfig, vae, images: np.ndarray, log):
 
 def encode_latents(vae, images: np.ndarray, batch_size: int = 256):
     """Posterior means and stds of every image: (n, 4, 16, 16) each, unscaled."""
-    import torch
-
     means, stds = [], []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
@@ -147,12 +143,8 @@ def encode_latents(vae, images: np.ndarray, batch_size: int = 256):
     return torch.cat(means), torch.cat(stds)
 
 
-def pretrain(cfg: PretrainConfig, log=print) -> dict:
+def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = logger.info) -> dict:
     """Run all stages; write the pipeline to ``cfg.out`` and ``cfg.out/pretrain_report.json``."""
-    import copy
-
-    import torch
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -179,8 +171,10 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
 
-    scheduler = micro.noise_scheduler()
-    alphas_cumprod = scheduler.alphas_cumprod
+    # the same DreamBooth step as `sdtune train` (one definition of the diffusion loss): v-prediction on the
+    # micro model's cosine schedule
+    family = micro.family()
+    objective = family.objective(micro.noise_scheduler(), micro.SCHEDULE["prediction_type"])
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     lr_at = lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.05 + 0.95 * (1 + math.cos(math.pi * s / cfg.steps)) / 2)  # noqa: E731
@@ -212,14 +206,9 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         input_ids = ids[idx]
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
         input_ids[drop] = empty_ids
-        noise = torch.randn(latents.shape, generator=g)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
-        a = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-        noisy_latents = a.sqrt() * latents + (1 - a).sqrt() * noise
-        encoder_hidden_states = text_encoder(input_ids)[0]
-        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-        target = a.sqrt() * noise - (1 - a).sqrt() * latents  # v-prediction (see sdtune.micro.model)
-        loss = torch.nn.functional.mse_loss(model_pred, target)
+        conditioning = family.conditioning(family.encode_prompt([text_encoder], [input_ids]), {}, None,
+                                           latents.device, latents.dtype)
+        loss = training_step(unet, family, objective, latents, conditioning, g).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -1,0 +1,107 @@
+"""``sdtune prep``, ``sdtune check-token`` and ``sdtune suggest-tokens``: the training data and its identifier."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from sdtune import families
+from sdtune.prep import CROPS, DEFAULT_RENAME, FORMATS, RENAME_FIELDS, REPORT, SHEET
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``prep``, ``check-token`` and ``suggest-tokens`` to the ``sdtune`` subparsers."""
+    fields = ", ".join(f"{{{k}}} ({v})" for k, v in RENAME_FIELDS.items())
+    resolutions = " / ".join(str(families.get(n).default_resolution) for n in families.names())
+    p = sub.add_parser(
+        "prep", help="crop, resize and check subject photos into a training-ready imagefolder dataset",
+        description="Turn a folder of photos into an imagefolder dataset (images + metadata.jsonl) with "
+        "prep_report.json and contact_sheet.jpg. Sources are only read; OUT must be empty or an earlier "
+        "prep output.",
+    )
+    p.add_argument("src", metavar="SRC", help="folder of photos (read only; subfolders included)")
+    p.add_argument("out", metavar="OUT", help="output folder: empty, new, or an earlier prep output")
+    p.add_argument("--family", choices=families.names(), default="sd15",
+                   help=f"model family; sets the default resolution ({resolutions}) and the buckets")
+    p.add_argument("--resolution", type=int, help="output size in pixels (default: the family's)")
+    p.add_argument("--crop", choices=CROPS, default="smart",
+                   help="center; smart (saliency, as Birme); face (keep faces in frame, else smart); "
+                   "bucket (keep the aspect ratio, snap to the family's nearest training bucket)")
+    p.add_argument("--rename", default=DEFAULT_RENAME, metavar="PATTERN",
+                   help=f"output name pattern, Python format syntax; fields: {fields} (default {DEFAULT_RENAME})")
+    p.add_argument("--token", help="the identifier word for {token} in --rename, e.g. sks")
+    captions = p.add_mutually_exclusive_group()
+    captions.add_argument("--caption", help="one caption for every image, e.g. 'a photo of sks dog'")
+    captions.add_argument("--caption-from", choices=("filename", "txt"),
+                          help="filename: the source name ('sks_dog_beach_2.jpg' -> 'sks dog beach'); "
+                          "txt: a .txt file with the same name beside each image")
+    p.add_argument("--format", choices=FORMATS, default="png", help="output format (default png)")
+    p.add_argument("--min-side", type=int,
+                   help="refuse sources whose crop is smaller than this; between it and the resolution they "
+                   "are upscaled with a warning (default: half the resolution)")
+    p.add_argument("--background", default="white", help="colour behind transparent pixels (name or #rrggbb)")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    p.set_defaults(func=cmd_prep)
+
+    p = sub.add_parser("check-token", help="is WORD a good DreamBooth identifier? (exit 0 good, 1 risky/bad)")
+    p.add_argument("word", help="the identifier, e.g. sks")
+    p.add_argument("--tokenizer", help="a model folder or hub id (tokenizer/, tokenizer_2/) or tokenizer folder")
+    p.add_argument("--family", choices=families.names(), help="which text encoders (default: CLIP's vocab)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=cmd_check_token)
+
+    p = sub.add_parser("suggest-tokens", help="list rare single-token identifiers that pass check-token")
+    p.add_argument("--n", type=int, default=20, help="how many (default 20)")
+    p.add_argument("--seed", type=int, help="a random sample of the candidates instead of the latest merges")
+    p.set_defaults(func=cmd_suggest_tokens)
+
+
+def cmd_prep(args: argparse.Namespace) -> int:
+    """Run ``sdtune prep`` and print what happened: skips and warnings, one line each, then a summary."""
+    from sdtune.prep import prep
+
+    report = prep(
+        args.src, args.out, resolution=args.resolution or families.get(args.family).default_resolution,
+        crop=args.crop, family=args.family, fmt=args.format, min_side=args.min_side, background=args.background,
+        rename=args.rename, token=args.token, caption=args.caption, caption_from=args.caption_from,
+        workers=args.workers,
+    )
+    for row in report["files"]:
+        if row["status"] == "skipped":
+            print(f"skipped: {row['source']}: {row['reason']}")
+        for w in row.get("warnings", []):
+            print(f"warning: {row.get('output', '-')} ({row['source']}): {w}")
+    for w in report["set_warnings"]:
+        print(f"warning: {w}")
+    s = report["summary"]
+    out = Path(args.out)
+    print(
+        f"prep: {s['images']} images in {out} ({s['fixed']} fixed, {s['skipped']} skipped, {s['ignored']} "
+        f"ignored, {s['warnings']} warnings); see {out / REPORT} and {out / SHEET}"
+    )
+    return 0
+
+
+def cmd_check_token(args: argparse.Namespace) -> int:
+    from sdtune.identifier import check_identifiers, load_tokenizers, piece_list
+
+    tokenizers = load_tokenizers(args.tokenizer, args.family) if args.tokenizer else None
+    report = check_identifiers([args.word], tokenizers, None if tokenizers else args.family)[0]
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.summary)
+        for reason in report.reasons[1:]:
+            print(f"  also: {reason}")
+        for e in report.encoders:
+            print(f"  {e['name']}: {piece_list(e['pieces'], e['ids']) or '(no tokens)'}")
+    return 0 if report.verdict == "good" else 1
+
+
+def cmd_suggest_tokens(args: argparse.Namespace) -> int:
+    from sdtune.identifier import suggest_identifiers
+
+    for word in suggest_identifiers(args.n, args.seed):
+        print(word)
+    return 0

@@ -1,0 +1,191 @@
+"""``sdtune eval``: the DreamBooth paper's metrics (or the micro world's) per checkpoint and LoRA scale.
+
+The composition root of the evaluation: ``--metrics`` picks the scorer (``sdtune.eval.paper.PaperScorer`` or
+``sdtune.micro.measure.WorldScorer``), the run folder and the flags become an ``EvalSpec``, and
+``sdtune.eval.run.run_eval`` does the rest. Building the parser imports no torch: the scorers and the renderer
+are imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from sdtune.cli.console import parse_floats, quiet_libraries
+from sdtune.errors import SdtuneError
+from sdtune.eval.core import EvalSpec, Scorer
+from sdtune.eval.dreambench import CLIP_T_TOLERANCE, DEFAULT_CLIP, DEFAULT_DINO
+from sdtune.eval.prompts import class_noun_from, fill, strip_identifier
+from sdtune.eval.report import recommendation, table
+from sdtune.grid import Settings
+from sdtune.models import DTYPES, inspect_model
+from sdtune.runs import lora_files, run_config, run_root, step_of
+from sdtune.schedulers import SCHEDULERS
+
+EPILOG = """\
+metrics (Ruiz et al. 2022, DreamBooth, Sec. 4.1): DINO and CLIP-I = mean cosine similarity of generated vs.
+real subject images (DINO ViT-S/16 CLS token; CLIP image embedding); CLIP-T = each image vs. its prompt with
+the identifier removed; DIV = 1 - mean DINO similarity within a prompt (a stand-in for the paper's LPIPS);
+PRES (--pres) = DINO of class-prompt images vs. the subject, lower is better.
+
+Real numbers need the real metric models (facebook/dino-vits16, openai/clip-vit-base-patch32: downloaded once
+from the Hugging Face Hub, or local folders via --dino/--clip). Paper, Table 1 (30 subjects): real images DINO
+0.774 / CLIP-I 0.885; DreamBooth on Stable Diffusion 0.668 / 0.803 / CLIP-T 0.305; Textual Inversion 0.569 /
+0.780 / 0.255. Recommendation: the highest DINO whose CLIP-T is within --clip-t-tolerance of the best.
+"""
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``eval`` to the ``sdtune`` subparsers."""
+    p = sub.add_parser("eval", help="the DreamBooth paper's metrics (DINO, CLIP-I, CLIP-T) per checkpoint and scale",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run folder, checkpoint folder or LoRA .safetensors file")
+    p.add_argument("--subject-dir", metavar="DIR", help="the real subject photos (default: the run's data.instance_dir)")
+    p.add_argument("--prompts", default="dreambench", metavar="dreambench|FILE",
+                   help="'dreambench' (the paper's 25 prompts) or a file: one prompt per line, with {} for "
+                        "'<identifier> <class>' or {identifier} and {class}; '#' lines are comments")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--live", dest="kind", action="store_const", const="live",
+                      help="DreamBench's live-subject prompts (default for dogs, cats, people, ...)")
+    kind.add_argument("--object", dest="kind", action="store_const", const="object",
+                      help="DreamBench's object prompts (default for other classes)")
+    p.add_argument("--identifier", help="default: the run's data.identifier")
+    p.add_argument("--class-noun", help="default: from prior.class_prompt ('a photo of a dog' -> dog), else the "
+                                        "word after the identifier in data.instance_prompt")
+    p.add_argument("--images-per-prompt", type=int, default=4, metavar="N", help="seeds 0..N-1 for every prompt (paper: 4)")
+    p.add_argument("--checkpoints", choices=("all",), help="one row per saved checkpoint of the run")
+    p.add_argument("--lora-scale", default="1", metavar="LIST",
+                   help="comma list; 0 is the base model (rendered again for each checkpoint)")
+    p.add_argument("--pres", action="store_true",
+                   help="also draw the class prompt (--images-per-prompt images per row) and report PRES")
+    p.add_argument("--class-prompt", help="for --pres (default: prior.class_prompt, else 'a photo of a <class>')")
+    p.add_argument("--dino", default=DEFAULT_DINO, metavar="MODEL", help=f"DINO ViT model, hub id or folder (default {DEFAULT_DINO})")
+    p.add_argument("--clip", default=DEFAULT_CLIP, metavar="MODEL", help=f"CLIP model, hub id or folder (default {DEFAULT_CLIP})")
+    p.add_argument("--clip-t-tolerance", type=float, default=CLIP_T_TOLERANCE, metavar="X",
+                   help="how much CLIP-T the recommendation may give up for DINO (default %(default)s)")
+    p.add_argument("--metrics", choices=("paper", "world"), default="paper",
+                   help="paper: DINO / CLIP-I / CLIP-T (needs the metric models); world: runs on the micro model, "
+                        "scored from pixels by the micro world's detector (subject, context, class drift), offline")
+    p.add_argument("--world-prompts", type=int, default=8, metavar="N",
+                   help="--metrics world: how many subject-in-a-new-context prompts (default %(default)s)")
+    p.add_argument("--model", help="base model (default: the run's)")
+    p.add_argument("--steps", type=int, help="sampler steps per image (default 25; world: 20)")
+    p.add_argument("--guidance", type=float, help="default 7.5; world: 4")
+    p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="dpmpp_2m")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--width", type=int, help="default: the run's resolution, else the model's")
+    p.add_argument("--height", type=int)
+    p.add_argument("--batch-size", type=int, default=1, help="seeds rendered per pipeline call")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--out", metavar="DIR", help="report folder (default: eval/ in the run folder)")
+    p.set_defaults(func=cmd_eval)
+
+
+def make_scorer(args: argparse.Namespace) -> Scorer:
+    """The scorer that ``--metrics`` names, with its flags."""
+    if args.metrics == "world":
+        from sdtune.micro.measure import WorldScorer
+
+        return WorldScorer(n_prompts=args.world_prompts)
+    from sdtune.eval.paper import PaperScorer
+
+    return PaperScorer(prompts=args.prompts, kind=args.kind, dino=args.dino, clip=args.clip,
+                       clip_t_tolerance=args.clip_t_tolerance, pres=args.pres)
+
+
+def _subject(args: argparse.Namespace, target: Path, run_cfg: dict) -> tuple[str, str, str]:
+    """(identifier, class noun, subject folder) from the flags, else the run's config."""
+    data = run_cfg.get("data") or {}
+    identifier = args.identifier or data.get("identifier")
+    if not identifier:
+        raise SdtuneError(f"--identifier: {target} does not say its identifier; pass --identifier sks")
+    class_noun = args.class_noun or class_noun_from(run_cfg)
+    if not class_noun:
+        raise SdtuneError("--class-noun: the run's config names no class (prior.class_prompt); pass --class-noun dog")
+    if not args.class_noun and len(class_noun.split()) > 3:
+        raise SdtuneError(f"--class-noun: '{class_noun}' (from prior.class_prompt) is not a class noun; "
+                          "pass --class-noun dog")
+    subject_dir = args.subject_dir or data.get("instance_dir")
+    if not subject_dir:
+        raise SdtuneError("--subject-dir: the run names no data.instance_dir; pass --subject-dir DIR with the photos")
+    if not Path(subject_dir).is_dir():
+        source = "--subject-dir" if args.subject_dir else "the run's data.instance_dir"
+        raise SdtuneError(f"--subject-dir: {source} {subject_dir} is not a folder here; pass --subject-dir DIR "
+                          "with the subject photos")
+    return identifier, class_noun, subject_dir
+
+
+def _settings(args: argparse.Namespace, scorer: Scorer, model: str, revision: str | None,
+              resolution: int | None) -> Settings:
+    """Sampling settings: the flags, else the scorer's defaults, the run's resolution or the model's own."""
+    settings = Settings(negative_prompt=args.negative_prompt,
+                        steps=args.steps if args.steps is not None else scorer.steps, scheduler=args.scheduler,
+                        width=args.width or resolution or 0, height=args.height or resolution or 0,
+                        batch_size=args.batch_size)
+    if not settings.width or not settings.height:
+        native = inspect_model(model, revision, for_training=False).resolution
+        settings = replace(settings, width=settings.width or native, height=settings.height or native)
+    return settings
+
+
+def spec_from_args(args: argparse.Namespace, scorer: Scorer) -> EvalSpec:
+    """Resolve the run folder and the flags into an EvalSpec (every user mistake is one SdtuneError)."""
+    target = Path(args.run)
+    if not target.exists():
+        raise SdtuneError(f"{target}: no such run folder, checkpoint folder or LoRA file")
+    run_cfg = run_config(target)
+    loras = lora_files(target, args.checkpoints)
+    data, model_cfg = run_cfg.get("data") or {}, run_cfg.get("model") or {}
+    model = args.model or model_cfg.get("pretrained")
+    if not model:
+        raise SdtuneError(f"--model: {target} does not say its base model; pass --model HUB_ID_OR_FOLDER")
+    identifier, class_noun, subject_dir = _subject(args, target, run_cfg)
+    templates, prompt_set = scorer.templates(class_noun)
+    prompts = list(dict.fromkeys(fill(t, identifier, class_noun) for t in templates))
+    for p in prompts:
+        if strip_identifier(p, identifier) == p:
+            print(f"warning: prompt '{p}' does not contain the identifier '{identifier}'", file=sys.stderr)
+    if args.images_per_prompt < 1:
+        raise SdtuneError("--images-per-prompt: must be at least 1")
+    scales = parse_floats(args.lora_scale, "--lora-scale")
+    if not scales:
+        raise SdtuneError("--lora-scale: give at least one scale, e.g. 1 or 0.8,1")
+    article = "an" if class_noun[0].lower() in "aeiou" else "a"
+    class_prompt = (args.class_prompt or (run_cfg.get("prior") or {}).get("class_prompt")
+                    or f"a photo of {article} {class_noun}")
+    revision = model_cfg.get("revision")
+    return EvalSpec(
+        run=str(target), model=model, loras=loras, steps={label: step_of(label, f) for label, f in loras},  # type: ignore[misc]
+        subject_dir=Path(subject_dir), identifier=identifier, class_noun=class_noun, prompt_set=prompt_set,
+        prompts=prompts, images_per_prompt=args.images_per_prompt, lora_scales=scales,
+        guidance=args.guidance if args.guidance is not None else scorer.guidance,
+        settings=_settings(args, scorer, model, revision, data.get("resolution")), class_prompt=class_prompt,
+        revision=revision, variant=model_cfg.get("variant"), dtype=args.dtype, device=args.device,
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sdtune.eval.run import run_eval
+
+    scorer = make_scorer(args)
+    spec = spec_from_args(args, scorer)
+    out = Path(args.out) if args.out else run_root(Path(args.run)) / "eval"
+    quiet_libraries()
+    class_prompt = f" + the class prompt '{spec.class_prompt}'" if scorer.class_images else ""
+    print(f"eval ({scorer.name}): {len(spec.loras)} checkpoint(s) x {len(spec.lora_scales)} scale(s) x "
+          f"{len(spec.prompts)} prompts ({spec.prompt_set}){class_prompt} x {spec.images_per_prompt} images; "
+          f"identifier '{spec.identifier}', class '{spec.class_noun}'")
+    rows, best, failures = run_eval(spec, scorer, out)
+    print()
+    print(table(scorer, rows, best))
+    if best is not None:
+        print(f"\nrecommended: {recommendation(scorer, best)}: {scorer.rule}")
+    plot = ", metrics.png" if (out / "metrics.png").is_file() else ""
+    print(f"report: {out / 'report.md'} (report.json{plot}, samples/)")
+    for line in failures:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if failures else 0

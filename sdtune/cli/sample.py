@@ -1,0 +1,131 @@
+"""``sdtune sample``: labelled grids of a run's LoRA (prompts x seeds x LoRA scale x guidance x checkpoint),
+and ``--replay`` of one saved cell."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from sdtune.cli.console import parse_floats, parse_ints, quiet_libraries
+from sdtune.errors import SdtuneError
+from sdtune.models import DTYPES
+from sdtune.schedulers import SCHEDULERS
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``sample`` to the ``sdtune`` subparsers."""
+    p = sub.add_parser("sample", help="render a labelled grid with a trained LoRA (rows: prompt x scale)")
+    p.add_argument("target", nargs="?", help="run folder, checkpoint folder or LoRA .safetensors file")
+    p.add_argument("--model", help="base model (default: the run's)")
+    p.add_argument("--prompt", action="append", help="prompt (repeatable)")
+    p.add_argument("--prompts-file", help="one prompt per line")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seeds", default="0,1,2,3")
+    p.add_argument("--lora-scale", default="0,1", help="comma list; 0 shows the base model")
+    p.add_argument("--guidance", default="7.5", help="comma list of guidance scales")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="dpmpp_2m")
+    p.add_argument("--width", type=int, help="default: the run's resolution, else the model's")
+    p.add_argument("--height", type=int)
+    p.add_argument("--batch-size", type=int, default=1, help="seeds rendered per pipeline call")
+    p.add_argument("--checkpoints", choices=("all",), help="one row per saved checkpoint of the run")
+    p.add_argument("--no-lora", action="store_true", help="the base model alone")
+    p.add_argument("--init-image", help="image-to-image (or inpainting/outpainting source)")
+    p.add_argument("--strength", type=float, default=0.75, help="how much of --init-image to repaint (0-1)")
+    p.add_argument("--mask", help="inpainting mask, same size as --init-image, white = repaint")
+    p.add_argument("--outpaint", help="extend the canvas: N or left,top,right,bottom pixels, then inpaint it")
+    p.add_argument("--depth", action="store_true", help="depth-to-image (the base model must be a depth model)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--out", help="grid file (default: TARGET/grid.png)")
+    p.add_argument("--replay", help="render one cell again from its .json sidecar")
+    p.set_defaults(func=cmd_sample)
+
+
+def read_prompts(args: argparse.Namespace, run_cfg: dict) -> list[str]:
+    """--prompt (repeatable) and --prompts-file, else the run's sample prompts or instance prompt."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            prompts += [p.strip() for p in Path(args.prompts_file).read_text().splitlines() if p.strip()]
+        except OSError as e:
+            raise SdtuneError(f"--prompts-file: {e}") from None
+    if not prompts:
+        data = run_cfg.get("data", {})
+        prompts = run_cfg.get("sample", {}).get("prompts") or [p for p in [data.get("instance_prompt")] if p]
+    if not prompts:
+        raise SdtuneError("--prompt: no prompt given and the run has none; pass --prompt 'a photo of sks dog'")
+    return prompts
+
+
+def _outpaint(text: str | None) -> tuple[int, int, int, int] | None:
+    if not text:
+        return None
+    sides = tuple(parse_ints(text, "--outpaint"))
+    sides = sides * 4 if len(sides) == 1 else sides
+    if len(sides) != 4 or min(sides) < 0:
+        raise SdtuneError("--outpaint: give one number or left,top,right,bottom pixels, e.g. 0,0,128,0")
+    return sides  # type: ignore[return-value]
+
+
+def _request(args: argparse.Namespace) -> tuple[Any, Path]:
+    """The sample request the flags describe, and the grid file it writes."""
+    from sdtune.grid import Cell, Settings
+    from sdtune.runs import lora_files, run_config
+    from sdtune.sample import Request
+
+    if not args.target:
+        raise SdtuneError("sample: give a TARGET (run folder, checkpoint folder or LoRA file) or --replay CELL.json")
+    target = Path(args.target)
+    run_cfg = run_config(target)
+    loras = [] if args.no_lora else lora_files(target, args.checkpoints)
+    model = args.model or run_cfg.get("model", {}).get("pretrained")
+    if not model:
+        raise SdtuneError(f"--model: {target} does not say its base model; pass --model HUB_ID_OR_FOLDER")
+    prompts = read_prompts(args, run_cfg)
+    size = run_cfg.get("data", {}).get("resolution")
+    mode = ("depth" if args.depth else "outpaint" if args.outpaint else "inpaint" if args.mask
+            else "img2img" if args.init_image else "txt2img")
+    settings = Settings(
+        negative_prompt=args.negative_prompt, steps=args.steps, scheduler=args.scheduler, mode=mode,
+        width=args.width or size or 0, height=args.height or size or 0, strength=args.strength,
+        batch_size=args.batch_size,
+    )
+    scales = [None] if not loras else parse_floats(args.lora_scale, "--lora-scale")
+    guidance, seeds = parse_floats(args.guidance, "--guidance"), parse_ints(args.seeds, "--seeds")
+    cells = [Cell(p, s, g, sc, label) for label, _ in (loras or [(None, None)]) for p in prompts
+             for sc in scales for g in guidance for s in seeds]
+    req = Request(
+        model=model, lora=loras, cells=cells, settings=settings, revision=run_cfg.get("model", {}).get("revision"),
+        variant=run_cfg.get("model", {}).get("variant"), dtype=args.dtype, device=args.device,
+        init_image=args.init_image, mask=args.mask, outpaint=_outpaint(args.outpaint),
+    )
+    default_dir = target if target.is_dir() else target.parent
+    return req, Path(args.out) if args.out else default_dir / "grid.png"
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from sdtune.models import inspect_model
+    from sdtune.sample import request_from_sidecar, run_sample
+
+    if args.replay:
+        req = request_from_sidecar(args.replay)
+        out = Path(args.out or Path(args.replay).with_suffix(".replay.png"))
+    else:
+        req, out = _request(args)
+    quiet_libraries()
+    if not req.settings.width or not req.settings.height:
+        native = inspect_model(req.model, req.revision, for_training=False).resolution
+        req.settings = replace(req.settings, width=req.settings.width or native, height=req.settings.height or native)
+    written, failures = run_sample(req, out, grid=not args.replay)
+    if args.replay:
+        print(f"image: {written}")
+    else:
+        print(f"grid: {written}")
+        print(f"cells: {written.with_name(written.stem + '_cells')} (each with a .json sidecar; sdtune sample --replay)")
+    for line in failures:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if failures else 0

@@ -1,0 +1,67 @@
+"""``sdtune train`` (a recipe plus overrides) and ``sdtune random-model`` (tiny or full-size models built in code)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from sdtune import families
+from sdtune.cli.console import quiet_libraries
+from sdtune.models import DTYPES
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``train`` and ``random-model`` to the ``sdtune`` subparsers."""
+    p = sub.add_parser("train", help="train a DreamBooth LoRA from a YAML recipe")
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/sd15_dreambooth_lora.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. train.max_steps=800")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true", help="check recipe, data and model presence, then exit")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("random-model", help="write a randomly initialised model (tests, demos, benchmarks)")
+    p.add_argument("directory")
+    p.add_argument("--family", choices=families.names(), default="sd15")
+    p.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.set_defaults(func=cmd_random_model)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sdtune.config import load_config
+    from sdtune.plan import check_run
+
+    cfg = load_config(args.recipe, args.overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        if not args.dry_run:
+            return 0
+    plan = check_run(cfg)
+    if args.dry_run:
+        for w in plan.warnings:
+            print(f"warning: {w}")
+        m = plan.model
+        print(
+            f"ok: {m.pretrained} is {m.family.name} ({m.family.label}, {m.prediction_type}), {len(plan.examples)} "
+            f"instance images at {plan.resolution} px"
+            + (f", class images in {plan.class_dir}" if plan.class_dir else "")
+            + f"; output in {cfg.train.output_dir}"
+        )
+        return 0
+    quiet_libraries()
+    from sdtune.train import train
+
+    train(cfg, plan)
+    return 0
+
+
+def cmd_random_model(args: argparse.Namespace) -> int:
+    from sdtune.models import inspect_model, write_random_model
+
+    quiet_libraries()
+    path = write_random_model(args.directory, args.family, args.size, args.seed, args.dtype)
+    info = inspect_model(str(path))
+    print(f"wrote a random {info.family.name} model ({args.size}, {info.prediction_type}, {info.resolution} px) "
+          f"to {path}")
+    return 0

@@ -1,0 +1,79 @@
+"""Model families: which ones sdtune knows, and which one a model is.
+
+    from sdtune import families
+    family = families.get("sdxl")                 # by the name recipes and --family use
+    family = families.detect(ModelFiles(path))    # from a model's config files
+
+Adding a family: write a module beside ``sd.py`` whose class implements ``base.Family`` (see its
+docstring), and register an instance below. Nothing outside this package names a family.
+"""
+
+from __future__ import annotations
+
+from sdtune.errors import SdtuneError
+from sdtune.families.base import (
+    Components,
+    Family,
+    KohyaVersion,
+    MemoryConstants,
+    ModelFiles,
+    ModelInfo,
+    TextEncoderSpec,
+    read_model_file,
+)
+from sdtune.families.sd import SD2, SD15
+from sdtune.families.sdxl import SDXL
+
+__all__ = [
+    "Components", "Family", "KohyaVersion", "MemoryConstants", "ModelFiles", "ModelInfo", "TextEncoderSpec",
+    "detect", "get", "names", "read_model_file", "register", "registered", "unregister",
+]
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Make ``family`` known to recipes, ``--family`` and model detection; returns it."""
+    if not isinstance(family, Family):
+        raise TypeError(f"{family!r} does not implement sdtune.families.Family")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def unregister(name: str) -> None:
+    """Forget a registered family (tests register stubs)."""
+    _REGISTRY.pop(name, None)
+
+
+def registered() -> list[Family]:
+    """Every known family, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def names() -> tuple[str, ...]:
+    """The names of the known families, e.g. ("sd15", "sd2", "sdxl")."""
+    return tuple(_REGISTRY)
+
+
+def get(name: str, key: str = "--family") -> Family:
+    """The family called ``name``, or one error naming the option ``key`` and the choices."""
+    if name not in _REGISTRY:
+        raise SdtuneError(f"{key}: unknown family '{name}'; choose one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def detect(files: ModelFiles) -> Family:
+    """The family of the model whose config files these are (never guessed from its name)."""
+    found = [f for f in _REGISTRY.values() if f.detect(files)]
+    if not found:
+        index = files.read("model_index.json")
+        raise SdtuneError(
+            f"model.pretrained: {files.pretrained} is a {index.get('_class_name', 'pipeline')} that sdtune does "
+            f"not know how to train (it knows {', '.join(f.label for f in _REGISTRY.values())}); "
+            "use a diffusers-format model of one of those"
+        )
+    return found[0]
+
+
+for _family in (SD15, SD2, SDXL):
+    register(_family)

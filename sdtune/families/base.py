@@ -1,0 +1,225 @@
+"""What a model family is: the protocol every family implements and the records families hand out.
+
+A family (SD1.x, SD2.x, SDXL; next SD3 and FLUX) is everything that differs between models which sdtune
+otherwise treats alike: how it is recognised from its config files, how its parts load, how prompts become
+the denoiser's conditioning, how the denoiser is called, which noising and loss target it trains with (its
+``Objective``), which modules LoRA can target, how its LoRAs are named in kohya files, and its memory
+constants. The training loop, caches, checkpoints, sampling and export ask the family; none of them tests a
+family's name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from sdtune.errors import SdtuneError
+from sdtune.hub import is_hub_id
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a family, in the pipeline's order."""
+
+    name: str  # diffusers component name: "text_encoder", "text_encoder_2"
+    label: str  # what it is, for messages: "CLIP ViT-L/14"
+    pad_token: str  # what its tokenizer pads with: OpenCLIP pads with "!", OpenAI's CLIP with <|endoftext|>
+    openclip: bool = False  # OpenCLIP (SD2, SDXL's second): A1111 fuses its attention (see kohya_warnings)
+    model_class: str = "CLIPTextModel"  # the transformers class (SDXL's second: CLIPTextModelWithProjection)
+
+    @property
+    def tokenizer_name(self) -> str:
+        """The tokenizer's component name: text_encoder_2 -> tokenizer_2."""
+        return self.name.replace("text_encoder", "tokenizer")
+
+
+@dataclass(frozen=True)
+class KohyaVersion:
+    """What kohya-ss and ModelSpec metadata call a base model (``ss_base_model_version``, architecture)."""
+
+    base_model_version: str  # "sd_v1", "sd_v2_v", "sdxl_base_v1-0"
+    architecture: str  # ModelSpec: "stable-diffusion-v1"
+    implementation: str  # ModelSpec: "diffusers" or Stability's generative-models URL
+    default_resolution: int
+    v2: bool = False  # kohya's ss_v2 flag
+
+
+@dataclass(frozen=True)
+class MemoryConstants:
+    """Activation constants of the pre-flight memory estimate (``sdtune.memory``), calibrated on an H200."""
+
+    unet_activation_gib: float = 1.26  # per image, per 1e9 denoiser params, per 64x64 latent pixels, 2 bytes
+    checkpointing_factor: float = 0.058  # share of those activations kept with gradient checkpointing
+    vae_activation_gib: float = 3.1  # per 1024x1024 image through the VAE encoder, 4 bytes
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a base model is, read from its config files (no weights)."""
+
+    pretrained: str
+    family: Family
+    prediction_type: str  # "epsilon" | "v_prediction" | "flow_matching"
+    resolution: int  # native image size
+    bucket_multiple: int  # image sides the denoiser takes without resampling are multiples of this
+    pipeline_class: str
+
+
+@dataclass
+class Components:
+    """The loaded parts of a model; text encoders and tokenizers in the family's order."""
+
+    tokenizers: list[Any]
+    text_encoders: list[Any]
+    vae: Any
+    denoiser: Any  # the UNet (SD1.x/2.x, SDXL) or transformer (SD3, FLUX)
+    noise_scheduler: Any  # the training (forward-process) scheduler
+
+    def named_modules(self, family: Family) -> dict[str, Any]:
+        """{diffusers component name: module} for the denoiser and text encoders."""
+        names = [family.denoiser_name, *(e.name for e in family.text_encoders)]
+        return dict(zip(names, [self.denoiser, *self.text_encoders]))
+
+
+class ModelFiles:
+    """A model's config files (``model_index.json``, ``unet/config.json``, ...) from a local diffusers folder or
+    the Hugging Face Hub, each read once. Only config files: never weights."""
+
+    def __init__(self, pretrained: str, revision: str | None = None):
+        self.pretrained, self.revision = pretrained, revision
+        self._read: dict[str, dict] = {}
+
+    def has(self, filename: str) -> bool:
+        """Whether the model has this file (a local folder is looked at; a hub model is asked)."""
+        try:
+            self.read(filename)
+            return True
+        except SdtuneError:
+            return False
+
+    def read(self, filename: str) -> dict:
+        """The parsed JSON file, or one SdtuneError naming ``model.pretrained`` and the fix."""
+        if filename not in self._read:
+            self._read[filename] = read_model_file(self.pretrained, filename, self.revision)
+        return self._read[filename]
+
+
+def read_model_file(pretrained: str, filename: str, revision: str | None = None) -> dict:
+    """One JSON config file of a local model folder or hub model."""
+    local = Path(pretrained).expanduser()
+    if local.is_dir():
+        path = local / filename
+        if not path.is_file():
+            raise SdtuneError(
+                f"model.pretrained: {pretrained} has no {filename}; "
+                "fix: point it at a diffusers-format pipeline folder (one with model_index.json)"
+            )
+    else:
+        if not is_hub_id(pretrained):
+            raise SdtuneError(
+                f"model.pretrained: '{pretrained}' is neither a local model folder nor a hub id like "
+                "'stable-diffusion-v1-5/stable-diffusion-v1-5'; fix the path"
+            )
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(pretrained, filename, revision=revision))
+        except Exception as e:  # offline, missing repo, gated repo, bad revision: all one user error
+            raise SdtuneError(
+                f"model.pretrained: could not get {filename} of '{pretrained}' (no local folder by that name, "
+                f"and the hub said: {type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                "fix: check the id, run `hf auth login` for gated models, or point at a local folder"
+            ) from None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SdtuneError(f"model.pretrained: cannot read {path}: {e}") from None
+
+
+@runtime_checkable
+class Family(Protocol):
+    """The protocol of a model family. ``sdtune.families.sd`` and ``sdtune.families.sdxl`` implement it;
+    ``sdtune.families.register`` adds one."""
+
+    name: str  # what recipes, checkpoints and --family say: "sd15"
+    label: str  # what messages say: "SD1.x"
+    default_resolution: int  # when no model is at hand (sdtune prep --family)
+    text_encoders: tuple[TextEncoderSpec, ...]
+    text_encoder_targets: frozenset[str]  # module names LoRA may target in the text encoders
+    denoiser_name: str  # "unet" or "transformer"
+    options_section: str | None  # the recipe section of this family's own options, e.g. "sdxl"
+    options: type | None  # its pydantic model
+    lora_pipeline: str  # the diffusers pipeline class: text-to-image sampling, save/load_lora_weights
+    pipeline_kwargs: dict[str, Any]  # what else the pipeline's constructor is given
+    hub_tags: tuple[str, ...]  # model card tags
+    kohya_prefixes: dict[str, str]  # component -> kohya key prefix ("lora_unet_", "lora_te1_")
+    memory: MemoryConstants
+
+    # -- reading a model
+    def detect(self, files: ModelFiles) -> bool:
+        """Whether the model whose config files these are belongs to this family."""
+        ...
+
+    def describe(self, files: ModelFiles, for_training: bool) -> ModelInfo:
+        """Prediction type, native resolution and bucket multiple from the config files."""
+        ...
+
+    def denoiser_module_names(self, files: ModelFiles) -> list[str]:
+        """Every module name of the denoiser (built empty from its config), to check LoRA targets."""
+        ...
+
+    # -- loading and building
+    def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool) -> Components:
+        """Tokenizers, text encoders, VAE, denoiser and the training noise scheduler."""
+        ...
+
+    def pipeline(self, components: Components, scheduler: Any = None) -> Any:
+        """A text-to-image diffusers pipeline around the given modules (no copies)."""
+        ...
+
+    def random_components(self, size: str) -> Components:
+        """Freshly initialised components with ``tiny`` (tests) or ``full`` (benchmarks) shapes."""
+        ...
+
+    # -- one training step
+    def objective(self, noise_scheduler: Any, prediction_type: str, *, noise_offset: float,
+                  snr_gamma: float | None) -> Any:
+        """The ``sdtune.objectives.Objective`` this family trains with."""
+        ...
+
+    def tokenize(self, tokenizers: list[Any], captions: list[str]) -> list[Any]:
+        """One (B, L) id tensor per tokenizer."""
+        ...
+
+    def encode_prompt(self, text_encoders: list[Any], input_ids: list[Any]) -> dict[str, Any]:
+        """Prompt embeddings, each (B, ...): what the text cache stores per caption."""
+        ...
+
+    def conditioning(self, prompt_embeds: dict[str, Any], batch: dict, options: Any, device: Any,
+                     dtype: Any) -> dict[str, Any]:
+        """The denoiser's keyword arguments besides the latents and timesteps, for one batch."""
+        ...
+
+    def predict(self, denoiser: Any, noisy_latents: Any, timesteps: Any, conditioning: dict[str, Any]) -> Any:
+        """The denoiser's output (``model_pred``), shaped like ``noisy_latents``."""
+        ...
+
+    def trained_text_encoders(self, options: Any) -> tuple[str, ...]:
+        """Which text encoders get a LoRA when ``lora.train_text_encoder`` is on."""
+        ...
+
+    # -- LoRA files
+    def kohya_version(self, prediction_type: str) -> KohyaVersion:
+        """How kohya / ModelSpec metadata name this family."""
+        ...
+
+    def kohya_warnings(self, modules: dict[str, list[str]]) -> list[str]:
+        """Known limits of the UIs' loaders for LoRAs on these modules ({component: module names})."""
+        ...
+
+    def recognises_lora(self, keys: list[str], metadata: dict[str, str]) -> bool:
+        """Whether a LoRA file's keys or metadata say it was made for this family."""
+        ...
+

@@ -1,0 +1,144 @@
+"""Checks of a run that look at the disk and the model's config files, never its weights.
+
+``check_run`` finds the model's family, scans the data, and checks every option that depends on either
+(LoRA targets against the real module names, options of another family, prior preservation, resume), then
+reports every problem at once, before ``train()`` loads a weight or writes a byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from sdtune import families
+from sdtune.config import Config, ConfigError
+from sdtune.data import Example, scan_instance_dir
+from sdtune.errors import SdtuneError
+from sdtune.families import Family, ModelFiles, ModelInfo
+from sdtune.files import cache_root
+from sdtune.runs import complete_checkpoints
+
+
+class RunPlan(BaseModel):
+    """What ``check_run`` found: enough to start training without asking the disk again."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    model: ModelInfo
+    resolution: int
+    examples: list[Example]
+    class_dir: Path | None
+    warnings: list[str]
+
+    @property
+    def family(self) -> Family:
+        return self.model.family
+
+
+def class_images_dir(cfg: Config, resolution: int) -> Path:
+    """Where class images live: ``prior.class_dir``, or a cache folder shared by runs of the same
+    model, prompt and size (so a second run reuses what the first generated)."""
+    if cfg.prior.class_dir:
+        return Path(cfg.prior.class_dir)
+    key = "|".join(
+        [cfg.model.pretrained, cfg.model.revision or "", cfg.model.variant or "", cfg.prior.class_prompt or "",
+         str(resolution)]
+    )
+    return cache_root() / "class_images" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _check_prompts(cfg: Config, examples: list[Example], problems: list[str], warnings: list[str]) -> None:
+    data, prior = cfg.data, cfg.prior
+    if data.instance_prompt and data.identifier not in data.instance_prompt:
+        problems.append(
+            f"data.instance_prompt: '{data.instance_prompt}' does not contain data.identifier "
+            f"'{data.identifier}'; fix: e.g. 'a photo of {data.identifier} dog'"
+        )
+    if prior.enabled and not prior.class_prompt:
+        problems.append("prior.class_prompt: required with prior.enabled=true; fix: e.g. 'a photo of a dog'")
+    elif prior.enabled and data.identifier in (prior.class_prompt or "").split():
+        problems.append(
+            f"prior.class_prompt: '{prior.class_prompt}' contains the identifier '{data.identifier}'; the class "
+            "prompt names the class only, e.g. 'a photo of a dog'"
+        )
+    if data.aspect_buckets and not data.center_crop:
+        warnings.append("data.center_crop=false is not used with data.aspect_buckets=true: each image is "
+                        "centre-cropped to its bucket")
+    if not cfg.sample.prompts and not (examples or data.instance_prompt):
+        problems.append("sample.prompts: nothing to sample; set sample.prompts")
+
+
+def _check_train(cfg: Config, problems: list[str]) -> None:
+    t = cfg.train
+    if t.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        problems.append("train.report_to: wandb is not installed; pip install wandb, or use tensorboard")
+    if t.resume and t.resume != "latest" and not Path(t.resume).is_dir():
+        problems.append(f"train.resume: {t.resume} is not a checkpoint folder; use 'latest' or a path")
+    earlier = complete_checkpoints(t.output_dir)
+    if earlier and not t.resume:
+        # Never overwrite an earlier run's checkpoints by starting afresh in the same folder.
+        problems.append(
+            f"train.output_dir: {t.output_dir} already holds checkpoints of a run (newest {earlier[-1].name}); "
+            "fix: train.resume=latest to continue it, or another train.output_dir"
+        )
+    if t.lr_warmup_steps > 0 and t.lr_warmup_steps >= t.max_steps:
+        problems.append(
+            f"train.lr_warmup_steps: {t.lr_warmup_steps} is not below train.max_steps {t.max_steps}; the run "
+            "would never reach the full learning rate"
+        )
+
+
+def _check_family(cfg: Config, info: ModelInfo, files: ModelFiles, problems: list[str]) -> None:
+    """Options of other families, and LoRA targets against the family's real module names."""
+    family = info.family
+    for other in families.registered():
+        section = other.options_section
+        if section and section != family.options_section:
+            for key in sorted(getattr(cfg, section).model_fields_set):
+                problems.append(
+                    f"{section}.{key}: an {other.label}-only option, but {cfg.model.pretrained} is an "
+                    f"{family.label} model; fix: remove it"
+                )
+    names = family.denoiser_module_names(files)
+    for target in cfg.lora.target_modules:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            problems.append(
+                f"lora.target_modules: no {family.denoiser_name} module is named '{target}'; fix: e.g. "
+                "[to_k, to_q, to_v, to_out.0] (attention) plus [proj_in, proj_out, ff.net.0.proj, ff.net.2]"
+            )
+    if cfg.lora.train_text_encoder:
+        for target in cfg.lora.text_encoder_target_modules:
+            if target not in family.text_encoder_targets:
+                problems.append(
+                    f"lora.text_encoder_target_modules: the {family.label} text encoders have no module "
+                    f"'{target}'; choose from {', '.join(sorted(family.text_encoder_targets))}"
+                )
+
+
+def check_run(cfg: Config) -> RunPlan:
+    """Check the model, the data and every option that depends on them; raise ConfigError with every problem
+    at once. Reads config files and image headers only."""
+    problems: list[str] = []
+    files = ModelFiles(cfg.model.pretrained, cfg.model.revision)
+    info: ModelInfo | None = None
+    try:
+        info = families.detect(files).describe(files, for_training=True)
+    except SdtuneError as e:
+        problems.append(str(e))
+    scan = scan_instance_dir(cfg.data.instance_dir, cfg.data.identifier, cfg.data.instance_prompt)
+    problems += scan.problems
+    warnings = list(scan.warnings)
+    _check_prompts(cfg, scan.examples, problems, warnings)
+    _check_train(cfg, problems)
+    if info is not None:
+        _check_family(cfg, info, files, problems)
+    if problems:
+        raise ConfigError(problems)
+    assert info is not None
+    resolution = cfg.data.resolution or info.resolution
+    class_dir = class_images_dir(cfg, resolution) if cfg.prior.enabled else None
+    return RunPlan(model=info, resolution=resolution, examples=scan.examples, class_dir=class_dir, warnings=warnings)
+
