@@ -23,11 +23,12 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     from sdtune import families
-    from sdtune.cli.console import quiet_imports, quiet_libraries
+    from sdtune.cli.console import quiet_imports, quiet_libraries, show_messages
     from sdtune.models import DTYPES
     from sdtune.schedulers import SCHEDULERS
 
     quiet_imports()
+    show_messages()  # sdtune's own lines (the pre-flight memory estimate, warnings) on stdout
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=families.names(), default="sd15")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny")

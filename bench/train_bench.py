@@ -28,9 +28,10 @@ TFLOP_PER_IMAGE = {("sd15", 512): 1.80, ("sdxl", 1024): 14.7}
 
 def main() -> None:
     from sdtune import families
-    from sdtune.cli.console import quiet_imports, quiet_libraries
+    from sdtune.cli.console import quiet_imports, quiet_libraries, show_messages
 
     quiet_imports()
+    show_messages()  # sdtune's own lines (the pre-flight memory estimate, warnings) on stdout
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=families.names(), default="sd15")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny")
