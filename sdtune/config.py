@@ -164,7 +164,14 @@ class _Config(_Section):
 
     def family_options(self, family: families.Family) -> BaseModel | None:
         """The options section of ``family`` (e.g. ``sdxl``), None for a family without one."""
-        return getattr(self, family.options_section) if family.options_section else None
+        if not family.options_section:
+            return None
+        if family.options_section not in type(self).model_fields:
+            # the tree's sections are read from the registry when this module is imported
+            raise SdtuneError(f"{family.options_section}: the {family.label} family was registered after "
+                              "sdtune.config was imported, so the recipe tree has no section for its options; "
+                              "register it before importing sdtune.config")
+        return getattr(self, family.options_section)
 
 
 def _family_sections() -> dict[str, Any]:

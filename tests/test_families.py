@@ -166,3 +166,20 @@ def test_diffusion_objective_targets_and_min_snr_weights(tiny_model):
 
     with pytest.raises(SdtuneError, match="unsupported prediction type 'sample'"):
         DiffusionObjective(scheduler, "sample")
+
+
+def test_options_of_a_family_registered_too_late_are_an_error_not_ignored(stub_model):
+    from dataclasses import replace
+
+    from pydantic import BaseModel
+
+    from sdtune.errors import SdtuneError
+
+    class StubOptions(BaseModel):
+        guidance: float = 3.5
+
+    late = replace(STUB, options_section="stub", options=StubOptions)
+    cfg = _stub_config(stub_model)
+    assert cfg.family_options(STUB) is None and cfg.family_options(families.get("sdxl")) == cfg.sdxl
+    with pytest.raises(SdtuneError, match="registered after sdtune.config was imported"):
+        cfg.family_options(late)

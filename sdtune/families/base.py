@@ -91,14 +91,6 @@ class ModelFiles:
         self.pretrained, self.revision = pretrained, revision
         self._read: dict[str, dict] = {}
 
-    def has(self, filename: str) -> bool:
-        """Whether the model has this file (a local folder is looked at; a hub model is asked)."""
-        try:
-            self.read(filename)
-            return True
-        except SdtuneError:
-            return False
-
     def read(self, filename: str) -> dict:
         """The parsed JSON file, or one SdtuneError naming ``model.pretrained`` and the fix."""
         if filename not in self._read:
