@@ -6,7 +6,7 @@ checks what needs the disk and the model's config files, still before any weight
 ``train()`` see the whole tree; everything below takes explicit arguments.
 
 The sections are ``model``, ``data``, ``prior``, ``lora``, ``train``, ``sample``, plus one per model family
-that has options of its own (``Family.options_section``, e.g. ``sdxl``).
+that has options of its own (named by ``Family.options_section``).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ class _Config(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def family_options(self, family: families.Family) -> BaseModel | None:
-        """The options section of ``family`` (e.g. ``sdxl``), None for a family without one."""
+        """The recipe section of ``family``'s own options, None for a family without one."""
         if not family.options_section:
             return None
         if family.options_section not in type(self).model_fields:

@@ -141,7 +141,7 @@ class Run:
     plan: RunPlan
     accelerator: Accelerator
     components: Components  # the model's parts (unwrapped; the trained ones carry the LoRA adapters)
-    options: Any  # the family's options section (e.g. ``sdxl``), or None
+    options: Any  # the family's own options (its recipe section), or None
     objective: Objective
     generator: torch.Generator  # every random draw of a step; its state is in each checkpoint
     weight_dtype: torch.dtype
