@@ -19,5 +19,9 @@ PY
 run() { PYTHONUNBUFFERED=1 python3 bench/train_bench.py "$@" 2>&1 | tee -a "$OUT/bench.log" | grep -E '^\{|rror|pre-flight' ; }
 run --family sd15 --size "$SIZE" --batch-size 1 --steps "$STEPS" --warmup 10 --mixed-precision fp16 --optimizer adamw8bit --workdir "$W/sd15"
 run --family sd15 --size "$SIZE" --batch-size 4 --steps 50 --warmup 10 --mixed-precision fp16 --optimizer adamw8bit --workdir "$W/sd15"
+run --family sd15 --size "$SIZE" --batch-size 1 --steps "$STEPS" --warmup 10 --mixed-precision bf16 --optimizer adamw --workdir "$W/sd15"
 run --family sd15 --size "$SIZE" --batch-size 16 --steps 30 --warmup 15 --mixed-precision bf16 --optimizer adamw --compile --workdir "$W/sd15"
+run --family sd15 --size "$SIZE" --batch-size 1 --steps "$STEPS" --warmup 15 --mixed-precision bf16 --optimizer adamw --compile --compile-mode reduce-overhead --workdir "$W/sd15"
 run --family sdxl --size "$SIZE" --batch-size 1 --steps 20 --warmup 5 --mixed-precision fp16 --optimizer adamw8bit --gradient-checkpointing --workdir "$W/sdxl"
+# a 4-image SD1.5 grid at 30 steps, as `sdtune sample` renders it (load included)
+PYTHONUNBUFFERED=1 python3 bench/sample_bench.py --family sd15 --size "$SIZE" --steps 30 --seeds 4 --batch-size 4 --dtype fp16 --workdir "$W/sd15-sample" 2>&1 | tee -a "$OUT/bench.log" | grep -E '^\{|rror'

@@ -44,7 +44,9 @@ def main() -> None:
     p.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the UNet")
+    p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the denoiser")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"), default="default",
+                   help="train.compile_mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--no-cache", action="store_true", help="encode images and captions every step")
     p.add_argument("--workdir", help="default: a temporary folder")
     args = p.parse_args()
@@ -77,6 +79,7 @@ def main() -> None:
         f"train.optimizer={args.optimizer}",
         f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
         f"train.compile={str(args.compile).lower()}",
+        f"train.compile_mode={args.compile_mode}",
         f"train.cache_latents={str(not args.no_cache).lower()}",
         f"train.cache_text_embeddings={str(not args.no_cache).lower()}",
         "train.checkpoint_every=0",
@@ -98,7 +101,7 @@ def main() -> None:
         "mixed_precision": args.mixed_precision,
         "optimizer": args.optimizer,
         "gradient_checkpointing": args.gradient_checkpointing,
-        "compile": args.compile,
+        "compile": args.compile and args.compile_mode,
         "cached": not args.no_cache,
         "rank": args.rank,
         "timed_steps": summary["timed_steps"],

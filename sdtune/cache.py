@@ -84,6 +84,13 @@ def cache_latents(
     return out
 
 
+def mean_and_std(params: torch.Tensor) -> torch.Tensor:
+    """A cached latent distribution, (2C, h, w) mean and log-variance, as (2C, h, w) mean and standard deviation,
+    computed exactly as ``DiagonalGaussianDistribution`` does (log-variance clamped to [-30, 20])."""
+    mean, logvar = torch.chunk(params, 2, dim=0)
+    return torch.cat([mean, torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))])
+
+
 class TextCache:
     """Prompt embeddings of each distinct caption, computed once: ``{caption: {name: tensor without the batch
     dimension}}``, on the device of the encoders."""

@@ -128,7 +128,13 @@ class TrainConfig(_Section):
     cache_latents: bool = Field(True, description="encode images once (not with data.center_crop: false)")
     cache_text_embeddings: bool = Field(True, description="encode captions once (when text encoders are frozen)")
     offload_frozen: bool = Field(True, description="keep the VAE / frozen text encoders off the GPU once cached")
-    compile: bool = Field(False, description="torch.compile the UNet (GPU; the first steps are slow)")
+    compile: bool = Field(False, description="torch.compile the denoiser (GPU; the first steps are slow)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile mode: reduce-overhead replays CUDA graphs (one per aspect bucket)"
+    )
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor", description="torch.compile backend; aot_eager / eager trace without generating code (debugging)"
+    )
     channels_last: bool = Field(True, description="channels-last UNet memory layout on GPU")
     allow_tf32: bool = True
     noise_offset: float = Field(0.0, ge=0)

@@ -239,7 +239,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.buckets = buckets
         # A bucket is the crop itself (chosen for the image's shape), and its latent is cached: no random crops.
         self.center_crop = center_crop or buckets is not None
-        self.latents = latents  # (path, flip, (w, h)) -> cached latent distribution; then no pixels are decoded
+        # (path, flip, (w, h)) -> the cached latent distribution as mean and std, (2C, h, w); then no pixels are decoded
+        self.latents = latents
         self._upright: dict[Path, tuple[int, int]] = {}  # header reads, once per file rather than every step
         # As in diffusers' DreamBooth: one epoch covers every instance image (x repeats) and every class image.
         self.length = max(len(instance) * repeats, len(self.class_images))
@@ -266,7 +267,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             if path not in self._upright:
                 self._upright[path] = upright_size(path)
             w, h = self._upright[path]
-            return {"latent_params": self.latents[(str(path), flip, size)], "caption": caption,
+            return {"latent_mean_std": self.latents[(str(path), flip, size)], "caption": caption,
                     "original_size": (h, w), "crop_top_left": center_crop_top_left(w, h, size),
                     "target_size": (size[1], size[0]), "path": str(path)}
         pixels, original_size, crop = load_image(path, size, self.center_crop, flip, rng)
@@ -288,13 +289,17 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 def collate(items: list[dict]) -> dict:
     """Instance examples first, then class examples, so one forward pass serves both (split by ``chunk(2)``)."""
     examples = [it["instance"] for it in items] + [it["class"] for it in items if "class" in it]
-    key = "latent_params" if "latent_params" in examples[0] else "pixel_values"
+    key = "latent_mean_std" if "latent_mean_std" in examples[0] else "pixel_values"
     return {
         key: torch.stack([e[key] for e in examples]).to(memory_format=torch.contiguous_format),
         "captions": [e["caption"] for e in examples],
         "original_sizes": [e["original_size"] for e in examples],
         "crop_top_lefts": [e["crop_top_left"] for e in examples],
         "target_sizes": [e["target_size"] for e in examples],  # (h, w) of each crop
+        # the same three as one (B, 6) tensor, original (h, w), crop (y, x), target (h, w): the loader pins it,
+        # so a model that conditions on it (SDXL) gets it on the device without a blocking copy
+        "geometry": torch.tensor([[*e["original_size"], *e["crop_top_left"], *e["target_size"]] for e in examples],
+                                 dtype=torch.float32),
         "paths": [e["path"] for e in examples],
     }
 

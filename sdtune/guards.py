@@ -32,8 +32,9 @@ class NonFiniteGuard:
         self.scaler = scaler
         self.fused = bool(getattr(self.optimizer, "defaults", {}).get("fused"))
         self.max_in_a_row, self.warn = max_in_a_row, warn
-        self.pending: list[tuple[int, torch.Tensor, list[str]]] = []  # (step, finite flag, batch files)
+        self.pending: list[tuple[int, torch.Tensor | bool, list[str]]] = []  # (step, finite flag, batch files)
         self.in_a_row = self.total = 0
+        self._read: bool | None = None  # the flag allow() already read on the host, for record()
 
     @property
     def on_device(self) -> bool:
@@ -48,11 +49,13 @@ class NonFiniteGuard:
         if self.fused:
             self.optimizer.found_inf = (~finite).float()  # the fused kernel skips the update when it is 1
             return True
-        return bool(finite)  # a host sync: this optimizer cannot skip on its own
+        self._read = bool(finite)  # a host sync: this optimizer cannot skip on its own
+        return self._read
 
     def record(self, step: int, finite: torch.Tensor, paths: list[str]) -> None:
         """Note an optimizer step's flag; checked now unless the skip happens on the device."""
-        self.pending.append((step, finite, paths))
+        read, self._read = self._read, None
+        self.pending.append((step, finite if read is None else read, paths))  # not read twice
         if not self.on_device:
             self.check()
 
@@ -60,7 +63,9 @@ class NonFiniteGuard:
         """Warn about each skipped step since the last check (one host sync); raise after too many in a row."""
         if not self.pending:
             return
-        flags = torch.stack([flag for _, flag, _ in self.pending]).tolist()
+        on_device = [flag for _, flag, _ in self.pending if isinstance(flag, torch.Tensor)]
+        read = iter(torch.stack(on_device).tolist() if on_device else [])  # the one host sync for all of them
+        flags = [next(read) if isinstance(flag, torch.Tensor) else flag for _, flag, _ in self.pending]
         pending, self.pending = self.pending, []
         for (step, _, paths), ok in zip(pending, flags):
             if ok:

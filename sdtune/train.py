@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, offload_models
+from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from sdtune.cache import TextCache, cache_latents, vae_identity
+from sdtune.cache import TextCache, cache_latents, mean_and_std, vae_identity
 from sdtune.checkpoint import clean_temporary, find_checkpoint, flat_keys, load_checkpoint, save_checkpoint
 from sdtune.config import Config
 from sdtune.data import (
@@ -62,6 +62,7 @@ from sdtune.lora import add_lora, save_diffusers_lora, trainable_parameters
 from sdtune.memory import estimate
 from sdtune.models import load_components, torch_dtype
 from sdtune.objectives import Objective, scale_latents
+from sdtune.optim import MIN_8BIT_SIZE, eight_bit_share, make_optimizer
 from sdtune.plan import RunPlan, check_run
 from sdtune.prior import ensure_class_images
 from sdtune.runs import WEIGHT_NAME
@@ -179,8 +180,10 @@ class Run:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def unwrapped(self) -> dict[str, torch.nn.Module]:
-        """The trained modules without Accelerate's wrappers, by component name."""
-        return {name: self.accelerator.unwrap_model(m) for name, m in self.modules.items()}
+        """The trained modules without Accelerate's wrappers or torch.compile's, by component name: their
+        state dicts have the model's own key names (a compiled module's would start with ``_orig_mod.``), and
+        sampling with them never triggers a compilation."""
+        return {name: self.accelerator.unwrap_model(m, keep_torch_compile=False) for name, m in self.modules.items()}
 
     def save(self) -> Path:
         """A verified checkpoint of this step (all processes take part)."""
@@ -244,6 +247,9 @@ def setup(cfg: Config, plan: RunPlan) -> Run:
     if t.channels_last and run.device.type == "cuda":
         components.denoiser.to(memory_format=torch.channels_last)
 
+    if t.compile and dataset.buckets:
+        # one graph per bucket: past Dynamo's recompile limit (8) the step would fall back to eager, silently
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(set(dataset.buckets)) + 2)
     trained = _add_adapters(cfg, plan.family, run.options, components)
     optimizer = _optimizer(cfg, plan.family, trained)
     _log_memory_estimate(run, trained, optimizer)
@@ -269,10 +275,16 @@ def _accelerator(cfg: Config) -> Accelerator:
     # Launched as several processes (accelerate launch --multi_gpu, torchrun) on a machine without a GPU:
     # Accelerate uses gloo on the CPU only when told cpu=True, else every process would think it is alone.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+    dynamo = None
+    if t.compile:
+        # compiled artifacts are kept between runs, so a rerun does not pay the compilation again
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+        # static shapes: one graph per aspect bucket (what CUDA graphs replay), never a dynamic-shape graph
+        dynamo = TorchDynamoPlugin(backend=t.compile_backend, mode=t.compile_mode, dynamic=False)
     accelerator = Accelerator(
         cpu=launched and not torch.cuda.is_available(),
         mixed_precision=t.mixed_precision,
-        dynamo_backend="inductor" if t.compile else None,
+        dynamo_plugin=dynamo,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=None if t.report_to == "none" else t.report_to,
         project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=str(Path(t.output_dir) / "logs")),
@@ -359,8 +371,9 @@ def _latent_cache(cfg: Config, plan: RunPlan, c: Components, dataset: DreamBooth
     # read its files.
     with accelerator.main_process_first():
         cache = cache_latents(c.vae, items, vae_id, cache_root() / "latents", progress=accelerator.is_main_process)
-    dataset.latents = cache
-    return cache
+    # The standard deviation once here, not every step on the device (the variance is never used).
+    dataset.latents = {key: mean_and_std(params) for key, params in cache.items()}
+    return dataset.latents
 
 
 def _text_cache(run: Run) -> TextCache | None:
@@ -391,29 +404,19 @@ def _add_adapters(cfg: Config, family: Family, options: Any, c: Components) -> d
                          lora.use_dora, key="lora.text_encoder_target_modules")
                 trained[spec.name] = encoder
     cast_training_params(list(trained.values()), dtype=torch.float32)
+    if cfg.train.mixed_precision != "no":
+        # PEFT casts each LoRA input to the adapter's fp32 and autocast casts it straight back: two kernels per
+        # LoRA layer and step for the same numbers (outputs and gradients bitwise equal; tests/test_speed.py)
+        for module in trained.values():
+            for layer in module.modules():
+                if hasattr(layer, "cast_input_dtype_enabled"):
+                    layer.cast_input_dtype_enabled = False
     if cfg.train.gradient_checkpointing:
         c.denoiser.enable_gradient_checkpointing()
         for module in trained.values():
             if module is not c.denoiser:
                 module.gradient_checkpointing_enable()
     return trained
-
-
-def make_optimizer(name: str, groups: list[dict], betas: tuple[float, float], eps: float, weight_decay: float) -> Any:
-    """AdamW (fused where the device allows) or bitsandbytes' 8-bit AdamW over parameter groups."""
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:  # chosen explicitly: never fall back silently to fp32 AdamW
-            raise SdtuneError(
-                f"train.optimizer: adamw8bit needs bitsandbytes ({e}); pip install bitsandbytes, "
-                "or set train.optimizer=adamw"
-            ) from None
-        return bnb.optim.AdamW8bit(groups, betas=betas, eps=eps, weight_decay=weight_decay)
-    # Fused kernels (CUDA and CPU): one launch for all LoRA tensors, and they can skip a non-finite step on
-    # the device (``found_inf``), which lets the loop run without a host sync per step.
-    fused = all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
 
 
 def _optimizer(cfg: Config, family: Family, trained: dict[str, torch.nn.Module]) -> Any:
@@ -424,13 +427,16 @@ def _optimizer(cfg: Config, family: Family, trained: dict[str, torch.nn.Module])
         groups.append({"params": te_params, "lr": cfg.lora.text_encoder_lr or t.learning_rate})
     optimizer = make_optimizer(t.optimizer, groups, (t.adam_beta1, t.adam_beta2), t.adam_epsilon, t.weight_decay)
     if t.optimizer == "adamw8bit":
-        # bitsandbytes keeps tensors under 4096 elements in 32-bit state (small tensors quantise badly); at low
-        # LoRA ranks that is most of them, so say how much is really 8-bit.
-        tensors = [p for g in groups for p in g["params"]]
-        big = [p for p in tensors if p.numel() >= 4096]
-        logger.info(f"8-bit AdamW: 8-bit state for {len(big)} of {len(tensors)} LoRA tensors "
-                    f"({sum(p.numel() for p in big):,} of {sum(p.numel() for p in tensors):,} values); "
-                    "bitsandbytes keeps tensors under 4096 values in 32-bit")
+        # bitsandbytes keeps small tensors in 32-bit state; at low LoRA ranks that is most of them, so say how
+        # much is really 8-bit, and what it saves: 6 of AdamW's 8 bytes of state per 8-bit value.
+        big, tensors, big_values, values = eight_bit_share([p for g in groups for p in g["params"]])
+        saved_mib = big_values * 6 / 2**20
+        logger.info(f"8-bit AdamW: 8-bit state for {big} of {tensors} LoRA tensors ({big_values:,} of {values:,} "
+                    f"values, {saved_mib:.1f} MiB saved); bitsandbytes keeps tensors under {MIN_8BIT_SIZE} values "
+                    "in 32-bit")
+        if big_values < values / 2:
+            logger.warning(f"8-bit AdamW saves {saved_mib:.1f} MiB at lora.rank={cfg.lora.rank}; fused AdamW "
+                           "(train.optimizer=adamw) skips non-finite steps without waiting for the GPU")
     return optimizer
 
 
@@ -511,10 +517,10 @@ def _init_trackers(run: Run) -> None:
 def batch_latents(run: Run, batch: dict) -> torch.Tensor:
     """(B, C, h, w) latents in the denoiser's space and compute dtype, a fresh sample of each image's latent
     distribution: from the cache, or from the VAE."""
-    if "latent_params" in batch:
-        # cached (B, 2C, h, w) mean + log-variance; sampled every step, as uncached
-        latent_params = batch["latent_params"].to(run.device, non_blocking=True)
-        latents = DiagonalGaussianDistribution(latent_params).sample(generator=run.generator)
+    if "latent_mean_std" in batch:
+        # cached (B, 2C, h, w) mean and std; sampled every step, exactly as DiagonalGaussianDistribution.sample
+        mean, std = batch["latent_mean_std"].to(run.device, non_blocking=True).chunk(2, dim=1)
+        latents = mean + std * randn_tensor(mean.shape, generator=run.generator, device=mean.device, dtype=mean.dtype)
     else:
         vae = run.components.vae
         pixel_values = batch["pixel_values"].to(run.device, vae.dtype, non_blocking=True)  # (B, 3, H, W)
@@ -537,6 +543,9 @@ def batch_conditioning(run: Run, batch: dict) -> dict[str, Any]:
 
 def forward_backward(run: Run, batch: dict) -> StepOutput:
     """One micro-batch: latents, conditioning, ``training_step``, backward."""
+    if run.cfg.train.compile and run.cfg.train.compile_mode == "reduce-overhead":
+        # CUDA graphs replay into the same memory: tell them where a step begins (nothing is kept across steps)
+        torch.compiler.cudagraph_mark_step_begin()
     with torch.no_grad():
         latents = batch_latents(run, batch)
     conditioning = batch_conditioning(run, batch)
@@ -553,12 +562,17 @@ def optimizer_update(run: Run, loss: torch.Tensor, nonfinite: NonFiniteGuard) ->
     """Clip, step and zero the gradients (Accelerate makes the step a no-op while accumulating); returns
     whether the loss (and, at a real step, the gradient norm) was finite, as a device flag."""
     t, acc = run.cfg.train, run.accelerator
-    finite = torch.isfinite(loss.detach())  # () bool, on the device
     step_ok = True
     if acc.sync_gradients:
-        grad_norm = acc.clip_grad_norm_(run.params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-        finite = finite & torch.isfinite(grad_norm)  # a NaN/inf loss or gradient must never reach the weights
+        if t.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(run.params, t.max_grad_norm)
+        else:  # no clipping: the norm alone, for the finite check (no multiply by a clip factor of 1)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
+        # A NaN/inf loss or gradient must never reach the weights; one flag for both (inf - inf is NaN too).
+        finite = torch.isfinite(loss.detach() + grad_norm)  # () bool, on the device
         step_ok = nonfinite.allow(finite)
+    else:
+        finite = torch.isfinite(loss.detach())
     if step_ok:
         run.optimizer.step()
         if acc.sync_gradients:
@@ -609,7 +623,9 @@ def loop(run: Run) -> None:
     stalled = StalledLoraGuard(run.params, run.global_step, t.max_steps)
     timer = StepTimer(run.global_step, t.max_steps, sync=run.sync)
     losses = LossLog(run)
-    progress = tqdm(total=t.max_steps, initial=run.global_step, desc="train", disable=not run.main, unit="step")
+    # redrawn at most twice a second: a redraw per step costs host time on a fast GPU
+    progress = tqdm(total=t.max_steps, initial=run.global_step, desc="train", disable=not run.main, unit="step",
+                    mininterval=0.5)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     for module in run.modules.values():
@@ -693,8 +709,10 @@ def sample_grid(run: Run, step: int) -> Path | None:
             [plan.examples[0].caption if plan.examples else cfg.data.instance_prompt]
             + ([cfg.prior.class_prompt] if cfg.prior.class_prompt else [])
         ))
-        live = replace(c, denoiser=run.accelerator.unwrap_model(run.modules[run.family.denoiser_name]),
-                       text_encoders=[run.accelerator.unwrap_model(te) for te in run.text_encoders])
+        trained = run.unwrapped()  # not the compiled modules: sampling must not recompile the training graph
+        live = replace(c, denoiser=trained[run.family.denoiser_name],
+                       text_encoders=[trained.get(spec.name, te) for spec, te in zip(run.family.text_encoders,
+                                                                                    c.text_encoders)])
         pipe = run.family.pipeline(live, sampling_scheduler(c.noise_scheduler.config))
         pipe.set_progress_bar_config(disable=True)
         settings = Settings(negative_prompt=cfg.sample.negative_prompt, steps=cfg.sample.steps,

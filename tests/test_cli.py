@@ -65,3 +65,12 @@ def test_sample_bench_smoke():
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["images"] == 2 and result["s_per_grid_with_load"] > 0
+
+
+@pytest.mark.slow  # subprocess runs
+def test_step_overhead_bench_smoke():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/step_overhead.py"), "--steps", "3"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ratio"] > 0 and result["sdtune_ops_per_step"] > result["bare_ops_per_step"] > 0

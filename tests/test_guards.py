@@ -25,14 +25,18 @@ def test_non_finite_steps_are_read_per_step_when_the_optimizer_cannot_skip_itsel
     warned = []
     guard = NonFiniteGuard(_adamw(foreach=True), None, max_in_a_row=2, warn=warned.append)
     assert not guard.on_device
-    assert guard.allow(_flag(True)) is True and guard.allow(_flag(False)) is False  # the host looks
-    guard.record(1, _flag(True), ["a.png"])
-    guard.record(2, _flag(False), ["b.png", "c.png"])
+
+    def step(n: int, ok: bool, files: list[str]) -> None:
+        assert guard.allow(_flag(ok)) is ok  # the host looks, once: record() reuses what allow() read
+        guard.record(n, _flag(ok), files)
+
+    step(1, True, ["a.png"])
+    step(2, False, ["b.png", "c.png"])
     assert warned == ["step 2: loss or gradients not finite, update skipped (batch: b.png, c.png)"]
-    guard.record(3, _flag(True), ["d.png"])  # a finite step resets the count
-    guard.record(4, _flag(False), ["e.png"])
+    step(3, True, ["d.png"])  # a finite step resets the count
+    step(4, False, ["e.png"])
     with pytest.raises(SdtuneError, match=r"not finite for 2 steps in a row \(last batch: f.png\)"):
-        guard.record(5, _flag(False), ["f.png"])
+        step(5, False, ["f.png"])
     assert guard.total == 3
 
 

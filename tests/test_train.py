@@ -396,8 +396,13 @@ def test_latent_cache_takes_a_size_per_item(tiny_model, tmp_path):
 
 
 def test_sdxl_time_ids_use_each_crops_target_size():
+    from sdtune.data import collate
     from sdtune.families.sdxl import time_ids
 
-    ids = time_ids([(768, 1024), (1024, 1024)], [(0, 32), (64, 0)], [(896, 1152), (1024, 1024)], True)
-    assert ids.tolist() == [[768, 1024, 0, 32, 896, 1152], [1024, 1024, 64, 0, 1024, 1024]]
-    assert time_ids([(8, 8)], [(1, 2)], [(64, 48)], False).tolist() == [[8, 8, 0, 0, 64, 48]]
+    def example(original, crop, target):
+        return {"instance": {"pixel_values": torch.zeros(3, 8, 8), "caption": "", "original_size": original,
+                             "crop_top_left": crop, "target_size": target, "path": "x.png"}}
+
+    batch = collate([example((768, 1024), (0, 32), (896, 1152)), example((1024, 1024), (64, 0), (1024, 1024))])
+    assert time_ids(batch["geometry"], True).tolist() == [[768, 1024, 0, 32, 896, 1152], [1024, 1024, 64, 0, 1024, 1024]]
+    assert time_ids(collate([example((8, 8), (1, 2), (64, 48))])["geometry"], False).tolist() == [[8, 8, 0, 0, 64, 48]]

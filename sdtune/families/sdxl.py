@@ -30,18 +30,15 @@ class SDXLOptions(BaseModel):
     train_text_encoder_2: bool = Field(True, description="with lora.train_text_encoder, also train encoder 2")
 
 
-def time_ids(original_sizes: list[tuple[int, int]], crops: list[tuple[int, int]],
-             target_sizes: list[tuple[int, int]], crop_conditioning: bool) -> Any:
-    """SDXL micro-conditioning, (B, 6) fp32: original (h, w) + crop top-left (y, x) + target (h, w).
-
-    The target is the size each example was cropped to: (resolution, resolution), or its aspect bucket's."""
+def time_ids(geometry: Any, crop_conditioning: bool) -> Any:
+    """SDXL micro-conditioning from a batch's ``geometry`` (B, 6), original (h, w) + crop top-left (y, x) +
+    target (h, w), on its device; without crop conditioning the crop is (0, 0). The target is the size each
+    example was cropped to: (resolution, resolution), or its aspect bucket's."""
     import torch
 
-    rows = [
-        [*orig, *(crop if crop_conditioning else (0, 0)), *target]
-        for orig, crop, target in zip(original_sizes, crops, target_sizes)
-    ]
-    return torch.tensor(rows, dtype=torch.float32)
+    if crop_conditioning:
+        return geometry
+    return torch.cat([geometry[:, :2], torch.zeros_like(geometry[:, 2:4]), geometry[:, 4:]], dim=1)
 
 
 @dataclass(frozen=True)
@@ -110,10 +107,9 @@ class StableDiffusionXL(StableDiffusion):
 
     def conditioning(self, prompt_embeds: dict[str, Any], batch: dict, options: Any, device: Any,
                      dtype: Any) -> dict[str, Any]:
-        ids = time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"],
-                       options.crop_conditioning)
+        ids = time_ids(batch["geometry"].to(device, dtype, non_blocking=True), options.crop_conditioning)
         return {"encoder_hidden_states": prompt_embeds["encoder_hidden_states"],
-                "added_cond_kwargs": {"text_embeds": prompt_embeds["pooled"], "time_ids": ids.to(device, dtype)}}
+                "added_cond_kwargs": {"text_embeds": prompt_embeds["pooled"], "time_ids": ids}}
 
     def trained_text_encoders(self, options: Any) -> tuple[str, ...]:
         return ("text_encoder", "text_encoder_2") if options.train_text_encoder_2 else ("text_encoder",)
