@@ -293,11 +293,8 @@ def collate(items: list[dict]) -> dict:
     return {
         key: torch.stack([e[key] for e in examples]).to(memory_format=torch.contiguous_format),
         "captions": [e["caption"] for e in examples],
-        "original_sizes": [e["original_size"] for e in examples],
-        "crop_top_lefts": [e["crop_top_left"] for e in examples],
-        "target_sizes": [e["target_size"] for e in examples],  # (h, w) of each crop
-        # the same three as one (B, 6) tensor, original (h, w), crop (y, x), target (h, w): the loader pins it,
-        # so a model that conditions on it (SDXL) gets it on the device without a blocking copy
+        # each crop's original (h, w) + top-left (y, x) + target (h, w) as one (B, 6) tensor: the loader pins
+        # it, so a model that conditions on it (SDXL) gets it on the device without a blocking copy
         "geometry": torch.tensor([[*e["original_size"], *e["crop_top_left"], *e["target_size"]] for e in examples],
                                  dtype=torch.float32),
         "paths": [e["path"] for e in examples],

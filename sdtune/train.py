@@ -154,6 +154,7 @@ class Run:
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # trained, as prepared, by component name
     text_encoders: list[torch.nn.Module] = field(default_factory=list)  # what encodes prompts in a step
     optimizer: Any = None
+    params: list[torch.nn.Parameter] = field(default_factory=list)  # what the optimizer trains, in its order
     lr_scheduler: Any = None
     loader: Any = None
     global_step: int = 0
@@ -174,10 +175,6 @@ class Run:
     @property
     def output_dir(self) -> Path:
         return Path(self.cfg.train.output_dir)
-
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
-        return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def unwrapped(self) -> dict[str, torch.nn.Module]:
         """The trained modules without Accelerate's wrappers or torch.compile's, by component name: their
@@ -258,6 +255,7 @@ def setup(cfg: Config, plan: RunPlan) -> Run:
                                  num_training_steps=t.max_steps)
     *prepared, run.optimizer = accelerator.prepare(*trained.values(), optimizer)
     run.modules, run.lr_scheduler = dict(zip(trained, prepared)), lr_scheduler
+    run.params = [p for group in optimizer.param_groups for p in group["params"]]
     run.text_encoders = [run.modules.get(spec.name, encoder)
                          for spec, encoder in zip(plan.family.text_encoders, components.text_encoders)]
     run.global_step = _resume(run)
