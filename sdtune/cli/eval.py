@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from sdtune.cli.console import parse_floats, quiet_libraries
+from sdtune.cli.sample import base_model, with_size
 from sdtune.errors import SdtuneError
 from sdtune.eval.core import EvalSpec, Scorer
 from sdtune.eval.dreambench import CLIP_T_TOLERANCE, DEFAULT_CLIP, DEFAULT_DINO
 from sdtune.eval.prompts import class_noun_from, fill, strip_identifier
 from sdtune.eval.report import recommendation, table
 from sdtune.grid import Settings
-from sdtune.models import DTYPES, inspect_model
+from sdtune.models import DTYPES
 from sdtune.runs import lora_files, run_config, run_root, step_of
 from sdtune.schedulers import SCHEDULERS
 
@@ -126,10 +126,7 @@ def _settings(args: argparse.Namespace, scorer: Scorer, model: str, revision: st
                         steps=args.steps if args.steps is not None else scorer.steps, scheduler=args.scheduler,
                         width=args.width or resolution or 0, height=args.height or resolution or 0,
                         batch_size=args.batch_size)
-    if not settings.width or not settings.height:
-        native = inspect_model(model, revision, for_training=False).resolution
-        settings = replace(settings, width=settings.width or native, height=settings.height or native)
-    return settings
+    return with_size(settings, model, revision)
 
 
 def spec_from_args(args: argparse.Namespace, scorer: Scorer) -> EvalSpec:
@@ -140,9 +137,7 @@ def spec_from_args(args: argparse.Namespace, scorer: Scorer) -> EvalSpec:
     run_cfg = run_config(target)
     loras = lora_files(target, args.checkpoints)
     data, model_cfg = run_cfg.get("data") or {}, run_cfg.get("model") or {}
-    model = args.model or model_cfg.get("pretrained")
-    if not model:
-        raise SdtuneError(f"--model: {target} does not say its base model; pass --model HUB_ID_OR_FOLDER")
+    model = base_model(args.model, target, run_cfg)
     identifier, class_noun, subject_dir = _subject(args, target, run_cfg)
     templates, prompt_set = scorer.templates(class_noun)
     prompts = list(dict.fromkeys(fill(t, identifier, class_noun) for t in templates))

@@ -61,6 +61,24 @@ def read_prompts(args: argparse.Namespace, run_cfg: dict) -> list[str]:
     return prompts
 
 
+def base_model(model: str | None, target: Path, run_cfg: dict) -> str:
+    """The base model to render with: ``--model``, else the one the run was trained on."""
+    model = model or run_cfg.get("model", {}).get("pretrained")
+    if not model:
+        raise SdtuneError(f"--model: {target} does not say its base model; pass --model HUB_ID_OR_FOLDER")
+    return model
+
+
+def with_size(settings: Any, model: str, revision: str | None) -> Any:
+    """``settings`` with a width and height: the model's native size where the flags and the run gave none."""
+    from sdtune.models import inspect_model
+
+    if settings.width and settings.height:
+        return settings
+    native = inspect_model(model, revision, for_training=False).resolution
+    return replace(settings, width=settings.width or native, height=settings.height or native)
+
+
 def _outpaint(text: str | None) -> tuple[int, int, int, int] | None:
     if not text:
         return None
@@ -82,9 +100,7 @@ def _request(args: argparse.Namespace) -> tuple[Any, Path]:
     target = Path(args.target)
     run_cfg = run_config(target)
     loras = [] if args.no_lora else lora_files(target, args.checkpoints)
-    model = args.model or run_cfg.get("model", {}).get("pretrained")
-    if not model:
-        raise SdtuneError(f"--model: {target} does not say its base model; pass --model HUB_ID_OR_FOLDER")
+    model = base_model(args.model, target, run_cfg)
     prompts = read_prompts(args, run_cfg)
     size = run_cfg.get("data", {}).get("resolution")
     mode = ("depth" if args.depth else "outpaint" if args.outpaint else "inpaint" if args.mask
@@ -108,7 +124,6 @@ def _request(args: argparse.Namespace) -> tuple[Any, Path]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from sdtune.models import inspect_model
     from sdtune.sample import request_from_sidecar, run_sample
 
     if args.replay:
@@ -117,9 +132,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         req, out = _request(args)
     quiet_libraries()
-    if not req.settings.width or not req.settings.height:
-        native = inspect_model(req.model, req.revision, for_training=False).resolution
-        req.settings = replace(req.settings, width=req.settings.width or native, height=req.settings.height or native)
+    req.settings = with_size(req.settings, req.model, req.revision)
     written, failures = run_sample(req, out, grid=not args.replay)
     if args.replay:
         print(f"image: {written}")
