@@ -52,7 +52,7 @@ def main() -> None:
     from sdtune.lora import add_lora
     from sdtune.models import load_components, write_random_model
     from sdtune.plan import check_run
-    from sdtune.train import LossLog, forward_backward, optimizer_update, setup
+    from sdtune.train import LossLog, forward_backward, make_accelerator, optimizer_update, setup
 
     torch.set_num_threads(1)  # one core each, in turn: CPU time is then the step's own
     work = Path(tempfile.mkdtemp(prefix="sdtune-overhead-"))
@@ -62,7 +62,7 @@ def main() -> None:
         "data.resolution=64", f"train.output_dir={work / 'run'}", f"train.batch_size={args.batch_size}",
         "train.max_steps=100000", "train.report_to=none", "train.checkpoint_every=0",
     ])
-    run = setup(cfg, check_run(cfg))
+    run = setup(cfg, check_run(cfg), make_accelerator(cfg))
     guard = NonFiniteGuard(run.optimizer, run.accelerator.scaler, 5, warn=print)
     losses = LossLog(run)
     data = iter(run.loader)

@@ -3,8 +3,10 @@
 Latents: each training image (and its mirror image, when flips are on) is encoded once. What is cached is
 the VAE's latent *distribution* (mean and log-variance, (8, H/8, W/8)), not one sample of it, so every step
 still draws a fresh latent from it exactly as the uncached path does. Files live on disk as safetensors,
-keyed by the image's content hash, the VAE's identity, the target size (the square resolution, or an
-aspect-ratio bucket) and the crop, so reruns and resumes skip the encoding.
+keyed by the image's content hash, the VAE's identity (a hash of its weight and config files' bytes, never
+its path or hub id: a replaced model folder or a new hub snapshot encodes again, and says so), the target
+size (the square resolution, or an aspect-ratio bucket) and the crop, so reruns and resumes skip the
+encoding. A cache file that does not read back (a truncated copy, a full disk) is encoded again.
 
 Text: with the text encoders frozen, each distinct caption is encoded once and kept on the device, as the
 family's prompt embeddings (``Family.encode_prompt``: hidden states, pooled embeddings, ...).
@@ -12,25 +14,68 @@ family's prompt embeddings (``Family.encode_prompt``: hidden states, pooled embe
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from sdtune.data import Size, load_image
-from sdtune.files import atomic_path, sha256_file
+from sdtune.errors import DiskFull, SdtuneError
+from sdtune.files import content_hash, free_bytes, mib, write_bytes, write_text
+from sdtune.locks import cache_lock
+
+logger = logging.getLogger(__name__)
 
 
-def vae_identity(pretrained: str, revision: str | None, variant: str | None, vae_config: dict, dtype: str) -> str:
-    """A short hash naming one VAE (model, revision, variant, config, compute dtype)."""
-    text = json.dumps([pretrained, revision, variant, dict(vae_config), dtype], sort_keys=True, default=str)
+def vae_identity(weights_id: str, vae_config: dict, dtype: str) -> str:
+    """A short hash naming one VAE: its files' identity (``sdtune.models.model_identity``), its config and the
+    dtype it encodes in."""
+    text = json.dumps([weights_id, dict(vae_config), dtype], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def note_identity(directory: Path, name: str, identity: str, what: str, key: str | None = None) -> str | None:
+    """Remember that ``name`` (a model path or hub id; ``key`` if the cache is keyed by more) is ``identity``
+    now, in ``directory/identities.json``; return a line for the user if it had another identity before (its
+    cache entries no longer apply, so they are built again)."""
+    key = key or name
+    record = directory / "identities.json"
+    try:
+        known = json.loads(record.read_text(encoding="utf-8"))
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    before = known.get(key)
+    if before == identity:
+        return None
+    known[key] = identity
+    with contextlib.suppress(OSError):
+        write_text(record, json.dumps(known, indent=1))
+    if before is None:
+        return None
+    return f"{name} is not the model it was when {what} were cached (its files changed), so they are made again"
+
+
+def _read_cached(file: Path) -> torch.Tensor | None:
+    """A cache entry, or None when there is none or it does not read back whole (then it is encoded again)."""
+    if not file.is_file():
+        return None
+    try:
+        params = load_file(file)["params"]
+    except Exception as e:  # truncated or damaged: safetensors raises its own error types
+        logger.info(f"latent cache: {file.name} is damaged ({type(e).__name__}); encoding it again")
+        file.unlink(missing_ok=True)
+        return None
+    return params
 
 
 def latent_key(image_hash: str, vae_id: str, size: tuple[int, int], flip: bool) -> str:
@@ -53,15 +98,25 @@ def cache_latents(
     keyed ``(str(path), flip, size)``, encoding only the ones not on disk yet. Centre crops only: a random
     crop would need a new latent every step."""
     directory.mkdir(parents=True, exist_ok=True)
-    hashes = {p: sha256_file(p) for p in {p for p, _, _ in items}}
+    hashes = {p: content_hash(p) for p in {p for p, _, _ in items}}
     out: dict[tuple[str, bool, Size], torch.Tensor] = {}
     todo: list[tuple[Path, bool, Size, Path]] = []
     for path, flip, (w, h) in items:
         file = directory / f"{latent_key(hashes[path], vae_id, (h, w), flip)}.safetensors"
-        if file.is_file():
-            out[(str(path), flip, (w, h))] = load_file(file)["params"]
+        cached = _read_cached(file)
+        if cached is not None:
+            out[(str(path), flip, (w, h))] = cached
         else:
             todo.append((path, flip, (w, h), file))
+    if todo:
+        with cache_lock(directory, "latents"):
+            _encode(vae, todo, out, batch_size, progress)
+    return out
+
+
+def _encode(vae: Any, todo: list[tuple[Path, bool, Size, Path]], out: dict, batch_size: int, progress: bool) -> None:
+    """Encode and write the missing entries (another process may have written some meanwhile: those are read)."""
+    todo = [it for it in todo if not _take(out, it)]
     # One size per VAE batch (stacked pixels need one shape); a stable sort keeps a single-size list as is.
     todo.sort(key=lambda item: item[2])
     device, dtype = vae.device, vae.dtype
@@ -75,13 +130,32 @@ def cache_latents(
         ).to(device, dtype)  # (B, 3, h, w)
         params = vae.encode(pixels).latent_dist.parameters.float().cpu()  # (B, 8, h/8, w/8)
         for (path, flip, _, file), p in zip(batch, params):
-            with atomic_path(file) as tmp:  # a killed run never leaves half a cache file
-                save_file({"params": p.contiguous()}, tmp)
+            _write_entry(file, p, len(todo) - start)
             out[(str(path), flip, size)] = p
         bar.update(len(batch))
         start += len(batch)
     bar.close()
-    return out
+
+
+def _take(out: dict, item: tuple[Path, bool, Size, Path]) -> bool:
+    path, flip, size, file = item
+    cached = _read_cached(file)
+    if cached is not None:
+        out[(str(path), flip, size)] = cached
+    return cached is not None
+
+
+def _write_entry(file: Path, params: torch.Tensor, left: int) -> None:
+    """One cache file, whole or not at all; a full disk is one line saying how much the rest needs."""
+    try:  # whole or not at all: a killed run never leaves half a cache file
+        write_bytes(file, save({"params": params.contiguous()}))
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise SdtuneError(f"latent cache: cannot write {file}: {e.strerror or e}") from None
+        need = left * (params.numel() * params.element_size() + 256)
+        raise DiskFull(f"disk full while caching latents in {file.parent}: the partial file was removed; the "
+                       f"remaining {left} latents need about {mib(need)} ({mib(free_bytes(file.parent))} free). "
+                       "fix: free space, or set SDTUNE_CACHE to a folder on a larger disk") from None
 
 
 def mean_and_std(params: torch.Tensor) -> torch.Tensor:

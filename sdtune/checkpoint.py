@@ -3,13 +3,13 @@
 A checkpoint is written into ``checkpoints/.tmp-step-NNNNNN/``, every file fsynced, with ``manifest.json``
 (size and sha256 of each file) and a ``COMPLETE`` marker, then renamed to ``checkpoints/step-NNNNNN/``. A
 kill at any moment leaves either the previous checkpoints alone or a temporary folder that the next start
-ignores and removes. Resuming verifies the manifest first: a corrupt checkpoint is named and never loaded.
+ignores and removes. Resuming verifies the manifest first (``sdtune.resume``): a corrupt checkpoint is named and never loaded.
 Old checkpoints are pruned only after the new one verifies.
 """
 
 from __future__ import annotations
 
-import errno
+import io
 import json
 import random
 import shutil
@@ -18,54 +18,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import DiskFull, SdtuneError
 from sdtune.families import Family
-from sdtune.files import fsync, sha256_file
+from sdtune.files import free_bytes, fsync, is_disk_full, mib, sha256_file, write_bytes
 from sdtune.lora import adapter_state_dict, load_adapter_state_dict, save_diffusers_lora
+from sdtune.resume import MANIFEST, STATE, config_drift, find_checkpoint, flat_keys, verify
 from sdtune.runs import CHECKPOINTS, MARKER, complete_checkpoints
 
-MANIFEST = "manifest.json"
-
-# Keys of the config that may change between a checkpoint and its resume; anything else alters the run.
-RESUMABLE_CHANGES = {
-    "train.max_steps", "train.resume", "train.log_every", "train.report_to", "train.checkpoint_every",
-    "train.checkpoints_total_limit", "train.dataloader_workers", "train.output_dir", "train.offload_frozen",
-    "train.compile", "train.compile_mode", "train.compile_backend", "train.channels_last", "train.allow_tf32", "train.max_nonfinite_steps", "sample",
-}
-
-
-class DiskFull(SdtuneError):
-    """The disk filled up during a save; the temporary files are gone and older checkpoints are intact."""
-
-
-# --------------------------------------------------------------------------------------------------------
-# Config drift
-
-
-def flat_keys(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}: config keys as the user writes them."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flat_keys(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_drift(saved: dict, current: dict) -> list[str]:
-    """Keys whose values differ between a checkpoint's config and this run's, except harmless ones.
-
-    Keys only one side has (an option added or removed by another sdtune version) are not compared: a newer
-    sdtune must resume the checkpoints of an older one."""
-    a, b = flat_keys(saved), flat_keys(current)
-    return sorted(
-        k for k in set(a) & set(b)
-        if a[k] != b[k] and k not in RESUMABLE_CHANGES and k.split(".")[0] not in RESUMABLE_CHANGES
-    )
+__all__ = ["DiskFull", "config_drift", "find_checkpoint", "flat_keys", "load_checkpoint", "save_checkpoint", "verify"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -112,25 +74,6 @@ def write_manifest(folder: Path) -> None:
     fsync(folder)
 
 
-def verify(folder: Path) -> str | None:
-    """None if the checkpoint is complete and every file matches its manifest, else the reason."""
-    if not (folder / MARKER).is_file():
-        return "incomplete (no COMPLETE marker)"
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return f"its {MANIFEST} is missing or unreadable"
-    for name, entry in manifest.items():
-        p = folder / name
-        if not p.is_file():
-            return f"{name} is missing"
-        if p.stat().st_size != entry["size"]:
-            return f"{name} has {p.stat().st_size} bytes, the manifest says {entry['size']}"
-        if sha256_file(p) != entry["sha256"]:
-            return f"{name} does not match its sha256 in the manifest (corrupted)"
-    return None
-
-
 def _discard(folder: Path) -> None:
     """Delete a checkpoint so that a kill halfway never leaves a half-deleted one that looks complete:
     first an atomic rename to a temporary name (which the next start removes), then the deletion."""
@@ -149,35 +92,26 @@ def clean_temporary(output_dir: Path) -> list[Path]:
     return leftovers
 
 
-def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: the newest complete one for 'latest', or the given folder.
-    A corrupt one is an error naming it, never skipped silently and never loaded."""
-    if resume != "latest":
-        path = Path(resume)
-        problem = verify(path)
-        if problem:
-            raise SdtuneError(f"train.resume: {path} cannot be used: {problem}")
-        return path
-    done = complete_checkpoints(output_dir)
-    if not done:
-        return None
-    problem = verify(done[-1])
-    if problem:
-        older = f"; the previous one is {done[-2]}: pass train.resume={done[-2]}" if len(done) > 1 else ""
-        raise SdtuneError(
-            f"train.resume=latest: the newest checkpoint {done[-1]} is corrupt ({problem}); it was not loaded"
-            f"{older}, or delete the corrupt folder"
-        )
-    return done[-1]
-
-
 # --------------------------------------------------------------------------------------------------------
 # Save and load
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def checkpoint_bytes(states: dict[str, dict[str, torch.Tensor]]) -> int:
+    """About what one checkpoint takes on disk: the fp32 adapters, AdamW's two moments of each, and the
+    diffusers LoRA file beside them."""
+    return 4 * sum(v.numel() * v.element_size() for sd in states.values() for v in sd.values()) + 2**16
 
 
 def save_checkpoint(
     accelerator: Any, output_dir: Path, global_step: int, trained: dict[str, torch.nn.Module], optimizer: Any,
     lr_scheduler: Any, generator: torch.Generator, config: dict, family: Family, limit: int | None,
+    data: dict | None = None,
 ) -> Path:
     """Write ``checkpoints/step-NNNNNN/`` atomically and verified, then prune old ones (main process writes
     all but the per-process random state)."""
@@ -194,29 +128,36 @@ def save_checkpoint(
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         # Every process keeps its own random streams (noise differs per process).
-        torch.save(rng_state(generator), tmp / f"rng-{accelerator.process_index}.pt")
+        write_bytes(tmp / f"rng-{accelerator.process_index}.pt", _torch_bytes(rng_state(generator)))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             for name, sd in states.items():
-                save_file(sd, tmp / f"adapter-{name}.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+                write_bytes(tmp / f"adapter-{name}.safetensors", save(sd))
+            write_bytes(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
+            write_bytes(tmp / "lr_scheduler.pt", _torch_bytes(lr_scheduler.state_dict()))
             save_diffusers_lora(tmp, family, trained)
-            state = {"global_step": global_step, "num_processes": accelerator.num_processes, "config": config}
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            # the data fingerprint ({"instance": ..., "class": ...}, sdtune.resume.fingerprint) lets a resume
+            # refuse photos added, removed or edited since
+            state = {"global_step": global_step, "num_processes": accelerator.num_processes, "config": config,
+                     "data": data or {}}
+            write_bytes(tmp / STATE, json.dumps(state, indent=2).encode())
             write_manifest(tmp)
             if final.exists():  # saving the same step again (a resume at max_steps): replace it whole
                 _discard(final)
             tmp.rename(final)
             fsync(root)
-    except OSError as e:
+    except Exception as e:  # an OSError, or a disk error inside a library's writer (diffusers' LoRA file)
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
+        if is_disk_full(e):
             raise DiskFull(
                 f"disk full while saving checkpoint step {global_step} in {root}: its temporary files were "
-                "removed and the earlier checkpoints are intact; free space, then train.resume=latest"
+                f"removed and the earlier checkpoints are intact; a checkpoint needs about "
+                f"{mib(checkpoint_bytes(states))} ({mib(free_bytes(root))} free): free space, then "
+                "train.resume=latest"
             ) from None
-        raise SdtuneError(f"could not save checkpoint step {global_step} in {root}: {e}") from None
+        if isinstance(e, OSError):
+            raise SdtuneError(f"could not save checkpoint step {global_step} in {root}: {e}") from None
+        raise
     if accelerator.is_main_process and limit:
         problem = verify(final)
         if problem:  # keep every older checkpoint if the new one does not read back

@@ -1,7 +1,9 @@
 """The run recipe: one typed config tree, loaded from YAML plus ``a.b=value`` overrides.
 
 Every structural problem (unknown key with a "did you mean", wrong type, bad range, missing section) is
-collected and reported at once, naming the key as the user writes it and the fix; ``sdtune.plan`` then
+collected and reported at once, naming the key as the user writes it and the fix. A hostile recipe (or override
+value) is refused in one line too: not UTF-8, duplicate keys, and documents past the bounds below (size, aliases,
+nesting, values counted with aliases expanded) are caught before anything is built from them. ``sdtune.plan`` then
 checks what needs the disk and the model's config files, still before any weight loads. Only the CLI and
 ``train()`` see the whole tree; everything below takes explicit arguments.
 
@@ -11,14 +13,17 @@ that has options of its own (named by ``Family.options_section``).
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import os
 import re
+import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,6 +32,7 @@ from pydantic import (
     create_model,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from sdtune import families
 from sdtune.errors import SdtuneError
@@ -34,6 +40,35 @@ from sdtune.errors import SdtuneError
 # YAML 1.1 (PyYAML) reads 1e-4 and 1e3 as strings. pydantic's lax mode parses such strings for float fields;
 # for int fields (train.max_steps: 1e3) the section validator below turns whole-number ones into numbers.
 _SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+# Bounds on a recipe, and on each override value, checked before anything is built from it. A real recipe is a
+# few KiB, four levels deep at most, with a handful of aliases and a few hundred values; these are far above
+# that and far below what hangs the CLI (a 1 KiB "billion laughs" recipe expands to 10^9 values).
+MAX_RECIPE_BYTES = 1 << 20
+MAX_ALIASES = 1000
+MAX_DEPTH = 64
+MAX_VALUES = 10_000
+MAX_KEY_CHARS = 200
+MAX_NUMBER_CHARS = 100  # Python refuses to read integers of over 4300 digits with a ValueError
+
+# accelerate's set_seed seeds numpy, which takes 0 .. 2**32 - 1; torch's generators take that range too.
+SEED_MAX = 2**32 - 1
+
+_TOO_MANY = (f"more than {MAX_VALUES} values (an alias counts all of its values each time it is used); "
+             "a recipe has a few hundred")
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+# Values shown in a problem line are cut short: a 1 MiB string or a nested alias tree fits on one line.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 80, 80, 4, 4, 2
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to about a line."""
+    return _SHORT.repr(value)
 
 
 class ConfigError(SdtuneError):
@@ -45,19 +80,62 @@ class ConfigError(SdtuneError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN or infinite learning rate, weight or scale is never meant (YAML's .nan, .inf)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
     def _scientific_int(cls, value: Any, info: ValidationInfo) -> Any:
         annotation = str(cls.model_fields[info.field_name].annotation) if info.field_name else ""
         if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()) and "int" in annotation:
-            return float(value)  # pydantic takes 1000.0 for an int, and refuses 1.5 with a clear message
+            number = float(value)
+            # a whole number as an int, so that range checks see it (pydantic reads no int from 1e30 as a float);
+            # pydantic refuses 1.5 and infinity with a clear message
+            return int(number) if number.is_integer() else number
         return value
 
 
+def _seed_in_range(seed: int) -> int:
+    """``seed`` if every seeding function takes it."""
+    if not 0 <= seed <= SEED_MAX:
+        raise PydanticCustomError("seed_range", "must be a whole number from 0 to {max}", {"max": SEED_MAX})
+    return seed
+
+
+Seed = Annotated[int, AfterValidator(_seed_in_range)]
+
+# Linux's limits (macOS and Windows have lower ones); past them os.stat raises instead of saying "no such file"
+_PATH_BYTES, _NAME_BYTES = 4096, 255
+
+
+def _path_fits(path: str) -> str:
+    """``path`` if the file system can be asked about it: no NUL, not too long."""
+    if "\0" in path:
+        raise PydanticCustomError("path_nul", "contains a NUL character (\\0); remove it")
+    longest = max((len(part.encode()) for part in Path(path).parts), default=0)
+    if len(path.encode()) > _PATH_BYTES or longest > _NAME_BYTES:
+        message = "a path too long for the file system (at most {path} bytes, {name} per name in it); shorten it"
+        raise PydanticCustomError("path_length", message, {"path": _PATH_BYTES, "name": _NAME_BYTES})
+    return path
+
+
+PathText = Annotated[str, AfterValidator(_path_fits)]
+
+
+def _one_word(identifier: str) -> str:
+    """``identifier`` if captions can contain it as written: no edge spaces, no line breaks."""
+    if identifier != identifier.strip() or any(c in identifier for c in "\r\n\t"):
+        raise PydanticCustomError("identifier_space", "must be a word without spaces at its ends, tabs or line "
+                                  "breaks, e.g. sks or ohwx")
+    return identifier
+
+
+Identifier = Annotated[str, Field(min_length=1, max_length=MAX_KEY_CHARS), AfterValidator(_one_word)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_KEY_CHARS)]
+
+
 class ModelConfig(_Section):
-    pretrained: str = Field(description="hub id or local diffusers-format folder (SD1.x, SD2.x or SDXL)")
+    pretrained: PathText = Field(description="hub id or local diffusers-format folder (SD1.x, SD2.x or SDXL)")
     revision: str | None = None
     variant: str | None = Field(None, description="weights variant, e.g. fp16")
     allow_unsafe_pickle: bool = Field(
@@ -66,15 +144,15 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    instance_dir: str = Field(description="folder of subject images (imagefolder layout or plain images)")
-    identifier: str = Field(min_length=1, description="the rare word that names the subject, e.g. sks")
+    instance_dir: PathText = Field(description="folder of subject images (imagefolder layout or plain images)")
+    identifier: Identifier = Field(description="the rare word that names the subject, e.g. sks")
     instance_prompt: str | None = Field(
         None, description="caption for images without one in metadata.jsonl, e.g. 'a photo of sks dog'"
     )
     resolution: int | None = Field(None, ge=64, le=4096, multiple_of=8, description="default: the model's own")
     center_crop: bool = Field(True, description="false: a random square crop each step (not with aspect_buckets)")
     random_flip: bool = False
-    repeats: int = Field(1, ge=1, description="how often each instance image appears per epoch")
+    repeats: int = Field(1, ge=1, le=10**6, description="how often each instance image appears per epoch")
     aspect_buckets: bool = Field(
         False,
         description="train each image at the aspect-ratio bucket of `sdtune prep --crop bucket` nearest its own "
@@ -85,11 +163,11 @@ class DataConfig(_Section):
 class PriorConfig(_Section):
     enabled: bool = False
     class_prompt: str | None = Field(None, description="e.g. 'a photo of a dog'")
-    class_dir: str | None = Field(None, description="default: a cache folder keyed by model, prompt and size")
-    num_class_images: int = Field(100, ge=1)
+    class_dir: PathText | None = Field(None, description="default: a cache folder keyed by model, prompt and size")
+    num_class_images: int = Field(100, ge=1, le=10**6)
     loss_weight: float = Field(1.0, ge=0)
-    generation_batch_size: int = Field(4, ge=1)
-    generation_steps: int = Field(30, ge=1)
+    generation_batch_size: int = Field(4, ge=1, le=4096)
+    generation_steps: int = Field(30, ge=1, le=10**4)
     generation_guidance: float = Field(7.5, ge=0)
 
 
@@ -97,26 +175,26 @@ class LoraConfig(_Section):
     rank: int = Field(4, ge=1, le=1024)
     alpha: float | None = Field(None, gt=0, description="default: equal to rank (scale 1)")
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], min_length=1)
+    target_modules: list[Name] = Field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], min_length=1)
     use_dora: bool = False
     train_text_encoder: bool = False
-    text_encoder_target_modules: list[str] = Field(
+    text_encoder_target_modules: list[Name] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1
     )
     text_encoder_lr: float | None = Field(None, gt=0, description="default: train.learning_rate")
 
 
 class TrainConfig(_Section):
-    output_dir: str = "runs/sdtune"
-    seed: int = 0
-    max_steps: int = Field(400, ge=1)
-    batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    output_dir: PathText = "runs/sdtune"
+    seed: Seed = 0
+    max_steps: int = Field(400, ge=1, le=10**9)
+    batch_size: int = Field(1, ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=10**4)
     learning_rate: float = Field(1e-4, gt=0)
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
-    lr_warmup_steps: int = Field(0, ge=0)
+    lr_warmup_steps: int = Field(0, ge=0, le=10**9)
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
@@ -141,7 +219,7 @@ class TrainConfig(_Section):
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting; 5.0 is usual")
     checkpoint_every: int = Field(500, ge=0, description="0: no intermediate checkpoints")
     checkpoints_total_limit: int | None = Field(3, ge=1)
-    resume: str | None = Field(None, description="'latest' or a checkpoint folder")
+    resume: PathText | None = Field(None, description="'latest' or a checkpoint folder")
     dataloader_workers: int = Field(0, ge=0)
     report_to: Literal["none", "tensorboard", "wandb"] = "tensorboard"
     log_every: int = Field(10, ge=1)
@@ -158,8 +236,8 @@ class SampleConfig(_Section):
     every: int = Field(0, ge=0, description="render a grid every N steps; 0: only after training")
     prompts: list[str] = Field(default_factory=list, description="default: the instance prompt and class prompt")
     negative_prompt: str = ""
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
-    steps: int = Field(25, ge=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1], min_length=1)
+    steps: int = Field(25, ge=1, le=10**4)
     guidance_scale: float = Field(7.5, ge=0)
 
 
@@ -229,39 +307,211 @@ def _problem_from_pydantic(section: str, err: dict[str, Any]) -> str:
         desc = cls.model_fields[str(err["loc"][0])].description if err["loc"] else None
         return f"{key}: required{f' ({desc})' if desc else ''}"
     value = err.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    shown = "" if isinstance(value, dict) else f" (got {_shown(value)})"
     return f"{key}: {err['msg'][0].lower() + err['msg'][1:]}{shown}"
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``train.learning_rate=1e-4`` -> (["train", "learning_rate"], 0.0001); the value is read as YAML."""
-    if "=" not in text:
-        raise SdtuneError(f"override '{text}': expected key=value, e.g. train.max_steps=800")
-    key, _, raw = text.partition("=")
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise SdtuneError(f"override '{text}': bad key '{key}'")
+class _NotYaml(ConfigError):
+    """Text that PyYAML cannot read (an override value then stays text)."""
+
+
+class _Refused(Exception):
+    """A bound of the YAML loader was hit, at ``line`` (1-based)."""
+
+    def __init__(self, line: int, message: str):
+        super().__init__(message)
+        self.line = line
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that counts alias uses and nesting depth while it composes the document, so that a
+    10,000-deep ``[[[...]]]`` is a problem line rather than a RecursionError."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.aliases = 0
+        self.depth = 0
+        self.nodes = 0  # stops a long flat list before PyYAML's pure-Python parser reads all of it
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        line = self.peek_event().start_mark.line + 1
+        self.nodes += 1
+        if self.nodes > MAX_VALUES:
+            raise _Refused(line, _TOO_MANY)
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise _Refused(line, f"more than {MAX_ALIASES} aliases (*name); write the values out")
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise _Refused(line, f"nested more than {MAX_DEPTH} levels deep; a recipe needs four at most")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # PyYAML checks few scalars: `2024-13-45`, `!!int abc`, `!!bool x` or a 5000-digit number raise
+        # ValueError, KeyError or AttributeError from deep inside it
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.ScalarNode) and node.tag in _NUMBER_TAGS and len(node.value) > MAX_NUMBER_CHARS:
+            raise _Refused(line, f"a number of {len(node.value)} characters; no setting takes one that long")
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise _Refused(line, f"{_shown(node.value)} is not a valid YAML {kind}; quote it if it is text") from None
+
+
+def _key_problem(key: yaml.Node, path: str) -> str | None:
+    """Why a mapping key is not a name a recipe can have, None if it is one."""
+    where = f" in {path}" if path else ""
+    if not isinstance(key, yaml.ScalarNode):
+        kind = "list" if isinstance(key, yaml.SequenceNode) else "mapping"
+        return f"a {kind} used as a key{where}; keys are names like max_steps"
+    if key.tag != _STR_TAG:
+        kind = key.tag.rsplit(":", 1)[-1]
+        return f"key {_shown(key.value)}{where} reads as YAML {kind}, not a name; keys are names like max_steps"
+    if len(key.value) > MAX_KEY_CHARS:
+        return f"a key of {len(key.value)} characters{where}; keys are names like max_steps"
+    return None
+
+
+def _mapping_problems(node: yaml.MappingNode, path: str) -> list[tuple[int, str]]:
+    """Keys that are not names, and keys written twice (PyYAML silently keeps the last), with their lines."""
+    problems = []
+    first: dict[str, int] = {}
+    for key, value in node.value:
+        line = key.start_mark.line + 1
+        if key.tag == _MERGE_TAG:  # `<<: *base`: keys it brings may be overridden here, so they are no duplicates
+            continue
+        problem = _key_problem(key, path)
+        if problem:
+            problems.append((line, problem))
+        elif key.value in first:
+            name = f"{path}.{key.value}" if path else key.value
+            fix = "merge the two" if isinstance(value, yaml.MappingNode) else "keep one"
+            problems.append((line, f"'{name}' appears twice (first on line {first[key.value]}); {fix}"))
+        else:
+            first[key.value] = line
+    return problems
+
+
+def _node_problems(root: yaml.Node) -> list[tuple[int, str]]:
+    """Walk the composed document with aliases expanded, as building and validating it would, stopping early
+    past MAX_VALUES; check each mapping's keys once."""
+    problems: list[tuple[int, str]] = []
+    checked: set[int] = set()
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    count = 0
+    while stack:
+        node, path = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            problems.append((node.start_mark.line + 1, _TOO_MANY))
+            break
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, path) for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            if id(node) not in checked:
+                checked.add(id(node))
+                problems.extend(_mapping_problems(node, path))
+            for key, value in node.value:
+                named = isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG
+                stack.append((value, (f"{path}.{key.value}" if path else key.value) if named else path))
+    return problems
+
+
+def _yaml_problem(e: yaml.YAMLError, text: str) -> tuple[int, str]:
+    """PyYAML's error, which spans several lines, as (line, one-line reason)."""
+    if isinstance(e, yaml.reader.ReaderError):
+        line = text.count("\n", 0, e.position) + 1
+        return line, f"character #x{e.character:04x} is not allowed in YAML; remove it"
+    mark = getattr(e, "problem_mark", None)
+    reason = "; ".join(str(r) for r in (getattr(e, "context", None), getattr(e, "problem", None)) if r) or str(e)
+    return (mark.line + 1 if mark else 0), f"not valid YAML ({' '.join(reason.split())})"
+
+
+def _load_yaml(text: str, where: str, lines: bool = True) -> Any:
+    """``text`` read as YAML within the bounds above; every problem raised as one ConfigError line starting
+    with ``where`` (and the line, with ``lines``)."""
+
+    def line(n: int, message: str) -> str:
+        return f"{where}{f' line {n}' if lines and n else ''}: {message}"
+
+    if len(text) > MAX_RECIPE_BYTES:
+        raise ConfigError([line(0, f"longer than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a few KiB")])
+    loader = None
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+        loader = _RecipeLoader(text)  # which refuses control characters at once
+        root = loader.get_single_node()
+        problems = _node_problems(root) if root is not None else []
+        if problems:
+            raise ConfigError([line(n, message) for n, message in sorted(problems, key=lambda p: p[0])])
+        return loader.construct_document(root) if root is not None else None
+    except _Refused as e:
+        raise ConfigError([line(e.line, str(e))]) from None
+    except yaml.YAMLError as e:
+        raise _NotYaml([line(*_yaml_problem(e, text))]) from None
+    except RecursionError:  # a backstop: the bounds above are meant to stop any document before this
+        raise ConfigError([line(0, "nested too deeply to read; simplify it")]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.learning_rate=1e-4`` -> (["train", "learning_rate"], 0.0001); the value is read as YAML, within
+    the same bounds as a recipe."""
+    shown = _shown(text)
+    if "=" not in text:
+        raise SdtuneError(f"override {shown}: expected key=value, e.g. train.max_steps=800")
+    key, _, raw = text.partition("=")
+    parts = [part.strip() for part in key.split(".")]
+    if not all(parts) or any(len(part) > MAX_KEY_CHARS for part in parts):
+        raise SdtuneError(f"override {shown}: bad key {_shown(key)}; keys are dotted names like train.max_steps")
+    try:
+        value = _load_yaml(raw, f"override {shown}", lines=False) if raw.strip() else None
+    except _NotYaml:
+        value = raw  # text that is not YAML, e.g. a prompt with ': ' in it, is meant as that text
     return parts, value
+
+
+def _read_text(p: Path) -> str:
+    """The recipe file's text; a folder, a device, an unreadable, oversized or non-UTF-8 file is one line."""
+    if p.is_dir():
+        raise SdtuneError(f"recipe {p}: is a folder; give the .yaml file, e.g. recipes/sd15_dreambooth_lora.yaml")
+    if not p.exists():
+        raise SdtuneError(f"recipe {p}: no such file")
+    if not p.is_file():
+        raise SdtuneError(f"recipe {p}: not a regular file; give a .yaml file")
+    try:
+        with p.open("rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)  # no more than that, whatever the file's size
+    except OSError as e:
+        raise SdtuneError(f"recipe {p}: cannot be read ({e.strerror}); check its permissions") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise SdtuneError(f"recipe {p}: larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a few KiB of YAML")
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise SdtuneError(f"recipe {p}: UTF-16 text; save it as UTF-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise SdtuneError(f"recipe {p}: not UTF-8 text (byte 0x{data[e.start]:02x} at position {e.start}, "
+                          f"line {line}); save it as UTF-8") from None
 
 
 def _read_recipe(path: str | os.PathLike | None) -> dict[str, Any]:
     if path is None:
         return {}
     p = Path(path)
-    if not p.is_file():
-        raise SdtuneError(f"recipe {p}: no such file")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SdtuneError(f"recipe {p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    raw = _load_yaml(_read_text(p), f"recipe {p}")
+    if raw is None:  # an empty recipe, or only comments
+        return {}
     if not isinstance(raw, dict):
-        raise SdtuneError(f"recipe {p}: expected a mapping of sections (model:, data:, train:, ...)")
+        raise SdtuneError(f"recipe {p}: expected a mapping of sections (model:, data:, train:, ...), "
+                          f"got {_shown(raw)}")
     return raw
 
 
@@ -270,14 +520,19 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
     for text in overrides:
         try:
             parts, value = parse_override(text)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
         except SdtuneError as e:
             problems.append(str(e))
             continue
         node = raw
         for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or written empty (`train:`) in the recipe
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
-                problems.append(f"{'.'.join(parts[: i + 1])}: is a value, not a section (override '{text}')")
+                problems.append(f"{'.'.join(parts[: i + 1])}: is a value, not a section (override {_shown(text)})")
                 break
             node = child
         else:
@@ -292,7 +547,8 @@ def _validate_sections(raw: dict[str, Any], problems: list[str]) -> dict[str, An
             hint = f"; did you mean '{close[0]}'?" if close else f"; sections are {', '.join(SECTIONS)}"
             problems.append(f"{name}: unknown section{hint}")
         elif value is not None and not isinstance(value, dict):
-            problems.append(f"{name}: must be a section of keys, got {value!r}")
+            example = next(iter(SECTIONS[name].model_fields), "key")
+            problems.append(f"{name}: must be a section of keys (like {name}.{example}), got {_shown(value)}")
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         value = raw.get(name) or {}

@@ -17,20 +17,27 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import warnings
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import torch
 from PIL import Image
 
-from sdtune.images import Unreadable, read_image
-from sdtune.prep import nearest_bucket
+from sdtune.errors import SdtuneError
+from sdtune.images import DECODERS, IMAGE_EXTENSIONS, Unreadable, missing_decoder, read_image
+from sdtune.prep import EXTREME_ASPECT, JUNK_DIRS, JUNK_FILES, TEXT_SUFFIXES, nearest_bucket
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 Size = tuple[int, int]  # (width, height) of a training crop, as PIL and `sdtune prep` write sizes
+
+# data.resolution's lower bound (sdtune.config). A scan told no resolution judges shapes at it, so it refuses
+# only what no resolution could train.
+LEAST_RESOLUTION = 64
+_BOM = b"\xef\xbb\xbf"  # Windows editors start UTF-8 files with it
 
 
 @dataclass(frozen=True)
@@ -48,15 +55,83 @@ class Scan:
     warnings: list[str] = field(default_factory=list)
 
 
+def _shown(name: str) -> str:
+    """A file name fit for a one-line report: bytes that are not UTF-8 as \\xNN, and the whole name quoted
+    and escaped if it holds a newline or another control character (it would break the line)."""
+    try:
+        raw = os.fsencode(name)  # undecodable bytes of a name on disk come back as they were
+    except UnicodeEncodeError:  # a lone surrogate from elsewhere (a JSON escape)
+        raw = name.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    return text if text.isprintable() else repr(text)
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(_shown(n) for n in names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _entries(folder: Path) -> list[Path]:
+    """Everything directly in ``folder`` but hidden files (macOS's ``._`` forks among them) and OS junk."""
+    try:
+        return sorted(p for p in folder.iterdir()
+                      if not p.name.startswith(".") and p.name.lower() not in JUNK_FILES | JUNK_DIRS)
+    except OSError as e:
+        raise SdtuneError(f"cannot list {folder} ({e.strerror or e}); fix its permissions") from None
+
+
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name (hidden files skipped)."""
+    """Image files (``IMAGE_EXTENSIONS``, the names sdtune's reader opens) directly inside ``folder``, sorted
+    by name; hidden files skipped. Instance and class images alike."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
+    return [p for p in _entries(folder) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # bytes the file system could not decode, kept as surrogates
+        return False
+
+
+def _not_a_file(path: Path) -> str:
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except (OSError, RuntimeError):  # RuntimeError: Python < 3.13 on a link loop
+            return "a broken link or a link loop"
+    return "a folder" if path.is_dir() else "not a regular file (a device or a pipe)"
+
+
+def _survey(folder: Path, key: str, scan: Scan) -> list[Path]:
+    """The image files directly in ``folder``. Image names that are not files are problems; other files
+    that are neither images nor text (captions, metadata, prep's report), and subfolders, are warnings."""
+    images, unknown, subfolders = [], [], []
+    for p in _entries(folder):
+        suffix = p.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS:
+            if not _utf8(p.name):
+                scan.problems.append(f"{key}: the name {_shown(p.name)} is not valid UTF-8, which run records and "
+                                     "reports need; fix: rename it")
+            elif p.is_file():
+                images.append(p)
+            else:
+                scan.problems.append(f"{key}: {_shown(p.name)} is {_not_a_file(p)}, not an image; "
+                                     "fix: remove or rename it")
+        elif p.is_dir():
+            subfolders.append(p.name + "/")
+        elif suffix not in TEXT_SUFFIXES:
+            unknown.append(p.name)
+    if unknown:
+        scan.warnings.append(f"{key}: not in a format sdtune reads ({', '.join(DECODERS)}), so not used: "
+                             f"{_names(unknown)}; fix: convert them to PNG or JPEG")
+    if subfolders:
+        scan.warnings.append(f"{key}: subfolders are not read, so not used: {_names(subfolders)}; "
+                             f"fix: move their images into {folder}")
+    return images
 
 
 def _decode(path: Path, resolution: int):
@@ -65,13 +140,50 @@ def _decode(path: Path, resolution: int):
 
 
 def _unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be trained on, with the fix; None if the reader takes it."""
     try:
+        if path.stat().st_size == 0:
+            return "an empty file (0 bytes); fix: copy the photo again, or remove it"
         _decode(path, 64)
         return None
+    except OSError as e:  # open() refused: permissions, or it vanished
+        return f"{e.strerror or type(e).__name__}; fix: make it readable (chmod +r) or remove it"
     except Unreadable as e:
-        return str(e)
-    except OSError as e:
-        return f"{type(e).__name__}: {e}"
+        return missing_decoder(path.suffix) or f"{e}; fix: remove it or run `sdtune prep`"
+
+
+def _file_name(name: str) -> tuple[str | None, str | None]:
+    """(the bare file name, None) for a metadata.jsonl ``file_name``, or (None, why it is refused)."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if not parts:
+        return None, "has an empty file_name"
+    if parts[0] == "/" or PureWindowsPath(name).drive or ".." in parts:
+        return None, (f"names {_shown(name)}, outside the folder: refused; fix: copy the image into the folder "
+                      "and give its bare file name")
+    if len(parts) > 1:
+        return None, (f"names {_shown(name)}, in a subfolder, which is not read; fix: move the image into the "
+                      "folder itself and give its bare file name")
+    return parts[0], None
+
+
+def _metadata_row(raw: bytes) -> tuple[tuple[str, str] | None, str | None]:
+    """One metadata.jsonl line -> ((file name, caption), None), (None, why it is refused) or (None, None) if blank."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, (f"is not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                      "fix: save the file as UTF-8")
+    if not line.strip():
+        return None, None
+    try:
+        row = json.loads(line)
+    except ValueError:
+        row = None
+    if not (isinstance(row, dict) and isinstance(row.get("file_name"), str) and isinstance(row.get("text"), str)):
+        return None, ('is not a JSON object with file_name and text; fix: e.g. {"file_name": "001.png", '
+                      '"text": "a photo of sks dog"}')
+    name, why = _file_name(row["file_name"])
+    return ((name, row["text"]), None) if name else (None, why)
 
 
 def _read_metadata(folder: Path, key: str, scan: Scan) -> dict[str, str] | None:
@@ -79,18 +191,29 @@ def _read_metadata(folder: Path, key: str, scan: Scan) -> dict[str, str] | None:
     metadata = folder / "metadata.jsonl"
     if not metadata.is_file():
         return None
+    try:
+        data = metadata.read_bytes()
+    except OSError as e:
+        scan.problems.append(f"{key}: cannot read {metadata} ({e.strerror or e}); fix: make it readable")
+        return None
     captions: dict[str, str] = {}
-    for n, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            captions[str(row["file_name"])] = str(row["text"])
-        except (ValueError, KeyError, TypeError):
-            scan.problems.append(f"{key}: {metadata} line {n} is not a JSON object with file_name and text")
+    lines: dict[str, int] = {}
+    # bytes.splitlines: only \n and \r end a line; str.splitlines would also split a caption at U+2028
+    for n, raw in enumerate(data.removeprefix(_BOM).splitlines(), 1):
+        row, problem = _metadata_row(raw)
+        if problem:
+            scan.problems.append(f"{key}: {metadata} line {n} {problem}")
+        elif row:
+            if row[0] in lines:
+                scan.warnings.append(f"{key}: {metadata} lists {_shown(row[0])} on lines {lines[row[0]]} and {n}; "
+                                     f"the caption on line {n} is used")
+            captions[row[0]], lines[row[0]] = row[1], n
     for name in captions:
         if not (folder / name).is_file():
-            scan.problems.append(f"{key}: {metadata} names {name}, which is not in the folder")
+            scan.problems.append(f"{key}: {metadata} names {_shown(name)}, which is not in the folder")
+        elif Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            scan.problems.append(f"{key}: {metadata} names {_shown(name)}, which is not in a format sdtune reads "
+                                 f"({', '.join(DECODERS)}); fix: convert it to PNG and rename it in metadata.jsonl")
     return captions
 
 
@@ -99,21 +222,131 @@ def _listed(images: list[Path], captions: dict[str, str], scan: Scan) -> list[Pa
     (`sdtune prep`'s contact_sheet.jpg among them)."""
     unlisted = [p.name for p in images if p.name not in captions and p.name != "contact_sheet.jpg"]
     if unlisted:
-        scan.warnings.append(f"not in metadata.jsonl, so not used: {', '.join(unlisted[:5])}"
-                             + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else ""))
+        scan.warnings.append(f"not in metadata.jsonl, so not used: {_names(unlisted)}")
     return [p for p in images if p.name in captions]
 
 
+def _sidecar(path: Path, folder: Path) -> tuple[str | None, str | None]:
+    """(caption, None) from the ``.txt`` beside ``path``, (None, None) without one, or (None, the problem)."""
+    sidecar = path.with_suffix(".txt")
+    if not sidecar.is_file():
+        return None, None
+    name = _shown(sidecar.name)
+    if sidecar.is_symlink() and not sidecar.resolve().is_relative_to(folder.resolve()):
+        return None, f"{name} is a link to a file outside the folder; refused"
+    try:
+        data = sidecar.read_bytes()
+    except OSError as e:
+        return None, f"cannot read {name} ({e.strerror or e}); fix: make it readable (chmod +r)"
+    try:
+        return data.removeprefix(_BOM).decode("utf-8").strip(), None
+    except UnicodeDecodeError as e:
+        return None, (f"{name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                      "fix: save it as UTF-8")
+
+
+def _caption(path: Path, folder: Path, captions: dict[str, str] | None, instance_prompt: str | None,
+             identifier: str, key: str, scan: Scan) -> str | None:
+    """The caption of one image (metadata.jsonl, else its .txt, else ``instance_prompt``); None after a problem."""
+    caption = (captions or {}).get(path.name)
+    if caption is None:
+        caption, problem = _sidecar(path, folder)
+        if problem:
+            scan.problems.append(f"{key}: {problem}")
+            return None
+    caption = caption if caption is not None else instance_prompt
+    if caption is None:
+        scan.problems.append(
+            f"{key}: {_shown(path.name)} has no caption; fix: set data.instance_prompt (e.g. 'a photo of "
+            f"{identifier} dog') or give it one in metadata.jsonl"
+        )
+    return caption
+
+
+def _pixel_limit() -> int:
+    # A resize is held to the reader's decompression-bomb limit (Pillow's default should someone lift it).
+    return Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+def _resize_refusal(size: Size, target: Size) -> str | None:
+    """Why an image of ``size`` cannot be resized to cover ``target`` (too many pixels), or None."""
+    w, h = size
+    rw, rh = resized_size(w, h, target)
+    if rw * rh <= _pixel_limit():
+        return None
+    return (f"is {w}x{h} px, an aspect ratio of {max(w, h) / min(w, h):,.0f}:1: covering {target[0]}x{target[1]} "
+            f"would resize it to {rw}x{rh}, over the limit of {_pixel_limit():,} pixels; fix: crop it to the "
+            f"subject (`sdtune prep` reports aspect ratios over {EXTREME_ASPECT}:1)")
+
+
+def _header_size(path: Path) -> Size | None:
+    """The upright size from the header, or None if it cannot be read (the decode then says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return upright_size(path)
+    except Exception:  # a malformed header can make a decoder plugin raise anything
+        return None
+
+
+def _shape_warning(name: str, size: Size) -> str | None:
+    w, h = size
+    aspect = max(w, h) / min(w, h)
+    if aspect <= EXTREME_ASPECT:
+        return None
+    return (f"{name} is {w}x{h} px, an extreme aspect ratio of {aspect:.1f}:1 (over {EXTREME_ASPECT}:1, as "
+            f"`sdtune prep` reports): a square crop keeps {100 / aspect:.0f}% of it; fix: crop it to the subject")
+
+
+def _small_warning(small: list[tuple[str, Size]], resolution: int | None, key: str) -> str:
+    """One line for every image whose short side is under half the resolution: `sdtune prep` skips those
+    (its default --min-side), training upscales them."""
+    r = resolution or LEAST_RESOLUTION
+    more = "" if resolution else " or more"
+    items = [f"{_shown(name)} {w}x{h} (x{r / min(w, h):.3g}{more})" for name, (w, h) in small[:5]]
+    return (f"{key}: {len(small)} image(s) under {r // 2} px on the short side will be upscaled to cover {r}x{r}"
+            f"{'' if resolution else ' (the least data.resolution)'}: {', '.join(items)}"
+            + (f" and {len(small) - 5} more" if len(small) > 5 else "")
+            + "; `sdtune prep` skips such photos (its --min-side is half the resolution); fix: use larger photos")
+
+
+def _image(path: Path, resolution: int | None, key: str, scan: Scan) -> Size | None:
+    """The upright size of an image training can use; None after a problem. Checks the header's shape first,
+    so an image no resize could cover is refused before anything decodes or resizes it."""
+    name = _shown(path.name)
+    size = _header_size(path)
+    if size is not None:
+        r = resolution or LEAST_RESOLUTION
+        refusal = _resize_refusal(size, (r, r))  # a square is what the largest resize covers (buckets are smaller)
+        if refusal:
+            scan.problems.append(f"{key}: {name} {refusal}")
+            return None
+    reason = _unreadable(path)
+    if reason or size is None:
+        scan.problems.append(f"{key}: cannot read {name}: {reason or 'unreadable header; fix: re-save it, or run `sdtune prep`'}")
+        return None
+    shape = _shape_warning(name, size)
+    if shape:
+        scan.warnings.append(f"{key}: {shape}")
+    return size
+
+
 def scan_instance_dir(
-    instance_dir: str | Path, identifier: str, instance_prompt: str | None, key: str = "data.instance_dir"
+    instance_dir: str | Path, identifier: str, instance_prompt: str | None, key: str = "data.instance_dir",
+    resolution: int | None = None,
 ) -> Scan:
-    """Pair every image in ``instance_dir`` with its caption and check both."""
+    """Pair every image in ``instance_dir`` with its caption and check both, images from their headers first.
+    ``resolution``: the training resolution, which sizes are judged at (default: ``LEAST_RESOLUTION``)."""
     folder = Path(instance_dir)
     scan = Scan()
     if not folder.is_dir():
         scan.problems.append(f"{key}: {folder} is not a folder; fix the path (or run `sdtune prep` to make one)")
         return scan
-    images = list_images(folder)
+    try:
+        images = _survey(folder, key, scan)
+    except SdtuneError as e:
+        scan.problems.append(f"{key}: {e}")
+        return scan
     if not images:
         scan.problems.append(
             f"{key}: {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add 3-20 photos of the subject"
@@ -122,28 +355,25 @@ def scan_instance_dir(
     captions = _read_metadata(folder, key, scan)
     if captions is not None:
         images = _listed(images, captions, scan)
+    small: list[tuple[str, Size]] = []
     for path in images:
         if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
-            scan.problems.append(f"{key}: {path.name} is a link to a file outside the folder; refused")
+            scan.problems.append(f"{key}: {_shown(path.name)} is a link to a file outside the folder; refused")
             continue
-        sidecar = path.with_suffix(".txt")
-        caption = (captions or {}).get(path.name)
-        if caption is None and sidecar.is_file():
-            caption = sidecar.read_text(encoding="utf-8").strip()
-        caption = caption if caption is not None else instance_prompt
+        caption = _caption(path, folder, captions, instance_prompt, identifier, key, scan)
         if caption is None:
-            scan.problems.append(
-                f"{key}: {path.name} has no caption; fix: set data.instance_prompt (e.g. 'a photo of "
-                f"{identifier} dog') or give it one in metadata.jsonl"
-            )
             continue
         if identifier not in caption:
-            scan.warnings.append(f"{path.name}: caption '{caption}' does not contain the identifier '{identifier}'")
-        reason = _unreadable(path)
-        if reason:
-            scan.problems.append(f"{key}: cannot read {path.name} ({reason}); remove it or run `sdtune prep`")
+            scan.warnings.append(f"{_shown(path.name)}: caption '{_shown(' '.join(caption.split()))}' does not "
+                                 f"contain the identifier '{identifier}'")
+        size = _image(path, resolution, key, scan)
+        if size is None:
             continue
+        if min(size) < (resolution or LEAST_RESOLUTION) // 2:
+            small.append((path.name, size))
         scan.examples.append(Example(path, caption))
+    if small:
+        scan.warnings.append(_small_warning(small, resolution, key))
     return scan
 
 
@@ -172,9 +402,13 @@ def center_crop_top_left(width: int, height: int, size: int | Size) -> tuple[int
 
 def upright_size(path: Path) -> tuple[int, int]:
     """(width, height) as the image is seen (EXIF rotation applied), from the header only."""
-    with Image.open(path) as im:
+    with Image.open(path, formats=DECODERS) as im:
         w, h = im.size
-        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap the axes
+        try:
+            orientation = im.getexif().get(0x0112, 1)
+        except Exception:  # broken EXIF: the reader keeps such pixels as stored, so the size is as stored
+            orientation = 1
+        if orientation in (5, 6, 7, 8):  # orientations that swap the axes
             w, h = h, w
     return w, h
 
@@ -187,8 +421,14 @@ def load_image(path: Path, size: int | Size, center_crop: bool, flip: bool, rng:
     """
     tw, th = _target(size)
     # The resized image's shorter side is at most max(tw, th), so a decode (JPEG draft) that size is enough.
-    decoded = _decode(path, max(tw, th))
+    try:
+        decoded = _decode(path, max(tw, th))
+    except (OSError, Unreadable) as e:  # a class image, or an instance image changed since the scan
+        raise SdtuneError(f"cannot read {_shown(str(path))} ({e}); fix: remove it or run `sdtune prep`") from None
     im = decoded.image
+    refusal = _resize_refusal(im.size, (tw, th))  # (working size: the pixels that would be resized)
+    if refusal:
+        raise SdtuneError(f"{_shown(str(path))} {refusal}")
     original_size = (decoded.size[1], decoded.size[0])
     w, h = resized_size(im.width, im.height, (tw, th))
     im = im.resize((w, h), Image.Resampling.LANCZOS)

@@ -11,3 +11,7 @@ class Interrupted(SdtuneError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class DiskFull(SdtuneError):
+    """The disk filled up during a write; what was half-written is gone and earlier files are intact."""

@@ -26,13 +26,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdtune import families
+from sdtune import __version__, families
 from sdtune.errors import SdtuneError
 from sdtune.families import Family
 from sdtune.files import atomic_path
 from sdtune.hub import public_model_id
 from sdtune.models import inspect_model
-from sdtune.runs import KOHYA_SUFFIX, WEIGHT_NAME, run_config
+from sdtune.runs import (
+    KOHYA_SUFFIX,
+    MARK_KEY,
+    STATE,
+    WEIGHT_NAME,
+    check_output_file,
+    check_output_folder,
+    is_run_folder,
+    open_safetensors,
+    run_config,
+    written_by_sdtune,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -321,9 +332,8 @@ def read_diffusers_lora(
     files without it.
     """
     import torch
-    from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
+    with open_safetensors(path) as f:
         metadata = f.metadata() or {}
         raw = {k: f.get_tensor(k) for k in f.keys()}
     components = {name for family in families.registered()
@@ -383,10 +393,13 @@ def _public_config(config: dict[str, Any], base_model: str | None) -> dict[str, 
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], out_file: Path, metadata: dict[str, str]) -> None:
+    """Write one .safetensors atomically, marked with sdtune's version (``MARK_KEY``: the loaders ignore
+    metadata keys they do not know) so that a later export may replace it without ``--overwrite``."""
     from safetensors.torch import save_file
 
     with atomic_path(out_file) as tmp:  # never leave a half-written LoRA under the real name
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={**metadata, MARK_KEY: __version__})
 
 
 def _write_diffusers(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
@@ -461,17 +474,53 @@ WRITERS: dict[str, Format] = {
 }
 
 
-def export_run(run_dir: str | Path, fmt: str, out_file: str | Path) -> tuple[Path, list[str]]:
+def _peft_folder_by_sdtune(folder: Path) -> bool:
+    """Whether a non-empty folder is an earlier ``--format peft`` export: one or more component folders whose
+    ``adapter_model.safetensors`` sdtune wrote (their ``adapter_config.json`` come with them)."""
+    models = list(folder.glob("*/adapter_model.safetensors"))
+    return bool(models) and all(written_by_sdtune(m) for m in models)
+
+
+def check_export_target(run: RunLora, fmt: str, out: Path, overwrite: bool = False) -> None:
+    """Refuse an ``-o`` that export must not write: a run's or checkpoint's own LoRA file, or anything in a
+    checkpoint folder (never, whatever ``overwrite`` says); a folder for a one-file format; or an existing
+    file (for peft: a non-empty folder) that sdtune did not write, unless ``overwrite``."""
+    if out.resolve() == run.lora_file.resolve():
+        raise SdtuneError(f"-o: {out} is the run's own LoRA file; choose another name")
+    if fmt == "peft":
+        if out.exists() and not out.is_dir():
+            raise SdtuneError(f"-o: {out} is a file; --format peft writes a folder (one adapter per module)")
+        if out.is_dir() and is_run_folder(out):
+            raise SdtuneError(f"-o: {out} is a run or checkpoint folder; give a new folder for the PEFT adapters")
+        if out.is_dir() and any(out.iterdir()) and not overwrite and not _peft_folder_by_sdtune(out):
+            raise SdtuneError(f"-o: {out} is a folder that sdtune did not export to and it is not empty; give a "
+                              "new or empty folder, or pass --overwrite to write the adapters into it")
+        check_output_folder(out, "-o")
+        return
+    if out.is_dir():
+        raise SdtuneError(f"-o: {out} is a folder; give a file name ending in .safetensors")
+    if out.suffix != ".safetensors":
+        raise SdtuneError(f"-o: {out}: a {fmt} LoRA file must end in .safetensors")
+    folder = out.parent
+    if (folder / STATE).is_file() or (out.name == WEIGHT_NAME and is_run_folder(folder)):
+        # A run's (or checkpoint's) files are what sample, eval, push and resume read: never replaced.
+        raise SdtuneError(f"-o: {out} is in the run or checkpoint folder {folder} and would replace its "
+                          f"{out.name}; choose another name")
+    check_output_file(out, "-o", overwrite)
+
+
+def export_run(run_dir: str | Path, fmt: str, out_file: str | Path,
+               overwrite: bool = False) -> tuple[Path, list[str]]:
     """Write the LoRA of ``run_dir`` (a run or checkpoint folder) as ``fmt`` (a key of ``WRITERS``) to
-    ``out_file``; return what was written (a file, or a folder for peft) and the loaders' known limits."""
+    ``out_file``; return what was written (a file, or a folder for peft) and the loaders' known limits.
+
+    An existing ``out_file`` is replaced only when sdtune wrote it, or with ``overwrite``; a run's own LoRA
+    file never (``check_export_target``)."""
     if fmt not in WRITERS:
         raise SdtuneError(f"--format: unknown format '{fmt}'; choose one of {', '.join(WRITERS)}")
     run = read_run(run_dir)
     out = Path(out_file)
-    if out.resolve() == run.lora_file.resolve():
-        raise SdtuneError(f"-o: {out} is the run's own LoRA file; choose another name")
-    if fmt != "peft" and out.is_dir():
-        raise SdtuneError(f"-o: {out} is a folder; give a file name ending in .safetensors")
+    check_export_target(run, fmt, out, overwrite)
     return WRITERS[fmt].write(run, out)
 
 
@@ -493,5 +542,6 @@ def write_run_files(run_dir: str | Path) -> list[str]:
     loaders' known limits, one line each."""
     warnings: list[str] = []
     for fmt, path in run_files(run_dir).items():
-        warnings += export_run(run_dir, fmt, path)[1]
+        # the run's own files by name: training replaces them, marked or not (a run from an older sdtune)
+        warnings += export_run(run_dir, fmt, path, overwrite=True)[1]
     return warnings

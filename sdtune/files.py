@@ -9,10 +9,15 @@ class images), ``$SDTUNE_CACHE`` or ``~/.cache/sdtune``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def cache_root() -> Path:
@@ -27,8 +32,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder (a rename across filesystems is a copy), hidden, and ending in .tmp so that readers which
-    # list a folder by extension (images, *.safetensors) never see it.
-    tmp = path.with_name(f".{path.name}.tmp")
+    # list a folder by extension (images, *.safetensors) never see it; the pid keeps two processes writing
+    # the same cache entry from writing into one temporary file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         tmp.replace(path)
@@ -44,6 +50,23 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically, through Python's own file writes, so that a full disk is an
+    ``OSError`` with errno ENOSPC (safetensors' and torch's own writers report it in other exception types,
+    torch.save without saying so at all). Serialise first: ``safetensors.torch.save``, or ``torch.save`` into
+    ``io.BytesIO``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether an exception from a write means the disk is full (errno ENOSPC, or a library's message of it)."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    return "No space left on device" in str(e) or "os error 28" in str(e)
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -51,6 +74,42 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def content_hash(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, computed once per file version.
+
+    A Hugging Face cache blob is named by its sha256 already (LFS files). Otherwise the digest is kept in
+    ``cache_root()/hashes`` under the file's real path, size, modification time and inode, so a model's
+    gigabytes are read once, and a replaced or rewritten file (any of those changes) is hashed again."""
+    real = Path(path).resolve()
+    if real.parent.name == "blobs" and _SHA256.fullmatch(real.name):
+        return real.name
+    st = real.stat()
+    # fsencode: a file name need not be valid UTF-8
+    key = hashlib.sha256(os.fsencode(real) + f"|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()[:32]
+    memo = cache_root() / "hashes" / key
+    with contextlib.suppress(OSError):
+        digest = memo.read_text().strip()
+        if _SHA256.fullmatch(digest):
+            return digest
+    digest = sha256_file(real)
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next run a re-hash
+        write_text(memo, digest)
+    return digest
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free space on the filesystem that holds ``path`` (or would hold it: its nearest existing folder)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def mib(n: float) -> str:
+    """A byte count for messages: '12.3 MiB'."""
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def fsync(path: str | Path) -> None:

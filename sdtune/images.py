@@ -32,9 +32,8 @@ except ImportError:  # pragma: no cover - a declared dependency; without it HEIC
 # The JPEG decoder also opens the multi-picture JPEGs many phones write (format "MPO"); AVIF is Pillow's own
 # (11.2 and later). Only decoders this Pillow has are named: Image.open fails on an unknown one.
 Image.init()
-DECODERS: tuple[str, ...] = tuple(
-    f for f in ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "HEIF", "AVIF") if f in Image.OPEN
-)
+_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "HEIF", "AVIF")  # what the reader opens, all plugins present
+DECODERS: tuple[str, ...] = tuple(f for f in _FORMATS if f in Image.OPEN)
 
 # EXIF orientation -> the transpose that makes the stored pixels upright (as in ImageOps.exif_transpose).
 _UPRIGHT = {
@@ -51,6 +50,10 @@ _EXTENSION_FORMATS = {  # what a file's extension claims, to report names that l
     ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".gif": "GIF", ".heic": "HEIF", ".heif": "HEIF",
     ".hif": "HEIF", ".avif": "AVIF",
 }
+# The names of image files sdtune reads (training and class images; prep sniffs every file instead). A format whose
+# plugin is missing keeps its names here, so its files are reported unreadable rather than silently passed over.
+IMAGE_EXTENSIONS: tuple[str, ...] = tuple(ext for ext, fmt in _EXTENSION_FORMATS.items() if fmt in _FORMATS)
+_PLUGINS = {"HEIF": "pip install pillow-heif", "AVIF": "pip install -U 'pillow>=11.2'"}
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
@@ -84,6 +87,15 @@ def open_image(path: str | Path, key: str, background: tuple[int, int, int] = (2
         return read_image(path.read_bytes(), path.suffix, 1 << 30, Image.MAX_IMAGE_PIXELS, background).image
     except (OSError, Unreadable) as e:
         raise SdtuneError(f"{key}: cannot read {path} ({_one_line(e)})") from None
+
+
+def missing_decoder(suffix: str) -> str | None:
+    """For a file named ``*suffix``: the format its name claims, and how to install the decoder this Pillow
+    lacks for it; None when the decoder is here (or the name claims no format)."""
+    fmt = _EXTENSION_FORMATS.get(suffix.lower())
+    if fmt is None or fmt in DECODERS:
+        return None
+    return f"{fmt} needs a decoder that is not installed; fix: {_PLUGINS.get(fmt, 'install it')}, or convert it to PNG"
 
 
 def read_image(

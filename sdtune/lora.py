@@ -7,13 +7,18 @@ the safetensors metadata, so an ``alpha`` different from ``rank`` loads with the
 
 from __future__ import annotations
 
+import json
+import shutil
+import struct
 from pathlib import Path
 
 import torch
 
+from sdtune import __version__
 from sdtune.errors import SdtuneError
 from sdtune.families import Family
-from sdtune.runs import WEIGHT_NAME
+from sdtune.files import atomic_path
+from sdtune.runs import MARK_KEY, WEIGHT_NAME, safetensors_header
 
 
 def add_lora(
@@ -84,4 +89,23 @@ def save_diffusers_lora(output_dir: str | Path, family: Family, trained: dict[st
         kwargs[f"{name}_lora_layers"] = adapter_state_dict(module)
         kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
     getattr(diffusers, family.lora_pipeline).save_lora_weights(output_dir, safe_serialization=True, **kwargs)
-    return Path(output_dir) / WEIGHT_NAME
+    path = Path(output_dir) / WEIGHT_NAME
+    mark_safetensors(path)
+    return path
+
+
+def mark_safetensors(path: str | Path) -> None:
+    """Add sdtune's mark (``MARK_KEY``: version) to the metadata of a .safetensors that a library wrote for us
+    (diffusers' writer takes no extra metadata). Only the header is rewritten; the tensor bytes are copied
+    as they are, and the file is replaced whole or not at all."""
+    path = Path(path)
+    header = safetensors_header(path)
+    with open(path, "rb") as src:
+        old_size = struct.unpack("<Q", src.read(8))[0]
+        header["__metadata__"] = {**(header.get("__metadata__") or {}), MARK_KEY: __version__}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+        src.seek(8 + old_size)
+        with atomic_path(path) as tmp, open(tmp, "wb") as dst:
+            dst.write(struct.pack("<Q", len(raw)) + raw)
+            shutil.copyfileobj(src, dst, 1 << 20)

@@ -9,12 +9,15 @@ torch is imported inside the functions that use it: the command line reads ``DTY
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdtune import families
 from sdtune.errors import SdtuneError
 from sdtune.families import Components, Family, ModelFiles, ModelInfo
+from sdtune.files import content_hash
+from sdtune.runs import safetensors_header
 from sdtune.tokens import write_clip_tokenizer_files
 
 if TYPE_CHECKING:
@@ -68,6 +71,54 @@ def load_components(
             f"model.pretrained: could not load {pretrained}"
             f"{f' (variant {variant})' if variant else ''}: {str(e).splitlines()[0][:200]}"
         ) from None
+
+
+def local_folder(pretrained: str, revision: str | None = None) -> Path | None:
+    """The folder a model's files are in: the local folder itself, or its snapshot in the Hugging Face cache
+    (None when nothing of it is cached)."""
+    local = Path(pretrained).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(pretrained, revision=revision, local_files_only=True))
+    except Exception:  # not cached (yet): nothing to look at
+        return None
+
+
+def model_identity(pretrained: str, revision: str | None, subfolders: list[str]) -> str:
+    """A short hash of what a model *is*: the bytes of every file in ``subfolders`` (weights, configs,
+    tokenizer files) and of ``model_index.json``, not its name. Replacing a model folder's weights, or a
+    hub snapshot moving to a new commit, gives a new identity; ``sdtune.files.content_hash`` reads each file
+    version once."""
+    folder = local_folder(pretrained, revision)
+    if folder is None:
+        raise SdtuneError(f"model.pretrained: {pretrained} is not in the Hugging Face cache; load it first")
+    files = [folder / "model_index.json"] + sorted(
+        f for sub in subfolders for f in (folder / sub).rglob("*") if f.is_file() and not f.name.startswith(".")
+    )
+    h = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            h.update(f"{f.relative_to(folder).as_posix()}={content_hash(f)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def weight_problems(pretrained: str, revision: str | None = None) -> list[str]:
+    """One line per ``.safetensors`` file of a local model (or cached hub snapshot) that cannot be whole: an
+    unreadable header, or fewer bytes than its header says (a download or copy that stopped early). Reads
+    headers only (``sdtune.runs.safetensors_header``), so it is as fast as the config checks."""
+    folder = local_folder(pretrained, revision)
+    if folder is None:
+        return []
+    problems = []
+    for f in sorted(folder.rglob("*.safetensors")):
+        try:
+            safetensors_header(f)
+        except SdtuneError as e:
+            problems.append(f"model.pretrained: {e}; fix: copy or download the model again")
+    return problems
 
 
 def write_random_model(

@@ -1,14 +1,16 @@
 """Checks of a run that look at the disk and the model's config files, never its weights.
 
 ``check_run`` finds the model's family, scans the data, and checks every option that depends on either
-(LoRA targets against the real module names, options of another family, prior preservation, resume), then
-reports every problem at once, before ``train()`` loads a weight or writes a byte.
+(LoRA targets against the real module names, options of another family, prior preservation, the output
+folder, resume: the checkpoint, its config and its data), then reports every problem at once, before
+``train()`` loads a weight or writes a byte. With ``strict`` every warning is a problem too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -19,7 +21,14 @@ from sdtune.data import Example, scan_instance_dir
 from sdtune.errors import SdtuneError
 from sdtune.families import Family, ModelFiles, ModelInfo
 from sdtune.files import cache_root
-from sdtune.runs import complete_checkpoints
+from sdtune.locks import HOLDER, LOCK
+from sdtune.models import weight_problems
+from sdtune.resume import check_resume, fingerprint
+from sdtune.runs import CHECKPOINTS, CONFIG, complete_checkpoints
+
+RUN_MARKER = ".sdtune-run"  # written into a folder when a run claims it: sdtune may replace what it wrote there
+# what a folder may hold and still count as empty: desktop junk, and the lock of a run that stopped in setup
+IGNORED_ENTRIES = {".DS_Store", "Thumbs.db", "desktop.ini", LOCK, HOLDER}
 
 
 class RunPlan(BaseModel):
@@ -30,24 +39,58 @@ class RunPlan(BaseModel):
     model: ModelInfo
     resolution: int
     examples: list[Example]
-    class_dir: Path | None
+    class_dir: Path | None  # prior.class_dir; None: sdtune's cache, named in setup by the model's identity
     warnings: list[str]
+    data: dict[str, dict] = {}  # the instance images' fingerprint (sdtune.resume.fingerprint)
+    resume_from: Path | None = None  # the verified checkpoint train.resume continues
+    resume_state: dict = {}  # its state.json
+    strict: bool = False  # warnings found later (captions, tokens) stop the run too
 
     @property
     def family(self) -> Family:
         return self.model.family
 
 
-def class_images_dir(cfg: Config, resolution: int) -> Path:
-    """Where class images live: ``prior.class_dir``, or a cache folder shared by runs of the same
-    model, prompt and size (so a second run reuses what the first generated)."""
+def class_images_dir(cfg: Config, resolution: int, model_identity: str) -> Path:
+    """Where class images live: ``prior.class_dir``, or a cache folder shared by runs of the same model (by
+    the identity of its files, ``sdtune.models.model_identity``), prompt, size and generation settings, so a
+    second run reuses what the first generated and a changed model never reuses another's images."""
     if cfg.prior.class_dir:
         return Path(cfg.prior.class_dir)
-    key = "|".join(
-        [cfg.model.pretrained, cfg.model.revision or "", cfg.model.variant or "", cfg.prior.class_prompt or "",
-         str(resolution)]
-    )
+    p = cfg.prior
+    key = "|".join([model_identity, cfg.model.variant or "", p.class_prompt or "", str(resolution),
+                    str(p.generation_steps), str(p.generation_guidance)])
     return cache_root() / "class_images" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether sdtune made ``folder`` a run folder: its marker, or (runs of older versions) a config.yaml
+    beside checkpoints or a loss log."""
+    if (folder / RUN_MARKER).is_file():
+        return True
+    return (folder / CONFIG).is_file() and any((folder / n).exists() for n in (CHECKPOINTS, "losses.jsonl"))
+
+
+def _check_output(cfg: Config, problems: list[str]) -> None:
+    """The output folder can be written, and holds nothing sdtune did not write there (it writes config.yaml,
+    README.md, ... into it: a folder of the user's own files would lose them)."""
+    out = Path(cfg.train.output_dir)
+    if out.exists() and not out.is_dir():
+        problems.append(f"train.output_dir: {out} is a file; fix: give a folder (it is created if missing)")
+        return
+    existing = out.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problems.append(f"train.output_dir: cannot write in {existing} (permission denied or read-only); fix: "
+                        "choose a folder you can write to")
+        return
+    if out.is_dir() and not is_run_folder(out):
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in IGNORED_ENTRIES)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            problems.append(f"train.output_dir: {out} already holds files that sdtune did not write ({shown}); "
+                            "a run writes config.yaml, README.md and more there. fix: choose a new or empty folder")
 
 
 def _check_prompts(cfg: Config, examples: list[Example], problems: list[str], warnings: list[str]) -> None:
@@ -118,9 +161,10 @@ def _check_family(cfg: Config, info: ModelInfo, files: ModelFiles, problems: lis
                 )
 
 
-def check_run(cfg: Config) -> RunPlan:
-    """Check the model, the data and every option that depends on them; raise ConfigError with every problem
-    at once. Reads config files and image headers only."""
+def check_run(cfg: Config, strict: bool = False) -> RunPlan:
+    """Check the model, the data, the output folder and every option that depends on them; raise ConfigError
+    with every problem at once (with ``strict``, warnings too). Reads config files, safetensors headers,
+    images and checkpoint manifests: no weights, and writes nothing."""
     problems: list[str] = []
     files = ModelFiles(cfg.model.pretrained, cfg.model.revision)
     info: ModelInfo | None = None
@@ -128,17 +172,28 @@ def check_run(cfg: Config) -> RunPlan:
         info = families.detect(files).describe(files, for_training=True)
     except SdtuneError as e:
         problems.append(str(e))
-    scan = scan_instance_dir(cfg.data.instance_dir, cfg.data.identifier, cfg.data.instance_prompt)
+    scan = scan_instance_dir(cfg.data.instance_dir, cfg.data.identifier, cfg.data.instance_prompt,
+                             resolution=cfg.data.resolution or (info.resolution if info else None))
     problems += scan.problems
     warnings = list(scan.warnings)
     _check_prompts(cfg, scan.examples, problems, warnings)
     _check_train(cfg, problems)
+    _check_output(cfg, problems)
     if info is not None:
         _check_family(cfg, info, files, problems)
+        problems += weight_problems(cfg.model.pretrained, cfg.model.revision)
+    data = {} if scan.problems else fingerprint([(e.path, e.caption) for e in scan.examples])
+    resumed = None
+    if cfg.train.resume and not scan.problems:
+        resumed = check_resume(Path(cfg.train.output_dir), cfg.train.resume, cfg.model_dump(mode="json"), data,
+                               problems)
+    if strict:
+        problems += [f"{w} (--strict)" for w in warnings]
     if problems:
         raise ConfigError(problems)
     assert info is not None
-    resolution = cfg.data.resolution or info.resolution
-    class_dir = class_images_dir(cfg, resolution) if cfg.prior.enabled else None
-    return RunPlan(model=info, resolution=resolution, examples=scan.examples, class_dir=class_dir, warnings=warnings)
+    return RunPlan(model=info, resolution=cfg.data.resolution or info.resolution, examples=scan.examples,
+                   class_dir=Path(cfg.prior.class_dir) if cfg.prior.enabled and cfg.prior.class_dir else None,
+                   warnings=warnings, data=data, resume_from=resumed[0] if resumed else None,
+                   resume_state=resumed[1] if resumed else {}, strict=strict)
 

@@ -2,7 +2,9 @@
 
 Generated images get deterministic names (``class-00017.png``) and seeds (``seed + index``), are written
 atomically, and are counted again on every start, so a run that crashed halfway continues where it stopped
-and the next run with the same model and prompt reuses them.
+and the next run with the same model and prompt reuses them. The cache folder is named by the model's
+identity (the bytes of its files, ``sdtune.models.model_identity``), never by its path alone; one writer at a
+time fills a folder (``sdtune.locks.cache_lock``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def ensure_class_images(
     guidance_scale: float,
     seed: int,
     model_id: str,
+    model_identity: str = "",
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = True,
@@ -55,16 +58,21 @@ def ensure_class_images(
     class_dir.mkdir(parents=True, exist_ok=True)
     warnings: list[str] = []
     manifest = class_dir / MANIFEST
-    record = {"model": model_id, "class_prompt": class_prompt, "resolution": resolution}
+    record = {"model": model_id, "identity": model_identity, "class_prompt": class_prompt, "resolution": resolution,
+              "steps": steps, "guidance_scale": guidance_scale}
     if manifest.is_file():
         try:
-            old = json.loads(manifest.read_text())
-        except ValueError:
+            old = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             old = {}
-        if old.get("class_prompt") != class_prompt or old.get("model") != model_id:
+        old = old if isinstance(old, dict) else {}
+        same_model = old.get("model") == model_id and old.get("identity", model_identity) == model_identity
+        if old.get("class_prompt") != class_prompt or not same_model:
+            changed = " (the same name, but its files have changed since)" if old.get("model") == model_id else ""
             warnings.append(
-                f"{class_dir} holds class images made for '{old.get('class_prompt')}' with {old.get('model')}, "
-                f"not '{class_prompt}' with {model_id}; they are used as they are"
+                f"{class_dir} holds class images made for '{old.get('class_prompt')}' with {old.get('model')}"
+                f"{changed}, not '{class_prompt}' with {model_id}; they are used as they are (prior.class_dir is "
+                "yours: sdtune does not replace its images; empty it to generate new ones)"
             )
     elif process_index == 0:
         write_text(manifest, json.dumps(record, indent=2))

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
-from safetensors import safe_open
+from PIL import Image, ImageOps, PngImagePlugin
 from tqdm.auto import tqdm
 
 from sdtune import __version__, families
@@ -28,6 +27,15 @@ from sdtune.files import atomic_path, sha256_file
 from sdtune.grid import Cell, Settings, failed_cell, layout
 from sdtune.images import open_image
 from sdtune.models import inspect_model, load_components, torch_dtype
+from sdtune.runs import (
+    SOFTWARE,
+    cell_by_sdtune,
+    cells_folder,
+    check_output_file,
+    check_output_folder,
+    grid_by_sdtune,
+    open_safetensors,
+)
 from sdtune.schedulers import sampling_scheduler
 
 ADAPTER = "sdtune"  # adapter name under which `sdtune sample` loads a LoRA
@@ -121,10 +129,38 @@ def render_grid(
 
 
 def save_image(image: Image.Image, path: str | Path) -> Path:
-    """Save as PNG atomically, so a crash never leaves half a picture."""
+    """Save as PNG atomically, so a crash never leaves half a picture, marked ``Software: sdtune <version>``
+    (a text chunk; the pixels are untouched) so that a later command knows it may replace it."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", SOFTWARE)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", pnginfo=info)
     return Path(path)
+
+
+def check_outputs(out: str | Path, n_cells: int, grid: bool = True, overwrite: bool = False) -> None:
+    """Refuse, before anything loads, what ``run_sample`` could not write or must not replace: ``out``
+    (a folder, or a file sdtune did not write) and, for a grid, its cells folder (a file in its place, or
+    cells of the same names that sdtune did not write). ``overwrite`` allows replacing foreign files."""
+    out = Path(out)
+    if out.is_dir():
+        raise SdtuneError(f"--out: {out} is a folder; give a file name inside it, e.g. {out / 'grid.png'}")
+    if out.suffix.lower() != ".png":
+        raise SdtuneError(f"--out: {out}: sdtune writes PNG pictures; give a name ending in .png")
+    check_output_file(out, "--out", overwrite, ours=grid_by_sdtune(out) if grid else None)
+    if not grid:
+        return
+    cells = cells_folder(out)
+    if cells.exists() and not cells.is_dir():
+        raise SdtuneError(f"--out: {cells} (where the cells go) is a file; move it, or choose another --out")
+    check_output_folder(cells, "--out")
+    if overwrite or not cells.is_dir():
+        return
+    for i in range(n_cells):
+        for f in (cells / f"cell-{i:04d}.png", cells / f"cell-{i:04d}.json"):
+            if f.exists() and not cell_by_sdtune(f):
+                raise SdtuneError(f"--out: {f} exists and sdtune did not write it; choose another --out, or pass "
+                                  "--overwrite to replace it")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -207,7 +243,7 @@ def _depth_pipeline(req: Request) -> Any:
 
 def lora_family(path: str | Path) -> Family | None:
     """The family a LoRA file says it was made for (by its keys or kohya metadata), None if it does not say."""
-    with safe_open(str(path), "pt") as f:
+    with open_safetensors(path) as f:
         keys = list(f.keys())
         meta = f.metadata() or {}
     return next((family for family in families.registered() if family.recognises_lora(keys, meta)), None)
@@ -259,7 +295,7 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
                   lora=[(label, absolute(f)) for label, f in req.lora],
                   device=req.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe, family = _load_pipeline(req)
-    cells_dir = out.with_name(out.stem + "_cells") if grid else None
+    cells_dir = cells_folder(out) if grid else None
     images: dict[Cell, Image.Image] = {}
     failures: list[str] = []
     position = {c: i for i, c in enumerate(req.cells)}

@@ -6,16 +6,18 @@ to publish, no tokens (the Hub token comes only from the environment or ``hf aut
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
+from PIL import Image
 
 from sdtune.errors import SdtuneError
 from sdtune.export import existing_run_files
 from sdtune.families import Family
 from sdtune.files import write_text
 from sdtune.hub import check_repo_id, public_model_id
-from sdtune.runs import CARD, WEIGHT_NAME
+from sdtune.runs import CARD, WEIGHT_NAME, safetensors_header
 
 
 def model_card(config: dict, family: Family, grid: str | None, kohya_name: str | None) -> str:
@@ -94,19 +96,65 @@ def files_to_push(run_dir: Path) -> list[Path]:
     return [f for f in files if f.is_file()] + grids[-1:]
 
 
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` is not fit to publish, or None: a .safetensors must open and its tensors fill the file
+    exactly (not truncated), a picture must decode, a text file must be UTF-8."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            safetensors_header(path)
+        elif suffix in (".png", ".jpg", ".jpeg", ".webp"):
+            with Image.open(path) as im:
+                im.load()  # decode every pixel: a truncated picture fails here, not on the Hub
+        else:
+            path.read_bytes().decode("utf-8")
+    except SdtuneError as e:
+        return str(e).removeprefix(f"{path} ").removeprefix(f"{path}: ").removeprefix("is ")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 text (byte {e.start})"
+    except OSError as e:  # PIL's "cannot identify image file" and "image file is truncated" are OSErrors too
+        return e.strerror or str(e).replace(f" '{path}'", "").splitlines()[0][:160] or type(e).__name__
+    except (ValueError, SyntaxError) as e:  # PIL raises these for some broken files
+        return f"{type(e).__name__}: {str(e)[:160]}"
+    return None
+
+
+def verify_files(files: list[Path], run_dir: Path) -> None:
+    """Refuse to publish (one ``SdtuneError`` listing every bad file) unless every file checks out."""
+    bad = [(f, why) for f in files if (why := file_problem(f))]
+    if bad:
+        listed = "; ".join(f"{f.relative_to(run_dir).as_posix()}: {why}" for f, why in bad)
+        raise SdtuneError(f"push: {len(bad)} of {len(files)} files are not fit to upload: {listed}; replace them "
+                          "(training writes them; `sdtune export` writes LoRA files) and push again")
+
+
+def _offline() -> str | None:
+    """The variable that puts huggingface_hub in offline mode (read now, as the user set it), or None."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return name
+    return None
+
+
 def push(run_dir: Path, repo: str, public: bool = False, dry_run: bool = False) -> list[str]:
     """Upload a run to ``repo`` (private unless ``public``) as one commit; return the paths in the repo.
 
-    One commit means a failure (offline, no token, no permission, a file gone) leaves the repo as it was,
-    never half-pushed. ``dry_run`` only lists the files and touches nothing.
+    Every file is verified first (``verify_files``; a dry run too), so nothing broken is published. One commit
+    means a failure (offline, no token, no permission, a file gone) leaves the repo as it was, never
+    half-pushed. ``dry_run`` only checks and lists the files and touches nothing.
     """
     check_repo_id(repo, "--repo")
     if not (run_dir / CARD).is_file():
         raise SdtuneError(f"{run_dir}: no {CARD} model card; it is written at the end of training")
     files = files_to_push(run_dir)
     names = [f.relative_to(run_dir).as_posix() for f in files]
+    verify_files(files, run_dir)
     if dry_run:
         return names
+    offline = _offline()
+    if offline:
+        raise SdtuneError(f"push to {repo} failed: {offline} is set, and nothing can be pushed in offline mode; "
+                          f"unset {offline} (`unset {offline}`) and push again")
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi()  # token from HF_TOKEN or `hf auth login`, never from a flag
@@ -119,6 +167,9 @@ def push(run_dir: Path, repo: str, public: bool = False, dry_run: bool = False) 
         message = f"Upload LoRA with sdtune ({len(names)} files)"
         api.create_commit(repo, operations=operations, commit_message=message, repo_type="model")
     except Exception as e:  # offline, no token, no permission: one line
+        # huggingface_hub read its offline switch when it was imported; logging in would not help then
+        hint = ("unset HF_HUB_OFFLINE to push" if type(e).__name__ == "OfflineModeIsEnabled"
+                else "log in with `hf auth login` or set HF_TOKEN")
         raise SdtuneError(f"push to {repo} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]} "
-                          "(log in with `hf auth login` or set HF_TOKEN)") from None
+                          f"({hint})") from None
     return names

@@ -16,11 +16,13 @@ and timesteps and gives the target, ``Family.predict`` runs the denoiser, the lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import signal
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -34,15 +36,15 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, offload_models
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from sdtune.cache import TextCache, cache_latents, mean_and_std, vae_identity
-from sdtune.checkpoint import clean_temporary, find_checkpoint, flat_keys, load_checkpoint, save_checkpoint
-from sdtune.config import Config
+from sdtune.cache import TextCache, cache_latents, mean_and_std, note_identity, vae_identity
+from sdtune.checkpoint import clean_temporary, load_checkpoint, save_checkpoint
+from sdtune.config import Config, ConfigError
 from sdtune.data import (
     BucketBatchSampler,
     DreamBoothDataset,
@@ -51,21 +53,23 @@ from sdtune.data import (
     collate,
     list_images,
 )
-from sdtune.errors import Interrupted, SdtuneError
-from sdtune.export import write_run_files
+from sdtune.errors import DiskFull, Interrupted, SdtuneError
+from sdtune.export import WRITERS, write_run_files
 from sdtune.families import Components, Family
-from sdtune.files import cache_root
+from sdtune.files import cache_root, free_bytes, is_disk_full, mib, write_text
 from sdtune.grid import Settings
 from sdtune.guards import NonFiniteGuard, StalledLoraGuard, StepTimer, StopSignals
 from sdtune.identifier import check_identifier
+from sdtune.locks import Busy, cache_lock, run_lock
 from sdtune.lora import add_lora, save_diffusers_lora, trainable_parameters
 from sdtune.memory import estimate
-from sdtune.models import load_components, torch_dtype
+from sdtune.models import load_components, model_identity, torch_dtype
 from sdtune.objectives import Objective, scale_latents
 from sdtune.optim import MIN_8BIT_SIZE, eight_bit_share, make_optimizer
-from sdtune.plan import RunPlan, check_run
+from sdtune.plan import RUN_MARKER, RunPlan, check_run, class_images_dir
 from sdtune.prior import ensure_class_images
-from sdtune.runs import WEIGHT_NAME
+from sdtune.resume import fingerprint, flat_keys, refuse_data_drift
+from sdtune.runs import CONFIG, WEIGHT_NAME
 from sdtune.sample import render_grid, save_image
 from sdtune.schedulers import sampling_scheduler
 from sdtune.share import write_model_card
@@ -159,6 +163,7 @@ class Run:
     loader: Any = None
     global_step: int = 0
     timing: tuple[int, float] = (0, float("nan"))  # (timed steps, seconds per step)
+    data: dict[str, dict] = field(default_factory=dict)  # fingerprints of the instance and class images
 
     @property
     def family(self) -> Family:
@@ -186,7 +191,7 @@ class Run:
         """A verified checkpoint of this step (all processes take part)."""
         return save_checkpoint(self.accelerator, self.output_dir, self.global_step, self.unwrapped(), self.optimizer,
                                self.lr_scheduler, self.generator, self.cfg.model_dump(mode="json"), self.family,
-                               self.cfg.train.checkpoints_total_limit)
+                               self.cfg.train.checkpoints_total_limit, data=self.data)
 
     def sync(self) -> None:
         """Wait for the device (for timings)."""
@@ -197,26 +202,45 @@ class Run:
 def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     """Run DreamBooth LoRA training as configured; return the output folder."""
     plan = plan or check_run(cfg)  # every config problem is reported before any weight loads
-    run = setup(cfg, plan)
-    loop(run)
-    return finish(run)
+    accelerator = make_accelerator(cfg)
+    with _exclusive(accelerator, Path(cfg.train.output_dir)):  # one run per folder
+        run = setup(cfg, plan, accelerator)
+        loop(run)
+        return finish(run)
+
+
+@contextmanager
+def _exclusive(accelerator: Accelerator, output_dir: Path) -> Iterator[None]:
+    """Hold the run folder's lock (``sdtune.locks.run_lock``) on the main process; every process raises the
+    main one's refusal, so none is left waiting for the others."""
+    refusal: list[str | None] = [None]
+    with contextlib.ExitStack() as stack:
+        if accelerator.is_main_process:
+            try:
+                stack.enter_context(run_lock(output_dir))
+            except Busy as e:
+                refusal = [str(e)]
+        if accelerator.num_processes > 1:
+            refusal = broadcast_object_list(refusal)
+        if refusal[0]:
+            raise Busy(refusal[0])
+        yield
 
 
 # --------------------------------------------------------------------------------------------------------
 # Setup
 
 
-def setup(cfg: Config, plan: RunPlan) -> Run:
-    """Everything before the first step, in an order that keeps runs reproducible (seed, then adapters)."""
+def setup(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> Run:
+    """Everything before the first step, in an order that keeps runs reproducible (seed, then adapters).
+    Every check runs before the run folder's first byte is written (``_claim_output``, at the end)."""
     t = cfg.train
-    accelerator = _accelerator(cfg)
     for w in plan.warnings:
         logger.warning(w)
-    if accelerator.is_main_process:
-        Path(t.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(t.output_dir) / "config.yaml").write_text(cfg.to_yaml())
-        for leftover in clean_temporary(Path(t.output_dir)):
-            logger.info(f"removed {leftover.name}: a checkpoint save that was interrupted (the earlier ones are intact)")
+    saved_processes = plan.resume_state.get("num_processes", accelerator.num_processes)
+    if plan.resume_from and saved_processes != accelerator.num_processes:
+        raise SdtuneError(f"train.resume: {plan.resume_from} was written by {saved_processes} processes, this run "
+                          f"has {accelerator.num_processes}; the data order would change. Launch with the same count")
     set_seed(t.seed)  # the same base seed everywhere: identical LoRA init on every process
     generator = torch.Generator(accelerator.device).manual_seed(t.seed * 1000 + accelerator.process_index)
     if t.allow_tf32 and torch.cuda.is_available():
@@ -233,6 +257,7 @@ def setup(cfg: Config, plan: RunPlan) -> Run:
         generator=generator, weight_dtype=weight_dtype, class_paths=class_paths, dataset=dataset,
         latent_cache=_latent_cache(cfg, plan, components, dataset, accelerator),
         text_cache=None, offloaded=False,
+        data={"instance": plan.data, "class": fingerprint([(p, cfg.prior.class_prompt or "") for p in class_paths])},
     )
     run.text_cache = _text_cache(run)
     run.offloaded = t.offload_frozen and run.device.type != "cpu" and run.latent_cache is not None \
@@ -258,13 +283,44 @@ def setup(cfg: Config, plan: RunPlan) -> Run:
     run.params = [p for group in optimizer.param_groups for p in group["params"]]
     run.text_encoders = [run.modules.get(spec.name, encoder)
                          for spec, encoder in zip(plan.family.text_encoders, components.text_encoders)]
+    _check_space(run)
     run.global_step = _resume(run)
+    _claim_output(run)
     run.loader = _loader(run)
     _init_trackers(run)
     return run
 
 
-def _accelerator(cfg: Config) -> Accelerator:
+def _claim_output(run: Run) -> None:
+    """The run's first writes into its folder, once every check has passed: the marker that makes it sdtune's
+    (``sdtune.plan.is_run_folder``), the resolved recipe, and the removal of an interrupted save's leftovers."""
+    if not run.main:
+        return
+    out = run.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / RUN_MARKER, "This folder is an sdtune run: sdtune may replace the files it wrote here.\n")
+    write_text(out / CONFIG, run.cfg.to_yaml())
+    for leftover in clean_temporary(out):
+        logger.info(f"removed {leftover.name}: a checkpoint save that was interrupted (the earlier ones are intact)")
+
+
+def _check_space(run: Run) -> None:
+    """Refuse a run whose checkpoints and LoRA files cannot fit on the output folder's disk, before it starts."""
+    t = run.cfg.train
+    lora_bytes = sum(p.numel() * 4 for p in run.params)
+    kept = min(t.checkpoints_total_limit or 10**9, t.max_steps // t.checkpoint_every if t.checkpoint_every else 0) + 1
+    # each checkpoint: adapters, AdamW's two moments and a diffusers LoRA file; then the final LoRA files
+    need = kept * (4 * lora_bytes + 2**16) + (1 + len(WRITERS)) * lora_bytes + 2**20 * 4
+    free = free_bytes(run.output_dir)
+    if free < need:
+        raise DiskFull(f"train.output_dir: not enough free space in {run.output_dir}: this run writes about "
+                       f"{mib(need)} ({kept} checkpoints of {mib(4 * lora_bytes)}, LoRA files, samples), "
+                       f"{mib(free)} is free. fix: free space, lower train.checkpoints_total_limit, or choose "
+                       "a folder on another disk")
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """The run's Accelerator: precision, accumulation, trackers, torch.compile, and the CPU/gloo case."""
     t = cfg.train
     # Accelerate keeps process-wide state; forget the last run's precision and accumulation so train() can
     # run again in one process (notebooks, tests). The distributed state itself is kept.
@@ -309,6 +365,11 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> tuple[C
     if report.verdict != "good":
         logger.warning(f"data.identifier {report.summary} (see `sdtune check-token {cfg.data.identifier}`, "
                        "`sdtune suggest-tokens`)")
+    cut = truncated_captions(plan, c.tokenizers, cfg.data.identifier, cfg.prior.class_prompt if cfg.prior.enabled else None)
+    if cut and plan.strict:
+        raise ConfigError([f"{line} (--strict)" for line in cut])
+    for line in cut:
+        logger.warning(line)
     # Frozen weights in the compute dtype; a VAE that overflows in fp16 (SDXL's) asks for fp32 (force_upcast).
     c.vae.requires_grad_(False).to(device, torch.float32 if c.vae.config.force_upcast else weight_dtype)
     c.denoiser.requires_grad_(False).to(device, weight_dtype)
@@ -317,25 +378,57 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> tuple[C
     return c, weight_dtype
 
 
+def truncated_captions(plan: RunPlan, tokenizers: list[Any], identifier: str, class_prompt: str | None) -> list[str]:
+    """One line per caption longer than a text encoder reads (CLIP: 77 tokens with start and end): the rest
+    is cut off before the model sees it, sometimes with the identifier in it."""
+    lines = []
+    named = [(e.path.name, e.caption) for e in plan.examples] + ([("prior.class_prompt", class_prompt)] if class_prompt else [])
+    for name, caption in named:
+        for spec, tokenizer in zip(plan.family.text_encoders, tokenizers):
+            limit = tokenizer.model_max_length
+            ids = tokenizer(caption, truncation=False).input_ids  # with the start and end tokens
+            if len(ids) <= limit:
+                continue
+            seen = tokenizer.decode(ids[1 : limit - 1])
+            lost = f" The identifier '{identifier}' is in the part cut off." \
+                if identifier in caption and identifier not in seen.split() else ""
+            lines.append(f"{name}: its caption is {len(ids)} tokens, {spec.label} reads {limit}, so everything after "
+                         f"'...{seen[-30:]}' is ignored.{lost} fix: shorten it")
+            break  # one line per caption, whatever the number of encoders
+    return lines
+
+
 def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accelerator) -> list[Path]:
-    """Prior preservation: class images from the base model, before any adapter exists."""
+    """Prior preservation: class images from the base model, before any adapter exists. Generated into a
+    cache folder named by the model's identity (the bytes of its files), one run at a time."""
     if not cfg.prior.enabled:
         return []
-    assert plan.class_dir is not None and cfg.prior.class_prompt
-    pipe = plan.family.pipeline(c, sampling_scheduler(c.noise_scheduler.config))
+    assert cfg.prior.class_prompt
+    family = plan.family
+    parts = [family.denoiser_name, "vae", "scheduler", *(n for e in family.text_encoders for n in (e.name, e.tokenizer_name))]
+    identity = model_identity(plan.model.pretrained, cfg.model.revision, parts)
+    class_dir = plan.class_dir or class_images_dir(cfg, plan.resolution, identity)
+    if accelerator.is_main_process and not plan.class_dir:
+        note = note_identity(cache_root() / "class_images", plan.model.pretrained, identity, "class images",
+                             key=f"{plan.model.pretrained}|{cfg.prior.class_prompt}|{plan.resolution}")
+        if note:
+            logger.info(note)
+    pipe = family.pipeline(c, sampling_scheduler(c.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
-    with accelerator.autocast():
+    with contextlib.ExitStack() as stack, accelerator.autocast():
+        if accelerator.is_main_process:  # the other processes of this run generate beside it (other images)
+            stack.enter_context(cache_lock(class_dir, "class images"))
         for w in ensure_class_images(
-            pipe, plan.class_dir, cfg.prior.class_prompt, cfg.prior.num_class_images, resolution=plan.resolution,
+            pipe, class_dir, cfg.prior.class_prompt, cfg.prior.num_class_images, resolution=plan.resolution,
             batch_size=cfg.prior.generation_batch_size, steps=cfg.prior.generation_steps,
             guidance_scale=cfg.prior.generation_guidance, seed=cfg.train.seed, model_id=plan.model.pretrained,
-            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+            model_identity=identity, process_index=accelerator.process_index, num_processes=accelerator.num_processes,
             progress=accelerator.is_main_process,
         ):
             logger.warning(w)
-    accelerator.wait_for_everyone()
-    class_paths = list_images(plan.class_dir)[: cfg.prior.num_class_images]
-    logger.info(f"prior preservation: {len(class_paths)} class images in {plan.class_dir}")
+        accelerator.wait_for_everyone()
+    class_paths = list_images(class_dir)[: cfg.prior.num_class_images]
+    logger.info(f"prior preservation: {len(class_paths)} class images in {class_dir}")
     return class_paths
 
 
@@ -361,14 +454,20 @@ def _latent_cache(cfg: Config, plan: RunPlan, c: Components, dataset: DreamBooth
     if not dataset.center_crop:  # buckets are centre crops too
         logger.info("note: train.cache_latents is off because data.center_crop=false takes a new random crop every step")
         return None
-    vae_id = vae_identity(plan.model.pretrained, cfg.model.revision, cfg.model.variant, c.vae.config, str(c.vae.dtype))
+    weights_id = model_identity(plan.model.pretrained, cfg.model.revision, ["vae"])
+    vae_id = vae_identity(weights_id, c.vae.config, str(c.vae.dtype))
+    directory = cache_root() / "latents"
+    if accelerator.is_main_process:
+        note = note_identity(directory, plan.model.pretrained, weights_id, "its latents")
+        if note:
+            logger.info(note)
     # Every (image, size) the data can ask for: a class image once per bucket it is paired with.
     items = [(path, flip, size) for path, size in dataset.targets()
              for flip in ((False, True) if cfg.data.random_flip else (False,))]
     # Each process encodes what it needs from the shared disk cache; the main one first, so the others mostly
     # read its files.
     with accelerator.main_process_first():
-        cache = cache_latents(c.vae, items, vae_id, cache_root() / "latents", progress=accelerator.is_main_process)
+        cache = cache_latents(c.vae, items, vae_id, directory, progress=accelerator.is_main_process)
     # The standard deviation once here, not every step on the device (the variance is never used).
     dataset.latents = {key: mean_and_std(params) for key, params in cache.items()}
     return dataset.latents
@@ -466,14 +565,17 @@ def _log_memory_estimate(run: Run, trained: dict[str, torch.nn.Module], optimize
 
 
 def _resume(run: Run) -> int:
-    """The step to start at: 0, or a verified checkpoint's, with every state it holds restored."""
-    t = run.cfg.train
-    if not t.resume:
+    """The step to start at: 0, or the checkpoint's that ``check_run`` verified, with every state it holds
+    restored (its class images are checked first: the instance images were, by ``check_run``)."""
+    checkpoint = run.plan.resume_from
+    if not run.cfg.train.resume:
         return 0
-    checkpoint = find_checkpoint(run.output_dir, t.resume)
     if checkpoint is None:
         logger.info(f"train.resume=latest: no checkpoint in {run.output_dir / 'checkpoints'} yet; starting at step 0")
         return 0
+    problem = refuse_data_drift(checkpoint, run.plan.resume_state, "class", run.data["class"])
+    if problem:
+        raise SdtuneError(problem)
     step = load_checkpoint(checkpoint, run.accelerator, run.unwrapped(), run.optimizer, run.lr_scheduler,
                            run.generator, run.cfg.model_dump(mode="json"))
     logger.info(f"resumed from {checkpoint} at step {step}")
@@ -742,6 +844,72 @@ def _log_grid(accelerator: Accelerator, grid: Any, step: int) -> None:
 # Finish
 
 
+MAX_UPDATE_RATIO = 100.0  # a LoRA update this many times the norm of the weight it changes has exploded
+
+
+def check_health(run: Run) -> None:
+    """Refuse to finish a run whose LoRA has blown up (e.g. train.learning_rate=1e30): an update far larger
+    than the weight it modifies, or a loss on a training batch that is not finite (its samples would be
+    black). The random streams are left as they were, so a saved checkpoint still resumes exactly."""
+    worst, where = 0.0, ""
+    for name, module in run.unwrapped().items():
+        for layer_name, layer in module.named_modules():
+            if not hasattr(layer, "get_delta_weight") or "default" not in getattr(layer, "lora_A", {}):
+                continue
+            with torch.no_grad():
+                base = layer.get_base_layer().weight.float()
+                ratio = float(layer.get_delta_weight("default").float().norm() / (base.norm() + 1e-12))
+            if not math.isfinite(ratio) or ratio > worst:
+                worst, where = ratio if math.isfinite(ratio) else math.inf, f"{name}.{layer_name}"
+    loss = _probe_loss(run)
+    if worst > MAX_UPDATE_RATIO or not math.isfinite(loss):
+        raise SdtuneError(
+            f"the trained LoRA has exploded at step {run.global_step} (its update of {where} is {worst:.3g} times "
+            f"that weight; the loss on a training batch is {loss:.3g}), so no final LoRA was written: its images "
+            f"would be noise or black. fix: a lower train.learning_rate (now {run.cfg.train.learning_rate}), "
+            f"then train again in a new train.output_dir"
+        )
+
+
+def _probe_loss(run: Run) -> float:
+    """The loss of the trained model on its first training example, without dropout, random streams kept."""
+    states = (run.generator.get_state(), torch.get_rng_state())
+    try:
+        batch = collate([run.dataset[0]])
+        with torch.no_grad(), _eval_mode(run.modules.values()), offload_models(
+                run.components.vae, *run.components.text_encoders, device=run.device, offload=run.offloaded):
+            latents = batch_latents(run, batch)
+            with run.accelerator.autocast():
+                out = training_step(run.unwrapped()[run.family.denoiser_name], run.family, run.objective, latents,
+                                    batch_conditioning(run, batch), run.generator,
+                                    prior_preservation=bool(run.class_paths))
+        return float(out.loss)
+    finally:
+        run.generator.set_state(states[0])
+        torch.set_rng_state(states[1])
+
+
+def _save_final_lora(run: Run) -> None:
+    """The LoRA in every run format, each file whole or not at all; a full disk says how much is needed."""
+    out = run.output_dir
+    try:
+        with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-final-") as tmp:
+            save_diffusers_lora(tmp, run.family, run.unwrapped())
+            os.replace(Path(tmp) / WEIGHT_NAME, out / WEIGHT_NAME)
+        # the other run formats (the kohya file AUTOMATIC1111, ComfyUI, Forge and InvokeAI load), converted from
+        # that file exactly as `sdtune export` converts it
+        for line in write_run_files(out):
+            logger.warning(line)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        need = (1 + len(WRITERS)) * sum(p.numel() * 4 for p in run.params) + 2**16
+        raise DiskFull(f"disk full while writing the final LoRA files in {out}: nothing half-written was left; "
+                       f"they need about {mib(need)} ({mib(free_bytes(out))} free). The trained LoRA is safe in "
+                       f"checkpoints/step-{run.global_step:06d}: free space, then run the same command with "
+                       "train.resume=latest to write the files") from None
+
+
 def finish(run: Run) -> Path:
     """The last checkpoint, the LoRA in every run format, a summary, a sample grid and the model card."""
     t, acc, out = run.cfg.train, run.accelerator, run.output_dir
@@ -759,14 +927,11 @@ def finish(run: Run) -> Path:
         "mixed_precision": acc.mixed_precision,
         "optimizer": t.optimizer,
     }
+    check_health(run)  # an exploded LoRA is refused before anything final is written
     run.save()
     if run.main:
-        save_diffusers_lora(out, run.family, run.unwrapped())
-        # the other run formats (the kohya file AUTOMATIC1111, ComfyUI, Forge and InvokeAI load), converted from
-        # that file exactly as `sdtune export` converts it
-        for line in write_run_files(out):
-            logger.warning(line)
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        _save_final_lora(run)
+        write_text(out / "train_summary.json", json.dumps(summary, indent=2))
     grid = sample_grid(run, run.global_step)
     acc.end_training()
     if run.main:

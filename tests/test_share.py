@@ -92,6 +92,8 @@ class FakeHub:
 def fake_hub(monkeypatch):
     import huggingface_hub
 
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # push refuses offline mode before it calls the hub
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     hub = FakeHub()
     monkeypatch.setattr(huggingface_hub, "HfApi", hub.api)
     return hub
@@ -99,15 +101,20 @@ def fake_hub(monkeypatch):
 
 @pytest.fixture
 def finished_run(tmp_path):
-    """A run folder as training leaves it, without training: card, weights, kohya file, grids, private files."""
+    """A run folder as training leaves it, without training: card, weights, kohya file, grids, private files
+    (tiny but whole: push verifies every file it uploads)."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
     run_dir = tmp_path / "alice-private-photos"
     (run_dir / "samples").mkdir(parents=True)
     (run_dir / "checkpoints" / "step-2").mkdir(parents=True)
     (run_dir / "README.md").write_text("---\ntags: [lora]\n---\n# card\n")
-    (run_dir / WEIGHT_NAME).write_bytes(b"weights")
-    (run_dir / f"sks{KOHYA_SUFFIX}").write_bytes(b"kohya")
-    (run_dir / "samples" / "step-000001.png").write_bytes(b"png1")
-    (run_dir / "samples" / "step-000002.png").write_bytes(b"png2")
+    save_file({"unet.a.lora_A.weight": torch.zeros(2, 2)}, str(run_dir / WEIGHT_NAME))
+    save_file({"lora_unet_a.lora_down.weight": torch.zeros(2, 2)}, str(run_dir / f"sks{KOHYA_SUFFIX}"))
+    Image.new("RGB", (8, 8)).save(run_dir / "samples" / "step-000001.png")
+    Image.new("RGB", (8, 8), "white").save(run_dir / "samples" / "step-000002.png")
     (run_dir / "config.yaml").write_text(f"data:\n  instance_dir: {tmp_path}/photos\n")
     (run_dir / "checkpoints" / "step-2" / "state.pt").write_bytes(b"state")
     return run_dir
@@ -152,7 +159,7 @@ def test_failed_commit_is_one_error_line_and_nothing_partial(finished_run, fake_
 
 def test_vanished_file_fails_before_the_repo_is_created(finished_run, fake_hub, monkeypatch):
     monkeypatch.setattr(share, "files_to_push", lambda run_dir: [run_dir / "README.md", run_dir / "gone.png"])
-    with pytest.raises(SdtuneError, match=r"^push to me/toy-lora failed: ValueError: ") as info:
+    with pytest.raises(SdtuneError, match=r"^push: 1 of 2 files are not fit to upload: gone.png: No such file") as info:
         push(finished_run, "me/toy-lora")
     assert "\n" not in str(info.value)
     assert fake_hub.named("create_repo") == [] and fake_hub.named("create_commit") == []

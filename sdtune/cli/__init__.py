@@ -6,19 +6,31 @@
     micro.py   micro ...                    doctor.py  doctor
 
 The library raises ``SdtuneError`` and logs; this package prints: mistakes a user can make end in one
-``error: ...`` line and exit code 2, never a traceback. Building the parser imports no torch, diffusers or
-transformers (each command imports what it needs when it runs), so ``sdtune --help`` answers at once.
+``error: ...`` line and exit code 2, never a traceback. So do the OSErrors of a user's paths (permission
+denied, no such file, disk full: the line names the path). Anything else is a bug in sdtune: one line that
+says so and how to report it, exit code 1; ``sdtune --debug COMMAND`` or ``SDTUNE_DEBUG=1`` shows the
+traceback instead. Building the parser imports no torch, diffusers or transformers (each command imports what
+it needs when it runs), so ``sdtune --help`` answers at once.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 from sdtune import __version__
 from sdtune.cli import data, doctor, micro, sample, share
 from sdtune.cli import eval as evaluation  # (`eval` would shadow the built-in)
 from sdtune.cli import train as training
-from sdtune.cli.console import Parser, quiet_imports, show_messages
+from sdtune.cli.console import (
+    Parser,
+    memory_line,
+    os_error_line,
+    quiet_imports,
+    show_messages,
+    unexpected_line,
+)
 from sdtune.errors import Interrupted, SdtuneError
 
 COMMAND_GROUPS = (training, data, sample, share, evaluation, micro, doctor)
@@ -28,6 +40,8 @@ def build_parser() -> Parser:
     """The whole ``sdtune`` parser, every command group's subcommands in workflow order."""
     parser = Parser(prog="sdtune", description="DreamBooth LoRA for Stable Diffusion.")
     parser.add_argument("--version", action="version", version=f"sdtune {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an unexpected error (or set SDTUNE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in COMMAND_GROUPS:
         group.add_commands(sub)
@@ -54,6 +68,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        return _unexpected(e, args.debug or os.environ.get("SDTUNE_DEBUG", "") not in ("", "0"))
+
+
+def _unexpected(e: Exception, debug: bool) -> int:
+    """Print an exception that is not an SdtuneError: the traceback with ``debug``, else one line. A user's
+    path (permission, missing, full disk) exits 2 like any user error; a bug or no memory exits 1."""
+    if isinstance(e, BrokenPipeError):  # the reader went away (`sdtune ... | head`): nothing left to say
+        try:  # and Python's flush of stdout at exit must not complain about it either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # no real stdout (a notebook, a test's capture)
+            pass
+        return 1
+    if debug:
+        traceback.print_exception(e, file=sys.stderr)
+        return 1
+    path_line = os_error_line(e)
+    if path_line:
+        print(f"error: {path_line}", file=sys.stderr)
+        return 2
+    memory = isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"  # torch's, without importing it
+    print(f"error: {memory_line(e) if memory else unexpected_line(e)}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

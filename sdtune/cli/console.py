@@ -8,13 +8,18 @@ The library logs (``logging`` / ``accelerate.logging``, under the ``sdtune`` log
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import math
 import os
+import re
 import sys
 import warnings
+from pathlib import Path
 from typing import NoReturn
 
 from sdtune.errors import SdtuneError
+from sdtune.files import is_disk_full
 
 
 class Parser(argparse.ArgumentParser):
@@ -71,16 +76,141 @@ def quiet_libraries() -> None:
 
 
 def parse_floats(text: str, key: str) -> list[float]:
-    """``"0,0.5,1"`` -> [0.0, 0.5, 1.0], or one error naming the option."""
+    """``"0,0.5,1"`` -> [0.0, 0.5, 1.0], or one error naming the option (no numbers, or nan / inf)."""
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise SdtuneError(f"{key}: expected comma-separated numbers, got '{text}'") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise SdtuneError(f"{key}: expected comma-separated finite numbers, e.g. 0,1; got '{text}'")
+    return values
 
 
-def parse_ints(text: str, key: str) -> list[int]:
-    """``"0,1,2"`` -> [0, 1, 2], or one error naming the option."""
+def parse_ints(text: str, key: str, minimum: int | None = None, maximum: int | None = None) -> list[int]:
+    """``"0,1,2"`` -> [0, 1, 2], or one error naming the option (no numbers, or one out of bounds)."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise SdtuneError(f"{key}: expected comma-separated integers, got '{text}'") from None
+    if not values:
+        raise SdtuneError(f"{key}: expected comma-separated integers, e.g. 0,1,2; got '{text}'")
+    if minimum is not None and min(values) < minimum:
+        raise SdtuneError(f"{key}: each value must be at least {minimum}, got {min(values)}")
+    if maximum is not None and max(values) > maximum:
+        raise SdtuneError(f"{key}: each value must be at most {maximum}, got {max(values)}")
+    return values
+
+
+# argparse ``type=`` checks: a bad value is the parser's one ``error:`` line, before any command runs.
+
+MAX_PIXELS = 4096  # per side: 4x SDXL's training size; far beyond it one cell alone exhausts a machine's memory
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (steps, batch sizes, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def pixels(text: str) -> int:
+    """An image side in pixels: a positive multiple of 8 (the VAE's factor), at most ``MAX_PIXELS``."""
+    value = positive_int(text)
+    if value % 8 or value > MAX_PIXELS:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 between 8 and {MAX_PIXELS}, got {value} "
+                                         f"(e.g. {max(8, min(MAX_PIXELS, value // 8 * 8))})")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A number that is not nan or inf."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got '{text}'")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1] (img2img strength: 0 would take no sampling step)."""
+    value = finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be greater than 0 and at most 1, got {value:g}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """A finite number >= 0 (tolerances)."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value:g}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------
+# What an exception that is not an SdtuneError says
+
+
+BUG = ("this is a bug in sdtune: please report it with the output of `sdtune doctor` (run again with --debug for "
+       "the traceback)")
+
+# OSErrors about a path that the user chose or can fix: the line, with {path}. Other OSErrors are bugs.
+_PATH_ERRORS = {
+    errno.EACCES: "permission denied: {path} (check its permissions, or choose another path)",
+    errno.EPERM: "operation not permitted: {path} (check its permissions, or choose another path)",
+    errno.EISDIR: "{path} is a folder, not a file (give a file name)",
+    errno.ENOTDIR: "{path}: a part of this path is a file, not a folder (check the path)",
+    errno.ENOENT: "no such file or folder: {path} (check the path)",
+    errno.EEXIST: "{path} already exists (choose another path)",
+    errno.ENOSPC: "disk full writing {path} (free some space, or write somewhere else)",
+    errno.EDQUOT: "disk quota exceeded writing {path} (free some space, or write somewhere else)",
+    errno.EROFS: "read-only file system: {path} (write somewhere else)",
+    errno.ENAMETOOLONG: "file name too long: {path} (choose a shorter name)",
+    errno.ELOOP: "too many symbolic links: {path} (check the path)",
+    errno.EIO: "input/output error reading or writing {path} (a disk or file-system problem)",
+}
+_NO_PATH = {errno.ENOSPC: "disk full (free some space, or write somewhere else)",
+            errno.EDQUOT: "disk quota exceeded (free some space, or write somewhere else)"}
+
+
+_ATOMIC_TMP = re.compile(r"\.(.+?)(?:\.\d+)?\.tmp")
+
+
+def _shown_path(name: object) -> str:
+    # sdtune.files.atomic_path writes to ".<name>[.<pid>].tmp" beside the target: name the file the user asked for
+    path = Path(os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else str(name))
+    m = _ATOMIC_TMP.fullmatch(path.name)
+    return str(path.with_name(m.group(1)) if m else path)
+
+
+def os_error_line(e: BaseException) -> str | None:
+    """One line for an error about a path the user can fix (permission, missing, full disk, ...), naming
+    the path; None when it is not one (then it is a bug). A library's own disk-full error counts too."""
+    if not isinstance(e, OSError):
+        return "disk full (free some space, or write somewhere else)" if is_disk_full(e) else None
+    template = _PATH_ERRORS.get(e.errno) if e.errno is not None else None
+    name = e.filename2 if e.filename2 is not None and e.errno in (errno.EISDIR, errno.ENOTDIR) else e.filename
+    if template is None:
+        return None
+    if name is None:
+        return _NO_PATH.get(e.errno)  # type: ignore[arg-type]  (e.errno is not None here)
+    return template.format(path=_shown_path(name))
+
+
+def unexpected_line(e: BaseException) -> str:
+    """The one line for an exception sdtune did not expect: its type, its first line, and how to report it."""
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"unexpected {type(e).__name__}: {first}; {BUG}" if first else f"unexpected {type(e).__name__}; {BUG}"
+
+
+def memory_line(e: BaseException) -> str:
+    """The one line for running out of memory (host MemoryError, or torch's OutOfMemoryError)."""
+    where = "GPU memory" if type(e).__name__ == "OutOfMemoryError" else "memory"
+    return (f"out of {where} ({type(e).__name__}); try a smaller --batch-size or image size, fewer images at "
+            "once, or close other programs")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sdtune.cli.console import parse_floats, quiet_libraries
+from sdtune.cli.console import finite_float, non_negative, parse_floats, pixels, positive_int, quiet_libraries
 from sdtune.cli.sample import base_model, with_size
 from sdtune.errors import SdtuneError
 from sdtune.eval.core import EvalSpec, Scorer
@@ -22,7 +22,16 @@ from sdtune.eval.prompts import class_noun_from, fill, strip_identifier
 from sdtune.eval.report import recommendation, table
 from sdtune.grid import Settings
 from sdtune.models import DTYPES
-from sdtune.runs import lora_files, run_config, run_root, step_of
+from sdtune.runs import (
+    cell_by_sdtune,
+    check_output_folder,
+    grid_by_sdtune,
+    lora_files,
+    run_config,
+    run_root,
+    step_of,
+    written_by_sdtune,
+)
 from sdtune.schedulers import SCHEDULERS
 
 EPILOG = """\
@@ -55,7 +64,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--identifier", help="default: the run's data.identifier")
     p.add_argument("--class-noun", help="default: from prior.class_prompt ('a photo of a dog' -> dog), else the "
                                         "word after the identifier in data.instance_prompt")
-    p.add_argument("--images-per-prompt", type=int, default=4, metavar="N", help="seeds 0..N-1 for every prompt (paper: 4)")
+    p.add_argument("--images-per-prompt", type=positive_int, default=4, metavar="N", help="seeds 0..N-1 for every prompt (paper: 4)")
     p.add_argument("--checkpoints", choices=("all",), help="one row per saved checkpoint of the run")
     p.add_argument("--lora-scale", default="1", metavar="LIST",
                    help="comma list; 0 is the base model (rendered again for each checkpoint)")
@@ -64,24 +73,26 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--class-prompt", help="for --pres (default: prior.class_prompt, else 'a photo of a <class>')")
     p.add_argument("--dino", default=DEFAULT_DINO, metavar="MODEL", help=f"DINO ViT model, hub id or folder (default {DEFAULT_DINO})")
     p.add_argument("--clip", default=DEFAULT_CLIP, metavar="MODEL", help=f"CLIP model, hub id or folder (default {DEFAULT_CLIP})")
-    p.add_argument("--clip-t-tolerance", type=float, default=CLIP_T_TOLERANCE, metavar="X",
+    p.add_argument("--clip-t-tolerance", type=non_negative, default=CLIP_T_TOLERANCE, metavar="X",
                    help="how much CLIP-T the recommendation may give up for DINO (default %(default)s)")
     p.add_argument("--metrics", choices=("paper", "world"), default="paper",
                    help="paper: DINO / CLIP-I / CLIP-T (needs the metric models); world: runs on the micro model, "
                         "scored from pixels by the micro world's detector (subject, context, class drift), offline")
-    p.add_argument("--world-prompts", type=int, default=8, metavar="N",
+    p.add_argument("--world-prompts", type=positive_int, default=8, metavar="N",
                    help="--metrics world: how many subject-in-a-new-context prompts (default %(default)s)")
     p.add_argument("--model", help="base model (default: the run's)")
-    p.add_argument("--steps", type=int, help="sampler steps per image (default 25; world: 20)")
-    p.add_argument("--guidance", type=float, help="default 7.5; world: 4")
+    p.add_argument("--steps", type=positive_int, help="sampler steps per image (default 25; world: 20)")
+    p.add_argument("--guidance", type=finite_float, help="default 7.5; world: 4")
     p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="dpmpp_2m")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--width", type=int, help="default: the run's resolution, else the model's")
-    p.add_argument("--height", type=int)
-    p.add_argument("--batch-size", type=int, default=1, help="seeds rendered per pipeline call")
+    p.add_argument("--width", type=pixels, help="default: the run's resolution, else the model's")
+    p.add_argument("--height", type=pixels)
+    p.add_argument("--batch-size", type=positive_int, default=1, help="seeds rendered per pipeline call")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--out", metavar="DIR", help="report folder (default: eval/ in the run folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it holds files of the same names that sdtune did not write")
     p.set_defaults(func=cmd_eval)
 
 
@@ -144,11 +155,7 @@ def spec_from_args(args: argparse.Namespace, scorer: Scorer) -> EvalSpec:
     for p in prompts:
         if strip_identifier(p, identifier) == p:
             print(f"warning: prompt '{p}' does not contain the identifier '{identifier}'", file=sys.stderr)
-    if args.images_per_prompt < 1:
-        raise SdtuneError("--images-per-prompt: must be at least 1")
     scales = parse_floats(args.lora_scale, "--lora-scale")
-    if not scales:
-        raise SdtuneError("--lora-scale: give at least one scale, e.g. 1 or 0.8,1")
     article = "an" if class_noun[0].lower() in "aeiou" else "a"
     class_prompt = (args.class_prompt or (run_cfg.get("prior") or {}).get("class_prompt")
                     or f"a photo of {article} {class_noun}")
@@ -163,12 +170,45 @@ def spec_from_args(args: argparse.Namespace, scorer: Scorer) -> EvalSpec:
     )
 
 
+REPORT_FILES = ("report.json", "report.md", "metrics.png")  # what sdtune.eval.report writes into the folder
+
+
+def _foreign_samples(samples: Path) -> list[Path]:
+    """The files in a report's ``samples/`` that eval would replace or delete and sdtune did not write: grid
+    pictures, and every ``cell-*`` in the cells folders (old cells are deleted before a checkpoint renders)."""
+    if samples.exists() and not samples.is_dir():
+        return [samples]
+    foreign = [g for g in sorted(samples.glob("*.png")) if not grid_by_sdtune(g)]
+    return foreign + [c for c in sorted(samples.glob("*_cells/cell-*")) if not cell_by_sdtune(c)]
+
+
+def check_report_folder(out: Path, overwrite: bool = False) -> None:
+    """Refuse, before anything loads, a report folder that eval cannot or must not write: a file; or a
+    non-empty folder that is no earlier eval report, or holds files of the names eval writes that sdtune did
+    not write (unless ``overwrite``)."""
+    if out.exists() and not out.is_dir():
+        raise SdtuneError(f"--out: {out} is a file; eval writes a report folder: give a new folder")
+    check_output_folder(out, "--out")
+    if overwrite or not out.is_dir() or not any(out.iterdir()):
+        return
+    ours = written_by_sdtune(out / "report.json")
+    foreign = [] if ours else [out / f for f in REPORT_FILES if (out / f).exists()]
+    foreign += _foreign_samples(out / "samples")
+    if not foreign and not ours and not any((out / "samples").glob("*")):
+        foreign = [out]  # a folder of other things (photos, another tool's output): no place for a report
+    if foreign:
+        what = "is a folder that holds no eval report" if foreign[0] == out else "exists and sdtune did not write it"
+        raise SdtuneError(f"--out: {foreign[0]} {what}; choose a new or empty folder (or an earlier eval report), or "
+                          "pass --overwrite to write the report there anyway")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from sdtune.eval.run import run_eval
 
     scorer = make_scorer(args)
     spec = spec_from_args(args, scorer)
     out = Path(args.out) if args.out else run_root(Path(args.run)) / "eval"
+    check_report_folder(out, args.overwrite)
     quiet_libraries()
     class_prompt = f" + the class prompt '{spec.class_prompt}'" if scorer.class_images else ""
     print(f"eval ({scorer.name}): {len(spec.loras)} checkpoint(s) x {len(spec.lora_scales)} scale(s) x "

@@ -9,7 +9,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sdtune.cli.console import parse_floats, parse_ints, quiet_libraries
+from sdtune.cli.console import (
+    fraction,
+    parse_floats,
+    parse_ints,
+    pixels,
+    positive_int,
+    quiet_libraries,
+)
 from sdtune.errors import SdtuneError
 from sdtune.models import DTYPES
 from sdtune.schedulers import SCHEDULERS
@@ -23,24 +30,26 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--prompt", action="append", help="prompt (repeatable)")
     p.add_argument("--prompts-file", help="one prompt per line")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--seeds", default="0,1,2,3")
+    p.add_argument("--seeds", default="0,1,2,3", help="comma list of seeds (whole numbers >= 0)")
     p.add_argument("--lora-scale", default="0,1", help="comma list; 0 shows the base model")
     p.add_argument("--guidance", default="7.5", help="comma list of guidance scales")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=positive_int, default=25)
     p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="dpmpp_2m")
-    p.add_argument("--width", type=int, help="default: the run's resolution, else the model's")
-    p.add_argument("--height", type=int)
-    p.add_argument("--batch-size", type=int, default=1, help="seeds rendered per pipeline call")
+    p.add_argument("--width", type=pixels, help="default: the run's resolution, else the model's")
+    p.add_argument("--height", type=pixels)
+    p.add_argument("--batch-size", type=positive_int, default=1, help="seeds rendered per pipeline call")
     p.add_argument("--checkpoints", choices=("all",), help="one row per saved checkpoint of the run")
     p.add_argument("--no-lora", action="store_true", help="the base model alone")
     p.add_argument("--init-image", help="image-to-image (or inpainting/outpainting source)")
-    p.add_argument("--strength", type=float, default=0.75, help="how much of --init-image to repaint (0-1)")
+    p.add_argument("--strength", type=fraction, default=0.75, help="how much of --init-image to repaint (0-1)")
     p.add_argument("--mask", help="inpainting mask, same size as --init-image, white = repaint")
     p.add_argument("--outpaint", help="extend the canvas: N or left,top,right,bottom pixels, then inpaint it")
     p.add_argument("--depth", action="store_true", help="depth-to-image (the base model must be a depth model)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--out", help="grid file (default: TARGET/grid.png)")
+    p.add_argument("--out", help="grid file, .png (default: TARGET/grid.png); its cells go to <name>_cells/")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out (and its cells) even if sdtune did not write them")
     p.add_argument("--replay", help="render one cell again from its .json sidecar")
     p.set_defaults(func=cmd_sample)
 
@@ -50,9 +59,13 @@ def read_prompts(args: argparse.Namespace, run_cfg: dict) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
         try:
-            prompts += [p.strip() for p in Path(args.prompts_file).read_text().splitlines() if p.strip()]
+            text = Path(args.prompts_file).read_text(encoding="utf-8")
         except OSError as e:
-            raise SdtuneError(f"--prompts-file: {e}") from None
+            raise SdtuneError(f"--prompts-file: cannot read {args.prompts_file} ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise SdtuneError(f"--prompts-file: {args.prompts_file} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                              "save it as UTF-8, one prompt per line") from None
+        prompts += [p.strip() for p in text.splitlines() if p.strip()]
     if not prompts:
         data = run_cfg.get("data", {})
         prompts = run_cfg.get("sample", {}).get("prompts") or [p for p in [data.get("instance_prompt")] if p]
@@ -111,7 +124,7 @@ def _request(args: argparse.Namespace) -> tuple[Any, Path]:
         batch_size=args.batch_size,
     )
     scales = [None] if not loras else parse_floats(args.lora_scale, "--lora-scale")
-    guidance, seeds = parse_floats(args.guidance, "--guidance"), parse_ints(args.seeds, "--seeds")
+    guidance, seeds = parse_floats(args.guidance, "--guidance"), parse_ints(args.seeds, "--seeds", 0, 2**63 - 1)
     cells = [Cell(p, s, g, sc, label) for label, _ in (loras or [(None, None)]) for p in prompts
              for sc in scales for g in guidance for s in seeds]
     req = Request(
@@ -124,13 +137,18 @@ def _request(args: argparse.Namespace) -> tuple[Any, Path]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from sdtune.sample import request_from_sidecar, run_sample
+    from sdtune.runs import safetensors_header
+    from sdtune.sample import check_outputs, request_from_sidecar, run_sample
 
     if args.replay:
         req = request_from_sidecar(args.replay)
         out = Path(args.out or Path(args.replay).with_suffix(".replay.png"))
+        for _, lora_file in req.lora:  # the sidecar's LoRA may have gone or changed since
+            safetensors_header(lora_file)
     else:
         req, out = _request(args)
+    # Before anything loads: an hour of rendering must not end in "cannot write", nor replace a user's file.
+    check_outputs(out, len(req.cells), grid=not args.replay, overwrite=args.overwrite)
     quiet_libraries()
     req.settings = with_size(req.settings, req.model, req.revision)
     written, failures = run_sample(req, out, grid=not args.replay)

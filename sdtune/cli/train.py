@@ -17,6 +17,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. train.max_steps=800")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true", help="check recipe, data and model presence, then exit")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse to train on any warning (a caption cut at 77 tokens, an unlisted image, ...)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("random-model", help="write a randomly initialised model (tests, demos, benchmarks)")
@@ -37,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
         if not args.dry_run:
             return 0
-    plan = check_run(cfg)
+    plan = check_run(cfg, strict=args.strict)
     if args.dry_run:
         for w in plan.warnings:
             print(f"warning: {w}")
@@ -45,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(
             f"ok: {m.pretrained} is {m.family.name} ({m.family.label}, {m.prediction_type}), {len(plan.examples)} "
             f"instance images at {plan.resolution} px"
-            + (f", class images in {plan.class_dir}" if plan.class_dir else "")
+            + (f", class images in {plan.class_dir or 'the cache (by the model identity)'}" if cfg.prior.enabled else "")
             + f"; output in {cfg.train.output_dir}"
         )
         return 0

@@ -66,7 +66,11 @@ def subject_images(folder: str | Path) -> list[Path]:
     metadata = folder / "metadata.jsonl"
     if metadata.is_file():
         listed = set()
-        for line in metadata.read_text(encoding="utf-8").splitlines():
+        try:
+            text = metadata.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SdtuneError(f"{metadata}: cannot be read as UTF-8 text ({e}); save it as UTF-8") from None
+        for line in text.splitlines():
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 listed.add(str(json.loads(line)["file_name"]))
         images = [p for p in images if p.name in listed]

@@ -13,12 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, PngImagePlugin
 
 from sdtune import __version__
 from sdtune.eval.core import EvalSpec, Metric, Reference, Row, Scorer
 from sdtune.files import atomic_path, write_text
 from sdtune.grid import load_font
+from sdtune.runs import SOFTWARE
 
 # Plot colours, one per LoRA scale (matplotlib's first six, so the picture looks familiar).
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
@@ -297,6 +298,8 @@ def plot_metrics(rows: list[Row], path: str | Path, metrics: Sequence[Metric], b
             draw.ellipse([x - 7, y - 7, x + 7, y + 7], outline="black", width=2)
 
     _legend(draw, panel_rows * PANEL_H + 6, scales, reference)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", SOFTWARE)  # sdtune's mark: a later eval may replace it
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", pnginfo=info)
     return path

@@ -1,0 +1,176 @@
+"""What a resume may find changed, checked before any weight loads or any byte is written.
+
+A checkpoint records the config it was trained with and a fingerprint of its data (each image's name,
+size, content hash and caption; class images too). ``train.resume`` continues it only if neither changed in
+a way that alters the run: a changed option (other than ``RESUMABLE_CHANGES``), an added, removed or edited
+photo, or a new caption is refused, listing what changed. The checkpoint itself is verified against its
+manifest (sizes and sha256) first: a corrupt one is named and never loaded.
+
+No torch here: ``sdtune train --dry-run`` runs these checks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sdtune.errors import SdtuneError
+from sdtune.files import content_hash, sha256_file
+from sdtune.runs import MARKER, STATE, complete_checkpoints
+
+MANIFEST = "manifest.json"
+
+# Keys of the config that may change between a checkpoint and its resume; anything else alters the run.
+RESUMABLE_CHANGES = {
+    "train.max_steps", "train.resume", "train.log_every", "train.report_to", "train.checkpoint_every",
+    "train.checkpoints_total_limit", "train.dataloader_workers", "train.output_dir", "train.offload_frozen",
+    "train.compile", "train.compile_mode", "train.compile_backend", "train.channels_last", "train.allow_tf32",
+    "train.max_nonfinite_steps", "sample",
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Config drift
+
+
+def flat_keys(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: config keys as the user writes them."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_keys(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_drift(saved: dict, current: dict) -> list[str]:
+    """Keys whose values differ between a checkpoint's config and this run's, except harmless ones.
+
+    Keys only one side has (an option added or removed by another sdtune version) are not compared: a newer
+    sdtune must resume the checkpoints of an older one."""
+    a, b = flat_keys(saved), flat_keys(current)
+    return sorted(
+        k for k in set(a) & set(b)
+        if a[k] != b[k] and k not in RESUMABLE_CHANGES and k.split(".")[0] not in RESUMABLE_CHANGES
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data fingerprints
+
+
+def fingerprint(items: list[tuple[Path, str]]) -> dict[str, dict[str, Any]]:
+    """{file name: {size, sha256, caption}} of (image, caption) pairs: what a checkpoint remembers of its data.
+    Hashes come from ``content_hash``, so an unchanged image is not read again on the next start."""
+    return {p.name: {"size": p.stat().st_size, "sha256": content_hash(p), "caption": caption} for p, caption in items}
+
+
+def data_drift(saved: dict[str, dict], current: dict[str, dict]) -> list[str]:
+    """What changed between two fingerprints, one phrase per kind: 'added: a.png, b.png'."""
+    changes = {
+        "added": sorted(set(current) - set(saved)),
+        "removed": sorted(set(saved) - set(current)),
+        "content changed": sorted(n for n in set(saved) & set(current)
+                                  if saved[n].get("sha256") != current[n]["sha256"]),
+        "caption changed": sorted(n for n in set(saved) & set(current)
+                                  if saved[n].get("caption") != current[n]["caption"]),
+    }
+    return [f"{kind}: {_names(names)}" for kind, names in changes.items() if names]
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def refuse_data_drift(checkpoint: Path, state: dict, kind: str, current: dict[str, dict]) -> str | None:
+    """A problem line if the ``kind`` ("instance" or "class") images differ from the checkpoint's, else None."""
+    saved = (state.get("data") or {}).get(kind)
+    if saved is None:  # a checkpoint of an sdtune that did not record its data: nothing to compare
+        return None
+    drift = data_drift(saved, current)
+    if not drift:
+        return None
+    where = "data.instance_dir" if kind == "instance" else "prior (class images)"
+    return (f"train.resume: the {kind} images changed since {checkpoint.name} ({'; '.join(drift)}); resuming would "
+            f"train a different run. fix: restore {where} as it was, or start a new train.output_dir")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Finding and verifying a checkpoint
+
+
+def verify(folder: Path) -> str | None:
+    """None if the checkpoint is complete and every file matches its manifest, else the reason."""
+    if not (folder / MARKER).is_file():
+        return "incomplete (no COMPLETE marker)"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"its {MANIFEST} is missing or unreadable"
+    for name, entry in manifest.items():
+        p = folder / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != entry["size"]:
+            return f"{name} has {p.stat().st_size} bytes, the manifest says {entry['size']}"
+        if sha256_file(p) != entry["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (corrupted)"
+    return None
+
+
+def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: the newest complete one for 'latest', or the given folder.
+    A corrupt one is an error naming it, never skipped silently and never loaded."""
+    if resume != "latest":
+        path = Path(resume)
+        problem = verify(path)
+        if problem:
+            raise SdtuneError(f"train.resume: {path} cannot be used: {problem}")
+        return path
+    done = complete_checkpoints(output_dir)
+    if not done:
+        return None
+    problem = verify(done[-1])
+    if problem:
+        older = f"; the previous one is {done[-2]}: pass train.resume={done[-2]}" if len(done) > 1 else ""
+        raise SdtuneError(
+            f"train.resume=latest: the newest checkpoint {done[-1]} is corrupt ({problem}); it was not loaded"
+            f"{older}, or delete the corrupt folder"
+        )
+    return done[-1]
+
+
+def read_state(checkpoint: Path) -> dict:
+    """A verified checkpoint's ``state.json`` (step, process count, config, data fingerprint)."""
+    try:
+        state = json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SdtuneError(f"train.resume: cannot read {checkpoint / STATE}: {e}") from None
+    if not isinstance(state, dict) or "global_step" not in state:
+        raise SdtuneError(f"train.resume: {checkpoint / STATE} is not an sdtune checkpoint state")
+    return state
+
+
+def check_resume(output_dir: Path, resume: str, config: dict, instance: dict[str, dict],
+                 problems: list[str]) -> tuple[Path, dict] | None:
+    """The checkpoint a resume continues and its state, or None (no resume, or nothing saved yet). Problems
+    (corrupt checkpoint, changed config, changed data) are appended to ``problems``."""
+    try:
+        checkpoint = find_checkpoint(output_dir, resume)
+        if checkpoint is None:
+            return None
+        state = read_state(checkpoint)
+    except SdtuneError as e:
+        problems.append(str(e))
+        return None
+    drift = config_drift(state.get("config") or {}, config)
+    if drift:
+        problems.append(f"train.resume: {checkpoint} was trained with a different config ({', '.join(drift)}); "
+                        "fix: restore those values, or start a new train.output_dir")
+    problem = refuse_data_drift(checkpoint, state, "instance", instance)
+    if problem:
+        problems.append(problem)
+    return checkpoint, state
