@@ -87,6 +87,9 @@ class _Section(BaseModel):
     @classmethod
     def _scientific_int(cls, value: Any, info: ValidationInfo) -> Any:
         annotation = str(cls.model_fields[info.field_name].annotation) if info.field_name else ""
+        if isinstance(value, bool) and "bool" not in annotation and ("int" in annotation or "float" in annotation):
+            # pydantic's lax mode reads `true` as 1: `max_steps: true` is a mistake, not a step count
+            raise PydanticCustomError("bool_number", "expected a number, got a true/false value")
         if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()) and "int" in annotation:
             number = float(value)
             # a whole number as an int, so that range checks see it (pydantic reads no int from 1e30 as a float);
@@ -109,7 +112,11 @@ _PATH_BYTES, _NAME_BYTES = 4096, 255
 
 
 def _path_fits(path: str) -> str:
-    """``path`` if the file system can be asked about it: no NUL, not too long."""
+    """``path`` (``~`` expanded, as a shell would) if the file system can be asked about it: not empty, no NUL,
+    not too long."""
+    if not path.strip():
+        raise PydanticCustomError("path_empty", "is empty; give a path")
+    path = os.path.expanduser(path)
     if "\0" in path:
         raise PydanticCustomError("path_nul", "contains a NUL character (\\0); remove it")
     longest = max((len(part.encode()) for part in Path(path).parts), default=0)

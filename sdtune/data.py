@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import warnings
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -78,6 +79,11 @@ def _entries(folder: Path) -> list[Path]:
                       if not p.name.startswith(".") and p.name.lower() not in JUNK_FILES | JUNK_DIRS)
     except OSError as e:
         raise SdtuneError(f"cannot list {folder} ({e.strerror or e}); fix its permissions") from None
+
+
+def has_word(text: str, word: str) -> bool:
+    """Whether ``word`` appears in ``text`` as a word of its own ('sks' in 'a sks dog', not 'o' in 'photo')."""
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text) is not None
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -363,7 +369,7 @@ def scan_instance_dir(
         caption = _caption(path, folder, captions, instance_prompt, identifier, key, scan)
         if caption is None:
             continue
-        if identifier not in caption:
+        if not has_word(caption, identifier):
             scan.warnings.append(f"{_shown(path.name)}: caption '{_shown(' '.join(caption.split()))}' does not "
                                  f"contain the identifier '{identifier}'")
         size = _image(path, resolution, key, scan)

@@ -85,10 +85,7 @@ def content_hash(path: str | Path) -> str:
     real = Path(path).resolve()
     if real.parent.name == "blobs" and _SHA256.fullmatch(real.name):
         return real.name
-    st = real.stat()
-    # fsencode: a file name need not be valid UTF-8
-    key = hashlib.sha256(os.fsencode(real) + f"|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()[:32]
-    memo = cache_root() / "hashes" / key
+    memo = _memo(real)
     with contextlib.suppress(OSError):
         digest = memo.read_text().strip()
         if _SHA256.fullmatch(digest):
@@ -97,6 +94,24 @@ def content_hash(path: str | Path) -> str:
     with contextlib.suppress(OSError):  # a read-only cache only costs the next run a re-hash
         write_text(memo, digest)
     return digest
+
+
+def _memo(real: Path) -> Path:
+    """Where ``content_hash`` keeps the digest of this version of a file."""
+    st = real.stat()
+    # fsencode: a file name need not be valid UTF-8
+    key = hashlib.sha256(os.fsencode(real) + f"|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()[:32]
+    return cache_root() / "hashes" / key
+
+
+def unhashed_bytes(paths: list[Path]) -> int:
+    """How many bytes ``content_hash`` would have to read for ``paths`` (the ones not hashed before)."""
+    total = 0
+    for p in paths:
+        real = p.resolve()
+        if not (real.parent.name == "blobs" and _SHA256.fullmatch(real.name)) and not _memo(real).is_file():
+            total += real.stat().st_size
+    return total
 
 
 def free_bytes(path: str | Path) -> int:

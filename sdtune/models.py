@@ -10,18 +10,21 @@ torch is imported inside the functions that use it: the command line reads ``DTY
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdtune import families
 from sdtune.errors import SdtuneError
 from sdtune.families import Components, Family, ModelFiles, ModelInfo
-from sdtune.files import content_hash
+from sdtune.files import content_hash, unhashed_bytes
 from sdtune.runs import safetensors_header
 from sdtune.tokens import write_clip_tokenizer_files
 
 if TYPE_CHECKING:
     import torch
+
+logger = logging.getLogger(__name__)
 
 DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -42,7 +45,7 @@ def inspect_model(pretrained: str, revision: str | None = None, for_training: bo
 
     ``for_training`` refuses inpainting / depth denoisers (extra input channels), which sampling accepts."""
     files = ModelFiles(pretrained, revision)
-    return families.detect(files).describe(files, for_training)
+    return families.describe(files, for_training)
 
 
 def load_components(
@@ -98,6 +101,10 @@ def model_identity(pretrained: str, revision: str | None, subfolders: list[str])
     files = [folder / "model_index.json"] + sorted(
         f for sub in subfolders for f in (folder / sub).rglob("*") if f.is_file() and not f.name.startswith(".")
     )
+    files = [f for f in files if f.is_file()]
+    todo = unhashed_bytes(files)
+    if todo > 2**30:  # the first time only: say why the start pauses
+        logger.info(f"reading {todo / 2**30:.1f} GiB of {pretrained} once, to key the caches by its contents")
     h = hashlib.sha256()
     for f in files:
         if f.is_file():

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from sdtune import families
 from sdtune.config import Config, ConfigError
-from sdtune.data import Example, scan_instance_dir
+from sdtune.data import Example, has_word, scan_instance_dir
 from sdtune.errors import SdtuneError
 from sdtune.families import Family, ModelFiles, ModelInfo
 from sdtune.files import cache_root
@@ -95,10 +95,10 @@ def _check_output(cfg: Config, problems: list[str]) -> None:
 
 def _check_prompts(cfg: Config, examples: list[Example], problems: list[str], warnings: list[str]) -> None:
     data, prior = cfg.data, cfg.prior
-    if data.instance_prompt and data.identifier not in data.instance_prompt:
+    if data.instance_prompt and not has_word(data.instance_prompt, data.identifier):
         problems.append(
             f"data.instance_prompt: '{data.instance_prompt}' does not contain data.identifier "
-            f"'{data.identifier}'; fix: e.g. 'a photo of {data.identifier} dog'"
+            f"'{data.identifier}' as a word; fix: e.g. 'a photo of {data.identifier} dog'"
         )
     if prior.enabled and not prior.class_prompt:
         problems.append("prior.class_prompt: required with prior.enabled=true; fix: e.g. 'a photo of a dog'")
@@ -110,6 +110,9 @@ def _check_prompts(cfg: Config, examples: list[Example], problems: list[str], wa
     if data.aspect_buckets and not data.center_crop:
         warnings.append("data.center_crop=false is not used with data.aspect_buckets=true: each image is "
                         "centre-cropped to its bucket")
+    if prior.enabled and prior.class_dir and Path(prior.class_dir).resolve() == Path(data.instance_dir).resolve():
+        problems.append("prior.class_dir: is data.instance_dir; class images are other members of the class (a "
+                        "folder of its own, or leave prior.class_dir unset and sdtune generates them)")
     if not cfg.sample.prompts and not (examples or data.instance_prompt):
         problems.append("sample.prompts: nothing to sample; set sample.prompts")
 
@@ -145,7 +148,12 @@ def _check_family(cfg: Config, info: ModelInfo, files: ModelFiles, problems: lis
                     f"{section}.{key}: an {other.label}-only option, but {cfg.model.pretrained} is an "
                     f"{family.label} model; fix: remove it"
                 )
-    names = family.denoiser_module_names(files)
+    try:
+        names = family.denoiser_module_names(files)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:  # a damaged config: no module to name
+        problems.append(f"model.pretrained: cannot build the {family.denoiser_name} of {cfg.model.pretrained} from "
+                        f"its config ({type(e).__name__}: {str(e).splitlines()[0][:120]}); is the model complete?")
+        return
     for target in cfg.lora.target_modules:
         if not any(n == target or n.endswith("." + target) for n in names):
             problems.append(
@@ -169,7 +177,7 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     files = ModelFiles(cfg.model.pretrained, cfg.model.revision)
     info: ModelInfo | None = None
     try:
-        info = families.detect(files).describe(files, for_training=True)
+        info = families.describe(files, for_training=True)
     except SdtuneError as e:
         problems.append(str(e))
     scan = scan_instance_dir(cfg.data.instance_dir, cfg.data.identifier, cfg.data.instance_prompt,
@@ -186,7 +194,7 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     resumed = None
     if cfg.train.resume and not scan.problems:
         resumed = check_resume(Path(cfg.train.output_dir), cfg.train.resume, cfg.model_dump(mode="json"), data,
-                               problems)
+                               problems, warnings)
     if strict:
         problems += [f"{w} (--strict)" for w in warnings]
     if problems:

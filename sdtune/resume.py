@@ -108,15 +108,18 @@ def verify(folder: Path) -> str | None:
         return "incomplete (no COMPLETE marker)"
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
+        entries = [(str(name), int(entry["size"]), str(entry["sha256"])) for name, entry in manifest.items()]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return f"its {MANIFEST} is missing or unreadable"
-    for name, entry in manifest.items():
+    for name, size, sha256 in entries:
         p = folder / name
+        if Path(name).name != name:
+            return f"its {MANIFEST} names {name!r}, outside the checkpoint"
         if not p.is_file():
             return f"{name} is missing"
-        if p.stat().st_size != entry["size"]:
-            return f"{name} has {p.stat().st_size} bytes, the manifest says {entry['size']}"
-        if sha256_file(p) != entry["sha256"]:
+        if p.stat().st_size != size:
+            return f"{name} has {p.stat().st_size} bytes, the manifest says {size}"
+        if sha256_file(p) != sha256:
             return f"{name} does not match its sha256 in the manifest (corrupted)"
     return None
 
@@ -155,9 +158,10 @@ def read_state(checkpoint: Path) -> dict:
 
 
 def check_resume(output_dir: Path, resume: str, config: dict, instance: dict[str, dict],
-                 problems: list[str]) -> tuple[Path, dict] | None:
+                 problems: list[str], warnings: list[str]) -> tuple[Path, dict] | None:
     """The checkpoint a resume continues and its state, or None (no resume, or nothing saved yet). Problems
-    (corrupt checkpoint, changed config, changed data) are appended to ``problems``."""
+    (corrupt checkpoint, changed config, changed data) are appended to ``problems``, what cannot be checked
+    to ``warnings``."""
     try:
         checkpoint = find_checkpoint(output_dir, resume)
         if checkpoint is None:
@@ -173,4 +177,7 @@ def check_resume(output_dir: Path, resume: str, config: dict, instance: dict[str
     problem = refuse_data_drift(checkpoint, state, "instance", instance)
     if problem:
         problems.append(problem)
+    if "data" not in state:
+        warnings.append(f"train.resume: {checkpoint} was saved by an sdtune that did not record its images, so "
+                        "changes to data.instance_dir since cannot be detected")
     return checkpoint, state

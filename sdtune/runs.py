@@ -58,11 +58,29 @@ def run_config(target: str | Path) -> dict:
     target = Path(target)
     state = target / STATE
     if state.is_file():
-        return json.loads(state.read_text()).get("config") or {}
+        config = (_read_mapping(state, json.loads) or {}).get("config") or {}
+        if not isinstance(config, dict):
+            raise SdtuneError(f"{state}: its 'config' is not a mapping; the checkpoint is damaged")
+        return config
     for folder in (target, *target.parents[:3]):
         if (folder / CONFIG).is_file():
-            return yaml.safe_load((folder / CONFIG).read_text()) or {}
+            return _read_mapping(folder / CONFIG, yaml.safe_load)
     return {}
+
+
+def _read_mapping(path: Path, parse: Any) -> dict:
+    """A run file (config.yaml, state.json) as a mapping, or one SdtuneError naming it (edited by hand, or
+    damaged)."""
+    try:
+        value = parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        raise SdtuneError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                          "restore it from the run, or point at the LoRA file with --model") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SdtuneError(f"{path}: expected a mapping of settings, got a {type(value).__name__}")
+    return value
 
 
 def run_root(target: str | Path) -> Path:
@@ -80,6 +98,8 @@ def lora_files(target: str | Path, checkpoints: str | None = None) -> list[tuple
     ``checkpoints="all"`` one per complete checkpoint of the run, in training order."""
     target = Path(target)
     if target.is_file():
+        if checkpoints == "all":
+            raise SdtuneError(f"--checkpoints all: {target} is one LoRA file; give its run folder instead")
         safetensors_header(target)
         return [(target.stem, str(target))]
     if not target.is_dir():

@@ -303,6 +303,15 @@ def test_an_exploded_lora_is_refused_before_any_final_file(tiny_model, tmp_path,
     assert not (out / "checkpoints").exists()
 
 
+def test_an_identifier_inside_another_word_and_class_images_from_the_subject(tiny_model, tmp_path):
+    args = overrides(tiny_model(), tmp_path / "run")
+    with pytest.raises(ConfigError, match="does not contain data.identifier 'o' as a word"):
+        check_run(load_config(None, [*args, "data.identifier=o", "data.instance_prompt=a photo of sks dog"]))
+    with pytest.raises(ConfigError, match="prior.class_dir: is data.instance_dir"):
+        check_run(load_config(None, [*args, "prior.enabled=true", "prior.class_prompt=a photo of a toy",
+                                     f"prior.class_dir={DEMO_DATA}"]))
+
+
 # --------------------------------------------------------------------------------------------------------
 # 6. Broken model files and full disks: one sentence
 

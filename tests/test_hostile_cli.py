@@ -396,3 +396,48 @@ def test_hostile_values_are_one_line_errors(run, tmp_path, capsys, nothing_loads
     for argv, message in cases:
         assert message in one_error(capsys, main(argv)), argv
     assert not (tmp_path / "g.png").exists() and not (tmp_path / "ev").exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# 6. Found by the held-out style probe: damaged run files, damaged model configs, text that is not UTF-8
+
+
+def test_damaged_run_files_are_one_line(run, tmp_path, capsys, nothing_loads):
+    copy = Path(shutil.copytree(run, tmp_path / "run"))
+    config = copy / "config.yaml"
+    for damaged in (b"model: [unclosed\n", b"- a list\n- of things\n", b"model: \xff\xfe\n"):
+        config.write_bytes(damaged)
+        one_error(capsys, main(["export", str(copy), "-o", str(tmp_path / "a.safetensors")]))
+        line = one_error(capsys, main(["sample", str(copy), "--steps", "1", "--seeds", "0"]))
+        assert str(config) in line
+    state = copy / "checkpoints" / "step-000002" / "state.json"
+    state.write_text("{not json")
+    line = one_error(capsys, main(["export", str(state.parent), "-o", str(tmp_path / "b.safetensors")]))
+    assert str(state) in line and "cannot be read" in line
+    one_error(capsys, main(["sample", str(run / WEIGHT_NAME), "--checkpoints", "all"]))
+
+
+def test_damaged_model_configs_are_one_line(tiny_model, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("{}\n")
+    model = Path(shutil.copytree(tiny_model("sd15"), tmp_path / "model"))
+    unet = model / "unet" / "config.json"
+    good = json.loads(unet.read_text())
+    for damaged in ([1, 2], {**good, "sample_size": "big"}, {**good, "cross_attention_dim": None}):
+        unet.write_text(json.dumps(damaged))
+        line = one_error(capsys, main(["train", str(recipe), *overrides(model, tmp_path / "out"), "--dry-run"]))
+        assert line.startswith("error: model.pretrained: ") and "config" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_arguments_must_be_utf8_and_devices_must_exist(run, tmp_path, capsys, nothing_loads):
+    not_utf8 = b"sk\xffs".decode("utf-8", "surrogateescape")  # what Python makes of such bytes in argv
+    for argv in (["check-token", not_utf8], ["prep", str(DEMO_DATA), str(tmp_path / "p"), "--caption", not_utf8],
+                 ["sample", str(run), "--prompt", not_utf8]):
+        assert "is not UTF-8 text" in one_error(capsys, main(argv))
+    assert not (tmp_path / "p").exists()
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "CUDA GPU(s)" in one_error(capsys, main(["sample", str(run), "--device", "cuda"]))
+    assert "is not a device" in one_error(capsys, main(["sample", str(run), "--device", "nosuch"]))

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import DEMO_DATA
 from sdtune.cli import main
-from sdtune.config import MAX_DEPTH, MAX_VALUES, SEED_MAX, load_config
+from sdtune.config import MAX_DEPTH, MAX_VALUES, SEED_MAX, ConfigError, load_config
 
 MINIMAL = f"model: {{pretrained: MODEL}}\ndata: {{instance_dir: {DEMO_DATA}, identifier: sks}}\n"
 
@@ -207,3 +207,14 @@ def test_other_hostile_shapes(tmp_path, capsys):
     # an empty section (`prior:`) takes overrides
     cfg = load_config(_recipe(tmp_path, MINIMAL + "prior:\n"), ["prior.class_prompt=a dog"])
     assert cfg.prior.class_prompt == "a dog"
+
+
+def test_values_that_read_as_something_else(tmp_path, monkeypatch):
+    """Found by probing: `true` read as 1, an empty path read as the working folder, `~` kept literally."""
+    base = ["model.pretrained=m", "data.instance_dir=d", "data.identifier=sks"]
+    with pytest.raises(ConfigError, match="train.max_steps: expected a number, got a true/false value"):
+        load_config(None, [*base, "train.max_steps=true"])
+    with pytest.raises(ConfigError, match="data.instance_dir: is empty; give a path"):
+        load_config(None, [*base, "data.instance_dir=''"])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config(None, [*base, "train.output_dir=~/runs/x"]).train.output_dir == str(tmp_path / "runs/x")

@@ -106,6 +106,35 @@ def parse_ints(text: str, key: str, minimum: int | None = None, maximum: int | N
 MAX_PIXELS = 4096  # per side: 4x SDXL's training size; far beyond it one cell alone exhausts a machine's memory
 
 
+def text(value: str) -> str:
+    """Text for the model or the recipe (a prompt, a caption, a word, key=value): it must be UTF-8. Paths need
+    not be (Linux file names are bytes); an argument that is not is passed by the shell as surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{ascii(value)} is not UTF-8 text (bytes of another encoding); "
+                                         "type it again in UTF-8") from None
+    return value
+
+
+def device(value: str) -> str:
+    """A torch device that exists on this machine: cpu, cuda, cuda:N, mps."""
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"'{value}': this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                                         "that torch can use; use --device cpu (or see `sdtune doctor`)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError("'mps': Apple's GPU is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"'{value}': sdtune renders on cpu, cuda or mps")
+    return value
+
+
 def positive_int(text: str) -> int:
     """A whole number >= 1 (steps, batch sizes, counts)."""
     try:

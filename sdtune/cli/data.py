@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtune import families
+from sdtune.cli.console import text
 from sdtune.prep import CROPS, DEFAULT_RENAME, FORMATS, RENAME_FIELDS, REPORT, SHEET
 
 
@@ -30,9 +31,9 @@ def add_commands(sub: Any) -> None:
                    "bucket (keep the aspect ratio, snap to the family's nearest training bucket)")
     p.add_argument("--rename", default=DEFAULT_RENAME, metavar="PATTERN",
                    help=f"output name pattern, Python format syntax; fields: {fields} (default {DEFAULT_RENAME})")
-    p.add_argument("--token", help="the identifier word for {token} in --rename, e.g. sks")
+    p.add_argument("--token", type=text, help="the identifier word for {token} in --rename, e.g. sks")
     captions = p.add_mutually_exclusive_group()
-    captions.add_argument("--caption", help="one caption for every image, e.g. 'a photo of sks dog'")
+    captions.add_argument("--caption", type=text, help="one caption for every image, e.g. 'a photo of sks dog'")
     captions.add_argument("--caption-from", choices=("filename", "txt"),
                           help="filename: the source name ('sks_dog_beach_2.jpg' -> 'sks dog beach'); "
                           "txt: a .txt file with the same name beside each image")
@@ -45,7 +46,7 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_prep)
 
     p = sub.add_parser("check-token", help="is WORD a good DreamBooth identifier? (exit 0 good, 1 risky/bad)")
-    p.add_argument("word", help="the identifier, e.g. sks")
+    p.add_argument("word", type=text, help="the identifier, e.g. sks")
     p.add_argument("--tokenizer", help="a model folder or hub id (tokenizer/, tokenizer_2/) or tokenizer folder")
     p.add_argument("--family", choices=families.names(), help="which text encoders (default: CLIP's vocab)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")

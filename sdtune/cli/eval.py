@@ -13,7 +13,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sdtune.cli.console import finite_float, non_negative, parse_floats, pixels, positive_int, quiet_libraries
+from sdtune.cli.console import (
+    device,
+    finite_float,
+    non_negative,
+    parse_floats,
+    pixels,
+    positive_int,
+    quiet_libraries,
+    text,
+)
 from sdtune.cli.sample import base_model, with_size
 from sdtune.errors import SdtuneError
 from sdtune.eval.core import EvalSpec, Scorer
@@ -61,8 +70,8 @@ def add_commands(sub: Any) -> None:
                       help="DreamBench's live-subject prompts (default for dogs, cats, people, ...)")
     kind.add_argument("--object", dest="kind", action="store_const", const="object",
                       help="DreamBench's object prompts (default for other classes)")
-    p.add_argument("--identifier", help="default: the run's data.identifier")
-    p.add_argument("--class-noun", help="default: from prior.class_prompt ('a photo of a dog' -> dog), else the "
+    p.add_argument("--identifier", type=text, help="default: the run's data.identifier")
+    p.add_argument("--class-noun", type=text, help="default: from prior.class_prompt ('a photo of a dog' -> dog), else the "
                                         "word after the identifier in data.instance_prompt")
     p.add_argument("--images-per-prompt", type=positive_int, default=4, metavar="N", help="seeds 0..N-1 for every prompt (paper: 4)")
     p.add_argument("--checkpoints", choices=("all",), help="one row per saved checkpoint of the run")
@@ -70,7 +79,7 @@ def add_commands(sub: Any) -> None:
                    help="comma list; 0 is the base model (rendered again for each checkpoint)")
     p.add_argument("--pres", action="store_true",
                    help="also draw the class prompt (--images-per-prompt images per row) and report PRES")
-    p.add_argument("--class-prompt", help="for --pres (default: prior.class_prompt, else 'a photo of a <class>')")
+    p.add_argument("--class-prompt", type=text, help="for --pres (default: prior.class_prompt, else 'a photo of a <class>')")
     p.add_argument("--dino", default=DEFAULT_DINO, metavar="MODEL", help=f"DINO ViT model, hub id or folder (default {DEFAULT_DINO})")
     p.add_argument("--clip", default=DEFAULT_CLIP, metavar="MODEL", help=f"CLIP model, hub id or folder (default {DEFAULT_CLIP})")
     p.add_argument("--clip-t-tolerance", type=non_negative, default=CLIP_T_TOLERANCE, metavar="X",
@@ -89,7 +98,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--height", type=pixels)
     p.add_argument("--batch-size", type=positive_int, default=1, help="seeds rendered per pipeline call")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--device", type=device, help="default: cuda if available, else cpu")
     p.add_argument("--out", metavar="DIR", help="report folder (default: eval/ in the run folder)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into --out even if it holds files of the same names that sdtune did not write")

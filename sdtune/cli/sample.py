@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from sdtune.cli.console import (
+    device,
     fraction,
     parse_floats,
     parse_ints,
     pixels,
     positive_int,
     quiet_libraries,
+    text,
 )
 from sdtune.errors import SdtuneError
 from sdtune.models import DTYPES
@@ -27,9 +29,9 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("sample", help="render a labelled grid with a trained LoRA (rows: prompt x scale)")
     p.add_argument("target", nargs="?", help="run folder, checkpoint folder or LoRA .safetensors file")
     p.add_argument("--model", help="base model (default: the run's)")
-    p.add_argument("--prompt", action="append", help="prompt (repeatable)")
+    p.add_argument("--prompt", action="append", type=text, help="prompt (repeatable)")
     p.add_argument("--prompts-file", help="one prompt per line")
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", type=text, default="")
     p.add_argument("--seeds", default="0,1,2,3", help="comma list of seeds (whole numbers >= 0)")
     p.add_argument("--lora-scale", default="0,1", help="comma list; 0 shows the base model")
     p.add_argument("--guidance", default="7.5", help="comma list of guidance scales")
@@ -46,7 +48,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--outpaint", help="extend the canvas: N or left,top,right,bottom pixels, then inpaint it")
     p.add_argument("--depth", action="store_true", help="depth-to-image (the base model must be a depth model)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--device", type=device, help="default: cuda if available, else cpu")
     p.add_argument("--out", help="grid file, .png (default: TARGET/grid.png); its cells go to <name>_cells/")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out (and its cells) even if sdtune did not write them")

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from sdtune import families
-from sdtune.cli.console import quiet_libraries
+from sdtune.cli.console import quiet_libraries, text
 from sdtune.models import DTYPES
 
 
@@ -14,7 +14,7 @@ def add_commands(sub: Any) -> None:
     """Add ``train`` and ``random-model`` to the ``sdtune`` subparsers."""
     p = sub.add_parser("train", help="train a DreamBooth LoRA from a YAML recipe")
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/sd15_dreambooth_lora.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. train.max_steps=800")
+    p.add_argument("overrides", nargs="*", type=text, metavar="key=value", help="override recipe keys, e.g. train.max_steps=800")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true", help="check recipe, data and model presence, then exit")
     p.add_argument("--strict", action="store_true",

@@ -75,5 +75,16 @@ def detect(files: ModelFiles) -> Family:
     return found[0]
 
 
+def describe(files: ModelFiles, for_training: bool = True) -> ModelInfo:
+    """What the model is (``Family.describe`` of its family); config files with values of the wrong kind (a
+    damaged or hand-edited model) are one SdtuneError, not a traceback."""
+    try:
+        return detect(files).describe(files, for_training)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise SdtuneError(f"model.pretrained: the config files of {files.pretrained} hold unexpected values "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); is it a complete, unedited "
+                          "diffusers model?") from None
+
+
 for _family in (SD15, SD2, SDXL):
     register(_family)

@@ -125,9 +125,12 @@ def read_model_file(pretrained: str, filename: str, revision: str | None = None)
                 "fix: check the id, run `hf auth login` for gated models, or point at a local folder"
             ) from None
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise SdtuneError(f"model.pretrained: cannot read {path}: {e}") from None
+    if not isinstance(value, dict):
+        raise SdtuneError(f"model.pretrained: {path} is not a JSON object of settings; the model is damaged")
+    return value
 
 
 @runtime_checkable
