@@ -23,6 +23,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -506,6 +507,11 @@ def check_export_target(run: RunLora, fmt: str, out: Path, overwrite: bool = Fal
         # A run's (or checkpoint's) files are what sample, eval, push and resume read: never replaced.
         raise SdtuneError(f"-o: {out} is in the run or checkpoint folder {folder} and would replace its "
                           f"{out.name}; choose another name")
+    for other, f in WRITERS.items():
+        if f.run_file and other != fmt and is_run_folder(folder) and fnmatch(out.name, f.run_file.format(run="*")):
+            # e.g. diffusers keys under the run's kohya name: the card and push would hand it to A1111 as kohya
+            raise SdtuneError(f"-o: {out} is the run's {other} file; a {fmt} LoRA must not take its name; choose "
+                              "another name")
     check_output_file(out, "-o", overwrite)
 
 

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_UMASK = os.umask(0o022)  # read once (the only way to read it is to set it), then put back
+os.umask(_UMASK)
 
 
 def cache_root() -> Path:
@@ -37,6 +39,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        if tmp.is_file():  # as a plain open() would make it: some writers (safetensors) create files 0600
+            os.chmod(tmp, 0o666 & ~_UMASK)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)

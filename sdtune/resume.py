@@ -170,6 +170,10 @@ def check_resume(output_dir: Path, resume: str, config: dict, instance: dict[str
     except SdtuneError as e:
         problems.append(str(e))
         return None
+    step, max_steps = int(state["global_step"]), int(config["train"]["max_steps"])
+    if step > max_steps:
+        problems.append(f"train.max_steps: {max_steps} is below the step of {checkpoint} ({step}), which is where a "
+                        f"resume continues; fix: train.max_steps={step} or more, or resume an earlier checkpoint")
     drift = config_drift(state.get("config") or {}, config)
     if drift:
         problems.append(f"train.resume: {checkpoint} was trained with a different config ({', '.join(drift)}); "

@@ -103,6 +103,33 @@ def test_an_output_dir_of_the_users_own_files_is_refused_untouched(tiny_model, t
     one_line_error(err)
     assert "already holds files that sdtune did not write (README.md, config.yaml)" in err
     assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["README.md", "config.yaml"]
+    # names that sdtune's runs use do not make a folder sdtune's (another trainer's run, or a copy of a run)
+    (out / "losses.jsonl").write_text('{"step": 1, "loss": 0.1}\n')
+    (out / "checkpoints" / "checkpoint-500").mkdir(parents=True)
+    before = snapshot(out)
+    code, _, err = run_cli(capsys, "train", str(recipe), *overrides(tiny_model(), out), "train.resume=latest")
+    assert code == 2 and "already holds files that sdtune did not write" in err
+    assert snapshot(out) == before
+
+
+def test_a_finished_run_is_never_replaced_by_a_new_one(tiny_model, tmp_path, recipe, capsys):
+    out = tmp_path / "run"
+    train(load_config(None, overrides(tiny_model(), out, "train.max_steps=2")))
+    shutil.rmtree(out / "checkpoints")  # to save space: the run is done
+    before = snapshot(out)
+    for extra in ([], ["train.resume=latest"]):
+        code, _, err = run_cli(capsys, "train", str(recipe), *overrides(tiny_model(), out, "data.identifier=zwx"), *extra)
+        assert code == 2 and "holds a finished run" in err
+        one_line_error(err)
+    assert snapshot(out) == before
+
+
+def test_a_resume_below_its_checkpoints_step_is_refused(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    args = overrides(tiny_model(), out, "train.max_steps=3", "train.checkpoint_every=1")
+    train(load_config(None, args))
+    with pytest.raises(ConfigError, match=r"train.max_steps: 2 is below the step of .*step-000003 \(3\)"):
+        check_run(load_config(None, [*args, "train.max_steps=2", "train.resume=latest"]))
 
 
 def test_an_empty_folder_and_a_run_folder_are_accepted(tiny_model, tmp_path):

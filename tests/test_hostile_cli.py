@@ -441,3 +441,37 @@ def test_text_arguments_must_be_utf8_and_devices_must_exist(run, tmp_path, capsy
     if not torch.cuda.is_available():
         assert "CUDA GPU(s)" in one_error(capsys, main(["sample", str(run), "--device", "cuda"]))
     assert "is not a device" in one_error(capsys, main(["sample", str(run), "--device", "nosuch"]))
+
+
+def test_a_run_file_never_takes_another_formats_content(run, tmp_path, capsys):
+    kohya = next(run.glob(f"*{KOHYA_SUFFIX}"))
+    before = sha(kohya)
+    line = one_error(capsys, main(["export", str(run), "--format", "diffusers", "-o", str(kohya), "--overwrite"]))
+    assert "is the run's kohya file" in line and sha(kohya) == before
+
+
+def test_written_files_are_readable_by_others_as_the_umask_says(run, tmp_path, capsys):
+    """A LoRA copied into a ComfyUI / A1111 folder served by another account must be readable there."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        for fmt, out in (("kohya", tmp_path / "k.safetensors"), ("diffusers", tmp_path / "d.safetensors")):
+            assert main(["export", str(run), "--format", fmt, "-o", str(out)]) == 0
+            assert stat.S_IMODE(out.stat().st_mode) == 0o644, (fmt, oct(out.stat().st_mode))
+    finally:
+        os.umask(umask)
+    for f in (*run.glob("*.safetensors"), run / "README.md"):
+        assert stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044, f
+
+
+def test_prep_resolution_and_doctor_output_dir(tmp_path, capsys):
+    assert "must be" in one_error(capsys, main(["prep", str(DEMO_DATA), str(tmp_path / "o"),
+                                                                "--resolution", "0"]))
+    assert "must be 64-4096 pixels, got 32" in one_error(capsys, main(["prep", str(DEMO_DATA), str(tmp_path / "o"),
+                                                                        "--resolution", "32"]))
+    assert not (tmp_path / "o").exists()
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    assert "is a file" in one_error(capsys, main(["doctor", "--output-dir", str(a_file)]))

@@ -135,6 +135,14 @@ def device(value: str) -> str:
     return value
 
 
+def resolution(text: str) -> int:
+    """An image side for training data: 64 to 4096 pixels, as ``data.resolution`` takes."""
+    value = positive_int(text)
+    if not 64 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"must be 64-4096 pixels, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """A whole number >= 1 (steps, batch sizes, counts)."""
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtune import families
-from sdtune.cli.console import text
+from sdtune.cli.console import resolution, text
 from sdtune.prep import CROPS, DEFAULT_RENAME, FORMATS, RENAME_FIELDS, REPORT, SHEET
 
 
@@ -25,7 +25,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("out", metavar="OUT", help="output folder: empty, new, or an earlier prep output")
     p.add_argument("--family", choices=families.names(), default="sd15",
                    help=f"model family; sets the default resolution ({resolutions}) and the buckets")
-    p.add_argument("--resolution", type=int, help="output size in pixels (default: the family's)")
+    p.add_argument("--resolution", type=resolution, help="output size in pixels, 64-4096 (default: the family's)")
     p.add_argument("--crop", choices=CROPS, default="smart",
                    help="center; smart (saliency, as Birme); face (keep faces in frame, else smart); "
                    "bucket (keep the aspect ratio, snap to the family's nearest training bucket)")
