@@ -24,9 +24,8 @@ from sdtune.files import cache_root
 from sdtune.locks import HOLDER, LOCK
 from sdtune.models import weight_problems
 from sdtune.resume import check_resume, fingerprint
-from sdtune.runs import WEIGHT_NAME, complete_checkpoints
+from sdtune.runs import WEIGHT_NAME, claimed_by_sdtune, complete_checkpoints
 
-RUN_MARKER = ".sdtune-run"  # written into a folder when a run claims it: sdtune may replace what it wrote there
 # what a folder may hold and still count as empty: desktop junk, and the lock of a run that stopped in setup
 IGNORED_ENTRIES = {".DS_Store", "Thumbs.db", "desktop.ini", LOCK, HOLDER}
 
@@ -63,13 +62,6 @@ def class_images_dir(cfg: Config, resolution: int, model_identity: str) -> Path:
     return cache_root() / "class_images" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def is_run_folder(folder: Path) -> bool:
-    """Whether sdtune made ``folder`` a run folder: its marker, or (runs of older versions) verified sdtune
-    checkpoints (``checkpoints/step-NNNNNN/COMPLETE``). Files that merely share a run's names (README.md,
-    config.yaml, losses.jsonl) are not enough: they may be another tool's, or the user's."""
-    return (folder / RUN_MARKER).is_file() or bool(complete_checkpoints(folder))
-
-
 def _check_output(cfg: Config, problems: list[str]) -> None:
     """The output folder can be written, and holds nothing sdtune did not write there (it writes config.yaml,
     README.md, ... into it: a folder of the user's own files would lose them)."""
@@ -84,11 +76,11 @@ def _check_output(cfg: Config, problems: list[str]) -> None:
         problems.append(f"train.output_dir: cannot write in {existing} (permission denied or read-only); fix: "
                         "choose a folder you can write to")
         return
-    if out.is_dir() and is_run_folder(out) and (out / WEIGHT_NAME).is_file() and not complete_checkpoints(out):
+    if out.is_dir() and claimed_by_sdtune(out) and (out / WEIGHT_NAME).is_file() and not complete_checkpoints(out):
         # a finished run without the checkpoints a resume continues: a new run there would replace its LoRA
         problems.append(f"train.output_dir: {out} holds a finished run ({WEIGHT_NAME}) and no checkpoint to resume; "
                         "fix: choose another train.output_dir (or move that run away)")
-    if out.is_dir() and not is_run_folder(out):
+    if out.is_dir() and not claimed_by_sdtune(out):
         foreign = sorted(p.name for p in out.iterdir() if p.name not in IGNORED_ENTRIES)
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")

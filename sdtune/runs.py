@@ -7,6 +7,7 @@
     RUN/checkpoints/step-NNNNNN/             verified checkpoints, each with a COMPLETE marker
     RUN/samples/step-NNNNNN.png              sample grids
     RUN/losses.jsonl, train_summary.json, logs/, eval/
+    RUN/.sdtune-run, .sdtune.lock(.json)      the run's claim on the folder (RUN_MARKER), its lock (sdtune.locks)
 
 ``sdtune sample``, ``export``, ``eval`` and ``push`` take a run folder, one of its checkpoint folders or a
 LoRA file; the functions here turn that into the LoRA files and the config it was trained with.
@@ -41,6 +42,7 @@ CARD = "README.md"
 CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"  # written last into a checkpoint folder: the folder is whole
+RUN_MARKER = ".sdtune-run"  # written when a run claims a folder: sdtune may replace what it wrote there
 STATE = "state.json"  # a checkpoint's own config and step
 MARK_KEY = "sdtune"  # safetensors metadata key on every .safetensors sdtune writes; the value is its version
 SOFTWARE = f"sdtune {__version__}"  # PNG "Software" text chunk on every picture sdtune writes
@@ -129,9 +131,17 @@ def step_of(label: str, lora_file: str | Path) -> int | None:
 
 
 def is_run_folder(folder: str | Path) -> bool:
-    """Whether ``folder`` is a run folder (``config.yaml``) or a checkpoint folder (``state.json``)."""
+    """Whether ``folder`` looks like a run folder (``config.yaml``) or a checkpoint folder (``state.json``):
+    what exports must never write into. (Whether sdtune may *train* there is ``claimed_by_sdtune``.)"""
     folder = Path(folder)
     return (folder / CONFIG).is_file() or (folder / STATE).is_file()
+
+
+def claimed_by_sdtune(folder: str | Path) -> bool:
+    """Whether sdtune made ``folder`` a run folder: its marker (``RUN_MARKER``), or (runs of older versions)
+    verified sdtune checkpoints. Files that merely share a run's names (README.md, config.yaml, losses.jsonl)
+    are not enough: they may be another tool's, or the user's."""
+    return (Path(folder) / RUN_MARKER).is_file() or bool(complete_checkpoints(folder))
 
 
 # --------------------------------------------------------------------------------------------------------

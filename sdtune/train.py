@@ -66,10 +66,10 @@ from sdtune.memory import estimate
 from sdtune.models import load_components, model_identity, torch_dtype
 from sdtune.objectives import Objective, scale_latents
 from sdtune.optim import MIN_8BIT_SIZE, eight_bit_share, make_optimizer
-from sdtune.plan import RUN_MARKER, RunPlan, check_run, class_images_dir
+from sdtune.plan import RunPlan, check_run, class_images_dir
 from sdtune.prior import ensure_class_images
 from sdtune.resume import fingerprint, flat_keys, refuse_data_drift
-from sdtune.runs import CONFIG, WEIGHT_NAME
+from sdtune.runs import CONFIG, RUN_MARKER, WEIGHT_NAME
 from sdtune.sample import render_grid, save_image
 from sdtune.schedulers import sampling_scheduler
 from sdtune.share import write_model_card
@@ -293,7 +293,7 @@ def setup(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> Run:
 
 def _claim_output(run: Run) -> None:
     """The run's first writes into its folder, once every check has passed: the marker that makes it sdtune's
-    (``sdtune.plan.is_run_folder``), the resolved recipe, and the removal of an interrupted save's leftovers."""
+    (``sdtune.runs.claimed_by_sdtune``), the resolved recipe, and the removal of an interrupted save's leftovers."""
     if not run.main:
         return
     out = run.output_dir
