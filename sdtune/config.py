@@ -154,7 +154,8 @@ class DataConfig(_Section):
     instance_dir: PathText = Field(description="folder of subject images (imagefolder layout or plain images)")
     identifier: Identifier = Field(description="the rare word that names the subject, e.g. sks")
     instance_prompt: str | None = Field(
-        None, description="caption for images without one in metadata.jsonl, e.g. 'a photo of sks dog'"
+        None, description="caption for images without one in metadata.jsonl, e.g. 'a photo of {identifier} dog' "
+        "({identifier} is replaced by data.identifier)"
     )
     resolution: int | None = Field(None, ge=64, le=4096, multiple_of=8, description="default: the model's own")
     center_crop: bool = Field(True, description="false: a random square crop each step (not with aspect_buckets)")
@@ -241,7 +242,10 @@ class TrainConfig(_Section):
 
 class SampleConfig(_Section):
     every: int = Field(0, ge=0, description="render a grid every N steps; 0: only after training")
-    prompts: list[str] = Field(default_factory=list, description="default: the instance prompt and class prompt")
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="default: the instance prompt and class prompt; {identifier} is replaced by data.identifier",
+    )
     negative_prompt: str = ""
     seeds: list[Seed] = Field(default_factory=lambda: [0, 1], min_length=1)
     steps: int = Field(25, ge=1, le=10**4)
@@ -570,12 +574,31 @@ def _validate_sections(raw: dict[str, Any], problems: list[str]) -> dict[str, An
     return sections
 
 
+# Written in data.instance_prompt and sample.prompts, replaced by data.identifier when the recipe is loaded, so
+# that `data.identifier=ohwx` on the command line reaches every prompt. Only this exact token is replaced
+# (str.replace, not str.format): any other brace in a prompt is text.
+IDENTIFIER_TOKEN = "{identifier}"
+
+
+def _with_identifier(sections: dict[str, Any]) -> dict[str, Any]:
+    """``sections`` with ``{identifier}`` in the instance prompt and the sample prompts replaced by the
+    identifier; ``config.yaml``, ``sdtune sample`` and resume all see the real word."""
+    data, sample = sections["data"], sections["sample"]
+    word = data.identifier
+    if data.instance_prompt and IDENTIFIER_TOKEN in data.instance_prompt:
+        data = data.model_copy(update={"instance_prompt": data.instance_prompt.replace(IDENTIFIER_TOKEN, word)})
+    if any(IDENTIFIER_TOKEN in prompt for prompt in sample.prompts):
+        sample = sample.model_copy(update={"prompts": [p.replace(IDENTIFIER_TOKEN, word) for p in sample.prompts]})
+    return {**sections, "data": data, "sample": sample}
+
+
 def load_config(recipe: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a recipe and apply overrides; raise ConfigError listing every structural problem."""
+    """Read a recipe and apply overrides, with ``{identifier}`` in the instance and sample prompts replaced by
+    ``data.identifier``; raise ConfigError listing every structural problem."""
     raw = _read_recipe(recipe)
     problems: list[str] = []
     _apply_overrides(raw, overrides, problems)
     sections = _validate_sections(raw, problems)
     if problems:
         raise ConfigError(problems)
-    return Config(**sections)
+    return Config(**_with_identifier(sections))

@@ -8,7 +8,10 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,21 +144,51 @@ class StopSignals:
 
 class StepTimer:
     """Steady-state seconds per step: timed from a few steps in (after compilation, caches and warm-up) to the
-    end of the run, so it costs two device syncs in all. ``sync`` waits for the device (a no-op on CPU)."""
+    end of the run, so it costs two device syncs in all. ``sync`` waits for the device (a no-op on CPU).
+
+    Work between steps (sample grids, checkpoints) runs ``with timer.paused(what):``; it is left out of the
+    step time and added up by kind in ``paused_s``.
+    """
 
     def __init__(self, start_step: int, max_steps: int, sync: Callable[[], None] = lambda: None):
         self.from_step = min(start_step + 10, (start_step + max_steps) // 2)
         self.sync = sync
         self.started, self.start_step = time.perf_counter(), start_step
+        self.step = start_step
+        self.paused_s: Counter[str] = Counter()  # seconds left out, by kind: {"sample": 12.3, "checkpoint": 1.2}
 
     def tick(self, step: int) -> None:
         """Call after each optimizer step: restarts the clock at the first steady step."""
+        self.step = step
         if step == self.from_step:
             self.sync()
             self.started, self.start_step = time.perf_counter(), step
+
+    @contextmanager
+    def paused(self, what: str) -> Iterator[Pause]:
+        """Leave what runs inside out of the step time; yields a ``Pause`` whose ``seconds`` is set on exit."""
+        if self.step >= self.from_step:
+            # Steps still queued on the device belong to the step time, not to the pause. Only at a pause, which
+            # waits for the device anyway (a grid is read back, a checkpoint copied to the host).
+            self.sync()
+        pause, start = Pause(what), time.perf_counter()
+        try:
+            yield pause
+        finally:
+            pause.seconds = time.perf_counter() - start
+            self.started += pause.seconds  # before the first steady step the clock restarts anyway
+            self.paused_s[what] += pause.seconds
 
     def result(self, step: int) -> tuple[int, float]:
         """(timed steps, seconds per step) at the end of the run; NaN when no step was timed."""
         self.sync()
         steps = step - self.start_step
         return steps, (time.perf_counter() - self.started) / steps if steps else float("nan")
+
+
+@dataclass
+class Pause:
+    """One pause of a ``StepTimer``: what ran, and for how long (set when it ends)."""
+
+    what: str
+    seconds: float = 0.0

@@ -93,9 +93,13 @@ class Report:
         """One line: the verdict and its reason."""
         return f"{self.verdict}: {self.reasons[0]}"
 
+    def as_dict(self) -> dict:
+        """The report as a JSON-ready dict (what ``to_json`` writes)."""
+        return asdict(self)
+
     def to_json(self) -> str:
         """The report as one JSON object."""
-        return json.dumps(asdict(self), ensure_ascii=False)
+        return json.dumps(self.as_dict(), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -348,19 +352,61 @@ def check_identifier(word: str, tokenizers: list | None = None) -> Report:
 # --- suggestions --------------------------------------------------------------------------------------------
 
 
-def suggest_identifiers(n: int = 20, seed: int | None = None) -> list[str]:
+def suggest_identifiers(
+    n: int = 20, seed: int | None = None, tokenizers: list | None = None, family: str | None = None
+) -> list[str]:
     """Good identifiers: single whole-word tokens of 3-5 lowercase letters from the last quarter of the merges,
     absent from every wordfreq list, no known meaning, not two English words, not the end of an English word
     (about 60 in all).
 
-    Latest merge first; with ``seed``, a random (reproducible) sample of the candidates instead.
+    Latest merge first; with ``seed``, a random (reproducible) sample of the candidates instead. With
+    ``tokenizers`` (a model's own) or ``family`` (its shipped encoders), only candidates that check good
+    there, every encoder giving one token (see :func:`suggestion_reports`).
     """
+    if tokenizers is None and family is None:
+        if n < 1:
+            raise SdtuneError(f"--n: must be at least 1, got {n}")
+        # The pool was built from the shipped vocabulary to pass these checks: no need to run them again.
+        return _candidates(n, seed)[:n]
+    return [r.word for r in suggestion_reports(n, seed, tokenizers, family)]
+
+
+def suggestion_reports(
+    n: int = 20, seed: int | None = None, tokenizers: list | None = None, family: str | None = None
+) -> list[Report]:
+    """The check-token reports of up to ``n`` suggestions (in :func:`suggest_identifiers`' order) that are
+    good and a single token in every encoder: of ``tokenizers``, else of ``family``'s shipped encoders, else
+    of CLIP's. Fewer than ``n`` when fewer candidates pass; SdtuneError when none does."""
     if n < 1:
         raise SdtuneError(f"--n: must be at least 1, got {n}")
+    candidates = _candidates(n, seed)
+    found: list[Report] = []
+    # Checking costs about 10 ms a word (the English fragment scan): check in batches, stop once n pass.
+    batch = max(n, 8)
+    for start in range(0, len(candidates), batch):
+        for r in check_identifiers(candidates[start:start + batch], tokenizers, family):
+            if r.single_token and r.verdict == "good":
+                found.append(r)
+                if len(found) == n:
+                    return found
+    if not found:
+        where = "the given tokenizer(s)" if tokenizers else f"{family or 'CLIP'}'s text encoders"
+        raise SdtuneError(f"none of the {len(candidates)} candidate identifiers is a single rare token in {where}; "
+                          "pick a word with `sdtune check-token WORD --tokenizer MODEL`")
+    return found
+
+
+def _candidates(n: int, seed: int | None) -> list[str]:
+    """Every candidate, in suggestion order: latest merge first, or with ``seed`` the reproducible sample of
+    ``n`` first (as earlier versions gave it), then the rest shuffled by the same seed."""
     words = list(_suggestion_pool())
-    if seed is not None:
-        return random.Random(seed).sample(words, min(n, len(words)))
-    return words[:n]
+    if seed is None:
+        return words
+    first = random.Random(seed).sample(words, min(n, len(words)))
+    chosen = set(first)
+    rest = [w for w in words if w not in chosen]
+    random.Random(seed).shuffle(rest)
+    return first + rest
 
 
 @functools.cache

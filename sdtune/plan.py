@@ -110,6 +110,31 @@ def _check_prompts(cfg: Config, examples: list[Example], problems: list[str], wa
                         "folder of its own, or leave prior.class_dir unset and sdtune generates them)")
     if not cfg.sample.prompts and not (examples or data.instance_prompt):
         problems.append("sample.prompts: nothing to sample; set sample.prompts")
+    for prompt in cfg.sample.prompts:
+        # a recipe's "sks" left in after data.identifier=ohwx: grids of a word that was never trained, silently
+        if prompt != prior.class_prompt and not has_word(prompt, data.identifier):
+            warnings.append(f"sample.prompts: '{prompt}' does not use data.identifier '{data.identifier}', so the "
+                            "grids will not show what was trained; write {identifier} in it")
+
+
+FP16_ON_CPU = "train.mixed_precision: fp16 needs a GPU; on CPU use bf16 or no"
+
+
+def precision_problem(mixed_precision: str) -> str | None:
+    """Why ``train.mixed_precision`` cannot run on this machine's device, None if it can. Imports torch (only
+    here: ``sdtune --help`` must not)."""
+    if mixed_precision == "no":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        if mixed_precision == "fp16":
+            return FP16_ON_CPU
+        return None  # bf16 runs on CPU (slowly, but it runs)
+    if mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+        return (f"train.mixed_precision: bf16 is not supported by this GPU ({torch.cuda.get_device_name()}); "
+                "use fp16 or no")
+    return None
 
 
 def _check_train(cfg: Config, problems: list[str]) -> None:
@@ -181,6 +206,9 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     warnings = list(scan.warnings)
     _check_prompts(cfg, scan.examples, problems, warnings)
     _check_train(cfg, problems)
+    precision = precision_problem(cfg.train.mixed_precision)
+    if precision:
+        problems.append(precision)
     _check_output(cfg, problems)
     if info is not None:
         _check_family(cfg, info, files, problems)

@@ -8,7 +8,8 @@ box, and the checks) and ``contact_sheet.jpg``, every kept crop labelled on one 
 ``metadata.jsonl``, so neither ``datasets`` nor ``sdtune train`` takes it for a training image.
 
 Problems with the photos themselves (near duplicates, blur, upscaling, extreme aspect, a grayscale-only
-set) are reported, never silently fixed. Sources are only read; nothing is written outside OUT; running
+set) are reported, never silently fixed; ``--drop`` leaves the flagged ones out (status ``dropped`` in the
+report, marked DROPPED on the contact sheet, absent from ``metadata.jsonl`` and from OUT). Sources are only read; nothing is written outside OUT; running
 twice gives the same bytes.
 
 ``--crop bucket`` keeps each photo's aspect ratio (snapped to the family's training buckets), so its
@@ -22,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -36,6 +38,8 @@ from PIL import Image, ImageColor, ImageDraw
 from sdtune.errors import SdtuneError
 from sdtune.grid import load_font
 from sdtune.images import Decoded, Unreadable, read_image
+
+logger = logging.getLogger(__name__)
 
 # numpy, OpenCV, imagehash and smartcrop are imported where used: `sdtune --help` and
 # every other command import this module for its subcommand, and should not pay for them.
@@ -52,6 +56,8 @@ JUNK_FILES = {".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", 
 JUNK_DIRS = {"__macosx", "@eadir", "$recycle.bin", "system volume information", ".thumbnails"}
 TEXT_SUFFIXES = {".txt", ".caption", ".json", ".jsonl", ".md", ".csv", ".xmp", ".aae"}
 MAX_FILE_BYTES = 512 * 2**20
+# --drop NAME leaves out the images that carry this contact-sheet flag (set by check_set and _size_checks).
+DROPS = {"duplicates": "DUP", "blurry": "BLUR", "small": "SMALL", "extreme-aspect": "ASPECT"}
 
 NEAR_DUPLICATE_BITS = 6  # phash Hamming distance (of 64) at or below which two photos are the same shot
 BLUR_RATIO = 0.25  # flagged when the variance of the Laplacian is below this fraction of the set's median
@@ -78,7 +84,7 @@ class Result:
     """The outcome for one source file (picklable: it travels back from a worker process)."""
 
     source: str
-    status: str  # kept | fixed | skipped | ignored
+    status: str  # kept | fixed | dropped (by --drop) | skipped | ignored
     reason: str | None = None
     caption: str | None = None
     format: str | None = None
@@ -96,9 +102,11 @@ class Result:
     sharpness: float = 0.0
     grayscale: bool = False
     flags: list[str] = field(default_factory=list)  # short tags for the contact sheet: DUP, BLUR, ...
+    flagged_by: dict[str, str] = field(default_factory=dict)  # flag -> the first warning that set it
 
     def warn(self, flag: str, text: str) -> None:
         self.warnings.append(text)
+        self.flagged_by.setdefault(flag, text)
         if flag not in self.flags:
             self.flags.append(flag)
 
@@ -106,14 +114,14 @@ class Result:
         """This file's line in prep_report.json."""
         row: dict = {"source": self.source, "status": self.status}
         optional = {
-            "reason": self.reason, "output": self.output, "caption": self.caption, "format": self.format,
+            "reason": self.reason, "output": None if self.status == "dropped" else self.output, "caption": self.caption, "format": self.format,
             "size": list(self.size) if self.size else None,
             "crop": self.crop, "crop_box": list(self.crop_box) if self.crop_box else None,
             "output_size": list(self.output_size) if self.output_size else None,
             "fixed": self.fixes or None, "warnings": self.warnings or None,
         }
         row.update({k: v for k, v in optional.items() if v is not None})
-        if self.status in ("kept", "fixed"):
+        if self.status in ("kept", "fixed", "dropped"):
             row.update(sharpness=round(self.sharpness, 2), phash=f"{self.phash:016x}", grayscale=self.grayscale)
         return row
 
@@ -138,12 +146,17 @@ def prep(
     caption_from: str | None = None,
     workers: int = 0,
     progress: bool | None = None,
+    drop: tuple[str, ...] | list[str] = (),
 ) -> dict:
     """Prepare SRC into OUT and return the report (also written to OUT/prep_report.json).
+
+    ``drop`` names checks (of ``DROPS``: duplicates, blurry, small, extreme-aspect) whose flagged images are
+    left out of OUT and metadata.jsonl; the report lists them as ``dropped`` with the reason.
 
     Raises SdtuneError for bad options, an unusable OUT, or a SRC with no usable image.
     """
     settings = _settings(resolution, crop, fmt, min_side, background)
+    drop = _check_drop(drop)
     _check_rename(rename, token)
     if caption is None and caption_from is None:
         raise SdtuneError("--caption: give a caption, e.g. --caption 'a photo of sks dog', or --caption-from "
@@ -152,6 +165,9 @@ def prep(
         raise SdtuneError(f"--caption-from: '{caption_from}' is not one of filename, txt")
     src_dir, out_dir = _check_folders(src, out)
     previous = _previous_outputs(out_dir)
+    if previous:
+        files = sum(1 for p in previous if p.name != TMP_DIR)
+        logger.info(f"replacing the earlier prep output in {out_dir} ({files} files)")
 
     sources, results = find_sources(src_dir, out_dir)
     jobs = []
@@ -167,11 +183,43 @@ def prep(
     kept = [r for r in results if r.status in ("kept", "fixed")]
     if not kept:
         raise SdtuneError(_nothing_usable(src_dir, results))
+    # Names come before the checks (their warnings name the earlier file) and stay as they are after --drop,
+    # so a source gets the same output name with or without it.
     _name(kept, rename, token, fmt)
     set_warnings = check_set(kept)
-    report = _report(src_dir, settings, family, rename, caption, caption_from, results, set_warnings)
-    _write(out_dir, previous, kept, report)
+    dropped = drop_flagged(kept, drop)
+    kept = [r for r in kept if r.status != "dropped"]
+    if not kept:
+        raise SdtuneError(f"--drop {','.join(drop)}: all {len(dropped)} usable images would be dropped: "
+                          + "; ".join(f"{r.source}: {r.reason}" for r in dropped[:5]))
+    report = _report(src_dir, settings, family, rename, caption, caption_from, results, set_warnings, drop)
+    _write(out_dir, previous, kept, report, dropped)
     return report
+
+
+def _check_drop(drop: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
+    """The --drop names, validated, deduplicated, in DROPS order (so the report is the same either way)."""
+    names = [d.strip() for d in (drop.split(",") if isinstance(drop, str) else drop) if d.strip()]
+    unknown = [d for d in names if d not in DROPS]
+    if unknown:
+        raise SdtuneError(f"--drop: '{unknown[0]}' is not one of {', '.join(DROPS)}; e.g. --drop duplicates,blurry")
+    return tuple(d for d in DROPS if d in names)
+
+
+def drop_flagged(kept: list[Result], drop: tuple[str, ...]) -> list[Result]:
+    """Mark the images flagged by the checks named in ``drop`` as dropped (reason: the names and the warnings
+    that flagged them) and return them, in order.
+
+    Only later images are flagged duplicates, so of each group of duplicates the first stays.
+    """
+    dropped = []
+    for r in kept:
+        names = [d for d in drop if DROPS[d] in r.flags]
+        if names:
+            r.status = "dropped"
+            r.reason = f"dropped (--drop {','.join(names)}): " + "; ".join(r.flagged_by[DROPS[d]] for d in names)
+            dropped.append(r)
+    return dropped
 
 
 def _settings(resolution: int, crop: str, fmt: str, min_side: int | None, background: str) -> Settings:
@@ -636,24 +684,26 @@ def _name(kept: list[Result], pattern: str, token: str | None, ext: str) -> None
 
 
 def _report(src_dir: Path, settings: Settings, family: str | None, rename: str, caption: str | None,
-            caption_from: str | None, results: list[Result], set_warnings: list[str]) -> dict:
-    count = {s: sum(r.status == s for r in results) for s in ("kept", "fixed", "skipped", "ignored")}
+            caption_from: str | None, results: list[Result], set_warnings: list[str],
+            drop: tuple[str, ...] = ()) -> dict:
+    count = {s: sum(r.status == s for r in results) for s in ("kept", "fixed", "dropped", "skipped", "ignored")}
     return {
         "sdtune_prep": 1,
         "source": str(src_dir),
         "settings": {
             "family": family, "resolution": settings.resolution, "crop": settings.crop, "format": settings.format,
             "min_side": settings.min_side, "background": "#{:02x}{:02x}{:02x}".format(*settings.background),
-            "rename": rename, "caption": caption, "caption_from": caption_from,
+            "rename": rename, "caption": caption, "caption_from": caption_from, "drop": list(drop),
         },
         "summary": {"files": len(results), "images": count["kept"] + count["fixed"], **count,
-                    "warnings": sum(len(r.warnings) for r in results) + len(set_warnings)},
+                    # a dropped image's warnings are its reason, not warnings about the set
+                    "warnings": sum(len(r.warnings) for r in results if r.status != "dropped") + len(set_warnings)},
         "set_warnings": set_warnings,
         "files": [r.entry() for r in results],
     }
 
 
-def _write(out_dir: Path, previous: list[Path], kept: list[Result], report: dict) -> None:
+def _write(out_dir: Path, previous: list[Path], kept: list[Result], report: dict, dropped: list[Result]) -> None:
     """Build every output in OUT/.sdtune-prep-tmp, then replace the earlier run's outputs with them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / TMP_DIR
@@ -663,7 +713,7 @@ def _write(out_dir: Path, previous: list[Path], kept: list[Result], report: dict
         (tmp / r.output).write_bytes(r.encoded)  # type: ignore[operator]
     rows = [json.dumps({"file_name": r.output, "text": r.caption}, ensure_ascii=False) for r in kept]
     (tmp / METADATA).write_text("\n".join(rows) + "\n", encoding="utf-8")
-    contact_sheet(kept).save(tmp / SHEET, "JPEG", quality=90)
+    contact_sheet(sorted([*kept, *dropped], key=lambda r: _order(r.source))).save(tmp / SHEET, "JPEG", quality=90)
     (tmp / REPORT).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     for p in previous:
         if p.name != TMP_DIR:
@@ -682,7 +732,8 @@ def _remove(p: Path) -> None:
 
 
 def contact_sheet(kept: list[Result]) -> Image.Image:
-    """All kept crops on one sheet, each labelled with its output name, source and warnings."""
+    """All kept (and --drop'ped) crops on one sheet, each labelled with its output name, source and warnings;
+    dropped ones are crossed out in red and labelled DROPPED instead of a name."""
     cell = SHEET_CELL if len(kept) <= 400 else SHEET_CELL // 2
     cols = min(8, max(1, math.ceil(math.sqrt(len(kept)))))
     rows = math.ceil(len(kept) / cols)
@@ -697,7 +748,12 @@ def contact_sheet(kept: list[Result]) -> Image.Image:
         sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
         flags = " ".join(r.flags + (["GRAY"] if r.grayscale else []))
         colour = (255, 200, 80) if flags else (220, 220, 220)
-        draw.text((x, y + cell + 2), _ascii(f"{r.output}  {flags}", cell // 6), fill=colour, font=font)
+        name = r.output
+        if r.status == "dropped":
+            name, colour = "DROPPED", (255, 80, 80)
+            draw.line((x, y, x + cell, y + cell), fill=colour, width=3)
+            draw.line((x, y + cell, x + cell, y), fill=colour, width=3)
+        draw.text((x, y + cell + 2), _ascii(f"{name}  {flags}", cell // 6), fill=colour, font=font)
         draw.text((x, y + cell + 18), _ascii(r.source, cell // 6), fill=(150, 150, 150), font=font)
     return sheet
 

@@ -35,6 +35,7 @@ from sdtune.runs import (
     check_output_folder,
     grid_by_sdtune,
     open_safetensors,
+    run_root,
 )
 from sdtune.schedulers import sampling_scheduler
 
@@ -58,6 +59,16 @@ def _mode_inputs(settings: Settings, init_image: Image.Image | None, mask: Image
     raise SdtuneError(f"unknown mode {settings.mode}")
 
 
+def batches(cells: list[Cell], batch_size: int) -> list[list[Cell]]:
+    """The pipeline calls that render ``cells``: cells differing only in seed, ``batch_size`` at a time, in
+    cell order."""
+    groups: dict[Cell, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault(replace(c, seed=0), []).append(c)
+    return [members[start : start + batch_size] for members in groups.values()
+            for start in range(0, len(members), batch_size)]
+
+
 @torch.no_grad()
 def render_cells(
     pipe: Any,
@@ -76,37 +87,35 @@ def render_cells(
     batched kernels may round differently)."""
     images: dict[Cell, Image.Image] = {}
     errors: dict[Cell, str] = {}
-    groups: dict[Cell, list[Cell]] = {}
-    for c in cells:
-        groups.setdefault(replace(c, seed=0), []).append(c)
     bar = tqdm(total=len(cells), desc="sample", unit="img", disable=not progress)
     extra = _mode_inputs(settings, init_image, mask)
-    for key, members in groups.items():
-        if adapter is not None and key.lora_scale is not None:
+    scale = None
+    for batch in batches(cells, settings.batch_size):
+        key = batch[0]
+        if adapter is not None and key.lora_scale is not None and key.lora_scale != scale:
             pipe.set_adapters([adapter], adapter_weights=[key.lora_scale])
-        for start in range(0, len(members), settings.batch_size):
-            batch = members[start : start + settings.batch_size]
-            if batch_seeds is not None:
-                batch_seeds.update({c: [m.seed for m in batch] for c in batch})
-            try:
-                out = pipe(
-                    prompt=[key.prompt] * len(batch),
-                    negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
-                    num_inference_steps=settings.steps,
-                    guidance_scale=key.guidance_scale,
-                    generator=[torch.Generator("cpu").manual_seed(c.seed) for c in batch],
-                    **extra,
-                )
-                for c, im in zip(batch, out.images):
-                    images[c] = im
-            except torch.cuda.OutOfMemoryError:
-                for c in batch:
-                    errors[c] = "out of GPU memory (try --batch-size 1 or a smaller size)"
-                torch.cuda.empty_cache()
-            except (RuntimeError, ValueError) as e:
-                for c in batch:
-                    errors[c] = str(e).splitlines()[0][:200]
-            bar.update(len(batch))
+            scale = key.lora_scale
+        if batch_seeds is not None:
+            batch_seeds.update({c: [m.seed for m in batch] for c in batch})
+        try:
+            out = pipe(
+                prompt=[key.prompt] * len(batch),
+                negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
+                num_inference_steps=settings.steps,
+                guidance_scale=key.guidance_scale,
+                generator=[torch.Generator("cpu").manual_seed(c.seed) for c in batch],
+                **extra,
+            )
+            for c, im in zip(batch, out.images):
+                images[c] = im
+        except torch.cuda.OutOfMemoryError:
+            for c in batch:
+                errors[c] = "out of GPU memory (try --batch-size 1 or a smaller size)"
+            torch.cuda.empty_cache()
+        except (RuntimeError, ValueError) as e:
+            for c in batch:
+                errors[c] = str(e).splitlines()[0][:200]
+        bar.update(len(batch))
     bar.close()
     size = (settings.width, settings.height) if init_image is None else init_image.size
     out_images = [images.get(c) or failed_cell(*size, errors[c]) for c in cells]
@@ -265,10 +274,25 @@ def _apply_lora(pipe: Any, path: str, family: Family) -> None:
                           "format?)")
 
 
-def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True) -> tuple[Path, list[str]]:
+def grid_title(req: Request) -> str:
+    """A grid's title: what was rendered (the checkpoint, LoRA file or run; the base model alone) and on what."""
+    if not req.lora:
+        return f"base model {req.model}"
+    first_label, first_file = req.lora[0]
+    if len(req.lora) == 1:
+        return f"{first_label or Path(first_file).name} on {req.model}"
+    # --checkpoints all: every file is called pytorch_lora_weights.safetensors; the run and its steps are news
+    return f"{run_root(first_file).name}: {first_label} to {req.lora[-1][0]} on {req.model}"
+
+
+def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True,
+               given: dict[Cell, Image.Image] | None = None) -> tuple[Path, list[str]]:
     """Render the request's grid to ``out`` and each cell (+ JSON sidecar) to ``<out stem>_cells/``;
-    with ``grid=False`` (a replay) just the first cell's image to ``out``.
+    with ``grid=False`` (a replay) just the first cell's image to ``out``. ``given``: cells already rendered
+    elsewhere, exactly as this request would render them (eval's base-model cells); they are written and
+    drawn, not rendered again, and the model is not loaded if every cell is given.
     Returns (path written, one line per failed cell)."""
+    given = given or {}
     init_image = open_image(req.init_image, "--init-image") if req.init_image else None
     mask = open_image(req.mask, "--mask").convert("L") if req.mask else None
     if req.settings.mode in ("img2img", "inpaint", "outpaint", "depth") and init_image is None:
@@ -294,23 +318,30 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
     req = replace(req, model=absolute(req.model), init_image=absolute(req.init_image), mask=absolute(req.mask),
                   lora=[(label, absolute(f)) for label, f in req.lora],
                   device=req.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe, family = _load_pipeline(req)
+    pipe, family = _load_pipeline(req) if any(c not in given for c in req.cells) else (None, None)
     cells_dir = cells_folder(out) if grid else None
     images: dict[Cell, Image.Image] = {}
     failures: list[str] = []
     position = {c: i for i, c in enumerate(req.cells)}
     for label, lora_file in req.lora or [(None, None)]:
         cells = [c for c in req.cells if c.checkpoint == label]
+        todo = [c for c in cells if c not in given]
         lora_sha256 = sha256_file(lora_file) if lora_file else None  # once per file, not once per cell
-        if lora_file:
-            _apply_lora(pipe, lora_file, family)
-        batch_seeds: dict[Cell, list[int]] = {}
-        rendered, errors = render_cells(pipe, cells, req.settings, init_image=init_image, mask=mask,
-                                        progress=progress, adapter=ADAPTER if lora_file else None,
-                                        batch_seeds=batch_seeds)
-        if lora_file:
-            pipe.unload_lora_weights()
-        for c, im, err in zip(cells, rendered, errors):
+        # A given cell's sidecar names the batch it would have been rendered in, so its replay batches the same.
+        batch_seeds = {c: [m.seed for m in batch] for batch in batches(cells, req.settings.batch_size) for c in batch}
+        rendered: list[Image.Image] = []
+        errors: list[str | None] = []
+        if todo:
+            if lora_file:
+                _apply_lora(pipe, lora_file, family)  # type: ignore[arg-type]
+            rendered, errors = render_cells(pipe, todo, req.settings, init_image=init_image, mask=mask,
+                                            progress=progress, adapter=ADAPTER if lora_file else None,
+                                            batch_seeds=batch_seeds)
+            if lora_file:
+                pipe.unload_lora_weights()
+        done = dict(zip(todo, zip(rendered, errors)))
+        for c in cells:
+            im, err = (given[c], None) if c in given else done[c]
             images[c] = im
             i = position[c]
             if err:
@@ -329,8 +360,7 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
             (cells_dir / f"cell-{i:04d}.json").write_text(json.dumps(sidecar, indent=2))
     if not grid:
         return save_image(images[req.target or req.cells[0]], out), failures
-    title = f"{Path(req.lora[0][1]).name if req.lora else 'base model'} on {req.model}"
-    picture = layout(req.cells, [images[c] for c in req.cells], title=title)
+    picture = layout(req.cells, [images[c] for c in req.cells], title=grid_title(req))
     return save_image(picture, out), failures
 
 

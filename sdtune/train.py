@@ -58,7 +58,7 @@ from sdtune.export import WRITERS, write_run_files
 from sdtune.families import Components, Family
 from sdtune.files import cache_root, free_bytes, is_disk_full, mib, write_text
 from sdtune.grid import Settings
-from sdtune.guards import NonFiniteGuard, StalledLoraGuard, StepTimer, StopSignals
+from sdtune.guards import NonFiniteGuard, Pause, StalledLoraGuard, StepTimer, StopSignals
 from sdtune.identifier import check_identifier
 from sdtune.locks import Busy, cache_lock, run_lock
 from sdtune.lora import add_lora, save_diffusers_lora, trainable_parameters
@@ -66,7 +66,7 @@ from sdtune.memory import estimate
 from sdtune.models import load_components, model_identity, torch_dtype
 from sdtune.objectives import Objective, scale_latents
 from sdtune.optim import MIN_8BIT_SIZE, eight_bit_share, make_optimizer
-from sdtune.plan import RunPlan, check_run, class_images_dir
+from sdtune.plan import FP16_ON_CPU, RunPlan, check_run, class_images_dir
 from sdtune.prior import ensure_class_images
 from sdtune.resume import fingerprint, flat_keys, refuse_data_drift
 from sdtune.runs import CONFIG, RUN_MARKER, WEIGHT_NAME
@@ -162,7 +162,7 @@ class Run:
     lr_scheduler: Any = None
     loader: Any = None
     global_step: int = 0
-    timing: tuple[int, float] = (0, float("nan"))  # (timed steps, seconds per step)
+    timing: dict[str, float] = field(default_factory=dict)  # the loop's times, for train_summary.json
     data: dict[str, dict] = field(default_factory=dict)  # fingerprints of the instance and class images
 
     @property
@@ -344,7 +344,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=str(Path(t.output_dir) / "logs")),
     )
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise SdtuneError("train.mixed_precision: fp16 needs a GPU; on CPU use bf16 or no")
+        raise SdtuneError(FP16_ON_CPU)  # check_run says so too; this is for library callers that skip it
     if os.environ.get("MASTER_PORT") and accelerator.num_processes == 1 and not launched:
         logger.info("note: `accelerate launch --cpu` starts one process unless MPI is set up; for N processes on "
                     "the CPU use `accelerate launch --multi_gpu --num_processes N` (sdtune then runs them on the "
@@ -719,7 +719,9 @@ class LossLog:
 def loop(run: Run) -> None:
     """Optimizer steps from ``run.global_step`` to ``train.max_steps``; logs, checkpoints and samples on the way."""
     t, acc = run.cfg.train, run.accelerator
-    nonfinite = NonFiniteGuard(run.optimizer, acc.scaler, t.max_nonfinite_steps, warn=logger.warning)
+    started = time.perf_counter()
+    nonfinite = NonFiniteGuard(run.optimizer, acc.scaler, t.max_nonfinite_steps,
+                               warn=lambda message: _say(message, logging.WARNING))
     stalled = StalledLoraGuard(run.params, run.global_step, t.max_steps)
     timer = StepTimer(run.global_step, t.max_steps, sync=run.sync)
     losses = LossLog(run)
@@ -755,13 +757,17 @@ def loop(run: Run) -> None:
                 raise Interrupted(f"stopped by {by} at step {step}; checkpoint saved in "
                                   f"{run.output_dir / 'checkpoints'}; continue with train.resume=latest", stop.exit_code)
             timer.tick(step)
-            _periodic(run, step, out, nonfinite, losses, progress)
+            _periodic(run, step, out, nonfinite, losses, progress, timer)
     nonfinite.check()
     progress.close()
-    run.timing = timer.result(run.global_step)
+    timed_steps, s_per_step = timer.result(run.global_step)
+    run.timing = {"timed_steps": timed_steps, "s_per_step": s_per_step,  # training steps only
+                  "sample_s": timer.paused_s["sample"], "checkpoint_s": timer.paused_s["checkpoint"],
+                  "wall_s": time.perf_counter() - started}  # the whole loop, samples and checkpoints included
 
 
-def _periodic(run: Run, step: int, out: StepOutput, nonfinite: NonFiniteGuard, losses: LossLog, progress: Any) -> None:
+def _periodic(run: Run, step: int, out: StepOutput, nonfinite: NonFiniteGuard, losses: LossLog, progress: Any,
+              timer: StepTimer) -> None:
     """What happens every N steps: log, checkpoint, sample grid (each reads the non-finite flags first)."""
     t, every = run.cfg.train, run.cfg.sample.every
     if step % t.log_every == 0 or step == t.max_steps:
@@ -769,10 +775,34 @@ def _periodic(run: Run, step: int, out: StepOutput, nonfinite: NonFiniteGuard, l
         losses.write(step, out, progress)
     if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
         nonfinite.check()
-        run.save()
+        with _aside(timer, "checkpoint", progress, losses) as pause:
+            run.save()
+        _say(f"step {step}: checkpoint saved ({pause.seconds:.1f} s)")
     if every and step % every == 0 and step < t.max_steps:
         nonfinite.check()
-        sample_grid(run, step)
+        with _aside(timer, "sample", progress, losses):
+            sample_grid(run, step)
+
+
+@contextmanager
+def _aside(timer: StepTimer, what: str, progress: Any, losses: LossLog) -> Iterator[Pause]:
+    """Work between steps (a sample grid, a checkpoint), left out of the step time, the progress bar's rate and
+    ETA, and the logged steps_per_s."""
+    with timer.paused(what) as pause:
+        yield pause
+    # A minutes-long pause would otherwise read as slow steps: the ETA would jump, then creep back as tqdm's
+    # smoothing forgot it. Shift tqdm's clocks as tqdm.unpause() does, but by the pause alone (unpause would
+    # also drop the steps since the last redraw).
+    if not progress.disable:
+        progress.start_t += pause.seconds
+        progress.last_print_t += pause.seconds
+    losses.clock += pause.seconds
+
+
+def _say(message: str, level: int = logging.INFO) -> None:
+    """Log a line while the progress bar is up: tqdm clears the bar, the line prints, the bar is redrawn."""
+    with tqdm.external_write_mode():
+        logger.log(level, message)
 
 
 def _stop_requested(run: Run, stop: StopSignals) -> bool:
@@ -809,6 +839,10 @@ def sample_grid(run: Run, step: int) -> Path | None:
             [plan.examples[0].caption if plan.examples else cfg.data.instance_prompt]
             + ([cfg.prior.class_prompt] if cfg.prior.class_prompt else [])
         ))
+        # sampling can take minutes while the progress bar stands still: say so, then say how long it took
+        _say(f"step {step}: rendering the sample grid ({_count(len(prompts), 'prompt')} x "
+             f"{_count(len(cfg.sample.seeds), 'seed')}, {cfg.sample.steps} steps each)")
+        started = time.perf_counter()
         trained = run.unwrapped()  # not the compiled modules: sampling must not recompile the training graph
         live = replace(c, denoiser=trained[run.family.denoiser_name],
                        text_encoders=[trained.get(spec.name, te) for spec, te in zip(run.family.text_encoders,
@@ -826,8 +860,14 @@ def sample_grid(run: Run, step: int) -> Path | None:
             torch.cuda.empty_cache()
         path = save_image(grid, run.output_dir / "samples" / f"step-{step:06d}.png")
         _log_grid(run.accelerator, grid, step)
+        _say(f"step {step}: {path.relative_to(run.output_dir)} ({time.perf_counter() - started:.1f} s)")
     run.accelerator.wait_for_everyone()
     return path
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 prompt``, ``4 prompts``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _log_grid(accelerator: Accelerator, grid: Any, step: int) -> None:
@@ -913,14 +953,13 @@ def _save_final_lora(run: Run) -> None:
 def finish(run: Run) -> Path:
     """The last checkpoint, the LoRA in every run format, a summary, a sample grid and the model card."""
     t, acc, out = run.cfg.train, run.accelerator, run.output_dir
-    timed_steps, s_per_step = run.timing
+    timing = run.timing
     images_per_step = t.batch_size * t.gradient_accumulation_steps * acc.num_processes
     cuda = run.device.type == "cuda"
     summary = {
         "global_step": run.global_step,
-        "timed_steps": timed_steps,
-        "s_per_step": s_per_step,
-        "img_per_s": images_per_step / s_per_step if timed_steps else float("nan"),
+        **timing,  # timed_steps, s_per_step (training steps only), sample_s, checkpoint_s, wall_s
+        "img_per_s": images_per_step / timing["s_per_step"] if timing["timed_steps"] else float("nan"),
         "images_per_step": images_per_step,
         "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(run.device) / 2**30 if cuda else None,
         "device": torch.cuda.get_device_name(run.device) if cuda else run.device.type,

@@ -8,7 +8,7 @@ from typing import Any
 
 from sdtune import families
 from sdtune.cli.console import resolution, text
-from sdtune.prep import CROPS, DEFAULT_RENAME, FORMATS, RENAME_FIELDS, REPORT, SHEET
+from sdtune.prep import CROPS, DEFAULT_RENAME, DROPS, FORMATS, RENAME_FIELDS, REPORT, SHEET
 
 
 def add_commands(sub: Any) -> None:
@@ -42,6 +42,10 @@ def add_commands(sub: Any) -> None:
                    help="refuse sources whose crop is smaller than this; between it and the resolution they "
                    "are upscaled with a warning (default: half the resolution)")
     p.add_argument("--background", default="white", help="colour behind transparent pixels (name or #rrggbb)")
+    p.add_argument("--drop", default="", metavar="CHECKS",
+                   help=f"leave out the images these checks flag, a comma list of {', '.join(DROPS)} "
+                   "(e.g. duplicates,blurry; of duplicates the first stays); they are listed as dropped in "
+                   "the report and crossed out on the contact sheet (default: keep all, with warnings)")
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     p.set_defaults(func=cmd_prep)
 
@@ -55,6 +59,12 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("suggest-tokens", help="list rare single-token identifiers that pass check-token")
     p.add_argument("--n", type=int, default=20, help="how many (default 20)")
     p.add_argument("--seed", type=int, help="a random sample of the candidates instead of the latest merges")
+    p.add_argument("--tokenizer", help="keep only suggestions that are one rare token in this model's "
+                   "tokenizer(s): a model folder or hub id (tokenizer/, tokenizer_2/) or tokenizer folder")
+    p.add_argument("--family", choices=families.names(),
+                   help="keep only suggestions that are one rare token in this family's text encoders")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of the suggestions' check-token reports")
     p.set_defaults(func=cmd_suggest_tokens)
 
 
@@ -66,11 +76,13 @@ def cmd_prep(args: argparse.Namespace) -> int:
         args.src, args.out, resolution=args.resolution or families.get(args.family).default_resolution,
         crop=args.crop, family=args.family, fmt=args.format, min_side=args.min_side, background=args.background,
         rename=args.rename, token=args.token, caption=args.caption, caption_from=args.caption_from,
-        workers=args.workers,
+        workers=args.workers, drop=args.drop,
     )
     for row in report["files"]:
-        if row["status"] == "skipped":
-            print(f"skipped: {row['source']}: {row['reason']}")
+        if row["status"] in ("skipped", "dropped"):
+            print(f"{row['status']}: {row['source']}: {row['reason']}")
+        if row["status"] == "dropped":
+            continue  # its reason has the warnings that matter
         for w in row.get("warnings", []):
             print(f"warning: {row.get('output', '-')} ({row['source']}): {w}")
     for w in report["set_warnings"]:
@@ -78,7 +90,8 @@ def cmd_prep(args: argparse.Namespace) -> int:
     s = report["summary"]
     out = Path(args.out)
     print(
-        f"prep: {s['images']} images in {out} ({s['fixed']} fixed, {s['skipped']} skipped, {s['ignored']} "
+        f"prep: {s['images']} images in {out} ({s['fixed']} fixed, {s['dropped']} dropped, {s['skipped']} "
+        f"skipped, {s['ignored']} "
         f"ignored, {s['warnings']} warnings); see {out / REPORT} and {out / SHEET}"
     )
     return 0
@@ -101,8 +114,16 @@ def cmd_check_token(args: argparse.Namespace) -> int:
 
 
 def cmd_suggest_tokens(args: argparse.Namespace) -> int:
-    from sdtune.identifier import suggest_identifiers
+    import json
 
-    for word in suggest_identifiers(args.n, args.seed):
+    from sdtune.identifier import load_tokenizers, suggest_identifiers, suggestion_reports
+
+    tokenizers = load_tokenizers(args.tokenizer, args.family) if args.tokenizer else None
+    family = None if tokenizers else args.family
+    if args.json:
+        reports = suggestion_reports(args.n, args.seed, tokenizers, family)
+        print(json.dumps([r.as_dict() for r in reports], ensure_ascii=False))
+        return 0
+    for word in suggest_identifiers(args.n, args.seed, tokenizers, family):
         print(word)
     return 0

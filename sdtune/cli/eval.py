@@ -76,7 +76,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--images-per-prompt", type=positive_int, default=4, metavar="N", help="seeds 0..N-1 for every prompt (paper: 4)")
     p.add_argument("--checkpoints", choices=("all",), help="one row per saved checkpoint of the run")
     p.add_argument("--lora-scale", default="1", metavar="LIST",
-                   help="comma list; 0 is the base model (rendered again for each checkpoint)")
+                   help="comma list; 0 is the base model (rendered once, shared by every checkpoint)")
     p.add_argument("--pres", action="store_true",
                    help="also draw the class prompt (--images-per-prompt images per row) and report PRES")
     p.add_argument("--class-prompt", type=text, help="for --pres (default: prior.class_prompt, else 'a photo of a <class>')")

@@ -27,8 +27,9 @@ from sdtune.schedulers import SCHEDULERS
 def add_commands(sub: Any) -> None:
     """Add ``sample`` to the ``sdtune`` subparsers."""
     p = sub.add_parser("sample", help="render a labelled grid with a trained LoRA (rows: prompt x scale)")
-    p.add_argument("target", nargs="?", help="run folder, checkpoint folder or LoRA .safetensors file")
-    p.add_argument("--model", help="base model (default: the run's)")
+    p.add_argument("target", nargs="?",
+                   help="run folder, checkpoint folder or LoRA .safetensors file (none: --model alone, with --out)")
+    p.add_argument("--model", help="base model (default: the run's, or the hub id in a LoRA file's metadata)")
     p.add_argument("--prompt", action="append", type=text, help="prompt (repeatable)")
     p.add_argument("--prompts-file", help="one prompt per line")
     p.add_argument("--negative-prompt", type=text, default="")
@@ -77,11 +78,28 @@ def read_prompts(args: argparse.Namespace, run_cfg: dict) -> list[str]:
 
 
 def base_model(model: str | None, target: Path, run_cfg: dict) -> str:
-    """The base model to render with: ``--model``, else the one the run was trained on."""
+    """The base model to render with: ``--model``, else the one the run was trained on, else (a LoRA file
+    outside any run) the hub id its kohya metadata names."""
     model = model or run_cfg.get("model", {}).get("pretrained")
-    if not model:
-        raise SdtuneError(f"--model: {target} does not say its base model; pass --model HUB_ID_OR_FOLDER")
-    return model
+    if model:
+        return model
+    if target.is_file():
+        return lora_base_model(target)
+    raise SdtuneError(f"--model: {target} does not say its base model; pass --model HUB_ID_OR_FOLDER")
+
+
+def lora_base_model(lora_file: Path) -> str:
+    """The base model a shared LoRA file names: kohya's ``ss_sd_model_name``, when it is a hub id."""
+    from sdtune.hub import public_model_id
+    from sdtune.runs import safetensors_metadata
+
+    named = safetensors_metadata(lora_file).get("ss_sd_model_name")
+    if public_model_id(named):
+        return named  # type: ignore[return-value]
+    says = f"names '{named}', not a hub id" if named else "names no base model"
+    raise SdtuneError(f"--model: {lora_file} {says} (sdtune writes the base model into a LoRA file only as a "
+                      "public hub id: a local base model is never written into files meant for sharing); pass "
+                      "--model HUB_ID_OR_FOLDER")
 
 
 def with_size(settings: Any, model: str, revision: str | None) -> Any:
@@ -107,15 +125,9 @@ def _outpaint(text: str | None) -> tuple[int, int, int, int] | None:
 def _request(args: argparse.Namespace) -> tuple[Any, Path]:
     """The sample request the flags describe, and the grid file it writes."""
     from sdtune.grid import Cell, Settings
-    from sdtune.runs import lora_files, run_config
     from sdtune.sample import Request
 
-    if not args.target:
-        raise SdtuneError("sample: give a TARGET (run folder, checkpoint folder or LoRA file) or --replay CELL.json")
-    target = Path(args.target)
-    run_cfg = run_config(target)
-    loras = [] if args.no_lora else lora_files(target, args.checkpoints)
-    model = base_model(args.model, target, run_cfg)
+    target, run_cfg, loras, model = _source(args)
     prompts = read_prompts(args, run_cfg)
     size = run_cfg.get("data", {}).get("resolution")
     mode = ("depth" if args.depth else "outpaint" if args.outpaint else "inpaint" if args.mask
@@ -134,8 +146,29 @@ def _request(args: argparse.Namespace) -> tuple[Any, Path]:
         variant=run_cfg.get("model", {}).get("variant"), dtype=args.dtype, device=args.device,
         init_image=args.init_image, mask=args.mask, outpaint=_outpaint(args.outpaint),
     )
-    default_dir = target if target.is_dir() else target.parent
-    return req, Path(args.out) if args.out else default_dir / "grid.png"
+    if args.out:
+        return req, Path(args.out)
+    return req, (target if target.is_dir() else target.parent) / "grid.png"  # type: ignore[union-attr]
+
+
+def _source(args: argparse.Namespace) -> tuple[Path | None, dict, list[tuple[str, str]], str]:
+    """(TARGET or None, its run config, its LoRA files, the base model). No TARGET: ``--model`` alone, and the
+    grid needs ``--out`` (there is no run folder to put it in)."""
+    from sdtune.runs import lora_files, run_config
+
+    if args.target:
+        target = Path(args.target)
+        run_cfg = run_config(target)
+        loras = [] if args.no_lora else lora_files(target, args.checkpoints)
+        return target, run_cfg, loras, base_model(args.model, target, run_cfg)
+    if not args.model:
+        raise SdtuneError("sample: give a TARGET (run folder, checkpoint folder or LoRA file), --model MODEL for the "
+                          "base model alone, or --replay CELL.json")
+    if args.checkpoints:
+        raise SdtuneError("--checkpoints all: give the run folder as TARGET")
+    if not args.out:
+        raise SdtuneError("--out: with no TARGET the grid has no run folder to go to; pass --out base.png")
+    return None, {}, [], args.model
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
