@@ -25,6 +25,7 @@ from sdtune.errors import SdtuneError
 from sdtune.families import Family, ModelFiles
 from sdtune.files import atomic_path, sha256_file
 from sdtune.grid import Cell, Settings, failed_cell, layout
+from sdtune.hub import public_model_id
 from sdtune.images import open_image
 from sdtune.models import inspect_model, load_components, torch_dtype
 from sdtune.runs import (
@@ -275,14 +276,16 @@ def _apply_lora(pipe: Any, path: str, family: Family) -> None:
 
 
 def grid_title(req: Request) -> str:
-    """A grid's title: what was rendered (the checkpoint, LoRA file or run; the base model alone) and on what."""
+    """A grid's title: what was rendered (the checkpoint, LoRA file or run; the base model alone) and on what.
+    A local base model is named by its folder's name: grids get posted, and a full path can be private."""
+    model = public_model_id(req.model) or Path(req.model).name
     if not req.lora:
-        return f"base model {req.model}"
+        return f"base model {model}"
     first_label, first_file = req.lora[0]
     if len(req.lora) == 1:
-        return f"{first_label or Path(first_file).name} on {req.model}"
+        return f"{first_label or Path(first_file).name} on {model}"
     # --checkpoints all: every file is called pytorch_lora_weights.safetensors; the run and its steps are news
-    return f"{run_root(first_file).name}: {first_label} to {req.lora[-1][0]} on {req.model}"
+    return f"{run_root(first_file).name}: {first_label} to {req.lora[-1][0]} on {model}"
 
 
 def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True,

@@ -51,7 +51,8 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 def one_line_error(err: str) -> None:
     assert err.strip(), "no error printed"
     assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if "%|" not in line]  # the progress bars are on stderr
+    # the progress bars are on stderr, and so are the blank lines tqdm clears them with when a line is logged
+    lines = [line for line in err.strip().splitlines() if "%|" not in line and line.strip()]
     assert lines and all(line.startswith("error: ") for line in lines), err
 
 

@@ -171,6 +171,11 @@ def test_grid_titles():
     assert grid_title(Request(model="m", lora=[], cells=[], settings=Settings())) == "base model m"
     assert grid_title(Request(model="m", lora=[(None, "/x/a.safetensors")], cells=[],  # type: ignore[list-item]
                               settings=Settings())) == "a.safetensors on m"
+    # a local model by its folder's name only (grids get posted; a full path can be private), a hub id whole
+    local = Request(model="/home/someone/private/sd15-merge", lora=[], cells=[], settings=Settings())
+    assert grid_title(local) == "base model sd15-merge"
+    hub = Request(model="stable-diffusion-v1-5/stable-diffusion-v1-5", lora=[], cells=[], settings=Settings())
+    assert grid_title(hub) == "base model stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 # 4. eval: the base model (LoRA x0) once, shared by every checkpoint
