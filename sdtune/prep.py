@@ -9,8 +9,8 @@ box, and the checks) and ``contact_sheet.jpg``, every kept crop labelled on one 
 
 Problems with the photos themselves (near duplicates, blur, upscaling, extreme aspect, a grayscale-only
 set) are reported, never silently fixed; ``--drop`` leaves the flagged ones out (status ``dropped`` in the
-report, marked DROPPED on the contact sheet, absent from ``metadata.jsonl`` and from OUT). Sources are only read; nothing is written outside OUT; running
-twice gives the same bytes.
+report, marked DROPPED on the contact sheet, absent from ``metadata.jsonl`` and from OUT). Sources are only
+read; nothing is written outside OUT; running twice gives the same bytes.
 
 ``--crop bucket`` keeps each photo's aspect ratio (snapped to the family's training buckets), so its
 images are not square. ``datasets`` and ``sdtune train`` read them as they are; with
@@ -114,7 +114,8 @@ class Result:
         """This file's line in prep_report.json."""
         row: dict = {"source": self.source, "status": self.status}
         optional = {
-            "reason": self.reason, "output": None if self.status == "dropped" else self.output, "caption": self.caption, "format": self.format,
+            "reason": self.reason, "output": None if self.status == "dropped" else self.output,
+            "caption": self.caption, "format": self.format,
             "size": list(self.size) if self.size else None,
             "crop": self.crop, "crop_box": list(self.crop_box) if self.crop_box else None,
             "output_size": list(self.output_size) if self.output_size else None,
