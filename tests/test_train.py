@@ -407,3 +407,29 @@ def test_sdxl_time_ids_use_each_crops_target_size():
     batch = collate([example((768, 1024), (0, 32), (896, 1152)), example((1024, 1024), (64, 0), (1024, 1024))])
     assert time_ids(batch["geometry"], True).tolist() == [[768, 1024, 0, 32, 896, 1152], [1024, 1024, 64, 0, 1024, 1024]]
     assert time_ids(collate([example((8, 8), (1, 2), (64, 48))])["geometry"], False).tolist() == [[8, 8, 0, 0, 64, 48]]
+
+
+@pytest.mark.slow  # launches two processes
+def test_two_processes_on_a_busy_folder_both_refuse(tiny_model, tmp_path):
+    """The main process takes the run folder's lock; when another run holds it, every process of the launch
+    gets the refusal (none is left waiting in a collective) and the launch exits non-zero, writing nothing."""
+    out = tmp_path / "busy"
+    hold = ("import sys\nfrom sdtune.locks import run_lock\n"
+            "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.readline()\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in out.iterdir())
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(_free_port()), "-m", "sdtune", "train", str(ROOT / "recipes/tiny_cpu.yaml"),
+               *overrides(tiny_model("sd15"), out, "prior.enabled=false")]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        assert proc.returncode != 0
+        assert proc.stderr.count(f"is in use by another sdtune run, pid {holder.pid}") == 2, proc.stderr[-3000:]
+        assert sorted(p.name for p in out.iterdir()) == before  # only the holder's lock files
+    finally:
+        holder.kill()
+        holder.wait()
