@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from sdtune.files import cache_root
+from sdtune.files import cache_root, existing_ancestor
 
 if TYPE_CHECKING:
     from packaging.requirements import Requirement
@@ -185,14 +185,6 @@ def _quiet() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-
-
-def _existing_parent(path: Path) -> Path:
-    """Return `path` or its closest existing ancestor (caches and output dirs may not exist yet)."""
-    path = path.expanduser().absolute()
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -389,7 +381,7 @@ def _check_mps() -> list[Check]:
 
 def _disk_check(name: str, folder: Path) -> Check:
     """Free space on the filesystem that holds (or will hold) `folder`."""
-    target = _existing_parent(folder)
+    target = existing_ancestor(folder)  # caches and output dirs may not exist yet
     free_gib = shutil.disk_usage(target).free / _GIB
     where = (
         str(folder) if target == folder.expanduser().absolute() else f"{folder} (not created yet; {target})"

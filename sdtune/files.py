@@ -118,12 +118,18 @@ def unhashed_bytes(paths: list[Path]) -> int:
     return total
 
 
-def free_bytes(path: str | Path) -> int:
-    """Free space on the filesystem that holds ``path`` (or would hold it: its nearest existing folder)."""
-    path = Path(path).absolute()
+def existing_ancestor(path: str | Path) -> Path:
+    """``path`` (absolute, ``~`` expanded) or its nearest existing ancestor: where a folder that does not exist
+    yet would be created."""
+    path = Path(path).expanduser().absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    return shutil.disk_usage(path).free
+    return path
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free space on the filesystem that holds ``path`` (or would hold it: its nearest existing folder)."""
+    return shutil.disk_usage(existing_ancestor(path)).free
 
 
 def mib(n: float) -> str:

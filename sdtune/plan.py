@@ -20,7 +20,7 @@ from sdtune.config import Config, ConfigError
 from sdtune.data import Example, has_word, scan_instance_dir
 from sdtune.errors import SdtuneError
 from sdtune.families import Family, ModelFiles, ModelInfo
-from sdtune.files import cache_root
+from sdtune.files import cache_root, existing_ancestor
 from sdtune.locks import HOLDER, LOCK
 from sdtune.models import weight_problems
 from sdtune.resume import check_resume, fingerprint
@@ -69,9 +69,7 @@ def _check_output(cfg: Config, problems: list[str]) -> None:
     if out.exists() and not out.is_dir():
         problems.append(f"train.output_dir: {out} is a file; fix: give a folder (it is created if missing)")
         return
-    existing = out.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = existing_ancestor(out)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         problems.append(f"train.output_dir: cannot write in {existing} (permission denied or read-only); fix: "
                         "choose a folder you can write to")

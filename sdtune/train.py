@@ -304,13 +304,23 @@ def _claim_output(run: Run) -> None:
         logger.info(f"removed {leftover.name}: a checkpoint save that was interrupted (the earlier ones are intact)")
 
 
+def _lora_bytes(run: Run) -> int:
+    """The trained LoRA's size in fp32, as every file that holds it stores it."""
+    return sum(p.numel() * 4 for p in run.params)
+
+
+def _final_files_bytes(run: Run) -> int:
+    """What the final LoRA files take: the diffusers file and one per run format (the kohya file)."""
+    return (1 + len(WRITERS)) * _lora_bytes(run)
+
+
 def _check_space(run: Run) -> None:
     """Refuse a run whose checkpoints and LoRA files cannot fit on the output folder's disk, before it starts."""
     t = run.cfg.train
-    lora_bytes = sum(p.numel() * 4 for p in run.params)
+    lora_bytes = _lora_bytes(run)
     kept = min(t.checkpoints_total_limit or 10**9, t.max_steps // t.checkpoint_every if t.checkpoint_every else 0) + 1
     # each checkpoint: adapters, AdamW's two moments and a diffusers LoRA file; then the final LoRA files
-    need = kept * (4 * lora_bytes + 2**16) + (1 + len(WRITERS)) * lora_bytes + 2**20 * 4
+    need = kept * (4 * lora_bytes + 2**16) + _final_files_bytes(run) + 2**20 * 4
     free = free_bytes(run.output_dir)
     if free < need:
         raise DiskFull(f"train.output_dir: not enough free space in {run.output_dir}: this run writes about "
@@ -943,7 +953,7 @@ def _save_final_lora(run: Run) -> None:
     except Exception as e:
         if not is_disk_full(e):
             raise
-        need = (1 + len(WRITERS)) * sum(p.numel() * 4 for p in run.params) + 2**16
+        need = _final_files_bytes(run) + 2**16
         raise DiskFull(f"disk full while writing the final LoRA files in {out}: nothing half-written was left; "
                        f"they need about {mib(need)} ({mib(free_bytes(out))} free). The trained LoRA is safe in "
                        f"checkpoints/step-{run.global_step:06d}: free space, then run the same command with "
