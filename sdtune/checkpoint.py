@@ -135,7 +135,7 @@ def save_checkpoint(
                 write_bytes(tmp / f"adapter-{name}.safetensors", save(sd))
             write_bytes(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
             write_bytes(tmp / "lr_scheduler.pt", _torch_bytes(lr_scheduler.state_dict()))
-            save_diffusers_lora(tmp, family, trained)
+            save_diffusers_lora(tmp, family, trained, (config.get("model") or {}).get("pretrained"))
             # the data fingerprint ({"instance": ..., "class": ...}, sdtune.resume.fingerprint) lets a resume
             # refuse photos added, removed or edited since
             state = {"global_step": global_step, "num_processes": accelerator.num_processes, "config": config,

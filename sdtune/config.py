@@ -31,6 +31,7 @@ from pydantic import (
     ValidationInfo,
     create_model,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -142,16 +143,43 @@ Name = Annotated[str, Field(min_length=1, max_length=MAX_KEY_CHARS)]
 
 
 class ModelConfig(_Section):
-    pretrained: PathText = Field(description="hub id or local diffusers-format folder (SD1.x, SD2.x or SDXL)")
+    pretrained: PathText = Field(
+        description="hub id, local diffusers-format folder, or single-file .safetensors checkpoint (a Civitai "
+        "download) of SD1.x, SD2.x or SDXL"
+    )
     revision: str | None = None
     variant: str | None = Field(None, description="weights variant, e.g. fp16")
     allow_unsafe_pickle: bool = Field(
         False, description="also load .bin/.ckpt pickle weights (with torch's weights_only); safetensors otherwise"
     )
+    vae: PathText | None = Field(
+        None, description="a VAE in place of the model's own: hub id, diffusers folder or single .safetensors file "
+        "(e.g. the fp16-fix VAE of SDXL)"
+    )
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="what the model predicts, where its files cannot tell (SD2 768-v and v-pred SDXL "
+        "single files); default: read from the model"
+    )
+    clip_skip: int = Field(
+        1, ge=1, le=12, description="which text-encoder layer conditions the UNet, counted from the end as "
+        "AUTOMATIC1111 and kohya do: 1 the last, 2 the penultimate (anime SD1.x models); SD1.x and SD2.x"
+    )
 
 
 class DataConfig(_Section):
-    instance_dir: PathText = Field(description="folder of subject images (imagefolder layout or plain images)")
+    instance_dir: PathText | None = Field(
+        None, description="folder of subject images (imagefolder layout or plain images); or data.dataset"
+    )
+    dataset: PathText | None = Field(
+        None, description="a Hugging Face dataset in place of data.instance_dir: hub id, local imagefolder or "
+        "save_to_disk folder, or .parquet / .arrow files"
+    )
+    dataset_split: Name = Field("train", description="the split of data.dataset to train on")
+    image_column: Name | None = Field(None, description="data.dataset's image column; default: its one image column")
+    caption_column: Name | None = Field(
+        None, description="data.dataset's caption column; default: text, caption or prompt if it has one, else "
+        "data.instance_prompt for every image"
+    )
     identifier: Identifier = Field(description="the rare word that names the subject, e.g. sks")
     instance_prompt: str | None = Field(
         None, description="caption for images without one in metadata.jsonl, e.g. 'a photo of {identifier} dog' "
@@ -166,6 +194,14 @@ class DataConfig(_Section):
         description="train each image at the aspect-ratio bucket of `sdtune prep --crop bucket` nearest its own "
         "(resized to cover it, centre-cropped; data.center_crop is not used); batches never mix buckets",
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.instance_dir is None) == (self.dataset is None):
+            raise PydanticCustomError(
+                "data_source", "give one of data.instance_dir (a folder of photos) or data.dataset (a Hugging Face "
+                "dataset){both}", {"both": ", not both" if self.instance_dir else ""})
+        return self
 
 
 class PriorConfig(_Section):
@@ -256,6 +292,23 @@ class _Config(_Section):
     def to_yaml(self) -> str:
         """The resolved recipe, every key, as YAML (what ``config.yaml`` in a run folder holds)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def resolved_paths(self) -> _Config:
+        """This config with every local path made absolute (a hub id stays as it is): what a run folder stores,
+        so that ``sdtune sample``, ``export`` and resume work from any folder."""
+        def local(path: str | None, must_exist: bool = True) -> str | None:
+            if path is None or (must_exist and not os.path.exists(path)):
+                return path
+            return os.path.abspath(path)
+
+        m, d, p = self.model, self.data, self.prior  # type: ignore[attr-defined]
+        return self.model_copy(update={
+            "model": m.model_copy(update={"pretrained": local(m.pretrained), "vae": local(m.vae)}),
+            "data": d.model_copy(update={"instance_dir": local(d.instance_dir, must_exist=False),
+                                         "dataset": local(d.dataset)}),
+            # an unused class_dir stays as written: resolved, it would differ between folders for nothing
+            "prior": p.model_copy(update={"class_dir": local(p.class_dir, must_exist=False) if p.enabled else p.class_dir}),
+        })
 
     def family_options(self, family: families.Family) -> BaseModel | None:
         """The recipe section of ``family``'s own options, None for a family without one."""
@@ -548,6 +601,19 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
             node = child
         else:
             node[parts[-1]] = value
+            _replace_source(raw, parts, overrides)
+
+
+# data.instance_dir and data.dataset are two ways to give the photos: an override of one replaces the recipe's other
+_SOURCES = (("data", "instance_dir"), ("data", "dataset"))
+
+
+def _replace_source(raw: dict[str, Any], parts: list[str], overrides: list[str] | tuple[str, ...]) -> None:
+    if tuple(parts) not in _SOURCES or not isinstance(raw.get("data"), dict):
+        return
+    other = next(s for s in _SOURCES if s != tuple(parts))
+    if not any(o.split("=", 1)[0].strip() == ".".join(other) for o in overrides):
+        raw["data"].pop(other[1], None)
 
 
 def _validate_sections(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:

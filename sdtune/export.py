@@ -11,6 +11,12 @@ entry there. The kohya key rules were read from the loaders' own code; each rule
 from, and ``tests/test_export.py`` re-implements the loaders' rules to check every key. Key prefixes and
 version metadata come from the model's family (``Family.kohya_prefixes``, ``Family.kohya_version``).
 
+Every file keeps to the canonical key layout (``sdtune.layout``: text-encoder keys under ``text_model.``),
+which every diffusers / transformers version reads, and names the base model publicly (``public_name``: a hub
+id, or a local model's folder or file name, never a path). The kohya file's metadata also describes the
+training data as kohya's own files do (caption tag frequencies, data folders, buckets, start time, the file
+hashes), from the ``DATA_SUMMARY`` training writes into the run folder.
+
 torch and safetensors are imported inside the functions that use them: the command line reads ``WRITERS`` for
 ``--format``'s choices without paying for torch.
 """
@@ -18,9 +24,12 @@ torch and safetensors are imported inside the functions that use them: the comma
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
+import logging
 import math
 import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -32,8 +41,10 @@ from sdtune.errors import SdtuneError
 from sdtune.families import Family
 from sdtune.files import atomic_path
 from sdtune.hub import public_model_id
+from sdtune.layout import CLIP_TEXT_CLASSES, canonical_text_encoder_keys
 from sdtune.models import inspect_model
 from sdtune.runs import (
+    CHECKPOINTS,
     KOHYA_SUFFIX,
     MARK_KEY,
     STATE,
@@ -48,6 +59,25 @@ from sdtune.runs import (
 
 if TYPE_CHECKING:
     import torch
+
+logger = logging.getLogger(__name__)
+
+# Beside a finished run's LoRA: what the kohya metadata says about the training data (tag frequencies from the
+# captions, image counts, buckets, start time), recorded at training time because export runs later.
+DATA_SUMMARY = "data_summary.json"
+
+
+def public_name(name_or_path: str | None) -> str | None:
+    """What sdtune may publish about a model or data source: a hub id as it is, a local folder or file as
+    its base name (``../models/sd15`` -> ``sd15``, as kohya's ``ss_sd_model_name``), never a path."""
+    if not name_or_path:
+        return None
+    public = public_model_id(name_or_path)
+    if public:
+        return public
+    # both separators, whatever this system uses: a Windows path in a recipe must not leak on Linux either
+    return re.split(r"[\\/]", name_or_path.rstrip("\\/"))[-1] or None
+
 
 
 @dataclass
@@ -70,8 +100,9 @@ class Adapter:
         from peft import get_peft_model_state_dict
 
         tensors = get_peft_model_state_dict(module, adapter_name=adapter_name, save_embedding_layers=False)
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
         return cls(
-            {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()},
+            canonical_text_encoder_keys(tensors, type(module).__name__),  # as in the run's files
             module.peft_config[adapter_name].to_dict(),  # type: ignore[index]
         )
 
@@ -140,9 +171,12 @@ def to_kohya(
     base_model: str | None = None,
     prediction_type: str = "epsilon",
     resolution: int | None = None,
+    output_name: str | None = None,
+    clip_skip: int | None = None,
+    data: dict[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """PEFT adapters ({component: Adapter}) -> (kohya tensors, safetensors metadata). Pure: no files, no
-    model weights.
+    model weights. The metadata ends with kohya's ``sshs_*`` hashes of these tensors (``kohya_hashes``).
 
     Per module ``NAME.lora_down.weight`` = PEFT lora_A, ``NAME.lora_up.weight`` = lora_B, ``NAME.alpha`` and,
     with DoRA, ``NAME.dora_scale``.
@@ -158,9 +192,10 @@ def to_kohya(
     dora = any(k.endswith(".lora_magnitude_vector") for a in adapters.values() for k in a.tensors)
     metadata = kohya_metadata(
         family, rank, first.scale("") * rank, title=title, trigger_word=trigger_word, base_model=base_model,
-        prediction_type=prediction_type, resolution=resolution, dora=dora,
+        prediction_type=prediction_type, resolution=resolution, dora=dora, output_name=output_name,
+        clip_skip=clip_skip, data=data,
     )
-    return tensors, metadata
+    return tensors, {**metadata, **kohya_hashes(tensors, metadata)}
 
 
 def _kohya_tensors(family: Family, component: str, adapter: Adapter,
@@ -211,11 +246,18 @@ def kohya_metadata(
     prediction_type: str = "epsilon",
     resolution: int | None = None,
     dora: bool = False,
+    output_name: str | None = None,
+    clip_skip: int | None = None,
+    data: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """The safetensors metadata the UIs read and display: kohya ``ss_*`` keys and ModelSpec ``modelspec.*``.
 
-    Only public facts: no path, caption, folder or user name. ``base_model`` is written only when it is a
-    hub id (``owner/name``), never a local folder.
+    No path of this machine: ``base_model`` becomes ``ss_sd_model_name`` as a hub id, or a local model's
+    folder or file name (``public_name``, as kohya writes it). ``data`` (a ``data_summary``) adds what
+    AUTOMATIC1111 shows about the training data, as kohya's train_network.py writes it: tag frequencies from
+    the captions (``ss_tag_frequency``, its "training tags"), the data folders' names and image counts,
+    buckets and the start time. Like kohya's files, a published file then carries the caption tags and the
+    data folders' names.
     """
     v_pred = prediction_type == "v_prediction"
     version = family.kohya_version(prediction_type)
@@ -245,10 +287,123 @@ def kohya_metadata(
     if trigger_word:
         meta["modelspec.trigger_phrase"] = trigger_word
         meta["modelspec.usage_hint"] = f"put '{trigger_word}' in the prompt"
-    public = public_model_id(base_model)
-    if public:
-        meta["ss_sd_model_name"] = public
+    # A1111 shows these in the LoRA's metadata and names the network by ss_output_name (its alias)
+    optional = {"ss_output_name": output_name, "ss_sd_model_name": public_name(base_model),
+                "ss_clip_skip": None if clip_skip is None else str(int(clip_skip))}
+    meta.update({k: v for k, v in optional.items() if v})
+    if data:
+        meta.update(_data_metadata(data))
     return meta
+
+
+def _data_metadata(data: dict[str, Any]) -> dict[str, str]:
+    """The ``ss_*`` keys of a ``data_summary``, formatted as kohya's train_network.py writes them."""
+    return {
+        "ss_training_started_at": str(data["training_started_at"]),  # unix time, str(time.time()) in kohya
+        "ss_dataset_dirs": json.dumps(data["dataset_dirs"]),
+        "ss_reg_dataset_dirs": json.dumps(data.get("reg_dataset_dirs") or {}),
+        "ss_tag_frequency": json.dumps(data["tag_frequency"]),
+        "ss_bucket_info": json.dumps(data.get("bucket_info")),  # "null" without aspect buckets, as kohya
+    }
+
+
+def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """``sshs_model_hash`` and ``sshs_legacy_hash``, as kohya's train_util.precalculate_safetensors_hashes
+    computes them (so AUTOMATIC1111 and the additional-networks extension need not hash the file): the file
+    serialised with only its ``ss_*`` metadata; model hash = sha256 of the bytes after the header (the tensor
+    data, which the other metadata does not change, so it is also A1111's hash of the written file), legacy
+    hash = the first 8 hex digits of sha256 of the 64 KiB at offset 1 MiB."""
+    from safetensors.torch import save
+
+    raw = save({k: v.contiguous() for k, v in tensors.items()},
+               {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    n = struct.unpack("<Q", raw[:8])[0]
+    return {"sshs_model_hash": hashlib.sha256(raw[8 + n:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8]}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The training data's summary (recorded by training, read by export)
+
+
+@dataclass
+class ImageSet:
+    """One folder (or dataset) of training images as kohya counts it: its name (``public_name``: a folder's
+    base name, never its path), each image's caption, and how often each image is seen per epoch."""
+
+    name: str
+    captions: list[str]
+    repeats: int = 1
+
+
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    """{tag: count} as kohya's train_util.BaseDataset.set_tag_frequency counts a folder: each caption split on
+    commas, each tag stripped and lower-cased, empty ones left out; every image once (repeats not counted)."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in caption.split(","):
+            tag = tag.strip().lower()
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return counts
+
+
+def bucket_info(buckets: list[tuple[int, int]], sizes: list[tuple[int, int]],
+                repeats: int = 1) -> dict[str, Any]:
+    """kohya's ``bucket_info`` for images trained at ``buckets`` ((w, h) each) from pictures of ``sizes``
+    ((w, h) each): {"buckets": {index: {"resolution": [w, h], "count": images x repeats}},
+    "mean_img_ar_error": mean |image aspect - bucket aspect|}."""
+    distinct = sorted(set(buckets))
+    counts = {b: buckets.count(b) * repeats for b in distinct}
+    errors = [abs(w / h - bw / bh) for (w, h), (bw, bh) in zip(sizes, buckets, strict=True)]
+    return {"buckets": {str(i): {"resolution": list(b), "count": counts[b]} for i, b in enumerate(distinct)},
+            "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
+
+
+def data_summary(started_at: float, instance: ImageSet, reg: ImageSet | None = None,
+                 buckets: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``DATA_SUMMARY`` holds: the run's start (unix time), the instance (and class) images as kohya's
+    ``dataset_dirs`` / ``reg_dataset_dirs`` and ``tag_frequency`` ({folder name: {tag: count}}; class images
+    counted too, as kohya counts its regularisation folders), and ``bucket_info`` (None: square training)."""
+    frequency: dict[str, dict[str, int]] = {}
+    for images in (instance, reg):
+        if images is not None:
+            merged = frequency.setdefault(images.name, {})
+            for tag, n in tag_frequency(images.captions).items():
+                merged[tag] = merged.get(tag, 0) + n
+    dirs = {instance.name: {"n_repeats": instance.repeats, "img_count": len(instance.captions)}}
+    reg_dirs = {reg.name: {"n_repeats": reg.repeats, "img_count": len(reg.captions)}} if reg else {}
+    return {"training_started_at": started_at, "dataset_dirs": dirs, "reg_dataset_dirs": reg_dirs,
+            "tag_frequency": frequency, "bucket_info": buckets}
+
+
+def write_data_summary(run_dir: str | Path, summary: dict[str, Any]) -> Path:
+    """Write ``DATA_SUMMARY`` into a run folder (it is never pushed: it names the data folders)."""
+    path = Path(run_dir) / DATA_SUMMARY
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def read_data_summary(folder: str | Path) -> dict[str, Any] | None:
+    """The ``DATA_SUMMARY`` of a run folder, or of the run a ``checkpoints/step-NNNNNN`` folder belongs to
+    (the data cannot change within a run: a resume refuses changed data); None when there is none."""
+    folder = Path(folder)
+    places = [folder] + ([folder.parent.parent] if folder.parent.name == CHECKPOINTS else [])
+    for place in places:
+        path = place / DATA_SUMMARY
+        if path.is_file():
+            try:
+                summary = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise SdtuneError(f"{path}: cannot read it ({type(e).__name__}); delete it to export without "
+                                  "the training data's metadata") from None
+            needed = {"training_started_at", "dataset_dirs", "tag_frequency"}
+            if isinstance(summary, dict) and needed <= summary.keys():
+                return summary
+            raise SdtuneError(f"{path}: not a data summary sdtune wrote; delete it to export without the "
+                              "training data's metadata")
+    return None
 
 
 def kohya_warnings(family: Family, adapters: dict[str, Adapter]) -> list[str]:
@@ -273,16 +428,20 @@ def write_kohya(
     prediction_type: str = "epsilon",
     resolution: int | None = None,
     title: str | None = None,
+    clip_skip: int | None = None,
+    data: dict[str, Any] | None = None,
 ) -> Path:
     """Write the kohya/A1111 ``.safetensors`` for trained modules ({component: PEFT-injected module or
-    ``Adapter``}); pass only what was trained. ``title`` is ``modelspec.title``, default the file's stem."""
+    ``Adapter``}); pass only what was trained. ``title`` is ``modelspec.title``, default the file's stem,
+    which is always ``ss_output_name``; ``data`` is the run's ``data_summary``."""
     out_file = Path(out_file)
     if out_file.suffix != ".safetensors":
         raise SdtuneError(f"{out_file}: a kohya LoRA file must end in .safetensors")
     adapters = {c: m if isinstance(m, Adapter) else Adapter.from_module(m) for c, m in adapters.items()}
     tensors, metadata = to_kohya(
         family, adapters, title=title or out_file.stem, trigger_word=trigger_word, base_model=base_model,
-        prediction_type=prediction_type, resolution=resolution,
+        prediction_type=prediction_type, resolution=resolution, output_name=out_file.stem,
+        clip_skip=clip_skip, data=data,
     )
     _save_safetensors(tensors, out_file, metadata)
     return out_file
@@ -299,6 +458,7 @@ class RunLora:
     lora_file: Path
     adapters: dict[str, Adapter]
     config: dict[str, Any]  # the run's resolved recipe (config.yaml / state.json)
+    data: dict[str, Any] | None = None  # the run's DATA_SUMMARY (None: a run from before it, or unfinished)
 
     @property
     def base_model(self) -> str | None:
@@ -360,7 +520,17 @@ def read_diffusers_lora(
     for component, adapter in adapters.items():
         if not adapter.config.get("r"):
             raise SdtuneError(f"{path}: {component} has no rank/alpha (no adapter metadata, no config.yaml)")
+        # files written under transformers 5 before sdtune wrote canonical keys hold flat CLIPTextModel keys
+        if _is_clip_text_encoder(component):
+            adapter.tensors = canonical_text_encoder_keys(adapter.tensors)
     return adapters
+
+
+def _is_clip_text_encoder(component: str) -> bool:
+    """Whether every registered family that has this component makes it a CLIP text encoder."""
+    classes = {spec.model_class for family in families.registered() for spec in family.text_encoders
+               if spec.name == component}
+    return bool(classes) and classes <= set(CLIP_TEXT_CLASSES)
 
 
 def read_run(run_dir: str | Path) -> RunLora:
@@ -379,7 +549,7 @@ def read_run(run_dir: str | Path) -> RunLora:
     if lora.get("rank"):  # for files without adapter metadata: the recipe's numbers
         fallback = {"r": lora["rank"], "lora_alpha": lora.get("alpha") or lora["rank"],
                     "use_dora": bool(lora.get("use_dora"))}
-    return RunLora(lora_file, read_diffusers_lora(lora_file, fallback), config)
+    return RunLora(lora_file, read_diffusers_lora(lora_file, fallback), config, read_data_summary(run))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -387,9 +557,10 @@ def read_run(run_dir: str | Path) -> RunLora:
 
 
 def _public_config(config: dict[str, Any], base_model: str | None) -> dict[str, Any]:
-    """A LoraConfig dict fit to publish: JSON types, and the base model only as a hub id, never a path."""
+    """A LoraConfig dict fit to publish: JSON types, and the base model as a hub id or a local model's folder
+    or file name (``public_name``), never a path."""
     out = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
-    out["base_model_name_or_path"] = public_model_id(base_model)
+    out["base_model_name_or_path"] = public_name(base_model or config.get("base_model_name_or_path"))
     return out
 
 
@@ -404,7 +575,8 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], out_file: Path, metadata
 
 
 def _write_diffusers(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
-    """The diffusers LoRA file, all keys in PEFT naming (``pipe.load_lora_weights(folder, weight_name=...)``).
+    """The diffusers LoRA file, all keys in PEFT naming (``pipe.load_lora_weights(folder, weight_name=...)``),
+    text-encoder keys canonical (``text_encoder.text_model.encoder...``, ``sdtune.layout``).
 
     Not a byte copy of the run's file: that one mixes renamed (``.lora.down``) and PEFT (``.lora_A``) keys
     when modules other than attention are trained, and diffusers' load_lora_adapter converts a state dict
@@ -423,8 +595,15 @@ def _write_diffusers(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
 
 def _write_peft(run: RunLora, out_dir: Path) -> tuple[Path, list[str]]:
     """One PEFT adapter folder per trained module (``OUT/unet``, ``OUT/text_encoder``,
-    ``OUT/text_encoder_2``), each ``adapter_model.safetensors`` + ``adapter_config.json``, for
-    ``PeftModel.from_pretrained(unet, "OUT/unet")``.
+    ``OUT/text_encoder_2``), each ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+    Keys are PEFT's own (``base_model.model.<module>.lora_A.weight``) with the module names of the canonical
+    layout: a CLIPTextModel's as transformers 4.x names them (``base_model.model.text_model.encoder...``),
+    the layout of every PEFT adapter saved before transformers 5. Load the UNet's with
+    ``PeftModel.from_pretrained(unet, "OUT/unet")`` and a text encoder's with transformers'
+    ``text_encoder.load_adapter("OUT/text_encoder")``, which maps the keys onto a transformers 5 CLIPTextModel
+    (PEFT's own ``PeftModel.from_pretrained`` does not, as of peft 0.21: on transformers 5 it warns that the
+    CLIPTextModel adapter keys are missing).
     """
     if out_dir.suffix == ".safetensors" or out_dir.is_file():
         raise SdtuneError(f"{out_dir}: --format peft writes a folder (one adapter per module); give a folder")
@@ -445,13 +624,22 @@ def _write_kohya(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
         raise SdtuneError(
             f"{run.lora_file.parent}: no config.yaml names the base model, whose family the kohya file needs"
         )
-    info = inspect_model(run.base_model, (run.config.get("model") or {}).get("revision"))
+    model = run.config.get("model") or {}
+    info = inspect_model(run.base_model, model.get("revision"))
     path = write_kohya(
         out_file, info.family, run.adapters, trigger_word=run.trigger_word, base_model=run.base_model,
         prediction_type=info.prediction_type,
         resolution=(run.config.get("data") or {}).get("resolution") or info.resolution,
+        clip_skip=model.get("clip_skip") or 1, data=run.data,
     )
-    return path, kohya_warnings(info.family, run.adapters)
+    warnings = kohya_warnings(info.family, run.adapters)
+    if run.data is None:
+        warnings.append(
+            f"{run.lora_file.parent} has no {DATA_SUMMARY} (a run from an older sdtune, or one not "
+            "finished): the kohya file has no ss_tag_frequency, ss_dataset_dirs, ss_bucket_info or "
+            "ss_training_started_at, so AUTOMATIC1111 shows no training tags for it"
+        )
+    return path, warnings
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Base models: what one is, its loaded parts, and random ones built in code for tests and benchmarks.
 
-A model is any diffusers-format pipeline folder or Hugging Face hub id. Its family, prediction type and native
+A model is any diffusers-format pipeline folder, Hugging Face hub id, or single-file checkpoint
+(``sdtune.single_file``). Its family, prediction type and native
 resolution are read from the model's own config files by its family (``sdtune.families``), never guessed from
 its name, and without loading any weights (so config errors can be reported first).
 
@@ -9,6 +10,7 @@ torch is imported inside the functions that use it: the command line reads ``DTY
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -18,7 +20,12 @@ from sdtune import families
 from sdtune.errors import SdtuneError
 from sdtune.families import Components, Family, ModelFiles, ModelInfo
 from sdtune.files import content_hash, unhashed_bytes
+from sdtune.hub import is_hub_id
+from sdtune.layout import canonical_text_encoder_folder
+from sdtune.ldm import load_original, write_single_file
+from sdtune.ldm import load_vae as load_vae_file
 from sdtune.runs import safetensors_header
+from sdtune.single_file import CONFIG_KEY, config_folder, is_single_file, standard_vae_folder
 from sdtune.tokens import write_clip_tokenizer_files
 
 if TYPE_CHECKING:
@@ -40,12 +47,23 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
-def inspect_model(pretrained: str, revision: str | None = None, for_training: bool = True) -> ModelInfo:
-    """Family, prediction type, native resolution and bucket multiple of a model, from config files only.
+def model_files(pretrained: str, revision: str | None = None, prediction_type: str | None = None) -> ModelFiles:
+    """The config files of a model: its own (a diffusers folder or hub id), or those derived from a single-file
+    checkpoint's header (``sdtune.single_file``; ``prediction_type`` overrides what the file says)."""
+    if is_single_file(pretrained):
+        _, folder = config_folder(pretrained, prediction_type)
+        return ModelFiles(pretrained, revision, folder=folder)
+    return ModelFiles(pretrained, revision)
+
+
+def inspect_model(pretrained: str, revision: str | None = None, for_training: bool = True,
+                  prediction_type: str | None = None) -> ModelInfo:
+    """Family, prediction type, native resolution and bucket multiple of a model, from config files only
+    (a single file's header). ``prediction_type`` (``model.prediction_type``) overrides the model's.
 
     ``for_training`` refuses inpainting / depth denoisers (extra input channels), which sampling accepts."""
-    files = ModelFiles(pretrained, revision)
-    return families.describe(files, for_training)
+    info = families.describe(model_files(pretrained, revision, prediction_type), for_training)
+    return dataclasses.replace(info, prediction_type=prediction_type) if prediction_type else info
 
 
 def load_components(
@@ -54,8 +72,14 @@ def load_components(
     revision: str | None = None,
     variant: str | None = None,
     allow_unsafe_pickle: bool = False,
+    *,
+    vae: str | None = None,
+    prediction_type: str | None = None,
+    clip_skip: int = 1,
 ) -> Components:
-    """Load a model's tokenizers, text encoders, VAE, denoiser and training noise scheduler.
+    """Load a model's tokenizers, text encoders, VAE, denoiser and training noise scheduler, from a diffusers
+    folder, hub id or single-file checkpoint; ``vae``, ``prediction_type`` and ``clip_skip`` are the recipe's
+    ``model.*`` options of those names.
 
     Weights load from safetensors only, unless ``allow_unsafe_pickle``: then .bin files are accepted too, and
     diffusers / transformers read them with torch's ``weights_only`` unpickler. Never remote code."""
@@ -68,12 +92,108 @@ def load_components(
                 "safetensors. Convert them, or set model.allow_unsafe_pickle=true (loaded with weights_only)"
             )
     try:
-        return family.load(pretrained, revision, variant, safetensors_only=not allow_unsafe_pickle)
+        if is_single_file(pretrained):
+            c = load_single_file(pretrained, family, prediction_type, with_vae=vae is None)
+        else:
+            c = family.load(pretrained, revision, variant, safetensors_only=not allow_unsafe_pickle)
     except (OSError, ValueError) as e:  # missing files, or pickle weights where safetensors are required
         raise SdtuneError(
             f"model.pretrained: could not load {pretrained}"
             f"{f' (variant {variant})' if variant else ''}: {str(e).splitlines()[0][:200]}"
         ) from None
+    if vae:
+        c.vae = load_vae(vae, pretrained, prediction_type)
+    if prediction_type and c.noise_scheduler.config.prediction_type != prediction_type:
+        c.noise_scheduler = type(c.noise_scheduler).from_config(c.noise_scheduler.config,
+                                                                prediction_type=prediction_type)
+    for encoder in c.text_encoders[:1] if clip_skip > 1 else []:
+        skip_last_layers(encoder, clip_skip - 1)
+    return c
+
+
+def skip_last_layers(encoder: Any, n: int) -> None:
+    """Drop a CLIP text encoder's last ``n`` layers (clip skip): its output is then the hidden state ``n``
+    layers before the end, through the final layer norm, which is what AUTOMATIC1111's "Clip skip" n + 1 and
+    diffusers' ``clip_skip=n`` compute, so training, in-training grids and every later sampler agree."""
+    text_model = getattr(encoder, "text_model", encoder)  # transformers 5 flattens CLIPTextModel
+    layers = text_model.encoder.layers
+    if n >= len(layers):
+        raise SdtuneError(f"model.clip_skip: {n + 1} skips all {len(layers)} layers of the text encoder; use 1 or 2")
+    text_model.encoder.layers = layers[: len(layers) - n]
+    encoder.config.num_hidden_layers = len(layers) - n
+
+
+def load_single_file(pretrained: str, family: Family, prediction_type: str | None, with_vae: bool = True) -> Components:
+    """The components of a single-file checkpoint, converted by ``sdtune.ldm`` with the configs derived from its
+    header (``sdtune.single_file``); the file is memory-mapped, not read twice."""
+    from diffusers import DDPMScheduler
+    from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
+
+    _, folder = config_folder(pretrained, prediction_type)
+    checkpoint = load_file(str(Path(pretrained).expanduser()))
+    unet, vae, text_encoders = load_original(checkpoint, family, folder, with_vae=with_vae, source=pretrained)
+    return Components(
+        tokenizers=[CLIPTokenizer.from_pretrained(folder, subfolder=s.tokenizer_name) for s in family.text_encoders],
+        text_encoders=text_encoders, vae=vae, denoiser=unet,
+        noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+    )
+
+
+def load_vae(vae: str, pretrained: str, prediction_type: str | None = None) -> Any:
+    """``model.vae``: a VAE folder or hub id (its own config.json, or a pipeline's vae/), or a single
+    ``.safetensors`` file in either layout (with the base model's VAE config)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(vae).expanduser()
+    try:
+        if path.is_file():
+            return load_vae_file(path, _vae_config_folder(pretrained, prediction_type))
+        subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
+        return AutoencoderKL.from_pretrained(vae, subfolder=subfolder, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise SdtuneError(f"model.vae: could not load {vae}: {str(e).splitlines()[0][:200]}") from None
+
+
+def vae_problem(vae: str) -> str | None:
+    """Why ``model.vae`` cannot be loaded, from config files and headers only; None if it can."""
+    path = Path(vae).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            return f"model.vae: {vae} is not a .safetensors file; sdtune loads no pickle weights"
+        try:
+            safetensors_header(path)
+        except SdtuneError as e:
+            return f"model.vae: {e}"
+        return None
+    if path.is_dir():
+        if not any((path / sub / "config.json").is_file() for sub in ("", "vae")):
+            return f"model.vae: {vae} has no config.json (nor vae/config.json); give a diffusers VAE folder"
+        return None
+    if not is_hub_id(vae):
+        return f"model.vae: {vae} is neither a file, a folder nor a hub id; fix the path"
+    from huggingface_hub import hf_hub_download
+
+    for name in ("config.json", "vae/config.json"):
+        try:
+            hf_hub_download(vae, name)
+            return None
+        except Exception as e:  # offline, missing repo, no such file: the next name, then one line
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return f"model.vae: could not get the config of '{vae}' from the hub ({why}); fix: check the id or use a local file"
+
+
+def _vae_config_folder(pretrained: str, prediction_type: str | None) -> Path:
+    """A folder whose ``vae/config.json`` describes the base model's VAE."""
+    if is_single_file(pretrained):
+        ckpt, folder = config_folder(pretrained, prediction_type)
+        if (folder / "vae" / "config.json").is_file():
+            return folder
+        return standard_vae_folder(ckpt.family, ckpt.prediction_type)  # a checkpoint without a VAE: the usual one
+    local = local_folder(pretrained)
+    if local is None:
+        raise SdtuneError(f"model.vae: the config of {pretrained}'s VAE is not on this machine; load the model once")
+    return local
 
 
 def local_folder(pretrained: str, revision: str | None = None) -> Path | None:
@@ -90,11 +210,21 @@ def local_folder(pretrained: str, revision: str | None = None) -> Path | None:
         return None
 
 
-def model_identity(pretrained: str, revision: str | None, subfolders: list[str]) -> str:
+def model_identity(pretrained: str, revision: str | None, subfolders: list[str], vae: str | None = None,
+                   clip_skip: int = 1) -> str:
     """A short hash of what a model *is*: the bytes of every file in ``subfolders`` (weights, configs,
     tokenizer files) and of ``model_index.json``, not its name. Replacing a model folder's weights, or a
     hub snapshot moving to a new commit, gives a new identity; ``sdtune.files.content_hash`` reads each file
     version once."""
+    if vae or clip_skip != 1:  # model.vae and model.clip_skip make another model of the same files
+        parts = [model_identity(pretrained, revision, subfolders), str(clip_skip)]
+        if vae:
+            local = Path(vae).expanduser()
+            parts.append(content_hash(local)[:16] if local.is_file() else
+                         model_identity(vae, None, ["vae"] if (local / "vae").is_dir() else ["."]))
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    if is_single_file(pretrained):
+        return content_hash(Path(pretrained).expanduser())[:16]  # one file: its bytes are the model
     folder = local_folder(pretrained, revision)
     if folder is None:
         raise SdtuneError(f"model.pretrained: {pretrained} is not in the Hugging Face cache; load it first")
@@ -116,6 +246,8 @@ def weight_problems(pretrained: str, revision: str | None = None) -> list[str]:
     """One line per ``.safetensors`` file of a local model (or cached hub snapshot) that cannot be whole: an
     unreadable header, or fewer bytes than its header says (a download or copy that stopped early). Reads
     headers only (``sdtune.runs.safetensors_header``), so it is as fast as the config checks."""
+    if is_single_file(pretrained):
+        return []  # its header is read (and checked) by sdtune.single_file whenever its configs are
     folder = local_folder(pretrained, revision)
     if folder is None:
         return []
@@ -148,4 +280,40 @@ def write_random_model(
     # Also the classic vocab.json + merges.txt, so older transformers (slow tokenizer) can read them too.
     for spec in fam.text_encoders:
         write_clip_tokenizer_files(directory / spec.tokenizer_name)
+        # transformers 5 saves a CLIPTextModel built in code without text_model.; transformers 4 and ComfyUI
+        # would read that as all-missing weights (sdtune.layout)
+        canonical_text_encoder_folder(directory / spec.name, spec.model_class)
     return directory
+
+
+def write_random_single_file(
+    path: str | Path, family: str, size: str = "tiny", seed: int = 0, dtype: str = "fp32"
+) -> Path:
+    """Write a randomly initialised model of ``family`` as one ``.safetensors`` checkpoint in the original
+    (Stability) layout, the weights ``write_random_model`` writes for the same seed; its metadata carries its
+    exact diffusers configs (``sdtune.single_file.CONFIG_KEY``) and ModelSpec's architecture and prediction type."""
+    import json
+
+    import torch
+
+    fam = families.get(family)
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise SdtuneError(f"{path}: a single-file model is a .safetensors file; end the name with .safetensors")
+    torch.manual_seed(seed)
+    c = fam.random_components(size)
+    for module in (c.denoiser, c.vae, *c.text_encoders):
+        module.to(torch_dtype(dtype))
+    configs = {"unet": _plain(c.denoiser.config), "vae": _plain(c.vae.config)}
+    for spec, encoder in zip(fam.text_encoders, c.text_encoders):
+        configs[spec.name] = {k: v for k, v in encoder.config.to_diff_dict().items()
+                              if k not in ("architectures", "transformers_version", "model_type", "dtype")}
+    prediction = c.noise_scheduler.config.prediction_type
+    metadata = {CONFIG_KEY: json.dumps(configs), "modelspec.architecture": fam.kohya_version(prediction).architecture,
+                "modelspec.prediction_type": "v" if prediction == "v_prediction" else "epsilon"}
+    return write_single_file(c, fam, path, metadata)
+
+
+def _plain(config: Any) -> dict[str, Any]:
+    """A diffusers model config as JSON-ready constructor arguments."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(config).items() if not k.startswith("_")}

@@ -17,14 +17,16 @@ from pydantic import BaseModel, ConfigDict
 
 from sdtune import families
 from sdtune.config import Config, ConfigError
-from sdtune.data import Example, has_word, scan_instance_dir
+from sdtune.data import Example, Scan, has_word, scan_instance_dir
 from sdtune.errors import SdtuneError
 from sdtune.families import Family, ModelFiles, ModelInfo
 from sdtune.files import cache_root, existing_ancestor
+from sdtune.hfdata import materialize
 from sdtune.locks import HOLDER, LOCK
-from sdtune.models import weight_problems
+from sdtune.models import inspect_model, model_files, vae_problem, weight_problems
 from sdtune.resume import check_resume, fingerprint
 from sdtune.runs import WEIGHT_NAME, claimed_by_sdtune, complete_checkpoints
+from sdtune.single_file import is_single_file, param_count_problem, read_checkpoint
 
 # what a folder may hold and still count as empty: desktop junk, and the lock of a run that stopped in setup
 IGNORED_ENTRIES = {".DS_Store", "Thumbs.db", "desktop.ini", LOCK, HOLDER}
@@ -38,6 +40,7 @@ class RunPlan(BaseModel):
     model: ModelInfo
     resolution: int
     examples: list[Example]
+    instance_dir: Path  # the folder the examples are in: data.instance_dir, or data.dataset written as a folder
     class_dir: Path | None  # prior.class_dir; None: sdtune's cache, named in setup by the model's identity
     warnings: list[str]
     data: dict[str, dict] = {}  # the instance images' fingerprint (sdtune.resume.fingerprint)
@@ -103,7 +106,8 @@ def _check_prompts(cfg: Config, examples: list[Example], problems: list[str], wa
     if data.aspect_buckets and not data.center_crop:
         warnings.append("data.center_crop=false is not used with data.aspect_buckets=true: each image is "
                         "centre-cropped to its bucket")
-    if prior.enabled and prior.class_dir and Path(prior.class_dir).resolve() == Path(data.instance_dir).resolve():
+    if (prior.enabled and prior.class_dir and data.instance_dir
+            and Path(prior.class_dir).resolve() == Path(data.instance_dir).resolve()):
         problems.append("prior.class_dir: is data.instance_dir; class images are other members of the class (a "
                         "folder of its own, or leave prior.class_dir unset and sdtune generates them)")
     if not cfg.sample.prompts and not (examples or data.instance_prompt):
@@ -187,28 +191,71 @@ def _check_family(cfg: Config, info: ModelInfo, files: ModelFiles, problems: lis
                 )
 
 
+def _check_model(cfg: Config, problems: list[str], warnings: list[str]) -> tuple[ModelInfo | None, ModelFiles | None]:
+    """The base model's family and settings from its config files (a single file's header), and the model.*
+    options that depend on them."""
+    m = cfg.model
+    try:
+        files = model_files(m.pretrained, m.revision, m.prediction_type)
+        info = inspect_model(m.pretrained, m.revision, for_training=True, prediction_type=m.prediction_type)
+    except SdtuneError as e:
+        problems.append(str(e))
+        return None, None
+    if is_single_file(m.pretrained):
+        ckpt = read_checkpoint(m.pretrained)
+        if not ckpt.said_by and not m.prediction_type:
+            warnings.append(f"model.prediction_type: {Path(m.pretrained).name} does not say whether it predicts "
+                            "noise or v; assuming v_prediction (SD2.x 768-v). fix: set model.prediction_type=epsilon "
+                            "for a 512 px SD2.x base model, or v_prediction to silence this")
+        if not ckpt.has_vae and not m.vae:
+            problems.append(f"model.pretrained: {Path(m.pretrained).name} holds no VAE (first_stage_model.*); "
+                            "fix: set model.vae to the VAE it was made for")
+        problem = param_count_problem(ckpt, files.folder) if files.folder else None
+        if problem:
+            problems.append(problem)
+    if m.clip_skip > 1 and len(info.family.text_encoders) > 1:
+        problems.append(f"model.clip_skip: {info.family.label} conditions on fixed layers of its two text encoders "
+                        "(kohya and AUTOMATIC1111 ignore clip skip there); fix: remove it")
+    problem = vae_problem(m.vae) if m.vae else None
+    if problem:
+        problems.append(problem)
+    return info, files
+
+
+def _scan_data(cfg: Config, resolution: int | None) -> tuple[Path | None, Scan]:
+    """The folder of the instance images (``data.instance_dir``, or ``data.dataset`` written once into sdtune's
+    cache as such a folder) and its scan; None and the problems if the dataset cannot be written."""
+    d = cfg.data
+    if d.dataset is None:
+        folder, key = Path(d.instance_dir), "data.instance_dir"
+    else:
+        failed = Scan()
+        found = materialize(d.dataset, d.dataset_split, d.image_column, d.caption_column, d.instance_prompt,
+                            failed.problems)
+        if found is None:
+            return None, failed
+        folder, key = found, "data.dataset"
+    return folder, scan_instance_dir(folder, d.identifier, d.instance_prompt, key=key, resolution=resolution)
+
+
 def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     """Check the model, the data, the output folder and every option that depends on them; raise ConfigError
     with every problem at once (with ``strict``, warnings too). Reads config files, safetensors headers,
-    images and checkpoint manifests: no weights, and writes nothing."""
+    images and checkpoint manifests: no weights, and writes nothing but a ``data.dataset``'s images into
+    sdtune's cache (once per version of the dataset)."""
     problems: list[str] = []
-    files = ModelFiles(cfg.model.pretrained, cfg.model.revision)
-    info: ModelInfo | None = None
-    try:
-        info = families.describe(files, for_training=True)
-    except SdtuneError as e:
-        problems.append(str(e))
-    scan = scan_instance_dir(cfg.data.instance_dir, cfg.data.identifier, cfg.data.instance_prompt,
-                             resolution=cfg.data.resolution or (info.resolution if info else None))
+    model_warnings: list[str] = []
+    info, files = _check_model(cfg, problems, model_warnings)
+    folder, scan = _scan_data(cfg, cfg.data.resolution or (info.resolution if info else None))
     problems += scan.problems
-    warnings = list(scan.warnings)
+    warnings = model_warnings + list(scan.warnings)
     _check_prompts(cfg, scan.examples, problems, warnings)
     _check_train(cfg, problems)
     precision = precision_problem(cfg.train.mixed_precision)
     if precision:
         problems.append(precision)
     _check_output(cfg, problems)
-    if info is not None:
+    if info is not None and files is not None:
         _check_family(cfg, info, files, problems)
         problems += weight_problems(cfg.model.pretrained, cfg.model.revision)
     data = {} if scan.problems else fingerprint([(e.path, e.caption) for e in scan.examples])
@@ -220,8 +267,9 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
         problems += [f"{w} (--strict)" for w in warnings]
     if problems:
         raise ConfigError(problems)
-    assert info is not None
+    assert info is not None and folder is not None
     return RunPlan(model=info, resolution=cfg.data.resolution or info.resolution, examples=scan.examples,
+                   instance_dir=folder,
                    class_dir=Path(cfg.prior.class_dir) if cfg.prior.enabled and cfg.prior.class_dir else None,
                    warnings=warnings, data=data, resume_from=resumed[0] if resumed else None,
                    resume_state=resumed[1] if resumed else {}, strict=strict)

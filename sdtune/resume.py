@@ -12,6 +12,7 @@ No torch here: ``sdtune train --dry-run`` runs these checks.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,18 @@ def flat_keys(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys holding local paths: compared as absolute paths (runs store them resolved; older runs relative)
+PATH_KEYS = {"model.pretrained", "model.vae", "data.instance_dir", "data.dataset", "prior.class_dir"}
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if key in PATH_KEYS and isinstance(a, str) and isinstance(b, str):
+        return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+    return False
+
+
 def config_drift(saved: dict, current: dict) -> list[str]:
     """Keys whose values differ between a checkpoint's config and this run's, except harmless ones.
 
@@ -54,7 +67,7 @@ def config_drift(saved: dict, current: dict) -> list[str]:
     a, b = flat_keys(saved), flat_keys(current)
     return sorted(
         k for k in set(a) & set(b)
-        if a[k] != b[k] and k not in RESUMABLE_CHANGES and k.split(".")[0] not in RESUMABLE_CHANGES
+        if not _same(k, a[k], b[k]) and k not in RESUMABLE_CHANGES and k.split(".")[0] not in RESUMABLE_CHANGES
     )
 
 
@@ -93,7 +106,8 @@ def refuse_data_drift(checkpoint: Path, state: dict, kind: str, current: dict[st
     drift = data_drift(saved, current)
     if not drift:
         return None
-    where = "data.instance_dir" if kind == "instance" else "prior (class images)"
+    dataset = ((state.get("config") or {}).get("data") or {}).get("dataset")  # a run trained from data.dataset
+    where = ("data.dataset" if dataset else "data.instance_dir") if kind == "instance" else "prior (class images)"
     return (f"train.resume: the {kind} images changed since {checkpoint.name} ({'; '.join(drift)}); resuming would "
             f"train a different run. fix: restore {where} as it was, or start a new train.output_dir")
 

@@ -6,7 +6,7 @@
     RUN/README.md                            the model card (CARD)
     RUN/checkpoints/step-NNNNNN/             verified checkpoints, each with a COMPLETE marker
     RUN/samples/step-NNNNNN.png              sample grids
-    RUN/losses.jsonl, train_summary.json, logs/, eval/
+    RUN/losses.jsonl, train_summary.json, data_summary.json (what the kohya metadata tells of the data), logs/, eval/
     RUN/.sdtune-run, .sdtune.lock(.json)      the run's claim on the folder (RUN_MARKER), its lock (sdtune.locks)
 
 ``sdtune sample``, ``export``, ``eval`` and ``push`` take a run folder, one of its checkpoint folders or a

@@ -210,6 +210,7 @@ class Request:
     mask: str | None = None
     outpaint: tuple[int, int, int, int] | None = None
     extras: dict = field(default_factory=dict)
+    model_options: dict = field(default_factory=dict)  # model.vae / prediction_type / clip_skip of the run
     target: Cell | None = None  # a replay: the one cell to write (``cells`` holds its whole batch)
 
 
@@ -217,11 +218,14 @@ def _load_pipeline(req: Request) -> tuple[Any, Family]:
     """The base pipeline for the request's mode, on its device and dtype (one copy of every weight)."""
     dtype = torch_dtype(req.dtype)
     device = req.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    info = inspect_model(req.model, req.revision, for_training=False)
+    opts = req.model_options
+    info = inspect_model(req.model, req.revision, for_training=False, prediction_type=opts.get("prediction_type"))
     if req.settings.mode == "depth":
         pipe = _depth_pipeline(req)
     else:
-        pipe = info.family.pipeline(load_components(info.pretrained, info.family, req.revision, req.variant))
+        pipe = info.family.pipeline(load_components(info.pretrained, info.family, req.revision, req.variant,
+                                                    vae=opts.get("vae"), prediction_type=opts.get("prediction_type"),
+                                                    clip_skip=opts.get("clip_skip") or 1))
         if req.settings.mode == "img2img":
             from diffusers import AutoPipelineForImage2Image
 
@@ -318,7 +322,9 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
     def absolute(p):
         return str(Path(p).resolve()) if p and Path(p).exists() else p
 
+    options = {**req.model_options, **({"vae": absolute(req.model_options["vae"])} if req.model_options.get("vae") else {})}
     req = replace(req, model=absolute(req.model), init_image=absolute(req.init_image), mask=absolute(req.mask),
+                  model_options=options,
                   lora=[(label, absolute(f)) for label, f in req.lora],
                   device=req.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe, family = _load_pipeline(req) if any(c not in given for c in req.cells) else (None, None)
@@ -357,7 +363,7 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
                 "lora": lora_file, "lora_sha256": lora_sha256,
                 "cell": asdict(c), "settings": asdict(req.settings), "dtype": req.dtype, "device": req.device,
                 "init_image": req.init_image, "mask": req.mask, "outpaint": req.outpaint,
-                "batch_seeds": batch_seeds.get(c, [c.seed]),
+                "model_options": req.model_options, "batch_seeds": batch_seeds.get(c, [c.seed]),
             }
             save_image(im, cells_dir / f"cell-{i:04d}.png")
             (cells_dir / f"cell-{i:04d}.json").write_text(json.dumps(sidecar, indent=2))
@@ -381,6 +387,7 @@ def request_from_sidecar(path: str | Path) -> Request:
             settings=Settings(**d["settings"]), revision=d["revision"], variant=d["variant"], dtype=d["dtype"],
             device=d["device"], init_image=d["init_image"], mask=d["mask"],
             outpaint=tuple(d["outpaint"]) if d["outpaint"] else None,  # type: ignore[arg-type]
+            model_options=d.get("model_options") or {},
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SdtuneError(f"--replay: {path} is not an sdtune cell sidecar ({type(e).__name__}: {e})") from None

@@ -1,7 +1,10 @@
 """Sharing a run: its model card (Hugging Face conventions) and ``sdtune push`` to the Hub.
 
-Nothing private leaves the machine: no local paths, no captions beyond the instance prompt the user chose
-to publish, no tokens (the Hub token comes only from the environment or ``hf auth login``).
+Nothing private leaves the machine that the user did not choose to publish: no local paths (a local base
+model is named by its folder's or file's name, ``sdtune.export.public_name``), no tokens (the Hub token comes
+only from the environment or ``hf auth login``). The card shows the instance prompt; the kohya file carries,
+as kohya's own files do, the tag frequencies of the captions and the data folders' names that AUTOMATIC1111
+shows as its "training tags" (``sdtune.export.kohya_metadata``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import yaml
 from PIL import Image
 
 from sdtune.errors import SdtuneError
-from sdtune.export import existing_run_files
+from sdtune.export import existing_run_files, public_name
 from sdtune.families import Family
 from sdtune.files import write_text
 from sdtune.hub import check_repo_id, public_model_id
@@ -23,7 +26,7 @@ from sdtune.runs import CARD, WEIGHT_NAME, safetensors_header
 def model_card(config: dict, family: Family, grid: str | None, kohya_name: str | None) -> str:
     """Markdown with YAML front matter: base_model, tags, instance_prompt, license, widget."""
     model, data, lora, train = config["model"], config["data"], config["lora"], config["train"]
-    base = public_model_id(model["pretrained"])  # never publish a local path
+    base = public_model_id(model["pretrained"])  # the hub validates base_model: a hub id or nothing
     instance_prompt = data.get("instance_prompt") or f"a photo of {data['identifier']}"
     front = {
         "base_model": base,
@@ -36,7 +39,9 @@ def model_card(config: dict, family: Family, grid: str | None, kohya_name: str |
         "widget": [{"text": instance_prompt, "output": {"url": grid}}] if grid else [],
     }
     front = {k: v for k, v in front.items() if v not in (None, [])}
-    base_text = f"[{base}](https://huggingface.co/{base})" if base else "a local base model"
+    # a local base by its folder's or file's name, never its path
+    base_text = f"[{base}](https://huggingface.co/{base})" if base else \
+        f"a local base model (`{public_name(model['pretrained'])}`)"
     pipeline = family.lora_pipeline
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",

@@ -52,9 +52,18 @@ from sdtune.data import (
     assign_buckets,
     collate,
     list_images,
+    upright_size,
 )
 from sdtune.errors import DiskFull, Interrupted, SdtuneError
-from sdtune.export import WRITERS, write_run_files
+from sdtune.export import (
+    WRITERS,
+    ImageSet,
+    bucket_info,
+    data_summary,
+    public_name,
+    write_data_summary,
+    write_run_files,
+)
 from sdtune.families import Components, Family
 from sdtune.files import cache_root, free_bytes, is_disk_full, mib, write_text
 from sdtune.grid import Settings
@@ -202,6 +211,7 @@ class Run:
 def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     """Run DreamBooth LoRA training as configured; return the output folder."""
     plan = plan or check_run(cfg)  # every config problem is reported before any weight loads
+    cfg = cfg.resolved_paths()  # what the run folder records: commands on it then work from any folder
     accelerator = make_accelerator(cfg)
     with _exclusive(accelerator, Path(cfg.train.output_dir)):  # one run per folder
         run = setup(cfg, plan, accelerator)
@@ -368,8 +378,9 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> tuple[C
     weight_dtype = torch_dtype(accelerator.mixed_precision)
     logger.info(f"model: {info.pretrained} ({info.family.label}, {info.prediction_type}), {plan.resolution} px, "
                 f"{weight_dtype}")
-    c = load_components(info.pretrained, info.family, cfg.model.revision, cfg.model.variant,
-                        cfg.model.allow_unsafe_pickle)
+    m = cfg.model
+    c = load_components(info.pretrained, info.family, m.revision, m.variant, m.allow_unsafe_pickle, vae=m.vae,
+                        prediction_type=m.prediction_type, clip_skip=m.clip_skip)
     # Is the identifier a single, rare, meaningless token for this model's tokenizer(s)? (sdtune check-token)
     report = check_identifier(cfg.data.identifier, c.tokenizers)
     if report.verdict != "good":
@@ -416,7 +427,7 @@ def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accele
     assert cfg.prior.class_prompt
     family = plan.family
     parts = [family.denoiser_name, "vae", "scheduler", *(n for e in family.text_encoders for n in (e.name, e.tokenizer_name))]
-    identity = model_identity(plan.model.pretrained, cfg.model.revision, parts)
+    identity = model_identity(plan.model.pretrained, cfg.model.revision, parts, cfg.model.vae, cfg.model.clip_skip)
     class_dir = plan.class_dir or class_images_dir(cfg, plan.resolution, identity)
     if accelerator.is_main_process and not plan.class_dir:
         note = note_identity(cache_root() / "class_images", plan.model.pretrained, identity, "class images",
@@ -464,7 +475,7 @@ def _latent_cache(cfg: Config, plan: RunPlan, c: Components, dataset: DreamBooth
     if not dataset.center_crop:  # buckets are centre crops too
         logger.info("note: train.cache_latents is off because data.center_crop=false takes a new random crop every step")
         return None
-    weights_id = model_identity(plan.model.pretrained, cfg.model.revision, ["vae"])
+    weights_id = model_identity(plan.model.pretrained, cfg.model.revision, ["vae"], cfg.model.vae)
     vae_id = vae_identity(weights_id, c.vae.config, str(c.vae.dtype))
     directory = cache_root() / "latents"
     if accelerator.is_main_process:
@@ -944,8 +955,10 @@ def _save_final_lora(run: Run) -> None:
     out = run.output_dir
     try:
         with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-final-") as tmp:
-            save_diffusers_lora(tmp, run.family, run.unwrapped())
+            save_diffusers_lora(tmp, run.family, run.unwrapped(), run.cfg.model.pretrained)
             os.replace(Path(tmp) / WEIGHT_NAME, out / WEIGHT_NAME)
+        # what the kohya metadata says about the data (caption tags, folders, buckets); export reads it later
+        write_data_summary(out, _data_summary(run))
         # the other run formats (the kohya file AUTOMATIC1111, ComfyUI, Forge and InvokeAI load), converted from
         # that file exactly as `sdtune export` converts it
         for line in write_run_files(out):
@@ -958,6 +971,19 @@ def _save_final_lora(run: Run) -> None:
                        f"they need about {mib(need)} ({mib(free_bytes(out))} free). The trained LoRA is safe in "
                        f"checkpoints/step-{run.global_step:06d}: free space, then run the same command with "
                        "train.resume=latest to write the files") from None
+
+
+def _data_summary(run: Run) -> dict:
+    """The training data as kohya's metadata describes it (``sdtune.export.data_summary``): each folder by its
+    name only, its captions' tags and image count, the buckets, and when this training's loop began."""
+    d, dataset = run.cfg.data, run.dataset
+    source = public_name(d.instance_dir or getattr(d, "dataset", None)) or "instance"
+    instance = ImageSet(source, [e.caption for e in dataset.instance], d.repeats)
+    reg = ImageSet(run.class_paths[0].parent.name, [dataset.class_prompt or ""] * len(run.class_paths)) \
+        if run.class_paths else None
+    buckets = bucket_info(dataset.buckets, [upright_size(e.path) for e in dataset.instance], d.repeats) \
+        if dataset.buckets else None
+    return data_summary(time.time() - run.timing.get("wall_s", 0.0), instance, reg, buckets)
 
 
 def finish(run: Run) -> Path:

@@ -220,7 +220,7 @@ def test_center_smart_and_face_crops(tmp_path, monkeypatch):
 
     import sdtune.prep as prep_module
 
-    monkeypatch.setattr(prep_module, "detect_faces", lambda im: [(10, 20, 50, 60)])  # a face at the far left
+    monkeypatch.setattr(prep_module, "detect_faces", lambda im: [(10, 20, 50, 60, 9.0)])  # far left, confident
     row = run(src, tmp_path / "f2", crop="face")["files"][0]
     assert row["crop"] == "face (1 found)" and row["crop_box"] == [0, 0, 100, 100]
 

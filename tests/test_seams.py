@@ -126,9 +126,10 @@ def test_a_lora_file_alone_takes_the_hub_base_model_from_its_metadata(kohya_file
 def test_a_lora_file_with_a_local_base_model_says_why_and_asks_for_model(kohya_file, tmp_path, requested, capsys):
     from sdtune.runs import safetensors_metadata
 
-    assert "ss_sd_model_name" not in safetensors_metadata(kohya_file)  # the run's base model is a local folder
+    # the run's base model is a local folder: the file names it by the folder's name alone
+    assert safetensors_metadata(kohya_file)["ss_sd_model_name"] == "m"
     err = one_error(capsys, main(["sample", str(kohya_file), "--prompt", "a sks toy", *FAST]))
-    assert "never written into files meant for sharing" in err and "pass --model" in err
+    assert "names 'm', not a hub id: a local model's name" in err and "pass --model" in err
     # kohya's own scripts write a local file name there: not a hub id either
     local = _with_metadata(kohya_file, tmp_path / "local.safetensors", ss_sd_model_name="v1-5-pruned.safetensors")
     err = one_error(capsys, main(["sample", str(local), "--prompt", "a sks toy", *FAST]))

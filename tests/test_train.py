@@ -14,6 +14,7 @@ from conftest import DEMO_DATA, ROOT, overrides
 from sdtune import families
 from sdtune.config import ConfigError, load_config
 from sdtune.errors import SdtuneError
+from sdtune.layout import canonical_text_encoder_keys
 from sdtune.lora import WEIGHT_NAME, add_lora
 from sdtune.models import inspect_model, load_components
 from sdtune.train import train, training_step
@@ -94,6 +95,7 @@ def _lora_keys_match(pipe_module, adapter_file):
 
     adapter_name = next(iter(pipe_module.peft_config))
     loaded = get_peft_model_state_dict(pipe_module, adapter_name=adapter_name)
+    loaded = canonical_text_encoder_keys(loaded, type(pipe_module).__name__)  # as sdtune's files name them
     trained = load_file(adapter_file)
     assert set(loaded) == set(trained), set(loaded) ^ set(trained)
     for k, v in trained.items():

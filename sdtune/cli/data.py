@@ -8,7 +8,16 @@ from typing import Any
 
 from sdtune import families
 from sdtune.cli.console import resolution, text
-from sdtune.prep import CROPS, DEFAULT_RENAME, DROPS, FORMATS, RENAME_FIELDS, REPORT, SHEET
+from sdtune.prep import (
+    CROPS,
+    DEFAULT_RENAME,
+    DROPS,
+    FACE_MIN_CONFIDENCE,
+    FORMATS,
+    RENAME_FIELDS,
+    REPORT,
+    SHEET,
+)
 
 
 def add_commands(sub: Any) -> None:
@@ -29,6 +38,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--crop", choices=CROPS, default="smart",
                    help="center; smart (saliency, as Birme); face (keep faces in frame, else smart); "
                    "bucket (keep the aspect ratio, snap to the family's nearest training bucket)")
+    p.add_argument("--face-min-confidence", type=float, metavar="SCORE",
+                   help="--crop face: the least face detector score for a face crop; below it the image "
+                   "gets the smart crop. Real frontal faces score about 4-9, false detections on animals and "
+                   f"objects about 1-3 (default {FACE_MIN_CONFIDENCE}); the report gives each image's score")
     p.add_argument("--rename", default=DEFAULT_RENAME, metavar="PATTERN",
                    help=f"output name pattern, Python format syntax; fields: {fields} (default {DEFAULT_RENAME})")
     p.add_argument("--token", type=text, help="the identifier word for {token} in --rename, e.g. sks")
@@ -76,7 +89,7 @@ def cmd_prep(args: argparse.Namespace) -> int:
         args.src, args.out, resolution=args.resolution or families.get(args.family).default_resolution,
         crop=args.crop, family=args.family, fmt=args.format, min_side=args.min_side, background=args.background,
         rename=args.rename, token=args.token, caption=args.caption, caption_from=args.caption_from,
-        workers=args.workers, drop=args.drop,
+        workers=args.workers, drop=args.drop, face_min_confidence=args.face_min_confidence,
     )
     for row in report["files"]:
         if row["status"] in ("skipped", "dropped"):
@@ -87,6 +100,12 @@ def cmd_prep(args: argparse.Namespace) -> int:
             print(f"warning: {row.get('output', '-')} ({row['source']}): {w}")
     for w in report["set_warnings"]:
         print(f"warning: {w}")
+    if args.crop == "face":
+        crops = [row["crop"] for row in report["files"] if row.get("crop")]
+        faces = sum(c.startswith("face") for c in crops)
+        least = report["settings"]["face_min_confidence"]
+        print(f"face crops: {faces} of {len(crops)} images; the others got the smart crop (no face scoring "
+              f"{least:g} or more; each image's crop and face_confidence are in {Path(args.out) / REPORT})")
     s = report["summary"]
     out = Path(args.out)
     print(

@@ -23,7 +23,7 @@ from sdtune.cli.console import (
     quiet_libraries,
     text,
 )
-from sdtune.cli.sample import base_model, with_size
+from sdtune.cli.sample import base_model, run_model_options, with_size
 from sdtune.errors import SdtuneError
 from sdtune.eval.core import EvalSpec, Scorer
 from sdtune.eval.dreambench import CLIP_T_TOLERANCE, DEFAULT_CLIP, DEFAULT_DINO
@@ -61,7 +61,8 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("eval", help="the DreamBooth paper's metrics (DINO, CLIP-I, CLIP-T) per checkpoint and scale",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder, checkpoint folder or LoRA .safetensors file")
-    p.add_argument("--subject-dir", metavar="DIR", help="the real subject photos (default: the run's data.instance_dir)")
+    p.add_argument("--subject-dir", metavar="DIR",
+                   help="the real subject photos (default: the run's data.instance_dir or data.dataset)")
     p.add_argument("--prompts", default="dreambench", metavar="dreambench|FILE",
                    help="'dreambench' (the paper's 25 prompts) or a file: one prompt per line, with {} for "
                         "'<identifier> <class>' or {identifier} and {class}; '#' lines are comments")
@@ -117,6 +118,22 @@ def make_scorer(args: argparse.Namespace) -> Scorer:
                        clip_t_tolerance=args.clip_t_tolerance, pres=args.pres)
 
 
+def _dataset_photos(data: dict) -> str | None:
+    """The folder of a run's ``data.dataset`` images (None for a run without one): sdtune's cache of it, which
+    training wrote, or written again from the dataset."""
+    if not data.get("dataset"):
+        return None
+    from sdtune.hfdata import materialize
+
+    problems: list[str] = []
+    folder = materialize(data["dataset"], data.get("dataset_split") or "train", data.get("image_column"),
+                         data.get("caption_column"), data.get("instance_prompt"), problems)
+    if folder is None:
+        raise SdtuneError(f"--subject-dir: the run's {problems[0]}; or pass --subject-dir DIR with the "
+                          "photos")
+    return str(folder)
+
+
 def _subject(args: argparse.Namespace, target: Path, run_cfg: dict) -> tuple[str, str, str]:
     """(identifier, class noun, subject folder) from the flags, else the run's config."""
     data = run_cfg.get("data") or {}
@@ -129,9 +146,10 @@ def _subject(args: argparse.Namespace, target: Path, run_cfg: dict) -> tuple[str
     if not args.class_noun and len(class_noun.split()) > 3:
         raise SdtuneError(f"--class-noun: '{class_noun}' (from prior.class_prompt) is not a class noun; "
                           "pass --class-noun dog")
-    subject_dir = args.subject_dir or data.get("instance_dir")
+    subject_dir = args.subject_dir or data.get("instance_dir") or _dataset_photos(data)
     if not subject_dir:
-        raise SdtuneError("--subject-dir: the run names no data.instance_dir; pass --subject-dir DIR with the photos")
+        raise SdtuneError("--subject-dir: the run names no data.instance_dir or data.dataset; pass "
+                          "--subject-dir DIR with the photos")
     if not Path(subject_dir).is_dir():
         source = "--subject-dir" if args.subject_dir else "the run's data.instance_dir"
         raise SdtuneError(f"--subject-dir: {source} {subject_dir} is not a folder here; pass --subject-dir DIR "
@@ -176,6 +194,7 @@ def spec_from_args(args: argparse.Namespace, scorer: Scorer) -> EvalSpec:
         guidance=args.guidance if args.guidance is not None else scorer.guidance,
         settings=_settings(args, scorer, model, revision, data.get("resolution")), class_prompt=class_prompt,
         revision=revision, variant=model_cfg.get("variant"), dtype=args.dtype, device=args.device,
+        model_options=run_model_options(args.model, run_cfg),
     )
 
 

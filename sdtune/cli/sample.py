@@ -48,6 +48,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--mask", help="inpainting mask, same size as --init-image, white = repaint")
     p.add_argument("--outpaint", help="extend the canvas: N or left,top,right,bottom pixels, then inpaint it")
     p.add_argument("--depth", action="store_true", help="depth-to-image (the base model must be a depth model)")
+    add_model_options(p)
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--device", type=device, help="default: cuda if available, else cpu")
     p.add_argument("--out", help="grid file, .png (default: TARGET/grid.png); its cells go to <name>_cells/")
@@ -88,6 +89,32 @@ def base_model(model: str | None, target: Path, run_cfg: dict) -> str:
     raise SdtuneError(f"--model: {target} does not say its base model; pass --model HUB_ID_OR_FOLDER")
 
 
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--vae, --prediction-type and --clip-skip: the recipe's model.* options, for a model given with --model."""
+    p.add_argument("--vae", help="a VAE in place of the model's (hub id, folder or .safetensors; default: the run's)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                   help="what a single-file model predicts, where the file does not say (default: the run's)")
+    p.add_argument("--clip-skip", type=positive_int, help="1: last text-encoder layer, 2: penultimate (default: the "
+                   "run's, else 1)")
+
+
+def run_model_options(model: str | None, run_cfg: dict) -> dict:
+    """{vae, prediction_type, clip_skip} the run loaded its base model with. Its VAE and prediction type belong
+    to that base model, so they apply only when ``model`` (--model) does not name another."""
+    run = run_cfg.get("model", {})
+    own = not model or model == run.get("pretrained")
+    options = {"vae": run.get("vae") if own else None, "prediction_type": run.get("prediction_type") if own else None,
+               "clip_skip": run.get("clip_skip") or 1}
+    return {k: v for k, v in options.items() if v and not (k == "clip_skip" and v == 1)}
+
+
+def model_options(args: argparse.Namespace, run_cfg: dict) -> dict:
+    """The run's model options (``run_model_options``) with the --vae / --prediction-type / --clip-skip flags."""
+    flags = {"vae": args.vae, "prediction_type": args.prediction_type, "clip_skip": args.clip_skip}
+    options = run_model_options(args.model, run_cfg) | {k: v for k, v in flags.items() if v}
+    return {k: v for k, v in options.items() if not (k == "clip_skip" and v == 1)}
+
+
 def lora_base_model(lora_file: Path) -> str:
     """The base model a shared LoRA file names: kohya's ``ss_sd_model_name``, when it is a hub id."""
     from sdtune.hub import public_model_id
@@ -96,19 +123,18 @@ def lora_base_model(lora_file: Path) -> str:
     named = safetensors_metadata(lora_file).get("ss_sd_model_name")
     if public_model_id(named):
         return named  # type: ignore[return-value]
-    says = f"names '{named}', not a hub id" if named else "names no base model"
-    raise SdtuneError(f"--model: {lora_file} {says} (sdtune writes the base model into a LoRA file only as a "
-                      "public hub id: a local base model is never written into files meant for sharing); pass "
-                      "--model HUB_ID_OR_FOLDER")
+    says = (f"names '{named}', not a hub id: a local model's name (files meant for sharing never hold its path)"
+            if named else "names no base model")
+    raise SdtuneError(f"--model: {lora_file} {says}; pass --model HUB_ID_FOLDER_OR_FILE")
 
 
-def with_size(settings: Any, model: str, revision: str | None) -> Any:
+def with_size(settings: Any, model: str, revision: str | None, prediction_type: str | None = None) -> Any:
     """``settings`` with a width and height: the model's native size where the flags and the run gave none."""
     from sdtune.models import inspect_model
 
     if settings.width and settings.height:
         return settings
-    native = inspect_model(model, revision, for_training=False).resolution
+    native = inspect_model(model, revision, for_training=False, prediction_type=prediction_type).resolution
     return replace(settings, width=settings.width or native, height=settings.height or native)
 
 
@@ -145,6 +171,7 @@ def _request(args: argparse.Namespace) -> tuple[Any, Path]:
         model=model, lora=loras, cells=cells, settings=settings, revision=run_cfg.get("model", {}).get("revision"),
         variant=run_cfg.get("model", {}).get("variant"), dtype=args.dtype, device=args.device,
         init_image=args.init_image, mask=args.mask, outpaint=_outpaint(args.outpaint),
+        model_options=model_options(args, run_cfg),
     )
     if args.out:
         return req, Path(args.out)
@@ -185,7 +212,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # Before anything loads: an hour of rendering must not end in "cannot write", nor replace a user's file.
     check_outputs(out, len(req.cells), grid=not args.replay, overwrite=args.overwrite)
     quiet_libraries()
-    req.settings = with_size(req.settings, req.model, req.revision)
+    req.settings = with_size(req.settings, req.model, req.revision, req.model_options.get("prediction_type"))
     written, failures = run_sample(req, out, grid=not args.replay)
     if args.replay:
         print(f"image: {written}")

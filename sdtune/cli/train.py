@@ -22,7 +22,9 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("random-model", help="write a randomly initialised model (tests, demos, benchmarks)")
-    p.add_argument("directory")
+    p.add_argument("directory", help="the diffusers folder to write (with --single-file: the .safetensors file)")
+    p.add_argument("--single-file", action="store_true",
+                   help="write one .safetensors checkpoint in the original (Stability / Civitai) layout instead")
     p.add_argument("--family", choices=families.names(), default="sd15")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny")
     p.add_argument("--seed", type=int, default=0)
@@ -59,11 +61,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_random_model(args: argparse.Namespace) -> int:
-    from sdtune.models import inspect_model, write_random_model
+    from sdtune.models import inspect_model, write_random_model, write_random_single_file
 
     quiet_libraries()
-    path = write_random_model(args.directory, args.family, args.size, args.seed, args.dtype)
+    write = write_random_single_file if args.single_file else write_random_model
+    path = write(args.directory, args.family, args.size, args.seed, args.dtype)
     info = inspect_model(str(path))
-    print(f"wrote a random {info.family.name} model ({args.size}, {info.prediction_type}, {info.resolution} px) "
+    kind = "single-file " if args.single_file else ""
+    print(f"wrote a random {kind}{info.family.name} model ({args.size}, {info.prediction_type}, {info.resolution} px) "
           f"to {path}")
     return 0

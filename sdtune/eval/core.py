@@ -101,6 +101,7 @@ class EvalSpec:
     variant: str | None = None
     dtype: str = "fp32"
     device: str | None = None
+    model_options: dict = field(default_factory=dict)  # the run's model.vae / prediction_type / clip_skip
 
 
 @dataclass

@@ -47,7 +47,8 @@ def _on_disk(cells_dir: Path, i: int, cell: Cell, spec: EvalSpec, lora_sha: str)
         return False
     return (isinstance(d, dict) and d.get("cell") == asdict(cell) and d.get("settings") == asdict(spec.settings)
             and d.get("lora_sha256") == lora_sha and d.get("model") in {spec.model, str(Path(spec.model).resolve())}
-            and d.get("dtype") == spec.dtype and d.get("device") == eval_device(spec))
+            and d.get("dtype") == spec.dtype and d.get("device") == eval_device(spec)
+            and (d.get("model_options") or {}) == spec.model_options)
 
 
 def _reusable(cells_dir: Path, cells: list[Cell], spec: EvalSpec, lora_sha: str) -> bool:
@@ -102,7 +103,8 @@ def render(spec: EvalSpec, out: Path, class_images: bool,
         reused = f", reusing {len(given)} base-model images (LoRA x0)" if given else ""
         logger.info(f"{label} ({n}/{len(spec.loras)}): rendering {len(cells) - len(given)} images{reused}")
         req = Request(model=spec.model, lora=[(label, lora_file)], cells=cells, settings=spec.settings,
-                      revision=spec.revision, variant=spec.variant, dtype=spec.dtype, device=spec.device)
+                      revision=spec.revision, variant=spec.variant, dtype=spec.dtype, device=spec.device,
+                      model_options=spec.model_options)
         # One call per checkpoint keeps each grid picture a manageable size (run_sample always draws one).
         _, failed = run_sample(req, grid, progress=progress, given=given)
         failures += [f"{label}: {line}" for line in failed]

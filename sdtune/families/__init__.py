@@ -18,6 +18,7 @@ from sdtune.families.base import (
     MemoryConstants,
     ModelFiles,
     ModelInfo,
+    OriginalLayout,
     TextEncoderSpec,
     read_model_file,
 )
@@ -25,7 +26,8 @@ from sdtune.families.sd import SD2, SD15
 from sdtune.families.sdxl import SDXL
 
 __all__ = [
-    "Components", "Family", "KohyaVersion", "MemoryConstants", "ModelFiles", "ModelInfo", "TextEncoderSpec",
+    "Components", "Family", "KohyaVersion", "MemoryConstants", "ModelFiles", "ModelInfo", "OriginalLayout",
+    "TextEncoderSpec",
     "detect", "get", "names", "read_model_file", "register", "registered", "unregister",
 ]
 

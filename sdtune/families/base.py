@@ -56,6 +56,22 @@ class MemoryConstants:
 
 
 @dataclass(frozen=True)
+class OriginalLayout:
+    """What a family's single-file checkpoints (Stability's original layout, ``sdtune.single_file``) say only
+    through the rules of the real architectures: what their tensor shapes cannot."""
+
+    resolutions: dict[str, int]  # native image size by prediction type ("epsilon", "v_prediction")
+    micro_conditioning: bool = False  # the UNet embeds SDXL's size/crop ids (``label_emb``)
+    attention_heads: int | None = None  # a fixed head count in every block (SD1.x: 8); None: head_channels each
+    head_channels: int = 64
+    assume_v: bool = False  # a file that does not say predicts v (SD2.x: most shared files are 768-v)
+    upcast_attention_v: bool = False  # v models computed attention in fp32 (SD2.1: fp16 attention overflows)
+    text_layers_dropped: int = 0  # the family conditions on a layer before the last, which diffusers cuts off
+    vae_scaling_factor: float = 0.18215
+    vae_force_upcast: bool = False  # the VAE overflows in fp16 (SDXL's)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What a base model is, read from its config files (no weights)."""
 
@@ -87,14 +103,17 @@ class ModelFiles:
     """A model's config files (``model_index.json``, ``unet/config.json``, ...) from a local diffusers folder or
     the Hugging Face Hub, each read once. Only config files: never weights."""
 
-    def __init__(self, pretrained: str, revision: str | None = None):
-        self.pretrained, self.revision = pretrained, revision
+    def __init__(self, pretrained: str, revision: str | None = None, folder: Path | None = None):
+        # folder: where the config files are when they are not beside the weights (a single-file checkpoint's
+        # derived configs, ``sdtune.single_file.config_folder``)
+        self.pretrained, self.revision, self.folder = pretrained, revision, folder
         self._read: dict[str, dict] = {}
 
     def read(self, filename: str) -> dict:
         """The parsed JSON file, or one SdtuneError naming ``model.pretrained`` and the fix."""
         if filename not in self._read:
-            self._read[filename] = read_model_file(self.pretrained, filename, self.revision)
+            source = str(self.folder) if self.folder else self.pretrained
+            self._read[filename] = read_model_file(source, filename, self.revision)
         return self._read[filename]
 
 
@@ -151,6 +170,7 @@ class Family(Protocol):
     hub_tags: tuple[str, ...]  # model card tags
     kohya_prefixes: dict[str, str]  # component -> kohya key prefix ("lora_unet_", "lora_te1_")
     memory: MemoryConstants
+    original_layout: OriginalLayout | None  # its single-file checkpoints; None: it has none sdtune reads
 
     # -- reading a model
     def detect(self, files: ModelFiles) -> bool:
@@ -176,6 +196,10 @@ class Family(Protocol):
 
     def random_components(self, size: str) -> Components:
         """Freshly initialised components with ``tiny`` (tests) or ``full`` (benchmarks) shapes."""
+        ...
+
+    def random_scheduler(self) -> Any:
+        """The sampling scheduler the family's real checkpoints ship (for random and single-file models)."""
         ...
 
     # -- one training step

@@ -20,6 +20,7 @@ from sdtune.families.base import (
     MemoryConstants,
     ModelFiles,
     ModelInfo,
+    OriginalLayout,
     TextEncoderSpec,
 )
 from sdtune.objectives import DiffusionObjective
@@ -93,6 +94,7 @@ class StableDiffusion:
         default_factory=lambda: {"unet": "lora_unet_", "text_encoder": "lora_te_"}
     )
     memory: MemoryConstants = MemoryConstants()
+    original_layout: OriginalLayout | None = OriginalLayout(resolutions={"epsilon": 512}, attention_heads=8)
 
     # ---------------------------------------------------------------------------------------------------
     # Reading a model
@@ -287,5 +289,7 @@ SD15 = StableDiffusion(
 )
 SD2 = StableDiffusion(
     name="sd2", label="SD2.x", default_resolution=768, v2=True,
+    original_layout=OriginalLayout(resolutions={"epsilon": 512, "v_prediction": 768}, assume_v=True,
+                                   upcast_attention_v=True, text_layers_dropped=1),
     text_encoders=(TextEncoderSpec("text_encoder", "OpenCLIP ViT-H/14", "!", openclip=True),),
 )

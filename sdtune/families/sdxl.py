@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdtune.errors import SdtuneError
-from sdtune.families.base import KohyaVersion, ModelFiles, TextEncoderSpec
+from sdtune.families.base import KohyaVersion, ModelFiles, OriginalLayout, TextEncoderSpec
 from sdtune.families.sd import IMPL_SGM, StableDiffusion, has_text_time, vae_config
 from sdtune.tokens import EOS_TOKEN
 
@@ -54,6 +54,9 @@ class StableDiffusionXL(StableDiffusion):
     kohya_prefixes: dict[str, str] = field(
         default_factory=lambda: {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     )
+    original_layout: OriginalLayout | None = OriginalLayout(
+        resolutions={"epsilon": 1024, "v_prediction": 1024}, micro_conditioning=True, vae_scaling_factor=0.13025,
+        vae_force_upcast=True)
 
     def detect(self, files: ModelFiles) -> bool:
         return "unet" in files.read("model_index.json") and has_text_time(files.read("unet/config.json"))

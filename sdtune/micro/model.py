@@ -9,8 +9,10 @@ Shapes (why these):
   easily, and 16 x 16 latents make the UNet cheap enough for an hour of CPU pretraining.
 - UNet at 16 -> 8 -> 4 latents with cross-attention at 8 and 4 (and in the mid block): the background
   colour is a global property, so the text must reach the coarse levels.
-- Text encoder: CLIP architecture, 32 wide (its 49,408-row token table is most of its size), 2 layers, the full 49,408-token vocabulary (so ``sks`` is the
-  same rare token id 48136 as in real CLIP, and the identifier lessons carry over).
+- Text encoder: CLIP architecture, 32 wide (its 49,408-row token table is most of its size), 2 layers, the
+  full 49,408-token vocabulary (so ``sks`` is the same rare token id 48136 as in real CLIP, and the
+  identifier lessons carry over). Its weights are saved with canonical keys (``text_model.``,
+  ``sdtune.layout``), which transformers 4.x and 5.x and ComfyUI all read.
 - Noise schedule: the cosine schedule of Nichol & Dhariwal (``squaredcos_cap_v2``), made for small images,
   with v-prediction and "trailing" sampling steps (Lin et al. 2023, "Common diffusion noise schedules and
   sample steps are flawed"). SD's scaled-linear schedule leaves ~7% of the signal at its last step: at
@@ -31,6 +33,7 @@ from typing import Any
 from sdtune import families
 from sdtune.errors import SdtuneError
 from sdtune.families import Components, Family
+from sdtune.layout import canonical_text_encoder_folder
 from sdtune.tokens import clip_tokenizer, write_clip_tokenizer_files
 
 RESOLUTION = 64
@@ -139,7 +142,15 @@ def save_pipeline(directory: str | Path, tokenizer: Any, text_encoder: Any, vae:
     directory = Path(directory)
     pipeline(tokenizer, text_encoder, vae, unet).save_pretrained(directory, safe_serialization=True)
     write_clip_tokenizer_files(directory / "tokenizer")
+    canonical_text_encoder(directory)
     return directory
+
+
+def canonical_text_encoder(directory: str | Path) -> None:
+    """Give the text encoder's weight file the canonical keys (``text_model.``, ``sdtune.layout``) that every
+    transformers version reads, in place (headers only: the tensors stay bitwise the same)."""
+    spec = family().text_encoders[0]
+    canonical_text_encoder_folder(Path(directory) / spec.name, spec.model_class)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -169,6 +180,7 @@ def ship(model_dir: str | Path, target: str | Path | None = None) -> Path:
     if target.exists():
         shutil.rmtree(target)
     _copy_parts(Path(model_dir), target)
+    canonical_text_encoder(target)  # a model folder from an older sdtune may hold flat keys
     return target
 
 
@@ -181,6 +193,7 @@ def write_model(directory: str | Path, source: str | Path | None = None) -> Path
     if directory.exists() and any(directory.iterdir()):
         raise SdtuneError(f"{directory} exists and is not empty; choose a new folder")
     _copy_parts(source, directory)
+    canonical_text_encoder(directory)  # weights shipped by an older sdtune may hold flat keys
     clip_tokenizer().save_pretrained(directory / "tokenizer")
     write_clip_tokenizer_files(directory / "tokenizer")
     return directory
