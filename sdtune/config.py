@@ -189,6 +189,16 @@ class DataConfig(_Section):
     center_crop: bool = Field(True, description="false: a random square crop each step (not with aspect_buckets)")
     random_flip: bool = False
     repeats: int = Field(1, ge=1, le=10**6, description="how often each instance image appears per epoch")
+    caption_dropout: float = Field(0.0, ge=0, le=1, description="probability of training an image with an empty "
+                                   "caption (kohya's caption_dropout_rate)")
+    shuffle_tags: bool = Field(False, description="shuffle each caption's comma-separated tags every step")
+    keep_tokens: int = Field(0, ge=0, le=1000, description="with shuffle_tags: the first N tags stay in place "
+                             "(kohya's keep_tokens; 1 keeps the identifier tag first)")
+    masked_loss: bool = Field(False, description="weight the loss by each image's mask: its alpha channel or "
+                              "NAME.mask.png beside it (white = subject)")
+    unmasked_weight: float = Field(0.0, ge=0, le=1, description="with masked_loss: the loss weight outside the mask")
+    validation_dir: PathText | None = Field(None, description="held-out images for train.validation_every (same "
+                                            "layout as data.instance_dir)")
     aspect_buckets: bool = Field(
         False,
         description="train each image at the aspect-ratio bucket of `sdtune prep --crop bucket` nearest its own "
@@ -220,6 +230,9 @@ class LoraConfig(_Section):
     alpha: float | None = Field(None, gt=0, description="default: equal to rank (scale 1)")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[Name] = Field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], min_length=1)
+    type: Literal["lora", "loha", "lokr"] = Field(
+        "lora", description="loha / lokr: LyCORIS' Hadamard and Kronecker adapters (PEFT's), exported in LyCORIS keys"
+    )
     use_dora: bool = False
     train_text_encoder: bool = False
     text_encoder_target_modules: list[Name] = Field(
@@ -239,7 +252,12 @@ class TrainConfig(_Section):
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
     lr_warmup_steps: int = Field(0, ge=0, le=10**9)
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "lion8bit"] = Field(
+        "adamw", description="prodigy: set train.learning_rate=1.0 (it finds the step size); see the recipe docs"
+    )
+    optimizer_args: dict[Name, bool | int | float | str] = Field(
+        default_factory=dict, description="extra keyword arguments of the optimizer, e.g. {d_coef: 2, safeguard_warmup: true}"
+    )
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)
@@ -261,7 +279,20 @@ class TrainConfig(_Section):
     allow_tf32: bool = True
     noise_offset: float = Field(0.0, ge=0)
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting; 5.0 is usual")
+    loss: Literal["mse", "huber", "smooth_l1"] = Field("mse", description="huber / smooth_l1: robust to outliers")
+    huber_c: float = Field(0.1, gt=0, description="the Huber / smooth-L1 threshold (kohya's huber_c)")
+    huber_schedule: Literal["constant", "exponential", "snr"] = Field(
+        "snr", description="how huber_c varies with the timestep, as kohya's huber_schedule"
+    )
+    ema: bool = Field(False, description="keep an exponential moving average of the LoRA weights; samples and "
+                      "the saved LoRA use it")
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    ema_on_cpu: bool = Field(False, description="keep the EMA copy in CPU memory (saves GPU memory)")
+    validation_every: int = Field(0, ge=0, description="validation loss on held-out images every N steps; 0: off")
     checkpoint_every: int = Field(500, ge=0, description="0: no intermediate checkpoints")
+    checkpoint_every_epochs: int | None = Field(
+        None, ge=1, description="a checkpoint every N epochs (passes over the instance images) instead of steps"
+    )
     checkpoints_total_limit: int | None = Field(3, ge=1)
     resume: PathText | None = Field(None, description="'latest' or a checkpoint folder")
     dataloader_workers: int = Field(0, ge=0)
@@ -278,6 +309,7 @@ class TrainConfig(_Section):
 
 class SampleConfig(_Section):
     every: int = Field(0, ge=0, description="render a grid every N steps; 0: only after training")
+    every_epochs: int | None = Field(None, ge=1, description="render a grid every N epochs instead of steps")
     prompts: list[str] = Field(
         default_factory=list,
         description="default: the instance prompt and class prompt; {identifier} is replaced by data.identifier",

@@ -27,7 +27,7 @@ RESUMABLE_CHANGES = {
     "train.max_steps", "train.resume", "train.log_every", "train.report_to", "train.checkpoint_every",
     "train.checkpoints_total_limit", "train.dataloader_workers", "train.output_dir", "train.offload_frozen",
     "train.compile", "train.compile_mode", "train.compile_backend", "train.channels_last", "train.allow_tf32",
-    "train.max_nonfinite_steps", "sample",
+    "train.max_nonfinite_steps", "train.checkpoint_every_epochs", "train.validation_every", "sample",
 }
 
 
