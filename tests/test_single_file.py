@@ -291,3 +291,38 @@ def test_sample_uses_the_runs_clip_skip(checkpointed_run, tmp_path):
     cfg["model"]["clip_skip"] = 2
     assert run_model_options(None, cfg) == {"clip_skip": 2}
     assert run_model_options("another/model", {**cfg, "model": {**cfg["model"], "vae": "v"}}) == {"clip_skip": 2}
+
+
+def test_sample_renders_a_single_file_model_alone(single, tmp_path, capsys):
+    out = tmp_path / "base.png"
+    assert main(["sample", "--model", str(single("sdxl")), "--prompt", "a photo of a dog", "--steps", "2",
+                 "--seeds", "0", "--out", str(out)]) == 0, capsys.readouterr().err
+    sidecar = json.loads((tmp_path / "base_cells" / "cell-0000.json").read_text())
+    assert sidecar["model"] == str(single("sdxl").resolve())
+    # the replay loads the same file the same way: the same pixels
+    assert main(["sample", "--replay", str(tmp_path / "base_cells" / "cell-0000.json"),
+                 "--out", str(tmp_path / "again.png")]) == 0
+    from PIL import Image, ImageChops
+
+    with Image.open(tmp_path / "base_cells" / "cell-0000.png") as a, Image.open(tmp_path / "again.png") as b:
+        assert ImageChops.difference(a.convert("RGB"), b.convert("RGB")).getbbox() is None
+
+
+@pytest.mark.slow
+def test_a_clip_skip_run_says_so_in_its_kohya_file_and_samples_with_it(tiny_model, tmp_path, monkeypatch):
+    from sdtune.runs import safetensors_metadata
+    from sdtune.train import train
+
+    out = train(load_config(None, overrides(tiny_model("sd15"), tmp_path / "run", "train.max_steps=2",
+                                            "model.clip_skip=2", "sample.prompts=['a photo of sks toy']")))
+    kohya = next(out.glob("*_kohya.safetensors"))
+    assert safetensors_metadata(kohya)["ss_clip_skip"] == "2"
+    import sdtune.sample as sample_module
+
+    seen = []
+    real = sample_module.load_components
+    monkeypatch.setattr(sample_module, "load_components", lambda *a, **k: seen.append(k) or real(*a, **k))
+    assert main(["sample", str(out), "--steps", "2", "--seeds", "0", "--out", str(tmp_path / "g.png")]) == 0
+    assert seen and seen[0]["clip_skip"] == 2
+    # the tiny encoder's 2 layers, the last one skipped
+    assert real(str(tiny_model("sd15")), families.get("sd15"), clip_skip=2).text_encoders[0].config.num_hidden_layers == 1
