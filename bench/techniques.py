@@ -1,0 +1,155 @@
+"""The technique table (issue #16): each training technique on and off in the micro world, at equal steps and
+seeds, scored from pixels by the world's detector (``sdtune eval --metrics world``).
+
+    .venv/bin/python bench/techniques.py                       # every technique, seeds 0 1 2, 400 steps
+    .venv/bin/python bench/techniques.py --only baseline,ema --seeds 0 --steps 200   # a quick look
+
+Each row trains ``recipes/micro_dreambooth.yaml`` (the demo: 8 photos of the subject toy, prior preservation)
+with the technique's overrides, renders the held-out subject prompts and the class prompt at LoRA scale 1 for
+the final LoRA, and reports the world's numbers: subject fidelity (higher is better), context (the parts of a
+prompt that are not the subject drawn as asked; higher is better), class drift (the subject leaking into "a
+photo of a toy"; lower is better) and the wall time of training. Mean and spread (sample standard deviation)
+over the seeds. The table goes to ``bench/TECHNIQUES.md`` with the command that made it; a technique whose
+numbers do not differ from the baseline's beyond the spread is marked so, plainly. CPU only, about 1.5 min per
+run on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SDTUNE = [sys.executable, "-m", "sdtune"]
+
+# name -> (what it is, the overrides that switch it on)
+TECHNIQUES: dict[str, tuple[str, list[str]]] = {
+    "baseline": ("AdamW, MSE, LoRA rank 16 (the demo recipe)", []),
+    "prodigy": ("Prodigy, lr 1.0 (it finds the step size)", ["train.optimizer=prodigy", "train.learning_rate=1.0"]),
+    "lion": ("Lion, lr 1e-4 (3-10x below AdamW's)", ["train.optimizer=lion", "train.learning_rate=1.0e-4"]),
+    "adafactor": ("Adafactor, fixed lr", ["train.optimizer=adafactor"]),
+    "huber": ("Huber loss, SNR-scheduled threshold", ["train.loss=huber"]),
+    "ema": ("EMA of the LoRA weights (decay 0.99)", ["train.ema=true", "train.ema_decay=0.99"]),
+    "caption_dropout": ("10% empty captions", ["data.caption_dropout=0.1"]),
+    "masked_loss": ("loss on the subject only (alpha masks)", ["data.masked_loss=true"]),
+    "loha": ("LoHa (LyCORIS) in place of LoRA", ["lora.type=loha"]),
+    "lokr": ("LoKr (LyCORIS) in place of LoRA", ["lora.type=lokr"]),
+}
+METRICS = (("subject", "subject ↑"), ("context", "context ↑"), ("class_subject", "class drift ↓"))
+
+
+def run(cmd: list[str], log: Path) -> None:
+    """Run one sdtune command, its output to ``log``; stop the bench with the log's tail if it fails."""
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        tail = log.read_text().splitlines()[-15:]
+        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
+
+
+def prepare(work: Path, log: Path) -> dict[str, str]:
+    """The micro model, the subject's photos (prepped) and the class images, made once for every row."""
+    model, photos, subject = work / "micro-model", work / "subject_photos", work / "subject"
+    if not model.is_dir():
+        run([*SDTUNE, "micro", "model", str(model)], log)
+    if not subject.is_dir():
+        run([*SDTUNE, "micro", "subject", str(photos), "--n", "8"], log)
+        run([*SDTUNE, "prep", str(photos), str(subject), "--resolution", "64", "--caption-from", "txt",
+             "--workers", "1"], log)
+    return {"model.pretrained": str(model), "data.instance_dir": str(subject),
+            "prior.class_dir": str(work / "class_images")}
+
+
+def one(name: str, seed: int, steps: int, base: dict[str, str], work: Path, log: Path) -> dict[str, float]:
+    """Train and score one (technique, seed); reuses a finished row of an earlier call."""
+    out = work / "runs" / f"{name}-s{seed}-{steps}"
+    report = out / "eval" / "report.json"
+    if not report.is_file():
+        if out.exists():
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+        overrides = [f"{k}={v}" for k, v in base.items()] + [
+            f"train.output_dir={out}", f"train.seed={seed}", f"train.max_steps={steps}",
+            f"train.checkpoint_every={steps}", "sample.every=0", "train.report_to=none"]
+        t0 = time.perf_counter()
+        run([*SDTUNE, "train", "recipes/micro_dreambooth.yaml", *overrides, *TECHNIQUES[name][1]], log)
+        (out / "bench_wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+        run([*SDTUNE, "eval", str(out), "--metrics", "world", "--lora-scale", "1", "--batch-size", "8"], log)
+    data = json.loads(report.read_text())
+    final = [r for r in data["rows"] if r["lora_scale"] == 1][-1]
+    result = {key: float(final["metrics"][key]) for key, _ in METRICS}
+    result["wall_s"] = float((out / "bench_wall_s.txt").read_text())
+    return result
+
+
+def cell(values: list[float], digits: int = 3) -> str:
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def differs(values: list[float], baseline: list[float]) -> bool:
+    """Whether two sets of per-seed numbers differ by more than their spread (or by anything, with one seed)."""
+    gap = abs(statistics.fmean(values) - statistics.fmean(baseline))
+    spread = max(statistics.stdev(values) if len(values) > 1 else 0.0,
+                 statistics.stdev(baseline) if len(baseline) > 1 else 0.0)
+    return gap > spread
+
+
+def table(results: dict[str, list[dict[str, float]]], command: str, steps: int, seeds: list[int]) -> str:
+    lines = [f"# Techniques in the micro world ({date.today().isoformat()}, CPU)", "",
+             f"`{command}`", "",
+             f"`recipes/micro_dreambooth.yaml`, {steps} steps, seeds {', '.join(map(str, seeds))}; final LoRA at "
+             "scale 1, the world's held-out subject prompts and the class prompt; mean ± sample std over seeds. "
+             "\"=\" marks a number within the spread of the baseline's (no effect measured).", "",
+             "| technique | what | " + " | ".join(label for _, label in METRICS) + " | train wall s |",
+             "|---|---|" + "---:|" * (len(METRICS) + 1)]
+    base = results.get("baseline")
+    for name, rows in results.items():
+        cells = []
+        for key, _ in METRICS:
+            values = [r[key] for r in rows]
+            same = base is not None and name != "baseline" and not differs(values, [r[key] for r in base])
+            cells.append(cell(values) + (" =" if same else ""))
+        lines.append(f"| {name} | {TECHNIQUES[name][0]} | " + " | ".join(cells)
+                     + f" | {cell([r['wall_s'] for r in rows], 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", help=f"comma-separated techniques (default all: {','.join(TECHNIQUES)})")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--work", default=str(ROOT / ".cache" / "techniques"), help="where models and runs go")
+    p.add_argument("--out", default=str(ROOT / "bench" / "TECHNIQUES.md"))
+    args = p.parse_args()
+    names = args.only.split(",") if args.only else list(TECHNIQUES)
+    unknown = [n for n in names if n not in TECHNIQUES]
+    if unknown:
+        sys.exit(f"--only: unknown technique(s) {', '.join(unknown)}; choose from {', '.join(TECHNIQUES)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "bench.log"
+    base = prepare(work, log)
+    results: dict[str, list[dict[str, float]]] = {}
+    for name in names:
+        for seed in seeds:
+            row = one(name, seed, args.steps, base, work, log)
+            results.setdefault(name, []).append(row)
+            print(json.dumps({"technique": name, "seed": seed, **row}), flush=True)
+    command = "python bench/techniques.py " + " ".join(sys.argv[1:])
+    Path(args.out).write_text(table(results, command.strip(), args.steps, seeds))
+    print(f"table: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
