@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from sdtune.ema import EMA_FILE, AdapterEMA, ema_weights
 from sdtune.errors import DiskFull, SdtuneError
 from sdtune.families import Family
 from sdtune.files import free_bytes, fsync, is_disk_full, mib, sha256_file, write_bytes
@@ -28,6 +30,8 @@ from sdtune.resume import MANIFEST, STATE, config_drift, find_checkpoint, flat_k
 from sdtune.runs import CHECKPOINTS, MARKER, complete_checkpoints
 
 __all__ = ["DiskFull", "config_drift", "find_checkpoint", "flat_keys", "load_checkpoint", "save_checkpoint", "verify"]
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -111,10 +115,11 @@ def checkpoint_bytes(states: dict[str, dict[str, torch.Tensor]]) -> int:
 def save_checkpoint(
     accelerator: Any, output_dir: Path, global_step: int, trained: dict[str, torch.nn.Module], optimizer: Any,
     lr_scheduler: Any, generator: torch.Generator, config: dict, family: Family, limit: int | None,
-    data: dict | None = None,
+    data: dict | None = None, ema: AdapterEMA | None = None,
 ) -> Path:
     """Write ``checkpoints/step-NNNNNN/`` atomically and verified, then prune old ones (main process writes
-    all but the per-process random state)."""
+    all but the per-process random state). With ``ema`` (``train.ema``) the adapters are still the training
+    weights (what a resume continues), ``ema.pt`` holds the average, and the LoRA file is the average."""
     root = output_dir / CHECKPOINTS
     final = root / f"step-{global_step:06d}"
     tmp = root / f".tmp-step-{global_step:06d}"
@@ -135,7 +140,10 @@ def save_checkpoint(
                 write_bytes(tmp / f"adapter-{name}.safetensors", save(sd))
             write_bytes(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
             write_bytes(tmp / "lr_scheduler.pt", _torch_bytes(lr_scheduler.state_dict()))
-            save_diffusers_lora(tmp, family, trained, (config.get("model") or {}).get("pretrained"))
+            if ema is not None:
+                write_bytes(tmp / EMA_FILE, ema.state_bytes())
+            with ema_weights(ema):  # the checkpoint's LoRA file is what the run shows: the average when on
+                save_diffusers_lora(tmp, family, trained, (config.get("model") or {}).get("pretrained"))
             # the data fingerprint ({"instance": ..., "class": ...}, sdtune.resume.fingerprint) lets a resume
             # refuse photos added, removed or edited since
             state = {"global_step": global_step, "num_processes": accelerator.num_processes, "config": config,
@@ -170,9 +178,10 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: Path, accelerator: Any, trained: dict[str, torch.nn.Module], optimizer: Any, lr_scheduler: Any,
-    generator: torch.Generator, config: dict,
+    generator: torch.Generator, config: dict, ema: AdapterEMA | None = None,
 ) -> int:
-    """Restore adapters, optimizer, LR schedule and random streams; return the step to continue from."""
+    """Restore adapters, optimizer, LR schedule, random streams (and the EMA); return the step to continue
+    from."""
     state = json.loads((path / "state.json").read_text())
     drift = config_drift(state["config"], config)
     if drift:
@@ -190,4 +199,17 @@ def load_checkpoint(
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True), generator)
+    if ema is not None:
+        _load_ema(path, ema)
     return int(state["global_step"])
+
+
+def _load_ema(path: Path, ema: AdapterEMA) -> None:
+    """The checkpoint's average; a checkpoint of an sdtune without train.ema has none, so it starts anew from
+    the resumed weights (said, not silent)."""
+    if (path / EMA_FILE).is_file():
+        ema.load(path / EMA_FILE)
+        return
+    ema.restart()
+    logger.warning(f"train.ema: {path.name} holds no EMA (it was trained without it); the average starts "
+                   "from its weights now")

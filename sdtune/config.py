@@ -337,7 +337,8 @@ class _Config(_Section):
         return self.model_copy(update={
             "model": m.model_copy(update={"pretrained": local(m.pretrained), "vae": local(m.vae)}),
             "data": d.model_copy(update={"instance_dir": local(d.instance_dir, must_exist=False),
-                                         "dataset": local(d.dataset)}),
+                                         "dataset": local(d.dataset),
+                                         "validation_dir": local(d.validation_dir, must_exist=False)}),
             # an unused class_dir stays as written: resolved, it would differ between folders for nothing
             "prior": p.model_copy(update={"class_dir": local(p.class_dir, must_exist=False) if p.enabled else p.class_dir}),
         })
@@ -633,19 +634,22 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
             node = child
         else:
             node[parts[-1]] = value
-            _replace_source(raw, parts, overrides)
+            _replace_alternative(raw, parts, overrides)
 
 
-# data.instance_dir and data.dataset are two ways to give the photos: an override of one replaces the recipe's other
-_SOURCES = (("data", "instance_dir"), ("data", "dataset"))
+# Keys that are two ways to say one thing (the photos as a folder or a dataset; intervals in steps or epochs): an
+# override of one replaces the recipe's other, as a user who types it means, unless the other is overridden too.
+_ALTERNATIVES = (("data", "instance_dir", "dataset"), ("train", "checkpoint_every", "checkpoint_every_epochs"),
+                 ("sample", "every", "every_epochs"))
 
 
-def _replace_source(raw: dict[str, Any], parts: list[str], overrides: list[str] | tuple[str, ...]) -> None:
-    if tuple(parts) not in _SOURCES or not isinstance(raw.get("data"), dict):
-        return
-    other = next(s for s in _SOURCES if s != tuple(parts))
-    if not any(o.split("=", 1)[0].strip() == ".".join(other) for o in overrides):
-        raw["data"].pop(other[1], None)
+def _replace_alternative(raw: dict[str, Any], parts: list[str], overrides: list[str] | tuple[str, ...]) -> None:
+    for section, *keys in _ALTERNATIVES:
+        if len(parts) != 2 or parts[0] != section or parts[1] not in keys or not isinstance(raw.get(section), dict):
+            continue
+        other = next(k for k in keys if k != parts[1])
+        if not any(o.split("=", 1)[0].strip() == f"{section}.{other}" for o in overrides):
+            raw[section].pop(other, None)
 
 
 def _validate_sections(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:

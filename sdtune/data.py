@@ -11,6 +11,11 @@ With aspect-ratio buckets (``data.aspect_buckets``) each instance image is train
 ``sdtune prep --crop bucket`` nearest its aspect ratio, its class image (prior preservation) at the same
 size, and ``BucketBatchSampler`` builds batches of one bucket each, still as a pure function of (seed,
 position).
+
+Per step, an instance caption may be dropped or have its tags shuffled (``CaptionRules``), drawn from a
+generator seeded by (seed, position) too. With masked loss each instance image's mask (``NAME.mask.png``
+beside it, else its alpha channel; ``mask_of``) goes through the image's own crop and flip and becomes loss
+weights on the latent grid (``MaskRules``).
 """
 
 from __future__ import annotations
@@ -24,14 +29,24 @@ import warnings
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from sdtune.errors import SdtuneError
-from sdtune.images import DECODERS, IMAGE_EXTENSIONS, Unreadable, missing_decoder, read_image
-from sdtune.prep import EXTREME_ASPECT, JUNK_DIRS, JUNK_FILES, TEXT_SUFFIXES, nearest_bucket
+from sdtune.images import DECODERS, IMAGE_EXTENSIONS, Decoded, Unreadable, missing_decoder, read_image
+from sdtune.prep import (
+    EXTREME_ASPECT,
+    JUNK_DIRS,
+    JUNK_FILES,
+    MASK_SUFFIX,
+    TEXT_SUFFIXES,
+    fit_mask,
+    nearest_bucket,
+)
 
 Size = tuple[int, int]  # (width, height) of a training crop, as PIL and `sdtune prep` write sizes
 
@@ -92,7 +107,32 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return [p for p in _entries(folder) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return [p for p in _entries(folder)
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not is_mask(p)]
+
+
+def mask_file(image: Path) -> Path:
+    """Where the mask of ``image`` is: ``NAME.mask.png`` beside ``NAME.ext``."""
+    return image.with_name(image.stem + MASK_SUFFIX)
+
+
+def is_mask(path: Path) -> bool:
+    """Whether ``path`` is named as a mask (``NAME.mask.png``), which is never a training image."""
+    return path.name.lower().endswith(MASK_SUFFIX)
+
+
+def _without_masks(images: list[Path], key: str, scan: Scan) -> list[Path]:
+    """The images that are not masks; a mask with no image of its name beside it is a warning (not used)."""
+    masks = [p for p in images if is_mask(p)]
+    if not masks:
+        return images
+    images = [p for p in images if not is_mask(p)]
+    paired = {mask_file(p).name for p in images}
+    orphans = [m.name for m in masks if m.name not in paired]
+    if orphans:
+        scan.warnings.append(f"{key}: masks with no image of the same name beside them, so not used: "
+                             f"{_names(orphans)}; fix: name a mask NAME.mask.png after its image NAME.png")
+    return images
 
 
 def _utf8(name: str) -> bool:
@@ -137,7 +177,7 @@ def _survey(folder: Path, key: str, scan: Scan) -> list[Path]:
     if subfolders:
         scan.warnings.append(f"{key}: subfolders are not read, so not used: {_names(subfolders)}; "
                              f"fix: move their images into {folder}")
-    return images
+    return _without_masks(images, key, scan)
 
 
 def _decode(path: Path, resolution: int):
@@ -337,12 +377,56 @@ def _image(path: Path, resolution: int | None, key: str, scan: Scan) -> Size | N
     return size
 
 
+def mask_of(path: Path, decoded: Decoded) -> Image.Image | None:
+    """The subject mask of the image at ``path`` (decoded as ``decoded``): mode L at the decoded image's size,
+    255 = subject. ``NAME.mask.png`` beside it, else the image's own transparency; None without either.
+    Raises SdtuneError for a mask file that cannot be used."""
+    file = mask_file(path)
+    if not file.is_file():
+        return decoded.alpha
+    name = _shown(file.name)
+    if file.is_symlink() and not file.resolve().is_relative_to(path.parent.resolve()):
+        raise SdtuneError(f"the mask {name} is a link to a file outside the folder; refused")
+    try:
+        return fit_mask(file, decoded)
+    except (OSError, Unreadable) as e:
+        raise SdtuneError(f"cannot use the mask {name}: {e}") from None
+
+
+def _check_masks(examples: list[Example], key: str, scan: Scan) -> None:
+    """data.masked_loss: every mask file can be used; images without a mask, or with an empty one, are named
+    (their every pixel counts fully, or only at data.unmasked_weight)."""
+    missing, empty = [], []
+    for ex in examples:
+        try:
+            mask = mask_of(ex.path, _decode(ex.path, LEAST_RESOLUTION))
+        except (OSError, Unreadable):
+            continue  # the image itself is reported by the scan
+        except SdtuneError as e:
+            scan.problems.append(f"{key}: data.masked_loss: {e}")
+            continue
+        if mask is None:
+            missing.append(ex.path.name)
+        elif mask.getextrema()[1] == 0:
+            empty.append(mask_file(ex.path).name if mask_file(ex.path).is_file() else ex.path.name)
+    if missing:
+        scan.warnings.append(f"data.masked_loss: {len(missing)} image(s) have no mask (no transparency, no "
+                             f"NAME.mask.png beside them), so every pixel of them counts fully: "
+                             f"{_names(missing)}; fix: add NAME.mask.png (white = subject), or `sdtune prep` "
+                             "sources with transparency")
+    if empty:
+        scan.warnings.append(f"data.masked_loss: {len(empty)} mask(s) mark no subject at all (all black or "
+                             f"fully transparent), so those images count only at data.unmasked_weight: "
+                             f"{_names(empty)}")
+
+
 def scan_instance_dir(
     instance_dir: str | Path, identifier: str, instance_prompt: str | None, key: str = "data.instance_dir",
-    resolution: int | None = None,
+    resolution: int | None = None, masked_loss: bool = False,
 ) -> Scan:
     """Pair every image in ``instance_dir`` with its caption and check both, images from their headers first.
-    ``resolution``: the training resolution, which sizes are judged at (default: ``LEAST_RESOLUTION``)."""
+    ``resolution``: the training resolution, which sizes are judged at (default: ``LEAST_RESOLUTION``).
+    ``masked_loss``: also check each image's mask (``mask_of``)."""
     folder = Path(instance_dir)
     scan = Scan()
     if not folder.is_dir():
@@ -380,6 +464,8 @@ def scan_instance_dir(
         scan.examples.append(Example(path, caption))
     if small:
         scan.warnings.append(_small_warning(small, resolution, key))
+    if masked_loss:
+        _check_masks(scan.examples, key, scan)
     return scan
 
 
@@ -425,6 +511,17 @@ def load_image(path: Path, size: int | Size, center_crop: bool, flip: bool, rng:
 
     Returns (pixel_values (3, H, W) float in [-1, 1], original (h, w), crop top-left (y, x)).
     """
+    pixels, original_size, crop, _ = load_example(path, size, center_crop, flip, rng, masked=False)
+    return pixels, original_size, crop
+
+
+def load_example(path: Path, size: int | Size, center_crop: bool, flip: bool, rng: random.Random,
+                 masked: bool) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int], torch.Tensor | None]:
+    """``load_image``, and with ``masked`` the image's subject mask (``mask_of``) resized, cropped and flipped
+    exactly as its pixels: (1, H, W) float in [0, 1], or None when it has no mask.
+
+    Returns (pixel_values, original (h, w), crop top-left (y, x), mask or None).
+    """
     tw, th = _target(size)
     # The resized image's shorter side is at most max(tw, th), so a decode (JPEG draft) that size is enough.
     try:
@@ -437,16 +534,26 @@ def load_image(path: Path, size: int | Size, center_crop: bool, flip: bool, rng:
         raise SdtuneError(f"{_shown(str(path))} {refusal}")
     original_size = (decoded.size[1], decoded.size[0])
     w, h = resized_size(im.width, im.height, (tw, th))
-    im = im.resize((w, h), Image.Resampling.LANCZOS)
     if center_crop:
         top, left = (h - th) // 2, (w - tw) // 2
     else:
         top, left = rng.randint(0, h - th), rng.randint(0, w - tw)
-    im = im.crop((left, top, left + tw, top + th))
-    if flip:
-        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), original_size, (top, left)
+    box = (left, top, left + tw, top + th)
+    pixels = _placed(im.resize((w, h), Image.Resampling.LANCZOS), box, flip)
+    array = np.asarray(pixels, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
+    source = mask_of(path, decoded) if masked else None
+    mask = None
+    if source is not None:
+        # bilinear, not Lanczos: a weight must stay within [0, 1] (Lanczos rings past the edges)
+        placed = _placed(source.resize((w, h), Image.Resampling.BILINEAR), box, flip)
+        mask = torch.from_numpy(np.asarray(placed, dtype=np.float32) / 255.0)[None]  # (1, H, W)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), original_size, (top, left), mask
+
+
+def _placed(im: Image.Image, box: tuple[int, int, int, int], flip: bool) -> Image.Image:
+    """The crop ``box`` (left, top, right, bottom) of a resized image, mirrored with ``flip``."""
+    im = im.crop(box)
+    return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
 
 
 def assign_buckets(paths: list[Path], resolution: int, multiple: int = 1) -> list[Size]:
@@ -455,12 +562,77 @@ def assign_buckets(paths: list[Path], resolution: int, multiple: int = 1) -> lis
     return [nearest_bucket(upright_size(p), resolution, multiple) for p in paths]
 
 
+def option_warnings(data: Any) -> list[str]:
+    """What the caption and mask options of ``data`` (the recipe's ``data`` section) would do silently: an
+    option that only works with another one left off, or a setting that makes one do nothing."""
+    lines = []
+    if data.keep_tokens and not data.shuffle_tags:
+        lines.append(f"data.keep_tokens: {data.keep_tokens} does nothing without data.shuffle_tags=true (it "
+                     "keeps the first tags in place while the rest are shuffled); fix: set "
+                     "data.shuffle_tags=true or remove it")
+    if data.unmasked_weight and not data.masked_loss:
+        lines.append("data.unmasked_weight: does nothing without data.masked_loss=true; fix: set "
+                     "data.masked_loss=true or remove it")
+    if data.masked_loss and data.unmasked_weight == 1:
+        lines.append("data.masked_loss: with data.unmasked_weight=1 every pixel weighs 1, as without a mask; "
+                     "fix: a lower data.unmasked_weight (0 trains on the subject alone)")
+    if data.caption_dropout == 1:
+        lines.append("data.caption_dropout: 1 drops every caption, so data.identifier is never trained; fix: "
+                     "e.g. 0.1")
+    return lines
+
+
+@dataclass(frozen=True)
+class CaptionRules:
+    """What an instance caption becomes at one step (kohya's semantics): ``dropout`` the probability of an
+    empty caption (data.caption_dropout); ``shuffle_tags`` its comma-separated tags in a new order, the first
+    ``keep_tokens`` of them kept in place (data.shuffle_tags, data.keep_tokens). Tags are only reordered,
+    never left out, so the identifier is always in the caption (at its place if it is among the kept tags)."""
+
+    dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+
+    def apply(self, caption: str, rng: random.Random) -> str:
+        """The caption for this step; every draw from ``rng`` (the example's own, seeded by the run's seed and
+        its stream position, so a resumed run draws the same)."""
+        if self.dropout and rng.random() < self.dropout:
+            return ""
+        if not self.shuffle_tags:
+            return caption
+        tags = [t for t in (tag.strip() for tag in caption.split(",")) if t]  # "a, , b": no empty tag
+        kept, rest = tags[: self.keep_tokens], tags[self.keep_tokens :]
+        rng.shuffle(rest)
+        return ", ".join(kept + rest)
+
+
+@dataclass(frozen=True)
+class MaskRules:
+    """data.masked_loss: per-pixel loss weights from each instance image's mask (``mask_of``)."""
+
+    unmasked_weight: float = 0.0  # data.unmasked_weight: the weight outside the subject
+    latent_factor: int = 8  # image pixels per latent pixel along a side (the VAE's downsampling)
+
+    def weights(self, mask: torch.Tensor | None, size: Size) -> torch.Tensor:
+        """(1, h, w) loss weights on the latent grid of a (w, h) crop: unmasked_weight + (1 - unmasked_weight)
+        * the mask (1, H, W) averaged over each latent pixel's area; 1 everywhere without a mask."""
+        shape = (size[1] // self.latent_factor, size[0] // self.latent_factor)
+        if mask is None:
+            return torch.ones((1, *shape))
+        area = F.interpolate(mask[None], size=shape, mode="area")[0]  # (1, h, w)
+        return self.unmasked_weight + (1.0 - self.unmasked_weight) * area
+
+
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Item ``pos`` of an endless stream: instance example (and class example, with prior preservation).
 
-    ``pos = epoch * len(self) + index``; the epoch only seeds per-example randomness (crop, flip).
+    ``pos = epoch * len(self) + index``; the epoch only seeds per-example randomness (crop, flip, and with
+    ``captions`` the instance caption's dropout and tag order).
     With ``buckets`` (one (w, h) per instance example) both examples of an item are centre crops of that
     bucket's size, whatever ``center_crop`` says; without, squares of ``resolution``.
+    With ``masks`` every example has ``loss_mask``, (1, h, w) loss weights on its latent grid (``MaskRules``);
+    class examples (prior preservation) weigh 1 everywhere, and so do instance images without a mask. Class
+    captions are never dropped or shuffled.
     """
 
     def __init__(
@@ -475,6 +647,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         seed: int = 0,
         latents: dict[tuple[str, bool, Size], torch.Tensor] | None = None,
         buckets: list[Size] | None = None,
+        captions: CaptionRules | None = None,
+        masks: MaskRules | None = None,
     ):
         if buckets is not None and len(buckets) != len(instance):
             raise ValueError(f"{len(buckets)} buckets for {len(instance)} instance examples")
@@ -488,6 +662,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         # (path, flip, (w, h)) -> the cached latent distribution as mean and std, (2C, h, w); then no pixels are decoded
         self.latents = latents
         self._upright: dict[Path, tuple[int, int]] = {}  # header reads, once per file rather than every step
+        self.captions, self.masks = captions, masks
+        # (path, flip, (w, h)) -> a cached latent's loss weights (its image decoded once, not every step)
+        self._weights: dict[tuple[Path, bool, Size], torch.Tensor] = {}
         # As in diffusers' DreamBooth: one epoch covers every instance image (x repeats) and every class image.
         self.length = max(len(instance) * repeats, len(self.class_images))
 
@@ -509,22 +686,42 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def _example(self, path: Path, caption: str, pos: int, kind: str, size: Size) -> dict:
         rng = random.Random(f"{self.seed}/{kind}/{pos}")
         flip = self.random_flip and rng.random() < 0.5
+        masked = self.masks is not None and kind == "instance"  # class images weigh 1 everywhere
         if self.latents is not None:
             if path not in self._upright:
                 self._upright[path] = upright_size(path)
             w, h = self._upright[path]
-            return {"latent_mean_std": self.latents[(str(path), flip, size)], "caption": caption,
-                    "original_size": (h, w), "crop_top_left": center_crop_top_left(w, h, size),
-                    "target_size": (size[1], size[0]), "path": str(path)}
-        pixels, original_size, crop = load_image(path, size, self.center_crop, flip, rng)
-        return {"pixel_values": pixels, "caption": caption, "original_size": original_size, "crop_top_left": crop,
-                "target_size": (size[1], size[0]), "path": str(path)}
+            example = {"latent_mean_std": self.latents[(str(path), flip, size)], "caption": caption,
+                       "original_size": (h, w), "crop_top_left": center_crop_top_left(w, h, size),
+                       "target_size": (size[1], size[0]), "path": str(path)}
+            if self.masks is not None:
+                example["loss_mask"] = self._cached_weights(path, flip, size) if masked else \
+                    self.masks.weights(None, size)
+            return example
+        pixels, original_size, crop, mask = load_example(path, size, self.center_crop, flip, rng, masked)
+        example = {"pixel_values": pixels, "caption": caption, "original_size": original_size,
+                   "crop_top_left": crop, "target_size": (size[1], size[0]), "path": str(path)}
+        if self.masks is not None:
+            example["loss_mask"] = self.masks.weights(mask, size)
+        return example
+
+    def _cached_weights(self, path: Path, flip: bool, size: Size) -> torch.Tensor:
+        """The loss weights of a cached latent: its mask through the centre crop ``cache_latents`` encoded."""
+        key = (path, flip, size)
+        if key not in self._weights:
+            assert self.masks is not None
+            mask = load_example(path, size, True, flip, random.Random(0), masked=True)[3]
+            self._weights[key] = self.masks.weights(mask, size)
+        return self._weights[key]
 
     def __getitem__(self, pos: int) -> dict:
         index = pos % self.length
         size = self.size(index)
         ex = self.instance[index % len(self.instance)]
-        item = {"instance": self._example(ex.path, ex.caption, pos, "instance", size)}
+        # the caption's draws come from a generator of their own: crops and flips stay as they were without
+        caption = self.captions.apply(ex.caption, random.Random(f"{self.seed}/caption/{pos}")) \
+            if self.captions else ex.caption
+        item = {"instance": self._example(ex.path, caption, pos, "instance", size)}
         if self.class_images:
             # The class image is cropped to its instance example's size, so the whole batch has one shape.
             item["class"] = self._example(self.class_images[index % len(self.class_images)], self.class_prompt or "",
@@ -544,6 +741,9 @@ def collate(items: list[dict]) -> dict:
         "geometry": torch.tensor([[*e["original_size"], *e["crop_top_left"], *e["target_size"]] for e in examples],
                                  dtype=torch.float32),
         "paths": [e["path"] for e in examples],
+        # with data.masked_loss: (B, 1, h, w) loss weights on the latent grid, in the rows' order
+        **({"loss_mask": torch.stack([e["loss_mask"] for e in examples])} if "loss_mask" in examples[0]
+           else {}),
     }
 
 

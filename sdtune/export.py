@@ -80,14 +80,32 @@ def public_name(name_or_path: str | None) -> str | None:
 
 
 
+# The tensors of each LyCORIS adapter kind, by the names PEFT gives them (``<module>.hada_w1_a``), which are
+# LyCORIS' own: what its files hold after ``<kohya module name>.`` and what ComfyUI (comfy/weight_adapter/
+# loha.py, lokr.py) and AUTOMATIC1111 (extensions-builtin/Lora/network_hada.py, network_lokr.py) read.
+LYCORIS_FACTORS = {
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+}
+
+
+def lycoris_kind(keys: list[str] | set[str]) -> str | None:
+    """``loha`` or ``lokr`` when tensor names are LyCORIS' (PEFT's ``unet.x.hada_w1_a`` or kohya's
+    ``lora_unet_x.hada_w1_a``), None for a LoRA's."""
+    parts = {k.rsplit(".", 1)[-1] for k in keys}
+    return next((kind for kind, names in LYCORIS_FACTORS.items() if parts & set(names)), None)
+
+
 @dataclass
 class Adapter:
-    """One module's LoRA: tensors in PEFT naming and the PEFT ``LoraConfig`` fields that scale them.
+    """One component's adapter: tensors in PEFT naming and the PEFT config fields that scale them.
 
-    tensors: ``<module>.lora_A.weight`` (rank, in[, kh, kw]), ``<module>.lora_B.weight`` (out, rank[, 1, 1]),
-    and with DoRA ``<module>.lora_magnitude_vector`` ((out,) for Linear, (1, out, 1, 1) for Conv2d).
-    config: ``LoraConfig.to_dict()``; ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``,
-    ``alpha_pattern`` and ``use_dora`` are read.
+    LoRA tensors: ``<module>.lora_A.weight`` (rank, in[, kh, kw]), ``<module>.lora_B.weight`` (out, rank[, 1,
+    1]), and with DoRA ``<module>.lora_magnitude_vector`` ((out,) for Linear, (1, out, 1, 1) for Conv2d).
+    LoHa / LoKr tensors: ``<module>.<factor>`` for the factors of ``LYCORIS_FACTORS`` PEFT made.
+    config: ``LoraConfig`` / ``LoHaConfig`` / ``LoKrConfig.to_dict()``; ``peft_type``, ``r``, ``lora_alpha``
+    (LoRA) or ``alpha`` (LoHa, LoKr), ``use_rslora``, ``rank_pattern``, ``alpha_pattern`` and ``use_dora``
+    are read.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -106,23 +124,50 @@ class Adapter:
             module.peft_config[adapter_name].to_dict(),  # type: ignore[index]
         )
 
+    @property
+    def kind(self) -> str:
+        """``lora``, ``loha`` or ``lokr``: the config's ``peft_type``, else what the tensor names say."""
+        # "LOHA" from a file, PeftType.LOHA from a live config
+        peft_type = str(self.config.get("peft_type") or "").rsplit(".", 1)[-1].lower()
+        if peft_type in ("lora", *LYCORIS_FACTORS):
+            return peft_type
+        return lycoris_kind(set(self.tensors)) or "lora"
+
     def modules(self) -> list[str]:
-        return sorted(k[: -len(".lora_A.weight")] for k in self.tensors if k.endswith(".lora_A.weight"))
+        if self.kind == "lora":
+            return sorted(k[: -len(".lora_A.weight")] for k in self.tensors if k.endswith(".lora_A.weight"))
+        names = LYCORIS_FACTORS[self.kind]
+        return sorted({k.rsplit(".", 1)[0] for k in self.tensors if k.rsplit(".", 1)[-1] in names})
 
     def rank(self) -> int:
         """The configured rank (``r``), else the first module's."""
         if self.config.get("r"):
             return int(self.config["r"])
-        return int(self.tensors[self.modules()[0] + ".lora_A.weight"].shape[0])
+        first = self.modules()[0]
+        if self.kind == "lora":
+            return int(self.tensors[first + ".lora_A.weight"].shape[0])
+        factors = {k.rsplit(".", 1)[-1]: v for k, v in self.tensors.items() if k.startswith(first + ".")}
+        return _lycoris_rank(factors) or 1
 
     def scale(self, module: str) -> float:
-        """The factor PEFT multiplies ``B @ A`` by in ``module`` (peft LoraLayer.update_layer)."""
+        """The factor PEFT multiplies a module's update by (``B @ A`` for LoRA, the Hadamard or Kronecker
+        product for LoHa / LoKr): alpha / r (peft LoraLayer.update_layer, LycorisLayer's LoHa/LoKr
+        update_layer), alpha / sqrt(r) with rsLoRA."""
         c = self.config
         r = self.rank()
-        alpha = c.get("lora_alpha", r)
+        alpha = c.get("lora_alpha", c.get("alpha", r))  # LoraConfig's lora_alpha, LoHa/LoKrConfig's alpha
         r = (c.get("rank_pattern") or {}).get(_pattern_key(c.get("rank_pattern") or {}, module), r)
         alpha = (c.get("alpha_pattern") or {}).get(_pattern_key(c.get("alpha_pattern") or {}, module), alpha)
         return alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
+
+
+def _lycoris_rank(factors: dict[str, torch.Tensor]) -> int:
+    """The rank of one module's LoHa / LoKr factors (``{factor name: tensor}``): the rows of its ``*_b``
+    factor (LyCORIS' ``lora_dim``), 0 for a LoKr of two full matrices, which has none."""
+    for name in ("hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
+        if name in factors:
+            return int(factors[name].shape[0])
+    return 0
 
 
 def _pattern_key(patterns: dict[str, Any], module: str) -> str:
@@ -174,12 +219,14 @@ def to_kohya(
     output_name: str | None = None,
     clip_skip: int | None = None,
     data: dict[str, Any] | None = None,
+    training: dict[str, str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """PEFT adapters ({component: Adapter}) -> (kohya tensors, safetensors metadata). Pure: no files, no
     model weights. The metadata ends with kohya's ``sshs_*`` hashes of these tensors (``kohya_hashes``).
 
     Per module ``NAME.lora_down.weight`` = PEFT lora_A, ``NAME.lora_up.weight`` = lora_B, ``NAME.alpha`` and,
-    with DoRA, ``NAME.dora_scale``.
+    with DoRA, ``NAME.dora_scale``. A LoHa or LoKr is written in LyCORIS' layout instead (``NAME.hada_w1_a``
+    ... or ``NAME.lokr_w1`` ..., ``NAME.alpha``; ``_lycoris_tensors``).
     """
     if not adapters:
         raise SdtuneError("no LoRA to export: the run trained no adapter")
@@ -193,7 +240,7 @@ def to_kohya(
     metadata = kohya_metadata(
         family, rank, first.scale("") * rank, title=title, trigger_word=trigger_word, base_model=base_model,
         prediction_type=prediction_type, resolution=resolution, dora=dora, output_name=output_name,
-        clip_skip=clip_skip, data=data,
+        clip_skip=clip_skip, data=data, network_args=_network_args(first), training=training,
     )
     return tensors, {**metadata, **kohya_hashes(tensors, metadata)}
 
@@ -203,6 +250,8 @@ def _kohya_tensors(family: Family, component: str, adapter: Adapter,
     """One component's kohya tensors; ``written`` holds the other components' (names must not collide)."""
     import torch
 
+    if adapter.kind != "lora":
+        return _lycoris_tensors(family, component, adapter, written)
     tensors: dict[str, torch.Tensor] = {}
     known = set()
     for module in adapter.modules():
@@ -235,6 +284,64 @@ def _kohya_tensors(family: Family, component: str, adapter: Adapter,
     return tensors
 
 
+def _lycoris_tensors(family: Family, component: str, adapter: Adapter,
+                     written: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One component's LoHa / LoKr in LyCORIS' layout: per module ``NAME.<factor>`` for each factor PEFT holds
+    (``hada_w1_a`` ... or ``lokr_w1`` ..., the same names and shapes: PEFT's layers copy LyCORIS' modules)
+    and ``NAME.alpha``, with the kohya module names of LoRA (``kohya_module_name``)."""
+    import torch
+
+    names = LYCORIS_FACTORS[adapter.kind]
+    tensors: dict[str, torch.Tensor] = {}
+    known = set()
+    for module in adapter.modules():
+        name = kohya_module_name(family, component, module)
+        if f"{name}.alpha" in written or f"{name}.alpha" in tensors:
+            raise SdtuneError(f"two {component} modules have the kohya name {name}")
+        factors = {f: adapter.tensors[f"{module}.{f}"] for f in names if f"{module}.{f}" in adapter.tensors}
+        known |= {f"{module}.{f}" for f in factors}
+        factors, alpha = lycoris_alpha(adapter.kind, factors, adapter.scale(module), adapter.rank())
+        tensors |= {f"{name}.{f}": t.contiguous() for f, t in factors.items()}
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    left = sorted(set(adapter.tensors) - known)
+    if left:
+        raise SdtuneError(f"{component}: {len(left)} tensors have no LyCORIS equivalent, e.g. {left[0]}")
+    return tensors
+
+
+def lycoris_alpha(kind: str, factors: dict[str, torch.Tensor], scale: float,
+                  rank: int) -> tuple[dict[str, torch.Tensor], float]:
+    """(factors, alpha) to write for one module so that the loaders apply PEFT's ``scale`` (alpha / r).
+
+    The loaders' scale: LoHa alpha / ``hada_w1_b.shape[0]`` (ComfyUI weight_adapter/loha.py, A1111
+    network_hada.py via NetworkModule.calc_scale); LoKr alpha / dim, dim the rows of ``lokr_w2_b``, else of
+    ``lokr_w1_b`` (ComfyUI lokr.py, A1111 network_lokr.py), and 1 when both Kronecker factors are full
+    matrices, whatever alpha says (LyCORIS' own LokrModule sets alpha = lora_dim there; diffusers'
+    _bake_lokr_alpha_ drops it). PEFT scales that case by alpha / r too, so a LoKr with alpha != rank and
+    full factors gets PEFT's scale multiplied into ``lokr_w1`` (the Kronecker product is bilinear; x 1.0, the
+    default alpha = rank, leaves the bits as they are) and alpha = ``rank``, as LyCORIS writes it."""
+    if kind == "loha":
+        return factors, scale * factors["hada_w1_b"].shape[0]
+    dim = _lycoris_rank(factors)
+    if dim:
+        return factors, scale * dim
+    return {**factors, "lokr_w1": factors["lokr_w1"] * scale}, float(rank)
+
+
+def _network_args(adapter: Adapter) -> dict[str, str] | None:
+    """kohya's ``ss_network_args`` for a LyCORIS adapter, as ``--network_module lycoris.kohya --network_args
+    algo=...`` records them (strings); None for LoRA."""
+    if adapter.kind == "lora":
+        return None
+    args = {"algo": adapter.kind}
+    if adapter.kind == "lokr":
+        args |= {"factor": str(int(adapter.config.get("decompose_factor", -1))),
+                 "decompose_both": str(bool(adapter.config.get("decompose_both", False)))}
+    if adapter.config.get("use_effective_conv2d"):
+        args["use_tucker"] = "True"
+    return args
+
+
 def kohya_metadata(
     family: Family,
     rank: int,
@@ -249,8 +356,11 @@ def kohya_metadata(
     output_name: str | None = None,
     clip_skip: int | None = None,
     data: dict[str, Any] | None = None,
+    network_args: dict[str, str] | None = None,
+    training: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """The safetensors metadata the UIs read and display: kohya ``ss_*`` keys and ModelSpec ``modelspec.*``.
+    ``network_args`` (a LoHa's or LoKr's, ``_network_args``) makes the network module ``lycoris.kohya``.
 
     No path of this machine: ``base_model`` becomes ``ss_sd_model_name`` as a hub id, or a local model's
     folder or file name (``public_name``, as kohya writes it). ``data`` (a ``data_summary``) adds what
@@ -282,8 +392,10 @@ def kohya_metadata(
     }
     if dora:
         # networks.lora has no DoRA; LyCORIS (which wrote the first dora_scale files) reads these network args
+        network_args = {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
+    if network_args:
         meta["ss_network_module"] = "lycoris.kohya"
-        meta["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
+        meta["ss_network_args"] = json.dumps(network_args)
     if trigger_word:
         meta["modelspec.trigger_phrase"] = trigger_word
         meta["modelspec.usage_hint"] = f"put '{trigger_word}' in the prompt"
@@ -293,7 +405,28 @@ def kohya_metadata(
     meta.update({k: v for k, v in optional.items() if v})
     if data:
         meta.update(_data_metadata(data))
+    meta.update(training or {})
     return meta
+
+
+def training_metadata(config: dict[str, Any]) -> dict[str, str]:
+    """The training settings kohya's train_network.py records (``ss_learning_rate``, ``ss_optimizer``, caption
+    and loss settings, ...), from a run's config; what civitai and the UIs show of how a LoRA was made."""
+    t, d = config.get("train") or {}, config.get("data") or {}
+    values = {
+        "ss_learning_rate": t.get("learning_rate"), "ss_max_train_steps": t.get("max_steps"),
+        "ss_optimizer": t.get("optimizer"), "ss_lr_scheduler": t.get("lr_scheduler"),
+        "ss_lr_warmup_steps": t.get("lr_warmup_steps"), "ss_seed": t.get("seed"),
+        "ss_gradient_accumulation_steps": t.get("gradient_accumulation_steps"),
+        "ss_mixed_precision": t.get("mixed_precision"), "ss_noise_offset": t.get("noise_offset"),
+        "ss_min_snr_gamma": t.get("snr_gamma"), "ss_loss_type": {"mse": "l2"}.get(t.get("loss"), t.get("loss")),
+        "ss_huber_c": t.get("huber_c") if t.get("loss", "mse") != "mse" else None,
+        "ss_huber_schedule": t.get("huber_schedule") if t.get("loss", "mse") != "mse" else None,
+        "ss_caption_dropout_rate": d.get("caption_dropout"), "ss_shuffle_caption": d.get("shuffle_tags"),
+        "ss_keep_tokens": d.get("keep_tokens"), "ss_masked_loss": d.get("masked_loss"),
+        "ss_flip_aug": d.get("random_flip"), "ss_enable_bucket": d.get("aspect_buckets"),
+    }
+    return {k: str(v) for k, v in values.items() if v is not None}
 
 
 def _data_metadata(data: dict[str, Any]) -> dict[str, str]:
@@ -430,6 +563,7 @@ def write_kohya(
     title: str | None = None,
     clip_skip: int | None = None,
     data: dict[str, Any] | None = None,
+    training: dict[str, str] | None = None,
 ) -> Path:
     """Write the kohya/A1111 ``.safetensors`` for trained modules ({component: PEFT-injected module or
     ``Adapter``}); pass only what was trained. ``title`` is ``modelspec.title``, default the file's stem,
@@ -441,7 +575,7 @@ def write_kohya(
     tensors, metadata = to_kohya(
         family, adapters, title=title or out_file.stem, trigger_word=trigger_word, base_model=base_model,
         prediction_type=prediction_type, resolution=resolution, output_name=out_file.stem,
-        clip_skip=clip_skip, data=data,
+        clip_skip=clip_skip, data=data, training=training,
     )
     _save_safetensors(tensors, out_file, metadata)
     return out_file
@@ -481,6 +615,8 @@ _DIFFUSERS_TO_PEFT_SUFFIX = (
     (".lora_B.weight", ".lora_B.weight"),
     (".lora_magnitude_vector.weight", ".lora_magnitude_vector"),
     (".lora_magnitude_vector", ".lora_magnitude_vector"),
+    # a LoHa's or LoKr's: PEFT's own names, which diffusers' writer leaves as they are
+    *((f".{name}", f".{name}") for names in LYCORIS_FACTORS.values() for name in names),
 )
 
 
@@ -546,10 +682,124 @@ def read_run(run_dir: str | Path) -> RunLora:
     config = run_config(run)
     lora = config.get("lora") or {}
     fallback = None
-    if lora.get("rank"):  # for files without adapter metadata: the recipe's numbers
+    kind = lora.get("type") or "lora"
+    if lora.get("rank") and kind == "lora":  # for files without adapter metadata: the recipe's numbers
         fallback = {"r": lora["rank"], "lora_alpha": lora.get("alpha") or lora["rank"],
                     "use_dora": bool(lora.get("use_dora"))}
+    elif lora.get("rank"):  # sdtune's LoHa / LoKr settings are PEFT's defaults (sdtune.lora.adapter_config)
+        fallback = {"peft_type": kind.upper(), "r": lora["rank"], "alpha": lora.get("alpha") or lora["rank"]}
     return RunLora(lora_file, read_diffusers_lora(lora_file, fallback), config, read_data_summary(run))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading a LoHa / LoKr file back (for sampling)
+
+
+def read_lycoris(path: str | Path, family: Family, modules: dict[str, torch.nn.Module]) -> dict[str, Adapter]:
+    """The LoHa / LoKr adapters of a LoRA file, for ``sdtune.lora.inject_adapter`` into ``modules``
+    ({component: module} of the base model, without adapters): sdtune's diffusers-layout file (a run's or
+    checkpoint's ``pytorch_lora_weights.safetensors``: PEFT keys and configs, read as they are), or a file in
+    LyCORIS' kohya naming (sdtune's kohya export, kohya + LyCORIS: ``lycoris_from_kohya``)."""
+    with open_safetensors(path) as f:
+        keys = list(f.keys())
+        kohya = any(k.startswith(tuple(family.kohya_prefixes.values())) for k in keys)
+        tensors = {k: f.get_tensor(k) for k in keys} if kohya else {}
+    if not kohya:
+        return read_diffusers_lora(path)
+    return lycoris_from_kohya(tensors, family, modules, str(path))
+
+
+def lycoris_from_kohya(tensors: dict[str, torch.Tensor], family: Family, modules: dict[str, torch.nn.Module],
+                       source: str = "the LoRA file") -> dict[str, Adapter]:
+    """LyCORIS tensors in kohya naming (``lora_unet_..._to_q.hada_w1_a``, ``.alpha``) -> PEFT adapters on
+    ``modules``, each module found by its kohya name (``kohya_module_name`` of every Linear / Conv layer).
+
+    Each module's loader scale (``lycoris_alpha``: alpha / rank, 1 for a LoKr of two full factors) is
+    multiplied into its first factor, and the config has alpha = r (PEFT's scale 1): the same update as the
+    UIs compute. Ranks may differ per module (``rank_pattern``); a LoKr's ``decompose_factor`` is the one that
+    reproduces its factors' shapes (``_decompose_factor``)."""
+    import torch
+
+    kind = lycoris_kind(set(tensors))
+    if kind is None:
+        raise SdtuneError(f"{source}: no LoHa or LoKr tensors (hada_* / lokr_*) in it")
+    places = _kohya_places(family, modules)
+    allowed = {*LYCORIS_FACTORS[kind], "alpha"}
+    found: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # component -> module -> {factor: tensor}
+    for key, tensor in tensors.items():
+        name, _, part = key.partition(".")
+        if name not in places:
+            raise SdtuneError(f"{source}: {key} names no {family.label} module of this model (another "
+                              "family?)")
+        if part not in allowed:
+            raise SdtuneError(f"{source}: {key}: a {kind} file holds {', '.join(sorted(allowed))} per "
+                              f"module; sdtune does not read '{part}' (DoRA, or LoRA keys mixed in)")
+        component, module, _ = places[name]
+        found.setdefault(component, {}).setdefault(module, {})[part] = tensor.to(torch.float32)
+    layers = {(c, m): layer for c, m, layer in places.values()}
+    return {component: _lycoris_adapter(kind, by_module, {m: layers[component, m] for m in by_module},
+                                        type(modules[component]).__name__)
+            for component, by_module in found.items()}
+
+
+def _kohya_places(family: Family, modules: dict[str, torch.nn.Module]) -> dict[str, tuple[str, str, Any]]:
+    """{kohya module name: (component, module name, layer)} for every Linear and Conv layer of ``modules``."""
+    import torch
+
+    places = {}
+    for component, model in modules.items():
+        if component not in family.kohya_prefixes:
+            continue
+        for name, layer in model.named_modules():
+            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
+                places[kohya_module_name(family, component, name)] = (component, name, layer)
+    return places
+
+
+def _lycoris_adapter(kind: str, by_module: dict[str, dict[str, torch.Tensor]], layers: dict[str, Any],
+                     model_class: str) -> Adapter:
+    """One component's PEFT adapter from its modules' LyCORIS tensors ({module: {factor or alpha: ...}})."""
+    from collections import Counter
+
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for module, parts in by_module.items():
+        factors = {f: t for f, t in parts.items() if f != "alpha"}
+        dim = _lycoris_rank(factors)
+        alpha = parts.get("alpha")
+        if alpha is not None and dim:  # the loaders' scale, into the first factor (two full LoKr ones: none)
+            first = next(f for f in ("hada_w1_a", "lokr_w1", "lokr_w1_a") if f in factors)
+            factors[first] = factors[first] * (float(alpha) / dim)
+        tensors |= {f"{module}.{f}": t for f, t in factors.items()}
+        # two full LoKr factors: PEFT makes them full for any r >= half their larger side
+        ranks[module] = dim or max(layers[module].weight.shape[:2])
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {m: v for m, v in ranks.items() if v != r}
+    config: dict[str, Any] = {
+        "peft_type": kind.upper(), "r": r, "alpha": r, "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern), "target_modules": sorted(by_module),
+        "use_effective_conv2d": any(k.endswith((".hada_t1", ".lokr_t2")) for k in tensors),
+    }
+    if kind == "lokr":
+        config["decompose_both"] = any(k.endswith(".lokr_w1_a") for k in tensors)
+        config["decompose_factor"] = _decompose_factor(by_module, layers)
+    return Adapter(canonical_text_encoder_keys(tensors, model_class), config)
+
+
+def _decompose_factor(by_module: dict[str, dict[str, torch.Tensor]], layers: dict[str, Any]) -> int:
+    """The LoKr ``decompose_factor`` whose split of each layer's (out, in) gives its ``lokr_w1`` shape
+    (LyCORIS' and PEFT's ``factorization``: -1, the most square split, unless the file says otherwise)."""
+    from peft.tuners.lokr.layer import factorization
+
+    w1 = {m: tuple(f["lokr_w1"].shape) if "lokr_w1" in f
+          else (f["lokr_w1_a"].shape[0], f["lokr_w1_b"].shape[1]) for m, f in by_module.items()}
+    dims = {m: tuple(layers[m].weight.shape[:2]) for m in by_module}
+    for candidate in [-1, *sorted({d for shape in w1.values() for d in shape})]:
+        if all(factorization(dims[m][0], candidate)[0] == a and factorization(dims[m][1], candidate)[0] == c
+               for m, (a, c) in w1.items()):
+            return candidate
+    raise SdtuneError("a LoKr whose Kronecker factors follow no single factorisation of its layers; PEFT "
+                      "cannot rebuild it")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -590,7 +840,12 @@ def _write_diffusers(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
         configs |= {f"{component}.{k}": v for k, v in _public_config(adapter.config, run.base_model).items()}
     metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(configs, indent=2, sort_keys=True)}
     _save_safetensors(tensors, out_file, metadata)
-    return out_file, []
+    kinds = sorted({a.kind for a in run.adapters.values()} - {"lora"})
+    warnings = [
+        f"a {kind} in diffusers' layout holds PEFT's {kind} keys, which diffusers' load_lora_weights does "
+        "not read (it reads LoRA keys): load it with `sdtune sample`, or use --format kohya (LyCORIS keys) "
+        "for AUTOMATIC1111, ComfyUI and Forge, or --format peft" for kind in kinds]
+    return out_file, warnings
 
 
 def _write_peft(run: RunLora, out_dir: Path) -> tuple[Path, list[str]]:
@@ -625,12 +880,12 @@ def _write_kohya(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
             f"{run.lora_file.parent}: no config.yaml names the base model, whose family the kohya file needs"
         )
     model = run.config.get("model") or {}
-    info = inspect_model(run.base_model, model.get("revision"))
+    info = inspect_model(run.base_model, model.get("revision"), prediction_type=model.get("prediction_type"))
     path = write_kohya(
         out_file, info.family, run.adapters, trigger_word=run.trigger_word, base_model=run.base_model,
         prediction_type=info.prediction_type,
         resolution=(run.config.get("data") or {}).get("resolution") or info.resolution,
-        clip_skip=model.get("clip_skip") or 1, data=run.data,
+        clip_skip=model.get("clip_skip") or 1, data=run.data, training=training_metadata(run.config),
     )
     warnings = kohya_warnings(info.family, run.adapters)
     if run.data is None:

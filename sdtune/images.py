@@ -71,6 +71,7 @@ class Decoded:
     fixes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     animated: bool = False  # only the first frame was used
+    alpha: Image.Image | None = None  # the source's transparency (mode L, image's size) where it had some
 
     @property
     def scale(self) -> tuple[float, float]:
@@ -148,8 +149,11 @@ def _read(
         im = im.transpose(_UPRIGHT[orientation])
         fixes.append(f"rotated upright (EXIF orientation {orientation})")
     im = _to_srgb(im, icc, fixes, notes)
+    # kept before flattening: masked loss and `sdtune prep`'s NAME.mask.png read the subject from it
+    alpha = im.getchannel("A") if im.mode == "RGBA" and im.getchannel("A").getextrema()[0] < 255 else None
     im = _flatten(im, background, fixes)
-    return Decoded(image=im, format=fmt, size=size, fixes=fixes, warnings=notes, animated=animated)
+    return Decoded(image=im, format=fmt, size=size, fixes=fixes, warnings=notes, animated=animated,
+                   alpha=alpha)
 
 
 def _open(data: bytes, max_pixels: int | None) -> Image.Image:

@@ -1,13 +1,22 @@
 """LoRA adapters (PEFT) on the denoiser and text encoders, and saving them in diffusers' format.
 
-The saved file is what ``pipe.load_lora_weights(output_dir)`` reads: keys prefixed by component name
-(``unet.``, ``text_encoder.``, ``text_encoder_2.``) plus each adapter's PEFT config (rank, alpha, DoRA) in
-the safetensors metadata, so an ``alpha`` different from ``rank`` loads with the right scale.
+``lora.type`` picks the adapter: ``lora`` (PEFT's LoraConfig, optionally DoRA), or LyCORIS' ``loha``
+(Hadamard product of two low-rank products) and ``lokr`` (Kronecker product), PEFT's LoHaConfig and
+LoKrConfig. Every kind is saved, checkpointed and resumed through PEFT's own state dict.
+
+The saved file (``pytorch_lora_weights.safetensors``) holds keys prefixed by component name (``unet.``,
+``text_encoder.``, ``text_encoder_2.``) plus each adapter's PEFT config (rank, alpha, DoRA; for LoHa/LoKr
+its ``peft_type`` and factorisation) in the safetensors metadata. For LoRA it is what
+``pipe.load_lora_weights(output_dir)`` reads, an ``alpha`` different from ``rank`` with the right scale. For
+LoHa/LoKr it holds PEFT's own keys (``...to_q.hada_w1_a``), which diffusers' ``load_lora_weights`` refuses
+(it reads LoRA keys only): ``sdtune sample`` puts them back with PEFT (``inject_adapter``), and the run's
+kohya file (``sdtune.export``, LyCORIS keys) is the one for AUTOMATIC1111, ComfyUI and Forge.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,6 +27,48 @@ from sdtune.families import Family
 from sdtune.layout import canonical_text_encoder_keys, keys_for_module, rewrite_safetensors_header
 from sdtune.runs import MARK_KEY, WEIGHT_NAME
 
+# What a parameter or state-dict key of each adapter kind contains (PEFT's attribute names, as LyCORIS's).
+ADAPTER_MARKERS = ("lora_", "hada_", "lokr_")
+
+
+def is_adapter_key(key: str) -> bool:
+    """Whether a parameter or state-dict key is an adapter's (LoRA, LoHa or LoKr)."""
+    return any(marker in key for marker in ADAPTER_MARKERS)
+
+
+def adapter_config(
+    kind: str, rank: int, alpha: float | None, target_modules: list[str], dropout: float = 0.0,
+    use_dora: bool = False,
+) -> Any:
+    """PEFT's config for ``lora.type`` ``kind``: ``LoraConfig`` (lora), ``LoHaConfig`` (loha), ``LoKrConfig``
+    (lokr). ``alpha`` None means ``rank`` (scale 1); every kind scales its update by alpha / rank."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    alpha = alpha if alpha is not None else rank
+    if kind == "lora":
+        return LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            # as diffusers' DreamBooth: A ~ N(0, 1/r), B = 0, so training starts at the base model
+            init_lora_weights="gaussian",
+            target_modules=target_modules,
+            use_dora=use_dora,
+        )
+    if kind not in ("loha", "lokr"):
+        raise SdtuneError(f"lora.type: unknown adapter type '{kind}'; choose lora, loha or lokr")
+    if dropout or use_dora:  # check_run refuses both first; this guards other callers
+        key = "lora.dropout" if dropout else "lora.use_dora"
+        raise SdtuneError(f"{key}: not available with lora.type={kind}; fix: remove it, or lora.type=lora")
+    if kind == "loha":
+        # PEFT's init, as LyCORIS': w1_a, w1_b, w2_a random, w2_b = 0, so training starts at the base model
+        return LoHaConfig(r=rank, alpha=alpha, target_modules=target_modules)
+    # LyCORIS' defaults: factor -1 (the most square split of each dimension), only the larger Kronecker factor
+    # rank-decomposed, and its init (w1 random, w2 or w2_b = 0) rather than PEFT's (w1 = 0), so a LoKr
+    # trains as it would under kohya + LyCORIS
+    return LoKrConfig(r=rank, alpha=alpha, target_modules=target_modules, decompose_factor=-1,
+                      decompose_both=False, init_weights="lycoris")
+
 
 def add_lora(
     module: torch.nn.Module,
@@ -27,24 +78,21 @@ def add_lora(
     dropout: float = 0.0,
     use_dora: bool = False,
     key: str = "lora.target_modules",
+    kind: str = "lora",
 ) -> None:
-    """Freeze ``module`` and add a trainable LoRA adapter named ``default`` to its ``target_modules``."""
-    from peft import LoraConfig
-
+    """Freeze ``module`` and add a trainable adapter named ``default`` of ``kind`` (``lora.type``: lora, loha,
+    lokr) to its ``target_modules``."""
     module.requires_grad_(False)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha if alpha is not None else rank,
-        lora_dropout=dropout,
-        # as diffusers' DreamBooth: A ~ N(0, 1/r), B = 0, so training starts at the base model
-        init_lora_weights="gaussian",
-        target_modules=target_modules,
-        use_dora=use_dora,
-    )
+    config = adapter_config(kind, rank, alpha, target_modules, dropout, use_dora)
     try:
         module.add_adapter(config)
     except ValueError as e:
         raise SdtuneError(f"{key}: {str(e).splitlines()[0][:200]}") from None
+
+
+def has_adapter(layer: torch.nn.Module, adapter_name: str = "default") -> bool:
+    """Whether ``layer`` is a PEFT layer (LoRA, LoHa or LoKr) holding ``adapter_name``'s weights."""
+    return hasattr(layer, "get_delta_weight") and adapter_name in getattr(layer, "r", {})
 
 
 def trainable_parameters(*modules: torch.nn.Module | None) -> list[torch.nn.Parameter]:
@@ -64,20 +112,58 @@ def adapter_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return canonical_text_encoder_keys(state, type(module).__name__)
 
 
-def load_adapter_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_adapter_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor],
+                            adapter_name: str = "default") -> None:
     """Put tensors from ``adapter_state_dict`` (or a LoRA file's, canonical keys) back into ``module``'s
     adapter, refusing any mismatch. A CLIP text encoder's keys are renamed to the installed transformers'
     layout first (``sdtune.layout.keys_for_module``), so a checkpoint from transformers 4 resumes on 5."""
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(module, keys_for_module(state, module), adapter_name="default")
+    try:
+        result = set_peft_model_state_dict(module, keys_for_module(state, module), adapter_name=adapter_name)
+    except RuntimeError as e:  # torch's "size mismatch for ...": another rank or factorisation
+        why = str(e).splitlines()[-1].strip()[:200]
+        raise SdtuneError(f"checkpoint does not match the LoRA layout of this run ({why})") from None
     unexpected = getattr(result, "unexpected_keys", None) or []
-    missing = [k for k in (getattr(result, "missing_keys", None) or []) if "lora_" in k]
+    missing = [k for k in (getattr(result, "missing_keys", None) or []) if is_adapter_key(k)]
     if unexpected or missing:
         raise SdtuneError(
             f"checkpoint does not match the LoRA layout of this run ({len(missing)} missing, "
             f"{len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[0]})"
         )
+
+
+def peft_config_from_dict(config: dict[str, Any]) -> Any:
+    """The PEFT config object of a saved config dict (``peft_type`` LORA, LOHA or LOKR; a dict without it is
+    LoRA's), keeping only the fields this PEFT version has (a file from another version may carry others)."""
+    import dataclasses
+
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    kinds = {"LORA": LoraConfig, "LOHA": LoHaConfig, "LOKR": LoKrConfig}
+    peft_type = str(config.get("peft_type") or "LORA").rsplit(".", 1)[-1].upper()  # "PeftType.LOHA" or "LOHA"
+    if peft_type not in kinds:
+        raise SdtuneError(f"an adapter of type {peft_type}: sdtune reads LORA, LOHA and LOKR")
+    cls = kinds[peft_type]
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {k: v for k, v in config.items() if k in names and k not in ("peft_type", "inference_mode")}
+    return cls(**kwargs)
+
+
+def inject_adapter(module: torch.nn.Module, config: dict[str, Any], state: dict[str, torch.Tensor],
+                   adapter_name: str) -> None:
+    """Add an adapter named ``adapter_name`` built from ``config`` (a saved PEFT config dict) to ``module``
+    (a diffusers denoiser or a transformers text encoder, which both have ``add_adapter``) and load
+    ``state`` into it (canonical keys, as ``adapter_state_dict`` gives them), refusing any mismatch.
+
+    For the adapters diffusers' ``load_lora_weights`` cannot read (LoHa, LoKr): the pipeline's
+    ``set_adapters`` and ``unload_lora_weights`` then work on them as on a LoRA it loaded."""
+    peft_config = peft_config_from_dict(config)
+    try:
+        module.add_adapter(peft_config, adapter_name=adapter_name)
+    except ValueError as e:  # a target module this model does not have
+        raise SdtuneError(f"the adapter does not fit this model ({str(e).splitlines()[0][:160]})") from None
+    load_adapter_state_dict(module, state, adapter_name)
 
 
 def save_diffusers_lora(output_dir: str | Path, family: Family, trained: dict[str, torch.nn.Module],

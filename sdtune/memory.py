@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sdtune.families import MemoryConstants
+from sdtune.optim import state_copies
 
 GIB = 2**30
 SD_CONSTANTS = MemoryConstants()  # the SD families' (the default)
@@ -51,8 +52,10 @@ def estimate(
 ) -> Estimate:
     """Peak memory from parameter counts (frozen in ``weight_bytes`` each, some kept fp32) and batch shape."""
     weights = (unet_params + frozen_on_gpu_params) * weight_bytes + fp32_on_gpu_params * 4
-    # fp32 LoRA weight + gradient, AdamW's two moments (8-bit AdamW: about 2 bytes for both)
-    trainable = trainable_params * (4 + 4 + (2 if optimizer == "adamw8bit" else 8))
+    # fp32 LoRA weight + gradient + the optimizer's state: AdamW two copies, Prodigy four, Lion one; fp32, or
+    # one byte each for the 8-bit optimizers
+    state = state_copies(optimizer) * (1 if optimizer.endswith("8bit") else 4)
+    trainable = trainable_params * (4 + 4 + state)
     latent_pixels = (resolution // 8) ** 2
     unet = constants.unet_activation_gib * unet_params / 1e9 * latent_pixels / 4096 * weight_bytes / 2
     if gradient_checkpointing:

@@ -4,9 +4,16 @@
 weights; a model family names its objective (``Family.objective``). DDPM-trained families (SD1.x, SD2.x,
 SDXL) use ``DiffusionObjective``; a flow-matching family (SD3, FLUX: sigmas instead of a beta schedule,
 ``noisy = (1 - sigma) * latents + sigma * noise``, target ``noise - latents``) adds another class with the
-same four methods and needs no change in the loop. A new loss weighting goes into ``loss_weights``.
+same four methods (a fifth, ``huber_threshold``, only for ``train.loss`` huber / smooth_l1) and needs no
+change in the loop. A new loss weighting goes into ``loss_weights``.
 
-torch is imported inside the two methods that need it: model families name their objective, and the
+How the error becomes a loss is ``LossFunction`` (``train.loss``): MSE, or kohya sd-scripts' Huber and
+smooth-L1 (``conditional_loss``) with a threshold that varies with the timestep (``huber_threshold``, kohya's
+``get_huber_threshold_if_needed``). ``per_element_loss`` gives the unreduced (B, C, h, w) loss that masks
+weight before the per-example mean; min-SNR weights (``loss_weights``) then multiply each example's mean, as
+kohya does.
+
+torch is imported inside the functions that need it: model families name their objective, and the
 command line reads the families (``--family`` choices) without paying for torch.
 """
 
@@ -38,6 +45,11 @@ class Objective(Protocol):
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         """Per-example weights (B,) of the MSE, or None for a plain mean."""
+        ...
+
+    def huber_threshold(self, timesteps: torch.Tensor, huber_c: float, schedule: str) -> torch.Tensor:
+        """The Huber / smooth-L1 threshold (B,) at ``timesteps`` (only asked for with ``train.loss`` huber or
+        smooth_l1)."""
         ...
 
 
@@ -87,6 +99,89 @@ class DiffusionObjective:
         snr = compute_snr(self.noise_scheduler, timesteps).float()
         weight = torch.clamp(snr, max=self.snr_gamma)
         return weight / (snr if self.prediction_type == "epsilon" else snr + 1)
+
+    def huber_threshold(self, timesteps: torch.Tensor, huber_c: float, schedule: str) -> torch.Tensor:
+        return huber_threshold(schedule, huber_c, timesteps, self.noise_scheduler.alphas_cumprod)
+
+
+LOSSES = ("mse", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+
+
+@dataclass(frozen=True)
+class LossFunction:
+    """How the error of a prediction becomes the loss (``train.loss``, ``train.huber_c``,
+    ``train.huber_schedule``); the default is MSE."""
+
+    kind: str = "mse"
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOSSES:
+            raise SdtuneError(f"train.loss: unknown loss '{self.kind}'; choose from {', '.join(LOSSES)}")
+        if self.huber_schedule not in HUBER_SCHEDULES:
+            raise SdtuneError(f"train.huber_schedule: unknown schedule '{self.huber_schedule}'; choose from "
+                              f"{', '.join(HUBER_SCHEDULES)}")
+
+    def per_element(self, objective: Objective, model_pred: torch.Tensor, target: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+        """The unreduced loss (B, C, h, w) in fp32 of a batch whose examples are at ``timesteps`` (B,)."""
+        threshold = None if self.kind == "mse" else objective.huber_threshold(timesteps, self.huber_c,
+                                                                               self.huber_schedule)
+        return per_element_loss(model_pred, target, self.kind, threshold)
+
+
+MSE = LossFunction()
+
+
+def huber_threshold(schedule: str, huber_c: float, timesteps: torch.Tensor,
+                    alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The Huber threshold (B,) fp32 at ``timesteps`` (B,) of a DDPM schedule whose cumulative alphas are
+    ``alphas_cumprod`` (T,), as kohya's ``get_huber_threshold_if_needed`` (its huber_scale is 1):
+
+    - constant: ``huber_c``;
+    - exponential: ``huber_c ** (t / T)``: 1 at the clean end, ``huber_c`` at pure noise;
+    - snr: ``(1 - huber_c) / (1 + sigma_t) ** 2 + huber_c`` with ``sigma_t = sqrt((1 - a_t) / a_t)``: near 1
+      (MSE-like) where the noise is small, ``huber_c`` (robust) where it dominates.
+    """
+    import torch
+
+    if schedule == "constant":
+        return torch.full(timesteps.shape, huber_c, dtype=torch.float32, device=timesteps.device)
+    if schedule == "exponential":
+        return huber_c ** (timesteps.float() / alphas_cumprod.numel())
+    if schedule == "snr":
+        alphas = alphas_cumprod.to(timesteps.device, torch.float32)[timesteps]
+        sigmas = ((1 - alphas) / alphas) ** 0.5
+        return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
+    raise SdtuneError(f"train.huber_schedule: unknown schedule '{schedule}'; choose from "
+                      f"{', '.join(HUBER_SCHEDULES)}")
+
+
+def per_element_loss(model_pred: torch.Tensor, target: torch.Tensor, kind: str = "mse",
+                     huber_c: torch.Tensor | None = None) -> torch.Tensor:
+    """The unreduced loss (B, C, h, w), fp32 whatever the inputs' dtype, as kohya's ``conditional_loss``:
+
+    - mse: ``d ** 2`` with ``d = model_pred - target``;
+    - huber (pseudo-Huber): ``2 c (sqrt(d ** 2 + c ** 2) - c)``: ``d ** 2`` for small errors, ``2 c |d|``
+      for large ones (the gradient never exceeds ``2 c``);
+    - smooth_l1: ``2 (sqrt(d ** 2 + c ** 2) - c)``: ``d ** 2 / c`` for small errors, ``2 |d|`` for large ones.
+
+    ``huber_c``: the threshold per example (B,) (``huber_threshold``), needed by huber and smooth_l1.
+    """
+    import torch.nn.functional as F
+
+    model_pred, target = model_pred.float(), target.float()
+    if kind == "mse":
+        return F.mse_loss(model_pred, target, reduction="none")
+    if kind not in LOSSES:
+        raise SdtuneError(f"train.loss: unknown loss '{kind}'; choose from {', '.join(LOSSES)}")
+    if huber_c is None:
+        raise SdtuneError(f"train.loss: {kind} needs a threshold per example (train.huber_c)")
+    c = huber_c.float().view(-1, *([1] * (model_pred.dim() - 1)))  # (B, 1, 1, 1): one threshold per example
+    robust = 2 * (((model_pred - target) ** 2 + c**2).sqrt() - c)
+    return c * robust if kind == "huber" else robust
 
 
 def scale_latents(latents: torch.Tensor, vae_config: Any) -> torch.Tensor:

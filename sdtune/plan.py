@@ -17,16 +17,18 @@ from pydantic import BaseModel, ConfigDict
 
 from sdtune import families
 from sdtune.config import Config, ConfigError
-from sdtune.data import Example, Scan, has_word, scan_instance_dir
+from sdtune.data import Example, Scan, has_word, mask_file, option_warnings, scan_instance_dir
 from sdtune.errors import SdtuneError
 from sdtune.families import Family, ModelFiles, ModelInfo
 from sdtune.files import cache_root, existing_ancestor
 from sdtune.hfdata import materialize
 from sdtune.locks import HOLDER, LOCK
 from sdtune.models import inspect_model, model_files, vae_problem, weight_problems
+from sdtune.optim import optimizer_problems
 from sdtune.resume import check_resume, fingerprint
 from sdtune.runs import WEIGHT_NAME, claimed_by_sdtune, complete_checkpoints
 from sdtune.single_file import is_single_file, param_count_problem, read_checkpoint
+from sdtune.validation import check_validation
 
 # what a folder may hold and still count as empty: desktop junk, and the lock of a run that stopped in setup
 IGNORED_ENTRIES = {".DS_Store", "Thumbs.db", "desktop.ini", LOCK, HOLDER}
@@ -47,6 +49,7 @@ class RunPlan(BaseModel):
     resume_from: Path | None = None  # the verified checkpoint train.resume continues
     resume_state: dict = {}  # its state.json
     strict: bool = False  # warnings found later (captions, tokens) stop the run too
+    validation: list[Example] = []  # data.validation_dir's held-out examples (sdtune.validation)
 
     @property
     def family(self) -> Family:
@@ -157,6 +160,19 @@ def _check_train(cfg: Config, problems: list[str]) -> None:
             f"train.lr_warmup_steps: {t.lr_warmup_steps} is not below train.max_steps {t.max_steps}; the run "
             "would never reach the full learning rate"
         )
+    _check_intervals(cfg, problems)
+
+
+def _check_intervals(cfg: Config, problems: list[str]) -> None:
+    """A checkpoint or sample interval in steps and one in epochs are two answers to one question: refused
+    together (a step interval left at its default is not an answer; the epoch one is used)."""
+    pairs = [(cfg.train, "train.checkpoint_every", "train.checkpoint_every_epochs"),
+             (cfg.sample, "sample.every", "sample.every_epochs")]
+    for section, steps_key, epochs_key in pairs:
+        steps, epochs = (getattr(section, key.split(".")[1]) for key in (steps_key, epochs_key))
+        if epochs and steps and steps_key.split(".")[1] in section.model_fields_set:
+            problems.append(f"{epochs_key}: {epochs} is set together with {steps_key}: {steps}; choose one. "
+                            f"fix: {steps_key}=0 to act every {epochs} epochs, or remove {epochs_key}")
 
 
 def _check_family(cfg: Config, info: ModelInfo, files: ModelFiles, problems: list[str]) -> None:
@@ -189,6 +205,20 @@ def _check_family(cfg: Config, info: ModelInfo, files: ModelFiles, problems: lis
                     f"lora.text_encoder_target_modules: the {family.label} text encoders have no module "
                     f"'{target}'; choose from {', '.join(sorted(family.text_encoder_targets))}"
                 )
+
+
+def _check_adapter_type(cfg: Config, problems: list[str]) -> None:
+    """What ``lora.type`` loha / lokr (PEFT's LoHaConfig, LoKrConfig) cannot do: DoRA, and input dropout
+    (PEFT's LoHa and LoKr have only rank and module dropout, which sdtune does not offer)."""
+    kind = cfg.lora.type
+    if kind == "lora":
+        return
+    if cfg.lora.use_dora:
+        problems.append(f"lora.use_dora: DoRA is LoRA's; PEFT has no DoRA for lora.type={kind}. fix: remove "
+                        "lora.use_dora, or lora.type=lora")
+    if cfg.lora.dropout:
+        problems.append(f"lora.dropout: PEFT's {'LoHa' if kind == 'loha' else 'LoKr'} has no input dropout "
+                        f"(lora.dropout={cfg.lora.dropout}); fix: remove lora.dropout, or lora.type=lora")
 
 
 def _check_model(cfg: Config, problems: list[str], warnings: list[str]) -> tuple[ModelInfo | None, ModelFiles | None]:
@@ -235,7 +265,8 @@ def _scan_data(cfg: Config, resolution: int | None) -> tuple[Path | None, Scan]:
         if found is None:
             return None, failed
         folder, key = found, "data.dataset"
-    return folder, scan_instance_dir(folder, d.identifier, d.instance_prompt, key=key, resolution=resolution)
+    return folder, scan_instance_dir(folder, d.identifier, d.instance_prompt, key=key, resolution=resolution,
+                                     masked_loss=d.masked_loss)
 
 
 def check_run(cfg: Config, strict: bool = False) -> RunPlan:
@@ -248,9 +279,18 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     info, files = _check_model(cfg, problems, model_warnings)
     folder, scan = _scan_data(cfg, cfg.data.resolution or (info.resolution if info else None))
     problems += scan.problems
-    warnings = model_warnings + list(scan.warnings)
+    warnings = model_warnings + list(scan.warnings) + option_warnings(cfg.data)
     _check_prompts(cfg, scan.examples, problems, warnings)
+    validation = check_validation(cfg, cfg.data.resolution or (info.resolution if info else None),
+                                  scan.examples, problems, warnings)
     _check_train(cfg, problems)
+    _check_adapter_type(cfg, problems)
+    t = cfg.train  # the optimizer's package, arguments and learning rate, before any weight loads
+    found, advice = optimizer_problems(t.optimizer, t.optimizer_args, t.learning_rate,
+                                       cfg.lora.text_encoder_lr if cfg.lora.train_text_encoder else None,
+                                       t.adam_beta2)
+    problems += found
+    warnings += advice
     precision = precision_problem(cfg.train.mixed_precision)
     if precision:
         problems.append(precision)
@@ -258,7 +298,9 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     if info is not None and files is not None:
         _check_family(cfg, info, files, problems)
         problems += weight_problems(cfg.model.pretrained, cfg.model.revision)
-    data = {} if scan.problems else fingerprint([(e.path, e.caption) for e in scan.examples])
+    data = {} if scan.problems else fingerprint([(e.path, e.caption) for e in scan.examples] + [
+        # with masked loss a mask is data too: a resume refuses one edited since (its name: NAME.mask.png)
+        (m, "") for e in scan.examples if cfg.data.masked_loss and (m := mask_file(e.path)).is_file()])
     resumed = None
     if cfg.train.resume and not scan.problems:
         resumed = check_resume(Path(cfg.train.output_dir), cfg.train.resume, cfg.model_dump(mode="json"), data,
@@ -272,5 +314,5 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
                    instance_dir=folder,
                    class_dir=Path(cfg.prior.class_dir) if cfg.prior.enabled and cfg.prior.class_dir else None,
                    warnings=warnings, data=data, resume_from=resumed[0] if resumed else None,
-                   resume_state=resumed[1] if resumed else {}, strict=strict)
+                   resume_state=resumed[1] if resumed else {}, strict=strict, validation=validation)
 

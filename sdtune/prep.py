@@ -50,6 +50,9 @@ RENAME_FIELDS = {"token": "the --token word", "index": "1, 2, ... in source orde
 DEFAULT_RENAME = "{index:03d}"
 
 REPORT, METADATA, SHEET = "prep_report.json", "metadata.jsonl", "contact_sheet.jpg"
+# NAME.mask.png beside the output NAME.png: a source's transparency as the subject mask (white = opaque) that
+# training's data.masked_loss reads; never a training image itself (not in metadata.jsonl).
+MASK_SUFFIX = ".mask.png"
 TMP_DIR = ".sdtune-prep-tmp"  # new outputs are built here, inside OUT, then moved into place
 
 JUNK_FILES = {".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", ".localized"}
@@ -104,6 +107,8 @@ class Result:
     warnings: list[str] = field(default_factory=list)
     output: str | None = None
     encoded: bytes = b""
+    mask: str | None = None  # NAME.mask.png, for a source with transparency
+    mask_encoded: bytes = b""
     thumb: Image.Image | None = None
     sha256: str = ""
     phash: int = 0
@@ -123,6 +128,7 @@ class Result:
         row: dict = {"source": self.source, "status": self.status}
         optional = {
             "reason": self.reason, "output": None if self.status == "dropped" else self.output,
+            "mask": None if self.status == "dropped" else self.mask,
             "caption": self.caption, "format": self.format,
             "size": list(self.size) if self.size else None,
             "crop": self.crop, "crop_box": list(self.crop_box) if self.crop_box else None,
@@ -183,13 +189,14 @@ def prep(
         logger.info(f"replacing the earlier prep output in {out_dir} ({files} files)")
 
     sources, results = find_sources(src_dir, out_dir)
+    sources, masks = pair_masks(sources, results)
     jobs = []
     for rel, path in sources:
         text, why = _caption(src_dir, rel, caption, caption_from)
         if text is None:
             results.append(Result(rel, "skipped", reason=why))
         else:
-            jobs.append((rel, str(path), text, settings))
+            jobs.append((rel, str(path), text, settings, masks.get(rel)))
     results += _run(jobs, workers, progress)
     results.sort(key=lambda r: _order(r.source))
 
@@ -310,7 +317,8 @@ def _previous_outputs(out_dir: Path) -> list[Path]:
                           "empty or new folder")
     try:
         rows = json.loads(report.read_text(encoding="utf-8"))["files"]
-        ours = {REPORT, METADATA, SHEET, TMP_DIR} | {r["output"] for r in rows if r.get("output")}
+        ours = {REPORT, METADATA, SHEET, TMP_DIR} | {r[key] for r in rows for key in ("output", "mask")
+                                                     if r.get(key)}
     except (ValueError, KeyError, TypeError):
         raise SdtuneError(f"OUT: {report} is unreadable; empty {out_dir} or choose another folder") from None
     foreign = sorted(p.name for p in entries if p.name not in ours)
@@ -387,6 +395,39 @@ def _left_out(path: Path, src_dir: Path) -> tuple[str, str] | None:
     return None
 
 
+def _mask_name(rel: str) -> str:
+    """The source mask of the source image ``rel``: ``NAME.mask.png`` beside it."""
+    return str(Path(rel).with_name(Path(rel).stem + MASK_SUFFIX).as_posix())
+
+
+def pair_masks(sources: list[tuple[str, Path]], results: list[Result]) -> tuple[list[tuple[str, Path]],
+                                                                                 dict[str, str]]:
+    """Masks among the sources (``NAME.mask.png`` beside an image ``NAME.*``) are not images: each goes with
+    its image, to be cropped with it (a result ``ignored`` says so). Returns (the other sources, {image: mask
+    path}); a mask with no image of its name is left a source like any other file."""
+    paths = dict(sources)
+    paired = {rel: str(paths[_mask_name(rel)]) for rel, _ in sources
+              if not rel.lower().endswith(MASK_SUFFIX) and _mask_name(rel) in paths}
+    used = {_mask_name(rel): sorted(r for r in paired if _mask_name(r) == _mask_name(rel)) for rel in paired}
+    for rel, images in sorted(used.items()):
+        results.append(Result(rel, "ignored", reason=f"the mask of {', '.join(images)}: cropped with it into "
+                              f"its NAME{MASK_SUFFIX}"))
+    return [(rel, path) for rel, path in sources if rel not in used], paired
+
+
+def fit_mask(file: Path, decoded: Decoded) -> Image.Image:
+    """A mask file (white = subject) for the image ``decoded``: mode L at the decoded image's size. A mask's
+    transparent pixels are not subject (flattened on black); colour counts by brightness. Raises
+    ``Unreadable`` with the reason, a shape other than the image's among them."""
+    mask = read_image(file.read_bytes(), file.suffix, min(decoded.image.size), Image.MAX_IMAGE_PIXELS,
+                      (0, 0, 0))
+    (mw, mh), (w, h) = mask.size, decoded.size  # upright, full resolution
+    if abs(mw * h - mh * w) > 0.01 * max(mw * h, mh * w):
+        raise Unreadable(f"it is {mw}x{mh} px, its image {w}x{h}: another shape, so it cannot follow the "
+                         "image's crop; fix: save the mask at the image's size")
+    return mask.image.convert("L").resize(decoded.image.size, Image.Resampling.BILINEAR)
+
+
 def _caption(src_dir: Path, rel: str, caption: str | None, caption_from: str | None) -> tuple[str | None, str]:
     """(caption, '') or (None, why there is none)."""
     if caption is not None:
@@ -448,8 +489,9 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def process(rel: str, path: str, caption: str, settings: Settings) -> Result:
-    """Read, crop, resize, encode and measure one source file."""
+def process(rel: str, path: str, caption: str, settings: Settings, mask: str | None = None) -> Result:
+    """Read, crop, resize, encode and measure one source file; ``mask``: its source mask (``pair_masks``),
+    else its transparency, becomes NAME.mask.png."""
     import imagehash
 
     try:
@@ -476,12 +518,27 @@ def process(rel: str, path: str, caption: str, settings: Settings) -> Result:
     image.info = {}  # Pillow would write the source's EXIF or ICC profile back out from here
     r.output_size = image.size
     r.encoded = encode(image, settings.format)
+    subject = _subject(mask, decoded, r)
+    if subject is not None:  # the same crop and resize as the pixels, so it lies exactly on them
+        r.mask_encoded = encode(subject.resize(out_size, Image.Resampling.LANCZOS, box=box), "png")
     r.thumb = _small(image, SHEET_CELL * min(image.size) // max(image.size))
     r.phash = int(str(imagehash.phash(small)), 16)  # of the whole picture: crops of one shot may differ
     r.sharpness = sharpness(image)
     r.grayscale = is_grayscale(r.thumb)
     r.status = "fixed" if r.fixes else "kept"
     return r
+
+
+def _subject(mask: str | None, decoded: Decoded, r: Result) -> Image.Image | None:
+    """The subject mask at the decoded image's size: the source mask file, else the transparency, else None.
+    A mask file that cannot be used is a warning (MASK), and the transparency is used instead."""
+    if mask is None:
+        return decoded.alpha
+    try:
+        return fit_mask(Path(mask), decoded)
+    except (OSError, Unreadable) as e:
+        r.warn("MASK", f"mask {Path(mask).name} not used: {e}")
+        return decoded.alpha
 
 
 def _size_checks(r: Result, out_size: tuple[int, int], settings: Settings) -> str | None:
@@ -715,6 +772,9 @@ def _name(kept: list[Result], pattern: str, token: str | None, ext: str) -> None
     for index, r in enumerate(kept, 1):
         stem = sanitise(Path(r.source).stem)
         base = sanitise(pattern.format(token=token or "", index=index, stem=stem))
+        if f"{base}.{ext}".lower().endswith(MASK_SUFFIX):  # training would read it as a mask, not an image
+            base = base[:-5] + "_mask"
+            r.warn("RENAMED", f"renamed to {base}.{ext}: an image named *{MASK_SUFFIX} is read as a mask")
         name, n = base, 1
         while name.casefold() in taken:
             n += 1
@@ -723,6 +783,7 @@ def _name(kept: list[Result], pattern: str, token: str | None, ext: str) -> None
             r.warn("RENAMED", f"renamed to {name}.{ext}: {base}.{ext} was taken (names compared ignoring case)")
         taken.add(name.casefold())
         r.output = f"{name}.{ext}"
+        r.mask = f"{name}{MASK_SUFFIX}" if r.mask_encoded else None
 
 
 def _report(src_dir: Path, settings: Settings, family: str | None, rename: str, caption: str | None,
@@ -739,6 +800,7 @@ def _report(src_dir: Path, settings: Settings, family: str | None, rename: str, 
             "face_min_confidence": settings.face_min_confidence if settings.crop == "face" else None,
         },
         "summary": {"files": len(results), "images": count["kept"] + count["fixed"], **count,
+                    "masks": sum(bool(r.mask) for r in results if r.status in ("kept", "fixed")),
                     # a dropped image's warnings are its reason, not warnings about the set
                     "warnings": sum(len(r.warnings) for r in results if r.status != "dropped") + len(set_warnings)},
         "set_warnings": set_warnings,
@@ -754,6 +816,8 @@ def _write(out_dir: Path, previous: list[Path], kept: list[Result], report: dict
     tmp.mkdir()
     for r in kept:
         (tmp / r.output).write_bytes(r.encoded)  # type: ignore[operator]
+        if r.mask:
+            (tmp / r.mask).write_bytes(r.mask_encoded)
     rows = [json.dumps({"file_name": r.output, "text": r.caption}, ensure_ascii=False) for r in kept]
     (tmp / METADATA).write_text("\n".join(rows) + "\n", encoding="utf-8")
     contact_sheet(sorted([*kept, *dropped], key=lambda r: _order(r.source))).save(tmp / SHEET, "JPEG", quality=90)

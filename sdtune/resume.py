@@ -28,6 +28,7 @@ RESUMABLE_CHANGES = {
     "train.checkpoints_total_limit", "train.dataloader_workers", "train.output_dir", "train.offload_frozen",
     "train.compile", "train.compile_mode", "train.compile_backend", "train.channels_last", "train.allow_tf32",
     "train.max_nonfinite_steps", "train.checkpoint_every_epochs", "train.validation_every", "sample",
+    "train.ema_on_cpu", "data.validation_dir",  # where the average lives, what is measured: same training
 }
 
 

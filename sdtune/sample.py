@@ -22,11 +22,13 @@ from tqdm.auto import tqdm
 
 from sdtune import __version__, families
 from sdtune.errors import SdtuneError
+from sdtune.export import lycoris_kind, read_lycoris
 from sdtune.families import Family, ModelFiles
 from sdtune.files import atomic_path, sha256_file
 from sdtune.grid import Cell, Settings, failed_cell, layout
 from sdtune.hub import public_model_id
 from sdtune.images import open_image
+from sdtune.lora import inject_adapter, is_adapter_key
 from sdtune.models import inspect_model, load_components, torch_dtype
 from sdtune.runs import (
     SOFTWARE,
@@ -268,15 +270,32 @@ def _apply_lora(pipe: Any, path: str, family: Family) -> None:
     if owner is not None and owner is not family:
         raise SdtuneError(f"{path}: an {owner.label} LoRA cannot be applied to this {family.label} model; use "
                           f"--model with an {owner.label} model")
+    with open_safetensors(path) as f:
+        kind = lycoris_kind(list(f.keys()))
     try:
-        pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name, adapter_name=ADAPTER)
+        if kind is None:
+            pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name, adapter_name=ADAPTER)
+        else:
+            _inject_lycoris(pipe, path, family)
+    except SdtuneError as e:
+        raise SdtuneError(f"{path}: does not fit the base model ({e})") from None
     except Exception as e:  # diffusers raises many types for a LoRA of another layout or rank
         raise SdtuneError(f"{path}: does not fit the base model ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
                           ) from None
-    loaded = [n for n, _ in getattr(pipe, family.denoiser_name).named_parameters() if "lora_" in n]
+    loaded = [n for n, _ in getattr(pipe, family.denoiser_name).named_parameters() if is_adapter_key(n)]
     if not loaded:
         raise SdtuneError(f"{path}: none of its keys match this model's {family.denoiser_name} (another family or "
                           "format?)")
+
+
+def _inject_lycoris(pipe: Any, path: str, family: Family) -> None:
+    """A LoHa / LoKr (a run's file or a LyCORIS kohya file) put in with PEFT under ``ADAPTER``: diffusers'
+    ``load_lora_weights`` reads LoRA keys only. ``set_adapters`` (the LoRA scale) and ``unload_lora_weights``
+    then treat it as a LoRA that diffusers loaded."""
+    names = (family.denoiser_name, *(spec.name for spec in family.text_encoders))
+    modules = {name: getattr(pipe, name) for name in names}
+    for component, adapter in read_lycoris(path, family, modules).items():
+        inject_adapter(modules[component], adapter.config, adapter.tensors, ADAPTER)
 
 
 def grid_title(req: Request) -> str:

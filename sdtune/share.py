@@ -55,7 +55,8 @@ def model_card(config: dict, family: Family, grid: str | None, kohya_name: str |
         "## Use it in diffusers", "", "```python", "import torch",
         f"from diffusers import {pipeline}", "",
         f"pipe = {pipeline}.from_pretrained({base or 'BASE_MODEL'!r}, torch_dtype=torch.float16).to('cuda')",
-        "pipe.load_lora_weights('REPO_OR_FOLDER')",
+        "pipe.load_lora_weights('REPO_OR_FOLDER')" if lora.get("type", "lora") == "lora" else
+        f"# a LyCORIS {lora['type']}: load_lora_weights cannot read it; use the kohya file or sdtune sample",
         f"image = pipe({instance_prompt + ' on the beach'!r}).images[0]", "```", "",
     ]
     if kohya_name:
@@ -67,7 +68,7 @@ def model_card(config: dict, family: Family, grid: str | None, kohya_name: str |
     lines += [
         "## Training", "",
         "| setting | value |", "|---|---|",
-        f"| rank / alpha | {lora['rank']} / {lora.get('alpha') or lora['rank']} |",
+        f"| rank / alpha | {lora['rank']} / {lora.get('alpha') or lora['rank']} ({lora.get('type', 'lora')}) |",
         f"| target modules | {', '.join(lora['target_modules'])} |",
         f"| text encoder | {'trained' if lora.get('train_text_encoder') else 'frozen'} |",
         f"| prior preservation | {'on' if config.get('prior', {}).get('enabled') else 'off'} |",

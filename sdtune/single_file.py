@@ -83,7 +83,8 @@ def _header(pretrained: str) -> tuple[Path, dict[str, list[int]], dict[str, str]
 def _not_trainable(pretrained: str, keys: list[str], shapes: dict[str, list[int]]) -> str | None:
     """Why a file is not an SD1.x / SD2.x / SDXL text-to-image checkpoint, None if it is one."""
     if not any(k.startswith(UNET) for k in keys):
-        if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k or ".lora." in k for k in keys):
+        adapter = (".lora_", ".lora.", ".hada_", ".lokr_")  # LoRA, and LyCORIS' LoHa / LoKr in any layout
+        if any(k.startswith(("lora_unet_", "lora_te")) or any(a in k for a in adapter) for k in keys):
             return "is a LoRA, not a base model; train on the checkpoint it was made for, sample it with --lora"
         if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.")) for k in keys):
             return "is a VAE alone; give it as model.vae beside a full checkpoint"

@@ -11,7 +11,8 @@ how many processes there are. ``train()`` reads as setup -> loop -> finish:
 One batch: cached latent distributions (or pixels) -> ``batch_latents``; captions -> ``batch_conditioning``
 (text cache or the family's text encoders, then ``Family.conditioning``); both -> ``training_step``, a pure
 function of its inputs and a random generator that tests call directly: the family's ``Objective`` draws noise
-and timesteps and gives the target, ``Family.predict`` runs the denoiser, the loss is their MSE.
+and timesteps and gives the target, ``Family.predict`` runs the denoiser, the loss is their MSE (or the Huber /
+smooth-L1 loss of ``train.loss``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list, set_seed
@@ -47,13 +47,16 @@ from sdtune.checkpoint import clean_temporary, load_checkpoint, save_checkpoint
 from sdtune.config import Config, ConfigError
 from sdtune.data import (
     BucketBatchSampler,
+    CaptionRules,
     DreamBoothDataset,
+    MaskRules,
     StreamBatchSampler,
     assign_buckets,
     collate,
     list_images,
     upright_size,
 )
+from sdtune.ema import AdapterEMA, ema_summary, ema_weights, make_ema
 from sdtune.errors import DiskFull, Interrupted, SdtuneError
 from sdtune.export import (
     WRITERS,
@@ -70,11 +73,11 @@ from sdtune.grid import Settings
 from sdtune.guards import NonFiniteGuard, Pause, StalledLoraGuard, StepTimer, StopSignals
 from sdtune.identifier import check_identifier
 from sdtune.locks import Busy, cache_lock, run_lock
-from sdtune.lora import add_lora, save_diffusers_lora, trainable_parameters
+from sdtune.lora import add_lora, has_adapter, save_diffusers_lora, trainable_parameters
 from sdtune.memory import estimate
 from sdtune.models import load_components, model_identity, torch_dtype
-from sdtune.objectives import Objective, scale_latents
-from sdtune.optim import MIN_8BIT_SIZE, eight_bit_share, make_optimizer
+from sdtune.objectives import MSE, LossFunction, Objective, scale_latents
+from sdtune.optim import MIN_8BIT_SIZE, eight_bit_share, make_optimizer, state_copies, step_size_logs
 from sdtune.plan import FP16_ON_CPU, RunPlan, check_run, class_images_dir
 from sdtune.prior import ensure_class_images
 from sdtune.resume import fingerprint, flat_keys, refuse_data_drift
@@ -82,6 +85,7 @@ from sdtune.runs import CONFIG, RUN_MARKER, WEIGHT_NAME
 from sdtune.sample import render_grid, save_image
 from sdtune.schedulers import sampling_scheduler
 from sdtune.share import write_model_card
+from sdtune.validation import Validator, build_validator, validation_summary
 
 
 class _MainProcessLogger(logging.LoggerAdapter):
@@ -116,6 +120,8 @@ def training_step(
     *,
     prior_preservation: bool = False,
     prior_loss_weight: float = 1.0,
+    loss_mask: torch.Tensor | None = None,
+    loss_function: LossFunction = MSE,
 ) -> StepOutput:
     """DreamBooth loss for one batch.
 
@@ -123,14 +129,19 @@ def training_step(
     B/2 rows are instance examples and the last B/2 class examples (one forward pass serves both).
     conditioning: the denoiser's other inputs (``Family.conditioning``), e.g. encoder_hidden_states (B, 77, D).
     All randomness (noise, timesteps) comes from ``generator``.
+    loss_function: MSE, Huber or smooth-L1 (``train.loss``), per element before any mask or weight.
+    loss_mask: (B, 1, h, w) weights of each latent pixel's loss (data.masked_loss), applied before the mean.
     """
     noise, timesteps = objective.sample(latents, generator)
     noisy_latents = objective.add_noise(latents, noise, timesteps)
     model_pred = family.predict(denoiser, noisy_latents, timesteps, conditioning)
     target = objective.target(latents, noise, timesteps)
 
-    # Per-example MSE, (B,), in fp32 whatever the compute dtype.
-    mse = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.dim())))
+    # Per-example loss, (B,), in fp32 whatever the compute dtype.
+    per_element = loss_function.per_element(objective, model_pred, target, timesteps)  # (B, C, h, w)
+    if loss_mask is not None:
+        per_element = per_element * loss_mask  # (B, 1, h, w): the same weight for every channel of a pixel
+    mse = per_element.mean(dim=tuple(range(1, target.dim())))
     weights = objective.loss_weights(timesteps)
     if weights is not None:
         mse = mse * weights
@@ -173,6 +184,8 @@ class Run:
     global_step: int = 0
     timing: dict[str, float] = field(default_factory=dict)  # the loop's times, for train_summary.json
     data: dict[str, dict] = field(default_factory=dict)  # fingerprints of the instance and class images
+    ema: AdapterEMA | None = None  # train.ema: the average of the LoRA weights (sdtune.ema)
+    validator: Validator | None = None  # train.validation_every: the held-out images (sdtune.validation)
 
     @property
     def family(self) -> Family:
@@ -200,7 +213,7 @@ class Run:
         """A verified checkpoint of this step (all processes take part)."""
         return save_checkpoint(self.accelerator, self.output_dir, self.global_step, self.unwrapped(), self.optimizer,
                                self.lr_scheduler, self.generator, self.cfg.model_dump(mode="json"), self.family,
-                               self.cfg.train.checkpoints_total_limit, data=self.data)
+                               self.cfg.train.checkpoints_total_limit, data=self.data, ema=self.ema)
 
     def sync(self) -> None:
         """Wait for the device (for timings)."""
@@ -259,7 +272,7 @@ def setup(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> Run:
 
     components, weight_dtype = _load_model(cfg, plan, accelerator)
     class_paths = _class_images(cfg, plan, components, accelerator)
-    dataset = _dataset(cfg, plan, class_paths)
+    dataset = _dataset(cfg, plan, class_paths, components)
     run = Run(
         cfg=cfg, plan=plan, accelerator=accelerator, components=components, options=cfg.family_options(plan.family),
         objective=plan.family.objective(components.noise_scheduler, plan.model.prediction_type,
@@ -270,6 +283,9 @@ def setup(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> Run:
         data={"instance": plan.data, "class": fingerprint([(p, cfg.prior.class_prompt or "") for p in class_paths])},
     )
     run.text_cache = _text_cache(run)
+    run.validator = build_validator(cfg, plan.validation, plan.resolution, plan.model.bucket_multiple,
+                                    components, plan.family, run.options, run.objective, run.device,
+                                    weight_dtype, accelerator.autocast)  # while the VAE and encoders are here
     run.offloaded = t.offload_frozen and run.device.type != "cpu" and run.latent_cache is not None \
         and run.text_cache is not None
     if run.offloaded:  # nothing in the step needs them now; sampling brings them back for a moment
@@ -291,12 +307,14 @@ def setup(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> Run:
     *prepared, run.optimizer = accelerator.prepare(*trained.values(), optimizer)
     run.modules, run.lr_scheduler = dict(zip(trained, prepared)), lr_scheduler
     run.params = [p for group in optimizer.param_groups for p in group["params"]]
+    run.ema = make_ema(run.params, t.ema, t.ema_decay, t.ema_on_cpu)
     run.text_encoders = [run.modules.get(spec.name, encoder)
                          for spec, encoder in zip(plan.family.text_encoders, components.text_encoders)]
     _check_space(run)
     run.global_step = _resume(run)
     _claim_output(run)
     run.loader = _loader(run)
+    _log_epoch_intervals(run)
     _init_trackers(run)
     return run
 
@@ -328,13 +346,16 @@ def _check_space(run: Run) -> None:
     """Refuse a run whose checkpoints and LoRA files cannot fit on the output folder's disk, before it starts."""
     t = run.cfg.train
     lora_bytes = _lora_bytes(run)
-    kept = min(t.checkpoints_total_limit or 10**9, t.max_steps // t.checkpoint_every if t.checkpoint_every else 0) + 1
-    # each checkpoint: adapters, AdamW's two moments and a diffusers LoRA file; then the final LoRA files
-    need = kept * (4 * lora_bytes + 2**16) + _final_files_bytes(run) + 2**20 * 4
+    kept = min(t.checkpoints_total_limit or 10**9, _checkpoint_count(run)) + 1
+    # each checkpoint: adapters, the optimizer's state (AdamW: two moments), the EMA weights and a diffusers LoRA
+    # file; then the final LoRA files
+    per_checkpoint = (2 + state_copies(t.optimizer) + t.ema) * lora_bytes
+    need = kept * (per_checkpoint + 2**16) + _final_files_bytes(run) + 2**20 * 4
     free = free_bytes(run.output_dir)
     if free < need:
         raise DiskFull(f"train.output_dir: not enough free space in {run.output_dir}: this run writes about "
-                       f"{mib(need)} ({kept} checkpoints of {mib(4 * lora_bytes)}, LoRA files, samples), "
+                       f"{mib(need)} ({kept} checkpoints of {mib(per_checkpoint)}, "
+                       "LoRA files, samples), "
                        f"{mib(free)} is free. fix: free space, lower train.checkpoints_total_limit, or choose "
                        "a folder on another disk")
 
@@ -453,7 +474,7 @@ def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accele
     return class_paths
 
 
-def _dataset(cfg: Config, plan: RunPlan, class_paths: list[Path]) -> DreamBoothDataset:
+def _dataset(cfg: Config, plan: RunPlan, class_paths: list[Path], c: Components) -> DreamBoothDataset:
     # Aspect-ratio buckets: each instance image at the `sdtune prep --crop bucket` bucket nearest its shape, among
     # those whose sides the denoiser takes without resampling (ModelInfo.bucket_multiple). Buckets are centre crops.
     buckets = None
@@ -461,9 +482,16 @@ def _dataset(cfg: Config, plan: RunPlan, class_paths: list[Path]) -> DreamBoothD
         buckets = assign_buckets([e.path for e in plan.examples], plan.resolution, plan.model.bucket_multiple)
         logger.info("aspect buckets: " + ", ".join(f"{w}x{h} ({k} images)"
                                                    for (w, h), k in sorted(Counter(buckets).items())))
+    d = cfg.data
+    captions = CaptionRules(d.caption_dropout, d.shuffle_tags, d.keep_tokens) \
+        if d.caption_dropout or d.shuffle_tags else None
+    # masks are averaged onto the latent grid: the VAE's downsampling, as diffusers' vae_scale_factor
+    factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    masks = MaskRules(d.unmasked_weight, factor) if d.masked_loss else None
     return DreamBoothDataset(
         plan.examples, plan.resolution, cfg.data.center_crop, cfg.data.random_flip, cfg.data.repeats,
-        class_paths or None, cfg.prior.class_prompt, seed=cfg.train.seed, buckets=buckets,
+        class_paths or None, cfg.prior.class_prompt, seed=cfg.train.seed, buckets=buckets, captions=captions,
+        masks=masks,
     )
 
 
@@ -498,7 +526,12 @@ def _text_cache(run: Run) -> TextCache | None:
     """Each caption encoded once, while the text encoders are frozen."""
     if not run.cfg.train.cache_text_embeddings or run.cfg.lora.train_text_encoder:
         return None
+    if run.cfg.data.shuffle_tags:  # a new tag order is a new caption: a cache would grow every step
+        logger.info("note: captions are encoded in each step (not cached) because data.shuffle_tags=true "
+                    "gives them a new tag order every step")
+        return None
     captions = [e.caption for e in run.plan.examples] + ([run.cfg.prior.class_prompt] if run.class_paths else [])
+    captions += [""] if run.cfg.data.caption_dropout else []  # a dropped caption is the empty one
     c, family = run.components, run.family
 
     def encode(chunk: list[str]) -> dict[str, torch.Tensor]:
@@ -512,14 +545,14 @@ def _add_adapters(cfg: Config, family: Family, options: Any, c: Components) -> d
     """LoRA adapters on the denoiser (and text encoders); returns the trained modules by component name.
     Their parameters are trained in fp32 even under mixed precision."""
     lora = cfg.lora
-    add_lora(c.denoiser, lora.rank, lora.alpha, lora.target_modules, lora.dropout, lora.use_dora)
+    add_lora(c.denoiser, lora.rank, lora.alpha, lora.target_modules, lora.dropout, lora.use_dora, kind=lora.type)
     trained = {family.denoiser_name: c.denoiser}
     if lora.train_text_encoder:
         chosen = family.trained_text_encoders(options)
         for spec, encoder in zip(family.text_encoders, c.text_encoders):
             if spec.name in chosen:
                 add_lora(encoder, lora.rank, lora.alpha, lora.text_encoder_target_modules, lora.dropout,
-                         lora.use_dora, key="lora.text_encoder_target_modules")
+                         lora.use_dora, key="lora.text_encoder_target_modules", kind=lora.type)
                 trained[spec.name] = encoder
     cast_training_params(list(trained.values()), dtype=torch.float32)
     if cfg.train.mixed_precision != "no":
@@ -543,7 +576,8 @@ def _optimizer(cfg: Config, family: Family, trained: dict[str, torch.nn.Module])
     te_params = trainable_parameters(*(m for n, m in trained.items() if n != family.denoiser_name))
     if te_params:
         groups.append({"params": te_params, "lr": cfg.lora.text_encoder_lr or t.learning_rate})
-    optimizer = make_optimizer(t.optimizer, groups, (t.adam_beta1, t.adam_beta2), t.adam_epsilon, t.weight_decay)
+    optimizer = make_optimizer(t.optimizer, groups, (t.adam_beta1, t.adam_beta2), t.adam_epsilon, t.weight_decay,
+                               t.optimizer_args)
     if t.optimizer == "adamw8bit":
         # bitsandbytes keeps small tensors in 32-bit state; at low LoRA ranks that is most of them, so say how
         # much is really 8-bit, and what it saves: 6 of AdamW's 8 bytes of state per 8-bit value.
@@ -598,21 +632,15 @@ def _resume(run: Run) -> int:
     if problem:
         raise SdtuneError(problem)
     step = load_checkpoint(checkpoint, run.accelerator, run.unwrapped(), run.optimizer, run.lr_scheduler,
-                           run.generator, run.cfg.model_dump(mode="json"))
+                           run.generator, run.cfg.model_dump(mode="json"), ema=run.ema)
     logger.info(f"resumed from {checkpoint} at step {step}")
     return step
 
 
 def _loader(run: Run) -> torch.utils.data.DataLoader:
     """This process's micro-batches from the one the resumed step needs (global micro-batch k = step x accum)."""
-    t, acc, dataset = run.cfg.train, run.accelerator, run.dataset
-    start = run.global_step * t.gradient_accumulation_steps
-    if dataset.buckets is not None:  # batches of one bucket each (one tensor shape per step)
-        batch_sampler: Any = BucketBatchSampler([dataset.size(i) for i in range(len(dataset))], t.batch_size, t.seed,
-                                                acc.process_index, acc.num_processes, start=start)
-    else:
-        batch_sampler = StreamBatchSampler(len(dataset), t.batch_size, t.seed, acc.process_index, acc.num_processes,
-                                           start=start)
+    t, dataset = run.cfg.train, run.dataset
+    batch_sampler = _batch_sampler(run, start=run.global_step * t.gradient_accumulation_steps)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=t.dataloader_workers,
         pin_memory=run.device.type == "cuda", persistent_workers=t.dataloader_workers > 0,
@@ -620,6 +648,81 @@ def _loader(run: Run) -> torch.utils.data.DataLoader:
         # just restored (dropout must see the same stream as in the uninterrupted run).
         generator=torch.Generator().manual_seed(t.seed),
     )
+
+
+def _batch_sampler(run: Run, start: int) -> Any:
+    """This process's batch sampler from global micro-batch ``start``: with aspect buckets, batches of one
+    bucket each (one tensor shape per step)."""
+    t, acc, dataset = run.cfg.train, run.accelerator, run.dataset
+    if dataset.buckets is not None:
+        return BucketBatchSampler([dataset.size(i) for i in range(len(dataset))], t.batch_size, t.seed,
+                                  acc.process_index, acc.num_processes, start=start)
+    return StreamBatchSampler(len(dataset), t.batch_size, t.seed, acc.process_index, acc.num_processes, start=start)
+
+
+def epoch_units(sampler: Any, accumulation: int) -> tuple[int, int]:
+    """(units one optimizer step takes, units in an epoch), as the batch sampler counts its stream: dataset
+    items for ``StreamBatchSampler`` (an epoch: each instance example x data.repeats, or each class image where
+    there are more), batches for ``BucketBatchSampler``. A step takes ``accumulation`` micro-batches from
+    every process."""
+    if isinstance(sampler, BucketBatchSampler):
+        return accumulation * sampler.world_size, sampler.batches_per_epoch
+    return accumulation * sampler.world_size * sampler.batch_size, sampler.n
+
+
+def epochs_done(step: int, units: tuple[int, int]) -> int:
+    """Whole epochs completed after ``step`` optimizer steps (``units`` from ``epoch_units``)."""
+    per_step, per_epoch = units
+    return step * per_step // per_epoch
+
+
+def _due(run: Run, step: int, every_steps: int, every_epochs: int | None) -> bool:
+    """Whether an interval ends at ``step``: at the step that completes every ``every_epochs``-th epoch when
+    that is set, else every ``every_steps`` steps (0: never). A pure function of the step: a resume agrees."""
+    if every_epochs:
+        units = epoch_units(run.loader.batch_sampler, run.cfg.train.gradient_accumulation_steps)
+        return epochs_done(step, units) // every_epochs > epochs_done(step - 1, units) // every_epochs
+    return bool(every_steps) and step % every_steps == 0
+
+
+def _epoch_steps(units: tuple[int, int], every_epochs: int, max_steps: int, first: int = 6) -> list[int]:
+    """The first ``first`` steps before ``max_steps`` that complete an ``every_epochs``-th epoch: epoch e ends
+    at step ceil(e x units per epoch / units per step)."""
+    per_step, per_epoch = units
+    steps: list[int] = []
+    step = 0
+    while len(steps) < first:
+        # the next epoch to act on after this step (a step can end several: a tiny dataset, a big batch)
+        epoch = (epochs_done(step, units) // every_epochs + 1) * every_epochs
+        step = -(-epoch * per_epoch // per_step)
+        if step >= max_steps:
+            break
+        steps.append(step)
+    return steps
+
+
+def _checkpoint_count(run: Run) -> int:
+    """How many checkpoints the run writes before its last one, at most."""
+    t = run.cfg.train
+    if t.checkpoint_every_epochs:
+        units = epoch_units(_batch_sampler(run, 0), t.gradient_accumulation_steps)
+        return epochs_done(t.max_steps - 1, units) // t.checkpoint_every_epochs
+    return t.max_steps // t.checkpoint_every if t.checkpoint_every else 0
+
+
+def _log_epoch_intervals(run: Run) -> None:
+    """With epoch intervals: how long an epoch is, and the steps they fall on (or that none does)."""
+    t = run.cfg.train
+    units = epoch_units(run.loader.batch_sampler, t.gradient_accumulation_steps)
+    for key, every in (("train.checkpoint_every_epochs", t.checkpoint_every_epochs),
+                       ("sample.every_epochs", run.cfg.sample.every_epochs)):
+        if not every:
+            continue
+        steps = _epoch_steps(units, every, t.max_steps, first=7)
+        where = (f"at steps {', '.join(map(str, steps[:6]))}{', ...' if len(steps) > 6 else ''}" if steps else
+                 f"never before train.max_steps={t.max_steps} (only at the end)")
+        logger.log(logging.INFO if steps else logging.WARNING,
+                   f"{key}={every}: an epoch is {units[1] / units[0]:.4g} steps, so {where}")
 
 
 def _init_trackers(run: Run) -> None:
@@ -674,6 +777,8 @@ def forward_backward(run: Run, batch: dict) -> StepOutput:
         out = training_step(
             run.modules[run.family.denoiser_name], run.family, run.objective, latents, conditioning, run.generator,
             prior_preservation=bool(run.class_paths), prior_loss_weight=run.cfg.prior.loss_weight,
+            loss_mask=batch["loss_mask"].to(run.device, non_blocking=True) if "loss_mask" in batch else None,
+            loss_function=LossFunction(run.cfg.train.loss, run.cfg.train.huber_c, run.cfg.train.huber_schedule),
         )
     run.accelerator.backward(out.loss)
     return out
@@ -711,12 +816,14 @@ class LossLog:
         self.total = torch.zeros((), device=run.device)
         self.count = torch.zeros((), device=run.device)
         self.clock, self.clock_step = time.perf_counter(), run.global_step
+        self.shown: dict[str, str] = {}  # the last validation losses, kept on the progress line
 
     def add(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
         self.total += torch.where(finite, loss.detach(), 0.0)
         self.count += finite
 
-    def write(self, step: int, out: StepOutput, progress: Any) -> None:
+    def write(self, step: int, out: StepOutput, progress: Any,
+              validation: dict[str, float] | None = None) -> None:
         acc = self.run.accelerator
         # mean over the finite steps of all processes (0 / 0 = nan when none was)
         loss = float(acc.reduce(self.total, reduction="sum") / acc.reduce(self.count, reduction="sum"))
@@ -725,9 +832,12 @@ class LossLog:
                 "steps_per_s": (step - self.clock_step) / max(now - self.clock, 1e-9)}
         if out.prior_loss is not None:
             logs["prior_loss"] = out.prior_loss.item()
+        logs |= step_size_logs(self.run.optimizer)  # Prodigy's d: the step size it found (lr is 1.0)
         if not math.isfinite(loss):
             logger.warning(f"loss is {loss} at step {step}")
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}")
+        logs |= validation or {}  # val_loss (val_loss_ema) at this step, beside the loss (sdtune.validation)
+        self.shown |= {k.replace("_loss", ""): f"{v:.4f}" for k, v in (validation or {}).items()}
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}", **self.shown)
         acc.log(logs, step=step)
         if acc.is_main_process:  # a plain record too, one line per log point (a resume appends)
             with open(self.run.output_dir / "losses.jsonl", "a") as f:
@@ -764,6 +874,8 @@ def loop(run: Run) -> None:
             if not acc.sync_gradients:
                 continue
             run.global_step += 1
+            if run.ema is not None:
+                run.ema.step()  # once per optimizer step, not per micro-batch
             step = run.global_step
             progress.update(1)
             nonfinite.record(step, finite, batch["paths"])
@@ -784,25 +896,41 @@ def loop(run: Run) -> None:
     timed_steps, s_per_step = timer.result(run.global_step)
     run.timing = {"timed_steps": timed_steps, "s_per_step": s_per_step,  # training steps only
                   "sample_s": timer.paused_s["sample"], "checkpoint_s": timer.paused_s["checkpoint"],
+                  "validation_s": timer.paused_s["validation"],
                   "wall_s": time.perf_counter() - started}  # the whole loop, samples and checkpoints included
 
 
 def _periodic(run: Run, step: int, out: StepOutput, nonfinite: NonFiniteGuard, losses: LossLog, progress: Any,
               timer: StepTimer) -> None:
-    """What happens every N steps: log, checkpoint, sample grid (each reads the non-finite flags first)."""
+    """What happens every N steps (or epochs): log, checkpoint, sample grid (each reads the non-finite flags
+    first)."""
     t, every = run.cfg.train, run.cfg.sample.every
-    if step % t.log_every == 0 or step == t.max_steps:
+    validation = _validation(run, step, timer, progress, losses)
+    if validation is not None or step % t.log_every == 0 or step == t.max_steps:
         nonfinite.check()
-        losses.write(step, out, progress)
-    if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
+        losses.write(step, out, progress, validation)
+    if _due(run, step, t.checkpoint_every, t.checkpoint_every_epochs) and step < t.max_steps:
         nonfinite.check()
         with _aside(timer, "checkpoint", progress, losses) as pause:
             run.save()
         _say(f"step {step}: checkpoint saved ({pause.seconds:.1f} s)")
-    if every and step % every == 0 and step < t.max_steps:
+    if _due(run, step, every, run.cfg.sample.every_epochs) and step < t.max_steps:
         nonfinite.check()
         with _aside(timer, "sample", progress, losses):
             sample_grid(run, step)
+
+
+def _validation(run: Run, step: int, timer: StepTimer, progress: Any,
+                losses: LossLog) -> dict[str, float] | None:
+    """The validation losses when one is due (every ``train.validation_every`` steps and at the last),
+    measured on the main process while the others wait; None when none is due."""
+    t = run.cfg.train
+    if run.validator is None or (step % t.validation_every and step != t.max_steps):
+        return None
+    with _aside(timer, "validation", progress, losses):
+        values = run.validator.measure(run.unwrapped(), run.ema) if run.main else {}
+    run.accelerator.wait_for_everyone()
+    return values
 
 
 @contextmanager
@@ -874,7 +1002,7 @@ def sample_grid(run: Run, step: int) -> Path | None:
                             width=plan.resolution, height=plan.resolution)
         frozen = [c.vae, *c.text_encoders]
         with offload_models(*frozen, device=run.device, offload=run.offloaded), _eval_mode(run.modules.values()), \
-                run.accelerator.autocast():
+                run.accelerator.autocast(), ema_weights(run.ema):
             grid = render_grid(pipe, prompts, cfg.sample.seeds, settings, guidance_scale=cfg.sample.guidance_scale,
                                title=f"step {step}")
         if run.offloaded:
@@ -915,7 +1043,7 @@ def check_health(run: Run) -> None:
     worst, where = 0.0, ""
     for name, module in run.unwrapped().items():
         for layer_name, layer in module.named_modules():
-            if not hasattr(layer, "get_delta_weight") or "default" not in getattr(layer, "lora_A", {}):
+            if not has_adapter(layer):  # a LoRA, LoHa or LoKr layer
                 continue
             with torch.no_grad():
                 base = layer.get_base_layer().weight.float()
@@ -955,7 +1083,8 @@ def _save_final_lora(run: Run) -> None:
     out = run.output_dir
     try:
         with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-final-") as tmp:
-            save_diffusers_lora(tmp, run.family, run.unwrapped(), run.cfg.model.pretrained)
+            with ema_weights(run.ema):  # the average with train.ema: the LoRA the run shows and saves
+                save_diffusers_lora(tmp, run.family, run.unwrapped(), run.cfg.model.pretrained)
             os.replace(Path(tmp) / WEIGHT_NAME, out / WEIGHT_NAME)
         # what the kohya metadata says about the data (caption tags, folders, buckets); export reads it later
         write_data_summary(out, _data_summary(run))
@@ -1002,6 +1131,7 @@ def finish(run: Run) -> Path:
         "mixed_precision": acc.mixed_precision,
         "optimizer": t.optimizer,
     }
+    summary |= ema_summary(run.ema) | validation_summary(out / "losses.jsonl", run.global_step)
     check_health(run)  # an exploded LoRA is refused before anything final is written
     run.save()
     if run.main:

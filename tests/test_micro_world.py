@@ -161,3 +161,19 @@ def test_cli_micro_subject(tmp_path, capsys):
     rows = (tmp_path / "subj" / "metadata.jsonl").read_text().splitlines()
     assert len(rows) == 3 and all("ohwx toy" in r for r in rows)
     assert main(["micro", "subject", str(tmp_path / "subj")]) == 2  # never overwrites
+
+
+def test_subject_masks_cover_the_subject_and_little_else(tmp_path):
+    """`sdtune micro subject --masks`: the masked-loss masks of the subject photos (bench/techniques.py)."""
+    import numpy as np
+    from PIL import Image
+
+    from sdtune.micro.world import PALETTE, write_subject_photos
+
+    folder = write_subject_photos(tmp_path / "s", n=4, masks=True)
+    for i in range(4):
+        image = np.asarray(Image.open(folder / f"subject_{i:02d}.png").convert("RGB")).astype(int)
+        mask = np.asarray(Image.open(folder / f"subject_{i:02d}.mask.png")) > 128
+        body = np.abs(image - np.array(PALETTE["purple"])).sum(-1) < 60
+        assert body.sum() > 20 and mask[body].mean() == 1.0  # the subject's body is inside its mask
+        assert mask[~body].mean() < 0.15  # the background is outside (the hat and eyes are the rest)

@@ -154,6 +154,9 @@ def test_files_that_are_not_a_base_model_are_refused_in_one_line(single, tmp_pat
     lora = tmp_path / "a_lora.safetensors"
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 4)}, lora)
     assert "is a LoRA, not a base model" in _refusal(lora, tmp_path)
+    loha = tmp_path / "peft_loha.safetensors"
+    save_file({"unet.down_blocks.0.attentions.0.proj_in.hada_w1_a": torch.zeros(4, 4)}, loha)
+    assert "is a LoRA, not a base model" in _refusal(loha, tmp_path)
     vae = tmp_path / "vae.safetensors"
     save_file({"encoder.down.0.block.0.conv1.weight": torch.zeros(1)}, vae)
     assert "is a VAE alone; give it as model.vae" in _refusal(vae, tmp_path)

@@ -351,6 +351,12 @@ def test_kohya_metadata_automatic1111_reads(travel):
     assert shapes == {(48, 80), (64, 64), (80, 48)}  # the buckets training logged for these photos
     assert 0 <= parsed["ss_bucket_info"]["mean_img_ar_error"] < 0.5
 
+    # how it was trained, as kohya records it (civitai and the UIs show these)
+    config = read_run(run).config
+    assert meta["ss_learning_rate"] == str(config["train"]["learning_rate"])
+    assert meta["ss_max_train_steps"] == str(config["train"]["max_steps"]) and meta["ss_optimizer"] == "adamw"
+    assert meta["ss_loss_type"] == "l2" and "ss_huber_c" not in meta and meta["ss_caption_dropout_rate"] == "0.0"
+
     model_hash, legacy_hash = kohya_hashes(kohya)
     assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == (model_hash, legacy_hash)
     raw = kohya.read_bytes()  # A1111's own hash of the file (hashes.addnet_hash_safetensors) agrees

@@ -21,6 +21,7 @@ def add_commands(sub: Any) -> None:
     m.add_argument("--size", type=int, default=64)
     m.add_argument("--identifier", default="sks")
     m.add_argument("--class-noun", default="toy")
+    m.add_argument("--masks", action="store_true", help="also write each photo's subject mask (NAME.mask.png)")
     m.set_defaults(func=cmd_micro_subject)
     m = micro.add_parser("model", help="write the pretrained micro model (shipped with sdtune) as a diffusers folder")
     m.add_argument("directory")
@@ -54,7 +55,7 @@ def cmd_micro_subject(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         raise SdtuneError(f"{out} exists and is not empty; choose a new folder")
     path = write_subject_photos(out, n=args.n, seed=args.seed, size=args.size, identifier=args.identifier,
-                                class_noun=args.class_noun)
+                                class_noun=args.class_noun, masks=args.masks)
     print(f"wrote {args.n} photos of the micro world's subject toy (with metadata.jsonl) to {path}")
     return 0
 

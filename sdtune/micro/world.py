@@ -20,7 +20,7 @@ import json
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -334,12 +334,22 @@ def dataset(n: int, seed: int = 0, size: int = 64) -> Iterator[tuple[Image.Image
         yield render(scene, size), caption(scene), scene
 
 
+def subject_mask(scene: Scene, size: int = 64) -> Image.Image:
+    """The subject's pixels in ``scene`` as an L image (255 = subject, 0 = background and other things), drawn
+    exactly where ``render`` draws it: the masked-loss mask of a subject photo."""
+    canvas = Image.new("RGB", (size * SUPERSAMPLE, size * SUPERSAMPLE))
+    for thing in scene.things:
+        if thing.subject:
+            _paint_thing(canvas, replace(thing, parts=tuple(replace(p, color="white") for p in thing.parts)))
+    return canvas.resize((size, size), Image.Resampling.LANCZOS).convert("L")
+
+
 def write_subject_photos(directory: str | Path, n: int = 8, seed: int = 0, size: int = 64,
-                         identifier: str = "sks", class_noun: str = "toy") -> Path:
+                         identifier: str = "sks", class_noun: str = "toy", masks: bool = False) -> Path:
     """Write ``n`` photos of the subject as an imagefolder dataset: ``subject_00.png``, ... and a
     ``metadata.jsonl`` with captions like "a photo of sks toy on a blue background", each caption also in a
-    ``.txt`` beside its image (kohya's convention; ``sdtune prep --caption-from txt`` reads them). Returns
-    the folder.
+    ``.txt`` beside its image (kohya's convention; ``sdtune prep --caption-from txt`` reads them). With
+    ``masks``, also ``subject_00.mask.png``, ... (``subject_mask``: for ``data.masked_loss``). Returns the folder.
 
     The same arguments give byte-identical files (PIL writes no timestamp into PNGs)."""
     folder = Path(directory)
@@ -350,6 +360,8 @@ def write_subject_photos(directory: str | Path, n: int = 8, seed: int = 0, size:
         scene = subject_scene(rng)
         name = f"subject_{i:02d}.png"
         render(scene, size).save(folder / name, format="PNG")
+        if masks:
+            subject_mask(scene, size).save(folder / f"subject_{i:02d}.mask.png", format="PNG")
         text = caption(scene, f"{identifier} {class_noun}", "a photo of ")
         (folder / name).with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
         rows.append({"file_name": name, "text": text})
