@@ -39,7 +39,7 @@ TECHNIQUES: dict[str, tuple[str, list[str]]] = {
     "smooth_l1": ("smooth-L1 loss, SNR-scheduled threshold", ["train.loss=smooth_l1"]),
     "ema": ("EMA of the LoRA weights (decay 0.99)", ["train.ema=true", "train.ema_decay=0.99"]),
     "caption_dropout": ("10% empty captions", ["data.caption_dropout=0.1"]),
-    "masked_loss": ("loss on the subject only (alpha masks)", ["data.masked_loss=true"]),
+    "masked_loss": ("loss on the subject only (its NAME.mask.png)", ["data.masked_loss=true"]),
     "loha": ("LoHa (LyCORIS) in place of LoRA", ["lora.type=loha"]),
     "lokr": ("LoKr (LyCORIS) in place of LoRA", ["lora.type=lokr"]),
 }
@@ -123,6 +123,11 @@ def table(results: dict[str, list[dict[str, float]]], command: str, steps: int, 
             cells.append(cell(values) + (" =" if same else ""))
         lines.append(f"| {name} | {TECHNIQUES[name][0]} | " + " | ".join(cells)
                      + f" | {cell([r['wall_s'] for r in rows], 0)} |")
+    lines += ["", "How to read it: every row runs the demo recipe's settings (learning rate 1e-3 and rank 16, tuned for "
+              "AdamW and LoRA) with only the technique's own overrides, at equal steps: a row measures those settings, "
+              "not the technique at its best. Three seeds are few; the spread says how far a mean can be trusted, and "
+              "the \"=\" rule (gap within the larger spread) is a coarse one. The micro world's subject photos vary "
+              "their backgrounds, so the leakage masked loss is for is small here to begin with."]
     return "\n".join(lines) + "\n"
 
 
