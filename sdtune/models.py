@@ -62,7 +62,12 @@ def inspect_model(pretrained: str, revision: str | None = None, for_training: bo
     (a single file's header). ``prediction_type`` (``model.prediction_type``) overrides the model's.
 
     ``for_training`` refuses inpainting / depth denoisers (extra input channels), which sampling accepts."""
-    info = families.describe(model_files(pretrained, revision, prediction_type), for_training)
+    return describe(model_files(pretrained, revision, prediction_type), for_training, prediction_type)
+
+
+def describe(files: ModelFiles, for_training: bool = True, prediction_type: str | None = None) -> ModelInfo:
+    """``inspect_model`` of config files already at hand (``model_files``)."""
+    info = families.describe(files, for_training)
     return dataclasses.replace(info, prediction_type=prediction_type) if prediction_type else info
 
 

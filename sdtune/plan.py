@@ -23,7 +23,7 @@ from sdtune.families import Family, ModelFiles, ModelInfo
 from sdtune.files import cache_root, existing_ancestor
 from sdtune.hfdata import materialize
 from sdtune.locks import HOLDER, LOCK
-from sdtune.models import inspect_model, model_files, vae_problem, weight_problems
+from sdtune.models import describe, model_files, vae_problem, weight_problems
 from sdtune.optim import optimizer_problems
 from sdtune.resume import check_resume, fingerprint
 from sdtune.runs import WEIGHT_NAME, claimed_by_sdtune, complete_checkpoints
@@ -227,7 +227,7 @@ def _check_model(cfg: Config, problems: list[str], warnings: list[str]) -> tuple
     m = cfg.model
     try:
         files = model_files(m.pretrained, m.revision, m.prediction_type)
-        info = inspect_model(m.pretrained, m.revision, for_training=True, prediction_type=m.prediction_type)
+        info = describe(files, for_training=True, prediction_type=m.prediction_type)
     except SdtuneError as e:
         problems.append(str(e))
         return None, None
