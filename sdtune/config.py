@@ -166,6 +166,23 @@ class ModelConfig(_Section):
     )
 
 
+class ConceptConfig(_Section):
+    """One subject of a run with several (``data.concepts``)."""
+
+    instance_dir: PathText = Field(description="folder of this subject's images")
+    identifier: Identifier = Field(description="the rare word that names this subject, e.g. sks")
+    instance_prompt: str | None = Field(
+        None, description="caption for its images without one, e.g. 'a photo of {identifier} dog' ({identifier} "
+        "is replaced by this concept's identifier)"
+    )
+    class_prompt: str | None = Field(None, description="its class prompt with prior.enabled, e.g. 'a photo of a dog'")
+    class_dir: PathText | None = Field(None, description="its class images; default: a cache folder, generated")
+    repeats: int | None = Field(
+        None, ge=1, le=10**6, description="how often each of its images appears per epoch; default: balanced "
+        "with the other concepts (data.balance_concepts), else data.repeats"
+    )
+
+
 class DataConfig(_Section):
     instance_dir: PathText | None = Field(
         None, description="folder of subject images (imagefolder layout or plain images); or data.dataset"
@@ -180,7 +197,17 @@ class DataConfig(_Section):
         None, description="data.dataset's caption column; default: text, caption or prompt if it has one, else "
         "data.instance_prompt for every image"
     )
-    identifier: Identifier = Field(description="the rare word that names the subject, e.g. sks")
+    identifier: Identifier | None = Field(None, description="the rare word that names the subject, e.g. sks "
+                                          "(required unless data.concepts)")
+    concepts: list[ConceptConfig] = Field(
+        default_factory=list, max_length=100, description="several subjects in one run, each {instance_dir, "
+        "identifier, instance_prompt, class_prompt, class_dir, repeats}; in place of data.instance_dir, "
+        "data.identifier and data.instance_prompt (prior.class_prompt / class_dir then per concept)"
+    )
+    balance_concepts: bool = Field(
+        True, description="with data.concepts: repeat each concept's images so that every concept is seen about "
+        "equally often per epoch, whatever its number of photos (a concept's own repeats wins)"
+    )
     instance_prompt: str | None = Field(
         None, description="caption for images without one in metadata.jsonl, e.g. 'a photo of {identifier} dog' "
         "({identifier} is replaced by data.identifier)"
@@ -207,6 +234,21 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
+        if self.concepts:
+            given = [k for k in ("instance_dir", "dataset", "identifier", "instance_prompt") if getattr(self, k)]
+            if given:
+                raise PydanticCustomError(
+                    "data_concepts", "data.concepts names each subject's folder, identifier and prompt; remove "
+                    "{keys} (or move it into a concept)", {"keys": ", ".join(f"data.{k}" for k in given)})
+            names = [c.identifier for c in self.concepts]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise PydanticCustomError("data_concepts_twice", "two concepts have the identifier {names}; give "
+                                          "each subject its own word", {"names": ", ".join(twice)})
+            return self
+        if self.identifier is None:
+            raise PydanticCustomError("data_identifier", "data.identifier is required (the rare word that names the "
+                                      "subject, e.g. sks), or give data.concepts")
         if (self.instance_dir is None) == (self.dataset is None):
             raise PydanticCustomError(
                 "data_source", "give one of data.instance_dir (a folder of photos) or data.dataset (a Hugging Face "
@@ -223,6 +265,26 @@ class PriorConfig(_Section):
     generation_batch_size: int = Field(4, ge=1, le=4096)
     generation_steps: int = Field(30, ge=1, le=10**4)
     generation_guidance: float = Field(7.5, ge=0)
+
+
+class PivotalConfig(_Section):
+    """Pivotal tuning: token embeddings trained with the LoRA (textual inversion beside it)."""
+
+    enabled: bool = Field(False, description="train token embeddings for each identifier with the LoRA")
+    new_tokens: int = Field(
+        2, ge=0, le=16, description="new tokens per identifier (<sks0><sks1>; prompts still say sks); 0: train "
+        "the identifier's own token rows instead"
+    )
+    init: str | None = Field(
+        None, description="words whose embeddings start the new tokens, e.g. the class noun 'dog'; default: "
+        "random, with the spread of the model's own token embeddings"
+    )
+    learning_rate: float | None = Field(None, gt=0, description="the embeddings' learning rate; default: "
+                                        "train.learning_rate")
+    fraction: float = Field(
+        0.5, gt=0, le=1, description="train the embeddings for this share of train.max_steps, then keep them "
+        "fixed while the LoRA goes on (the pivot; diffusers' train_text_encoder_ti_frac)"
+    )
 
 
 class LoraConfig(_Section):
@@ -343,6 +405,11 @@ class _Config(_Section):
             "prior": p.model_copy(update={"class_dir": local(p.class_dir, must_exist=False) if p.enabled else p.class_dir}),
         })
 
+    def identifiers(self) -> list[str]:
+        """The words that name the run's subjects: ``data.identifier``, or each concept's in order."""
+        data = self.data  # type: ignore[attr-defined]
+        return [c.identifier for c in data.concepts] if data.concepts else [data.identifier]
+
     def family_options(self, family: families.Family) -> BaseModel | None:
         """The recipe section of ``family``'s own options, None for a family without one."""
         if not family.options_section:
@@ -368,6 +435,7 @@ Config = create_model(
     data=(DataConfig, ...),
     prior=(PriorConfig, PriorConfig()),
     lora=(LoraConfig, LoraConfig()),
+    pivotal=(PivotalConfig, PivotalConfig()),
     **_family_sections(),
     train=(TrainConfig, TrainConfig()),
     sample=(SampleConfig, SampleConfig()),

@@ -33,6 +33,10 @@ def add_commands(sub: Any) -> None:
     m.add_argument("--vae-steps", type=int, default=1500)
     m.add_argument("--steps", type=int, default=4000, help="UNet + text encoder steps (default %(default)s)")
     m.add_argument("--batch-size", type=int, default=64)
+    m.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the UNet stage (default %(default)s)")
+    m.add_argument("--warmup", type=int, default=200)
+    m.add_argument("--init-from", metavar="MODEL", help="continue from a micro model folder (e.g. `sdtune micro "
+                   "model DIR`) instead of starting from random weights; its VAE is kept")
     m.add_argument("--eval-every", type=int, default=500, help="score prompt following and save every N steps")
     m.add_argument("--eval-images", type=int, default=64)
     m.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -71,7 +75,8 @@ def cmd_micro_pretrain(args: argparse.Namespace) -> int:
         raise SdtuneError(f"{out} exists and is neither empty nor an earlier `sdtune micro pretrain` folder; "
                           "choose a new folder")
     cfg = PretrainConfig(out=str(out), seed=args.seed, num_images=args.num_images, vae_steps=args.vae_steps,
-                         steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
+                         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                         init_from=args.init_from, eval_every=args.eval_every,
                          eval_images=args.eval_images, threads=args.threads)
     report = pretrain(cfg)
     last = report["history"][-1] if report.get("history") else {}

@@ -57,6 +57,7 @@ class PretrainConfig:
     eval_every: int = 500
     eval_images: int = 64
     threads: int = 0  # 0: torch's default
+    init_from: str | None = None  # a micro pipeline folder to continue from (its VAE is kept, not retrained)
 
 
 def render_world(n: int, seed: int) -> tuple[np.ndarray, list[str], list[world.Scene]]:
@@ -132,6 +133,16 @@ def vae_stage(cfg: PretrainConfig, vae, images: np.ndarray, log):
     return vae
 
 
+def load_parts(folder: Path):
+    """(text_encoder, vae, unet) of a micro pipeline folder in fp32, to continue pretraining from."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    return (CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32),
+            AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval(),
+            UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32))
+
+
 def encode_latents(vae, images: np.ndarray, batch_size: int = 256):
     """Posterior means and stds of every image: (n, 4, 16, 16) each, unscaled."""
     means, stds = [], []
@@ -155,9 +166,13 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = logger.info) -> d
     images, captions, _ = render_world(cfg.num_images, cfg.seed)
     log(f"rendered {len(images)} scenes in {time.time() - t0:.0f} s")
     tokenizer, text_encoder, vae, unet = micro.build(cfg.seed, cfg.unet_width)
+    if cfg.init_from:
+        text_encoder, vae, unet = load_parts(Path(cfg.init_from))
+        log(f"continuing from {cfg.init_from} (its VAE, UNet and text encoder)")
 
     t1 = time.time()
-    vae = vae_stage(cfg, vae, images, log)
+    if not cfg.init_from:
+        vae = vae_stage(cfg, vae, images, log)
     vae_psnr = psnr(vae, images)
     means, stds = encode_latents(vae, images)
     scaling_factor = float(1.0 / means.std())
