@@ -247,7 +247,7 @@ class DataConfig(_Section):
                                           "each subject its own word", {"names": ", ".join(twice)})
             return self
         if self.identifier is None:
-            raise PydanticCustomError("data_identifier", "data.identifier is required (the rare word that names the "
+            raise PydanticCustomError("data_identifier", "data.identifier: required (the rare word that names the "
                                       "subject, e.g. sks), or give data.concepts")
         if (self.instance_dir is None) == (self.dataset is None):
             raise PydanticCustomError(
@@ -471,6 +471,8 @@ def _problem_from_pydantic(section: str, err: dict[str, Any]) -> str:
         cls = SECTIONS[section]
         desc = cls.model_fields[str(err["loc"][0])].description if err["loc"] else None
         return f"{key}: required{f' ({desc})' if desc else ''}"
+    if not err["loc"] and err["msg"].startswith(f"{section}.") and ": " in err["msg"]:
+        return err["msg"]  # a section's own check that names the key itself ("data.identifier: required ...")
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {_shown(value)})"
     return f"{key}: {err['msg'][0].lower() + err['msg'][1:]}{shown}"
