@@ -42,6 +42,10 @@ TECHNIQUES: dict[str, tuple[str, list[str]]] = {
     "masked_loss": ("loss on the subject only (its NAME.mask.png)", ["data.masked_loss=true"]),
     "loha": ("LoHa (LyCORIS) in place of LoRA", ["lora.type=loha"]),
     "lokr": ("LoKr (LyCORIS) in place of LoRA", ["lora.type=lokr"]),
+    "pivotal": ("pivotal tuning: 2 new tokens, random start, trained in the first half",
+                ["pivotal.enabled=true"]),
+    "pivotal_init": ("pivotal tuning: 2 new tokens starting at 'toy', first half",
+                     ["pivotal.enabled=true", "pivotal.init=toy"]),
 }
 METRICS = (("subject", "subject ↑"), ("context", "context ↑"), ("class_subject", "class drift ↓"))
 

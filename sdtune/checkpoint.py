@@ -26,8 +26,9 @@ from sdtune.errors import DiskFull, SdtuneError
 from sdtune.families import Family
 from sdtune.files import free_bytes, fsync, is_disk_full, mib, sha256_file, write_bytes
 from sdtune.lora import adapter_state_dict, load_adapter_state_dict, save_diffusers_lora
+from sdtune.pivotal import ROWS_FILE, Embeddings
 from sdtune.resume import MANIFEST, STATE, config_drift, find_checkpoint, flat_keys, verify
-from sdtune.runs import CHECKPOINTS, MARKER, complete_checkpoints
+from sdtune.runs import CHECKPOINTS, EMBEDDINGS_DIR, MARKER, complete_checkpoints
 
 __all__ = ["DiskFull", "config_drift", "find_checkpoint", "flat_keys", "load_checkpoint", "save_checkpoint", "verify"]
 
@@ -68,9 +69,10 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 def write_manifest(folder: Path) -> None:
     """fsync every file, then record its size and sha256, then the marker (each fsynced, then the folder)."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (MANIFEST, MARKER))
+    files += sorted((folder / EMBEDDINGS_DIR).glob("*.safetensors"))  # pivotal tuning's, one per identifier
     for p in files:
         fsync(p)
-    manifest = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+    manifest = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     fsync(folder / MANIFEST)
     (folder / MARKER).write_text("ok\n")
@@ -115,7 +117,7 @@ def checkpoint_bytes(states: dict[str, dict[str, torch.Tensor]]) -> int:
 def save_checkpoint(
     accelerator: Any, output_dir: Path, global_step: int, trained: dict[str, torch.nn.Module], optimizer: Any,
     lr_scheduler: Any, generator: torch.Generator, config: dict, family: Family, limit: int | None,
-    data: dict | None = None, ema: AdapterEMA | None = None,
+    data: dict | None = None, ema: AdapterEMA | None = None, embeddings: Embeddings | None = None,
 ) -> Path:
     """Write ``checkpoints/step-NNNNNN/`` atomically and verified, then prune old ones (main process writes
     all but the per-process random state). With ``ema`` (``train.ema``) the adapters are still the training
@@ -142,8 +144,12 @@ def save_checkpoint(
             write_bytes(tmp / "lr_scheduler.pt", _torch_bytes(lr_scheduler.state_dict()))
             if ema is not None:
                 write_bytes(tmp / EMA_FILE, ema.state_bytes())
+            if embeddings is not None:  # the training rows, what a resume continues
+                write_bytes(tmp / ROWS_FILE, save(embeddings.state()))
             with ema_weights(ema):  # the checkpoint's LoRA file is what the run shows: the average when on
                 save_diffusers_lora(tmp, family, trained, (config.get("model") or {}).get("pretrained"))
+                if embeddings is not None:  # and the embedding files that go with it
+                    embeddings.save(tmp)
             # the data fingerprint ({"instance": ..., "class": ...}, sdtune.resume.fingerprint) lets a resume
             # refuse photos added, removed or edited since
             state = {"global_step": global_step, "num_processes": accelerator.num_processes, "config": config,
@@ -178,7 +184,7 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: Path, accelerator: Any, trained: dict[str, torch.nn.Module], optimizer: Any, lr_scheduler: Any,
-    generator: torch.Generator, config: dict, ema: AdapterEMA | None = None,
+    generator: torch.Generator, config: dict, ema: AdapterEMA | None = None, embeddings: Embeddings | None = None,
 ) -> int:
     """Restore adapters, optimizer, LR schedule, random streams (and the EMA); return the step to continue
     from."""
@@ -199,6 +205,8 @@ def load_checkpoint(
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True), generator)
+    if embeddings is not None:
+        embeddings.load_state(load_file(path / ROWS_FILE))
     if ema is not None:
         _load_ema(path, ema)
     return int(state["global_step"])

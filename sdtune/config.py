@@ -18,6 +18,7 @@ import difflib
 import os
 import re
 import reprlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -183,6 +184,28 @@ class ConceptConfig(_Section):
     )
 
 
+@dataclass(frozen=True)
+class Concept:
+    """One subject of a run as the code works with it (``Config.concepts()``): a concept of ``data.concepts``,
+    or the one subject of ``data.*`` and ``prior.class_prompt`` / ``prior.class_dir``."""
+
+    key: str  # the recipe key its settings are under: "data" or "data.concepts[1]"
+    identifier: str
+    instance_dir: str | None
+    dataset: str | None  # data.dataset (a concept of data.concepts always has a folder)
+    instance_prompt: str | None
+    class_prompt: str | None
+    class_dir: str | None
+    repeats: int | None  # its own repeats; None: data.repeats, or balanced (data.balance_concepts)
+
+    def key_of(self, name: str) -> str:
+        """The recipe key of its setting ``name`` as the user writes it: ``data.concepts[1].class_prompt``, or
+        for the subject of ``data.*`` ``data.instance_dir`` and ``prior.class_prompt``."""
+        if self.key == "data" and name in ("class_prompt", "class_dir"):
+            return f"prior.{name}"
+        return f"{self.key}.{name}"
+
+
 class DataConfig(_Section):
     instance_dir: PathText | None = Field(
         None, description="folder of subject images (imagefolder layout or plain images); or data.dataset"
@@ -215,7 +238,8 @@ class DataConfig(_Section):
     resolution: int | None = Field(None, ge=64, le=4096, multiple_of=8, description="default: the model's own")
     center_crop: bool = Field(True, description="false: a random square crop each step (not with aspect_buckets)")
     random_flip: bool = False
-    repeats: int = Field(1, ge=1, le=10**6, description="how often each instance image appears per epoch")
+    repeats: int = Field(1, ge=1, le=10**6, description="how often each instance image appears per epoch (with "
+                         "data.concepts: times each concept's balancing)")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="probability of training an image with an empty "
                                    "caption (kohya's caption_dropout_rate)")
     shuffle_tags: bool = Field(False, description="shuffle each caption's comma-separated tags every step")
@@ -238,13 +262,14 @@ class DataConfig(_Section):
             given = [k for k in ("instance_dir", "dataset", "identifier", "instance_prompt") if getattr(self, k)]
             if given:
                 raise PydanticCustomError(
-                    "data_concepts", "data.concepts names each subject's folder, identifier and prompt; remove "
-                    "{keys} (or move it into a concept)", {"keys": ", ".join(f"data.{k}" for k in given)})
+                    "data_concepts", "data.concepts: each concept names its subject's folder, identifier and "
+                    "prompt; remove {keys} (or move it into a concept)",
+                    {"keys": ", ".join(f"data.{k}" for k in given)})
             names = [c.identifier for c in self.concepts]
             twice = sorted({n for n in names if names.count(n) > 1})
             if twice:
-                raise PydanticCustomError("data_concepts_twice", "two concepts have the identifier {names}; give "
-                                          "each subject its own word", {"names": ", ".join(twice)})
+                raise PydanticCustomError("data_concepts_twice", "data.concepts: two concepts have the identifier "
+                                          "{names}; give each subject its own word", {"names": ", ".join(twice)})
             return self
         if self.identifier is None:
             raise PydanticCustomError("data_identifier", "data.identifier: required (the rare word that names the "
@@ -272,8 +297,8 @@ class PivotalConfig(_Section):
 
     enabled: bool = Field(False, description="train token embeddings for each identifier with the LoRA")
     new_tokens: int = Field(
-        2, ge=0, le=16, description="new tokens per identifier (<sks0><sks1>; prompts still say sks); 0: train "
-        "the identifier's own token rows instead"
+        2, ge=0, le=16, description="new tokens per identifier (<sks0><sks1>; prompts still say sks); 0: one "
+        "per token of the identifier, starting at its own rows"
     )
     init: str | None = Field(
         None, description="words whose embeddings start the new tokens, e.g. the class noun 'dog'; default: "
@@ -374,7 +399,8 @@ class SampleConfig(_Section):
     every_epochs: int | None = Field(None, ge=1, description="render a grid every N epochs instead of steps")
     prompts: list[str] = Field(
         default_factory=list,
-        description="default: the instance prompt and class prompt; {identifier} is replaced by data.identifier",
+        description="default: the instance prompt and class prompt (of each concept); {identifier} is replaced by "
+        "data.identifier (with data.concepts: write the words)",
     )
     negative_prompt: str = ""
     seeds: list[Seed] = Field(default_factory=lambda: [0, 1], min_length=1)
@@ -396,10 +422,13 @@ class _Config(_Section):
             return os.path.abspath(path)
 
         m, d, p = self.model, self.data, self.prior  # type: ignore[attr-defined]
+        concepts = [c.model_copy(update={"instance_dir": local(c.instance_dir, must_exist=False),
+                                         "class_dir": local(c.class_dir, must_exist=False) if p.enabled
+                                         else c.class_dir}) for c in d.concepts]
         return self.model_copy(update={
             "model": m.model_copy(update={"pretrained": local(m.pretrained), "vae": local(m.vae)}),
             "data": d.model_copy(update={"instance_dir": local(d.instance_dir, must_exist=False),
-                                         "dataset": local(d.dataset),
+                                         "dataset": local(d.dataset), "concepts": concepts,
                                          "validation_dir": local(d.validation_dir, must_exist=False)}),
             # an unused class_dir stays as written: resolved, it would differ between folders for nothing
             "prior": p.model_copy(update={"class_dir": local(p.class_dir, must_exist=False) if p.enabled else p.class_dir}),
@@ -409,6 +438,16 @@ class _Config(_Section):
         """The words that name the run's subjects: ``data.identifier``, or each concept's in order."""
         data = self.data  # type: ignore[attr-defined]
         return [c.identifier for c in data.concepts] if data.concepts else [data.identifier]
+
+    def concepts(self) -> list[Concept]:
+        """The run's subjects in order: each of ``data.concepts``, or the one of ``data.*`` (with
+        ``prior.class_prompt`` / ``prior.class_dir``)."""
+        data, prior = self.data, self.prior  # type: ignore[attr-defined]
+        if not data.concepts:
+            return [Concept("data", data.identifier, data.instance_dir, data.dataset, data.instance_prompt,
+                            prior.class_prompt, prior.class_dir, None)]
+        return [Concept(f"data.concepts[{i}]", c.identifier, c.instance_dir, None, c.instance_prompt, c.class_prompt,
+                        c.class_dir, c.repeats) for i, c in enumerate(data.concepts)]
 
     def family_options(self, family: families.Family) -> BaseModel | None:
         """The recipe section of ``family``'s own options, None for a family without one."""
@@ -463,13 +502,40 @@ def _did_you_mean(key: str, candidates: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def _item_model(field: Any) -> type[BaseModel] | None:
+    """The section model of a list-of-sections field (``data.concepts``: ConceptConfig), else None."""
+    args = getattr(field.annotation, "__args__", ())
+    return args[0] if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], _Section) else None
+
+
+def _located(section: str, loc: tuple) -> tuple[str, Any, str]:
+    """(the key as the user writes it, the field it names or None, the key of the section it is in) of an error's
+    location: an item of a list of sections is ``data.concepts[1].identifier``, of a list of values
+    ``sample.seeds.1``."""
+    key, owner = section, section
+    cls: type[BaseModel] | None = SECTIONS[section]
+    field = None
+    for part in loc:
+        item = _item_model(field) if isinstance(part, int) and field is not None else None
+        if item is not None:
+            key, cls, field, owner = f"{key}[{part}]", item, None, f"{key}[{part}]"
+            continue
+        owner = key
+        key += f".{part}"
+        field = cls.model_fields.get(str(part)) if cls is not None else None
+        cls = None  # a field's value is no section (a list of sections is stepped into above)
+    return key, field, owner
+
+
 def _problem_from_pydantic(section: str, err: dict[str, Any]) -> str:
-    key = ".".join([section, *(str(p) for p in err["loc"])])
+    key, field, owner = _located(section, err["loc"])
     if err["type"] == "extra_forbidden":
+        if owner != section:  # a key in a concept: its own keys are the candidates
+            item = _item_model(SECTIONS[section].model_fields[str(err["loc"][0])])
+            return f"{key}: unknown key{_did_you_mean(key, [f'{owner}.{k}' for k in item.model_fields])}"
         return f"{key}: unknown key{_did_you_mean(key, all_keys())}"
     if err["type"] == "missing":
-        cls = SECTIONS[section]
-        desc = cls.model_fields[str(err["loc"][0])].description if err["loc"] else None
+        desc = field.description if field is not None else None
         return f"{key}: required{f' ({desc})' if desc else ''}"
     if not err["loc"] and err["msg"].startswith(f"{section}.") and ": " in err["msg"]:
         return err["msg"]  # a section's own check that names the key itself ("data.identifier: required ...")
@@ -707,19 +773,27 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
             _replace_alternative(raw, parts, overrides)
 
 
-# Keys that are two ways to say one thing (the photos as a folder or a dataset; intervals in steps or epochs): an
-# override of one replaces the recipe's other, as a user who types it means, unless the other is overridden too.
-_ALTERNATIVES = (("data", "instance_dir", "dataset"), ("train", "checkpoint_every", "checkpoint_every_epochs"),
-                 ("sample", "every", "every_epochs"))
+# Keys that are ways to say one thing (the photos as a folder, a dataset or a list of concepts; intervals in steps
+# or epochs): an override of one replaces the recipe's others, as a user who types it means, unless they are
+# overridden too. {key: the keys an override of it replaces}
+_ALTERNATIVES = {
+    "data.instance_dir": ("data.dataset", "data.concepts"),
+    "data.dataset": ("data.instance_dir", "data.concepts"),
+    # a concept names its own folder, identifier and prompt
+    "data.concepts": ("data.instance_dir", "data.dataset", "data.identifier", "data.instance_prompt"),
+    "train.checkpoint_every": ("train.checkpoint_every_epochs",),
+    "train.checkpoint_every_epochs": ("train.checkpoint_every",),
+    "sample.every": ("sample.every_epochs",),
+    "sample.every_epochs": ("sample.every",),
+}
 
 
 def _replace_alternative(raw: dict[str, Any], parts: list[str], overrides: list[str] | tuple[str, ...]) -> None:
-    for section, *keys in _ALTERNATIVES:
-        if len(parts) != 2 or parts[0] != section or parts[1] not in keys or not isinstance(raw.get(section), dict):
-            continue
-        other = next(k for k in keys if k != parts[1])
-        if not any(o.split("=", 1)[0].strip() == f"{section}.{other}" for o in overrides):
-            raw[section].pop(other, None)
+    overridden = {o.split("=", 1)[0].strip() for o in overrides}
+    for other in _ALTERNATIVES.get(".".join(parts), ()):
+        section, key = other.split(".")
+        if isinstance(raw.get(section), dict) and other not in overridden:
+            raw[section].pop(key, None)
 
 
 def _validate_sections(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
@@ -735,8 +809,9 @@ def _validate_sections(raw: dict[str, Any], problems: list[str]) -> dict[str, An
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         value = raw.get(name) or {}
-        if name not in raw and Config.model_fields[name].is_required():
-            required = [k for k, f in cls.model_fields.items() if f.is_required()]
+        required = [k for k, f in cls.model_fields.items() if f.is_required()]
+        # a section without required keys (data: a folder and identifier, or data.concepts) says what it needs
+        if name not in raw and Config.model_fields[name].is_required() and required:
             problems.append(f"{name}: required section (with {', '.join(f'{name}.{k}' for k in required)})")
         elif isinstance(value, dict):
             try:
@@ -746,31 +821,52 @@ def _validate_sections(raw: dict[str, Any], problems: list[str]) -> dict[str, An
     return sections
 
 
-# Written in data.instance_prompt and sample.prompts, replaced by data.identifier when the recipe is loaded, so
-# that `data.identifier=ohwx` on the command line reaches every prompt. Only this exact token is replaced
-# (str.replace, not str.format): any other brace in a prompt is text.
+# Written in data.instance_prompt (a concept's instance_prompt) and sample.prompts, replaced by data.identifier
+# (that concept's identifier) when the recipe is loaded, so that `data.identifier=ohwx` on the command line reaches
+# every prompt. Only this exact token is replaced (str.replace, not str.format): any other brace in a prompt is text.
 IDENTIFIER_TOKEN = "{identifier}"
 
 
+def _identifier_problems(sections: dict[str, Any]) -> list[str]:
+    """``{identifier}`` in sample.prompts when several concepts could be meant."""
+    data, sample = sections.get("data"), sections.get("sample")
+    if data is None or sample is None or len(data.concepts) < 2:
+        return []
+    return [f"sample.prompts: in '{p}', {IDENTIFIER_TOKEN} could be any of the {len(data.concepts)} concepts "
+            f"({', '.join(c.identifier for c in data.concepts)}); fix: write the word, e.g. "
+            f"'{p.replace(IDENTIFIER_TOKEN, data.concepts[0].identifier)}'"
+            for p in sample.prompts if IDENTIFIER_TOKEN in p]
+
+
+def _filled(prompt: str | None, word: str) -> str | None:
+    return prompt.replace(IDENTIFIER_TOKEN, word) if prompt and IDENTIFIER_TOKEN in prompt else prompt
+
+
 def _with_identifier(sections: dict[str, Any]) -> dict[str, Any]:
-    """``sections`` with ``{identifier}`` in the instance prompt and the sample prompts replaced by the
-    identifier; ``config.yaml``, ``sdtune sample`` and resume all see the real word."""
+    """``sections`` with ``{identifier}`` in the instance prompts and the sample prompts replaced by the
+    identifier (each concept's in its own prompt; sample prompts by the one subject's); ``config.yaml``,
+    ``sdtune sample`` and resume all see the real word."""
     data, sample = sections["data"], sections["sample"]
-    word = data.identifier
-    if data.instance_prompt and IDENTIFIER_TOKEN in data.instance_prompt:
-        data = data.model_copy(update={"instance_prompt": data.instance_prompt.replace(IDENTIFIER_TOKEN, word)})
-    if any(IDENTIFIER_TOKEN in prompt for prompt in sample.prompts):
-        sample = sample.model_copy(update={"prompts": [p.replace(IDENTIFIER_TOKEN, word) for p in sample.prompts]})
+    words = [c.identifier for c in data.concepts] or [data.identifier]
+    if data.concepts:
+        data = data.model_copy(update={"concepts": [
+            c.model_copy(update={"instance_prompt": _filled(c.instance_prompt, c.identifier)}) for c in data.concepts]})
+    elif data.instance_prompt and IDENTIFIER_TOKEN in data.instance_prompt:
+        data = data.model_copy(update={"instance_prompt": _filled(data.instance_prompt, data.identifier)})
+    if len(words) == 1 and any(IDENTIFIER_TOKEN in prompt for prompt in sample.prompts):
+        sample = sample.model_copy(update={"prompts": [_filled(p, words[0]) for p in sample.prompts]})
     return {**sections, "data": data, "sample": sample}
 
 
 def load_config(recipe: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a recipe and apply overrides, with ``{identifier}`` in the instance and sample prompts replaced by
-    ``data.identifier``; raise ConfigError listing every structural problem."""
+    ``data.identifier`` (each concept's in its instance prompt); raise ConfigError listing every structural
+    problem."""
     raw = _read_recipe(recipe)
     problems: list[str] = []
     _apply_overrides(raw, overrides, problems)
     sections = _validate_sections(raw, problems)
+    problems += _identifier_problems(sections)
     if problems:
         raise ConfigError(problems)
     return Config(**_with_identifier(sections))

@@ -26,6 +26,7 @@ import os
 import random
 import re
 import warnings
+from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -60,6 +61,7 @@ _BOM = b"\xef\xbb\xbf"  # Windows editors start UTF-8 files with it
 class Example:
     path: Path
     caption: str
+    concept: int = 0  # which of the run's subjects (``Config.concepts()``) it shows
 
 
 @dataclass
@@ -292,8 +294,9 @@ def _sidecar(path: Path, folder: Path) -> tuple[str | None, str | None]:
 
 
 def _caption(path: Path, folder: Path, captions: dict[str, str] | None, instance_prompt: str | None,
-             identifier: str, key: str, scan: Scan) -> str | None:
-    """The caption of one image (metadata.jsonl, else its .txt, else ``instance_prompt``); None after a problem."""
+             identifier: str, key: str, scan: Scan, prompt_key: str | None = "data.instance_prompt") -> str | None:
+    """The caption of one image (metadata.jsonl, else its .txt, else ``instance_prompt``); None after a problem.
+    ``prompt_key``: the recipe key that would caption it (None: none can, as with several concepts)."""
     caption = (captions or {}).get(path.name)
     if caption is None:
         caption, problem = _sidecar(path, folder)
@@ -302,10 +305,9 @@ def _caption(path: Path, folder: Path, captions: dict[str, str] | None, instance
             return None
     caption = caption if caption is not None else instance_prompt
     if caption is None:
-        scan.problems.append(
-            f"{key}: {_shown(path.name)} has no caption; fix: set data.instance_prompt (e.g. 'a photo of "
-            f"{identifier} dog') or give it one in metadata.jsonl"
-        )
+        setting = f"set {prompt_key} (e.g. 'a photo of {identifier} dog') or " if prompt_key else ""
+        scan.problems.append(f"{key}: {_shown(path.name)} has no caption; fix: {setting}give it one in "
+                             f"metadata.jsonl{'' if prompt_key else ' or a .txt beside it'}")
     return caption
 
 
@@ -421,12 +423,17 @@ def _check_masks(examples: list[Example], key: str, scan: Scan) -> None:
 
 
 def scan_instance_dir(
-    instance_dir: str | Path, identifier: str, instance_prompt: str | None, key: str = "data.instance_dir",
-    resolution: int | None = None, masked_loss: bool = False,
+    instance_dir: str | Path, identifier: str | list[str], instance_prompt: str | None,
+    key: str = "data.instance_dir", resolution: int | None = None, masked_loss: bool = False, concept: int = 0,
+    prompt_key: str | None = "data.instance_prompt",
 ) -> Scan:
     """Pair every image in ``instance_dir`` with its caption and check both, images from their headers first.
-    ``resolution``: the training resolution, which sizes are judged at (default: ``LEAST_RESOLUTION``).
-    ``masked_loss``: also check each image's mask (``mask_of``)."""
+    ``identifier``: the subject's word, or the words of which a caption should hold one (held-out images of
+    several concepts). ``resolution``: the training resolution, which sizes are judged at (default:
+    ``LEAST_RESOLUTION``). ``masked_loss``: also check each image's mask (``mask_of``). ``concept``: the
+    examples' subject (``Example.concept``); ``prompt_key``: the recipe key of ``instance_prompt`` (problem lines
+    name it)."""
+    words = [identifier] if isinstance(identifier, str) else list(identifier)
     folder = Path(instance_dir)
     scan = Scan()
     if not folder.is_dir():
@@ -450,18 +457,20 @@ def scan_instance_dir(
         if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
             scan.problems.append(f"{key}: {_shown(path.name)} is a link to a file outside the folder; refused")
             continue
-        caption = _caption(path, folder, captions, instance_prompt, identifier, key, scan)
+        caption = _caption(path, folder, captions, instance_prompt, words[0], key, scan, prompt_key)
         if caption is None:
             continue
-        if not has_word(caption, identifier):
+        if not any(has_word(caption, word) for word in words):
+            named = f"the identifier '{words[0]}'" if len(words) == 1 else \
+                f"any of the identifiers {', '.join(repr(w) for w in words)}"
             scan.warnings.append(f"{_shown(path.name)}: caption '{_shown(' '.join(caption.split()))}' does not "
-                                 f"contain the identifier '{identifier}'")
+                                 f"contain {named}")
         size = _image(path, resolution, key, scan)
         if size is None:
             continue
         if min(size) < (resolution or LEAST_RESOLUTION) // 2:
             small.append((path.name, size))
-        scan.examples.append(Example(path, caption))
+        scan.examples.append(Example(path, caption, concept))
     if small:
         scan.warnings.append(_small_warning(small, resolution, key))
     if masked_loss:
@@ -623,13 +632,42 @@ class MaskRules:
         return self.unmasked_weight + (1.0 - self.unmasked_weight) * area
 
 
+def concept_repeats(counts: list[int], own: list[int | None], balance: bool, repeats: int) -> list[int]:
+    """How often each concept's images appear per epoch: its own ``repeats`` where it has one, else with
+    ``balance`` (data.balance_concepts, several concepts) ``max(1, round(largest count / its count)) x repeats``
+    so that every concept is seen about equally often, else ``repeats`` (data.repeats). ``counts``: each
+    concept's number of images."""
+    largest = max(counts, default=0)
+    return [mine if mine is not None else
+            max(1, round(largest / count)) * repeats if balance and len(counts) > 1 and count else repeats
+            for count, mine in zip(counts, own, strict=True)]
+
+
+@dataclass(frozen=True)
+class ClassImages:
+    """One concept's class images (prior preservation) and the prompt that is their caption."""
+
+    paths: list[Path]
+    prompt: str
+
+
+def _stream_order(repeats: list[int]) -> list[int]:
+    """The instance example of each item of one pass: every example ``repeats[i]`` times, in rounds (all
+    examples once, then those repeated more, ...); with one count for all, ``[0..n-1] * repeats``."""
+    return [i for r in range(max(repeats, default=0)) for i, n in enumerate(repeats) if n > r]
+
+
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Item ``pos`` of an endless stream: instance example (and class example, with prior preservation).
 
     ``pos = epoch * len(self) + index``; the epoch only seeds per-example randomness (crop, flip, and with
     ``captions`` the instance caption's dropout and tag order).
-    With ``buckets`` (one (w, h) per instance example) both examples of an item are centre crops of that
-    bucket's size, whatever ``center_crop`` says; without, squares of ``resolution``.
+    ``repeats``: how often each instance example appears per epoch, one count for all or one per example
+    (several concepts, balanced). With ``buckets`` (one (w, h) per instance example) both examples of an item
+    are centre crops of that bucket's size, whatever ``center_crop`` says; without, squares of ``resolution``.
+    Prior preservation: ``class_images`` and ``class_prompt`` (one subject), or ``classes``, one set per concept:
+    each instance example is paired with a class image of its own concept (``Example.concept``), captioned with
+    that concept's class prompt.
     With ``masks`` every example has ``loss_mask``, (1, h, w) loss weights on its latent grid (``MaskRules``);
     class examples (prior preservation) weigh 1 everywhere, and so do instance images without a mask. Class
     captions are never dropped or shuffled.
@@ -641,7 +679,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         resolution: int,
         center_crop: bool = True,
         random_flip: bool = False,
-        repeats: int = 1,
+        repeats: int | list[int] = 1,
         class_images: list[Path] | None = None,
         class_prompt: str | None = None,
         seed: int = 0,
@@ -649,12 +687,21 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         buckets: list[Size] | None = None,
         captions: CaptionRules | None = None,
         masks: MaskRules | None = None,
+        classes: list[ClassImages] | None = None,
     ):
         if buckets is not None and len(buckets) != len(instance):
             raise ValueError(f"{len(buckets)} buckets for {len(instance)} instance examples")
+        counts = [repeats] * len(instance) if isinstance(repeats, int) else list(repeats)
+        if len(counts) != len(instance):
+            raise ValueError(f"{len(counts)} repeat counts for {len(instance)} instance examples")
+        if classes is None and class_images:
+            classes = [ClassImages(list(class_images), class_prompt or "")]
+        self.classes = classes or []
+        if self.classes and any(e.concept >= len(self.classes) or not self.classes[e.concept].paths for e in instance):
+            raise ValueError("every concept of the instance examples needs class images")
         self.instance = instance
-        self.class_images = class_images or []
-        self.class_prompt = class_prompt
+        self.class_images = [p for c in self.classes for p in c.paths]
+        self.class_prompt = self.classes[0].prompt if self.classes else class_prompt
         self.resolution, self.random_flip, self.seed = resolution, random_flip, seed
         self.buckets = buckets
         # A bucket is the crop itself (chosen for the image's shape), and its latent is cached: no random crops.
@@ -665,22 +712,52 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.captions, self.masks = captions, masks
         # (path, flip, (w, h)) -> a cached latent's loss weights (its image decoded once, not every step)
         self._weights: dict[tuple[Path, bool, Size], torch.Tensor] = {}
-        # As in diffusers' DreamBooth: one epoch covers every instance image (x repeats) and every class image.
-        self.length = max(len(instance) * repeats, len(self.class_images))
+        self.order = _stream_order(counts)  # index % len(order) -> instance example
+        concepts = [instance[i].concept for i in self.order]
+        # the k-th item of a concept takes its concept's class image k (mod their number): the rank of each item
+        # of a pass among its concept's, and each concept's items per pass
+        self._per_pass = Counter(concepts)
+        seen: Counter = Counter()
+        self._rank = []
+        for concept in concepts:
+            self._rank.append(seen[concept])
+            seen[concept] += 1
+        # As in diffusers' DreamBooth: one epoch covers every instance image (x repeats) and every class image
+        # (of each concept: the shortest stream that pairs each of them once).
+        self.length = max([len(self.order)] + [self._covering(k, len(c.paths)) for k, c in enumerate(self.classes)
+                                               if self._per_pass[k]])
+
+    def _covering(self, concept: int, count: int) -> int:
+        """The length of the shortest stream whose items of ``concept`` number ``count``."""
+        passes, within = divmod(count - 1, self._per_pass[concept])
+        j = next(j for j, (i, r) in enumerate(zip(self.order, self._rank))
+                 if self.instance[i].concept == concept and r == within)
+        return passes * len(self.order) + j + 1
 
     def __len__(self) -> int:
         return self.length
 
+    def _instance_index(self, index: int) -> int:
+        return self.order[index % self.length % len(self.order)]
+
+    def _class_image(self, index: int) -> tuple[Path, str]:
+        """The class image of item ``index`` and its caption: its instance example's concept's, in turn."""
+        index %= self.length
+        j = index % len(self.order)
+        concept = self.instance[self.order[j]].concept
+        images = self.classes[concept]
+        slot = index // len(self.order) * self._per_pass[concept] + self._rank[j]
+        return images.paths[slot % len(images.paths)], images.prompt
+
     def size(self, index: int) -> Size:
         """(w, h) of both examples of item ``index`` (any position with that index in the stream)."""
-        index %= self.length
-        return self.buckets[index % len(self.instance)] if self.buckets else (self.resolution, self.resolution)
+        return self.buckets[self._instance_index(index)] if self.buckets else (self.resolution, self.resolution)
 
     def targets(self) -> list[tuple[Path, Size]]:
         """Every distinct (image, size) an epoch uses, instance and class images: what a latent cache holds."""
-        pairs = [(self.instance[i % len(self.instance)].path, self.size(i)) for i in range(self.length)]
-        if self.class_images:
-            pairs += [(self.class_images[i % len(self.class_images)], self.size(i)) for i in range(self.length)]
+        pairs = [(self.instance[self._instance_index(i)].path, self.size(i)) for i in range(self.length)]
+        if self.classes:
+            pairs += [(self._class_image(i)[0], self.size(i)) for i in range(self.length)]
         return list(dict.fromkeys(pairs))
 
     def _example(self, path: Path, caption: str, pos: int, kind: str, size: Size) -> dict:
@@ -717,15 +794,14 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __getitem__(self, pos: int) -> dict:
         index = pos % self.length
         size = self.size(index)
-        ex = self.instance[index % len(self.instance)]
+        ex = self.instance[self._instance_index(index)]
         # the caption's draws come from a generator of their own: crops and flips stay as they were without
         caption = self.captions.apply(ex.caption, random.Random(f"{self.seed}/caption/{pos}")) \
             if self.captions else ex.caption
         item = {"instance": self._example(ex.path, caption, pos, "instance", size)}
-        if self.class_images:
+        if self.classes:
             # The class image is cropped to its instance example's size, so the whole batch has one shape.
-            item["class"] = self._example(self.class_images[index % len(self.class_images)], self.class_prompt or "",
-                                          pos, "class", size)
+            item["class"] = self._example(*self._class_image(index), pos, "class", size)
         return item
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdtune import __version__, families
+from sdtune.embedding_files import bundle_tensors, folder_files
 from sdtune.errors import SdtuneError
 from sdtune.families import Family
 from sdtune.files import atomic_path
@@ -493,19 +494,21 @@ def bucket_info(buckets: list[tuple[int, int]], sizes: list[tuple[int, int]],
             "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
 
 
-def data_summary(started_at: float, instance: ImageSet, reg: ImageSet | None = None,
+def data_summary(started_at: float, instance: ImageSet | list[ImageSet], reg: ImageSet | list[ImageSet] | None = None,
                  buckets: dict[str, Any] | None = None) -> dict[str, Any]:
     """What ``DATA_SUMMARY`` holds: the run's start (unix time), the instance (and class) images as kohya's
     ``dataset_dirs`` / ``reg_dataset_dirs`` and ``tag_frequency`` ({folder name: {tag: count}}; class images
-    counted too, as kohya counts its regularisation folders), and ``bucket_info`` (None: square training)."""
+    counted too, as kohya counts its regularisation folders), and ``bucket_info`` (None: square training).
+    ``instance`` and ``reg`` are one folder each, or one per concept of a run with several (distinct names)."""
+    instances = [instance] if isinstance(instance, ImageSet) else list(instance)
+    regs = [reg] if isinstance(reg, ImageSet) else list(reg or [])
     frequency: dict[str, dict[str, int]] = {}
-    for images in (instance, reg):
-        if images is not None:
-            merged = frequency.setdefault(images.name, {})
-            for tag, n in tag_frequency(images.captions).items():
-                merged[tag] = merged.get(tag, 0) + n
-    dirs = {instance.name: {"n_repeats": instance.repeats, "img_count": len(instance.captions)}}
-    reg_dirs = {reg.name: {"n_repeats": reg.repeats, "img_count": len(reg.captions)}} if reg else {}
+    for images in instances + regs:
+        merged = frequency.setdefault(images.name, {})
+        for tag, n in tag_frequency(images.captions).items():
+            merged[tag] = merged.get(tag, 0) + n
+    dirs = {i.name: {"n_repeats": i.repeats, "img_count": len(i.captions)} for i in instances}
+    reg_dirs = {r.name: {"n_repeats": r.repeats, "img_count": len(r.captions)} for r in regs}
     return {"training_started_at": started_at, "dataset_dirs": dirs, "reg_dataset_dirs": reg_dirs,
             "tag_frequency": frequency, "bucket_info": buckets}
 
@@ -564,10 +567,12 @@ def write_kohya(
     clip_skip: int | None = None,
     data: dict[str, Any] | None = None,
     training: dict[str, str] | None = None,
+    bundle: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the kohya/A1111 ``.safetensors`` for trained modules ({component: PEFT-injected module or
     ``Adapter``}); pass only what was trained. ``title`` is ``modelspec.title``, default the file's stem,
-    which is always ``ss_output_name``; ``data`` is the run's ``data_summary``."""
+    which is always ``ss_output_name``; ``data`` is the run's ``data_summary``; ``bundle`` the pivotal-tuning
+    embeddings as ``bundle_emb.<name>.<key>`` tensors (``sdtune.pivotal.bundle_tensors``)."""
     out_file = Path(out_file)
     if out_file.suffix != ".safetensors":
         raise SdtuneError(f"{out_file}: a kohya LoRA file must end in .safetensors")
@@ -577,7 +582,7 @@ def write_kohya(
         prediction_type=prediction_type, resolution=resolution, output_name=out_file.stem,
         clip_skip=clip_skip, data=data, training=training,
     )
-    _save_safetensors(tensors, out_file, metadata)
+    _save_safetensors({**tensors, **(bundle or {})}, out_file, metadata)
     return out_file
 
 
@@ -593,6 +598,8 @@ class RunLora:
     adapters: dict[str, Adapter]
     config: dict[str, Any]  # the run's resolved recipe (config.yaml / state.json)
     data: dict[str, Any] | None = None  # the run's DATA_SUMMARY (None: a run from before it, or unfinished)
+    # pivotal tuning's embedding files: {identifier: (tensors, metadata)} (sdtune.pivotal.folder_files)
+    embeddings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def base_model(self) -> str | None:
@@ -600,7 +607,8 @@ class RunLora:
 
     @property
     def trigger_word(self) -> str | None:
-        return (self.config.get("data") or {}).get("identifier")
+        data = self.config.get("data") or {}  # several concepts: every identifier
+        return data.get("identifier") or ", ".join(c["identifier"] for c in data.get("concepts") or []) or None
 
 
 # sdtune's diffusers file holds PEFT keys renamed by diffusers' convert_state_dict_to_diffusers
@@ -688,7 +696,8 @@ def read_run(run_dir: str | Path) -> RunLora:
                     "use_dora": bool(lora.get("use_dora"))}
     elif lora.get("rank"):  # sdtune's LoHa / LoKr settings are PEFT's defaults (sdtune.lora.adapter_config)
         fallback = {"peft_type": kind.upper(), "r": lora["rank"], "alpha": lora.get("alpha") or lora["rank"]}
-    return RunLora(lora_file, read_diffusers_lora(lora_file, fallback), config, read_data_summary(run))
+    return RunLora(lora_file, read_diffusers_lora(lora_file, fallback), config, read_data_summary(run),
+                   folder_files(run))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -886,6 +895,7 @@ def _write_kohya(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
         prediction_type=info.prediction_type,
         resolution=(run.config.get("data") or {}).get("resolution") or info.resolution,
         clip_skip=model.get("clip_skip") or 1, data=run.data, training=training_metadata(run.config),
+        bundle=_bundle(run.embeddings),
     )
     warnings = kohya_warnings(info.family, run.adapters)
     if run.data is None:
@@ -895,6 +905,12 @@ def _write_kohya(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
             "ss_training_started_at, so AUTOMATIC1111 shows no training tags for it"
         )
     return path, warnings
+
+
+def _bundle(embeddings: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """A run's embedding files as the kohya file's ``bundle_emb.*`` tensors (AUTOMATIC1111 loads them with the
+    LoRA; ComfyUI and Forge do not yet, so the run folder keeps the files too)."""
+    return bundle_tensors(embeddings) if embeddings else None
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -16,8 +16,17 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from sdtune import families
-from sdtune.config import Config, ConfigError
-from sdtune.data import Example, Scan, has_word, mask_file, option_warnings, scan_instance_dir
+from sdtune.config import Concept, Config, ConfigError
+from sdtune.data import (
+    ClassImages,
+    Example,
+    Scan,
+    concept_repeats,
+    has_word,
+    mask_file,
+    option_warnings,
+    scan_instance_dir,
+)
 from sdtune.errors import SdtuneError
 from sdtune.families import Family, ModelFiles, ModelInfo
 from sdtune.files import cache_root, existing_ancestor
@@ -25,6 +34,7 @@ from sdtune.hfdata import materialize
 from sdtune.locks import HOLDER, LOCK
 from sdtune.models import describe, model_files, vae_problem, weight_problems
 from sdtune.optim import optimizer_problems
+from sdtune.pivotal import config_problems as pivotal_problems
 from sdtune.resume import check_resume, fingerprint
 from sdtune.runs import WEIGHT_NAME, claimed_by_sdtune, complete_checkpoints
 from sdtune.single_file import is_single_file, param_count_problem, read_checkpoint
@@ -41,10 +51,16 @@ class RunPlan(BaseModel):
 
     model: ModelInfo
     resolution: int
-    examples: list[Example]
-    instance_dir: Path  # the folder the examples are in: data.instance_dir, or data.dataset written as a folder
-    class_dir: Path | None  # prior.class_dir; None: sdtune's cache, named in setup by the model's identity
+    examples: list[Example]  # every concept's, in the order of Config.concepts() (Example.concept)
+    # the (first concept's) folder of the examples: data.instance_dir, or data.dataset written as a folder
+    instance_dir: Path
+    # prior.class_dir (the first concept's); None: sdtune's cache, named in setup by the model's identity
+    class_dir: Path | None
     warnings: list[str]
+    # per concept (Config.concepts()): its folder, class_dir (as class_dir above) and repeats per epoch
+    instance_dirs: list[Path] = []
+    class_dirs: list[Path | None] = []
+    repeats: list[int] = []
     data: dict[str, dict] = {}  # the instance images' fingerprint (sdtune.resume.fingerprint)
     resume_from: Path | None = None  # the verified checkpoint train.resume continues
     resume_state: dict = {}  # its state.json
@@ -56,16 +72,64 @@ class RunPlan(BaseModel):
         return self.model.family
 
 
-def class_images_dir(cfg: Config, resolution: int, model_identity: str) -> Path:
-    """Where class images live: ``prior.class_dir``, or a cache folder shared by runs of the same model (by
-    the identity of its files, ``sdtune.models.model_identity``), prompt, size and generation settings, so a
-    second run reuses what the first generated and a changed model never reuses another's images."""
-    if cfg.prior.class_dir:
-        return Path(cfg.prior.class_dir)
+def class_images_dir(cfg: Config, resolution: int, model_identity: str, concept: Concept | None = None) -> Path:
+    """Where a concept's class images live (default: the run's first): its class_dir (``prior.class_dir``), or a
+    cache folder shared by runs of the same model (by the identity of its files,
+    ``sdtune.models.model_identity``), class prompt, size and generation settings, so a second run reuses what
+    the first generated and a changed model never reuses another's images."""
+    concept = concept or cfg.concepts()[0]
+    if concept.class_dir:
+        return Path(concept.class_dir)
     p = cfg.prior
-    key = "|".join([model_identity, cfg.model.variant or "", p.class_prompt or "", str(resolution),
+    key = "|".join([model_identity, cfg.model.variant or "", concept.class_prompt or "", str(resolution),
                     str(p.generation_steps), str(p.generation_guidance)])
     return cache_root() / "class_images" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def class_sets(cfg: Config, class_paths: list[Path]) -> list[ClassImages]:
+    """``class_paths`` (``prior.num_class_images`` per concept, in the order of ``Config.concepts()``, as
+    ``sdtune.train`` gathers them) as each concept's class images with its class prompt."""
+    concepts = cfg.concepts()
+    per, rest = divmod(len(class_paths), len(concepts))
+    if rest:
+        raise ValueError(f"{len(class_paths)} class images for {len(concepts)} concepts")
+    return [ClassImages(class_paths[k * per : (k + 1) * per], c.class_prompt or "") for k, c in enumerate(concepts)]
+
+
+def concept_fingerprint(groups: list[tuple[str, list[tuple[Path, str]]]]) -> dict[str, dict]:
+    """``sdtune.resume.fingerprint`` of each concept's (image, caption) pairs, given as (identifier, pairs); with
+    several concepts each file is named ``identifier/name`` (two folders may both hold 001.png)."""
+    if len(groups) == 1:
+        return fingerprint(groups[0][1])
+    return {f"{word}/{name}": entry for word, items in groups for name, entry in fingerprint(items).items()}
+
+
+def class_fingerprint(cfg: Config, class_paths: list[Path]) -> dict[str, dict]:
+    """What a checkpoint remembers of the class images: each with its own concept's class prompt."""
+    if not class_paths:
+        return {}
+    return concept_fingerprint([(c.identifier, [(p, s.prompt) for p in s.paths])
+                                for c, s in zip(cfg.concepts(), class_sets(cfg, class_paths), strict=True)])
+
+
+def _data_fingerprint(cfg: Config, examples: list[Example]) -> dict[str, dict]:
+    """The instance images' fingerprint, every concept's; with masked loss a mask is data too: a resume refuses
+    one edited since (its name: NAME.mask.png)."""
+    groups = []
+    for k, c in enumerate(cfg.concepts()):
+        mine = [e for e in examples if e.concept == k]
+        groups.append((c.identifier, [(e.path, e.caption) for e in mine] + [
+            (m, "") for e in mine if cfg.data.masked_loss and (m := mask_file(e.path)).is_file()]))
+    return concept_fingerprint(groups)
+
+
+def default_sample_prompts(cfg: Config, examples: list[Example]) -> list[str]:
+    """The sample grid's prompts when ``sample.prompts`` is empty: each concept's first caption (else its
+    instance prompt), then each class prompt."""
+    concepts = cfg.concepts()
+    first = {e.concept: e.caption for e in reversed(examples)}
+    prompts = [first.get(k, c.instance_prompt) for k, c in enumerate(concepts)] + [c.class_prompt for c in concepts]
+    return list(dict.fromkeys(p for p in prompts if p))
 
 
 def _check_output(cfg: Config, problems: list[str]) -> None:
@@ -92,34 +156,77 @@ def _check_output(cfg: Config, problems: list[str]) -> None:
                             "a run writes config.yaml, README.md and more there. fix: choose a new or empty folder")
 
 
-def _check_prompts(cfg: Config, examples: list[Example], problems: list[str], warnings: list[str]) -> None:
-    data, prior = cfg.data, cfg.prior
-    if data.instance_prompt and not has_word(data.instance_prompt, data.identifier):
+def _check_concept(cfg: Config, c: Concept, concepts: list[Concept], problems: list[str]) -> None:
+    """One subject's prompts and class folder: its instance prompt names it; with prior preservation its class
+    prompt names the class only, and its class images are not a subject's photos."""
+    prior = cfg.prior
+    if c.instance_prompt and not has_word(c.instance_prompt, c.identifier):
         problems.append(
-            f"data.instance_prompt: '{data.instance_prompt}' does not contain data.identifier "
-            f"'{data.identifier}' as a word; fix: e.g. 'a photo of {data.identifier} dog'"
+            f"{c.key_of('instance_prompt')}: '{c.instance_prompt}' does not contain {c.key_of('identifier')} "
+            f"'{c.identifier}' as a word; fix: e.g. 'a photo of {c.identifier} dog'"
         )
-    if prior.enabled and not prior.class_prompt:
-        problems.append("prior.class_prompt: required with prior.enabled=true; fix: e.g. 'a photo of a dog'")
-    elif prior.enabled and data.identifier in (prior.class_prompt or "").split():
+    if not prior.enabled:
+        return
+    named = [o.identifier for o in concepts if has_word(c.class_prompt or "", o.identifier)]
+    if not c.class_prompt:
+        problems.append(f"{c.key_of('class_prompt')}: required with prior.enabled=true; fix: e.g. 'a photo of a dog'")
+    elif named:
         problems.append(
-            f"prior.class_prompt: '{prior.class_prompt}' contains the identifier '{data.identifier}'; the class "
+            f"{c.key_of('class_prompt')}: '{c.class_prompt}' contains the identifier '{named[0]}'; the class "
             "prompt names the class only, e.g. 'a photo of a dog'"
         )
-    if data.aspect_buckets and not data.center_crop:
-        warnings.append("data.center_crop=false is not used with data.aspect_buckets=true: each image is "
-                        "centre-cropped to its bucket")
-    if (prior.enabled and prior.class_dir and data.instance_dir
-            and Path(prior.class_dir).resolve() == Path(data.instance_dir).resolve()):
-        problems.append("prior.class_dir: is data.instance_dir; class images are other members of the class (a "
-                        "folder of its own, or leave prior.class_dir unset and sdtune generates them)")
-    if not cfg.sample.prompts and not (examples or data.instance_prompt):
+    for other in concepts:
+        if c.class_dir and other.instance_dir and Path(c.class_dir).resolve() == Path(other.instance_dir).resolve():
+            problems.append(f"{c.key_of('class_dir')}: is {other.key_of('instance_dir')}; class images are other "
+                            f"members of the class (a folder of its own, or leave {c.key_of('class_dir')} unset and "
+                            "sdtune generates them)")
+
+
+def _check_concepts(cfg: Config, concepts: list[Concept], problems: list[str]) -> None:
+    """With data.concepts: no folder twice, and no run-wide class prompt or folder (each concept has its own)."""
+    if not cfg.data.concepts:
+        return
+    first: dict[Path, Concept] = {}
+    for c in concepts:
+        folder = Path(c.instance_dir or "").resolve()
+        if folder in first:
+            problems.append(f"{c.key_of('instance_dir')}: {c.instance_dir} is also "
+                            f"{first[folder].key_of('instance_dir')}; fix: give each concept a folder of its own "
+                            "photos (one subject per folder)")
+        first.setdefault(folder, c)
+    for key in ("class_prompt", "class_dir"):
+        if getattr(cfg.prior, key):
+            problems.append(f"prior.{key}: not used with data.concepts, where each concept has its own; fix: move "
+                            f"it into each concept (data.concepts[0].{key}, ...) and remove prior.{key}")
+
+
+def _check_sample_prompts(cfg: Config, concepts: list[Concept], examples: list[Example], problems: list[str],
+                          warnings: list[str]) -> None:
+    if not cfg.sample.prompts and not (examples or any(c.instance_prompt for c in concepts)):
         problems.append("sample.prompts: nothing to sample; set sample.prompts")
+    words = [c.identifier for c in concepts]
+    if len(words) == 1:
+        uses = f"data.identifier '{words[0]}'"
+        fix = "write {identifier} in it"
+    else:
+        uses = f"any of the identifiers of data.concepts ({', '.join(words)})"
+        fix = "write one of them in it"
     for prompt in cfg.sample.prompts:
         # a recipe's "sks" left in after data.identifier=ohwx: grids of a word that was never trained, silently
-        if prompt != prior.class_prompt and not has_word(prompt, data.identifier):
-            warnings.append(f"sample.prompts: '{prompt}' does not use data.identifier '{data.identifier}', so the "
-                            "grids will not show what was trained; write {identifier} in it")
+        if prompt not in {c.class_prompt for c in concepts} and not any(has_word(prompt, w) for w in words):
+            warnings.append(f"sample.prompts: '{prompt}' does not use {uses}, so the grids will not show what was "
+                            f"trained; {fix}")
+
+
+def _check_prompts(cfg: Config, examples: list[Example], problems: list[str], warnings: list[str]) -> None:
+    concepts = cfg.concepts()
+    for c in concepts:
+        _check_concept(cfg, c, concepts, problems)
+    _check_concepts(cfg, concepts, problems)
+    if cfg.data.aspect_buckets and not cfg.data.center_crop:
+        warnings.append("data.center_crop=false is not used with data.aspect_buckets=true: each image is "
+                        "centre-cropped to its bucket")
+    _check_sample_prompts(cfg, concepts, examples, problems, warnings)
 
 
 FP16_ON_CPU = "train.mixed_precision: fp16 needs a GPU; on CPU use bf16 or no"
@@ -252,21 +359,34 @@ def _check_model(cfg: Config, problems: list[str], warnings: list[str]) -> tuple
     return info, files
 
 
-def _scan_data(cfg: Config, resolution: int | None) -> tuple[Path | None, Scan]:
-    """The folder of the instance images (``data.instance_dir``, or ``data.dataset`` written once into sdtune's
-    cache as such a folder) and its scan; None and the problems if the dataset cannot be written."""
+def _scan_concept(cfg: Config, c: Concept, index: int, resolution: int | None) -> tuple[Path | None, Scan]:
+    """The folder of one subject's images (its instance_dir, or ``data.dataset`` written once into sdtune's cache
+    as such a folder) and its scan; None and the problems if the dataset cannot be written."""
     d = cfg.data
-    if d.dataset is None:
-        folder, key = Path(d.instance_dir), "data.instance_dir"
+    if c.dataset is None:
+        folder, key = Path(c.instance_dir or ""), c.key_of("instance_dir")
     else:
         failed = Scan()
-        found = materialize(d.dataset, d.dataset_split, d.image_column, d.caption_column, d.instance_prompt,
+        found = materialize(c.dataset, d.dataset_split, d.image_column, d.caption_column, c.instance_prompt,
                             failed.problems)
         if found is None:
             return None, failed
         folder, key = found, "data.dataset"
-    return folder, scan_instance_dir(folder, d.identifier, d.instance_prompt, key=key, resolution=resolution,
-                                     masked_loss=d.masked_loss)
+    return folder, scan_instance_dir(folder, c.identifier, c.instance_prompt, key=key, resolution=resolution,
+                                     masked_loss=d.masked_loss, concept=index,
+                                     prompt_key=c.key_of("instance_prompt"))
+
+
+def _scan_data(cfg: Config, resolution: int | None) -> tuple[list[Path | None], Scan]:
+    """Each subject's folder and the scan of all of them (examples in concept order)."""
+    folders, scan = [], Scan()
+    for index, concept in enumerate(cfg.concepts()):
+        folder, found = _scan_concept(cfg, concept, index, resolution)
+        folders.append(folder)
+        scan.examples += found.examples
+        scan.problems += found.problems
+        scan.warnings += found.warnings
+    return folders, scan
 
 
 def check_run(cfg: Config, strict: bool = False) -> RunPlan:
@@ -277,7 +397,7 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     problems: list[str] = []
     model_warnings: list[str] = []
     info, files = _check_model(cfg, problems, model_warnings)
-    folder, scan = _scan_data(cfg, cfg.data.resolution or (info.resolution if info else None))
+    folders, scan = _scan_data(cfg, cfg.data.resolution or (info.resolution if info else None))
     problems += scan.problems
     warnings = model_warnings + list(scan.warnings) + option_warnings(cfg.data)
     _check_prompts(cfg, scan.examples, problems, warnings)
@@ -285,6 +405,8 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
                                   scan.examples, problems, warnings)
     _check_train(cfg, problems)
     _check_adapter_type(cfg, problems)
+    if cfg.pivotal.enabled:
+        problems += pivotal_problems(cfg.identifiers(), cfg.pivotal.new_tokens, cfg.pivotal.init)
     t = cfg.train  # the optimizer's package, arguments and learning rate, before any weight loads
     found, advice = optimizer_problems(t.optimizer, t.optimizer_args, t.learning_rate,
                                        cfg.lora.text_encoder_lr if cfg.lora.train_text_encoder else None,
@@ -298,9 +420,7 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     if info is not None and files is not None:
         _check_family(cfg, info, files, problems)
         problems += weight_problems(cfg.model.pretrained, cfg.model.revision)
-    data = {} if scan.problems else fingerprint([(e.path, e.caption) for e in scan.examples] + [
-        # with masked loss a mask is data too: a resume refuses one edited since (its name: NAME.mask.png)
-        (m, "") for e in scan.examples if cfg.data.masked_loss and (m := mask_file(e.path)).is_file()])
+    data = {} if scan.problems else _data_fingerprint(cfg, scan.examples)
     resumed = None
     if cfg.train.resume and not scan.problems:
         resumed = check_resume(Path(cfg.train.output_dir), cfg.train.resume, cfg.model_dump(mode="json"), data,
@@ -309,10 +429,15 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
         problems += [f"{w} (--strict)" for w in warnings]
     if problems:
         raise ConfigError(problems)
-    assert info is not None and folder is not None
+    assert info is not None and all(folders)
+    concepts = cfg.concepts()
+    class_dirs = [Path(c.class_dir) if cfg.prior.enabled and c.class_dir else None for c in concepts]
+    counts = [sum(e.concept == k for e in scan.examples) for k in range(len(concepts))]
     return RunPlan(model=info, resolution=cfg.data.resolution or info.resolution, examples=scan.examples,
-                   instance_dir=folder,
-                   class_dir=Path(cfg.prior.class_dir) if cfg.prior.enabled and cfg.prior.class_dir else None,
+                   instance_dir=folders[0], class_dir=class_dirs[0],
                    warnings=warnings, data=data, resume_from=resumed[0] if resumed else None,
-                   resume_state=resumed[1] if resumed else {}, strict=strict, validation=validation)
+                   resume_state=resumed[1] if resumed else {}, strict=strict, validation=validation,
+                   instance_dirs=folders, class_dirs=class_dirs,
+                   repeats=concept_repeats(counts, [c.repeats for c in concepts], cfg.data.balance_concepts,
+                                           cfg.data.repeats))
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from sdtune.errors import SdtuneError
 from sdtune.files import content_hash, sha256_file
-from sdtune.runs import MARKER, STATE, complete_checkpoints
+from sdtune.runs import EMBEDDINGS_DIR, MARKER, STATE, complete_checkpoints
 
 MANIFEST = "manifest.json"
 
@@ -128,7 +128,9 @@ def verify(folder: Path) -> str | None:
         return f"its {MANIFEST} is missing or unreadable"
     for name, size, sha256 in entries:
         p = folder / name
-        if Path(name).name != name:
+        parts = Path(name).parts
+        # files of the checkpoint itself, and its embeddings/ folder (pivotal tuning), nothing else
+        if not (parts == (name,) or (len(parts) == 2 and parts[0] == EMBEDDINGS_DIR)) or ".." in parts:
             return f"its {MANIFEST} names {name!r}, outside the checkpoint"
         if not p.is_file():
             return f"{name} is missing"

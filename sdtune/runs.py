@@ -41,6 +41,7 @@ KOHYA_SUFFIX = "_kohya.safetensors"
 CARD = "README.md"
 CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
+EMBEDDINGS_DIR = "embeddings"  # pivotal tuning's token embeddings, one file per identifier (sdtune.pivotal)
 MARKER = "COMPLETE"  # written last into a checkpoint folder: the folder is whole
 RUN_MARKER = ".sdtune-run"  # written when a run claims a folder: sdtune may replace what it wrote there
 STATE = "state.json"  # a checkpoint's own config and step

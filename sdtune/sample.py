@@ -12,6 +12,7 @@ the base model is a depth model.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,13 @@ from sdtune.hub import public_model_id
 from sdtune.images import open_image
 from sdtune.lora import inject_adapter, is_adapter_key
 from sdtune.models import inspect_model, load_components, torch_dtype
+from sdtune.pivotal import BUNDLE_PREFIX, Embeddings, bundle_files
+from sdtune.pivotal import bind as bind_embeddings
+from sdtune.pivotal import folder_files as embedding_folder_files
+from sdtune.pivotal import from_files as embeddings_from_files
 from sdtune.runs import (
     SOFTWARE,
+    WEIGHT_NAME,
     cell_by_sdtune,
     cells_folder,
     check_output_file,
@@ -83,11 +89,14 @@ def render_cells(
     progress: bool = False,
     adapter: str | None = None,
     batch_seeds: dict[Cell, list[int]] | None = None,
+    rewrite: Callable[[str], str] | None = None,
 ) -> tuple[list[Image.Image], list[str | None]]:
     """Render every cell (batched over seeds). A failing batch becomes grey cells with the reason;
     the other cells are kept. Returns (images, errors) in cell order; fills ``batch_seeds`` (if given) with
     the seeds each cell was rendered together with, in batch order (a replay must batch them the same way:
-    batched kernels may round differently)."""
+    batched kernels may round differently). ``rewrite``: what a prompt becomes before the pipeline reads it
+    (pivotal tuning's identifier -> its tokens); the cells keep the prompt as written."""
+    rewrite = rewrite or str
     images: dict[Cell, Image.Image] = {}
     errors: dict[Cell, str] = {}
     bar = tqdm(total=len(cells), desc="sample", unit="img", disable=not progress)
@@ -102,7 +111,8 @@ def render_cells(
             batch_seeds.update({c: [m.seed for m in batch] for c in batch})
         try:
             out = pipe(
-                prompt=[key.prompt] * len(batch),
+                # LoRA scale 0 is the base model: the identifier stays the word, not the trained tokens
+                prompt=[key.prompt if key.lora_scale == 0 else rewrite(key.prompt)] * len(batch),
                 negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
                 num_inference_steps=settings.steps,
                 guidance_scale=key.guidance_scale,
@@ -133,10 +143,11 @@ def render_grid(
     *,
     guidance_scale: float = 7.5,
     title: str | None = None,
+    rewrite: Callable[[str], str] | None = None,
 ) -> Image.Image:
     """Prompts x seeds with the pipeline's adapters as they are (used for samples during training)."""
     cells = [Cell(p, s, guidance_scale=guidance_scale) for p in prompts for s in seeds]
-    images, _ = render_cells(pipe, cells, settings)
+    images, _ = render_cells(pipe, cells, settings, rewrite=rewrite)
     return layout(cells, images, title=title)
 
 
@@ -265,15 +276,24 @@ def lora_family(path: str | Path) -> Family | None:
     return next((family for family in families.registered() if family.recognises_lora(keys, meta)), None)
 
 
-def _apply_lora(pipe: Any, path: str, family: Family) -> None:
+def _apply_lora(pipe: Any, path: str, family: Family) -> Embeddings | None:
+    """Load the LoRA file into the pipeline as ``ADAPTER``, with its pivotal-tuning embeddings (from the run's or
+    checkpoint's ``embeddings/`` folder, or bundled in a kohya file), which are returned installed."""
     owner = lora_family(path)
     if owner is not None and owner is not family:
         raise SdtuneError(f"{path}: an {owner.label} LoRA cannot be applied to this {family.label} model; use "
                           f"--model with an {owner.label} model")
     with open_safetensors(path) as f:
-        kind = lycoris_kind(list(f.keys()))
+        keys = list(f.keys())
+        kind = lycoris_kind(keys)
+        bundle = {k: f.get_tensor(k) for k in keys if k.startswith(BUNDLE_PREFIX)}
     try:
-        if kind is None:
+        if kind is None and bundle:  # diffusers' kohya reader refuses keys that are not a LoRA's
+            from safetensors.torch import load_file
+
+            lora = {k: v for k, v in load_file(path).items() if k not in bundle}
+            pipe.load_lora_weights(lora, adapter_name=ADAPTER)
+        elif kind is None:
             pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name, adapter_name=ADAPTER)
         else:
             _inject_lycoris(pipe, path, family)
@@ -286,6 +306,15 @@ def _apply_lora(pipe: Any, path: str, family: Family) -> None:
     if not loaded:
         raise SdtuneError(f"{path}: none of its keys match this model's {family.denoiser_name} (another family or "
                           "format?)")
+    files = embedding_folder_files(Path(path).parent) if Path(path).name == WEIGHT_NAME else {}
+    files = files or bundle_files(bundle)
+    if not files:
+        return None
+    embeddings = bind_embeddings(embeddings_from_files(family, files, path),
+                                 [getattr(pipe, spec.tokenizer_name) for spec in family.text_encoders])
+    embeddings.install([getattr(pipe, spec.tokenizer_name) for spec in family.text_encoders],
+                       [getattr(pipe, spec.name) for spec in family.text_encoders])
+    return embeddings
 
 
 def _inject_lycoris(pipe: Any, path: str, family: Family) -> None:
@@ -360,11 +389,12 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
         rendered: list[Image.Image] = []
         errors: list[str | None] = []
         if todo:
-            if lora_file:
-                _apply_lora(pipe, lora_file, family)  # type: ignore[arg-type]
+            embeddings = _apply_lora(pipe, lora_file, family) if lora_file else None  # type: ignore[arg-type]
             rendered, errors = render_cells(pipe, todo, req.settings, init_image=init_image, mask=mask,
                                             progress=progress, adapter=ADAPTER if lora_file else None,
-                                            batch_seeds=batch_seeds)
+                                            batch_seeds=batch_seeds, rewrite=embeddings.rewrite if embeddings else None)
+            if embeddings is not None:
+                embeddings.uninstall()
             if lora_file:
                 pipe.unload_lora_weights()
         done = dict(zip(todo, zip(rendered, errors)))

@@ -2,7 +2,7 @@
 
 Nothing private leaves the machine that the user did not choose to publish: no local paths (a local base
 model is named by its folder's or file's name, ``sdtune.export.public_name``), no tokens (the Hub token comes
-only from the environment or ``hf auth login``). The card shows the instance prompt; the kohya file carries,
+only from the environment or ``hf auth login``). The card shows the instance prompt (each concept's); the kohya file carries,
 as kohya's own files do, the tag frequencies of the captions and the data folders' names that AUTOMATIC1111
 shows as its "training tags" (``sdtune.export.kohya_metadata``).
 """
@@ -20,14 +20,31 @@ from sdtune.export import existing_run_files, public_name
 from sdtune.families import Family
 from sdtune.files import write_text
 from sdtune.hub import check_repo_id, public_model_id
-from sdtune.runs import CARD, WEIGHT_NAME, safetensors_header
+from sdtune.runs import CARD, EMBEDDINGS_DIR, WEIGHT_NAME, safetensors_header
+
+
+def subjects(data: dict) -> list[tuple[str, str]]:
+    """(identifier, a prompt that shows it) of each subject a run trained: ``data.identifier``, or each of
+    ``data.concepts``, with its instance prompt (else 'a photo of IDENTIFIER')."""
+    concepts = data.get("concepts") or [data]
+    return [(c["identifier"], c.get("instance_prompt") or f"a photo of {c['identifier']}") for c in concepts]
+
+
+def _usage(named: list[tuple[str, str]]) -> list[str]:
+    """How to prompt the LoRA's subject, or each of its subjects."""
+    if len(named) == 1:
+        return [f"Use `{named[0][1]}` in prompts to get the subject."]
+    return [f"It knows {len(named)} subjects; name one by its identifier in a prompt to get it:", "",
+            *(f"- `{word}`: e.g. `{prompt}`" for word, prompt in named)]
 
 
 def model_card(config: dict, family: Family, grid: str | None, kohya_name: str | None) -> str:
-    """Markdown with YAML front matter: base_model, tags, instance_prompt, license, widget."""
+    """Markdown with YAML front matter: base_model, tags, instance_prompt, license, widget. A run of several
+    concepts names every identifier and how to prompt each."""
     model, data, lora, train = config["model"], config["data"], config["lora"], config["train"]
     base = public_model_id(model["pretrained"])  # the hub validates base_model: a hub id or nothing
-    instance_prompt = data.get("instance_prompt") or f"a photo of {data['identifier']}"
+    named = subjects(data)
+    instance_prompt = named[0][1]
     front = {
         "base_model": base,
         "library_name": "diffusers",
@@ -35,19 +52,21 @@ def model_card(config: dict, family: Family, grid: str | None, kohya_name: str |
         "license": "other",
         "tags": ["text-to-image", "diffusers", "lora", "dreambooth", "sdtune", "template:sd-lora",
                  *family.hub_tags],
-        "instance_prompt": instance_prompt,
-        "widget": [{"text": instance_prompt, "output": {"url": grid}}] if grid else [],
+        # the Hub shows it as the trigger words: with several concepts, their identifiers
+        "instance_prompt": instance_prompt if len(named) == 1 else ", ".join(word for word, _ in named),
+        "widget": [{"text": prompt, "output": {"url": grid}} for _, prompt in named] if grid else [],
     }
     front = {k: v for k, v in front.items() if v not in (None, [])}
     # a local base by its folder's or file's name, never its path
     base_text = f"[{base}](https://huggingface.co/{base})" if base else \
         f"a local base model (`{public_name(model['pretrained'])}`)"
     pipeline = family.lora_pipeline
+    usage = _usage(named)
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# DreamBooth LoRA: `{data['identifier']}`", "",
+        f"# DreamBooth LoRA: {', '.join(f'`{word}`' for word, _ in named)}", "",
         f"A LoRA trained with [sdtune](https://pypi.org/project/sdtune/) on {base_text} ({family.label}). "
-        f"Use `{instance_prompt}` in prompts to get the subject.", "",
+        + usage[0], *usage[1:], "",
     ]
     if grid:
         lines += [f"![samples]({grid})", ""]
@@ -65,6 +84,7 @@ def model_card(config: dict, family: Family, grid: str | None, kohya_name: str |
             f"Use `{kohya_name}` (kohya format): put it in `models/loras/` (ComfyUI: *Load LoRA* node) or "
             f"`models/Lora/` (AUTOMATIC1111 / Forge: `<lora:{Path(kohya_name).stem}:1>` in the prompt).", "",
         ]
+    lines += _embeddings_usage(config, family, [word for word, _ in named])
     lines += [
         "## Training", "",
         "| setting | value |", "|---|---|",
@@ -78,6 +98,28 @@ def model_card(config: dict, family: Family, grid: str | None, kohya_name: str |
         f"| resolution | {data.get('resolution') or 'native'} |", "",
     ]
     return "\n".join(lines)
+
+
+def _embeddings_usage(config: dict, family: Family, words: list[str]) -> list[str]:
+    """How to load pivotal tuning's embedding files in each tool (nothing without pivotal tuning)."""
+    if not (config.get("pivotal") or {}).get("enabled"):
+        return []
+    keys = " + ".join(f"`{spec.embedding_key}`" for spec in family.text_encoders)
+    files = ", ".join(f"`embeddings/{w}.safetensors`" for w in words)
+    word = words[0]
+    return [
+        "## The trained token embeddings (pivotal tuning)", "",
+        f"The identifiers were trained as new token embeddings beside the LoRA: {files} ({keys}). Use them with "
+        "the LoRA, or its subject will be missing something:", "",
+        "- AUTOMATIC1111 / Forge: the kohya file already carries them (`bundle_emb`); or put the files in "
+        f"`embeddings/` and write `{word}` as before.",
+        f"- ComfyUI: put the files in `models/embeddings/` and write `embedding:{word}` where a prompt says `{word}`.",
+        f"- diffusers: `pipe.load_textual_inversion('embeddings/{word}.safetensors', token='<{word}>')`"
+        + (", once per text encoder with its tensor (`text_encoder_2`, `tokenizer_2`)"
+           if len(family.text_encoders) > 1 else "")
+        + f", then `<{word}>` in the prompt.",
+        f"- sdtune: `sdtune sample` loads them with the run's LoRA; write `{word}`.", "",
+    ]
 
 
 def write_model_card(run_dir: Path, config: dict, family: Family) -> Path:
@@ -97,7 +139,8 @@ def files_to_push(run_dir: Path) -> list[Path]:
     checkpoints, logs or class images."""
     if not (run_dir / WEIGHT_NAME).is_file():
         raise SdtuneError(f"{run_dir}: no {WEIGHT_NAME}; push a finished run folder")
-    files = [run_dir / CARD, run_dir / WEIGHT_NAME, *(f for fs in existing_run_files(run_dir).values() for f in fs)]
+    files = [run_dir / CARD, run_dir / WEIGHT_NAME, *(f for fs in existing_run_files(run_dir).values() for f in fs),
+             *sorted((run_dir / EMBEDDINGS_DIR).glob("*.safetensors"))]  # pivotal tuning's, one per identifier
     grids = sorted((run_dir / "samples").glob("step-*.png"))
     return [f for f in files if f.is_file()] + grids[-1:]
 

@@ -78,9 +78,19 @@ from sdtune.memory import estimate
 from sdtune.models import load_components, model_identity, torch_dtype
 from sdtune.objectives import MSE, LossFunction, Objective, scale_latents
 from sdtune.optim import MIN_8BIT_SIZE, eight_bit_share, make_optimizer, state_copies, step_size_logs
-from sdtune.plan import FP16_ON_CPU, RunPlan, check_run, class_images_dir
+from sdtune.pivotal import Embeddings
+from sdtune.pivotal import create as create_embeddings
+from sdtune.plan import (
+    FP16_ON_CPU,
+    RunPlan,
+    check_run,
+    class_fingerprint,
+    class_images_dir,
+    class_sets,
+    default_sample_prompts,
+)
 from sdtune.prior import ensure_class_images
-from sdtune.resume import fingerprint, flat_keys, refuse_data_drift
+from sdtune.resume import flat_keys, refuse_data_drift
 from sdtune.runs import CONFIG, RUN_MARKER, WEIGHT_NAME
 from sdtune.sample import render_grid, save_image
 from sdtune.schedulers import sampling_scheduler
@@ -186,6 +196,15 @@ class Run:
     data: dict[str, dict] = field(default_factory=dict)  # fingerprints of the instance and class images
     ema: AdapterEMA | None = None  # train.ema: the average of the LoRA weights (sdtune.ema)
     validator: Validator | None = None  # train.validation_every: the held-out images (sdtune.validation)
+    embeddings: Embeddings | None = None  # pivotal tuning: the identifiers' trained token embeddings
+
+    @property
+    def pivot_step(self) -> int:
+        """Pivotal tuning trains the embeddings in steps [0, pivot_step), then only the LoRA."""
+        return max(1, round(self.cfg.pivotal.fraction * self.cfg.train.max_steps))
+
+    def embeddings_training(self) -> bool:
+        return self.embeddings is not None and self.global_step < self.pivot_step
 
     @property
     def family(self) -> Family:
@@ -213,7 +232,8 @@ class Run:
         """A verified checkpoint of this step (all processes take part)."""
         return save_checkpoint(self.accelerator, self.output_dir, self.global_step, self.unwrapped(), self.optimizer,
                                self.lr_scheduler, self.generator, self.cfg.model_dump(mode="json"), self.family,
-                               self.cfg.train.checkpoints_total_limit, data=self.data, ema=self.ema)
+                               self.cfg.train.checkpoints_total_limit, data=self.data, ema=self.ema,
+                               embeddings=self.embeddings)
 
     def sync(self) -> None:
         """Wait for the device (for timings)."""
@@ -280,9 +300,10 @@ def setup(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> Run:
         generator=generator, weight_dtype=weight_dtype, class_paths=class_paths, dataset=dataset,
         latent_cache=_latent_cache(cfg, plan, components, dataset, accelerator),
         text_cache=None, offloaded=False,
-        data={"instance": plan.data, "class": fingerprint([(p, cfg.prior.class_prompt or "") for p in class_paths])},
+        data={"instance": plan.data, "class": class_fingerprint(cfg, class_paths)},
     )
-    run.text_cache = _text_cache(run)
+    # pivotal tuning changes what a caption encodes to while it trains: captions are encoded in each step
+    run.text_cache = _text_cache(run) if not cfg.pivotal.enabled else None
     run.validator = build_validator(cfg, plan.validation, plan.resolution, plan.model.bucket_multiple,
                                     components, plan.family, run.options, run.objective, run.device,
                                     weight_dtype, accelerator.autocast)  # while the VAE and encoders are here
@@ -299,7 +320,10 @@ def setup(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> Run:
         # one graph per bucket: past Dynamo's recompile limit (8) the step would fall back to eager, silently
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(set(dataset.buckets)) + 2)
     trained = _add_adapters(cfg, plan.family, run.options, components)
-    optimizer = _optimizer(cfg, plan.family, trained)
+    run.embeddings = _embeddings(cfg, plan.family, components)
+    if run.embeddings is not None and run.validator is not None:
+        run.validator.rewrite = run.embeddings.rewrite
+    optimizer = _optimizer(cfg, plan.family, trained, run.embeddings)
     _log_memory_estimate(run, trained, optimizer)
     # Stepped once per optimizer step by this loop (not prepared), so no num_processes scaling is needed.
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
@@ -402,12 +426,15 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> tuple[C
     m = cfg.model
     c = load_components(info.pretrained, info.family, m.revision, m.variant, m.allow_unsafe_pickle, vae=m.vae,
                         prediction_type=m.prediction_type, clip_skip=m.clip_skip)
-    # Is the identifier a single, rare, meaningless token for this model's tokenizer(s)? (sdtune check-token)
-    report = check_identifier(cfg.data.identifier, c.tokenizers)
-    if report.verdict != "good":
-        logger.warning(f"data.identifier {report.summary} (see `sdtune check-token {cfg.data.identifier}`, "
-                       "`sdtune suggest-tokens`)")
-    cut = truncated_captions(plan, c.tokenizers, cfg.data.identifier, cfg.prior.class_prompt if cfg.prior.enabled else None)
+    # Is each identifier a single, rare, meaningless token for this model's tokenizer(s)? (sdtune check-token)
+    for concept in cfg.concepts():
+        report = check_identifier(concept.identifier, c.tokenizers)
+        if report.verdict != "good":
+            logger.warning(f"{concept.key_of('identifier')} {report.summary} (see `sdtune check-token "
+                           f"{concept.identifier}`, `sdtune suggest-tokens`)")
+    class_prompts = [(k.key_of("class_prompt"), k.class_prompt) for k in cfg.concepts()
+                     if cfg.prior.enabled and k.class_prompt]
+    cut = truncated_captions(plan, c.tokenizers, cfg.identifiers(), class_prompts)
     if cut and plan.strict:
         raise ConfigError([f"{line} (--strict)" for line in cut])
     for line in cut:
@@ -420,12 +447,15 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> tuple[C
     return c, weight_dtype
 
 
-def truncated_captions(plan: RunPlan, tokenizers: list[Any], identifier: str, class_prompt: str | None) -> list[str]:
+def truncated_captions(plan: RunPlan, tokenizers: list[Any], identifiers: list[str],
+                       class_prompts: list[tuple[str, str]]) -> list[str]:
     """One line per caption longer than a text encoder reads (CLIP: 77 tokens with start and end): the rest
-    is cut off before the model sees it, sometimes with the identifier in it."""
+    is cut off before the model sees it, sometimes with the identifier in it. ``identifiers``: each concept's
+    (``Config.identifiers()``); ``class_prompts``: (recipe key, class prompt) of each concept with one."""
     lines = []
-    named = [(e.path.name, e.caption) for e in plan.examples] + ([("prior.class_prompt", class_prompt)] if class_prompt else [])
-    for name, caption in named:
+    named = [(e.path.name, e.caption, identifiers[e.concept]) for e in plan.examples] + \
+        [(key, prompt, None) for key, prompt in class_prompts]
+    for name, caption, identifier in named:
         for spec, tokenizer in zip(plan.family.text_encoders, tokenizers):
             limit = tokenizer.model_max_length
             ids = tokenizer(caption, truncation=False).input_ids  # with the start and end tokens
@@ -433,7 +463,7 @@ def truncated_captions(plan: RunPlan, tokenizers: list[Any], identifier: str, cl
                 continue
             seen = tokenizer.decode(ids[1 : limit - 1])
             lost = f" The identifier '{identifier}' is in the part cut off." \
-                if identifier in caption and identifier not in seen.split() else ""
+                if identifier and identifier in caption and identifier not in seen.split() else ""
             lines.append(f"{name}: its caption is {len(ids)} tokens, {spec.label} reads {limit}, so everything after "
                          f"'...{seen[-30:]}' is ignored.{lost} fix: shorten it")
             break  # one line per caption, whatever the number of encoders
@@ -441,40 +471,51 @@ def truncated_captions(plan: RunPlan, tokenizers: list[Any], identifier: str, cl
 
 
 def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accelerator) -> list[Path]:
-    """Prior preservation: class images from the base model, before any adapter exists. Generated into a
-    cache folder named by the model's identity (the bytes of its files), one run at a time."""
+    """Prior preservation: each concept's class images from the base model, before any adapter exists:
+    ``prior.num_class_images`` of each, in concept order (``sdtune.plan.class_sets``). Generated into a cache
+    folder named by the model's identity (the bytes of its files) and the class prompt, one run at a time."""
     if not cfg.prior.enabled:
         return []
-    assert cfg.prior.class_prompt
     family = plan.family
     parts = [family.denoiser_name, "vae", "scheduler", *(n for e in family.text_encoders for n in (e.name, e.tokenizer_name))]
     identity = model_identity(plan.model.pretrained, cfg.model.revision, parts, cfg.model.vae, cfg.model.clip_skip)
-    class_dir = plan.class_dir or class_images_dir(cfg, plan.resolution, identity)
-    if accelerator.is_main_process and not plan.class_dir:
-        note = note_identity(cache_root() / "class_images", plan.model.pretrained, identity, "class images",
-                             key=f"{plan.model.pretrained}|{cfg.prior.class_prompt}|{plan.resolution}")
-        if note:
-            logger.info(note)
     pipe = family.pipeline(c, sampling_scheduler(c.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
-    with contextlib.ExitStack() as stack, accelerator.autocast():
-        if accelerator.is_main_process:  # the other processes of this run generate beside it (other images)
-            stack.enter_context(cache_lock(class_dir, "class images"))
-        for w in ensure_class_images(
-            pipe, class_dir, cfg.prior.class_prompt, cfg.prior.num_class_images, resolution=plan.resolution,
-            batch_size=cfg.prior.generation_batch_size, steps=cfg.prior.generation_steps,
-            guidance_scale=cfg.prior.generation_guidance, seed=cfg.train.seed, model_id=plan.model.pretrained,
-            model_identity=identity, process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-            progress=accelerator.is_main_process,
-        ):
-            logger.warning(w)
-        accelerator.wait_for_everyone()
-    class_paths = list_images(class_dir)[: cfg.prior.num_class_images]
-    logger.info(f"prior preservation: {len(class_paths)} class images in {class_dir}")
-    return class_paths
+    concepts, paths = cfg.concepts(), []
+    for concept, given in zip(concepts, plan.class_dirs or [plan.class_dir], strict=True):
+        assert concept.class_prompt
+        class_dir = given or class_images_dir(cfg, plan.resolution, identity, concept)
+        if accelerator.is_main_process and not given:
+            note = note_identity(cache_root() / "class_images", plan.model.pretrained, identity, "class images",
+                                 key=f"{plan.model.pretrained}|{concept.class_prompt}|{plan.resolution}")
+            if note:
+                logger.info(note)
+        with contextlib.ExitStack() as stack, accelerator.autocast():
+            if accelerator.is_main_process:  # the other processes of this run generate beside it (other images)
+                stack.enter_context(cache_lock(class_dir, "class images"))
+            for w in ensure_class_images(
+                pipe, class_dir, concept.class_prompt, cfg.prior.num_class_images, resolution=plan.resolution,
+                batch_size=cfg.prior.generation_batch_size, steps=cfg.prior.generation_steps,
+                guidance_scale=cfg.prior.generation_guidance, seed=cfg.train.seed, model_id=plan.model.pretrained,
+                model_identity=identity, process_index=accelerator.process_index,
+                num_processes=accelerator.num_processes, progress=accelerator.is_main_process,
+            ):
+                logger.warning(w)
+            accelerator.wait_for_everyone()
+        class_paths = list_images(class_dir)[: cfg.prior.num_class_images]
+        if len(concepts) > 1 and len(class_paths) != cfg.prior.num_class_images:
+            # each concept's share of the list is found by position (sdtune.plan.class_sets)
+            raise SdtuneError(f"{concept.key_of('class_dir')}: {class_dir} holds {len(class_paths)} class images, "
+                              f"not prior.num_class_images={cfg.prior.num_class_images}; fix: fill or empty it")
+        for_whom = f" for {concept.identifier} ('{concept.class_prompt}')" if len(concepts) > 1 else ""
+        logger.info(f"prior preservation: {len(class_paths)} class images in {class_dir}{for_whom}")
+        paths += class_paths
+    return paths
 
 
 def _dataset(cfg: Config, plan: RunPlan, class_paths: list[Path], c: Components) -> DreamBoothDataset:
+    """The training stream: each concept's examples x its repeats, each paired with a class image of its own
+    concept (prior preservation)."""
     # Aspect-ratio buckets: each instance image at the `sdtune prep --crop bucket` bucket nearest its shape, among
     # those whose sides the denoiser takes without resampling (ModelInfo.bucket_multiple). Buckets are centre crops.
     buckets = None
@@ -482,16 +523,22 @@ def _dataset(cfg: Config, plan: RunPlan, class_paths: list[Path], c: Components)
         buckets = assign_buckets([e.path for e in plan.examples], plan.resolution, plan.model.bucket_multiple)
         logger.info("aspect buckets: " + ", ".join(f"{w}x{h} ({k} images)"
                                                    for (w, h), k in sorted(Counter(buckets).items())))
-    d = cfg.data
+    d, concepts = cfg.data, cfg.concepts()
+    repeats = plan.repeats or [d.repeats] * len(concepts)
+    if len(concepts) > 1:
+        photos = Counter(e.concept for e in plan.examples)
+        balanced = " (balanced)" if d.balance_concepts and any(k.repeats is None for k in concepts) else ""
+        logger.info("concepts: " + ", ".join(f"{k.identifier} {_count(photos[i], 'photo')} x {repeats[i]}"
+                                             for i, k in enumerate(concepts)) + balanced)
     captions = CaptionRules(d.caption_dropout, d.shuffle_tags, d.keep_tokens) \
         if d.caption_dropout or d.shuffle_tags else None
     # masks are averaged onto the latent grid: the VAE's downsampling, as diffusers' vae_scale_factor
     factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
     masks = MaskRules(d.unmasked_weight, factor) if d.masked_loss else None
     return DreamBoothDataset(
-        plan.examples, plan.resolution, cfg.data.center_crop, cfg.data.random_flip, cfg.data.repeats,
-        class_paths or None, cfg.prior.class_prompt, seed=cfg.train.seed, buckets=buckets, captions=captions,
-        masks=masks,
+        plan.examples, plan.resolution, d.center_crop, d.random_flip, [repeats[e.concept] for e in plan.examples],
+        seed=cfg.train.seed, buckets=buckets, captions=captions, masks=masks,
+        classes=class_sets(cfg, class_paths) if class_paths else None,
     )
 
 
@@ -530,7 +577,8 @@ def _text_cache(run: Run) -> TextCache | None:
         logger.info("note: captions are encoded in each step (not cached) because data.shuffle_tags=true "
                     "gives them a new tag order every step")
         return None
-    captions = [e.caption for e in run.plan.examples] + ([run.cfg.prior.class_prompt] if run.class_paths else [])
+    # every concept's class prompt (prior preservation)
+    captions = [e.caption for e in run.plan.examples] + [k.prompt for k in run.dataset.classes]
     captions += [""] if run.cfg.data.caption_dropout else []  # a dropped caption is the empty one
     c, family = run.components, run.family
 
@@ -570,12 +618,33 @@ def _add_adapters(cfg: Config, family: Family, options: Any, c: Components) -> d
     return trained
 
 
-def _optimizer(cfg: Config, family: Family, trained: dict[str, torch.nn.Module]) -> Any:
+def _embeddings(cfg: Config, family: Family, c: Components) -> Embeddings | None:
+    """Pivotal tuning: each identifier's token embeddings, initialised and routed into the text encoders."""
+    p = cfg.pivotal
+    if not p.enabled:
+        return None
+    embeddings = create_embeddings(family, cfg.identifiers(), c.tokenizers, c.text_encoders, p.new_tokens, p.init,
+                                   seed=cfg.train.seed)
+    embeddings.install(c.tokenizers, c.text_encoders)
+    said = ", ".join(f"{i} -> {''.join(t)}" for i, t in embeddings.tokens.items())
+    start = "from the identifiers' own rows" if embeddings.mode == "own" else f"from '{p.init}'" if p.init else \
+        "from random vectors"
+    logger.info(f"pivotal tuning: {said} ({embeddings.rows[0].shape[0]} vectors per text encoder, {start}), "
+                f"trained for the first {max(1, round(p.fraction * cfg.train.max_steps))} steps")
+    return embeddings
+
+
+def _optimizer(cfg: Config, family: Family, trained: dict[str, torch.nn.Module],
+               embeddings: Embeddings | None = None) -> Any:
     t = cfg.train
     groups = [{"params": trainable_parameters(trained[family.denoiser_name]), "lr": t.learning_rate}]
     te_params = trainable_parameters(*(m for n, m in trained.items() if n != family.denoiser_name))
     if te_params:
         groups.append({"params": te_params, "lr": cfg.lora.text_encoder_lr or t.learning_rate})
+    if embeddings is not None:
+        # no weight decay: it would pull the vectors towards zero, and a token's norm is part of its meaning
+        groups.append({"params": embeddings.rows, "lr": cfg.pivotal.learning_rate or t.learning_rate,
+                       "weight_decay": 0.0})
     optimizer = make_optimizer(t.optimizer, groups, (t.adam_beta1, t.adam_beta2), t.adam_epsilon, t.weight_decay,
                                t.optimizer_args)
     if t.optimizer == "adamw8bit":
@@ -613,7 +682,8 @@ def _log_memory_estimate(run: Run, trained: dict[str, torch.nn.Module], optimize
     )
     logger.info(est.line())
     logger.info(
-        f"training {trainable:,} LoRA parameters ({', '.join(trained)}) for {t.max_steps} steps, batch "
+        f"training {trainable:,} LoRA parameters ({', '.join(trained)}"
+        f"{' + token embeddings' if run.embeddings else ''}) for {t.max_steps} steps, batch "
         f"{t.batch_size} x {t.gradient_accumulation_steps} accumulation x {run.accelerator.num_processes} processes"
         + (f", with {len(run.class_paths)} class images" if run.class_paths else "")
     )
@@ -632,7 +702,7 @@ def _resume(run: Run) -> int:
     if problem:
         raise SdtuneError(problem)
     step = load_checkpoint(checkpoint, run.accelerator, run.unwrapped(), run.optimizer, run.lr_scheduler,
-                           run.generator, run.cfg.model_dump(mode="json"), ema=run.ema)
+                           run.generator, run.cfg.model_dump(mode="json"), ema=run.ema, embeddings=run.embeddings)
     logger.info(f"resumed from {checkpoint} at step {step}")
     return step
 
@@ -759,8 +829,9 @@ def batch_conditioning(run: Run, batch: dict) -> dict[str, Any]:
     if run.text_cache is not None:
         prompt_embeds = run.text_cache[batch["captions"]]
     else:
-        input_ids = [ids.to(run.device) for ids in family.tokenize(run.components.tokenizers, batch["captions"])]
-        with torch.set_grad_enabled(run.cfg.lora.train_text_encoder):
+        captions = [run.embeddings.rewrite(c) for c in batch["captions"]] if run.embeddings else batch["captions"]
+        input_ids = [ids.to(run.device) for ids in family.tokenize(run.components.tokenizers, captions)]
+        with torch.set_grad_enabled(run.cfg.lora.train_text_encoder or run.embeddings_training()):
             prompt_embeds = family.encode_prompt(run.text_encoders, input_ids)
     return family.conditioning(prompt_embeds, batch, run.options, run.device, run.weight_dtype)
 
@@ -772,6 +843,8 @@ def forward_backward(run: Run, batch: dict) -> StepOutput:
         torch.compiler.cudagraph_mark_step_begin()
     with torch.no_grad():
         latents = batch_latents(run, batch)
+    if run.embeddings is not None:  # past the pivot the vectors stay as they are (no gradient, no update)
+        run.embeddings.set_training(run.embeddings_training())
     conditioning = batch_conditioning(run, batch)
     with run.accelerator.autocast():
         out = training_step(
@@ -790,6 +863,10 @@ def optimizer_update(run: Run, loss: torch.Tensor, nonfinite: NonFiniteGuard) ->
     t, acc = run.cfg.train, run.accelerator
     step_ok = True
     if acc.sync_gradients:
+        if run.embeddings is not None and acc.num_processes > 1 and run.embeddings_training():
+            # the rows are no module's parameters, so DDP does not average their gradients: do it here
+            for rows in run.embeddings.rows:
+                rows.grad = acc.reduce(rows.grad, reduction="mean")
         if t.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(run.params, t.max_grad_norm)
         else:  # no clipping: the norm alone, for the finite check (no multiply by a clip factor of 1)
@@ -984,10 +1061,7 @@ def sample_grid(run: Run, step: int) -> Path | None:
     path = None
     if run.main:
         cfg, c, plan = run.cfg, run.components, run.plan
-        prompts = cfg.sample.prompts or list(dict.fromkeys(
-            [plan.examples[0].caption if plan.examples else cfg.data.instance_prompt]
-            + ([cfg.prior.class_prompt] if cfg.prior.class_prompt else [])
-        ))
+        prompts = cfg.sample.prompts or default_sample_prompts(cfg, plan.examples)
         # sampling can take minutes while the progress bar stands still: say so, then say how long it took
         _say(f"step {step}: rendering the sample grid ({_count(len(prompts), 'prompt')} x "
              f"{_count(len(cfg.sample.seeds), 'seed')}, {cfg.sample.steps} steps each)")
@@ -1004,7 +1078,7 @@ def sample_grid(run: Run, step: int) -> Path | None:
         with offload_models(*frozen, device=run.device, offload=run.offloaded), _eval_mode(run.modules.values()), \
                 run.accelerator.autocast(), ema_weights(run.ema):
             grid = render_grid(pipe, prompts, cfg.sample.seeds, settings, guidance_scale=cfg.sample.guidance_scale,
-                               title=f"step {step}")
+                               title=f"step {step}", rewrite=run.embeddings.rewrite if run.embeddings else None)
         if run.offloaded:
             torch.cuda.empty_cache()
         path = save_image(grid, run.output_dir / "samples" / f"step-{step:06d}.png")
@@ -1085,6 +1159,10 @@ def _save_final_lora(run: Run) -> None:
         with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-final-") as tmp:
             with ema_weights(run.ema):  # the average with train.ema: the LoRA the run shows and saves
                 save_diffusers_lora(tmp, run.family, run.unwrapped(), run.cfg.model.pretrained)
+                embedding_files = run.embeddings.save(tmp) if run.embeddings else []
+            for f in embedding_files:  # each whole or not at all, before the LoRA that needs them
+                (out / f.parent.name).mkdir(exist_ok=True)
+                os.replace(f, out / f.parent.name / f.name)
             os.replace(Path(tmp) / WEIGHT_NAME, out / WEIGHT_NAME)
         # what the kohya metadata says about the data (caption tags, folders, buckets); export reads it later
         write_data_summary(out, _data_summary(run))
@@ -1104,15 +1182,29 @@ def _save_final_lora(run: Run) -> None:
 
 def _data_summary(run: Run) -> dict:
     """The training data as kohya's metadata describes it (``sdtune.export.data_summary``): each folder by its
-    name only, its captions' tags and image count, the buckets, and when this training's loop began."""
-    d, dataset = run.cfg.data, run.dataset
-    source = public_name(d.instance_dir or getattr(d, "dataset", None)) or "instance"
-    instance = ImageSet(source, [e.caption for e in dataset.instance], d.repeats)
-    reg = ImageSet(run.class_paths[0].parent.name, [dataset.class_prompt or ""] * len(run.class_paths)) \
-        if run.class_paths else None
-    buckets = bucket_info(dataset.buckets, [upright_size(e.path) for e in dataset.instance], d.repeats) \
-        if dataset.buckets else None
-    return data_summary(time.time() - run.timing.get("wall_s", 0.0), instance, reg, buckets)
+    name only (with several concepts one per concept, named ``{repeats}_{folder}`` as kohya's folders are), its
+    captions' tags and image count, the class images' folders, the buckets, and when this training's loop began."""
+    d, dataset, concepts = run.cfg.data, run.dataset, run.cfg.concepts()
+    repeats = run.plan.repeats or [d.repeats] * len(concepts)
+    instance, reg = [], []
+    for i, k in enumerate(concepts):
+        name = public_name(k.instance_dir or k.dataset) or "instance"
+        if len(concepts) > 1:
+            name = f"{repeats[i]}_{name}"
+            while name in [s.name for s in instance]:  # two folders of one name (a/photos, b/photos)
+                name = f"{name} ({k.identifier})"
+        instance.append(ImageSet(name, [e.caption for e in dataset.instance if e.concept == i], repeats[i]))
+    for images in dataset.classes:
+        # one entry per folder: concepts of one class prompt share the cache folder
+        if images.paths and images.paths[0].parent.name not in [s.name for s in reg]:
+            reg.append(ImageSet(images.paths[0].parent.name, [images.prompt] * len(images.paths)))
+    buckets = None
+    if dataset.buckets and len(set(repeats)) == 1:
+        buckets = bucket_info(dataset.buckets, [upright_size(e.path) for e in dataset.instance], repeats[0])
+    elif dataset.buckets:  # each example counted as often as an epoch shows it (its concept's repeats)
+        shown = [dataset.instance[i] for i in dataset.order]
+        buckets = bucket_info([dataset.size(j) for j in range(len(shown))], [upright_size(e.path) for e in shown])
+    return data_summary(time.time() - run.timing.get("wall_s", 0.0), instance, reg or None, buckets)
 
 
 def finish(run: Run) -> Path:

@@ -1,7 +1,8 @@
 """Validation loss on held-out images (``train.validation_every``, ``data.validation_dir``).
 
 Images the run never trains on (their own folder, the layout of ``data.instance_dir``: captions from
-metadata.jsonl, .txt files or ``data.instance_prompt``) are checked with the training data
+metadata.jsonl, .txt files or ``data.instance_prompt``; with ``data.concepts`` each caption names one of the
+identifiers) are checked with the training data
 (``check_validation``, called by ``sdtune.plan.check_run``), then encoded once when the run starts (the VAE's
 latent mean, centre crop, no flip; each at its aspect bucket with ``data.aspect_buckets``). Every
 ``train.validation_every`` steps (and at the last) ``Validator.measure`` computes the denoising loss of the
@@ -66,8 +67,11 @@ def check_validation(cfg: Config, resolution: int | None, training: list[Example
         warnings.append("data.validation_dir: not used while train.validation_every=0; fix: e.g. "
                         "train.validation_every=50 (or remove data.validation_dir)")
         return []
-    scan = scan_instance_dir(d.validation_dir, d.identifier, d.instance_prompt, key="data.validation_dir",
-                             resolution=resolution)
+    # with several concepts a held-out caption names one of them; no instance prompt could say which
+    words = cfg.identifiers()
+    scan = scan_instance_dir(d.validation_dir, words if d.concepts else words[0], d.instance_prompt,
+                             key="data.validation_dir", resolution=resolution,
+                             prompt_key=None if d.concepts else "data.instance_prompt")
     problems += scan.problems
     warnings += scan.warnings
     trained = {content_hash(e.path) for e in training}
@@ -110,12 +114,13 @@ class Validator:
         self.components, self.options, self.batch_size = components, options, batch_size
         self.autocast, self.device, self.dtype = autocast, device, dtype
         self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=device)  # (T,)
+        self.rewrite: Callable[[str], str] = str  # pivotal tuning's caption rewrite (Embeddings.rewrite)
 
     def _conditioning(self, image: _Image, rows: int, text_encoders: list[Any]) -> dict[str, Any]:
         """The denoiser's other inputs for ``rows`` copies of the image's caption."""
         embeds = image.embeds
         if embeds is None:  # trained text encoders: their current weights
-            tokens = self.family.tokenize(self.components.tokenizers, [image.caption])
+            tokens = self.family.tokenize(self.components.tokenizers, [self.rewrite(image.caption)])
             ids = [i.to(self.device) for i in tokens]
             embeds = self.family.encode_prompt(text_encoders, ids)
         prompt = {k: v.expand(rows, *v.shape[1:]) for k, v in embeds.items()}
@@ -186,7 +191,7 @@ def build_validator(cfg: Config, examples: list[Example], resolution: int, bucke
     sizes = assign_buckets(paths, resolution, bucket_multiple) if cfg.data.aspect_buckets \
         else [(resolution, resolution)] * len(paths)
     timesteps = fixed_timesteps(components.noise_scheduler.config.num_train_timesteps)
-    frozen = not cfg.lora.train_text_encoder
+    frozen = not cfg.lora.train_text_encoder and not cfg.pivotal.enabled  # else encoded with the current weights
     # on the CPU: the same noise on any device
     generator = torch.Generator("cpu").manual_seed(t.seed + _SEED_SALT)
     images = []

@@ -62,7 +62,8 @@ def add_commands(sub: Any) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder, checkpoint folder or LoRA .safetensors file")
     p.add_argument("--subject-dir", metavar="DIR",
-                   help="the real subject photos (default: the run's data.instance_dir or data.dataset)")
+                   help="the real subject photos (default: the run's data.instance_dir or data.dataset, or "
+                        "the --identifier concept's folder)")
     p.add_argument("--prompts", default="dreambench", metavar="dreambench|FILE",
                    help="'dreambench' (the paper's 25 prompts) or a file: one prompt per line, with {} for "
                         "'<identifier> <class>' or {identifier} and {class}; '#' lines are comments")
@@ -71,7 +72,8 @@ def add_commands(sub: Any) -> None:
                       help="DreamBench's live-subject prompts (default for dogs, cats, people, ...)")
     kind.add_argument("--object", dest="kind", action="store_const", const="object",
                       help="DreamBench's object prompts (default for other classes)")
-    p.add_argument("--identifier", type=text, help="default: the run's data.identifier")
+    p.add_argument("--identifier", type=text, help="default: the run's data.identifier; with data.concepts it "
+                                                   "picks the concept (default: the first)")
     p.add_argument("--class-noun", type=text, help="default: from prior.class_prompt ('a photo of a dog' -> dog), else the "
                                         "word after the identifier in data.instance_prompt")
     p.add_argument("--images-per-prompt", type=positive_int, default=4, metavar="N", help="seeds 0..N-1 for every prompt (paper: 4)")
@@ -134,8 +136,29 @@ def _dataset_photos(data: dict) -> str | None:
     return str(folder)
 
 
+def _one_concept(args: argparse.Namespace, run_cfg: dict) -> dict:
+    """``run_cfg`` as if it had trained one subject: with ``data.concepts``, the one ``--identifier`` names (default
+    the first, said in one line), its folder, instance prompt and class prompt in ``data.*`` and ``prior.*``."""
+    data = run_cfg.get("data") or {}
+    concepts = data.get("concepts") or []
+    if not concepts:
+        return run_cfg
+    words = [c.get("identifier") for c in concepts]
+    if args.identifier and args.identifier not in words:
+        raise SdtuneError(f"--identifier: '{args.identifier}' is none of the run's concepts ({', '.join(words)}); "
+                          f"pass one of them")
+    if not args.identifier:
+        print(f"the run has {len(concepts)} concepts ({', '.join(words)}): evaluating {words[0]}; pass "
+              "--identifier to choose another")
+    chosen = concepts[words.index(args.identifier or words[0])]
+    keys = ("identifier", "instance_dir", "instance_prompt")
+    return {**run_cfg, "data": {**data, "concepts": [], **{k: chosen.get(k) for k in keys}},
+            "prior": {**(run_cfg.get("prior") or {}), "class_prompt": chosen.get("class_prompt")}}
+
+
 def _subject(args: argparse.Namespace, target: Path, run_cfg: dict) -> tuple[str, str, str]:
-    """(identifier, class noun, subject folder) from the flags, else the run's config."""
+    """(identifier, class noun, subject folder) from the flags, else the run's config (of one concept:
+    ``_one_concept``)."""
     data = run_cfg.get("data") or {}
     identifier = args.identifier or data.get("identifier")
     if not identifier:
@@ -172,7 +195,7 @@ def spec_from_args(args: argparse.Namespace, scorer: Scorer) -> EvalSpec:
     target = Path(args.run)
     if not target.exists():
         raise SdtuneError(f"{target}: no such run folder, checkpoint folder or LoRA file")
-    run_cfg = run_config(target)
+    run_cfg = _one_concept(args, run_config(target))  # several concepts: the one --identifier names
     loras = lora_files(target, args.checkpoints)
     data, model_cfg = run_cfg.get("data") or {}, run_cfg.get("model") or {}
     model = base_model(args.model, target, run_cfg)

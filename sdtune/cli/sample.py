@@ -72,7 +72,9 @@ def read_prompts(args: argparse.Namespace, run_cfg: dict) -> list[str]:
         prompts += [p.strip() for p in text.splitlines() if p.strip()]
     if not prompts:
         data = run_cfg.get("data", {})
-        prompts = run_cfg.get("sample", {}).get("prompts") or [p for p in [data.get("instance_prompt")] if p]
+        prompts = run_cfg.get("sample", {}).get("prompts") or [  # several concepts: each one's prompt
+            p for p in [data.get("instance_prompt"), *(c.get("instance_prompt") for c in data.get("concepts") or [])]
+            if p]
     if not prompts:
         raise SdtuneError("--prompt: no prompt given and the run has none; pass --prompt 'a photo of sks dog'")
     return prompts

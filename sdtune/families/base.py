@@ -28,6 +28,8 @@ class TextEncoderSpec:
     pad_token: str  # what its tokenizer pads with: OpenCLIP pads with "!", OpenAI's CLIP with <|endoftext|>
     openclip: bool = False  # OpenCLIP (SD2, SDXL's second): A1111 fuses its attention (see kohya_warnings)
     model_class: str = "CLIPTextModel"  # the transformers class (SDXL's second: CLIPTextModelWithProjection)
+    # the key of its vectors in a textual-inversion file (AUTOMATIC1111 / ComfyUI / diffusers' advanced script)
+    embedding_key: str = "clip_l"
 
     @property
     def tokenizer_name(self) -> str:

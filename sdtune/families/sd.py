@@ -291,5 +291,6 @@ SD2 = StableDiffusion(
     name="sd2", label="SD2.x", default_resolution=768, v2=True,
     original_layout=OriginalLayout(resolutions={"epsilon": 512, "v_prediction": 768}, assume_v=True,
                                    upcast_attention_v=True, text_layers_dropped=1),
-    text_encoders=(TextEncoderSpec("text_encoder", "OpenCLIP ViT-H/14", "!", openclip=True),),
+    text_encoders=(TextEncoderSpec("text_encoder", "OpenCLIP ViT-H/14", "!", openclip=True,
+                                   embedding_key="clip_h"),),
 )

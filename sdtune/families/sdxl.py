@@ -141,6 +141,6 @@ SDXL = StableDiffusionXL(
     text_encoders=(
         TextEncoderSpec("text_encoder", "CLIP ViT-L/14", EOS_TOKEN),
         TextEncoderSpec("text_encoder_2", "OpenCLIP ViT-bigG/14", "!", openclip=True,
-                        model_class="CLIPTextModelWithProjection"),
+                        model_class="CLIPTextModelWithProjection", embedding_key="clip_g"),
     ),
 )

@@ -1,0 +1,246 @@
+"""Pivotal tuning (pivotal:, sdtune.pivotal): new token embeddings trained with the LoRA for the first
+pivotal.fraction of the run, then fixed; captions keep the identifier; the files load in AUTOMATIC1111's and
+ComfyUI's layouts (loader rules re-implemented below), the kohya file bundles them, and sdtune sample uses them
+from a run folder, a checkpoint and a kohya file alike; a resume is bitwise exact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import overrides
+from sdtune.config import ConfigError, load_config
+from sdtune.families import get as get_family
+from sdtune.models import load_components
+from sdtune.pivotal import TokenEmbeddings, config_problems, create, token_names
+from sdtune.runs import WEIGHT_NAME
+from sdtune.train import train
+
+PIVOTAL = ("pivotal.enabled=true", "train.learning_rate=1e-2", "data.instance_prompt=a photo of sks toy")
+
+
+def _run(tiny_model, out: Path, family: str = "sd15", *extra: str) -> Path:
+    return train(load_config(None, overrides(tiny_model(family), out, "train.checkpoint_every=2", *PIVOTAL, *extra)))
+
+
+def _emb(folder: Path, name: str = "sks") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = folder / "embeddings" / f"{name}.safetensors"
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+# -- the pieces
+
+
+def test_rewrite_replaces_the_identifier_as_a_word_only(tiny_model):
+    family = get_family("sd15")
+    c = load_components(str(tiny_model("sd15")), family, None, None)
+    emb = create(family, ["sks"], c.tokenizers, c.text_encoders, 2, None, seed=0)
+    assert emb.rewrite("a photo of sks toy, Sks.") == "a photo of <sks0><sks1> toy, <sks0><sks1>."
+    assert emb.rewrite("sksx and xsks stay") == "sksx and xsks stay"
+    assert emb.rewrite(emb.rewrite("sks")) == "<sks0><sks1>"  # never rewritten twice
+    assert token_names("SKS", 2) == ["<sks0>", "<sks1>"]  # CLIP lowercases every prompt
+
+
+def test_installed_embeddings_change_only_the_new_tokens(tiny_model):
+    family = get_family("sd15")
+    c = load_components(str(tiny_model("sd15")), family, None, None)
+    tok, te = c.tokenizers[0], c.text_encoders[0]
+    plain = tok(["a photo of a toy"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = te(plain)
+    emb = create(family, ["sks"], c.tokenizers, c.text_encoders, 2, None, seed=0)
+    emb.install(c.tokenizers, c.text_encoders)
+    assert isinstance(te.get_input_embeddings(), TokenEmbeddings)
+    with torch.no_grad():
+        after = te(plain)
+    # a prompt without new tokens encodes bitwise as before, pooled output too (the end token is found by id)
+    assert torch.equal(before.last_hidden_state, after.last_hidden_state)
+    assert torch.equal(before.pooler_output, after.pooler_output)
+    ids = tok([emb.rewrite("a photo of sks toy")], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    new_ids = tok.convert_tokens_to_ids(["<sks0>", "<sks1>"])
+    assert new_ids[0] >= 49408 and new_ids[0] in ids[0].tolist() and new_ids[1] in ids[0].tolist()
+    looked_up = te.get_input_embeddings()(ids)
+    position = ids[0].tolist().index(new_ids[0])
+    assert torch.equal(looked_up[0, position], emb.rows[0][0].detach())
+    # the pooled output is taken at the end token, not at the largest id (a new token's)
+    end = ids[0].tolist().index(tok.eos_token_id)
+    out = te(ids)
+    assert torch.equal(out.pooler_output[0], out.last_hidden_state[0, end])
+    # gradients reach the trained rows and nothing of the frozen table
+    te.requires_grad_(False)
+    out.last_hidden_state.sum().backward()
+    assert emb.rows[0].grad is not None and emb.rows[0].grad.abs().sum() > 0
+    emb.uninstall()
+    assert not isinstance(te.get_input_embeddings(), TokenEmbeddings)
+
+
+def test_init_words_and_own_rows_start_where_they_say(tiny_model):
+    family = get_family("sd15")
+    c = load_components(str(tiny_model("sd15")), family, None, None)
+    table = c.text_encoders[0].get_input_embeddings().weight.detach()
+    toy = c.tokenizers[0]("toy", add_special_tokens=False).input_ids[0]
+    emb = create(family, ["sks"], c.tokenizers, c.text_encoders, 2, "toy", seed=0)
+    assert torch.equal(emb.rows[0].detach(), table[[toy, toy]])
+    own = create(family, ["sks", "sksdog"], c.tokenizers, c.text_encoders, 0, None, seed=0)
+    # one token per token of the identifier ("sksdog" is sk + s + dog), each at that token's own row
+    assert own.tokens == {"sks": ["<sks0>"], "sksdog": ["<sksdog0>", "<sksdog1>", "<sksdog2>"]}
+    pieces = c.tokenizers[0]("sksdog", add_special_tokens=False).input_ids
+    assert torch.equal(own.rows[0].detach(), table[[48136, *pieces]])  # sks is CLIP id 48136
+    assert own.rewrite("a photo of sks toy") == "a photo of <sks0> toy"
+
+
+def test_config_problems_before_any_weight_loads():
+    assert config_problems(["sks"], 2, None) == []
+    assert config_problems(["sks"], 2, "") == [
+        "pivotal.init: no words in it; fix: e.g. the class noun ('dog'), or leave it unset"]
+    assert "not used with pivotal.new_tokens=0" in config_problems(["sks"], 0, "dog")[0]
+    with pytest.raises(ConfigError, match="pivotal.fraction"):
+        load_config(None, ["model.pretrained=x", "data.instance_dir=x", "data.identifier=sks", "pivotal.fraction=0"])
+
+
+# -- training
+
+
+def test_embeddings_train_until_the_pivot_then_stay(tiny_model, tmp_path):
+    out = _run(tiny_model, tmp_path / "run", "sd15", "train.max_steps=6", "pivotal.fraction=0.5")
+    family = get_family("sd15")
+    c = load_components(str(tiny_model("sd15")), family, None, None)
+    start = create(family, ["sks"], c.tokenizers, c.text_encoders, 2, None, seed=0).rows[0].detach()
+    rows = {step: load_file(out / f"checkpoints/step-{step:06d}/embedding_rows.safetensors")["text_encoder"]
+            for step in (2, 4, 6)}
+    assert not torch.equal(rows[2], start)  # trained in steps 1-3 (the pivot is step 3 of 6)
+    assert not torch.equal(rows[4], rows[2])
+    assert torch.equal(rows[6], rows[4])  # fixed after the pivot while the LoRA goes on
+    lora4 = load_file(out / "checkpoints/step-000004/adapter-unet.safetensors")
+    lora6 = load_file(out / "checkpoints/step-000006/adapter-unet.safetensors")
+    assert any(not torch.equal(lora4[k], lora6[k]) for k in lora4)
+    tensors, meta = _emb(out)
+    assert list(tensors) == ["clip_l"] and tensors["clip_l"].shape == (2, 32)
+    assert torch.equal(tensors["clip_l"], rows[6])
+    assert meta["sdtune.tokens"] == "<sks0>,<sks1>" and meta["sdtune.pivotal"] == "new"
+    # the model card says how each tool loads them, and a push uploads them (under embeddings/)
+    card = (out / "README.md").read_text()
+    assert "embedding:sks" in card and "load_textual_inversion('embeddings/sks.safetensors', token='<sks>')" in card
+    from sdtune.share import files_to_push
+
+    assert "embeddings/sks.safetensors" in [f.relative_to(out).as_posix() for f in files_to_push(out)]
+
+
+def test_resume_is_bitwise(tiny_model, tmp_path):
+    common = ("train.max_steps=4", "pivotal.fraction=0.75")
+    straight = _run(tiny_model, tmp_path / "straight", "sd15", *common)
+    split = tmp_path / "split"
+    _run(tiny_model, split, "sd15", "train.max_steps=2", "pivotal.fraction=0.75")
+    # the recipe's max_steps changes on resume: the pivot is at 3 of 4 in both runs
+    train(load_config(None, overrides(tiny_model("sd15"), split, "train.checkpoint_every=2", *PIVOTAL, *common,
+                                      "train.resume=latest")))
+    for name in ("embeddings/sks.safetensors", WEIGHT_NAME):
+        a, b = load_file(straight / name), load_file(split / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.slow
+def test_sdxl_files_load_as_the_uis_read_them_and_sample_back(tiny_model, tmp_path):
+    out = _run(tiny_model, tmp_path / "run", "sdxl", "train.max_steps=4")
+    tensors, _ = _emb(out)
+    assert sorted(tensors) == ["clip_g", "clip_l"] and tensors["clip_g"].shape[0] == 2
+    # AUTOMATIC1111 (modules/textual_inversion: an SDXL embedding is a dict with clip_g and clip_l)
+    assert {"clip_g", "clip_l"} <= tensors.keys()
+    # ComfyUI (sd1_clip.load_embed): each encoder reads its own key, clip_l for CLIP-L and clip_g for bigG
+    assert tensors["clip_l"].shape == (2, 32) and tensors["clip_g"].shape == (2, 32)
+    # A1111's networks.py reads bundle_emb.<name>.<vector key> from a LoRA file into an embedding <name>
+    kohya = load_file(next(out.glob("*_kohya.safetensors")))
+    bundled: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in kohya.items():
+        if key.startswith("bundle_emb."):
+            name, vec = key.split(".", 1)[1].split(".", 1)
+            bundled.setdefault(name, {})[vec] = value
+    assert list(bundled) == ["sks"] and all(torch.equal(bundled["sks"][k], tensors[k]) for k in tensors)
+    assert all(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_", "bundle_emb.")) for k in kohya)
+
+    def sample(target: Path, name: str, *extra: str) -> np.ndarray:
+        r = subprocess.run([sys.executable, "-m", "sdtune", "sample", str(target), "--prompt", "a photo of sks toy",
+                            "--seeds", "0", "--steps", "2", "--width", "64", "--height", "64",
+                            "--out", str(tmp_path / f"{name}.png"), *extra], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return np.asarray(Image.open(tmp_path / f"{name}_cells" / "cell-0000.png"))
+
+    from_run = sample(out, "run")
+    from_kohya = sample(next(out.glob("*_kohya.safetensors")), "kohya")
+    from_checkpoint = sample(out / "checkpoints/step-000004", "checkpoint")
+    assert np.array_equal(from_run, from_kohya) and np.array_equal(from_run, from_checkpoint)
+    # without its embeddings the same LoRA draws something else: they are used, not just carried
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare, ignore=shutil.ignore_patterns("embeddings", "checkpoints", "*_kohya.safetensors"))
+    assert not np.array_equal(from_run, sample(bare, "bare"))
+    # LoRA scale 0 is the base model, embeddings included: the identifier stays the plain word there
+    assert np.array_equal(sample(out, "zero", "--lora-scale", "0"), sample(out, "base", "--no-lora"))
+    sidecar = json.loads((tmp_path / "kohya_cells" / "cell-0000.json").read_text())
+    assert sidecar["cell"]["prompt"] == "a photo of sks toy"  # the prompt as the user wrote it
+
+
+def test_own_rows_train_the_identifier_itself(tiny_model, tmp_path):
+    out = _run(tiny_model, tmp_path / "run", "sd15", "train.max_steps=2", "pivotal.new_tokens=0")
+    tensors, meta = _emb(out)
+    assert tensors["clip_l"].shape == (1, 32) and meta["sdtune.pivotal"] == "own"
+    assert meta["sdtune.tokens"] == "<sks0>"
+    table = load_components(str(tiny_model("sd15")), get_family("sd15"), None, None).text_encoders[0] \
+        .get_input_embeddings().weight.detach()
+    assert not torch.equal(tensors["clip_l"][0], table[48136])  # trained away from sks's row
+
+
+def test_diffusers_load_textual_inversion_reads_the_file_as_sdtune_does(tiny_model, tmp_path):
+    """The README's diffusers recipe: load_textual_inversion(file, token="<sks>") and "<sks>" in the prompt give
+    the same text-encoder output as sdtune's own loading with "sks" in the prompt."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdtune.pivotal import bind, folder_files, from_files
+
+    out = _run(tiny_model, tmp_path / "run", "sd15", "train.max_steps=2")
+    family = get_family("sd15")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model("sd15")), safety_checker=None)
+    pipe.load_textual_inversion(str(out / "embeddings" / "sks.safetensors"), token="<sks>")
+    text = pipe.maybe_convert_prompt("a photo of <sks> toy", pipe.tokenizer)
+    ids = pipe.tokenizer(text, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = pipe.text_encoder(ids).last_hidden_state
+    c = load_components(str(tiny_model("sd15")), family, None, None)
+    emb = bind(from_files(family, folder_files(out), "run"), c.tokenizers)
+    emb.install(c.tokenizers, c.text_encoders)
+    ids = c.tokenizers[0](emb.rewrite("a photo of sks toy"), padding="max_length", max_length=77,
+                          return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = c.text_encoders[0](ids).last_hidden_state
+    assert torch.equal(ours, theirs)
+
+
+def test_each_concept_gets_its_own_tokens_and_file(tiny_model, tmp_path):
+    """With data.concepts, every identifier is rewritten to its own tokens and saved in its own file."""
+    from conftest import DEMO_DATA
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, names in ((a, range(0, 3)), (b, range(3, 6))):
+        folder.mkdir()
+        for i in names:
+            shutil.copy(DEMO_DATA / f"toy_{i:02d}.png", folder / f"toy_{i:02d}.png")
+    concepts = (f"data.concepts=[{{instance_dir: {a}, identifier: sks, instance_prompt: a photo of sks toy}}, "
+                f"{{instance_dir: {b}, identifier: ohwx, instance_prompt: a photo of ohwx toy}}]")
+    args = [x for x in overrides(tiny_model("sd15"), tmp_path / "run", "train.max_steps=2", "pivotal.enabled=true",
+                                 concepts) if not x.startswith(("data.instance_dir=", "data.identifier="))]
+    out = train(load_config(None, args))
+    sks, ohwx = _emb(out, "sks"), _emb(out, "ohwx")
+    assert sks[1]["sdtune.tokens"] == "<sks0>,<sks1>" and ohwx[1]["sdtune.tokens"] == "<ohwx0>,<ohwx1>"
+    assert not torch.equal(sks[0]["clip_l"], ohwx[0]["clip_l"])
+    kohya = load_file(next(out.glob("*_kohya.safetensors")))
+    assert {"bundle_emb.sks.clip_l", "bundle_emb.ohwx.clip_l"} <= kohya.keys()
