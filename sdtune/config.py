@@ -140,6 +140,17 @@ def _one_word(identifier: str) -> str:
 
 
 Identifier = Annotated[str, Field(min_length=1, max_length=MAX_KEY_CHARS), AfterValidator(_one_word)]
+
+
+def _has_caption(template: str) -> str:
+    """``template`` if it keeps each image's own caption (a template without it would be one caption for all)."""
+    if "{caption}" not in template:
+        raise PydanticCustomError("template_caption", "must contain {caption} (the image's own caption), e.g. "
+                                  "'{identifier} dog, {caption}'; one caption for every image is instance_prompt")
+    return template
+
+
+Template = Annotated[str, AfterValidator(_has_caption)]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_KEY_CHARS)]
 
 
@@ -182,6 +193,11 @@ class ConceptConfig(_Section):
         None, ge=1, le=10**6, description="how often each of its images appears per epoch; default: balanced "
         "with the other concepts (data.balance_concepts), else data.repeats"
     )
+    caption_template: Template | None = Field(
+        None, description="wraps every caption of its images; default: data.caption_template: {caption} is the image's own caption (metadata.jsonl, "
+        ".txt or the instance prompt), {identifier} the identifier, e.g. '{identifier} dog, {caption}' (kohya's "
+        "caption_prefix / caption_suffix)"
+    )
 
 
 @dataclass(frozen=True)
@@ -197,6 +213,7 @@ class Concept:
     class_prompt: str | None
     class_dir: str | None
     repeats: int | None  # its own repeats; None: data.repeats, or balanced (data.balance_concepts)
+    caption_template: str | None = None  # its own, else data.caption_template
 
     def key_of(self, name: str) -> str:
         """The recipe key of its setting ``name`` as the user writes it: ``data.concepts[1].class_prompt``, or
@@ -219,6 +236,11 @@ class DataConfig(_Section):
     caption_column: Name | None = Field(
         None, description="data.dataset's caption column; default: text, caption or prompt if it has one, else "
         "data.instance_prompt for every image"
+    )
+    caption_template: Template | None = Field(
+        None, description="wraps every caption of the instance images (each concept's own wins): {caption} is the image's own caption (metadata.jsonl, "
+        ".txt or the instance prompt), {identifier} the identifier, e.g. '{identifier} dog, {caption}' (kohya's "
+        "caption_prefix / caption_suffix)"
     )
     identifier: Identifier | None = Field(None, description="the rare word that names the subject, e.g. sks "
                                           "(required unless data.concepts)")
@@ -445,9 +467,10 @@ class _Config(_Section):
         data, prior = self.data, self.prior  # type: ignore[attr-defined]
         if not data.concepts:
             return [Concept("data", data.identifier, data.instance_dir, data.dataset, data.instance_prompt,
-                            prior.class_prompt, prior.class_dir, None)]
+                            prior.class_prompt, prior.class_dir, None, data.caption_template)]
         return [Concept(f"data.concepts[{i}]", c.identifier, c.instance_dir, None, c.instance_prompt, c.class_prompt,
-                        c.class_dir, c.repeats) for i, c in enumerate(data.concepts)]
+                        c.class_dir, c.repeats, c.caption_template or data.caption_template)
+                for i, c in enumerate(data.concepts)]
 
     def family_options(self, family: families.Family) -> BaseModel | None:
         """The recipe section of ``family``'s own options, None for a family without one."""

@@ -311,6 +311,14 @@ def _caption(path: Path, folder: Path, captions: dict[str, str] | None, instance
     return caption
 
 
+def apply_template(template: str | None, caption: str, identifier: str) -> str:
+    """``caption`` wrapped by ``data.caption_template`` ('{identifier} dog, {caption}'); only these two exact
+    tokens are replaced (str.replace), any other brace is text."""
+    if not template:
+        return caption
+    return template.replace("{identifier}", identifier).replace("{caption}", caption)
+
+
 def _pixel_limit() -> int:
     # A resize is held to the reader's decompression-bomb limit (Pillow's default should someone lift it).
     return Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -425,14 +433,14 @@ def _check_masks(examples: list[Example], key: str, scan: Scan) -> None:
 def scan_instance_dir(
     instance_dir: str | Path, identifier: str | list[str], instance_prompt: str | None,
     key: str = "data.instance_dir", resolution: int | None = None, masked_loss: bool = False, concept: int = 0,
-    prompt_key: str | None = "data.instance_prompt",
+    prompt_key: str | None = "data.instance_prompt", template: str | None = None,
 ) -> Scan:
     """Pair every image in ``instance_dir`` with its caption and check both, images from their headers first.
     ``identifier``: the subject's word, or the words of which a caption should hold one (held-out images of
     several concepts). ``resolution``: the training resolution, which sizes are judged at (default:
     ``LEAST_RESOLUTION``). ``masked_loss``: also check each image's mask (``mask_of``). ``concept``: the
     examples' subject (``Example.concept``); ``prompt_key``: the recipe key of ``instance_prompt`` (problem lines
-    name it)."""
+    name it); ``template``: ``data.caption_template`` (``apply_template``)."""
     words = [identifier] if isinstance(identifier, str) else list(identifier)
     folder = Path(instance_dir)
     scan = Scan()
@@ -460,6 +468,7 @@ def scan_instance_dir(
         caption = _caption(path, folder, captions, instance_prompt, words[0], key, scan, prompt_key)
         if caption is None:
             continue
+        caption = apply_template(template, caption, words[0])
         if not any(has_word(caption, word) for word in words):
             named = f"the identifier '{words[0]}'" if len(words) == 1 else \
                 f"any of the identifiers {', '.join(repr(w) for w in words)}"

@@ -399,7 +399,9 @@ def kohya_metadata(
         meta["ss_network_args"] = json.dumps(network_args)
     if trigger_word:
         meta["modelspec.trigger_phrase"] = trigger_word
-        meta["modelspec.usage_hint"] = f"put '{trigger_word}' in the prompt"
+        words = [w.strip() for w in trigger_word.split(",")]  # several concepts: "sks, ohwx"
+        meta["modelspec.usage_hint"] = f"put '{words[0]}' in the prompt" if len(words) == 1 else \
+            f"put one of {', '.join(repr(w) for w in words)} in the prompt, the identifier of the subject to draw"
     # A1111 shows these in the LoRA's metadata and names the network by ss_output_name (its alias)
     optional = {"ss_output_name": output_name, "ss_sd_model_name": public_name(base_model),
                 "ss_clip_skip": None if clip_skip is None else str(int(clip_skip))}

@@ -374,7 +374,7 @@ def _scan_concept(cfg: Config, c: Concept, index: int, resolution: int | None) -
         folder, key = found, "data.dataset"
     return folder, scan_instance_dir(folder, c.identifier, c.instance_prompt, key=key, resolution=resolution,
                                      masked_loss=d.masked_loss, concept=index,
-                                     prompt_key=c.key_of("instance_prompt"))
+                                     prompt_key=c.key_of("instance_prompt"), template=c.caption_template)
 
 
 def _scan_data(cfg: Config, resolution: int | None) -> tuple[list[Path | None], Scan]:

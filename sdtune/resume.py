@@ -108,7 +108,8 @@ def refuse_data_drift(checkpoint: Path, state: dict, kind: str, current: dict[st
     if not drift:
         return None
     dataset = ((state.get("config") or {}).get("data") or {}).get("dataset")  # a run trained from data.dataset
-    where = ("data.dataset" if dataset else "data.instance_dir") if kind == "instance" else "prior (class images)"
+    where = ("data.dataset" if dataset else "data.instance_dir (or data.concepts' folders)") if kind == "instance" \
+        else "prior (class images)"
     return (f"train.resume: the {kind} images changed since {checkpoint.name} ({'; '.join(drift)}); resuming would "
             f"train a different run. fix: restore {where} as it was, or start a new train.output_dir")
 

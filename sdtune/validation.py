@@ -71,7 +71,8 @@ def check_validation(cfg: Config, resolution: int | None, training: list[Example
     words = cfg.identifiers()
     scan = scan_instance_dir(d.validation_dir, words if d.concepts else words[0], d.instance_prompt,
                              key="data.validation_dir", resolution=resolution,
-                             prompt_key=None if d.concepts else "data.instance_prompt")
+                             prompt_key=None if d.concepts else "data.instance_prompt",
+                             template=d.caption_template)  # held-out captions read like the training ones
     problems += scan.problems
     warnings += scan.warnings
     trained = {content_hash(e.path) for e in training}

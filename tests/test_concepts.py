@@ -394,3 +394,21 @@ def test_concepts_with_aspect_buckets_count_each_image_with_its_repeats(tiny_mod
     assert sum(b["count"] for b in buckets) == 8 * 1 + 2 * 4
     # the two square demo photos x 4, and the 4 squares of the 8 x 1
     assert {"resolution": [64, 64], "count": 2 * 4 + 4} in buckets
+
+
+def test_caption_templates_wrap_each_concepts_captions(tiny_model, tmp_path, two):
+    """A concept's caption_template wraps its images' own captions (.txt here); the others use
+    data.caption_template; a template without {caption} is refused as the key the user wrote."""
+    rex, tom = two
+    for p in rex.glob("*.png"):
+        p.with_suffix(".txt").write_text("red background")
+    for p in tom.glob("*.png"):
+        p.with_suffix(".txt").write_text("blue background")
+    plan = check_run(_cfg(tiny_model("sd15"), tmp_path / "run", _concepts(
+        _concept(rex, "sks", caption_template="{identifier} toy, {caption}"), _concept(tom, "ohwx")),
+        "data.caption_template=a photo of {identifier}, {caption}"))
+    captions = {e.caption for e in plan.examples}
+    assert captions == {"sks toy, red background", "a photo of ohwx, blue background"}
+    with pytest.raises(ConfigError) as e:
+        _cfg(tiny_model("sd15"), tmp_path / "run", _concepts(_concept(rex, "sks", caption_template="sks toy")))
+    assert _problems(e)[0].startswith("data.concepts[0].caption_template: must contain {caption}")
