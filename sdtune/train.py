@@ -1134,6 +1134,18 @@ def check_health(run: Run) -> None:
         )
 
 
+def _check_embeddings_agree(run: Run) -> None:
+    """Several processes must end with the same token embeddings (their gradients are averaged by hand, not by
+    DDP); refuse to write files from one process's copy if they do not."""
+    if run.embeddings is None or run.accelerator.num_processes == 1:
+        return
+    for rows in run.embeddings.rows:
+        gathered = run.accelerator.gather(rows.detach()[None])  # (processes, N, width)
+        if not torch.equal(gathered.amin(0), gathered.amax(0)):
+            raise SdtuneError("pivotal tuning: the processes ended with different token embeddings; nothing final "
+                              "was written. Please report this with the command you ran")
+
+
 def _probe_loss(run: Run) -> float:
     """The loss of the trained model on its first training example, without dropout, random streams kept."""
     states = (run.generator.get_state(), torch.get_rng_state())
@@ -1225,6 +1237,7 @@ def finish(run: Run) -> Path:
     }
     summary |= ema_summary(run.ema) | validation_summary(out / "losses.jsonl", run.global_step)
     check_health(run)  # an exploded LoRA is refused before anything final is written
+    _check_embeddings_agree(run)
     run.save()
     if run.main:
         _save_final_lora(run)

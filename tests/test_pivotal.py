@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import overrides
+from conftest import ROOT, overrides
 from sdtune.config import ConfigError, load_config
 from sdtune.families import get as get_family
 from sdtune.models import load_components
@@ -285,3 +285,25 @@ def test_the_embeddings_alone_carry_the_subject_in_the_micro_world(tmp_path):
     emb.install([pipe.tokenizer], [pipe.text_encoder])
     with_embeddings = score([emb.rewrite(p) for p in prompts])
     assert with_embeddings > plain + 0.04, (plain, with_embeddings)
+
+
+@pytest.mark.slow  # launches two processes
+def test_two_processes_average_the_embeddings_gradients(tiny_model, tmp_path):
+    """Under `accelerate launch --multi_gpu --num_processes 2` (gloo on the CPU) the rows, which DDP does not see,
+    get the averaged gradient on both processes: the run checks that they end equal before writing the files."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "sdtune", "train", str(ROOT / "recipes/tiny_cpu.yaml"),
+           *overrides(tiny_model("sd15"), out, "prior.enabled=false", *PIVOTAL, "train.max_steps=4")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tensors, _ = _emb(out)
+    assert tensors["clip_l"].shape == (2, 32)
