@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from sdtune.cli import main
 from sdtune.eval.core import Row
@@ -144,3 +145,20 @@ def test_recommendation_stops_before_over_training():
             row(300, 1, 0.9, 1.0, drift=0.7)]  # without prior preservation the class turns into the subject
     assert measure.recommend(rows).step == 200
     assert measure.recommend([row(100, 0, 0.2, 0.9)]) is None
+
+
+def test_pretraining_continues_from_a_model(pretrained, tmp_path):
+    """--init-from: a further pretraining starts from a model's weights and keeps its VAE (the latents the UNet
+    learnt stay the same)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "c"
+    pretrain(PretrainConfig(out=str(out), num_images=48, steps=2, batch_size=8, eval_every=2, eval_images=4,
+                            init_from=str(pretrained)), log=lambda _: None)
+    vae_a, vae_b = load_file(pretrained / "vae/diffusion_pytorch_model.safetensors"), \
+        load_file(out / "vae/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+    unet_a, unet_b = load_file(pretrained / "unet/diffusion_pytorch_model.safetensors"), \
+        load_file(out / "unet/diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(unet_a[k], unet_b[k]) for k in unet_a)
+    assert not (out / "stage-vae").exists()  # no VAE stage: it was not trained again

@@ -37,6 +37,7 @@ def add_commands(sub: Any) -> None:
     m.add_argument("--warmup", type=int, default=200)
     m.add_argument("--init-from", metavar="MODEL", help="continue from a micro model folder (e.g. `sdtune micro "
                    "model DIR`) instead of starting from random weights; its VAE is kept")
+    m.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (default %(default)s)")
     m.add_argument("--eval-every", type=int, default=500, help="score prompt following and save every N steps")
     m.add_argument("--eval-images", type=int, default=64)
     m.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -76,7 +77,7 @@ def cmd_micro_pretrain(args: argparse.Namespace) -> int:
                           "choose a new folder")
     cfg = PretrainConfig(out=str(out), seed=args.seed, num_images=args.num_images, vae_steps=args.vae_steps,
                          steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                         init_from=args.init_from, eval_every=args.eval_every,
+                         init_from=args.init_from, device=args.device, eval_every=args.eval_every,
                          eval_images=args.eval_images, threads=args.threads)
     report = pretrain(cfg)
     last = report["history"][-1] if report.get("history") else {}

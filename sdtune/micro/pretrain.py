@@ -58,6 +58,7 @@ class PretrainConfig:
     eval_images: int = 64
     threads: int = 0  # 0: torch's default
     init_from: str | None = None  # a micro pipeline folder to continue from (its VAE is kept, not retrained)
+    device: str = "cpu"  # "cuda" on a GPU machine (the same recipe; other random draws, so other weights)
 
 
 def render_world(n: int, seed: int) -> tuple[np.ndarray, list[str], list[world.Scene]]:
@@ -79,16 +80,17 @@ def _to_tensor(images: np.ndarray):
 
 
 def train_vae(vae, images: np.ndarray, steps: int, batch_size: int, lr: float, seed: int, log) -> float:
-    """Train the VAE in place; returns the final reconstruction PSNR (dB) on 256 held-in images."""
+    """Train the VAE in place (on its device); returns the final reconstruction PSNR (dB) on 256 held-in images."""
+    device = next(vae.parameters()).device
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * (1 + math.cos(math.pi * s / steps)) / 2))
     vae.train()
     for step in range(steps):
         idx = torch.randint(0, len(images), (batch_size,), generator=g)
-        x = _to_tensor(images[idx.numpy()])
+        x = _to_tensor(images[idx.numpy()]).to(device)
         posterior = vae.encode(x).latent_dist
-        rec = vae.decode(posterior.sample(generator=g)).sample
+        rec = vae.decode(posterior.sample(generator=g if device.type == "cpu" else None)).sample
         # L1 keeps flat colours and edges crisp; the KL only keeps the latent space smooth and bounded.
         rec_loss = (rec - x).abs().mean() + (rec - x).pow(2).mean()
         loss = rec_loss + 1e-6 * posterior.kl().mean()
@@ -106,7 +108,7 @@ def train_vae(vae, images: np.ndarray, steps: int, batch_size: int, lr: float, s
 def psnr(vae, images: np.ndarray) -> float:
     """Reconstruction PSNR (dB) of the VAE on the first 256 images."""
     with torch.no_grad():
-        x = _to_tensor(images[:256])
+        x = _to_tensor(images[:256]).to(next(vae.parameters()).device)
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
         mse = (rec - x).pow(2).mean().item() / 4  # in [0, 1] units
     return 10 * math.log10(1.0 / max(mse, 1e-12))
@@ -148,7 +150,7 @@ def encode_latents(vae, images: np.ndarray, batch_size: int = 256):
     means, stds = [], []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            dist = vae.encode(_to_tensor(images[i: i + batch_size])).latent_dist
+            dist = vae.encode(_to_tensor(images[i: i + batch_size]).to(next(vae.parameters()).device)).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)
     return torch.cat(means), torch.cat(stds)
@@ -169,6 +171,11 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = logger.info) -> d
     if cfg.init_from:
         text_encoder, vae, unet = load_parts(Path(cfg.init_from))
         log(f"continuing from {cfg.init_from} (its VAE, UNet and text encoder)")
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    text_encoder, vae, unet = text_encoder.to(device), vae.to(device), unet.to(device)
 
     t1 = time.time()
     if not cfg.init_from:
@@ -185,6 +192,7 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = logger.info) -> d
     # Token ids once: (n, 77). Caption dropout swaps in the empty prompt's ids per step.
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids, empty_ids = ids.to(device), empty_ids.to(device)
 
     # the same DreamBooth step as `sdtune train` (one definition of the diffusion loss): v-prediction on the
     # micro model's cosine schedule
@@ -196,7 +204,7 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = logger.info) -> d
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params))
-    g = torch.Generator().manual_seed(cfg.seed + 1)
+    g = torch.Generator(device).manual_seed(cfg.seed + 1)  # on the device: the step draws its noise with it
     unet.train()
     text_encoder.train()
     t2, history = time.time(), []
@@ -215,11 +223,12 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = logger.info) -> d
         (out / "pretrain_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
     for step in range(1, cfg.steps + 1):
-        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
+        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g, device=device)
         # latents: (B, 4, 16, 16), a fresh sample of each image's posterior, scaled to unit variance
-        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scaling_factor
+        noise = torch.randn(means[idx].shape, generator=g, device=device)
+        latents = (means[idx] + stds[idx] * noise) * scaling_factor
         input_ids = ids[idx]
-        drop = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
+        drop = torch.rand(cfg.batch_size, generator=g, device=device) < cfg.caption_dropout
         input_ids[drop] = empty_ids
         conditioning = family.conditioning(family.encode_prompt([text_encoder], [input_ids]), {}, None,
                                            latents.device, latents.dtype)
