@@ -6,7 +6,9 @@ still draws a fresh latent from it exactly as the uncached path does. Files live
 keyed by the image's content hash, the VAE's identity (a hash of its weight and config files' bytes, never
 its path or hub id: a replaced model folder or a new hub snapshot encodes again, and says so), the target
 size (the square resolution, or an aspect-ratio bucket) and the crop, so reruns and resumes skip the
-encoding. A cache file that does not read back (a truncated copy, a full disk) is encoded again.
+encoding. A cache file whose header does not check out (a truncated copy, a full disk) is encoded again.
+The run reads each latent from its file when a batch needs it (``LatentStore``, in the DataLoader's workers
+when there are any): resident memory does not grow with the number of images.
 
 Text: with the text encoders frozen, each distinct caption is encoded once and kept on the device, as the
 family's prompt embeddings (``Family.encode_prompt``: hidden states, pooled embeddings, ...).
@@ -20,7 +22,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from sdtune.data import Size, load_image
 from sdtune.errors import DiskFull, SdtuneError
 from sdtune.files import content_hash, free_bytes, mib, write_bytes, write_text
 from sdtune.locks import cache_lock
+from sdtune.runs import safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +68,43 @@ def note_identity(directory: Path, name: str, identity: str, what: str, key: str
     return f"{name} is not the model it was when {what} were cached (its files changed), so they are made again"
 
 
-def _read_cached(file: Path) -> torch.Tensor | None:
-    """A cache entry, or None when there is none or it does not read back whole (then it is encoded again)."""
+def _cached(file: Path) -> bool:
+    """Whether a cache entry is there whole: its header parses, names the latent, and its tensors fill the
+    file exactly (a header read, not the tensor: 100,000 entries are checked in seconds). A damaged one is
+    removed, to be encoded again."""
     if not file.is_file():
-        return None
+        return False
     try:
-        params = load_file(file)["params"]
-    except Exception as e:  # truncated or damaged: safetensors raises its own error types
-        logger.info(f"latent cache: {file.name} is damaged ({type(e).__name__}); encoding it again")
+        whole = "params" in safetensors_header(file)
+    except SdtuneError:
+        whole = False
+    if not whole:
+        logger.info(f"latent cache: {file.name} is damaged; encoding it again")
         file.unlink(missing_ok=True)
-        return None
-    return params
+    return whole
+
+
+class LatentStore(Mapping):
+    """The cached latents of a run by ``(str(path), flip, (w, h))``, each read from its file when asked: the
+    distribution parameters (2C, h, w), or with ``mean_std`` their mean and standard deviation
+    (``mean_and_std``, what a training example carries). Holds file names only, so it pickles cheaply into
+    DataLoader workers."""
+
+    def __init__(self, files: dict[tuple[str, bool, Size], Path], mean_std: bool = False):
+        self.files, self.mean_std = files, mean_std
+
+    def __getitem__(self, key: tuple[str, bool, Size]) -> torch.Tensor:
+        params = load_file(self.files[key])["params"]
+        return mean_and_std(params) if self.mean_std else params
+
+    def __iter__(self) -> Iterator[tuple[str, bool, Size]]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def as_mean_std(self) -> LatentStore:
+        return LatentStore(self.files, mean_std=True)
 
 
 def latent_key(image_hash: str, vae_id: str, size: tuple[int, int], flip: bool) -> str:
@@ -93,25 +122,24 @@ def cache_latents(
     *,
     batch_size: int = 8,
     progress: bool = True,
-) -> dict[tuple[str, bool, Size], torch.Tensor]:
-    """Latent distribution parameters (8, h/8, w/8) on the CPU for every (image, flip, size (w, h)),
-    keyed ``(str(path), flip, size)``, encoding only the ones not on disk yet. Centre crops only: a random
-    crop would need a new latent every step."""
+) -> LatentStore:
+    """The latent distribution parameters (8, h/8, w/8) of every (image, flip, size (w, h)), keyed
+    ``(str(path), flip, size)``, encoding only the ones not on disk yet; read from disk when asked. Centre
+    crops only: a random crop would need a new latent every step."""
     directory.mkdir(parents=True, exist_ok=True)
     hashes = {p: content_hash(p) for p in {p for p, _, _ in items}}
-    out: dict[tuple[str, bool, Size], torch.Tensor] = {}
+    out: dict[tuple[str, bool, Size], Path] = {}
     todo: list[tuple[Path, bool, Size, Path]] = []
     for path, flip, (w, h) in items:
         file = directory / f"{latent_key(hashes[path], vae_id, (h, w), flip)}.safetensors"
-        cached = _read_cached(file)
-        if cached is not None:
-            out[(str(path), flip, (w, h))] = cached
+        if _cached(file):
+            out[(str(path), flip, (w, h))] = file
         else:
             todo.append((path, flip, (w, h), file))
     if todo:
         with cache_lock(directory, "latents"):
             _encode(vae, todo, out, batch_size, progress)
-    return out
+    return LatentStore(out)
 
 
 def _encode(vae: Any, todo: list[tuple[Path, bool, Size, Path]], out: dict, batch_size: int, progress: bool) -> None:
@@ -131,7 +159,7 @@ def _encode(vae: Any, todo: list[tuple[Path, bool, Size, Path]], out: dict, batc
         params = vae.encode(pixels).latent_dist.parameters.float().cpu()  # (B, 8, h/8, w/8)
         for (path, flip, _, file), p in zip(batch, params):
             _write_entry(file, p, len(todo) - start)
-            out[(str(path), flip, size)] = p
+            out[(str(path), flip, size)] = file
         bar.update(len(batch))
         start += len(batch)
     bar.close()
@@ -139,10 +167,10 @@ def _encode(vae: Any, todo: list[tuple[Path, bool, Size, Path]], out: dict, batc
 
 def _take(out: dict, item: tuple[Path, bool, Size, Path]) -> bool:
     path, flip, size, file = item
-    cached = _read_cached(file)
-    if cached is not None:
-        out[(str(path), flip, size)] = cached
-    return cached is not None
+    if _cached(file):
+        out[(str(path), flip, size)] = file
+        return True
+    return False
 
 
 def _write_entry(file: Path, params: torch.Tensor, left: int) -> None:

@@ -42,7 +42,7 @@ from diffusers.training_utils import cast_training_params, offload_models
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from sdtune.cache import TextCache, cache_latents, mean_and_std, note_identity, vae_identity
+from sdtune.cache import LatentStore, TextCache, cache_latents, note_identity, vae_identity
 from sdtune.checkpoint import clean_temporary, load_checkpoint, save_checkpoint
 from sdtune.config import Config, ConfigError
 from sdtune.data import (
@@ -182,7 +182,7 @@ class Run:
     weight_dtype: torch.dtype
     class_paths: list[Path]
     dataset: DreamBoothDataset
-    latent_cache: dict | None
+    latent_cache: LatentStore | None  # the cached latents, read per batch from their files
     text_cache: TextCache | None
     offloaded: bool  # VAE and frozen text encoders are kept off the GPU (caches make them unneeded)
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # trained, as prepared, by component name
@@ -543,7 +543,7 @@ def _dataset(cfg: Config, plan: RunPlan, class_paths: list[Path], c: Components)
 
 
 def _latent_cache(cfg: Config, plan: RunPlan, c: Components, dataset: DreamBoothDataset,
-                  accelerator: Accelerator) -> dict | None:
+                  accelerator: Accelerator) -> LatentStore | None:
     """Each image (and its mirror) encoded once: the frozen VAE leaves the step."""
     if not cfg.train.cache_latents:
         return None
@@ -564,8 +564,9 @@ def _latent_cache(cfg: Config, plan: RunPlan, c: Components, dataset: DreamBooth
     # read its files.
     with accelerator.main_process_first():
         cache = cache_latents(c.vae, items, vae_id, directory, progress=accelerator.is_main_process)
-    # The standard deviation once here, not every step on the device (the variance is never used).
-    dataset.latents = {key: mean_and_std(params) for key, params in cache.items()}
+    # read per batch from the files (in the loader's workers when there are any), as mean and standard deviation:
+    # resident memory does not grow with the number of images
+    dataset.latents = cache.as_mean_std()
     return dataset.latents
 
 

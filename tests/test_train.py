@@ -4,6 +4,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -396,6 +397,38 @@ def test_latent_cache_takes_a_size_per_item(tiny_model, tmp_path):
 
     again = cache_latents(NoVAE(), items, "vae", tmp_path, progress=False)
     assert all(torch.equal(again[k], got[k]) for k in got)
+
+
+def test_latent_cache_is_read_per_batch_not_held(tiny_model, tmp_path):
+    """Issue 19: the cache holds file names, not tensors (resident memory flat in the number of images), pickles
+    small into DataLoader workers, and a truncated entry is found by its header and encoded again."""
+    import pickle
+
+    from sdtune.cache import LatentStore, cache_latents
+
+    c = load_components(str(tiny_model("sd15")), SD15)
+    items = [(DEMO_DATA / f"toy_{i:02d}.png", flip, (64, 64)) for i in range(4) for flip in (False, True)]
+    store = cache_latents(c.vae, items, "vae", tmp_path, progress=False)
+    assert isinstance(store, LatentStore) and len(store) == 8
+    assert all(isinstance(f, Path) and f.is_file() for f in store.files.values())
+    first = {k: store[k].clone() for k in store}  # (load_file maps the file; the test rewrites one in place)
+    assert len(pickle.dumps(store)) < 400 * len(store)  # about a path per entry; a latent here is 2 KiB
+    victim = store.files[(str(items[0][0]), False, (64, 64))]
+    victim.write_bytes(victim.read_bytes()[:-16])
+    again = cache_latents(c.vae, items, "vae", tmp_path, progress=False)
+    assert all(torch.allclose(again[k], first[k], atol=1e-5) for k in first)  # encoded alone: rounding
+    assert victim.stat().st_size > 16 and again.files[(str(items[0][0]), False, (64, 64))] == victim
+
+
+def test_loader_workers_read_the_cache_and_train_the_same(tiny_model, tmp_path):
+    """Batches read by two DataLoader worker processes train bitwise the same LoRA as batches read in-process."""
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        train(load_config(None, overrides(tiny_model("sd15"), out, f"train.dataloader_workers={workers}",
+                                          "data.instance_prompt=a photo of sks toy", "data.random_flip=true")))
+        runs[workers] = load_file(out / WEIGHT_NAME)
+    assert runs[0].keys() == runs[2].keys() and all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
 
 
 def test_sdxl_time_ids_use_each_crops_target_size():
