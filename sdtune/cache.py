@@ -10,8 +10,9 @@ encoding. A cache file whose header does not check out (a truncated copy, a full
 The run reads each latent from its file when a batch needs it (``LatentStore``, in the DataLoader's workers
 when there are any): resident memory does not grow with the number of images.
 
-Text: with the text encoders frozen, each distinct caption is encoded once and kept on the device, as the
-family's prompt embeddings (``Family.encode_prompt``: hidden states, pooled embeddings, ...).
+Text: with the text encoders frozen, each distinct caption is encoded once into a file of its own, as the
+family's prompt embeddings (``Family.encode_prompt``: hidden states, pooled embeddings, ...), keyed by the
+text encoders' identity; the most recently used ones stay on the device (``TextCache``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import hashlib
 import json
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -173,16 +175,18 @@ def _take(out: dict, item: tuple[Path, bool, Size, Path]) -> bool:
     return False
 
 
-def _write_entry(file: Path, params: torch.Tensor, left: int) -> None:
+def _write_entry(file: Path, tensors: torch.Tensor | dict[str, torch.Tensor], left: int,
+                 what: str = "latents") -> None:
     """One cache file, whole or not at all; a full disk is one line saying how much the rest needs."""
+    tensors = {"params": tensors} if isinstance(tensors, torch.Tensor) else tensors
     try:  # whole or not at all: a killed run never leaves half a cache file
-        write_bytes(file, save({"params": params.contiguous()}))
+        write_bytes(file, save({k: v.contiguous() for k, v in tensors.items()}))
     except OSError as e:
         if e.errno != errno.ENOSPC:
-            raise SdtuneError(f"latent cache: cannot write {file}: {e.strerror or e}") from None
-        need = left * (params.numel() * params.element_size() + 256)
-        raise DiskFull(f"disk full while caching latents in {file.parent}: the partial file was removed; the "
-                       f"remaining {left} latents need about {mib(need)} ({mib(free_bytes(file.parent))} free). "
+            raise SdtuneError(f"{what} cache: cannot write {file}: {e.strerror or e}") from None
+        need = left * (sum(v.numel() * v.element_size() for v in tensors.values()) + 256)
+        raise DiskFull(f"disk full while caching {what} in {file.parent}: the partial file was removed; the "
+                       f"remaining {left} {'latents' if what == 'latents' else 'entries'} need about {mib(need)} ({mib(free_bytes(file.parent))} free). "
                        "fix: free space, or set SDTUNE_CACHE to a folder on a larger disk") from None
 
 
@@ -194,22 +198,62 @@ def mean_and_std(params: torch.Tensor) -> torch.Tensor:
 
 
 class TextCache:
-    """Prompt embeddings of each distinct caption, computed once: ``{caption: {name: tensor without the batch
-    dimension}}``, on the device of the encoders."""
+    """Prompt embeddings of each distinct caption, computed once into ``directory`` (one safetensors file per
+    caption, named by its hash under the text encoders' ``identity``, so a rerun encodes nothing) and read back
+    when a batch needs them. The ``keep`` most recently used captions stay on ``device``: a DreamBooth run's
+    few captions never touch the disk again, and 100,000 captions take ``keep`` entries of memory, not 30 GB
+    of SDXL embeddings. Values are bitwise what ``encode`` gave (stored in its dtype)."""
 
     def __init__(self, captions: list[str], encode: Callable[[list[str]], dict[str, torch.Tensor]],
-                 batch_size: int = 16):
+                 directory: Path, identity: str, device: torch.device | str = "cpu", batch_size: int = 16,
+                 keep: int = 256, progress: bool = False):
         """``encode(captions)`` returns the batched prompt embeddings the training step uses."""
+        self.directory, self.device, self.keep = Path(directory) / identity, torch.device(device), keep
+        self.directory.mkdir(parents=True, exist_ok=True)
         unique = list(dict.fromkeys(captions))
-        self.embeddings: dict[str, dict[str, torch.Tensor]] = {}
+        self.files = {c: self.directory / f"{hashlib.sha256(c.encode()).hexdigest()[:32]}.safetensors" for c in unique}
+        self._recent: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        todo = [c for c in unique if not _whole(self.files[c])]
+        if todo:
+            with cache_lock(self.directory, "text embeddings"):
+                self._encode([c for c in todo if not _whole(self.files[c])], encode, batch_size, progress)
+
+    def _encode(self, todo: list[str], encode: Callable, batch_size: int, progress: bool) -> None:
+        bar = tqdm(total=len(todo), desc="caching text", unit="caption", disable=not progress or not todo)
         with torch.no_grad():
-            for start in range(0, len(unique), batch_size):
-                chunk = unique[start : start + batch_size]
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
                 batch = encode(chunk)
                 for i, caption in enumerate(chunk):
-                    self.embeddings[caption] = {name: value[i] for name, value in batch.items()}
+                    row = {name: value[i].detach().to("cpu").contiguous() for name, value in batch.items()}
+                    _write_entry(self.files[caption], row, len(todo) - start - i, "text embeddings")
+                    self._remember(caption, {name: value[i] for name, value in batch.items()})
+                bar.update(len(chunk))
+        bar.close()
+
+    def _remember(self, caption: str, row: dict[str, torch.Tensor]) -> None:
+        self._recent[caption] = row
+        self._recent.move_to_end(caption)
+        while len(self._recent) > self.keep:
+            self._recent.popitem(last=False)
+
+    def _row(self, caption: str) -> dict[str, torch.Tensor]:
+        row = self._recent.get(caption)
+        if row is None:
+            row = {name: value.to(self.device) for name, value in load_file(self.files[caption]).items()}
+        self._remember(caption, row)
+        return row
 
     def __getitem__(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """The batched embeddings of ``captions`` (each (B, ...)), as ``encode`` would give them."""
-        rows = [self.embeddings[caption] for caption in captions]
+        rows = [self._row(caption) for caption in captions]
         return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
+
+
+def _whole(file: Path) -> bool:
+    """Whether a cache file is there and its header checks out (else it is written again)."""
+    try:
+        return file.is_file() and bool(safetensors_header(file))
+    except SdtuneError:
+        file.unlink(missing_ok=True)
+        return False

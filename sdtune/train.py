@@ -18,6 +18,7 @@ smooth-L1 loss of ``train.loss``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -586,8 +587,14 @@ def _text_cache(run: Run) -> TextCache | None:
     def encode(chunk: list[str]) -> dict[str, torch.Tensor]:
         return family.encode_prompt(c.text_encoders, [ids.to(run.device) for ids in family.tokenize(c.tokenizers, chunk)])
 
-    with run.accelerator.autocast():
-        return TextCache(captions, encode)
+    # what the embeddings depend on: the encoders' and tokenizers' files, clip skip, family, dtypes, device kind
+    parts = [n for e in family.text_encoders for n in (e.name, e.tokenizer_name)]
+    weights = model_identity(run.plan.model.pretrained, run.cfg.model.revision, parts, None, run.cfg.model.clip_skip)
+    identity = hashlib.sha256("|".join([weights, family.name, str(run.weight_dtype), run.accelerator.mixed_precision,
+                                        run.device.type]).encode()).hexdigest()[:16]
+    # every process writes what it lacks into the shared folder; the main one first, so the others mostly read
+    with run.accelerator.autocast(), run.accelerator.main_process_first():
+        return TextCache(captions, encode, cache_root() / "text", identity, run.device, progress=run.main)
 
 
 def _add_adapters(cfg: Config, family: Family, options: Any, c: Components) -> dict[str, torch.nn.Module]:
