@@ -4,7 +4,8 @@ Every file in SRC is read safely (``sdtune.images``), cropped (center, saliency,
 Lanczos-resized and written to OUT with ``metadata.jsonl`` (``file_name``, ``text``), which is what
 ``datasets.load_dataset("imagefolder", data_dir=OUT)`` and ``sdtune train`` read. Beside them:
 ``prep_report.json`` (every source file: kept / fixed (what) / skipped (why) / ignored, output name, crop
-box, and the checks) and ``contact_sheet.jpg``, every kept crop labelled on one page. The sheet is not in
+box, and the checks) and ``contact_sheet.jpg``, every kept crop labelled on one page (past ``SHEET_MAX``
+crops: every flagged or dropped one and an even sample of the rest, as the report says). The sheet is not in
 ``metadata.jsonl``, so neither ``datasets`` nor ``sdtune train`` takes it for a training image.
 
 Problems with the photos themselves (near duplicates, blur, upscaling, extreme aspect, a grayscale-only
@@ -74,6 +75,7 @@ FACE_SIDE = 512
 # favours skin and detail anyway, so a missed face costs little and a false one (a crop on a dog's ear) more.
 FACE_MIN_CONFIDENCE = 4.0
 SHEET_CELL = 192
+SHEET_MAX = 400  # cells on the contact sheet: a 10,000-image sheet would pass JPEG's 65,500-pixel limit
 
 
 @dataclass(frozen=True)
@@ -802,7 +804,9 @@ def _report(src_dir: Path, settings: Settings, family: str | None, rename: str, 
         "summary": {"files": len(results), "images": count["kept"] + count["fixed"], **count,
                     "masks": sum(bool(r.mask) for r in results if r.status in ("kept", "fixed")),
                     # a dropped image's warnings are its reason, not warnings about the set
-                    "warnings": sum(len(r.warnings) for r in results if r.status != "dropped") + len(set_warnings)},
+                    "warnings": sum(len(r.warnings) for r in results if r.status != "dropped") + len(set_warnings),
+                    # the contact sheet's cells: all of them, or past SHEET_MAX the flagged ones and a sample
+                    "contact_sheet": min(SHEET_MAX, count["kept"] + count["fixed"] + count["dropped"])},
         "set_warnings": set_warnings,
         "files": [r.entry() for r in results],
     }
@@ -820,7 +824,8 @@ def _write(out_dir: Path, previous: list[Path], kept: list[Result], report: dict
             (tmp / r.mask).write_bytes(r.mask_encoded)
     rows = [json.dumps({"file_name": r.output, "text": r.caption}, ensure_ascii=False) for r in kept]
     (tmp / METADATA).write_text("\n".join(rows) + "\n", encoding="utf-8")
-    contact_sheet(sorted([*kept, *dropped], key=lambda r: _order(r.source))).save(tmp / SHEET, "JPEG", quality=90)
+    contact_sheet(sheet_sample(sorted([*kept, *dropped], key=lambda r: _order(r.source)))).save(
+        tmp / SHEET, "JPEG", quality=90)
     (tmp / REPORT).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     for p in previous:
         if p.name != TMP_DIR:
@@ -836,6 +841,18 @@ def _remove(p: Path) -> None:
         p.unlink()
     elif p.is_dir():
         shutil.rmtree(p)
+
+
+def sheet_sample(results: list[Result], limit: int = SHEET_MAX) -> list[Result]:
+    """What the contact sheet shows, in order: every result up to ``limit``; past it, the flagged and dropped
+    ones first (what needs a look), then an even sample of the others to fill the sheet."""
+    if len(results) <= limit:
+        return results
+    marked = [i for i, r in enumerate(results) if r.flags or r.grayscale or r.status == "dropped"][:limit]
+    rest = [i for i, r in enumerate(results) if not (r.flags or r.grayscale or r.status == "dropped")]
+    room = limit - len(marked)
+    sample = [rest[k * len(rest) // room] for k in range(room)] if room and rest else []
+    return [results[i] for i in sorted(marked + sample)]
 
 
 def contact_sheet(kept: list[Result]) -> Image.Image:

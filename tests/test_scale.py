@@ -78,3 +78,28 @@ def test_recent_entries_are_the_last_used(tmp_path, keep):
     cache[["x"]]
     cache[["z"]]
     assert list(cache._recent)[-1] == "z" and len(cache._recent) == keep
+
+
+def test_prep_of_many_images_writes_a_bounded_contact_sheet(tmp_path):
+    """A 10,000-image contact sheet passed JPEG's 65,500-pixel limit and prep failed (found by
+    bench/scale_bench.py); past SHEET_MAX cells it shows every flagged or dropped photo and an even sample."""
+    from PIL import Image
+
+    from sdtune.prep import SHEET, SHEET_MAX, Result, prep, sheet_sample
+
+    results = [Result(source=f"{i:05d}.jpg", status="kept") for i in range(1000)]
+    for i in (5, 500, 999):
+        results[i].flags.append("BLUR")
+    shown = sheet_sample(results, limit=10)
+    assert len(shown) == 10 and {r.source for r in shown} >= {"00005.jpg", "00500.jpg", "00999.jpg"}
+    assert shown == sorted(shown, key=lambda r: r.source)  # in the sheet's order
+    assert sheet_sample(results[:7], limit=10) == results[:7]
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(SHEET_MAX + 30):
+        Image.new("RGB", (72, 72), ((i * 37) % 256, (i * 91) % 256, (i * 11) % 256)).save(src / f"{i:04d}.png")
+    report = prep(src, tmp_path / "out", resolution=64, crop="center", caption="a photo of sks toy", workers=1,
+                  progress=False)
+    assert report["summary"]["images"] == SHEET_MAX + 30 and report["summary"]["contact_sheet"] == SHEET_MAX
+    with Image.open(tmp_path / "out" / SHEET) as sheet:
+        assert sheet.height < 65500

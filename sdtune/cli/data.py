@@ -112,6 +112,8 @@ def cmd_prep(args: argparse.Namespace) -> int:
         f"prep: {s['images']} images in {out} ({s['fixed']} fixed, {s['dropped']} dropped, {s['skipped']} "
         f"skipped, {s['ignored']} "
         f"ignored, {s['warnings']} warnings); see {out / REPORT} and {out / SHEET}"
+        + (f" (showing {s['contact_sheet']} of {s['images'] + s['dropped']}: every flagged one and a sample)"
+           if s.get("contact_sheet", 0) < s["images"] + s["dropped"] else "")
     )
     return 0
 
