@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pretrain the micro model on a GPU (issue 16: the instrument's prompt following, shapes 44% -> >= 80%), in one
 # call of the device tool. On 2 CPU cores one pretraining step of batch 64 takes ~0.75 s (4,000 steps: an hour,
-# shapes 44%; +1,500 steps continued from it: 53%, bench/MICRO_PRETRAIN.md); a GPU can afford the steps.
+# shapes 44%; +3,000 steps continued from it: 55%, bench/MICRO_PRETRAIN.md); a GPU can afford the steps.
 #
 # Here, once per session (git-ignored wheels the device machine lacks; its README):
 #   echo /.whl/ >> .git/info/exclude

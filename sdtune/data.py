@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sdtune import __version__
 from sdtune.errors import SdtuneError
+from sdtune.files import remembered
 from sdtune.images import DECODERS, IMAGE_EXTENSIONS, Decoded, Unreadable, missing_decoder, read_image
 from sdtune.prep import (
     EXTREME_ASPECT,
@@ -188,7 +190,17 @@ def _decode(path: Path, resolution: int):
 
 
 def _unreadable(path: Path) -> str | None:
-    """Why ``path`` cannot be trained on, with the fix; None if the reader takes it."""
+    """Why ``path`` cannot be trained on, with the fix; None if the reader takes it (once per version of the
+    file and of sdtune: a rerun over unchanged images decodes none of them)."""
+    try:
+        if remembered(path, f"decodes-{__version__}", lambda: None if _why_unreadable(path) else "ok") == "ok":
+            return None
+    except OSError:  # it vanished or cannot be read: said below
+        pass
+    return _why_unreadable(path)
+
+
+def _why_unreadable(path: Path) -> str | None:
     try:
         if path.stat().st_size == 0:
             return "an empty file (0 bytes); fix: copy the photo again, or remove it"

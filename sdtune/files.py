@@ -14,7 +14,7 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -100,12 +100,28 @@ def content_hash(path: str | Path) -> str:
     return digest
 
 
-def _memo(real: Path) -> Path:
-    """Where ``content_hash`` keeps the digest of this version of a file."""
+def _memo(real: Path, kind: str = "hashes") -> Path:
+    """Where ``content_hash`` (or ``remembered``'s ``kind``) keeps what it found of this version of a file."""
     st = real.stat()
     # fsencode: a file name need not be valid UTF-8
     key = hashlib.sha256(os.fsencode(real) + f"|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()[:32]
-    return cache_root() / "hashes" / key
+    return cache_root() / kind / key
+
+
+def remembered(path: str | Path, kind: str, compute: Callable[[], str | None]) -> str | None:
+    """``compute()`` once per version of the file at ``path`` (its real path, size, modification time and inode,
+    as ``content_hash``): kept under ``cache_root()/kind``, so a rerun over 100,000 unchanged images reads a
+    short file each instead of decoding them. A None result (a problem to report) is not kept: it is computed,
+    and said, every time."""
+    real = Path(path).resolve()
+    memo = _memo(real, kind)
+    with contextlib.suppress(OSError):
+        return memo.read_text()
+    value = compute()
+    if value is not None:
+        with contextlib.suppress(OSError):  # a read-only cache only costs the next run the work again
+            write_text(memo, value)
+    return value
 
 
 def unhashed_bytes(paths: list[Path]) -> int:

@@ -103,3 +103,31 @@ def test_prep_of_many_images_writes_a_bounded_contact_sheet(tmp_path):
     assert report["summary"]["images"] == SHEET_MAX + 30 and report["summary"]["contact_sheet"] == SHEET_MAX
     with Image.open(tmp_path / "out" / SHEET) as sheet:
         assert sheet.height < 65500
+
+
+def test_a_rescan_of_unchanged_images_decodes_none(tmp_path, monkeypatch):
+    """Found by bench/scale_bench.py: every start decoded every image to check it (most of a 10,000-image
+    rerun's start-up). Now a decode that passed is remembered per file version; a file changed since is
+    decoded (and refused) again."""
+    import shutil
+
+    from conftest import DEMO_DATA
+    from sdtune import data
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy(DEMO_DATA / f"toy_{i:02d}.png", folder / f"{i}.png")
+    first = data.scan_instance_dir(folder, "sks", "a photo of sks toy")
+    assert not first.problems and len(first.examples) == 3
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(data, "read_image", no_decoding)
+    again = data.scan_instance_dir(folder, "sks", "a photo of sks toy")
+    assert not again.problems and [e.path for e in again.examples] == [e.path for e in first.examples]
+    monkeypatch.undo()
+    (folder / "1.png").write_bytes((folder / "1.png").read_bytes()[:200])  # a photo broken since
+    broken = data.scan_instance_dir(folder, "sks", "a photo of sks toy")
+    assert any("1.png" in p for p in broken.problems)
