@@ -22,9 +22,11 @@ import errno
 import hashlib
 import json
 import logging
+import os
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -151,19 +153,24 @@ def _encode(vae: Any, todo: list[tuple[Path, bool, Size, Path]], out: dict, batc
     todo.sort(key=lambda item: item[2])
     device, dtype = vae.device, vae.dtype
     bar = tqdm(total=len(todo), desc="caching latents", unit="img", disable=not progress or not todo)
+
+    def pixels_of(item: tuple[Path, bool, Size, Path]) -> torch.Tensor:
+        return load_image(item[0], item[2], True, item[1], random.Random(0))[0]
+
     start = 0
-    while start < len(todo):
-        size = todo[start][2]
-        batch = [it for it in todo[start : start + batch_size] if it[2] == size]
-        pixels = torch.stack(
-            [load_image(p, size, True, flip, random.Random(0))[0] for p, flip, _, _ in batch]
-        ).to(device, dtype)  # (B, 3, h, w)
-        params = vae.encode(pixels).latent_dist.parameters.float().cpu()  # (B, 8, h/8, w/8)
-        for (path, flip, _, file), p in zip(batch, params):
-            _write_entry(file, p, len(todo) - start)
-            out[(str(path), flip, size)] = file
-        bar.update(len(batch))
-        start += len(batch)
+    # decoding and resizing in threads (PIL lets go of the GIL for both): a 10,000-photo cache is bound by them,
+    # not by a GPU's VAE; the same pixels in the same order as one by one
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        while start < len(todo):
+            size = todo[start][2]
+            batch = [it for it in todo[start : start + batch_size] if it[2] == size]
+            pixels = torch.stack(list(pool.map(pixels_of, batch))).to(device, dtype)  # (B, 3, h, w)
+            params = vae.encode(pixels).latent_dist.parameters.float().cpu()  # (B, 8, h/8, w/8)
+            for (path, flip, _, file), p in zip(batch, params):
+                _write_entry(file, p, len(todo) - start)
+                out[(str(path), flip, size)] = file
+            bar.update(len(batch))
+            start += len(batch)
     bar.close()
 
 

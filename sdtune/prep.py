@@ -732,13 +732,15 @@ def check_set(kept: list[Result]) -> list[str]:
     import numpy as np
 
     hashes = np.array([r.phash for r in kept], dtype=np.uint64)
+    first: dict[str, int] = {}  # sha256 -> the first image with those bytes (a dict: 100,000 photos, not n^2)
     for i, r in enumerate(kept):
-        same = next((j for j in range(i) if kept[j].sha256 == r.sha256), None)
-        if same is not None:
+        same = first.setdefault(r.sha256, i)
+        if same != i:
             r.warn("DUP", f"exact duplicate of {kept[same].output} ({kept[same].source})")
             continue
         if i:
-            dist = np.unpackbits((hashes[:i] ^ hashes[i]).view(np.uint8)).reshape(i, 64).sum(axis=1)
+            # Hamming distances to every earlier hash at once: (i,) popcounts of 64-bit XORs
+            dist = _popcount(hashes[:i] ^ hashes[i])
             j = int(np.argmin(dist))
             if dist[j] <= NEAR_DUPLICATE_BITS:
                 r.warn("DUP", f"near duplicate of {kept[j].output} ({kept[j].source}), perceptual hash "
@@ -755,6 +757,15 @@ def check_set(kept: list[Result]) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------------
 # Names and output
+
+
+def _popcount(x):
+    """The set bits of each uint64: numpy's own bit_count where it has one (2.0+), else by unpacking bytes."""
+    import numpy as np
+
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    return np.unpackbits(x.view(np.uint8)).reshape(len(x), 64).sum(axis=1)
 
 
 def sanitise(name: str) -> str:

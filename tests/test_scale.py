@@ -131,3 +131,14 @@ def test_a_rescan_of_unchanged_images_decodes_none(tmp_path, monkeypatch):
     (folder / "1.png").write_bytes((folder / "1.png").read_bytes()[:200])  # a photo broken since
     broken = data.scan_instance_dir(folder, "sks", "a photo of sks toy")
     assert any("1.png" in p for p in broken.problems)
+
+
+def test_duplicate_checks_stay_near_linear_and_agree(tmp_path):
+    """check_set over many photos: exact duplicates by a dict (not a scan of every earlier photo), near
+    duplicates by popcount of 64-bit XORs; the popcount agrees with counting unpacked bits."""
+    import numpy as np
+
+    from sdtune.prep import _popcount
+
+    x = np.random.default_rng(0).integers(0, 2**63, size=1000, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    assert np.array_equal(_popcount(x), np.unpackbits(x.view(np.uint8)).reshape(1000, 64).sum(axis=1))
