@@ -55,6 +55,9 @@ REPORT, METADATA, SHEET = "prep_report.json", "metadata.jsonl", "contact_sheet.j
 # training's data.masked_loss reads; never a training image itself (not in metadata.jsonl).
 MASK_SUFFIX = ".mask.png"
 TMP_DIR = ".sdtune-prep-tmp"  # new outputs are built here, inside OUT, then moved into place
+# each processed image's bytes and thumbnail wait here (inside OUT) until the names are known, rather than in
+# memory: 100,000 photos at 512 px would hold gigabytes
+STAGE_DIR = ".sdtune-prep-stage"
 
 JUNK_FILES = {".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", ".localized"}
 JUNK_DIRS = {"__macosx", "@eadir", "$recycle.bin", "system volume information", ".thumbnails"}
@@ -112,6 +115,8 @@ class Result:
     mask: str | None = None  # NAME.mask.png, for a source with transparency
     mask_encoded: bytes = b""
     thumb: Image.Image | None = None
+    staged: str | None = None  # where the encoded image (and NAME.mask, NAME.thumb) wait, once off the worker
+    has_mask: bool = False  # a NAME.mask.png goes with it (its bytes in mask_encoded, or staged)
     sha256: str = ""
     phash: int = 0
     sharpness: float = 0.0
@@ -199,9 +204,23 @@ def prep(
             results.append(Result(rel, "skipped", reason=why))
         else:
             jobs.append((rel, str(path), text, settings, masks.get(rel)))
-    results += _run(jobs, workers, progress)
-    results.sort(key=lambda r: _order(r.source))
+    created = not out_dir.exists()
+    _remove(out_dir / STAGE_DIR)  # what a killed run left
+    try:
+        results += _run(jobs, workers, progress, out_dir / STAGE_DIR)
+        results.sort(key=lambda r: _order(r.source))
+        return _finish(src_dir, out_dir, previous, results, settings, family, rename, token, caption, caption_from,
+                       fmt, drop)
+    finally:
+        _remove(out_dir / STAGE_DIR)
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):  # a prep that failed leaves no OUT
+            out_dir.rmdir()
 
+
+def _finish(src_dir: Path, out_dir: Path, previous: list[Path], results: list[Result], settings: Settings,
+            family: str | None, rename: str, token: str | None, caption: str | None, caption_from: str | None,
+            fmt: str, drop: tuple[str, ...]) -> dict:
+    """Name, check and write the processed images (staged on disk by ``_run``); return the report."""
     kept = [r for r in results if r.status in ("kept", "fixed")]
     if not kept:
         raise SdtuneError(_nothing_usable(src_dir, results))
@@ -319,7 +338,7 @@ def _previous_outputs(out_dir: Path) -> list[Path]:
                           "empty or new folder")
     try:
         rows = json.loads(report.read_text(encoding="utf-8"))["files"]
-        ours = {REPORT, METADATA, SHEET, TMP_DIR} | {r[key] for r in rows for key in ("output", "mask")
+        ours = {REPORT, METADATA, SHEET, TMP_DIR, STAGE_DIR} | {r[key] for r in rows for key in ("output", "mask")
                                                      if r.get(key)}
     except (ValueError, KeyError, TypeError):
         raise SdtuneError(f"OUT: {report} is unreadable; empty {out_dir} or choose another folder") from None
@@ -459,8 +478,24 @@ def caption_from_filename(stem: str) -> str:
 # One file (runs in a worker process)
 
 
-def _run(jobs: list[tuple], workers: int, progress: bool | None) -> list[Result]:
-    """Process every job, over ``workers`` processes (0: all cores), with a progress bar."""
+def _stage(r: Result, stage: Path, index: int) -> Result:
+    """Move a result's bytes and thumbnail out of memory into ``stage`` (``Result.staged``)."""
+    if not r.encoded:
+        return r
+    stage.mkdir(parents=True, exist_ok=True)
+    r.staged = str(stage / str(index))
+    Path(r.staged).write_bytes(r.encoded)
+    if r.mask_encoded:
+        Path(r.staged + ".mask").write_bytes(r.mask_encoded)
+    if r.thumb is not None:
+        r.thumb.save(r.staged + ".thumb.png")
+    r.encoded, r.mask_encoded, r.thumb = b"", b"", None
+    return r
+
+
+def _run(jobs: list[tuple], workers: int, progress: bool | None, stage: Path | None = None) -> list[Result]:
+    """Process every job, over ``workers`` processes (0: all cores), with a progress bar; with ``stage``, each
+    result's bytes go to disk as it arrives (memory stays flat in the number of photos)."""
     from tqdm.auto import tqdm
 
     workers = max(1, min(workers or _cores(), len(jobs)))
@@ -469,7 +504,8 @@ def _run(jobs: list[tuple], workers: int, progress: bool | None) -> list[Result]
     results = []
     if workers == 1:
         for job in jobs:
-            results.append(process(*job))
+            r = process(*job)
+            results.append(_stage(r, stage, len(results)) if stage else r)
             bar.update()
     else:
         import multiprocessing
@@ -477,7 +513,7 @@ def _run(jobs: list[tuple], workers: int, progress: bool | None) -> list[Result]
         # spawn, not fork: the parent may hold torch threads, which a fork can deadlock on
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             for r in pool.imap_unordered(_process_job, jobs):
-                results.append(r)
+                results.append(_stage(r, stage, len(results)) if stage else r)
                 bar.update()
     bar.close()
     return results
@@ -523,6 +559,7 @@ def process(rel: str, path: str, caption: str, settings: Settings, mask: str | N
     subject = _subject(mask, decoded, r)
     if subject is not None:  # the same crop and resize as the pixels, so it lies exactly on them
         r.mask_encoded = encode(subject.resize(out_size, Image.Resampling.LANCZOS, box=box), "png")
+        r.has_mask = True
     r.thumb = _small(image, SHEET_CELL * min(image.size) // max(image.size))
     r.phash = int(str(imagehash.phash(small)), 16)  # of the whole picture: crops of one shot may differ
     r.sharpness = sharpness(image)
@@ -796,7 +833,7 @@ def _name(kept: list[Result], pattern: str, token: str | None, ext: str) -> None
             r.warn("RENAMED", f"renamed to {name}.{ext}: {base}.{ext} was taken (names compared ignoring case)")
         taken.add(name.casefold())
         r.output = f"{name}.{ext}"
-        r.mask = f"{name}{MASK_SUFFIX}" if r.mask_encoded else None
+        r.mask = f"{name}{MASK_SUFFIX}" if r.has_mask else None
 
 
 def _report(src_dir: Path, settings: Settings, family: str | None, rename: str, caption: str | None,
@@ -830,9 +867,15 @@ def _write(out_dir: Path, previous: list[Path], kept: list[Result], report: dict
     _remove(tmp)
     tmp.mkdir()
     for r in kept:
-        (tmp / r.output).write_bytes(r.encoded)  # type: ignore[operator]
+        if r.staged:  # moved, not copied: the bytes were written once, as they arrived
+            os.replace(r.staged, tmp / r.output)  # type: ignore[operator]
+        else:
+            (tmp / r.output).write_bytes(r.encoded)  # type: ignore[operator]
         if r.mask:
-            (tmp / r.mask).write_bytes(r.mask_encoded)
+            if r.staged:
+                os.replace(r.staged + ".mask", tmp / r.mask)
+            else:
+                (tmp / r.mask).write_bytes(r.mask_encoded)
     rows = [json.dumps({"file_name": r.output, "text": r.caption}, ensure_ascii=False) for r in kept]
     (tmp / METADATA).write_text("\n".join(rows) + "\n", encoding="utf-8")
     contact_sheet(sheet_sample(sorted([*kept, *dropped], key=lambda r: _order(r.source)))).save(
@@ -878,7 +921,7 @@ def contact_sheet(kept: list[Result]) -> Image.Image:
     font = load_font(11)
     for i, r in enumerate(kept):
         x, y = pad + (i % cols) * (cell + pad), pad + (i // cols) * (cell + label_h + pad)
-        thumb = r.thumb.copy()  # type: ignore[union-attr]
+        thumb = r.thumb.copy() if r.thumb is not None else Image.open(f"{r.staged}.thumb.png")
         thumb.thumbnail((cell, cell))
         sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
         flags = " ".join(r.flags + (["GRAY"] if r.grayscale else []))

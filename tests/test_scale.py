@@ -142,3 +142,39 @@ def test_duplicate_checks_stay_near_linear_and_agree(tmp_path):
 
     x = np.random.default_rng(0).integers(0, 2**63, size=1000, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
     assert np.array_equal(_popcount(x), np.unpackbits(x.view(np.uint8)).reshape(1000, 64).sum(axis=1))
+
+
+def test_prep_keeps_each_photos_bytes_on_disk_not_in_memory(tmp_path, monkeypatch):
+    """Every processed photo's bytes, mask and thumbnail wait in OUT/.sdtune-prep-stage (not in memory) until
+    the names are known; OUT ends with the same files as before and no stage folder."""
+    import shutil
+
+    from conftest import DEMO_DATA
+    from sdtune import prep as prep_module
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        shutil.copy(DEMO_DATA / f"toy_{i:02d}.png", src / f"{i}.png")
+    seen = {}
+    original = prep_module._finish
+
+    def inspect(src_dir, out_dir, previous, results, *args):
+        kept = [r for r in results if r.status in ("kept", "fixed")]
+        seen["in_memory"] = sum(len(r.encoded) + len(r.mask_encoded) for r in kept) + sum(r.thumb is not None
+                                                                                           for r in kept)
+        seen["staged"] = all(r.staged and (out_dir / ".sdtune-prep-stage").is_dir() for r in kept)
+        return original(src_dir, out_dir, previous, results, *args)
+
+    monkeypatch.setattr(prep_module, "_finish", inspect)
+    prep_module.prep(src, tmp_path / "out", resolution=64, crop="center", caption="a photo of sks toy", workers=1,
+                     progress=False)
+    assert seen == {"in_memory": 0, "staged": True}
+    out = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert out == ["001.png", "002.png", "003.png", "004.png", "contact_sheet.jpg", "metadata.jsonl",
+                   "prep_report.json"]
+    # a prep that fails leaves no OUT behind
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception):
+        prep_module.prep(tmp_path / "empty", tmp_path / "out2", resolution=64, caption="x", progress=False)
+    assert not (tmp_path / "out2").exists()
