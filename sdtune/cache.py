@@ -131,7 +131,10 @@ def cache_latents(
     ``(str(path), flip, size)``, encoding only the ones not on disk yet; read from disk when asked. Centre
     crops only: a random crop would need a new latent every step."""
     directory.mkdir(parents=True, exist_ok=True)
-    hashes = {p: content_hash(p) for p in {p for p, _, _ in items}}
+    paths = list(dict.fromkeys(p for p, _, _ in items))
+    # hashlib lets go of the GIL on large reads: new photos are hashed in threads (unchanged ones are looked up)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        hashes = dict(zip(paths, pool.map(content_hash, paths)))
     out: dict[tuple[str, bool, Size], Path] = {}
     todo: list[tuple[Path, bool, Size, Path]] = []
     for path, flip, (w, h) in items:
