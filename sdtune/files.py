@@ -8,9 +8,11 @@ class images), ``$SDTUNE_CACHE`` or ``~/.cache/sdtune``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -83,45 +85,93 @@ def sha256_file(path: str | Path) -> str:
 def content_hash(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, computed once per file version.
 
-    A Hugging Face cache blob is named by its sha256 already (LFS files). Otherwise the digest is kept in
-    ``cache_root()/hashes`` under the file's real path, size, modification time and inode, so a model's
-    gigabytes are read once, and a replaced or rewritten file (any of those changes) is hashed again."""
+    A Hugging Face cache blob is named by its sha256 already (LFS files). Otherwise the digest is remembered
+    (``remembered``) under the file's real path, size, modification time and inode, so a model's gigabytes are
+    read once, and a replaced or rewritten file (any of those changes) is hashed again."""
     real = Path(path).resolve()
     if real.parent.name == "blobs" and _SHA256.fullmatch(real.name):
         return real.name
-    memo = _memo(real)
-    with contextlib.suppress(OSError):
-        digest = memo.read_text().strip()
-        if _SHA256.fullmatch(digest):
-            return digest
-    digest = sha256_file(real)
-    with contextlib.suppress(OSError):  # a read-only cache only costs the next run a re-hash
-        write_text(memo, digest)
+    digest = remembered(real, "sha256", lambda: sha256_file(real))
+    assert digest is not None
     return digest
 
 
-def _memo(real: Path, kind: str = "hashes") -> Path:
-    """Where ``content_hash`` (or ``remembered``'s ``kind``) keeps what it found of this version of a file."""
-    st = real.stat()
-    # fsencode: a file name need not be valid UTF-8
-    key = hashlib.sha256(os.fsencode(real) + f"|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()[:32]
-    return cache_root() / kind / key
-
-
 def remembered(path: str | Path, kind: str, compute: Callable[[], str | None]) -> str | None:
-    """``compute()`` once per version of the file at ``path`` (its real path, size, modification time and inode,
-    as ``content_hash``): kept under ``cache_root()/kind``, so a rerun over 100,000 unchanged images reads a
-    short file each instead of decoding them. A None result (a problem to report) is not kept: it is computed,
-    and said, every time."""
+    """``compute()`` once per version of the file at ``path`` (its real path, size, modification time and inode):
+    kept in its folder's manifest (``_Manifest``), so a rerun over 100,000 unchanged images looks each up
+    instead of hashing, decoding or parsing it. A None result (a problem to report) is not kept: it is
+    computed, and said, every time."""
     real = Path(path).resolve()
-    memo = _memo(real, kind)
-    with contextlib.suppress(OSError):
-        return memo.read_text()
-    value = compute()
-    if value is not None:
-        with contextlib.suppress(OSError):  # a read-only cache only costs the next run the work again
-            write_text(memo, value)
+    st = real.stat()
+    version = f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    manifest = _manifest(real.parent)
+    value = manifest.get(real.name, version, kind)
+    if value is None:
+        value = compute()
+        if value is not None:
+            manifest.put(real.name, version, kind, value)
     return value
+
+
+class _Manifest:
+    """What ``remembered`` found of the files of one folder, ``{name: {"v": version, kind: value}}`` (one version
+    per file: an edited file's entries are replaced), one JSON file per folder under ``cache_root()/manifests``.
+    Read once per process; written back atomically (merged with what another process wrote meanwhile) every
+    ``FLUSH_EVERY`` new entries, by ``flush_manifests`` and at exit. A lost write costs a rerun the work again."""
+
+    FLUSH_EVERY = 5000
+
+    def __init__(self, file: Path):
+        self.file, self.new = file, 0
+        self.entries: dict[str, dict[str, str]] = self._read()
+
+    def _read(self) -> dict[str, dict[str, str]]:
+        try:
+            entries = json.loads(self.file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+    def get(self, name: str, version: str, kind: str) -> str | None:
+        entry = self.entries.get(name)
+        return entry.get(kind) if isinstance(entry, dict) and entry.get("v") == version else None
+
+    def put(self, name: str, version: str, kind: str, value: str) -> None:
+        entry = self.entries.get(name)
+        if not isinstance(entry, dict) or entry.get("v") != version:
+            entry = self.entries[name] = {"v": version}
+        entry[kind] = value
+        self.new += 1
+        if self.new >= self.FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.new:
+            return
+        merged = {**self._read(), **self.entries}
+        with contextlib.suppress(OSError):  # a read-only cache only costs the next run the work again
+            write_text(self.file, json.dumps(merged, separators=(",", ":")))
+        self.entries, self.new = merged, 0
+
+
+_MANIFESTS: dict[Path, _Manifest] = {}
+
+
+def _manifest(folder: Path) -> _Manifest:
+    """The manifest of ``folder`` in the current cache (``$SDTUNE_CACHE`` may change within a process)."""
+    file = cache_root() / "manifests" / f"{hashlib.sha256(os.fsencode(folder)).hexdigest()[:32]}.json"
+    if file not in _MANIFESTS:
+        _MANIFESTS[file] = _Manifest(file)
+    return _MANIFESTS[file]
+
+
+def flush_manifests() -> None:
+    """Write every manifest with new entries (``remembered``), e.g. once a run's checks are done."""
+    for manifest in _MANIFESTS.values():
+        manifest.flush()
+
+
+atexit.register(flush_manifests)
 
 
 def unhashed_bytes(paths: list[Path]) -> int:
@@ -129,8 +179,11 @@ def unhashed_bytes(paths: list[Path]) -> int:
     total = 0
     for p in paths:
         real = p.resolve()
-        if not (real.parent.name == "blobs" and _SHA256.fullmatch(real.name)) and not _memo(real).is_file():
-            total += real.stat().st_size
+        if real.parent.name == "blobs" and _SHA256.fullmatch(real.name):
+            continue
+        st = real.stat()
+        if _manifest(real.parent).get(real.name, f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}", "sha256") is None:
+            total += st.st_size
     return total
 
 

@@ -29,7 +29,7 @@ from sdtune.data import (
 )
 from sdtune.errors import SdtuneError
 from sdtune.families import Family, ModelFiles, ModelInfo
-from sdtune.files import cache_root, existing_ancestor
+from sdtune.files import cache_root, existing_ancestor, flush_manifests
 from sdtune.hfdata import materialize
 from sdtune.locks import HOLDER, LOCK
 from sdtune.models import describe, model_files, vae_problem, weight_problems
@@ -425,6 +425,7 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     if cfg.train.resume and not scan.problems:
         resumed = check_resume(Path(cfg.train.output_dir), cfg.train.resume, cfg.model_dump(mode="json"), data,
                                problems, warnings)
+    flush_manifests()  # what the checks learnt of each file (hashes, decodes, sizes): a rerun looks it up
     if strict:
         problems += [f"{w} (--strict)" for w in warnings]
     if problems:

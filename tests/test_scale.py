@@ -178,3 +178,24 @@ def test_prep_keeps_each_photos_bytes_on_disk_not_in_memory(tmp_path, monkeypatc
     with pytest.raises(Exception):
         prep_module.prep(tmp_path / "empty", tmp_path / "out2", resolution=64, caption="x", progress=False)
     assert not (tmp_path / "out2").exists()
+
+
+def test_one_manifest_per_folder_survives_the_process_and_sees_edits(tmp_path, monkeypatch):
+    """What is remembered of a folder's files (hashes, decodes, sizes) lives in one manifest file per folder,
+    read back by the next process (no file is hashed again), and an edited file is hashed again."""
+    from sdtune import files
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.bin").write_bytes(bytes([i]) * 1000)
+    digests = [files.content_hash(folder / f"{i}.bin") for i in range(5)]
+    files.flush_manifests()
+    manifests = list((files.cache_root() / "manifests").glob("*.json"))
+    assert any(f"{i}.bin" in m.read_text() for m in manifests for i in range(5))
+    monkeypatch.setattr(files, "_MANIFESTS", {})  # a new process: only the file on disk
+    monkeypatch.setattr(files, "sha256_file", lambda p: (_ for _ in ()).throw(AssertionError(f"hashed {p}")))
+    assert [files.content_hash(folder / f"{i}.bin") for i in range(5)] == digests
+    (folder / "3.bin").write_bytes(b"edited")
+    monkeypatch.undo()
+    assert files.content_hash(folder / "3.bin") != digests[3]
