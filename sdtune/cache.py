@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from sdtune.data import Size, load_image
 from sdtune.errors import DiskFull, SdtuneError
-from sdtune.files import content_hash, free_bytes, mib, write_bytes, write_text
+from sdtune.files import content_hash, free_bytes, mib, unhashed_bytes, write_bytes, write_text
 from sdtune.locks import cache_lock
 from sdtune.runs import safetensors_header
 
@@ -132,9 +132,12 @@ def cache_latents(
     crops only: a random crop would need a new latent every step."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = list(dict.fromkeys(p for p, _, _ in items))
-    # hashlib lets go of the GIL on large reads: new photos are hashed in threads (unchanged ones are looked up)
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        hashes = dict(zip(paths, pool.map(content_hash, paths)))
+    if unhashed_bytes(paths) > 1 << 26:
+        # hashlib lets go of the GIL on large reads: many new photos are hashed in threads
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            hashes = dict(zip(paths, pool.map(content_hash, paths)))
+    else:  # known ones are a lookup each (sdtune.files.remembered): threads would only add their overhead
+        hashes = {p: content_hash(p) for p in paths}
     out: dict[tuple[str, bool, Size], Path] = {}
     todo: list[tuple[Path, bool, Size, Path]] = []
     for path, flip, (w, h) in items:

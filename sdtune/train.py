@@ -456,10 +456,13 @@ def truncated_captions(plan: RunPlan, tokenizers: list[Any], identifiers: list[s
     lines = []
     named = [(e.path.name, e.caption, identifiers[e.concept]) for e in plan.examples] + \
         [(key, prompt, None) for key, prompt in class_prompts]
+    tokenized: dict[tuple[int, str], list[int]] = {}  # each distinct caption once: 100,000 photos share a few
     for name, caption, identifier in named:
-        for spec, tokenizer in zip(plan.family.text_encoders, tokenizers):
+        for k, (spec, tokenizer) in enumerate(zip(plan.family.text_encoders, tokenizers)):
             limit = tokenizer.model_max_length
-            ids = tokenizer(caption, truncation=False).input_ids  # with the start and end tokens
+            if (k, caption) not in tokenized:  # with the start and end tokens
+                tokenized[(k, caption)] = tokenizer(caption, truncation=False).input_ids
+            ids = tokenized[(k, caption)]
             if len(ids) <= limit:
                 continue
             seen = tokenizer.decode(ids[1 : limit - 1])
