@@ -201,11 +201,9 @@ def test_one_manifest_per_folder_survives_the_process_and_sees_edits(tmp_path, m
     assert files.content_hash(folder / "3.bin") != digests[3]
 
 
-def test_real_path_is_resolve(tmp_path):
+def test_real_path_is_resolve(tmp_path, monkeypatch):
     """files.real_path (its folder resolved once) names what Path.resolve names: through a linked folder, a
     linked file, and a relative path."""
-    import os
-
     from sdtune.files import real_path
 
     (tmp_path / "a").mkdir()
@@ -214,5 +212,5 @@ def test_real_path_is_resolve(tmp_path):
     (tmp_path / "a" / "y.png").symlink_to(tmp_path / "a" / "x.png")
     for p in (tmp_path / "link" / "x.png", tmp_path / "a" / "y.png", tmp_path / "a" / "x.png"):
         assert real_path(p) == p.resolve()
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     assert real_path("link/x.png") == (tmp_path / "a" / "x.png").resolve()
