@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sdtune.cache import TextCache
+from sdtune.errors import SdtuneError
 
 
 def _encoder(calls: list[str]):
@@ -175,7 +176,7 @@ def test_prep_keeps_each_photos_bytes_on_disk_not_in_memory(tmp_path, monkeypatc
                    "prep_report.json"]
     # a prep that fails leaves no OUT behind
     (tmp_path / "empty").mkdir()
-    with pytest.raises(Exception):
+    with pytest.raises(SdtuneError):
         prep_module.prep(tmp_path / "empty", tmp_path / "out2", resolution=64, caption="x", progress=False)
     assert not (tmp_path / "out2").exists()
 
