@@ -180,10 +180,28 @@ def test_sdxl_files_load_as_the_uis_read_them_and_sample_back(tiny_model, tmp_pa
     from_kohya = sample(next(out.glob("*_kohya.safetensors")), "kohya")
     from_checkpoint = sample(out / "checkpoints/step-000004", "checkpoint")
     assert np.array_equal(from_run, from_kohya) and np.array_equal(from_run, from_checkpoint)
-    # without its embeddings the same LoRA draws something else: they are used, not just carried
+    # they are used, not just carried: sdtune sample's loading installs them, and the prompt then encodes to
+    # other hidden states than without them (pixels of a random 2-step tiny model may not show it)
+    from sdtune.sample import ADAPTER, _apply_lora
+
+    pipe = get_family("sdxl").pipeline(load_components(str(tiny_model("sdxl")), get_family("sdxl"), None, None))
+
+    def hidden(text: str) -> torch.Tensor:
+        ids = pipe.tokenizer(text, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return pipe.text_encoder(ids).last_hidden_state
+
+    plain = hidden("a photo of sks toy")
+    for target in (out / WEIGHT_NAME, next(out.glob("*_kohya.safetensors")),
+                   out / "checkpoints/step-000004" / WEIGHT_NAME):
+        emb = _apply_lora(pipe, str(target), get_family("sdxl"))
+        assert emb is not None and emb.tokens == {"sks": ["<sks0>", "<sks1>"]}
+        assert not torch.equal(hidden(emb.rewrite("a photo of sks toy")), plain)
+        emb.uninstall()
+        pipe.delete_adapters(ADAPTER)
     bare = tmp_path / "bare"
     shutil.copytree(out, bare, ignore=shutil.ignore_patterns("embeddings", "checkpoints", "*_kohya.safetensors"))
-    assert not np.array_equal(from_run, sample(bare, "bare"))
+    assert _apply_lora(pipe, str(bare / WEIGHT_NAME), get_family("sdxl")) is None
     # LoRA scale 0 is the base model, embeddings included: the identifier stays the plain word there
     assert np.array_equal(sample(out, "zero", "--lora-scale", "0"), sample(out, "base", "--no-lora"))
     sidecar = json.loads((tmp_path / "kohya_cells" / "cell-0000.json").read_text())
