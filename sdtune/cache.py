@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from sdtune.data import Size, load_image
 from sdtune.errors import DiskFull, SdtuneError
-from sdtune.files import content_hash, free_bytes, mib, unhashed_bytes, write_bytes, write_text
+from sdtune.files import content_hash, free_bytes, mib, remembered, unhashed_bytes, write_bytes, write_text
 from sdtune.locks import cache_lock
 from sdtune.runs import safetensors_header
 
@@ -78,8 +78,8 @@ def _cached(file: Path) -> bool:
     removed, to be encoded again."""
     if not file.is_file():
         return False
-    try:
-        whole = "params" in safetensors_header(file)
+    try:  # a header read once per version of the file (sdtune.files.remembered), a lookup after that
+        whole = remembered(file, "whole", lambda: "ok" if "params" in safetensors_header(file) else None) == "ok"
     except SdtuneError:
         whole = False
     if not whole:

@@ -89,10 +89,10 @@ def content_hash(path: str | Path) -> str:
     A Hugging Face cache blob is named by its sha256 already (LFS files). Otherwise the digest is remembered
     (``remembered``) under the file's real path, size, modification time and inode, so a model's gigabytes are
     read once, and a replaced or rewritten file (any of those changes) is hashed again."""
-    real = real_path(path)
-    if real.parent.name == "blobs" and _SHA256.fullmatch(real.name):
-        return real.name
-    digest = remembered(real, "sha256", lambda: sha256_file(real))
+    folder, name = _real_parts(path)
+    if os.path.basename(folder) == "blobs" and _SHA256.fullmatch(name):
+        return name
+    digest = remembered(os.path.join(folder, name), "sha256", lambda: sha256_file(os.path.join(folder, name)))
     assert digest is not None
     return digest
 
@@ -102,15 +102,16 @@ def remembered(path: str | Path, kind: str, compute: Callable[[], str | None]) -
     kept in its folder's manifest (``_Manifest``), so a rerun over 100,000 unchanged images looks each up
     instead of hashing, decoding or parsing it. A None result (a problem to report) is not kept: it is
     computed, and said, every time."""
-    real = real_path(path)
-    st = real.stat()
+    # strings and os.path, not pathlib: this runs several times per photo at every start
+    folder, name = _real_parts(path)
+    st = os.stat(os.path.join(folder, name))
     version = f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-    manifest = _manifest(real.parent)
-    value = manifest.get(real.name, version, kind)
+    manifest = _manifest(folder)
+    value = manifest.get(name, version, kind)
     if value is None:
         value = compute()
         if value is not None:
-            manifest.put(real.name, version, kind, value)
+            manifest.put(name, version, kind, value)
     return value
 
 
@@ -158,10 +159,10 @@ class _Manifest:
 _MANIFESTS: dict[Path, _Manifest] = {}
 
 
-_BY_FOLDER: dict[tuple[str, Path], _Manifest] = {}
+_BY_FOLDER: dict[tuple[str, str], _Manifest] = {}
 
 
-def _manifest(folder: Path) -> _Manifest:
+def _manifest(folder: str) -> _Manifest:
     """The manifest of ``folder`` in the current cache (``$SDTUNE_CACHE`` may change within a process)."""
     key = (os.environ.get("SDTUNE_CACHE", ""), folder)  # a lookup per file: no path arithmetic on the way
     manifest = _BY_FOLDER.get(key)
@@ -173,19 +174,23 @@ def _manifest(folder: Path) -> _Manifest:
     return manifest
 
 
-@functools.lru_cache(maxsize=4096)
-def _real_folder(folder: str) -> Path:
-    return Path(folder).resolve()
+_real_folder = functools.lru_cache(maxsize=4096)(os.path.realpath)
+
+
+def _real_parts(path: str | Path) -> tuple[str, str]:
+    """(real folder, name) of a file: ``os.path.realpath`` with its folder's resolution done once per folder
+    (it costs a system call per path component: 400,000 of them were a third of a 100,000-photo rerun's
+    start-up). A link is resolved whole, as realpath does."""
+    p = os.fspath(path)
+    if os.path.islink(p):
+        return os.path.split(os.path.realpath(p))
+    folder, name = os.path.split(os.path.abspath(p))
+    return _real_folder(folder), name
 
 
 def real_path(path: str | Path) -> Path:
-    """``Path(path).resolve()`` for a file, with its folder's resolution done once per folder (resolve costs a
-    system call per path component: 400,000 of them were a third of a 100,000-photo rerun's start-up). A link
-    is resolved whole, as resolve does."""
-    path = Path(path)
-    if path.is_symlink():
-        return path.resolve()
-    return _real_folder(os.path.abspath(path.parent)) / path.name
+    """``Path(path).resolve()`` for a file, its folder resolved once per folder (``_real_parts``)."""
+    return Path(os.path.join(*_real_parts(path)))
 
 
 def flush_manifests() -> None:
@@ -201,11 +206,11 @@ def unhashed_bytes(paths: list[Path]) -> int:
     """How many bytes ``content_hash`` would have to read for ``paths`` (the ones not hashed before)."""
     total = 0
     for p in paths:
-        real = real_path(p)
-        if real.parent.name == "blobs" and _SHA256.fullmatch(real.name):
+        folder, name = _real_parts(p)
+        if os.path.basename(folder) == "blobs" and _SHA256.fullmatch(name):
             continue
-        st = real.stat()
-        if _manifest(real.parent).get(real.name, f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}", "sha256") is None:
+        st = os.stat(os.path.join(folder, name))
+        if _manifest(folder).get(name, f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}", "sha256") is None:
             total += st.st_size
     return total
 
