@@ -72,18 +72,22 @@ def note_identity(directory: Path, name: str, identity: str, what: str, key: str
     return f"{name} is not the model it was when {what} were cached (its files changed), so they are made again"
 
 
-def _cached(file: Path) -> bool:
-    """Whether a cache entry is there whole: its header parses, names the latent, and its tensors fill the
-    file exactly (a header read, not the tensor: 100,000 entries are checked in seconds). A damaged one is
+def _cached(file: Path, key: str | None = "params", what: str = "latent") -> bool:
+    """Whether a cache entry is there whole: its header parses, names ``key`` (if given), and its tensors fill
+    the file exactly (a header read, not the tensor: 100,000 entries are checked in seconds). A damaged one is
     removed, to be encoded again."""
     if not file.is_file():
         return False
+    def check() -> str | None:
+        header = safetensors_header(file)  # raises SdtuneError for a truncated or foreign file
+        return "ok" if key is None or key in header else None
+
     try:  # a header read once per version of the file (sdtune.files.remembered), a lookup after that
-        whole = remembered(file, "whole", lambda: "ok" if "params" in safetensors_header(file) else None) == "ok"
+        whole = remembered(file, "whole", check) == "ok"
     except SdtuneError:
         whole = False
     if not whole:
-        logger.info(f"latent cache: {file.name} is damaged; encoding it again")
+        logger.info(f"{what} cache: {file.name} is damaged; encoding it again")
         file.unlink(missing_ok=True)
     return whole
 
@@ -226,10 +230,11 @@ class TextCache:
         unique = list(dict.fromkeys(captions))
         self.files = {c: self.directory / f"{hashlib.sha256(c.encode()).hexdigest()[:32]}.safetensors" for c in unique}
         self._recent: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
-        todo = [c for c in unique if not _whole(self.files[c])]
+        todo = [c for c in unique if not _cached(self.files[c], None, "text")]
         if todo:
             with cache_lock(self.directory, "text embeddings"):
-                self._encode([c for c in todo if not _whole(self.files[c])], encode, batch_size, progress)
+                self._encode([c for c in todo if not _cached(self.files[c], None, "text")], encode, batch_size,
+                             progress)
 
     def _encode(self, todo: list[str], encode: Callable, batch_size: int, progress: bool) -> None:
         bar = tqdm(total=len(todo), desc="caching text", unit="caption", disable=not progress or not todo)
@@ -261,12 +266,3 @@ class TextCache:
         """The batched embeddings of ``captions`` (each (B, ...)), as ``encode`` would give them."""
         rows = [self._row(caption) for caption in captions]
         return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
-
-
-def _whole(file: Path) -> bool:
-    """Whether a cache file is there and its header checks out (else it is written again)."""
-    try:
-        return file.is_file() and bool(safetensors_header(file))
-    except SdtuneError:
-        file.unlink(missing_ok=True)
-        return False

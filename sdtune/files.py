@@ -104,8 +104,7 @@ def remembered(path: str | Path, kind: str, compute: Callable[[], str | None]) -
     computed, and said, every time."""
     # strings and os.path, not pathlib: this runs several times per photo at every start
     folder, name = _real_parts(path)
-    st = os.stat(os.path.join(folder, name))
-    version = f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    version = _version(os.path.join(folder, name))
     manifest = _manifest(folder)
     value = manifest.get(name, version, kind)
     if value is None:
@@ -174,6 +173,13 @@ def _manifest(folder: str) -> _Manifest:
     return manifest
 
 
+def _version(path: str) -> str:
+    """Which version of a file this is: its size, modification time and inode (any edit or replacement changes
+    one of them)."""
+    st = os.stat(path)
+    return f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
 _real_folder = functools.lru_cache(maxsize=4096)(os.path.realpath)
 
 
@@ -209,9 +215,8 @@ def unhashed_bytes(paths: list[Path]) -> int:
         folder, name = _real_parts(p)
         if os.path.basename(folder) == "blobs" and _SHA256.fullmatch(name):
             continue
-        st = os.stat(os.path.join(folder, name))
-        if _manifest(folder).get(name, f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}", "sha256") is None:
-            total += st.st_size
+        if _manifest(folder).get(name, _version(os.path.join(folder, name)), "sha256") is None:
+            total += os.path.getsize(os.path.join(folder, name))
     return total
 
 

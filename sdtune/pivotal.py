@@ -120,12 +120,12 @@ class Embeddings:
 
     # -- the text encoders
     def install(self, tokenizers: list[Any], text_encoders: list[Any]) -> None:
-        """Add the new tokens to ``tokenizers`` and route the text encoders' lookups of them to ``rows``."""
+        """Add the new tokens to ``tokenizers`` (``bind``) and route the text encoders' lookups of them to ``rows``."""
         if self._installed is not None:
             self.uninstall()
         self._installed = []
+        bind(self, tokenizers)
         for tokenizer, encoder, rows, ids in zip(tokenizers, text_encoders, self.rows, self.ids):
-            tokenizer.add_tokens(self.token_list())
             base = encoder.get_input_embeddings()
             if rows.device != base.weight.device:  # vectors read from a file, on the CPU
                 rows.data = rows.data.to(base.weight.device)
@@ -200,7 +200,8 @@ def _init_rows(table: torch.Tensor, count: int, init_ids: list[int] | None, gene
 
 def create(family: Family, identifiers: list[str], tokenizers: list[Any], text_encoders: list[Any],
            new_tokens: int, init: str | None, seed: int) -> Embeddings:
-    """The embeddings to train for ``identifiers`` (``pivotal.*``), their rows initialised, not yet installed.
+    """The embeddings to train for ``identifiers`` (``pivotal.*``), their rows initialised, not yet installed
+    (``install`` adds the tokens).
     ``new_tokens`` 0: one token per token of the identifier, starting at its rows."""
     generator = torch.Generator().manual_seed(seed)
     # every family's tokenizers split words alike (CLIP's BPE): the first one says how many tokens a word is
@@ -214,7 +215,7 @@ def create(family: Family, identifiers: list[str], tokenizers: list[Any], text_e
                             tokenizer(identifier, add_special_tokens=False).input_ids, generator)
                  for identifier, names in tokens.items()]
         rows.append(torch.nn.Parameter(torch.cat(parts).float().to(table.device)))
-    return bind(Embeddings(family, tokens, rows, ids=[], mode="new" if new_tokens else "own"), tokenizers)
+    return Embeddings(family, tokens, rows, ids=[], mode="new" if new_tokens else "own")  # ids: at install
 
 
 def from_files(family: Family, files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]],

@@ -32,7 +32,6 @@ from sdtune.images import open_image
 from sdtune.lora import inject_adapter, is_adapter_key
 from sdtune.models import inspect_model, load_components, torch_dtype
 from sdtune.pivotal import BUNDLE_PREFIX, Embeddings, bundle_files
-from sdtune.pivotal import bind as bind_embeddings
 from sdtune.pivotal import folder_files as embedding_folder_files
 from sdtune.pivotal import from_files as embeddings_from_files
 from sdtune.runs import (
@@ -310,8 +309,7 @@ def _apply_lora(pipe: Any, path: str, family: Family) -> Embeddings | None:
     files = files or bundle_files(bundle)
     if not files:
         return None
-    embeddings = bind_embeddings(embeddings_from_files(family, files, path),
-                                 [getattr(pipe, spec.tokenizer_name) for spec in family.text_encoders])
+    embeddings = embeddings_from_files(family, files, path)
     embeddings.install([getattr(pipe, spec.tokenizer_name) for spec in family.text_encoders],
                        [getattr(pipe, spec.name) for spec in family.text_encoders])
     return embeddings
