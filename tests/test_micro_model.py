@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from sdtune.cli import main
 from sdtune.eval.core import Row
 from sdtune.micro import measure, world
 from sdtune.micro import model as micro
-from sdtune.micro.pretrain import PretrainConfig, pretrain
+from sdtune.micro.pretrain import CALIBRATE_STEPS, PretrainConfig, pretrain, render_world, steps_within
 from sdtune.models import inspect_model, load_components
 
 
@@ -162,3 +163,32 @@ def test_pretraining_continues_from_a_model(pretrained, tmp_path):
         load_file(out / "unet/diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(unet_a[k], unet_b[k]) for k in unet_a)
     assert not (out / "stage-vae").exists()  # no VAE stage: it was not trained again
+    # ... and its scaling factor: the UNet learnt latents scaled by it (it was once re-read from the new scenes)
+    factor = json.loads((pretrained / "vae/config.json").read_text())["scaling_factor"]
+    assert json.loads((out / "vae/config.json").read_text())["scaling_factor"] == factor
+
+
+def test_a_time_budget_replans_the_steps_once_and_ends_the_schedule(pretrained, tmp_path):
+    """--seconds: after CALIBRATE_STEPS timed steps the run is cut to what fits; the cosine schedule is
+    re-planned to end there, the model is saved at the last step, and no step is evaluated twice."""
+    assert steps_within(100.0, 10.0, 100, 0.1, 10_000, 500, 5.0) == 100 + int(80 / (0.1 + 5 / 500))
+    assert steps_within(100.0, 10.0, 100, 0.1, 300, 500, 5.0) == 300  # never past --steps
+    assert steps_within(1.0, 10.0, 100, 0.1, 10_000, 500, 5.0) == 100  # never fewer than done
+    out = tmp_path / "d"
+    report = pretrain(PretrainConfig(out=str(out), num_images=16, steps=CALIBRATE_STEPS + 50, batch_size=2,
+                                     eval_every=CALIBRATE_STEPS, eval_images=2, seconds=1e-3,
+                                     init_from=str(pretrained)), log=lambda _: None)
+    assert report["steps_planned"] == report["steps_done"] == CALIBRATE_STEPS
+    assert [h["step"] for h in report["history"]] == [CALIBRATE_STEPS]
+
+
+def test_scenes_rendered_in_processes_are_those_of_one_sequence():
+    from sdtune.micro.pretrain import PREFIXES
+
+    images, captions, scenes = render_world(4200, seed=3)  # 3 chunks: rendered in processes
+    rng = random.Random(3)
+    for i in range(4200):
+        scene = world.sample_scene(rng)
+        assert scene == scenes[i] and captions[i] == world.caption(scene, prefix=rng.choice(PREFIXES))
+    for i in (0, 2047, 2048, 4199):
+        assert (images[i] == np.asarray(world.render(scenes[i], micro.RESOLUTION))).all()

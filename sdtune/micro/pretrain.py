@@ -19,9 +19,11 @@ import copy
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,19 +61,53 @@ class PretrainConfig:
     threads: int = 0  # 0: torch's default
     init_from: str | None = None  # a micro pipeline folder to continue from (its VAE is kept, not retrained)
     device: str = "cpu"  # "cuda" on a GPU machine (the same recipe; other random draws, so other weights)
+    seconds: float = 0.0  # > 0: fit the UNet stage into this many seconds (fewer steps, its schedule kept whole)
+
+
+def _render_chunk(scenes: list[world.Scene]) -> np.ndarray:
+    return np.stack([np.asarray(world.render(s, micro.RESOLUTION)) for s in scenes])
 
 
 def render_world(n: int, seed: int) -> tuple[np.ndarray, list[str], list[world.Scene]]:
-    """(n, 64, 64, 3) uint8 images, their captions (with a random prefix) and scenes."""
+    """(n, 64, 64, 3) uint8 images, their captions (with a random prefix) and scenes.
+
+    Scenes and prefixes are drawn in one sequence (the same seed gives the same world on any machine); the
+    rendering, a pure function of each scene (~0.7 ms), runs in processes when there are many."""
     rng = random.Random(seed)
-    images = np.empty((n, micro.RESOLUTION, micro.RESOLUTION, 3), dtype=np.uint8)
     captions, scenes = [], []
-    for i in range(n):
+    for _ in range(n):
         scene = world.sample_scene(rng)
-        images[i] = np.asarray(world.render(scene, micro.RESOLUTION))
         captions.append(world.caption(scene, prefix=rng.choice(PREFIXES)))
         scenes.append(scene)
+    workers = min(os.cpu_count() or 1, 16)
+    chunks = [scenes[i: i + 2048] for i in range(0, n, 2048)]
+    if workers > 1 and len(chunks) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(pool.map(_render_chunk, chunks))
+    else:
+        parts = [_render_chunk(c) for c in chunks]
+    images = np.concatenate(parts) if parts else np.empty((0, micro.RESOLUTION, micro.RESOLUTION, 3), np.uint8)
     return images, captions, scenes
+
+
+# A time budget re-plans the run once: the steps from WARM_STEPS to CALIBRATE_STEPS are timed (the first ones
+# also pick kernels), then one evaluation.
+WARM_STEPS, CALIBRATE_STEPS = 20, 100
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels run behind the Python that launched them
+    return time.time()
+
+
+def steps_within(seconds: float, spent: float, done: int, rate: float, planned: int, eval_every: int,
+                 eval_seconds: float) -> int:
+    """How many steps in all fit a budget of ``seconds``, when ``done`` steps took ``spent`` seconds, a step
+    now takes ``rate`` seconds and each evaluation (every ``eval_every`` steps) ``eval_seconds``; at most
+    ``planned``, at least ``done``. 10% of the budget is kept back for the last save."""
+    per_step = rate + eval_seconds / max(eval_every, 1)
+    return max(done, min(planned, done + int((0.9 * seconds - spent) / per_step)))
 
 
 def _to_tensor(images: np.ndarray):
@@ -175,6 +211,7 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = logger.info) -> d
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step
     text_encoder, vae, unet = text_encoder.to(device), vae.to(device), unet.to(device)
 
     t1 = time.time()
@@ -182,7 +219,8 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = logger.info) -> d
         vae = vae_stage(cfg, vae, images, log)
     vae_psnr = psnr(vae, images)
     means, stds = encode_latents(vae, images)
-    scaling_factor = float(1.0 / means.std())
+    # a continued model keeps its VAE's factor: its UNet learned latents scaled by it
+    scaling_factor = float(vae.config.scaling_factor) if cfg.init_from else float(1.0 / means.std())
     vae.register_to_config(scaling_factor=round(scaling_factor, 5))
     vae.requires_grad_(False)
     report["vae"] = {"psnr_db": round(vae_psnr, 2), "scaling_factor": round(scaling_factor, 5),
@@ -200,7 +238,10 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = logger.info) -> d
     objective = family.objective(micro.noise_scheduler(), micro.SCHEDULE["prediction_type"])
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    lr_at = lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.05 + 0.95 * (1 + math.cos(math.pi * s / cfg.steps)) / 2)  # noqa: E731
+    # total[0]: the steps of the run; with a time budget it is re-planned once, early in the warmup (so the
+    # cosine schedule still ends at its floor, at the last step that fits)
+    total = [cfg.steps]
+    lr_at = lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.05 + 0.95 * (1 + math.cos(math.pi * s / total[0])) / 2)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params))
@@ -222,7 +263,10 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = logger.info) -> d
                       total_seconds=round(time.time() - t0))
         (out / "pretrain_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    for step in range(1, cfg.steps + 1):
+    budget, marks = cfg.seconds > 0 and cfg.steps > CALIBRATE_STEPS, {}
+    step = 0
+    while step < total[0]:
+        step += 1
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g, device=device)
         # latents: (B, 4, 16, 16), a fresh sample of each image's posterior, scaled to unit variance
         noise = torch.randn(means[idx].shape, generator=g, device=device)
@@ -242,10 +286,19 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = logger.info) -> d
         with torch.no_grad():
             for e, p in ema_pairs:
                 e.lerp_(p, 1 - decay)
+        if budget and step in (WARM_STEPS, CALIBRATE_STEPS):
+            marks[step] = _now(device)
+        if budget and step == CALIBRATE_STEPS:
+            rate = (marks[CALIBRATE_STEPS] - marks[WARM_STEPS]) / (CALIBRATE_STEPS - WARM_STEPS)
+            save_and_score(step)  # also times one evaluation
+            total[0] = steps_within(cfg.seconds, _now(device) - t2, step, rate, cfg.steps, cfg.eval_every,
+                                    _now(device) - marks[step])
+            report["steps_planned"] = total[0]
+            log(f"time budget {cfg.seconds:.0f} s: {rate:.4f} s/step, {total[0]} steps")
         if step % 50 == 0:
             rate = (time.time() - t2) / step
-            log(f"step {step}/{cfg.steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
-                f"{rate:.2f} s/step, ~{rate * (cfg.steps - step) / 60:.0f} min left")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+            log(f"step {step}/{total[0]} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
+                f"{rate:.3f} s/step, ~{rate * (total[0] - step) / 60:.0f} min left")
+        if (step % cfg.eval_every == 0 or step == total[0]) and not (history and history[-1]["step"] == step):
             save_and_score(step)
     return report
