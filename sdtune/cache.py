@@ -198,6 +198,8 @@ def _write_entry(file: Path, tensors: torch.Tensor | dict[str, torch.Tensor], le
     tensors = {"params": tensors} if isinstance(tensors, torch.Tensor) else tensors
     try:  # whole or not at all: a killed run never leaves half a cache file
         write_bytes(file, save({k: v.contiguous() for k, v in tensors.items()}))
+        # known whole as written (this version of it): the next run need not read its header back (_cached)
+        remembered(file, "whole", lambda: "ok")
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise SdtuneError(f"{what} cache: cannot write {file}: {e.strerror or e}") from None

@@ -215,3 +215,31 @@ def test_real_path_is_resolve(tmp_path, monkeypatch):
         assert real_path(p) == p.resolve()
     monkeypatch.chdir(tmp_path)
     assert real_path("link/x.png") == (tmp_path / "a" / "x.png").resolve()
+
+
+def test_entries_this_run_wrote_are_not_read_back_by_the_next(tmp_path, monkeypatch):
+    """A cache entry is known whole once written (its header is not read again by the next process), and the
+    manifests are written whole less and less often as they grow (a fixed interval made a 100,000-photo first
+    run write 20 whole manifests)."""
+    from sdtune import cache as cache_module
+    from sdtune import files
+
+    captions = [f"a photo of sks toy {i}" for i in range(6)]
+    TextCache(captions, _encoder([]), tmp_path, "enc-a")
+    files.flush_manifests()
+    monkeypatch.setattr(files, "_MANIFESTS", {})  # a new process: only the manifest files on disk
+    monkeypatch.setattr(files, "_BY_FOLDER", {})
+    monkeypatch.setattr(cache_module, "safetensors_header",
+                        lambda f: (_ for _ in ()).throw(AssertionError(f"header read: {f}")))
+    calls: list[str] = []
+    TextCache(captions, _encoder(calls), tmp_path, "enc-a")
+    assert calls == []
+    monkeypatch.undo()
+
+    writes: list[int] = []
+    manifest = files._Manifest(tmp_path / "m.json")
+    monkeypatch.setattr(manifest, "FLUSH_EVERY", 2)
+    monkeypatch.setattr(files, "write_text", lambda path, text: writes.append(text.count('"v"')))
+    for i in range(64):
+        manifest.put(f"{i}.png", "1|2|3", "sha256", "x")
+    assert writes == [2, 4, 8, 16, 32, 64]  # each write once the new entries are half of all: O(n) in all
