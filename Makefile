@@ -16,6 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
+	@# the browser test of `sdtune ui` (tests/test_ui_browser.py) drives Debian's chromium through Playwright;
+	@# without it (no apt, not root) that test is skipped and says why
+	command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    apt-get update -q && apt-get install -y -q chromium; } || \
+	    echo "chromium not installed (needs apt-get as root): tests/test_ui_browser.py will be skipped"
 	touch $@
 
 demo: install

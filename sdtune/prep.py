@@ -171,6 +171,7 @@ def prep(
     progress: bool | None = None,
     drop: tuple[str, ...] | list[str] = (),
     face_min_confidence: float | None = None,
+    crop_boxes: dict[str, tuple[int, int, int, int]] | None = None,
 ) -> dict:
     """Prepare SRC into OUT and return the report (also written to OUT/prep_report.json).
 
@@ -178,6 +179,8 @@ def prep(
     left out of OUT and metadata.jsonl; the report lists them as ``dropped`` with the reason.
     ``face_min_confidence`` (``--crop face`` only; default ``FACE_MIN_CONFIDENCE``): faces scoring less are
     ignored, and an image with none left gets the smart crop; the report gives each image's crop and score.
+    ``crop_boxes`` (source name relative to SRC -> (left, top, right, bottom) in the upright source's pixels):
+    a user's crop for that photo instead of ``crop``'s (``sdtune ui``); square unless ``crop`` is bucket.
 
     Raises SdtuneError for bad options, an unusable OUT, or a SRC with no usable image.
     """
@@ -203,7 +206,7 @@ def prep(
         if text is None:
             results.append(Result(rel, "skipped", reason=why))
         else:
-            jobs.append((rel, str(path), text, settings, masks.get(rel)))
+            jobs.append((rel, str(path), text, settings, masks.get(rel), (crop_boxes or {}).get(rel)))
     created = not out_dir.exists()
     _remove(out_dir / STAGE_DIR)  # what a killed run left
     try:
@@ -527,9 +530,11 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def process(rel: str, path: str, caption: str, settings: Settings, mask: str | None = None) -> Result:
+def process(rel: str, path: str, caption: str, settings: Settings, mask: str | None = None,
+            user_box: tuple[int, int, int, int] | None = None) -> Result:
     """Read, crop, resize, encode and measure one source file; ``mask``: its source mask (``pair_masks``),
-    else its transparency, becomes NAME.mask.png."""
+    else its transparency, becomes NAME.mask.png; ``user_box``: the crop in source pixels (``prep``'s
+    ``crop_boxes``), else ``settings.crop`` chooses it."""
     import imagehash
 
     try:
@@ -545,7 +550,13 @@ def process(rel: str, path: str, caption: str, settings: Settings, mask: str | N
     if decoded.animated:
         r.flags.append("ANIM")
     small = _small(decoded.image, ANALYSIS_SIDE)
-    box, out_size = choose_crop(decoded, small, settings, r)
+    if user_box is None:
+        box, out_size = choose_crop(decoded, small, settings, r)
+    else:
+        try:
+            box, out_size = user_crop(decoded, user_box, settings, r)
+        except ValueError as e:
+            return Result(rel, "skipped", format=decoded.format, size=decoded.size, reason=f"crop box: {e}")
     sx, sy = decoded.scale
     r.crop_box = (round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy))
     too_small = _size_checks(r, out_size, settings)
@@ -637,6 +648,26 @@ def choose_crop(
         r.crop = "smart (no face found)" if not faces else \
             f"smart (face confidence {r.face_confidence:.2f} < {settings.face_min_confidence:g})"
     return square_box(im.size, smart_center(small) * max(im.size) / max(small.size)), (res, res)
+
+
+def user_crop(decoded: Decoded, user_box: tuple[int, int, int, int], settings: Settings,
+              r: Result) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """A user's crop box (source pixels) as ``choose_crop`` returns one (working pixels) with its output size;
+    ValueError (the reason) for a box outside the image, empty, or not square where the output is square."""
+    (w, h), (sx, sy) = decoded.size, decoded.scale
+    left, top, right, bottom = (float(v) for v in user_box)
+    if not (0 <= left < right <= w and 0 <= top < bottom <= h):
+        raise ValueError(f"{list(user_box)} is not inside the {w}x{h} image")
+    cw, ch = right - left, bottom - top
+    r.crop = "user"
+    if settings.crop == "bucket":
+        out_size = nearest_bucket((round(cw), round(ch)), settings.resolution)
+        r.crop = f"user, bucket {out_size[0]}x{out_size[1]}"
+    elif abs(cw - ch) > max(2.0, 0.01 * max(cw, ch)):  # a square output would stretch it
+        raise ValueError(f"{list(user_box)} is {cw:g}x{ch:g}, not square (only --crop bucket keeps other shapes)")
+    else:
+        out_size = (settings.resolution, settings.resolution)
+    return (left / sx, top / sy, right / sx, bottom / sy), out_size
 
 
 def square_box(size: tuple[int, int], center: float | None) -> tuple[float, float, float, float]:

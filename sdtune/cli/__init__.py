@@ -20,7 +20,7 @@ import sys
 import traceback
 
 from sdtune import __version__
-from sdtune.cli import data, doctor, micro, sample, share
+from sdtune.cli import data, doctor, micro, sample, share, ui
 from sdtune.cli import eval as evaluation  # (`eval` would shadow the built-in)
 from sdtune.cli import train as training
 from sdtune.cli.console import (
@@ -33,7 +33,7 @@ from sdtune.cli.console import (
 )
 from sdtune.errors import Interrupted, SdtuneError
 
-COMMAND_GROUPS = (training, data, sample, share, evaluation, micro, doctor)
+COMMAND_GROUPS = (training, data, sample, share, evaluation, micro, doctor, ui)
 
 
 def build_parser() -> Parser:

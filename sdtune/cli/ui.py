@@ -1,0 +1,53 @@
+"""``sdtune ui``: the workflow in a browser (``sdtune.ui``), served on 127.0.0.1 unless told otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from sdtune.errors import SdtuneError
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``ui`` to the ``sdtune`` subparsers."""
+    p = sub.add_parser("ui", help="the workflow in a browser: photos, identifier, train, compare, export",
+                       description="Start a local web app over the same functions the CLI uses. Every file it "
+                       "reads or writes stays inside the workspace folder.")
+    p.add_argument("--workspace", default="sdtune-workspace", help="the folder it works in (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s; any other needs --auth)")
+    p.add_argument("--port", type=int, default=7860, help="(default %(default)s; 0: any free port)")
+    p.add_argument("--auth", metavar="USER:PASSWORD", help="require HTTP basic auth (or a bare token as password)")
+    p.add_argument("--recipes", metavar="DIR", help="the recipes offered (default: ./recipes, else sdtune's own)")
+    p.set_defaults(func=cmd_ui)
+
+
+def _recipe_dir(given: str | None) -> Path | None:
+    if given:
+        if not Path(given).is_dir():
+            raise SdtuneError(f"--recipes: {given} is not a folder")
+        return Path(given).resolve()
+    for folder in (Path("recipes"), Path(__file__).resolve().parents[2] / "recipes"):
+        if folder.is_dir():
+            return folder.resolve()
+    return None
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from sdtune.ui.server import make_server
+
+    server = make_server(args.workspace, args.host, args.port, _recipe_dir(args.recipes), args.auth)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"listening on {args.host}: other machines can reach it; every request needs the --auth "
+              "credentials", file=sys.stderr)
+    print(f"sdtune ui: {server.url} (workspace {server.ws.root}); Ctrl-C stops the server, not its jobs",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
