@@ -15,3 +15,7 @@ class Interrupted(SdtuneError):
 
 class DiskFull(SdtuneError):
     """The disk filled up during a write; what was half-written is gone and earlier files are intact."""
+
+
+class KohyaUnavailable(SdtuneError):
+    """The model's family has no kohya LoRA layout in sdtune yet (FLUX): only the diffusers format is written."""

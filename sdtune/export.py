@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdtune import __version__, families
 from sdtune.embedding_files import bundle_tensors, folder_files
-from sdtune.errors import SdtuneError
+from sdtune.errors import KohyaUnavailable, SdtuneError
 from sdtune.families import Family
 from sdtune.files import atomic_path
 from sdtune.hub import public_model_id
@@ -575,6 +575,8 @@ def write_kohya(
     ``Adapter``}); pass only what was trained. ``title`` is ``modelspec.title``, default the file's stem,
     which is always ``ss_output_name``; ``data`` is the run's ``data_summary``; ``bundle`` the pivotal-tuning
     embeddings as ``bundle_emb.<name>.<key>`` tensors (``sdtune.pivotal.bundle_tensors``)."""
+    if not family.kohya_prefixes:  # a family without kohya names (FLUX: fused qkv keys) would get wrong files
+        raise KohyaUnavailable(f"export.kohya is not available for {family.label} yet; use the diffusers format")
     out_file = Path(out_file)
     if out_file.suffix != ".safetensors":
         raise SdtuneError(f"{out_file}: a kohya LoRA file must end in .safetensors")
@@ -1010,5 +1012,8 @@ def write_run_files(run_dir: str | Path) -> list[str]:
     warnings: list[str] = []
     for fmt, path in run_files(run_dir).items():
         # the run's own files by name: training replaces them, marked or not (a run from an older sdtune)
-        warnings += export_run(run_dir, fmt, path, overwrite=True)[1]
+        try:
+            warnings += export_run(run_dir, fmt, path, overwrite=True)[1]
+        except KohyaUnavailable as e:  # the family has no such format yet: the run has its diffusers file
+            warnings.append(f"{path.name} not written: {e}")
     return warnings

@@ -283,7 +283,7 @@ def write_random_model(
         pipe.to(weights_dtype)
     pipe.save_pretrained(directory, safe_serialization=True)
     # Also the classic vocab.json + merges.txt, so older transformers (slow tokenizer) can read them too.
-    for spec in fam.text_encoders:
+    for spec in (s for s in fam.text_encoders if s.model_class.startswith("CLIP")):  # not FLUX's T5
         write_clip_tokenizer_files(directory / spec.tokenizer_name)
         # transformers 5 saves a CLIPTextModel built in code without text_model.; transformers 4 and ComfyUI
         # would read that as all-missing weights (sdtune.layout)

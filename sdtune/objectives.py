@@ -2,10 +2,10 @@
 
 ``training_step`` asks an ``Objective`` for noise and timesteps, the noisy latents, the target and the
 weights; a model family names its objective (``Family.objective``). DDPM-trained families (SD1.x, SD2.x,
-SDXL) use ``DiffusionObjective``; a flow-matching family (SD3, FLUX: sigmas instead of a beta schedule,
-``noisy = (1 - sigma) * latents + sigma * noise``, target ``noise - latents``) adds another class with the
-same four methods (a fifth, ``huber_threshold``, only for ``train.loss`` huber / smooth_l1) and needs no
-change in the loop. A new loss weighting goes into ``loss_weights``.
+SDXL) use ``DiffusionObjective``; flow-matching families (FLUX, next SD3: sigmas instead of a beta schedule,
+``noisy = (1 - sigma) * latents + sigma * noise``, target ``noise - latents``) use ``FlowMatchingObjective``,
+with the same four methods (a fifth, ``huber_threshold``, only for ``train.loss`` huber / smooth_l1): the
+loop does not change. A new loss weighting goes into ``loss_weights``.
 
 How the error becomes a loss is ``LossFunction`` (``train.loss``): MSE, or kohya sd-scripts' Huber and
 smooth-L1 (``conditional_loss``) with a threshold that varies with the timestep (``huber_threshold``, kohya's
@@ -191,3 +191,86 @@ def scale_latents(latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
     if shift:
         latents = latents - shift
     return latents * vae_config.scaling_factor
+
+
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
+
+
+@dataclass
+class FlowMatchingObjective:
+    """Rectified flow (SD3, FLUX): ``noisy_latents = (1 - sigma) * latents + sigma * noise``, target
+    ``noise - latents``, as diffusers' ``train_dreambooth_lora_flux.py`` trains.
+
+    Timesteps are drawn as that script draws them: ``u`` from ``compute_density_for_timestep_sampling``
+    (``weighting_scheme`` logit_normal, mode, none = uniform; sigma_sqrt and cosmap draw uniformly and weight
+    the loss), ``indices = (u * num_train_timesteps).long()``, ``timesteps = scheduler.timesteps[indices]``,
+    and each timestep's sigma looked up in the scheduler's sigmas. Loss weights come from
+    ``compute_loss_weighting_for_sd3`` (None where they are all ones). A pure function of its inputs and the
+    generator.
+
+    The Huber threshold schedules use sigma in place of the DDPM noise-to-signal ratio: ``exponential`` is
+    ``huber_c ** sigma``, ``snr`` is ``(1 - huber_c) / (1 + sigma / (1 - sigma)) ** 2 + huber_c`` (sigma's
+    noise-to-signal ratio, as ``sqrt((1 - a_t) / a_t)`` is for DDPM); ``constant`` is ``huber_c``.
+    """
+
+    noise_scheduler: Any  # a diffusers FlowMatchEulerDiscreteScheduler as built from the model's config
+    weighting_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+
+    def __post_init__(self) -> None:
+        if self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise SdtuneError(f"flux.weighting_scheme: unknown '{self.weighting_scheme}'; choose from "
+                              f"{', '.join(WEIGHTING_SCHEMES)}")
+
+    def sample(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        u = compute_density_for_timestep_sampling(
+            weighting_scheme=self.weighting_scheme, batch_size=latents.shape[0], logit_mean=self.logit_mean,
+            logit_std=self.logit_std, mode_scale=self.mode_scale, device=generator.device, generator=generator)
+        indices = (u * self.noise_scheduler.config.num_train_timesteps).long().cpu()  # (B,) in [0, T)
+        timesteps = self.noise_scheduler.timesteps[indices].to(latents.device)  # (B,) float, in (0, 1000]
+        return noise, timesteps
+
+    def sigmas(self, timesteps: torch.Tensor, n_dim: int = 1) -> torch.Tensor:
+        """Each timestep's sigma (B,) fp32, viewed (B, 1, ..., 1) for ``n_dim`` dimensions: the reference's
+        ``get_sigmas`` (an exact lookup of the timestep in the scheduler's table, not a division by 1000,
+        which a shifted schedule would break)."""
+        import torch
+
+        schedule = self.noise_scheduler.timesteps.to(timesteps.device)
+        step_indices = (schedule[None, :] == timesteps[:, None]).float().argmax(dim=1)  # (B,)
+        sigma = self.noise_scheduler.sigmas.to(timesteps.device, torch.float32)[step_indices]
+        return sigma.view(-1, *([1] * (n_dim - 1)))
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        sigmas = self.sigmas(timesteps, latents.dim()).to(latents.dtype)  # (B, 1, 1, 1)
+        return (1.0 - sigmas) * latents + sigmas * noise
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return noise - latents
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        if self.weighting_scheme not in ("sigma_sqrt", "cosmap"):
+            return None  # compute_loss_weighting_for_sd3 gives ones: a plain mean
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        return compute_loss_weighting_for_sd3(self.weighting_scheme, self.sigmas(timesteps)).float()  # (B,)
+
+    def huber_threshold(self, timesteps: torch.Tensor, huber_c: float, schedule: str) -> torch.Tensor:
+        import torch
+
+        sigma = self.sigmas(timesteps)  # (B,) fp32
+        if schedule == "constant":
+            return torch.full(timesteps.shape, huber_c, dtype=torch.float32, device=timesteps.device)
+        if schedule == "exponential":
+            return huber_c**sigma
+        if schedule == "snr":
+            ratio = sigma / (1 - sigma).clamp(min=1e-6)  # noise-to-signal of x_t = (1 - s) x0 + s noise
+            return (1 - huber_c) / (1 + ratio) ** 2 + huber_c
+        raise SdtuneError(f"train.huber_schedule: unknown schedule '{schedule}'; choose from "
+                          f"{', '.join(HUBER_SCHEDULES)}")

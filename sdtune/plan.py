@@ -293,6 +293,7 @@ def _check_family(cfg: Config, info: ModelInfo, files: ModelFiles, problems: lis
                     f"{section}.{key}: an {other.label}-only option, but {cfg.model.pretrained} is an "
                     f"{family.label} model; fix: remove it"
                 )
+    problems += family.config_problems(cfg)
     try:
         names = family.denoiser_module_names(files)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:  # a damaged config: no module to name
@@ -389,6 +390,15 @@ def _scan_data(cfg: Config, resolution: int | None) -> tuple[list[Path | None], 
     return folders, scan
 
 
+def with_family_defaults(cfg: Config, family: Family) -> Config:
+    """``cfg`` with the family's own defaults where the recipe leaves a key unset: ``lora.target_modules``
+    (``Family.lora_targets``; FLUX trains its text-stream projections too). What the run folder records and
+    a resume compares."""
+    if family.lora_targets is None or "target_modules" in cfg.lora.model_fields_set:
+        return cfg
+    return cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"target_modules": list(family.lora_targets)})})
+
+
 def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     """Check the model, the data, the output folder and every option that depends on them; raise ConfigError
     with every problem at once (with ``strict``, warnings too). Reads config files, safetensors headers,
@@ -397,6 +407,8 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     problems: list[str] = []
     model_warnings: list[str] = []
     info, files = _check_model(cfg, problems, model_warnings)
+    if info is not None:
+        cfg = with_family_defaults(cfg, info.family)
     folders, scan = _scan_data(cfg, cfg.data.resolution or (info.resolution if info else None))
     problems += scan.problems
     warnings = model_warnings + list(scan.warnings) + option_warnings(cfg.data)

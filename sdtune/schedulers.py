@@ -23,6 +23,10 @@ def sampling_scheduler(config: Any, name: str = "dpmpp_2m") -> Any:
     """A sampling scheduler built from a model's scheduler config (betas, prediction type, spacing)."""
     import diffusers
 
+    if str(dict(config).get("_class_name", "")).startswith("FlowMatch"):
+        # a flow-matching model (FLUX) samples with its own scheduler: its pipeline passes it the shifted
+        # sigmas (mu) that the DDPM-style schedulers above do not take
+        return getattr(diffusers, dict(config)["_class_name"]).from_config(config)
     if name not in SCHEDULERS:
         raise SdtuneError(f"--scheduler: unknown '{name}'; choose one of {', '.join(SCHEDULERS)}")
     # A training (DDPM) config may say clip_sample=True, which sampling schedulers must not inherit.

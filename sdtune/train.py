@@ -89,6 +89,7 @@ from sdtune.plan import (
     class_images_dir,
     class_sets,
     default_sample_prompts,
+    with_family_defaults,
 )
 from sdtune.prior import ensure_class_images
 from sdtune.resume import flat_keys, refuse_data_drift
@@ -245,7 +246,9 @@ class Run:
 def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     """Run DreamBooth LoRA training as configured; return the output folder."""
     plan = plan or check_run(cfg)  # every config problem is reported before any weight loads
-    cfg = cfg.resolved_paths()  # what the run folder records: commands on it then work from any folder
+    # what the run folder records: absolute paths (commands on it then work from any folder) and the family's
+    # defaults (as check_run saw them)
+    cfg = with_family_defaults(cfg.resolved_paths(), plan.family)
     accelerator = make_accelerator(cfg)
     with _exclusive(accelerator, Path(cfg.train.output_dir)):  # one run per folder
         run = setup(cfg, plan, accelerator)
@@ -297,7 +300,8 @@ def setup(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> Run:
     run = Run(
         cfg=cfg, plan=plan, accelerator=accelerator, components=components, options=cfg.family_options(plan.family),
         objective=plan.family.objective(components.noise_scheduler, plan.model.prediction_type,
-                                        noise_offset=t.noise_offset, snr_gamma=t.snr_gamma),
+                                        noise_offset=t.noise_offset, snr_gamma=t.snr_gamma,
+                                        options=cfg.family_options(plan.family)),
         generator=generator, weight_dtype=weight_dtype, class_paths=class_paths, dataset=dataset,
         latent_cache=_latent_cache(cfg, plan, components, dataset, accelerator),
         text_cache=None, offloaded=False,

@@ -22,6 +22,7 @@ from sdtune.families.base import (
     TextEncoderSpec,
     read_model_file,
 )
+from sdtune.families.flux import FLUX
 from sdtune.families.sd import SD2, SD15
 from sdtune.families.sdxl import SDXL
 
@@ -88,5 +89,5 @@ def describe(files: ModelFiles, for_training: bool = True) -> ModelInfo:
                           "diffusers model?") from None
 
 
-for _family in (SD15, SD2, SDXL):
+for _family in (SD15, SD2, SDXL, FLUX):
     register(_family)

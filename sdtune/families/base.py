@@ -1,6 +1,6 @@
 """What a model family is: the protocol every family implements and the records families hand out.
 
-A family (SD1.x, SD2.x, SDXL; next SD3 and FLUX) is everything that differs between models which sdtune
+A family (SD1.x, SD2.x, SDXL, FLUX.1; next SD3) is everything that differs between models which sdtune
 otherwise treats alike: how it is recognised from its config files, how its parts load, how prompts become
 the denoiser's conditioning, how the denoiser is called, which noising and loss target it trains with (its
 ``Objective``), which modules LoRA can target, how its LoRAs are named in kohya files, and its memory
@@ -156,7 +156,7 @@ def read_model_file(pretrained: str, filename: str, revision: str | None = None)
 
 @runtime_checkable
 class Family(Protocol):
-    """The protocol of a model family. ``sdtune.families.sd`` and ``sdtune.families.sdxl`` implement it;
+    """The protocol of a model family. ``sdtune.families.sd``, ``.sdxl`` and ``.flux`` implement it;
     ``sdtune.families.register`` adds one."""
 
     name: str  # what recipes, checkpoints and --family say: "sd15"
@@ -164,6 +164,9 @@ class Family(Protocol):
     default_resolution: int  # when no model is at hand (sdtune prep --family)
     text_encoders: tuple[TextEncoderSpec, ...]
     text_encoder_targets: frozenset[str]  # module names LoRA may target in the text encoders
+    # the denoiser's LoRA targets when the recipe names none (``sdtune.plan.with_family_defaults``); None: the
+    # recipe's default, lora.target_modules = [to_k, to_q, to_v, to_out.0]
+    lora_targets: tuple[str, ...] | None
     denoiser_name: str  # "unet" or "transformer"
     options_section: str | None  # the recipe section of this family's own options, e.g. "sdxl"
     options: type | None  # its pydantic model
@@ -187,6 +190,11 @@ class Family(Protocol):
         """Every module name of the denoiser (built empty from its config), to check LoRA targets."""
         ...
 
+    def config_problems(self, cfg: Any) -> list[str]:
+        """One line per recipe option (``sdtune.config.Config``) this family cannot train with yet, naming its
+        key; checked with the rest of the recipe, before any weight loads."""
+        ...
+
     # -- loading and building
     def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool) -> Components:
         """Tokenizers, text encoders, VAE, denoiser and the training noise scheduler."""
@@ -206,8 +214,8 @@ class Family(Protocol):
 
     # -- one training step
     def objective(self, noise_scheduler: Any, prediction_type: str, *, noise_offset: float,
-                  snr_gamma: float | None) -> Any:
-        """The ``sdtune.objectives.Objective`` this family trains with."""
+                  snr_gamma: float | None, options: Any = None) -> Any:
+        """The ``sdtune.objectives.Objective`` this family trains with (``options``: its recipe section)."""
         ...
 
     def tokenize(self, tokenizers: list[Any], captions: list[str]) -> list[Any]:

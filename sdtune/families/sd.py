@@ -76,6 +76,7 @@ class StableDiffusion:
     text_encoders: tuple[TextEncoderSpec, ...]
     v2: bool = False
     text_encoder_targets: frozenset[str] = CLIP_TARGETS
+    lora_targets: tuple[str, ...] | None = None  # the recipe's default: the UNet's attention projections
     denoiser_name: str = "unet"
     options_section: str | None = None
     options: type | None = None
@@ -134,6 +135,9 @@ class StableDiffusion:
         with init_empty_weights():  # a skeleton on the meta device: no memory, no weights read
             unet = UNet2DConditionModel.from_config(files.read("unet/config.json"))
         return [n for n, _ in unet.named_modules()]
+
+    def config_problems(self, cfg: Any) -> list[str]:
+        return []  # every option works for SD
 
     # ---------------------------------------------------------------------------------------------------
     # Loading and building
@@ -227,7 +231,7 @@ class StableDiffusion:
     # One training step
 
     def objective(self, noise_scheduler: Any, prediction_type: str, *, noise_offset: float = 0.0,
-                  snr_gamma: float | None = None) -> DiffusionObjective:
+                  snr_gamma: float | None = None, options: Any = None) -> DiffusionObjective:
         return DiffusionObjective(noise_scheduler, prediction_type, noise_offset, snr_gamma)
 
     def tokenize(self, tokenizers: list[Any], captions: list[str]) -> list[Any]:

@@ -1,0 +1,323 @@
+"""FLUX.1: a rectified-flow transformer (MMDiT) conditioned on T5-XXL and CLIP-L.
+
+What differs from the SD families: the denoiser is ``FluxTransformer2DModel``, which takes the latents packed
+into 2x2 patches, (B, 16, h, w) -> (B, h/2 * w/2, 64), with position ids for the image and text tokens and,
+for the guidance-distilled FLUX.1-dev, the guidance scale as an input; training is flow matching
+(``sdtune.objectives.FlowMatchingObjective``); the prompt is T5's hidden states (B, 512, 4096) plus CLIP-L's
+pooled output (B, 768); the VAE has 16 channels and a shift factor. ``predict`` packs and unpacks, so the
+loop's loss code sees (B, C, h, w) tensors as for the UNets. The maths follows diffusers'
+``examples/dreambooth/train_dreambooth_lora_flux.py``.
+
+Not yet: kohya/BFL LoRA files (fused qkv keys; training writes the diffusers file only and says so),
+single-file checkpoints, pivotal tuning, LoHa / LoKr, the validation loss, noise offset and min-SNR (DDPM
+notions), clip skip, a 256-token T5 option (``max_sequence_length`` is the pipeline's 512), a memory estimate
+calibrated for FLUX (SD's constants are used); ``config_problems`` refuses each such key in one line.
+
+torch, diffusers and transformers are imported inside the methods that use them (see ``families.sd``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdtune.errors import SdtuneError
+from sdtune.families.base import (
+    Components,
+    KohyaVersion,
+    MemoryConstants,
+    ModelFiles,
+    ModelInfo,
+    OriginalLayout,
+    TextEncoderSpec,
+)
+from sdtune.families.sd import CLIP_TARGETS, clip_text_config
+from sdtune.objectives import FlowMatchingObjective
+from sdtune.tokens import EOS_TOKEN, clip_tokenizer
+
+# diffusers' FluxTransformer2DModel block names, as diffusers-format LoRA keys and kohya/BFL keys spell them
+LORA_KEY_MARKS = ("transformer.transformer_blocks.", "transformer.single_transformer_blocks.",
+                  "lora_unet_double_blocks_", "lora_unet_single_blocks_")
+# the LoRA targets when the recipe names none, as diffusers' FLUX script trains by default: every attention
+# projection of the double (joint) blocks, image and text streams; the single blocks share to_q, to_k, to_v
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+KOHYA_UNAVAILABLE = "export.kohya is not available for FLUX yet; use the diffusers format"
+
+
+class FluxOptions(BaseModel):
+    """Options that exist only for FLUX models (recipe section ``flux``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    guidance_scale: float = Field(1.0, ge=0, description="the guidance input of a guidance-distilled transformer "
+                                  "(FLUX.1-dev) during training; diffusers' script uses 1.0")
+    weighting_scheme: Literal["logit_normal", "mode", "none", "sigma_sqrt", "cosmap"] = Field(
+        "logit_normal", description="how timesteps are drawn (and for sigma_sqrt / cosmap the loss weighted)")
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+
+
+def tiny_t5_tokenizer(model_max_length: int = 512) -> Any:
+    """A ``T5TokenizerFast`` built offline: a Unigram vocabulary of T5's special tokens, single characters and
+    a few words (T5's sentencepiece model is not shipped); pads with <pad> = 0, ends with </s> = 1 as T5's."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    words = ["a", "photo", "of", "sks", "toy", "dog", "cat", "on", "the", "beach", "in", "and", "with"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(f"\u2581{w}", -1.0) for w in words]
+    vocab += [(ch, -5.0) for ch in string.ascii_letters + string.digits + string.punctuation]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def t5_config(size: str) -> Any:
+    """A ``T5Config`` of T5 v1.1's encoder: tiny (tests) or T5-XXL's shapes (FLUX's ``text_encoder_2``)."""
+    from transformers import T5Config
+
+    if size == "tiny":
+        return T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                        use_cache=False, dropout_rate=0.0)
+    return T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                    feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False, dropout_rate=0.0)
+
+
+@dataclass(frozen=True)
+class Flux:
+    """FLUX.1-dev and FLUX.1-schnell (and their fine-tunes) in diffusers' layout."""
+
+    name: str = "flux"
+    label: str = "FLUX.1"
+    default_resolution: int = 1024
+    text_encoders: tuple[TextEncoderSpec, ...] = (
+        TextEncoderSpec("text_encoder", "CLIP ViT-L/14", EOS_TOKEN),
+        TextEncoderSpec("text_encoder_2", "T5-XXL", "<pad>", model_class="T5EncoderModel", embedding_key="t5"),
+    )
+    text_encoder_targets: frozenset[str] = CLIP_TARGETS  # only CLIP's: T5 stays frozen
+    lora_targets: tuple[str, ...] | None = DEFAULT_TARGETS
+    denoiser_name: str = "transformer"
+    options_section: str | None = "flux"
+    options: type | None = FluxOptions
+    lora_pipeline: str = "FluxPipeline"
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+    hub_tags: tuple[str, ...] = ("flux", "text-to-image")
+    kohya_prefixes: dict[str, str] = field(default_factory=dict)  # none yet: see KOHYA_UNAVAILABLE
+    memory: MemoryConstants = MemoryConstants()  # SD's constants: not calibrated for FLUX
+    original_layout: OriginalLayout | None = None
+    max_sequence_length: int = 512  # T5 tokens: 512 for FLUX.1-dev (the pipeline's default), 256 for schnell
+
+    # ---------------------------------------------------------------------------------------------------
+    # Reading a model
+
+    def detect(self, files: ModelFiles) -> bool:
+        # the pipeline's class, or its transformer's as model_index.json lists it (["diffusers", class name])
+        index = files.read("model_index.json")
+        transformer = index.get("transformer")
+        return index.get("_class_name") == "FluxPipeline" or \
+            (isinstance(transformer, list) and transformer[-1:] == ["FluxTransformer2DModel"])
+
+    def describe(self, files: ModelFiles, for_training: bool) -> ModelInfo:
+        index, transformer = files.read("model_index.json"), files.read("transformer/config.json")
+        vae = files.read("vae/config.json")
+        vae_scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+        if for_training and transformer.get("in_channels", 64) != 4 * vae.get("latent_channels", 16):
+            raise SdtuneError(
+                f"model.pretrained: {files.pretrained} is a {index.get('_class_name')} whose transformer takes "
+                f"{transformer.get('in_channels')} input channels (a Fill / Canny / Depth model); sdtune trains "
+                "text-to-image models: use the base text-to-image checkpoint"
+            )
+        return ModelInfo(
+            pretrained=files.pretrained, family=self, prediction_type="flow_matching",
+            resolution=int(vae.get("sample_size", self.default_resolution)),
+            # the VAE's downscale x the 2x2 packing: 16 for FLUX.1
+            bucket_multiple=vae_scale * 2, pipeline_class=index.get("_class_name", "?"),
+        )
+
+    def denoiser_module_names(self, files: ModelFiles) -> list[str]:
+        from accelerate import init_empty_weights
+        from diffusers import FluxTransformer2DModel
+
+        with init_empty_weights():
+            transformer = FluxTransformer2DModel.from_config(files.read("transformer/config.json"))
+        return [n for n, _ in transformer.named_modules()]
+
+    def config_problems(self, cfg: Any) -> list[str]:
+        """Options that do not work for FLUX yet, each naming its key."""
+        t, problems = cfg.train, []
+        if t.noise_offset:
+            problems.append("train.noise_offset: a DDPM option; FLUX trains with flow matching: remove it")
+        if t.snr_gamma is not None:
+            problems.append("train.snr_gamma: min-SNR is a DDPM weighting; for FLUX use flux.weighting_scheme")
+        if cfg.model.prediction_type:
+            problems.append("model.prediction_type: FLUX models predict the flow (noise - latents); remove it")
+        if cfg.model.clip_skip != 1:
+            problems.append("model.clip_skip: FLUX conditions on CLIP's pooled output only; remove it")
+        if cfg.pivotal.enabled:
+            problems.append("pivotal.enabled: pivotal tuning is not available for FLUX yet (T5's embeddings)")
+        if cfg.train.validation_every:
+            problems.append("train.validation_every: the validation loss is not available for FLUX yet; set it to 0")
+        if cfg.lora.type != "lora":
+            problems.append(f"lora.type: {cfg.lora.type} is not available for FLUX yet; use lora")
+        return problems
+
+    # ---------------------------------------------------------------------------------------------------
+    # Loading and building
+
+    def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool) -> Components:
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        kw: dict[str, Any] = dict(revision=revision)
+        wkw: dict[str, Any] = dict(revision=revision, variant=variant, use_safetensors=True if safetensors_only else None)
+        return Components(
+            tokenizers=[CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw),
+                        T5TokenizerFast.from_pretrained(pretrained, subfolder="tokenizer_2", **kw)],
+            text_encoders=[CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **wkw),
+                           T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_2", **wkw)],
+            vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **wkw),
+            denoiser=FluxTransformer2DModel.from_pretrained(pretrained, subfolder="transformer", **wkw),
+            # training draws its sigmas from the model's own scheduler (timesteps and sigmas tables)
+            noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw),
+        )
+
+    def pipeline(self, components: Components, scheduler: Any = None) -> Any:
+        from diffusers import FluxPipeline
+
+        (tokenizer, tokenizer_2), (text_encoder, text_encoder_2) = components.tokenizers, components.text_encoders
+        return FluxPipeline(
+            scheduler=scheduler if scheduler is not None else components.noise_scheduler, vae=components.vae,
+            text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+            transformer=components.denoiser, **self.pipeline_kwargs,
+        )
+
+    def random_configs(self, size: str) -> dict[str, Any]:
+        """Constructor arguments of a random model: ``transformer``, ``vae``, ``clip``."""
+        if size == "tiny":
+            # diffusers' tests/pipelines/flux shapes: rope axes sum to the head dim (4 + 4 + 8 = 16); 4 latent
+            # channels packed 2x2 -> 16 transformer input channels
+            transformer: dict[str, Any] = dict(
+                patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+                guidance_embeds=True)
+            vae_blocks, latent_channels, groups, vae_size = (8, 16, 16, 16), 4, 4, 64
+            clip = dict(width=32, layers=2, heads=4, mlp=64, projection_dim=32)
+        elif size == "full":  # FLUX.1-dev
+            transformer = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                               attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                               pooled_projection_dim=768, axes_dims_rope=(16, 56, 56), guidance_embeds=True)
+            vae_blocks, latent_channels, groups, vae_size = (128, 256, 512, 512), 16, 32, 1024
+            clip = dict(width=768, layers=12, heads=12, mlp=3072, projection_dim=768)
+        else:
+            raise SdtuneError(f"--size: unknown size '{size}'; choose tiny or full")
+        vae = dict(
+            in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=vae_blocks,
+            down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
+            up_block_types=("UpDecoderBlock2D",) * len(vae_blocks), layers_per_block=1 if size == "tiny" else 2,
+            norm_num_groups=groups, sample_size=vae_size, use_quant_conv=False, use_post_quant_conv=False,
+            scaling_factor=0.3611, shift_factor=0.1159,  # FLUX.1's VAE
+        )
+        return dict(transformer=transformer, vae=vae, clip=clip)
+
+    def random_scheduler(self) -> Any:
+        """FLUX.1-dev's scheduler: flow-matching Euler with resolution-dependent (dynamic) shifting."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                               base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                               max_image_seq_len=4096)
+
+    def random_components(self, size: str) -> Components:
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+        from transformers import CLIPTextModel, T5EncoderModel
+
+        cfg = self.random_configs(size)
+        clip = CLIPTextModel(clip_text_config(**cfg["clip"], openclip=False))
+        t5 = T5EncoderModel(t5_config(size))
+        vae, transformer = AutoencoderKL(**cfg["vae"]), FluxTransformer2DModel(**cfg["transformer"])
+        return Components(
+            tokenizers=[clip_tokenizer(), tiny_t5_tokenizer(self.max_sequence_length)],
+            text_encoders=[clip, t5], vae=vae, denoiser=transformer, noise_scheduler=self.random_scheduler(),
+        )
+
+    # ---------------------------------------------------------------------------------------------------
+    # One training step
+
+    def objective(self, noise_scheduler: Any, prediction_type: str, *, noise_offset: float = 0.0,
+                  snr_gamma: float | None = None, options: Any = None) -> FlowMatchingObjective:
+        if noise_offset or snr_gamma is not None:
+            raise SdtuneError("train.noise_offset / train.snr_gamma: DDPM options, not available for FLUX")
+        o = options or FluxOptions()
+        return FlowMatchingObjective(noise_scheduler, o.weighting_scheme, o.logit_mean, o.logit_std, o.mode_scale)
+
+    def tokenize(self, tokenizers: list[Any], captions: list[str]) -> list[Any]:
+        # as FluxPipeline.encode_prompt: CLIP padded to 77, T5 to max_sequence_length
+        clip, t5 = tokenizers
+        return [clip(captions, padding="max_length", max_length=clip.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids,
+                t5(captions, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                   return_tensors="pt").input_ids]
+
+    def encode_prompt(self, text_encoders: list[Any], input_ids: list[Any]) -> dict[str, Any]:
+        # FluxPipeline._get_clip_prompt_embeds / _get_t5_prompt_embeds: CLIP's pooled output (B, 768) and T5's
+        # last hidden states (B, L, 4096)
+        clip, t5 = text_encoders
+        return {"prompt_embeds": t5(input_ids[1], output_hidden_states=False)[0],
+                "pooled_prompt_embeds": clip(input_ids[0], output_hidden_states=False).pooler_output}
+
+    def conditioning(self, prompt_embeds: dict[str, Any], batch: dict, options: Any, device: Any,
+                     dtype: Any) -> dict[str, Any]:
+        import torch
+
+        encoder_hidden_states = prompt_embeds["prompt_embeds"]  # (B, L, D)
+        bsz, length = encoder_hidden_states.shape[:2]
+        scale = (options or FluxOptions()).guidance_scale
+        return {
+            "encoder_hidden_states": encoder_hidden_states,
+            "pooled_projections": prompt_embeds["pooled_prompt_embeds"],  # (B, 768)
+            "txt_ids": torch.zeros(length, 3, device=device, dtype=dtype),  # (L, 3): text tokens sit at 0
+            # (B,): used only by a transformer with guidance_embeds (predict drops it otherwise)
+            "guidance": torch.full((bsz,), scale, device=device, dtype=torch.float32),
+        }
+
+    def predict(self, denoiser: Any, noisy_latents: Any, timesteps: Any, conditioning: dict[str, Any]) -> Any:
+        from diffusers import FluxPipeline
+
+        bsz, channels, height, width = noisy_latents.shape
+        config = getattr(denoiser, "module", denoiser).config  # DDP wraps the module
+        kwargs = dict(conditioning)
+        if not config.guidance_embeds:
+            kwargs.pop("guidance")
+        # (B, C, h, w) -> (B, h/2 * w/2, 4C) 2x2 patches, with their (row, column) position ids (h/2 * w/2, 3)
+        packed = FluxPipeline._pack_latents(noisy_latents, bsz, channels, height, width)
+        img_ids = FluxPipeline._prepare_latent_image_ids(bsz, height // 2, width // 2, noisy_latents.device,
+                                                         noisy_latents.dtype)
+        # the transformer takes the timestep in [0, 1] (it multiplies by 1000 itself), as the reference passes
+        model_pred = denoiser(hidden_states=packed, timestep=timesteps / 1000, img_ids=img_ids, return_dict=False,
+                              **kwargs)[0]
+        # back to (B, C, h, w); _unpack_latents takes pixel sizes, so give it latent sizes with a factor of 1
+        return FluxPipeline._unpack_latents(model_pred, height, width, 1)
+
+    def trained_text_encoders(self, options: Any) -> tuple[str, ...]:
+        return ("text_encoder",)  # CLIP; T5 is never LoRA'd
+
+    # ---------------------------------------------------------------------------------------------------
+    # LoRA files
+
+    def kohya_version(self, prediction_type: str) -> KohyaVersion:
+        # kohya-ss sd-scripts flux_utils / sai_model_spec: "flux1", ModelSpec "flux-1-dev/lora"
+        return KohyaVersion("flux1", "flux-1-dev/lora", "https://github.com/black-forest-labs/flux",
+                            self.default_resolution)
+
+    def kohya_warnings(self, modules: dict[str, list[str]]) -> list[str]:
+        return [KOHYA_UNAVAILABLE]
+
+    def recognises_lora(self, keys: list[str], metadata: dict[str, str]) -> bool:
+        return any(k.startswith(LORA_KEY_MARKS) for k in keys) or \
+            metadata.get("ss_base_model_version", "").startswith("flux")
+
+
+FLUX = Flux()
