@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The FLUX.1 family's CUDA path, in one short device call (issue #17): a tiny random FLUX model (the test
+# suite's shapes) trained through `sdtune train` on the GPU in bf16 and fp16 mixed precision, with a
+# checkpoint, a bitwise resume check and the sample grid, then `sdtune sample` on the result. It proves the
+# device path (packing, ids, guidance, dtypes, offload of the frozen parts), not speed: real-size FLUX rows
+# need the weights built on the GPU (not done yet).
+# Device call (carry [".whl"]; the wheels as in bench/micro_pretrain_gpu.sh's header), timeout_s 300:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+#     .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; bash bench/gpu_flux_check.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+W=${WORKDIR:-/tmp/flux-gpu}
+mkdir -p "$OUT" "$W"
+rm -rf "$W"/*
+date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+S="python3 -m sdtune"
+$S random-model "$W/model" --family flux --size tiny || exit 1
+common=(model.pretrained="$W/model" data.instance_dir=data/demo_toy data.identifier=sks data.resolution=64
+        train.batch_size=2 train.report_to=none train.log_every=1 sample.steps=4 "sample.seeds=[0]"
+        prior.class_dir="$W/class" prior.num_class_images=4)
+MPS=${MPS:-"bf16 fp16"}  # MPS=no: a CPU rehearsal
+FIRST=${MPS%% *}
+for mp in $MPS; do
+  $S train recipes/tiny_cpu.yaml "${common[@]}" train.mixed_precision=$mp train.max_steps=20 \
+    train.checkpoint_every=10 sample.every=10 train.output_dir="$W/run-$mp" 2>&1 | tail -4
+  python3 - "$W/run-$mp" <<'PY'
+import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+losses = [json.loads(l) for l in (run / "losses.jsonl").read_text().splitlines() if l.strip()]
+print(run.name, "steps", len(losses), "first/last loss", losses[0].get("loss"), losses[-1].get("loss"),
+      "files", sorted(p.name for p in run.glob("*.safetensors")), "grids", sorted(p.name for p in (run / "samples").glob("*.png")))
+PY
+done
+# resume from step 10 of the bf16 run must give the straight run's LoRA bitwise
+cp -r "$W/run-$FIRST" "$W/run-resume" && rm -rf "$W/run-resume/checkpoints/step-000020" "$W/run-resume"/*.safetensors
+$S train recipes/tiny_cpu.yaml "${common[@]}" train.mixed_precision=$FIRST train.max_steps=20 train.checkpoint_every=10 \
+  sample.every=10 train.output_dir="$W/run-resume" train.resume=latest 2>&1 | tail -2
+python3 - "$W" "$FIRST" <<'PY'
+import sys, torch
+from safetensors.torch import load_file
+w = sys.argv[1]
+a, b = load_file(f"{w}/run-{sys.argv[2]}/pytorch_lora_weights.safetensors"), load_file(f"{w}/run-resume/pytorch_lora_weights.safetensors")
+print("resume bitwise:", a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), len(a), "tensors")
+PY
+$S sample "$W/run-$FIRST" --prompt "a photo of sks toy" --seeds 0,1 --steps 4 --out "$W/grid.png" 2>&1 | tail -2
+cp "$W/grid.png" "$OUT/flux_grid.png" 2>/dev/null; ls "$W"
