@@ -9,7 +9,10 @@ format is converted from that file by its writer in ``WRITERS`` (``--format`` of
 the formats that name a run file; ``sdtune push`` uploads those files). A new format is one function and one
 entry there. The kohya key rules were read from the loaders' own code; each rule below says where it comes
 from, and ``tests/test_export.py`` re-implements the loaders' rules to check every key. Key prefixes and
-version metadata come from the model's family (``Family.kohya_prefixes``, ``Family.kohya_version``).
+version metadata come from the model's family (``Family.kohya_prefixes``, ``Family.kohya_version``), and so do
+the names of a denoiser whose kohya files use its original layout (``Family.kohya_modules``: FLUX.1's BFL names,
+with the LoRAs of q, k and v fused into one on qkv; ``tests/test_flux.py`` reads them back through diffusers'
+converter).
 
 Every file keeps to the canonical key layout (``sdtune.layout``: text-encoder keys under ``text_model.``),
 which every diffusers / transformers version reads, and names the base model publicly (``public_name``: a hub
@@ -40,6 +43,7 @@ from sdtune import __version__, families
 from sdtune.embedding_files import bundle_tensors, folder_files
 from sdtune.errors import KohyaUnavailable, SdtuneError
 from sdtune.families import Family
+from sdtune.families.base import KohyaModule
 from sdtune.files import atomic_path
 from sdtune.hub import public_model_id
 from sdtune.layout import CLIP_TEXT_CLASSES, canonical_text_encoder_keys
@@ -221,12 +225,15 @@ def to_kohya(
     clip_skip: int | None = None,
     data: dict[str, Any] | None = None,
     training: dict[str, str] | None = None,
+    architecture: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """PEFT adapters ({component: Adapter}) -> (kohya tensors, safetensors metadata). Pure: no files, no
     model weights. The metadata ends with kohya's ``sshs_*`` hashes of these tensors (``kohya_hashes``).
 
     Per module ``NAME.lora_down.weight`` = PEFT lora_A, ``NAME.lora_up.weight`` = lora_B, ``NAME.alpha`` and,
-    with DoRA, ``NAME.dora_scale``. A LoHa or LoKr is written in LyCORIS' layout instead (``NAME.hada_w1_a``
+    with DoRA, ``NAME.dora_scale``; a family with an original layout (``Family.kohya_modules``: FLUX.1) gets
+    its denoiser's modules under those names, fused where the original model fuses them
+    (``_original_layout_tensors``). A LoHa or LoKr is written in LyCORIS' layout instead (``NAME.hada_w1_a``
     ... or ``NAME.lokr_w1`` ..., ``NAME.alpha``; ``_lycoris_tensors``).
     """
     if not adapters:
@@ -242,6 +249,7 @@ def to_kohya(
         family, rank, first.scale("") * rank, title=title, trigger_word=trigger_word, base_model=base_model,
         prediction_type=prediction_type, resolution=resolution, dora=dora, output_name=output_name,
         clip_skip=clip_skip, data=data, network_args=_network_args(first), training=training,
+        architecture=architecture,
     )
     return tensors, {**metadata, **kohya_hashes(tensors, metadata)}
 
@@ -253,6 +261,8 @@ def _kohya_tensors(family: Family, component: str, adapter: Adapter,
 
     if adapter.kind != "lora":
         return _lycoris_tensors(family, component, adapter, written)
+    if component == family.denoiser_name and family.kohya_modules:
+        return _original_layout_tensors(family, component, adapter)
     tensors: dict[str, torch.Tensor] = {}
     known = set()
     for module in adapter.modules():
@@ -279,6 +289,90 @@ def _kohya_tensors(family: Family, component: str, adapter: Adapter,
             per_output = (up.shape[0], *[1] * (up.dim() - 1))
             tensors[f"{name}.dora_scale"] = magnitude.reshape(per_output).contiguous()
             known.add(f"{module}.lora_magnitude_vector")
+    left = sorted(set(adapter.tensors) - known)
+    if left:
+        raise SdtuneError(f"{component}: {len(left)} tensors have no kohya equivalent, e.g. {left[0]}")
+    return tensors
+
+
+def _kohya_groups(family: Family, component: str,
+                  modules: list[str]) -> dict[str, tuple[KohyaModule, dict[int, str]]]:
+    """{kohya name: (its ``KohyaModule``, {member index: trained diffusers module})} for a family whose
+    denoiser's kohya names are its original layout's (``Family.kohya_modules``)."""
+    patterns = []
+    for entry in family.kohya_modules:
+        for index, member in enumerate(entry.members):
+            # "transformer_blocks.{i}.attn.to_q" -> transformer_blocks\.(\d+)\.attn\.to_q
+            patterns.append((re.compile(r"(\d+)".join(map(re.escape, member.split("{i}")))), entry, index))
+    groups: dict[str, tuple[KohyaModule, dict[int, str]]] = {}
+    for module in modules:
+        found = next(((m, entry, index) for regex, entry, index in patterns if (m := regex.fullmatch(module))), None)
+        if found is None:
+            raise SdtuneError(f"{component}: {module} has no name in the {family.label} kohya layout (it names "
+                              f"{', '.join(e.name for e in family.kohya_modules[:4])}, ...); export it with "
+                              "--format diffusers, or train without it")
+        match, entry, index = found
+        name = family.kohya_prefixes[component] + entry.name.format(i=match.group(1) if match.groups() else "")
+        groups.setdefault(name, (entry, {}))[1][index] = module
+    return groups
+
+
+def _fused_lora(entry: KohyaModule, trained: dict[int, str],
+                adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(down, up, alpha) of one fused Linear of the original layout from its members' LoRAs.
+
+    Member j's LoRA (down_j (r_j, in), up_j (out_j, r_j), scale s_j) is block j of a LoRA on the fused Linear
+    (out = sum out_j): down = cat(down_j) on dim 0 -> (sum r_j, in), up = block_diag(up_j) -> (sum out_j,
+    sum r_j), so up @ down stacks the members' up_j @ down_j. One alpha keeps the first member's scale s
+    (alpha = s x fused rank: every loader divides by down.shape[0]; q, k, v of rank r: alpha x 3); another
+    member's s_j / s goes into its up_j. A member that was not trained is a zero block of the first's rank and
+    its own width (``KohyaModule.widths``), which keeps the fused up block-diagonal in equal ranks: the layout
+    diffusers' reader (``_convert_to_ai_toolkit_cat``) detects as "sparse" and splits back into the members'
+    own LoRAs. Hand-written: diffusers and peft convert only the other way."""
+    import torch
+
+    first = trained[min(trained)]
+    down_0, up_0 = adapter.tensors[f"{first}.lora_A.weight"], adapter.tensors[f"{first}.lora_B.weight"]
+    scale, widths = adapter.scale(first), entry.widths or (1,) * len(entry.members)
+    unit = up_0.shape[0] // widths[min(trained)]  # the output width of a member of width 1
+    downs, ups = [], []
+    for index in range(len(entry.members)):
+        module = trained.get(index)
+        if module is None:
+            downs.append(torch.zeros_like(down_0))
+            ups.append(torch.zeros(unit * widths[index], down_0.shape[0], dtype=up_0.dtype))
+            continue
+        up = adapter.tensors[f"{module}.lora_B.weight"]
+        ratio = adapter.scale(module) / scale
+        downs.append(adapter.tensors[f"{module}.lora_A.weight"])
+        ups.append(up if ratio == 1 else up * ratio)  # x 1 left out: a renamed module's bits stay as trained
+    down = torch.cat(downs, dim=0)
+    return down.contiguous(), torch.block_diag(*ups).contiguous(), scale * down.shape[0]
+
+
+def _original_layout_tensors(family: Family, component: str, adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The denoiser's kohya tensors in its original layout (``Family.kohya_modules``: FLUX.1's BFL names,
+    q, k, v fused into qkv): per kohya module ``NAME.lora_down.weight``, ``NAME.lora_up.weight``, ``NAME.alpha``
+    (``_fused_lora``), and a renamed (single-member) module's DoRA ``dora_scale`` as ``_kohya_tensors`` writes
+    it; DoRA on a fused Linear is refused (no loader reads one)."""
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (entry, trained) in _kohya_groups(family, component, adapter.modules()).items():
+        missing = [m for m in trained.values() if f"{m}.lora_B.weight" not in adapter.tensors]
+        if missing:
+            raise SdtuneError(f"{component}: {missing[0]} has lora_A but no lora_B")
+        magnitudes = [adapter.tensors.get(f"{m}.lora_magnitude_vector") for m in trained.values()]
+        if len(entry.members) > 1 and any(m is not None for m in magnitudes):
+            raise SdtuneError(f"{component}: DoRA on {', '.join(trained.values())}, which the kohya layout fuses "
+                              f"into {name}: no loader reads a fused DoRA; use --format diffusers")
+        down, up, alpha = _fused_lora(entry, trained, adapter)
+        tensors |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                    f"{name}.alpha": torch.tensor(alpha, dtype=torch.float32)}
+        if magnitudes[0] is not None:  # one norm per output channel, (out, 1) as _kohya_tensors writes it
+            tensors[f"{name}.dora_scale"] = magnitudes[0].reshape(up.shape[0], 1).contiguous()
+    known = {f"{m}.{part}" for m in adapter.modules()
+             for part in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")}
     left = sorted(set(adapter.tensors) - known)
     if left:
         raise SdtuneError(f"{component}: {len(left)} tensors have no kohya equivalent, e.g. {left[0]}")
@@ -359,6 +453,7 @@ def kohya_metadata(
     data: dict[str, Any] | None = None,
     network_args: dict[str, str] | None = None,
     training: dict[str, str] | None = None,
+    architecture: str | None = None,
 ) -> dict[str, str]:
     """The safetensors metadata the UIs read and display: kohya ``ss_*`` keys and ModelSpec ``modelspec.*``.
     ``network_args`` (a LoHa's or LoKr's, ``_network_args``) makes the network module ``lycoris.kohya``.
@@ -368,14 +463,15 @@ def kohya_metadata(
     AUTOMATIC1111 shows about the training data, as kohya's train_network.py writes it: tag frequencies from
     the captions (``ss_tag_frequency``, its "training tags"), the data folders' names and image counts,
     buckets and the start time. Like kohya's files, a published file then carries the caption tags and the
-    data folders' names.
+    data folders' names. ``architecture``: the model's own ModelSpec architecture (``ModelInfo.architecture``,
+    e.g. FLUX.1-schnell's) in place of its family's.
     """
     v_pred = prediction_type == "v_prediction"
     version = family.kohya_version(prediction_type)
     res = resolution or version.default_resolution
     meta = {
         # kohya-ss sd-scripts train_network.py writes these as str(value)
-        "ss_network_module": "networks.lora",
+        "ss_network_module": version.network_module,
         "ss_network_dim": str(int(rank)),
         "ss_network_alpha": str(float(alpha)),
         "ss_base_model_version": version.base_model_version,
@@ -384,7 +480,7 @@ def kohya_metadata(
         "ss_resolution": f"({res}, {res})",
         # Stability AI ModelSpec 1.0 (the "MUST" fields plus what the UIs show)
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{version.architecture}/lora",
+        "modelspec.architecture": f"{architecture or version.architecture}/lora",
         "modelspec.implementation": version.implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{res}x{res}",
@@ -570,12 +666,14 @@ def write_kohya(
     data: dict[str, Any] | None = None,
     training: dict[str, str] | None = None,
     bundle: dict[str, torch.Tensor] | None = None,
+    architecture: str | None = None,
 ) -> Path:
     """Write the kohya/A1111 ``.safetensors`` for trained modules ({component: PEFT-injected module or
     ``Adapter``}); pass only what was trained. ``title`` is ``modelspec.title``, default the file's stem,
     which is always ``ss_output_name``; ``data`` is the run's ``data_summary``; ``bundle`` the pivotal-tuning
-    embeddings as ``bundle_emb.<name>.<key>`` tensors (``sdtune.pivotal.bundle_tensors``)."""
-    if not family.kohya_prefixes:  # a family without kohya names (FLUX: fused qkv keys) would get wrong files
+    embeddings as ``bundle_emb.<name>.<key>`` tensors (``sdtune.pivotal.bundle_tensors``); ``architecture``
+    the model's ModelSpec architecture where its family's is not it (``ModelInfo.architecture``)."""
+    if not family.kohya_prefixes:  # a family without kohya names would get wrong files
         raise KohyaUnavailable(f"export.kohya is not available for {family.label} yet; use the diffusers format")
     out_file = Path(out_file)
     if out_file.suffix != ".safetensors":
@@ -584,7 +682,7 @@ def write_kohya(
     tensors, metadata = to_kohya(
         family, adapters, title=title or out_file.stem, trigger_word=trigger_word, base_model=base_model,
         prediction_type=prediction_type, resolution=resolution, output_name=out_file.stem,
-        clip_skip=clip_skip, data=data, training=training,
+        clip_skip=clip_skip, data=data, training=training, architecture=architecture,
     )
     _save_safetensors({**tensors, **(bundle or {})}, out_file, metadata)
     return out_file
@@ -899,7 +997,7 @@ def _write_kohya(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
         prediction_type=info.prediction_type,
         resolution=(run.config.get("data") or {}).get("resolution") or info.resolution,
         clip_skip=model.get("clip_skip") or 1, data=run.data, training=training_metadata(run.config),
-        bundle=_bundle(run.embeddings),
+        bundle=_bundle(run.embeddings), architecture=info.architecture,
     )
     warnings = kohya_warnings(info.family, run.adapters)
     if run.data is None:

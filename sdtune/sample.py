@@ -226,6 +226,21 @@ class Request:
     target: Cell | None = None  # a replay: the one cell to write (``cells`` holds its whole batch)
 
 
+def with_family_defaults(req: Request) -> Request:
+    """``req`` with its base model's family defaults (``Family.sampling``) where it leaves them open: cells
+    whose guidance scale is None get the family's (FLUX.1-dev: 3.5), and a family that samples with one
+    scheduler (FLUX: its model's flow-matching Euler) has that one in the settings, which sidecars record,
+    not the --scheduler name it never used. Reads config files only."""
+    defaults = inspect_model(req.model, req.revision, for_training=False,
+                             prediction_type=req.model_options.get("prediction_type")).family.sampling
+
+    def resolved(cell: Cell) -> Cell:
+        return cell if cell.guidance_scale is not None else replace(cell, guidance_scale=defaults.guidance_scale)
+
+    return replace(req, cells=[resolved(c) for c in req.cells], target=req.target and resolved(req.target),
+                   settings=replace(req.settings, scheduler=defaults.scheduler or req.settings.scheduler))
+
+
 def _load_pipeline(req: Request) -> tuple[Any, Family]:
     """The base pipeline for the request's mode, on its device and dtype (one copy of every weight)."""
     dtype = torch_dtype(req.dtype)
@@ -373,6 +388,7 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
                   model_options=options,
                   lora=[(label, absolute(f)) for label, f in req.lora],
                   device=req.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    req = with_family_defaults(req)
     pipe, family = _load_pipeline(req) if any(c not in given for c in req.cells) else (None, None)
     cells_dir = cells_folder(out) if grid else None
     images: dict[Cell, Image.Image] = {}

@@ -30,8 +30,9 @@ from sdtune.lora import WEIGHT_NAME, add_lora
 from sdtune.models import load_components
 from sdtune.train import train
 
-# the families with a kohya layout (FLUX has none yet: its export is refused, tests/test_flux.py)
-FAMILIES = tuple(n for n in families.names() if families.get(n).kohya_prefixes)
+# the families whose kohya names are their diffusers paths (FLUX's original BFL layout: tests/test_flux.py)
+FAMILIES = tuple(n for n in families.names()
+                 if families.get(n).kohya_prefixes and not getattr(families.get(n), "kohya_modules", ()))
 F = families.get  # the tests name families as recipes do; the library takes Family objects
 
 

@@ -36,7 +36,7 @@ def test_builtin_families_implement_the_protocol(name, tiny_model):
 def test_unknown_family_names_are_one_clear_error():
     from sdtune.errors import SdtuneError
 
-    with pytest.raises(SdtuneError, match="--family: unknown family 'sd9'; choose one of sd15, sd2, sdxl, flux"):
+    with pytest.raises(SdtuneError, match="--family: unknown family 'sd9'; choose one of sd15, sd2, sd3, sdxl, flux"):
         families.get("sd9")
     with pytest.raises(TypeError, match="does not implement"):
         families.register(object())  # type: ignore[arg-type]

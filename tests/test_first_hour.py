@@ -75,7 +75,8 @@ def test_cpu_overrides_in_each_recipe_header_pass_the_dry_run(recipe, tiny_model
     header = recipe.read_text().split("\n\n", 1)[0]
     line = header.split("# On CPU", 1)[1].splitlines()[-1]
     extra = [o for o in line.lstrip("# ").split() if not o.startswith("model.pretrained=")]
-    family = "sdxl" if "sdxl" in recipe.stem else "sd2" if "sd2" in recipe.stem else "sd15"
+    family = next((f for f in ("sdxl", "sd2", "sd35", "flux") if recipe.stem.startswith(f)), "sd15")
+    family = {"sd35": "sd3"}.get(family, family)
     code = main(["train", str(recipe), f"model.pretrained={tiny_model(family)}", f"data.instance_dir={DEMO_DATA}",
                  "data.identifier=sks", f"train.output_dir={tmp_path / 'out'}", *extra, "--dry-run"])
     assert code == 0, capsys.readouterr().err

@@ -11,21 +11,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_peft
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import DEMO_DATA, ROOT, overrides
 from sdtune import families
 from sdtune.config import ConfigError, load_config
 from sdtune.errors import SdtuneError
+from sdtune.export import Adapter, RunLora, _write_diffusers, to_kohya, write_kohya
 from sdtune.families.base import ModelFiles
 from sdtune.families.flux import FLUX, FluxOptions
+from sdtune.grid import Cell, Settings
 from sdtune.lora import WEIGHT_NAME
 from sdtune.models import inspect_model, load_components
 from sdtune.objectives import FlowMatchingObjective
-from sdtune.plan import check_run
+from sdtune.plan import check_run, with_family_defaults
+from sdtune.sample import ADAPTER, Request, _apply_lora, _load_pipeline, run_sample
+from sdtune.sample import with_family_defaults as sample_defaults
 from sdtune.train import train, training_step
 
 # --------------------------------------------------------------------------------------------------------
@@ -190,7 +197,7 @@ def flux_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_flux_trains_through_the_cli(flux_run):
-    model, out, log = flux_run
+    model, out, _ = flux_run
     losses = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["prior_loss"]) for r in losses)
@@ -204,27 +211,36 @@ def test_flux_trains_through_the_cli(flux_run):
     # PEFT starts every lora_B at zero: trained ones are not
     assert all(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
     assert all(torch.isfinite(v).all() for v in lora.values())
-    # the kohya file is not written (its FLUX layout is not implemented), and the run says so
-    assert not list(out.glob("*_kohya.safetensors"))
-    assert "export.kohya is not available for FLUX" in log
+    # the kohya file in BFL's layout (q, k, v fused), written by training and by `sdtune export`
+    kohya = load_file(out / f"{out.name}_kohya.safetensors")
+    assert {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "lora_unet_double_blocks_0_txt_attn_qkv.alpha",
+            "lora_unet_single_blocks_0_linear1.lora_up.weight"} <= kohya.keys()
+    assert all(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for k in kohya)
+    # the grids during training use FLUX.1-dev's guidance (the recipe gives none)
+    assert yaml.safe_load((out / "config.yaml").read_text())["sample"]["guidance_scale"] == 3.5
     # sample grids during and after training, rendered (a failed cell would be a flat grey square)
     for step in (2, 4):
         grid = np.asarray(Image.open(out / "samples" / f"step-{step:06d}.png").convert("RGB")).astype(float)
         assert grid.std() > 10
     assert "FluxPipeline" in (out / "README.md").read_text()
     exported = _cli("export", str(out), "--format", "kohya", "-o", str(out.parent / "k.safetensors"))
-    assert exported.returncode != 0 and "export.kohya is not available for FLUX" in exported.stdout + exported.stderr
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert load_file(out.parent / "k.safetensors").keys() == kohya.keys()
 
 
 @pytest.mark.slow
 def test_flux_lora_in_flux_pipeline_gives_sdtune_sample_pixels(flux_run, tmp_path):
     model, out, _ = flux_run
     grid = tmp_path / "grid.png"
+    # no --guidance: FLUX.1-dev's 3.5, as the pipeline below is given
     sampled = _cli("sample", str(out), "--prompt", "a photo of sks toy", "--steps", "2", "--seeds", "0",
-                   "--lora-scale", "1", "--guidance", "3.5", "--out", str(grid))
+                   "--lora-scale", "1", "--out", str(grid))
     assert sampled.returncode == 0, sampled.stdout + sampled.stderr
     cells = sorted((tmp_path / "grid_cells").glob("*.png"))
     assert len(cells) == 1
+    sidecar = json.loads(cells[0].with_suffix(".json").read_text())
+    assert sidecar["cell"]["guidance_scale"] == 3.5
+    assert sidecar["settings"]["scheduler"] == "FlowMatchEulerDiscreteScheduler"  # not the --scheduler default
     pipe = FluxPipeline.from_pretrained(model, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     base = pipe(prompt=["a photo of sks toy"], num_inference_steps=2, guidance_scale=3.5, height=64, width=64,
@@ -259,3 +275,214 @@ def test_flux_resume_is_exact(tiny_model, tmp_path):
     assert a.keys() == b.keys() and a
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+# --------------------------------------------------------------------------------------------------------
+# kohya / BFL files (what ComfyUI and Forge load) and the sampling defaults
+
+FLUX1 = 3072  # FLUX.1's width: diffusers' kohya reader splits linear1 at FLUX.1's sizes (3 x 3072 + 12288)
+
+
+def _flux1_adapters(rank: int = 4, alpha: float = 8.0) -> dict[str, Adapter]:
+    """LoRA tensors of FLUX.1-dev's real shapes on a spread of modules (no model: only the LoRA's own small
+    tensors), one module with its own rank and alpha, and a CLIP-L adapter."""
+    d, m = FLUX1, 4 * FLUX1
+    shapes = {  # module: (out, in)
+        **{f"transformer_blocks.0.attn.{p}": (d, d) for p in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
+                                                               "add_k_proj", "add_v_proj", "to_add_out")},
+        "transformer_blocks.0.ff.net.0.proj": (m, d), "transformer_blocks.0.ff.net.2": (d, m),
+        "transformer_blocks.0.norm1.linear": (6 * d, d), "transformer_blocks.18.norm1_context.linear": (6 * d, d),
+        "transformer_blocks.18.ff_context.net.0.proj": (m, d), "transformer_blocks.18.ff_context.net.2": (d, m),
+        "transformer_blocks.18.attn.add_k_proj": (d, d),  # alone: q and v are zero blocks of the fused qkv
+        # the default targets: q, k, v (linear1's MLP part a zero block), and the rest of a single block
+        **{f"single_transformer_blocks.0.attn.{p}": (d, d) for p in ("to_q", "to_k", "to_v")},
+        "single_transformer_blocks.0.proj_out": (d, d + m), "single_transformer_blocks.0.norm.linear": (3 * d, d),
+        **{f"single_transformer_blocks.37.attn.{p}": (d, d) for p in ("to_q", "to_k", "to_v")},
+        "single_transformer_blocks.37.proj_mlp": (m, d),
+    }
+    special = "single_transformer_blocks.37.attn.to_k"
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for module, (out, inp) in shapes.items():
+        r = 8 if module == special else rank
+        tensors[f"{module}.lora_A.weight"] = torch.randn(r, inp, generator=g)
+        tensors[f"{module}.lora_B.weight"] = torch.randn(out, r, generator=g)
+    config = {"r": rank, "lora_alpha": alpha, "rank_pattern": {special: 8}, "alpha_pattern": {special: 4.0}}
+    clip = {f"text_model.encoder.layers.0.self_attn.{p}.lora_{ab}.weight": torch.randn(*shape, generator=g)
+            for p in ("q_proj", "v_proj") for ab, shape in (("A", (rank, 32)), ("B", (32, rank)))}
+    return {"transformer": Adapter(tensors, config), "text_encoder": Adapter(clip, {"r": rank, "lora_alpha": alpha})}
+
+
+def test_flux_kohya_keys_shapes_and_metadata():
+    adapters = _flux1_adapters()
+    tensors, meta = to_kohya(FLUX, adapters, trigger_word="sks", base_model="black-forest-labs/FLUX.1-dev",
+                             prediction_type="flow_matching")
+    d, r = FLUX1, 4
+    names = {k.split(".")[0] for k in tensors}
+    assert names == {
+        "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_proj",
+        "lora_unet_double_blocks_0_txt_attn_qkv", "lora_unet_double_blocks_0_txt_attn_proj",
+        "lora_unet_double_blocks_0_img_mlp_0", "lora_unet_double_blocks_0_img_mlp_2",
+        "lora_unet_double_blocks_0_img_mod_lin", "lora_unet_double_blocks_18_txt_mod_lin",
+        "lora_unet_double_blocks_18_txt_mlp_0", "lora_unet_double_blocks_18_txt_mlp_2",
+        "lora_unet_double_blocks_18_txt_attn_qkv", "lora_unet_single_blocks_0_linear1",
+        "lora_unet_single_blocks_0_linear2", "lora_unet_single_blocks_0_modulation_lin",
+        "lora_unet_single_blocks_37_linear1",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_te1_text_model_encoder_layers_0_self_attn_v_proj",
+    }
+    assert all(f"{n}.{p}" in tensors for n in names for p in ("lora_down.weight", "lora_up.weight", "alpha"))
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv"
+    assert tensors[f"{qkv}.lora_down.weight"].shape == (3 * r, d)
+    assert tensors[f"{qkv}.lora_up.weight"].shape == (3 * d, 3 * r)
+    assert float(tensors[f"{qkv}.alpha"]) == 8.0 * 3  # alpha / rank stays 8 / 4
+    t = adapters["transformer"].tensors
+    down, up = tensors[f"{qkv}.lora_down.weight"], tensors[f"{qkv}.lora_up.weight"]
+    assert torch.equal(down[r:2 * r], t["transformer_blocks.0.attn.to_k.lora_A.weight"])
+    assert torch.equal(up[d:2 * d, r:2 * r], t["transformer_blocks.0.attn.to_k.lora_B.weight"])
+    assert not up[:d, r:].any() and not up[d:2 * d, :r].any()  # block-diagonal
+    # linear1: q, k, v and a zero block for the untrained MLP input (4 x the width); rank 4r, alpha x 4
+    linear1 = "lora_unet_single_blocks_0_linear1"
+    assert tensors[f"{linear1}.lora_down.weight"].shape == (4 * r, d)
+    assert tensors[f"{linear1}.lora_up.weight"].shape == (3 * d + 4 * d, 4 * r)
+    assert not tensors[f"{linear1}.lora_down.weight"][3 * r:].any() and float(tensors[f"{linear1}.alpha"]) == 32.0
+    # k alone in the text stream's qkv: zero q and v blocks
+    assert not tensors["lora_unet_double_blocks_18_txt_attn_qkv.lora_up.weight"][:d].any()
+    # a rename keeps the trained bits and alpha
+    assert torch.equal(tensors["lora_unet_double_blocks_0_img_attn_proj.lora_up.weight"],
+                       t["transformer_blocks.0.attn.to_out.0.lora_B.weight"])
+    assert float(tensors["lora_unet_double_blocks_0_img_attn_proj.alpha"]) == 8.0
+    assert meta["ss_base_model_version"] == "flux1" and meta["ss_network_module"] == "networks.lora_flux"
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora"
+    assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
+    _, schnell = to_kohya(FLUX, adapters, prediction_type="flow_matching", architecture="flux-1-schnell")
+    assert schnell["modelspec.architecture"] == "flux-1-schnell/lora"
+    # a module BFL's layout has no name for is one clear error
+    odd = Adapter({"norm_out.linear.lora_A.weight": torch.zeros(4, 8),
+                   "norm_out.linear.lora_B.weight": torch.zeros(8, 4)}, {"r": 4, "lora_alpha": 4})
+    with pytest.raises(SdtuneError, match="norm_out.linear has no name in the FLUX.1 kohya layout"):
+        to_kohya(FLUX, {"transformer": odd})
+    odd = Adapter({k.replace("norm_out.linear", "x_embedder"): v for k, v in odd.tensors.items()}, odd.config)
+    with pytest.raises(SdtuneError, match="x_embedder has no name"):
+        to_kohya(FLUX, {"transformer": odd})
+
+
+def test_flux_kohya_file_reads_back_through_diffusers_converter_to_the_same_deltas():
+    adapters = _flux1_adapters()
+    tensors, _ = to_kohya(FLUX, adapters, prediction_type="flow_matching")
+    converted = _convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in tensors.items()})
+    # CLIP's keys come back in diffusers' old naming (self_attn.to_q_lora.down), which load_lora_weights
+    # turns into PEFT's with this function
+    converted = convert_state_dict_to_peft(converted, original_type=StateDictType.DIFFUSERS_OLD)
+
+    def delta(state: dict, module: str) -> torch.Tensor:
+        return state[f"{module}.lora_B.weight"] @ state[f"{module}.lora_A.weight"]
+
+    checked = 0
+    for component, adapter in adapters.items():
+        for module in adapter.modules():
+            want = adapter.scale(module) * adapter.tensors[f"{module}.lora_B.weight"] @ \
+                adapter.tensors[f"{module}.lora_A.weight"]
+            got = delta(converted, f"{component}.{module}")
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max()), module
+            checked += 1
+    assert checked == len(adapters["transformer"].modules()) + 2
+    # what the zero blocks become: LoRAs of the untrained members with a zero delta, nothing else
+    trained = {f"{c}.{m}" for c, a in adapters.items() for m in a.modules()}
+    extra = {k.split(".lora")[0] for k in converted} - trained
+    assert extra == {"transformer.single_transformer_blocks.0.proj_mlp",
+                     "transformer.transformer_blocks.18.attn.add_q_proj",
+                     "transformer.transformer_blocks.18.attn.add_v_proj"}
+    assert all(not delta(converted, module).any() for module in extra)
+    # equal ranks in a fused module come back as the members' own rank-r LoRAs (diffusers' "sparse" split)
+    assert converted["transformer.transformer_blocks.0.attn.to_v.lora_A.weight"].shape == (4, FLUX1)
+
+
+def test_flux_sampling_defaults(tiny_model, tmp_path):
+    assert FLUX.sampling.guidance_scale == 3.5 and FLUX.sampling.scheduler == "FlowMatchEulerDiscreteScheduler"
+    assert families.get("sd15").sampling.guidance_scale == 7.5 and families.get("sd15").sampling.scheduler is None
+    model = tiny_model("flux")
+    base = overrides(model, tmp_path / "run")
+    assert with_family_defaults(load_config(None, base), FLUX).sample.guidance_scale == 3.5
+    assert with_family_defaults(load_config(None, [*base, "sample.guidance_scale=5"]), FLUX).sample.guidance_scale == 5
+    sd = overrides(tiny_model("sd15"), tmp_path / "sd")
+    assert with_family_defaults(load_config(None, sd), families.get("sd15")).sample.guidance_scale == 7.5
+    req = Request(model=str(model), lora=[], cells=[Cell("a dog", 0, None), Cell("a dog", 1, 2.0)],
+                  settings=Settings(scheduler="dpmpp_2m"))
+    resolved = sample_defaults(req)
+    assert [c.guidance_scale for c in resolved.cells] == [3.5, 2.0]
+    assert resolved.settings.scheduler == "FlowMatchEulerDiscreteScheduler"
+    sd_req = sample_defaults(Request(model=str(tiny_model("sd15")), lora=[], cells=[Cell("a dog", 0, None)],
+                                     settings=Settings(scheduler="euler")))
+    assert sd_req.cells[0].guidance_scale == 7.5 and sd_req.settings.scheduler == "euler"
+    # schnell (no guidance embedding) is named so in the kohya metadata
+    schnell = tmp_path / "schnell"
+    shutil.copytree(model, schnell, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((schnell / "transformer/config.json").read_text())
+    (schnell / "transformer/config.json").write_text(json.dumps({**config, "guidance_embeds": False}))
+    assert inspect_model(str(schnell)).architecture == "flux-1-schnell"
+    assert inspect_model(str(model)).architecture is None
+
+
+def _tiny_lora(model: Path) -> dict[str, Adapter]:
+    """A LoRA on the tiny FLUX (every module kind BFL's layout has, bar linear1: diffusers' reader splits it at
+    FLUX.1's sizes only) and on CLIP, with random (non-zero) ups and alpha 2 x rank."""
+    from peft import LoraConfig
+
+    c = load_components(str(model), FLUX)
+    double = r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|" \
+             r"to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|norm1\.linear|norm1_context\.linear)"
+    single = r"single_transformer_blocks\.\d+\.(proj_out|norm\.linear)"
+    c.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                      target_modules=f"{double}|{single}"))
+    c.text_encoders[0].add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                              target_modules=["q_proj", "v_proj", "out_proj"]))
+    g = torch.Generator().manual_seed(3)
+    for module in (c.denoiser, c.text_encoders[0]):
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.data = torch.randn(p.shape, generator=g) * 0.5
+    return {"transformer": Adapter.from_module(c.denoiser), "text_encoder": Adapter.from_module(c.text_encoders[0])}
+
+
+def test_flux_kohya_file_samples_the_pixels_of_the_diffusers_file(tiny_model, tmp_path):
+    model = tiny_model("flux")
+    adapters = _tiny_lora(model)
+    diffusers_file, _ = _write_diffusers(RunLora(tmp_path / "x", adapters, {"model": {"pretrained": str(model)}}),
+                                         tmp_path / "lora.safetensors")
+    kohya_file = write_kohya(tmp_path / "lora_kohya.safetensors", FLUX, adapters, base_model=str(model),
+                             prediction_type="flow_matching")
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in load_file(kohya_file))
+    # an ai-toolkit file: diffusers' transformer.* keys in kohya's lora_down / lora_up naming, no metadata
+    ai_toolkit = tmp_path / "ai_toolkit.safetensors"
+    save_file({k.replace("lora_A", "lora_down").replace("lora_B", "lora_up"): v
+               for k, v in load_file(diffusers_file).items() if k.startswith("transformer.")}, str(ai_toolkit))
+    images, sidecars = {}, {}
+    for name, lora in (("base", None), ("diffusers", diffusers_file), ("kohya", kohya_file), ("ai", ai_toolkit)):
+        req = Request(model=str(model), lora=[(name, str(lora))] if lora else [],
+                      cells=[Cell("a photo of sks toy", 0, None, 1.0 if lora else None, name if lora else None)],
+                      settings=Settings(steps=2, width=64, height=64))
+        run_sample(req, tmp_path / f"{name}.png", progress=False)
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}_cells/cell-0000.png").convert("RGB"))
+        sidecars[name] = json.loads((tmp_path / f"{name}_cells/cell-0000.json").read_text())
+    # The same pixels, to one level: the two files give every module the same update bitwise (below), but the
+    # CPU's matmul kernels round differently with where tensors happen to lie in memory (the same two files
+    # render equal or 1 level apart depending only on the model folder's path), so bitwise is not promised.
+    apart = np.abs(images["kohya"].astype(int) - images["diffusers"])
+    assert apart.max() <= 1 and (apart > 0).mean() < 0.05
+    assert np.abs(images["base"].astype(int) - images["diffusers"]).max() > 8  # the LoRA changed the pixels
+    assert not np.array_equal(images["ai"], images["diffusers"])  # no CLIP LoRA in it: other pixels ...
+    assert not np.array_equal(images["ai"], images["base"])  # ... but its transformer LoRA loaded
+    # every LoRA'd module of the loaded pipelines: the same update, bitwise (scale x up @ down)
+    updates = {}
+    for name, lora in (("diffusers", diffusers_file), ("kohya", kohya_file)):
+        pipe, family = _load_pipeline(Request(model=str(model), lora=[], cells=[], settings=Settings(), device="cpu"))
+        _apply_lora(pipe, str(lora), family)
+        updates[name] = {f"{c}.{n}": m.scaling[ADAPTER] * m.lora_B[ADAPTER].weight @ m.lora_A[ADAPTER].weight
+                         for c in ("transformer", "text_encoder") for n, m in getattr(pipe, c).named_modules()
+                         if hasattr(m, "lora_A") and ADAPTER in m.lora_A}
+    assert updates["kohya"].keys() == updates["diffusers"].keys() and len(updates["kohya"]) == 16 + 6
+    assert all(torch.equal(updates["kohya"][k], updates["diffusers"][k]) for k in updates["kohya"])
+    # the family's defaults, recorded: FLUX.1-dev's guidance and the scheduler that really ran
+    assert sidecars["kohya"]["cell"]["guidance_scale"] == 3.5
+    assert sidecars["kohya"]["settings"]["scheduler"] == "FlowMatchEulerDiscreteScheduler"

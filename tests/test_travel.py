@@ -110,7 +110,8 @@ def _check_text_encoder_folder(folder: Path, model_class: str) -> None:
 def test_random_model_text_encoders_have_the_canonical_layout(family, tiny_model):
     model = tiny_model(family)
     for spec in families.get(family).text_encoders:
-        _check_text_encoder_folder(model / spec.name, spec.model_class)
+        if spec.model_class.startswith("CLIP"):  # the canonical layout is CLIP's (FLUX's and SD3's T5 have theirs)
+            _check_text_encoder_folder(model / spec.name, spec.model_class)
         assert _metadata(next((model / spec.name).glob("*.safetensors"))).get("format") == "pt"
 
 

@@ -35,7 +35,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--negative-prompt", type=text, default="")
     p.add_argument("--seeds", default="0,1,2,3", help="comma list of seeds (whole numbers >= 0)")
     p.add_argument("--lora-scale", default="0,1", help="comma list; 0 shows the base model")
-    p.add_argument("--guidance", default="7.5", help="comma list of guidance scales")
+    p.add_argument("--guidance", help="comma list of guidance scales (default: the model family's, "
+                   "7.5; FLUX.1: 3.5)")
     p.add_argument("--steps", type=positive_int, default=25)
     p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="dpmpp_2m")
     p.add_argument("--width", type=pixels, help="default: the run's resolution, else the model's")
@@ -166,7 +167,9 @@ def _request(args: argparse.Namespace) -> tuple[Any, Path]:
         batch_size=args.batch_size,
     )
     scales = [None] if not loras else parse_floats(args.lora_scale, "--lora-scale")
-    guidance, seeds = parse_floats(args.guidance, "--guidance"), parse_ints(args.seeds, "--seeds", 0, 2**63 - 1)
+    # None: the family's default, resolved with the model (sdtune.sample.with_family_defaults)
+    guidance = parse_floats(args.guidance, "--guidance") if args.guidance is not None else [None]
+    seeds = parse_ints(args.seeds, "--seeds", 0, 2**63 - 1)
     cells = [Cell(p, s, g, sc, label) for label, _ in (loras or [(None, None)]) for p in prompts
              for sc in scales for g in guidance for s in seeds]
     req = Request(

@@ -24,6 +24,7 @@ from sdtune.families.base import (
 )
 from sdtune.families.flux import FLUX
 from sdtune.families.sd import SD2, SD15
+from sdtune.families.sd3 import SD3_FAMILY
 from sdtune.families.sdxl import SDXL
 
 __all__ = [
@@ -89,5 +90,7 @@ def describe(files: ModelFiles, for_training: bool = True) -> ModelInfo:
                           "diffusers model?") from None
 
 
-for _family in (SD15, SD2, SDXL, FLUX):
+# SD3 before SDXL and FLUX: an SD3 LoRA's keys (text_encoder_2., transformer.transformer_blocks.) also match
+# theirs, and the first family that recognises a LoRA file owns it (SD3.recognises_lora rules theirs out)
+for _family in (SD15, SD2, SD3_FAMILY, SDXL, FLUX):
     register(_family)

@@ -46,6 +46,30 @@ class KohyaVersion:
     implementation: str  # ModelSpec: "diffusers" or Stability's generative-models URL
     default_resolution: int
     v2: bool = False  # kohya's ss_v2 flag
+    network_module: str = "networks.lora"  # ss_network_module of a LoRA: the sd-scripts module that trains it
+
+
+@dataclass(frozen=True)
+class KohyaModule:
+    """One module of a family's original layout (kohya / BFL keys) that is not a diffusers module path: a
+    rename, or one Linear the original model fuses and diffusers splits (FLUX.1's qkv). Its kohya LoRA is the
+    members' LoRAs fused: downs stacked on dim 0, ups block-diagonal, one alpha (``sdtune.export``)."""
+
+    name: str  # kohya name after the prefix, ``{i}`` for the block index: "double_blocks_{i}_img_attn_qkv"
+    members: tuple[str, ...]  # the diffusers modules, in the fused output's order: "transformer_blocks.{i}.attn.to_q"
+    # each member's output width as a multiple of the first's, to size the zero blocks of members that were
+    # not trained (FLUX's single-block MLP input is 4x the attention width); (): all equal
+    widths: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What sampling uses where the user gave no value (``sdtune sample``, the grids during training)."""
+
+    guidance_scale: float = 7.5
+    # None: the user's --scheduler (a name of ``sdtune.schedulers.SCHEDULERS``); a diffusers class name: the one
+    # scheduler the family samples with (its model's own), whatever --scheduler says, and what sidecars record
+    scheduler: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +107,9 @@ class ModelInfo:
     resolution: int  # native image size
     bucket_multiple: int  # image sides the denoiser takes without resampling are multiples of this
     pipeline_class: str
+    # ModelSpec's architecture where the config files tell variants of a family apart ("flux-1-schnell": no
+    # guidance embedding); None: the family's (``KohyaVersion.architecture``)
+    architecture: str | None = None
 
 
 @dataclass
@@ -174,6 +201,10 @@ class Family(Protocol):
     pipeline_kwargs: dict[str, Any]  # what else the pipeline's constructor is given
     hub_tags: tuple[str, ...]  # model card tags
     kohya_prefixes: dict[str, str]  # component -> kohya key prefix ("lora_unet_", "lora_te1_")
+    # the denoiser's kohya names where they are not its diffusers module paths (FLUX.1's BFL layout, fused qkv);
+    # empty: every module is named by its diffusers path (the UNets)
+    kohya_modules: tuple[KohyaModule, ...]
+    sampling: SamplingDefaults  # guidance and scheduler where the user gives none
     memory: MemoryConstants
     original_layout: OriginalLayout | None  # its single-file checkpoints; None: it has none sdtune reads
 

@@ -8,8 +8,11 @@ pooled output (B, 768); the VAE has 16 channels and a shift factor. ``predict`` 
 loop's loss code sees (B, C, h, w) tensors as for the UNets. The maths follows diffusers'
 ``examples/dreambooth/train_dreambooth_lora_flux.py``.
 
-Not yet: kohya/BFL LoRA files (fused qkv keys; training writes the diffusers file only and says so),
-single-file checkpoints, pivotal tuning, LoHa / LoKr, the validation loss, noise offset and min-SNR (DDPM
+kohya / BFL LoRA files (what ComfyUI and Forge load) use the original model's names and fused Linears
+(``KOHYA_MODULES``; ``sdtune.export`` fuses the LoRAs); sampling defaults to guidance 3.5 and the model's own
+flow-matching Euler scheduler (``SAMPLING``).
+
+Not yet: single-file checkpoints, pivotal tuning, LoHa / LoKr, the validation loss, noise offset and min-SNR (DDPM
 notions), clip skip, a 256-token T5 option (``max_sequence_length`` is the pipeline's 512), a memory estimate
 calibrated for FLUX (SD's constants are used); ``config_problems`` refuses each such key in one line.
 
@@ -26,14 +29,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from sdtune.errors import SdtuneError
 from sdtune.families.base import (
     Components,
+    KohyaModule,
     KohyaVersion,
     MemoryConstants,
     ModelFiles,
     ModelInfo,
     OriginalLayout,
+    SamplingDefaults,
     TextEncoderSpec,
 )
 from sdtune.families.sd import CLIP_TARGETS, clip_text_config
+from sdtune.families.t5 import t5_config, tiny_t5_tokenizer
 from sdtune.objectives import FlowMatchingObjective
 from sdtune.tokens import EOS_TOKEN, clip_tokenizer
 
@@ -43,7 +49,45 @@ LORA_KEY_MARKS = ("transformer.transformer_blocks.", "transformer.single_transfo
 # the LoRA targets when the recipe names none, as diffusers' FLUX script trains by default: every attention
 # projection of the double (joint) blocks, image and text streams; the single blocks share to_q, to_k, to_v
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-KOHYA_UNAVAILABLE = "export.kohya is not available for FLUX yet; use the diffusers format"
+# kohya-ss sd-scripts networks/lora_flux.py: lora_unet_ for the transformer (BFL's module names), lora_te1_ for
+# CLIP-L (T5 would be lora_te3_; sdtune never trains it)
+KOHYA_PREFIXES = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
+
+
+def _kohya(name: str, *members: str, widths: tuple[int, ...] = ()) -> KohyaModule:
+    return KohyaModule(name, members, widths)
+
+
+def _qkv(block: str, q: str, k: str, v: str) -> tuple[str, str, str]:
+    return (f"{block}.attn.{q}", f"{block}.attn.{k}", f"{block}.attn.{v}")
+
+
+# BFL's FLUX.1 module names for diffusers' FluxTransformer2DModel modules, as diffusers' reader maps them back
+# (loaders/lora_conversion_utils.py _convert_kohya_flux_lora_to_diffusers, _convert_sd_scripts_to_ai_toolkit).
+# BFL fuses q, k, v into one qkv Linear per stream, and a single block's q, k, v and MLP input into linear1
+# (out = 3 x 3072 + 12288 in FLUX.1: the MLP is 4x the attention width). The embedders (img_in, txt_in, time_in,
+# vector_in, guidance_in) are left out: diffusers' reader (0.42) maps them to keys without "transformer.",
+# which load_lora_weights then drops, so such a file would not sample as trained; export refuses them.
+_DOUBLE, _SINGLE = "transformer_blocks.{i}", "single_transformer_blocks.{i}"
+KOHYA_MODULES = (
+    _kohya("double_blocks_{i}_img_attn_qkv", *_qkv(_DOUBLE, "to_q", "to_k", "to_v")),
+    _kohya("double_blocks_{i}_img_attn_proj", f"{_DOUBLE}.attn.to_out.0"),
+    _kohya("double_blocks_{i}_txt_attn_qkv", *_qkv(_DOUBLE, "add_q_proj", "add_k_proj", "add_v_proj")),
+    _kohya("double_blocks_{i}_txt_attn_proj", f"{_DOUBLE}.attn.to_add_out"),
+    _kohya("double_blocks_{i}_img_mlp_0", f"{_DOUBLE}.ff.net.0.proj"),
+    _kohya("double_blocks_{i}_img_mlp_2", f"{_DOUBLE}.ff.net.2"),
+    _kohya("double_blocks_{i}_txt_mlp_0", f"{_DOUBLE}.ff_context.net.0.proj"),
+    _kohya("double_blocks_{i}_txt_mlp_2", f"{_DOUBLE}.ff_context.net.2"),
+    _kohya("double_blocks_{i}_img_mod_lin", f"{_DOUBLE}.norm1.linear"),
+    _kohya("double_blocks_{i}_txt_mod_lin", f"{_DOUBLE}.norm1_context.linear"),
+    _kohya("single_blocks_{i}_linear1", *_qkv(_SINGLE, "to_q", "to_k", "to_v"), f"{_SINGLE}.proj_mlp",
+           widths=(1, 1, 1, 4)),
+    _kohya("single_blocks_{i}_linear2", f"{_SINGLE}.proj_out"),
+    _kohya("single_blocks_{i}_modulation_lin", f"{_SINGLE}.norm.linear"),
+)
+# FLUX.1-dev's sampling: the guidance its model card and FluxPipeline's examples use (a guidance-distilled
+# model: the scale is a transformer input, not classifier-free guidance), with the model's own scheduler
+SAMPLING = SamplingDefaults(guidance_scale=3.5, scheduler="FlowMatchEulerDiscreteScheduler")
 
 
 class FluxOptions(BaseModel):
@@ -58,32 +102,6 @@ class FluxOptions(BaseModel):
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
     mode_scale: float = 1.29
-
-
-def tiny_t5_tokenizer(model_max_length: int = 512) -> Any:
-    """A ``T5TokenizerFast`` built offline: a Unigram vocabulary of T5's special tokens, single characters and
-    a few words (T5's sentencepiece model is not shipped); pads with <pad> = 0, ends with </s> = 1 as T5's."""
-    import string
-
-    from transformers import T5TokenizerFast
-
-    words = ["a", "photo", "of", "sks", "toy", "dog", "cat", "on", "the", "beach", "in", "and", "with"]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [(f"\u2581{w}", -1.0) for w in words]
-    vocab += [(ch, -5.0) for ch in string.ascii_letters + string.digits + string.punctuation]
-    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
-
-
-def t5_config(size: str) -> Any:
-    """A ``T5Config`` of T5 v1.1's encoder: tiny (tests) or T5-XXL's shapes (FLUX's ``text_encoder_2``)."""
-    from transformers import T5Config
-
-    if size == "tiny":
-        return T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-                        use_cache=False, dropout_rate=0.0)
-    return T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                    feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False, dropout_rate=0.0)
 
 
 @dataclass(frozen=True)
@@ -105,7 +123,9 @@ class Flux:
     lora_pipeline: str = "FluxPipeline"
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
     hub_tags: tuple[str, ...] = ("flux", "text-to-image")
-    kohya_prefixes: dict[str, str] = field(default_factory=dict)  # none yet: see KOHYA_UNAVAILABLE
+    kohya_prefixes: dict[str, str] = field(default_factory=lambda: dict(KOHYA_PREFIXES))
+    kohya_modules: tuple[KohyaModule, ...] = KOHYA_MODULES
+    sampling: SamplingDefaults = SAMPLING
     memory: MemoryConstants = MemoryConstants()  # SD's constants: not calibrated for FLUX
     original_layout: OriginalLayout | None = None
     max_sequence_length: int = 512  # T5 tokens: 512 for FLUX.1-dev (the pipeline's default), 256 for schnell
@@ -135,6 +155,8 @@ class Flux:
             resolution=int(vae.get("sample_size", self.default_resolution)),
             # the VAE's downscale x the 2x2 packing: 16 for FLUX.1
             bucket_multiple=vae_scale * 2, pipeline_class=index.get("_class_name", "?"),
+            # schnell (timestep-distilled) has no guidance embedding: kohya's flux_utils tells them apart so too
+            architecture=None if transformer.get("guidance_embeds", True) else "flux-1-schnell",
         )
 
     def denoiser_module_names(self, files: ModelFiles) -> list[str]:
@@ -308,12 +330,20 @@ class Flux:
     # LoRA files
 
     def kohya_version(self, prediction_type: str) -> KohyaVersion:
-        # kohya-ss sd-scripts flux_utils / sai_model_spec: "flux1", ModelSpec "flux-1-dev/lora"
-        return KohyaVersion("flux1", "flux-1-dev/lora", "https://github.com/black-forest-labs/flux",
-                            self.default_resolution)
+        # kohya-ss sd-scripts train_network.py / sai_model_spec.py: "flux1", ModelSpec "flux-1-dev" (+ "/lora";
+        # schnell: ModelInfo.architecture), implementation BFL's repository
+        return KohyaVersion("flux1", "flux-1-dev", "https://github.com/black-forest-labs/flux",
+                            self.default_resolution, network_module="networks.lora_flux")
 
     def kohya_warnings(self, modules: dict[str, list[str]]) -> list[str]:
-        return [KOHYA_UNAVAILABLE]
+        clip = modules.get("text_encoder") or []
+        if clip and not any(m.endswith("out_proj") for m in clip):
+            # diffusers' kohya reader hands CLIP keys on in its old naming, whose type it infers from
+            # to_out_lora keys (utils/state_dict_utils.py convert_state_dict_to_peft): none, and it raises
+            return ["a FLUX kohya file with a CLIP LoRA but none on out_proj: diffusers' load_lora_weights (and so "
+                    "`sdtune sample` on this file) cannot read it; ComfyUI and Forge can; the diffusers file "
+                    "samples it"]
+        return []
 
     def recognises_lora(self, keys: list[str], metadata: dict[str, str]) -> bool:
         return any(k.startswith(LORA_KEY_MARKS) for k in keys) or \

@@ -16,11 +16,13 @@ from typing import Any
 from sdtune.errors import SdtuneError
 from sdtune.families.base import (
     Components,
+    KohyaModule,
     KohyaVersion,
     MemoryConstants,
     ModelFiles,
     ModelInfo,
     OriginalLayout,
+    SamplingDefaults,
     TextEncoderSpec,
 )
 from sdtune.objectives import DiffusionObjective
@@ -94,6 +96,8 @@ class StableDiffusion:
         # (comfy/lora.py model_lora_keys_clip) and diffusers take lora_te_ and lora_te1_ alike.
         default_factory=lambda: {"unet": "lora_unet_", "text_encoder": "lora_te_"}
     )
+    kohya_modules: tuple[KohyaModule, ...] = ()  # UNet modules keep their diffusers paths
+    sampling: SamplingDefaults = SamplingDefaults()  # guidance 7.5, the user's --scheduler
     memory: MemoryConstants = MemoryConstants()
     original_layout: OriginalLayout | None = OriginalLayout(resolutions={"epsilon": 512}, attention_heads=8)
 

@@ -1,0 +1,325 @@
+"""Stable Diffusion 3 / 3.5: a rectified-flow MMDiT conditioned on two CLIPs and T5-XXL.
+
+What differs from FLUX.1 (``families.flux``), whose structure this follows: the denoiser is
+``SD3Transformer2DModel``, which patchifies the latents itself (no packing, no position ids, no guidance
+input: SD3 is not guidance-distilled and samples with classifier-free guidance) and takes the raw scheduler
+timesteps in (0, 1000]; three text encoders, as ``StableDiffusion3Pipeline.encode_prompt``: CLIP-L and CLIP-G
+(both ``CLIPTextModelWithProjection``) give their penultimate hidden states, side by side (B, 77, 768 + 1280)
+and zero-padded to T5's width (B, 77, 4096), then T5's last hidden states (B, 256, 4096) follow on the
+sequence axis: (B, 333, 4096); the pooled input is both CLIPs' projected pooled outputs (B, 768 + 1280 = 2048).
+Training is flow matching (``sdtune.objectives.FlowMatchingObjective``) on the model's own scheduler (shift 3.0
+for SD3 and SD3.5), timesteps drawn logit-normal, as diffusers' ``examples/dreambooth/
+train_dreambooth_lora_sd3.py``. That script's ``--precondition_outputs`` (on by default there: EDM-style, the
+loss on the predicted clean latents ``noisy_latents - sigma * model_pred`` against ``latents``, which is the flow
+loss weighted by sigma ** 2 per example) is not offered: sdtune trains the plain flow-matching loss, as the
+FLUX script does.
+
+Not yet: kohya / SAI LoRA files (fused qkv keys; training writes the diffusers file only and says so),
+single-file checkpoints, pivotal tuning, LoHa / LoKr, the validation loss, noise offset and min-SNR (DDPM
+notions), clip skip (``sdtune.plan`` refuses it for every multi-encoder family), a model without T5, a memory
+estimate calibrated for SD3 (SD's constants are used); ``config_problems`` refuses each such key in one line.
+
+torch, diffusers and transformers are imported inside the methods that use them (see ``families.sd``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdtune.errors import SdtuneError
+from sdtune.families.base import (
+    Components,
+    KohyaModule,
+    KohyaVersion,
+    MemoryConstants,
+    ModelFiles,
+    ModelInfo,
+    OriginalLayout,
+    SamplingDefaults,
+    TextEncoderSpec,
+)
+from sdtune.families.sd import CLIP_TARGETS, IMPL_SGM, clip_text_config
+from sdtune.families.t5 import t5_config, tiny_t5_tokenizer
+from sdtune.objectives import FlowMatchingObjective
+from sdtune.tokens import EOS_TOKEN, clip_tokenizer
+
+# diffusers' SD3Transformer2DModel joint blocks as diffusers-format LoRA keys spell them, and kohya / SAI's
+LORA_KEY_MARKS = ("transformer.transformer_blocks.", "lora_unet_joint_blocks_")
+# what only FLUX.1 LoRAs have: both families' joint blocks are transformer_blocks.N.attn.* in diffusers keys
+FLUX_KEY_MARKS = ("transformer.single_transformer_blocks.", "lora_unet_double_blocks_", "lora_unet_single_blocks_")
+# the LoRA targets when the recipe names none, as diffusers' SD3 script trains by default: the attention
+# projections of the joint blocks, image and text streams. "attn." keeps SD3.5 Medium's second, image-only
+# attention (attn2, MMDiT-X) out, as that script does; the last block has no to_add_out (its text stream ends)
+DEFAULT_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                   "attn.add_v_proj", "attn.to_add_out")
+KOHYA_UNAVAILABLE = "export.kohya is not available for SD3.x yet; use the diffusers format"
+
+
+class SD3Options(BaseModel):
+    """Options that exist only for SD3 models (recipe section ``sd3``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weighting_scheme: Literal["logit_normal", "mode", "none", "sigma_sqrt", "cosmap"] = Field(
+        "logit_normal", description="how timesteps are drawn (and for sigma_sqrt / cosmap the loss weighted); "
+        "diffusers' SD3 script uses logit_normal")
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+
+
+@dataclass(frozen=True)
+class SD3:
+    """Stable Diffusion 3 Medium, 3.5 Medium / Large / Large Turbo (and their fine-tunes) in diffusers' layout."""
+
+    name: str = "sd3"
+    label: str = "SD3.x"
+    default_resolution: int = 1024
+    text_encoders: tuple[TextEncoderSpec, ...] = (
+        TextEncoderSpec("text_encoder", "CLIP ViT-L/14", EOS_TOKEN, model_class="CLIPTextModelWithProjection"),
+        TextEncoderSpec("text_encoder_2", "OpenCLIP ViT-bigG/14", "!", openclip=True,
+                        model_class="CLIPTextModelWithProjection", embedding_key="clip_g"),
+        TextEncoderSpec("text_encoder_3", "T5-XXL", "<pad>", model_class="T5EncoderModel", embedding_key="t5"),
+    )
+    text_encoder_targets: frozenset[str] = CLIP_TARGETS  # only the CLIPs': T5 stays frozen
+    lora_targets: tuple[str, ...] | None = DEFAULT_TARGETS
+    denoiser_name: str = "transformer"
+    options_section: str | None = "sd3"
+    options: type | None = SD3Options
+    lora_pipeline: str = "StableDiffusion3Pipeline"
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+    hub_tags: tuple[str, ...] = ("sd3", "sd3-diffusers", "text-to-image")
+    kohya_prefixes: dict[str, str] = field(default_factory=dict)  # none yet: see KOHYA_UNAVAILABLE
+    kohya_modules: tuple[KohyaModule, ...] = ()
+    # the pipeline's default guidance (SD3 samples with classifier-free guidance), with the model's own
+    # flow-matching scheduler: the DDPM-style ones of --scheduler do not take its sigmas
+    sampling: SamplingDefaults = SamplingDefaults(guidance_scale=7.0, scheduler="FlowMatchEulerDiscreteScheduler")
+    memory: MemoryConstants = MemoryConstants()  # SD's constants: not calibrated for SD3
+    original_layout: OriginalLayout | None = None
+    # T5 tokens: StableDiffusion3Pipeline's default, which every sampler uses (diffusers' SD3 training script
+    # defaults to 77, so its LoRAs train on shorter T5 embeddings than they sample with)
+    max_sequence_length: int = 256
+
+    # ---------------------------------------------------------------------------------------------------
+    # Reading a model
+
+    def detect(self, files: ModelFiles) -> bool:
+        # the pipeline's class, or its transformer's as model_index.json lists it (["diffusers", class name])
+        index = files.read("model_index.json")
+        transformer = index.get("transformer")
+        return index.get("_class_name") == "StableDiffusion3Pipeline" or \
+            (isinstance(transformer, list) and transformer[-1:] == ["SD3Transformer2DModel"])
+
+    def describe(self, files: ModelFiles, for_training: bool) -> ModelInfo:
+        index, transformer = files.read("model_index.json"), files.read("transformer/config.json")
+        vae = files.read("vae/config.json")
+        vae_scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+        if for_training:
+            self._check_trainable(files.pretrained, index, transformer, vae)
+        patch = int(transformer.get("patch_size", 2))
+        return ModelInfo(
+            pretrained=files.pretrained, family=self, prediction_type="flow_matching",
+            # the pipeline's default size: the transformer's latent sample size x the VAE's downscale (128 x 8)
+            resolution=int(transformer.get("sample_size", self.default_resolution // vae_scale)) * vae_scale,
+            # the VAE's downscale x the transformer's patch size: 16 for SD3
+            bucket_multiple=vae_scale * patch, pipeline_class=index.get("_class_name", "?"),
+        )
+
+    def _check_trainable(self, pretrained: str, index: dict, transformer: dict, vae: dict) -> None:
+        """One SdtuneError for an SD3 model sdtune cannot train: one without T5, or with extra input channels."""
+        if not any(index.get("text_encoder_3") or []):
+            raise SdtuneError(
+                f"model.pretrained: {pretrained} has no text_encoder_3 (T5); sdtune trains SD3 with all three "
+                "text encoders: use the full model folder")
+        if transformer.get("in_channels", 16) != vae.get("latent_channels", 16):
+            raise SdtuneError(
+                f"model.pretrained: {pretrained} is a {index.get('_class_name')} whose transformer takes "
+                f"{transformer.get('in_channels')} input channels for a {vae.get('latent_channels')}-channel VAE; "
+                "sdtune trains text-to-image models: use the base text-to-image checkpoint")
+
+    def denoiser_module_names(self, files: ModelFiles) -> list[str]:
+        from accelerate import init_empty_weights
+        from diffusers import SD3Transformer2DModel
+
+        with init_empty_weights():
+            transformer = SD3Transformer2DModel.from_config(files.read("transformer/config.json"))
+        return [n for n, _ in transformer.named_modules()]
+
+    def config_problems(self, cfg: Any) -> list[str]:
+        """Options that do not work for SD3 yet, each naming its key (model.clip_skip: ``sdtune.plan``)."""
+        t, problems = cfg.train, []
+        if t.noise_offset:
+            problems.append("train.noise_offset: a DDPM option; SD3 trains with flow matching: remove it")
+        if t.snr_gamma is not None:
+            problems.append("train.snr_gamma: min-SNR is a DDPM weighting; for SD3 use sd3.weighting_scheme")
+        if cfg.model.prediction_type:
+            problems.append("model.prediction_type: SD3 models predict the flow (noise - latents); remove it")
+        if cfg.pivotal.enabled:
+            problems.append("pivotal.enabled: pivotal tuning is not available for SD3 yet (T5's embeddings)")
+        if t.validation_every:
+            problems.append("train.validation_every: the validation loss is not available for SD3 yet; set it to 0")
+        if cfg.lora.type != "lora":
+            problems.append(f"lora.type: {cfg.lora.type} is not available for SD3 yet; use lora")
+        return problems
+
+    # ---------------------------------------------------------------------------------------------------
+    # Loading and building
+
+    def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool) -> Components:
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        kw: dict[str, Any] = dict(revision=revision)
+        wkw: dict[str, Any] = dict(revision=revision, variant=variant, use_safetensors=True if safetensors_only else None)
+        return Components(
+            tokenizers=[CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw),
+                        CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", **kw),
+                        T5TokenizerFast.from_pretrained(pretrained, subfolder="tokenizer_3", **kw)],
+            text_encoders=[CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder", **wkw),
+                           CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder_2", **wkw),
+                           T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_3", **wkw)],
+            vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **wkw),
+            denoiser=SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer", **wkw),
+            # training draws its sigmas from the model's own scheduler (shift 3.0: its timesteps and sigmas tables)
+            noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw),
+        )
+
+    def pipeline(self, components: Components, scheduler: Any = None) -> Any:
+        from diffusers import StableDiffusion3Pipeline
+
+        tokenizer, tokenizer_2, tokenizer_3 = components.tokenizers
+        text_encoder, text_encoder_2, text_encoder_3 = components.text_encoders
+        return StableDiffusion3Pipeline(
+            scheduler=scheduler if scheduler is not None else components.noise_scheduler, vae=components.vae,
+            text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3, transformer=components.denoiser,
+            **self.pipeline_kwargs,
+        )
+
+    def random_configs(self, size: str) -> dict[str, Any]:
+        """Constructor arguments of a random model: ``transformer``, ``vae``, ``clip`` (CLIP-L, CLIP-G), ``t5``."""
+        if size == "tiny":
+            # diffusers' tests/pipelines/stable_diffusion_3 widths (4 heads x 8 = 32, CLIPs 32 wide), with two
+            # joint blocks (the last has no to_add_out) and SD3's 2x2 patches over 8x8 latents (64 px). T5 is 96
+            # wide so that the CLIP half (32 + 32) is really zero-padded, as SD3's 768 + 1280 is to 4096
+            transformer: dict[str, Any] = dict(
+                sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=96, pooled_projection_dim=64,
+                pos_embed_max_size=32)
+            vae_blocks, latent_channels, groups, vae_size = (8, 16, 16, 16), 4, 4, 64
+            clip = [dict(width=32, layers=2, heads=4, mlp=64, projection_dim=32)] * 2
+            t5 = dict(d_model=96)
+        elif size == "full":  # SD3.5 Medium (MMDiT-X: a second attention in the first 13 blocks)
+            transformer = dict(
+                sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                num_attention_heads=24, caption_projection_dim=1536, joint_attention_dim=4096,
+                pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+                qk_norm="rms_norm")
+            vae_blocks, latent_channels, groups, vae_size = (128, 256, 512, 512), 16, 32, 1024
+            clip = [dict(width=768, layers=12, heads=12, mlp=3072, projection_dim=768),  # CLIP ViT-L/14
+                    dict(width=1280, layers=32, heads=20, mlp=5120, projection_dim=1280)]  # OpenCLIP bigG
+            t5 = {}
+        else:
+            raise SdtuneError(f"--size: unknown size '{size}'; choose tiny or full")
+        vae = dict(
+            in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=vae_blocks,
+            down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
+            up_block_types=("UpDecoderBlock2D",) * len(vae_blocks), layers_per_block=1 if size == "tiny" else 2,
+            norm_num_groups=groups, sample_size=vae_size, use_quant_conv=False, use_post_quant_conv=False,
+            scaling_factor=1.5305, shift_factor=0.0609,  # SD3's VAE
+        )
+        return dict(transformer=transformer, vae=vae, clip=clip, t5=t5)
+
+    def random_scheduler(self) -> Any:
+        """SD3's and SD3.5's scheduler: flow-matching Euler with a static shift of 3.0."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+
+    def random_components(self, size: str) -> Components:
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+        cfg = self.random_configs(size)
+        clips = [CLIPTextModelWithProjection(clip_text_config(**c, openclip=spec.openclip))
+                 for c, spec in zip(cfg["clip"], self.text_encoders)]
+        t5 = T5EncoderModel(t5_config(size, **cfg["t5"]))
+        vae, transformer = AutoencoderKL(**cfg["vae"]), SD3Transformer2DModel(**cfg["transformer"])
+        return Components(
+            tokenizers=[clip_tokenizer(pad_token=spec.pad_token) for spec in self.text_encoders[:2]]
+            + [tiny_t5_tokenizer(self.max_sequence_length)],
+            text_encoders=[*clips, t5], vae=vae, denoiser=transformer, noise_scheduler=self.random_scheduler(),
+        )
+
+    # ---------------------------------------------------------------------------------------------------
+    # One training step
+
+    def objective(self, noise_scheduler: Any, prediction_type: str, *, noise_offset: float = 0.0,
+                  snr_gamma: float | None = None, options: Any = None) -> FlowMatchingObjective:
+        if noise_offset or snr_gamma is not None:
+            raise SdtuneError("train.noise_offset / train.snr_gamma: DDPM options, not available for SD3")
+        o = options or SD3Options()
+        return FlowMatchingObjective(noise_scheduler, o.weighting_scheme, o.logit_mean, o.logit_std, o.mode_scale)
+
+    def tokenize(self, tokenizers: list[Any], captions: list[str]) -> list[Any]:
+        # as StableDiffusion3Pipeline.encode_prompt: both CLIPs padded to 77, T5 to max_sequence_length
+        clip_l, clip_g, t5 = tokenizers
+        return [*(tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids for tok in (clip_l, clip_g)),
+                t5(captions, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                   add_special_tokens=True, return_tensors="pt").input_ids]
+
+    def encode_prompt(self, text_encoders: list[Any], input_ids: list[Any]) -> dict[str, Any]:
+        import torch
+
+        # StableDiffusion3Pipeline._get_clip_prompt_embeds / _get_t5_prompt_embeds / encode_prompt, op for op
+        # (the same dtype casts, so that mixed dtypes promote as there)
+        clip_l, clip_g, t5 = text_encoders
+        outs = [encoder(ids, output_hidden_states=True) for encoder, ids in zip((clip_l, clip_g), input_ids)]
+        # penultimate hidden states (B, 77, 768) and (B, 77, 1280), cast to CLIP-L's dtype as the pipeline does
+        clip_prompt_embeds = torch.cat([out.hidden_states[-2].to(dtype=clip_l.dtype) for out in outs], dim=-1)
+        t5_prompt_embeds = t5(input_ids[2])[0].to(dtype=t5.dtype)  # (B, 256, 4096)
+        # zero-pad the CLIP channels to T5's width, then CLIP's 77 tokens before T5's: (B, 77 + 256, 4096)
+        clip_prompt_embeds = torch.nn.functional.pad(
+            clip_prompt_embeds, (0, t5_prompt_embeds.shape[-1] - clip_prompt_embeds.shape[-1]))
+        return {"prompt_embeds": torch.cat([clip_prompt_embeds, t5_prompt_embeds], dim=-2),
+                # the projected pooled outputs (text_embeds) side by side: (B, 768 + 1280 = 2048)
+                "pooled_prompt_embeds": torch.cat([out[0] for out in outs], dim=-1)}
+
+    def conditioning(self, prompt_embeds: dict[str, Any], batch: dict, options: Any, device: Any,
+                     dtype: Any) -> dict[str, Any]:
+        return {"encoder_hidden_states": prompt_embeds["prompt_embeds"],  # (B, 333, 4096)
+                "pooled_projections": prompt_embeds["pooled_prompt_embeds"]}  # (B, 2048)
+
+    def predict(self, denoiser: Any, noisy_latents: Any, timesteps: Any, conditioning: dict[str, Any]) -> Any:
+        # (B, 16, h, w) in and out: the transformer patchifies itself. It takes the scheduler's timesteps as
+        # they are, in (0, 1000], as the reference passes them (FLUX's takes timesteps / 1000)
+        return denoiser(hidden_states=noisy_latents, timestep=timesteps, return_dict=False, **conditioning)[0]
+
+    def trained_text_encoders(self, options: Any) -> tuple[str, ...]:
+        return ("text_encoder", "text_encoder_2")  # both CLIPs, as diffusers' script; T5 is never LoRA'd
+
+    # ---------------------------------------------------------------------------------------------------
+    # LoRA files
+
+    def kohya_version(self, prediction_type: str) -> KohyaVersion:
+        # ss_base_model_version "sd3"; ModelSpec architecture as SD3 Medium LoRAs carry it
+        return KohyaVersion("sd3", "stable-diffusion-v3-medium/lora", IMPL_SGM, self.default_resolution)
+
+    def kohya_warnings(self, modules: dict[str, list[str]]) -> list[str]:
+        return [KOHYA_UNAVAILABLE]
+
+    def recognises_lora(self, keys: list[str], metadata: dict[str, str]) -> bool:
+        version = metadata.get("ss_base_model_version", "")
+        # registered before SDXL and FLUX, whose rules match SD3 files too (text_encoder_2., joint blocks): so
+        # their files are ruled out here. FLUX.1's joint blocks have SD3's diffusers keys; its single blocks
+        # (or metadata) tell them apart. SDXL files have unet. keys, which the rule below never matches
+        if version.startswith("flux") or any(k.startswith(FLUX_KEY_MARKS) for k in keys):
+            return False
+        return version.startswith("sd3") or any(k.startswith(LORA_KEY_MARKS) for k in keys)
+
+
+SD3_FAMILY = SD3()

@@ -1,0 +1,254 @@
+"""SD3 / SD3.5 as a model family: detection, the prompt encoding against StableDiffusion3Pipeline's (bitwise),
+the family's step, and tiny end-to-end runs (CLI training with text-encoder LoRAs, exact resume, sample grids,
+the LoRA in StableDiffusion3Pipeline)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import DEMO_DATA, ROOT, overrides
+from sdtune import families
+from sdtune.config import ConfigError, load_config
+from sdtune.errors import SdtuneError
+from sdtune.families.base import ModelFiles
+from sdtune.families.sd3 import SD3_FAMILY, SD3Options
+from sdtune.lora import WEIGHT_NAME
+from sdtune.models import inspect_model, load_components
+from sdtune.plan import check_run
+from sdtune.sample import lora_family
+from sdtune.train import train, training_step
+
+SD3 = SD3_FAMILY
+
+# --------------------------------------------------------------------------------------------------------
+# The family
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_sd3_is_detected_from_its_config_files(tiny_model, tmp_path):
+    info = inspect_model(str(tiny_model("sd3")))
+    assert info.family is SD3 and families.get("sd3") is SD3
+    # 8 latents x VAE factor 8 = 64 px; 2x2 patches of the x8 latents: sides in multiples of 16
+    assert (info.prediction_type, info.resolution, info.bucket_multiple) == ("flow_matching", 64, 16)
+    assert SD3.default_resolution == 1024 and SD3.denoiser_name == "transformer" and SD3.label == "SD3.x"
+    # by the transformer's class alone (a pipeline class of another name)
+    other = tmp_path / "renamed"
+    shutil.copytree(tiny_model("sd3"), other, ignore=shutil.ignore_patterns("*.safetensors"))
+    _edit_json(other / "model_index.json", _class_name="MySD3Pipeline")
+    assert families.detect(ModelFiles(str(other))) is SD3
+    assert families.detect(ModelFiles(str(tiny_model("sd15")))) is not SD3
+    # a transformer with extra input channels, and a model saved without T5, are refused for training
+    _edit_json(other / "transformer/config.json", in_channels=8)
+    with pytest.raises(SdtuneError, match="8 input channels"):
+        inspect_model(str(other))
+    _edit_json(other / "transformer/config.json", in_channels=4)
+    _edit_json(other / "model_index.json", text_encoder_3=[None, None])
+    with pytest.raises(SdtuneError, match="no text_encoder_3"):
+        inspect_model(str(other))
+
+
+def test_sd3_encode_prompt_is_the_pipelines_bitwise(tiny_model):
+    model = tiny_model("sd3")
+    c = load_components(str(model), SD3)
+    # one caption longer than CLIP's 77 tokens: both truncate as the pipeline does
+    captions = ["a photo of sks toy", "a dog on the beach", " ".join(["a cat with a dog"] * 30)]
+    ids = SD3.tokenize(c.tokenizers, captions)
+    assert [tuple(i.shape) for i in ids] == [(3, 77), (3, 77), (3, 256)]
+    with torch.no_grad():
+        embeds = SD3.encode_prompt(c.text_encoders, ids)
+    pipe = StableDiffusion3Pipeline.from_pretrained(model, use_safetensors=True)
+    with torch.no_grad():
+        prompt_embeds, _, pooled_prompt_embeds, _ = pipe.encode_prompt(captions, None, None,
+                                                                       do_classifier_free_guidance=False)
+    assert torch.equal(embeds["prompt_embeds"], prompt_embeds)
+    assert torch.equal(embeds["pooled_prompt_embeds"], pooled_prompt_embeds)
+    # the layout: 77 CLIP tokens (CLIP-L 32 + CLIP-G 32 channels, zero-padded to T5's 96), then 256 T5 tokens
+    assert tuple(prompt_embeds.shape) == (3, 77 + 256, 96) and tuple(pooled_prompt_embeds.shape) == (3, 64)
+    with torch.no_grad():
+        clip_g = c.text_encoders[1](ids[1], output_hidden_states=True)
+        t5 = c.text_encoders[2](ids[2])[0]
+    assert torch.equal(prompt_embeds[:, :77, 32:64], clip_g.hidden_states[-2])
+    assert torch.equal(prompt_embeds[:, :77, 64:], torch.zeros(3, 77, 32))
+    assert torch.equal(prompt_embeds[:, 77:], t5)
+    assert torch.equal(pooled_prompt_embeds[:, 32:], clip_g.text_embeds)
+    assert clip_g.hidden_states[-2].abs().sum() > 0 and t5.abs().sum() > 0
+
+
+def test_sd3_step_and_objective(tiny_model):
+    c = load_components(str(tiny_model("sd3")), SD3)
+    ids = SD3.tokenize(c.tokenizers, ["a photo of sks toy", "a dog"])
+    with torch.no_grad():
+        embeds = SD3.encode_prompt(c.text_encoders, ids)
+    cond = SD3.conditioning(embeds, {}, SD3Options(), torch.device("cpu"), torch.float32)
+    assert set(cond) == {"encoder_hidden_states", "pooled_projections"}
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([1000.0, 250.0])
+    with torch.no_grad():
+        model_pred = SD3.predict(c.denoiser, latents, timesteps, cond)
+        # the transformer called as train_dreambooth_lora_sd3.py calls it: the scheduler's timesteps as they are
+        ref = c.denoiser(hidden_states=latents, timestep=timesteps, encoder_hidden_states=embeds["prompt_embeds"],
+                         pooled_projections=embeds["pooled_prompt_embeds"], return_dict=False)[0]
+        scaled = c.denoiser(hidden_states=latents, timestep=timesteps / 1000, encoder_hidden_states=embeds["prompt_embeds"],
+                            pooled_projections=embeds["pooled_prompt_embeds"], return_dict=False)[0]
+    assert tuple(model_pred.shape) == (2, 4, 8, 8)
+    assert torch.equal(model_pred, ref) and not torch.equal(model_pred, scaled)
+
+    # the model's scheduler (shift 3.0, SD3.5's) and logit-normal timesteps, unless the recipe says otherwise
+    assert c.noise_scheduler.config.shift == 3.0 and not c.noise_scheduler.config.use_dynamic_shifting
+    objective = SD3.objective(c.noise_scheduler, "flow_matching", options=None)
+    assert (objective.weighting_scheme, objective.noise_scheduler) == ("logit_normal", c.noise_scheduler)
+    assert SD3.objective(c.noise_scheduler, "flow_matching", options=SD3Options(weighting_scheme="mode")
+                         ).weighting_scheme == "mode"
+    noise, t = objective.sample(latents, torch.Generator().manual_seed(0))
+    assert torch.equal(objective.target(latents, noise, t), noise - latents)
+    out = training_step(c.denoiser, SD3, objective, latents, cond, torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss) and out.loss > 0
+
+
+def test_sd3_refuses_what_it_cannot_do_yet(tiny_model, tmp_path):
+    model = tiny_model("sd3")
+    base = overrides(model, tmp_path / "run")
+    for key, value in [("train.noise_offset", "0.05"), ("train.snr_gamma", "5"), ("pivotal.enabled", "true"),
+                       ("model.prediction_type", "epsilon"), ("train.validation_every", "2"), ("lora.type", "loha"),
+                       ("model.clip_skip", "2")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            check_run(load_config(None, [*base, f"{key}={value}"]))
+    with pytest.raises(ConfigError, match=r"flux\.guidance_scale"):
+        check_run(load_config(None, [*base, "flux.guidance_scale=3.5"]))
+    plan = check_run(load_config(None, [*base, "sd3.weighting_scheme=mode", "lora.train_text_encoder=true"]))
+    assert plan.model.family is SD3
+    # the family's default LoRA targets are valid module names of the tiny transformer (checked by check_run)
+    check_run(load_config(None, [*base, f"lora.target_modules=[{','.join(SD3.lora_targets)}]"]))
+
+    joint = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"
+    assert SD3.recognises_lora([joint], {})
+    assert SD3.recognises_lora(["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"], {})
+    assert SD3.recognises_lora(["foo"], {"ss_base_model_version": "sd3"})
+    # FLUX.1 LoRAs share the joint blocks' diffusers keys; their single blocks or metadata tell them apart
+    assert not SD3.recognises_lora([joint, "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"], {})
+    assert not SD3.recognises_lora([joint], {"ss_base_model_version": "flux1"})
+    assert not SD3.recognises_lora(["unet.down_blocks.0.attentions.0.to_q.lora_A.weight"], {"ss_base_model_version": "sd_v1"})
+    assert [f.name for f in families.registered() if f.recognises_lora([joint], {})][0] == "sd3"
+    assert families.get("flux").recognises_lora([joint, "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"], {})
+    version = SD3.kohya_version("flow_matching")
+    assert (version.base_model_version, version.architecture) == ("sd3", "stable-diffusion-v3-medium/lora")
+
+
+# --------------------------------------------------------------------------------------------------------
+# End to end
+
+
+def _cli(*args, cwd=ROOT):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "sdtune", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def sd3_run(tmp_path_factory):
+    """A tiny SD3 model written by `sdtune random-model`, then 4 steps of tiny_cpu.yaml on it through the CLI
+    (prior preservation with generated class images, LoRAs on both CLIPs too, a checkpoint at step 2)."""
+    tmp = tmp_path_factory.mktemp("sd3")
+    model, out = tmp / "model", tmp / "run"
+    made = _cli("random-model", "--family", "sd3", "--size", "tiny", str(model))
+    assert made.returncode == 0, made.stdout + made.stderr
+    trained = _cli("train", "recipes/tiny_cpu.yaml", f"model.pretrained={model}", f"train.output_dir={out}",
+                   f"data.instance_dir={DEMO_DATA}", f"prior.class_dir={tmp / 'class'}", "prior.num_class_images=2",
+                   "prior.generation_steps=1", "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1",
+                   "sample.every=2", "sample.steps=2", "sample.seeds=[0]", "train.report_to=none",
+                   "lora.train_text_encoder=true", "lora.text_encoder_lr=1e-2")
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    return model, out, trained.stdout + trained.stderr
+
+
+@pytest.mark.slow
+def test_sd3_trains_through_the_cli(sd3_run):
+    model, out, log = sd3_run
+    losses = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["prior_loss"]) for r in losses)
+    lora = load_file(out / WEIGHT_NAME)
+    assert lora and all(k.split(".")[0] in ("transformer", "text_encoder", "text_encoder_2") for k in lora)
+    # both CLIPs trained, T5 never
+    assert any(k.startswith("text_encoder.") for k in lora) and any(k.startswith("text_encoder_2.") for k in lora)
+    # the family's default targets (the recipe names none): both streams' attention projections, both blocks
+    # (the last block has no to_add_out: its text stream ends there)
+    modules = {k.split(".lora_")[0] for k in lora if k.startswith("transformer.")}
+    assert {m.split(".attn.")[1] for m in modules} == {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                                        "add_v_proj", "to_add_out"}
+    assert {m.split(".")[2] for m in modules} == {"0", "1"}
+    assert "attn.add_q_proj" in (out / "config.yaml").read_text()
+    # its keys (text_encoder_2., transformer.transformer_blocks.) are SDXL's and FLUX's too: the file is SD3's
+    assert lora_family(out / WEIGHT_NAME) is SD3
+    # PEFT starts every lora_B at zero: trained ones are not. The one exception is the reference's too: the last
+    # block's text queries (add_q_proj) only make text outputs, which that block drops (context_pre_only)
+    untrained = {k for k, v in lora.items() if "lora_B" in k and v.abs().sum() == 0}
+    assert untrained == {"transformer.transformer_blocks.1.attn.add_q_proj.lora_B.weight"}
+    assert all(torch.isfinite(v).all() for v in lora.values())
+    # the kohya file is not written (its SD3 layout is not implemented), and the run says so
+    assert not list(out.glob("*_kohya.safetensors"))
+    assert "export.kohya is not available for SD3.x" in log
+    # sample grids during and after training, rendered (a failed cell would be a flat grey square)
+    for step in (2, 4):
+        grid = np.asarray(Image.open(out / "samples" / f"step-{step:06d}.png").convert("RGB")).astype(float)
+        assert grid.std() > 10
+    assert "StableDiffusion3Pipeline" in (out / "README.md").read_text()
+    exported = _cli("export", str(out), "--format", "kohya", "-o", str(out.parent / "k.safetensors"))
+    assert exported.returncode != 0 and "export.kohya is not available for SD3.x" in exported.stdout + exported.stderr
+
+
+@pytest.mark.slow
+def test_sd3_lora_in_sd3_pipeline_gives_sdtune_sample_pixels(sd3_run, tmp_path):
+    model, out, _ = sd3_run
+    grid = tmp_path / "grid.png"
+    sampled = _cli("sample", str(out), "--prompt", "a photo of sks toy", "--steps", "2", "--seeds", "0",
+                   "--lora-scale", "1", "--guidance", "5", "--out", str(grid))
+    assert sampled.returncode == 0, sampled.stdout + sampled.stderr
+    cells = sorted((tmp_path / "grid_cells").glob("*.png"))
+    assert len(cells) == 1
+    pipe = StableDiffusion3Pipeline.from_pretrained(model, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt=["a photo of sks toy"], num_inference_steps=2, guidance_scale=5.0, height=64, width=64)
+    base = pipe(**kw, generator=[torch.Generator("cpu").manual_seed(0)]).images[0]
+    pipe.load_lora_weights(str(out))
+    image = pipe(**kw, generator=[torch.Generator("cpu").manual_seed(0)]).images[0]
+    ours = np.asarray(Image.open(cells[0]).convert("RGB"))
+    assert np.array_equal(np.asarray(image), ours)
+    assert not np.array_equal(np.asarray(base), ours)  # the LoRA changed the pixels
+
+
+@pytest.mark.slow
+def test_sd3_resume_is_exact(tiny_model, tmp_path):
+    common = ["train.max_steps=4", "data.random_flip=true", "train.learning_rate=1e-3", "lora.dropout=0.1",
+              "sample.every=0", "sd3.weighting_scheme=logit_normal"]
+    model = tiny_model("sd3")
+    straight = tmp_path / "straight"
+    train(load_config(None, overrides(model, straight, *common)))
+    split = tmp_path / "split"
+    train(load_config(None, overrides(model, split, "train.checkpoint_every=2", *common)))
+    shutil.rmtree(split / "checkpoints/step-000004")
+    (split / WEIGHT_NAME).unlink()
+    train(load_config(None, overrides(model, split, "train.resume=latest", *common)))
+
+    def losses(run: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in map(json.loads, (run / "losses.jsonl").read_text().splitlines())}
+
+    assert [losses(split)[k] for k in range(1, 5)] == [losses(straight)[k] for k in range(1, 5)]
+    a = load_file(straight / "checkpoints/step-000004/adapter-transformer.safetensors")
+    b = load_file(split / "checkpoints/step-000004/adapter-transformer.safetensors")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
