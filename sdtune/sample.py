@@ -282,18 +282,22 @@ def _depth_pipeline(req: Request) -> Any:
                           ) from None
 
 
-def lora_family(path: str | Path) -> Family | None:
-    """The family a LoRA file says it was made for (by its keys or kohya metadata), None if it does not say."""
+def lora_family(path: str | Path, prefer: Family | None = None) -> Family | None:
+    """The family a LoRA file says it was made for (by its keys or kohya metadata), None if it does not say.
+    Key rules overlap (an SD3 LoRA has SDXL's ``text_encoder_2.`` and FLUX's ``transformer.transformer_blocks.``
+    keys): when ``prefer`` (the model's family) recognises the file too, it is the answer."""
     with open_safetensors(path) as f:
         keys = list(f.keys())
         meta = f.metadata() or {}
+    if prefer is not None and prefer.recognises_lora(keys, meta):
+        return prefer
     return next((family for family in families.registered() if family.recognises_lora(keys, meta)), None)
 
 
 def _apply_lora(pipe: Any, path: str, family: Family) -> Embeddings | None:
     """Load the LoRA file into the pipeline as ``ADAPTER``, with its pivotal-tuning embeddings (from the run's or
     checkpoint's ``embeddings/`` folder, or bundled in a kohya file), which are returned installed."""
-    owner = lora_family(path)
+    owner = lora_family(path, prefer=family)
     if owner is not None and owner is not family:
         raise SdtuneError(f"{path}: an {owner.label} LoRA cannot be applied to this {family.label} model; use "
                           f"--model with an {owner.label} model")

@@ -252,3 +252,17 @@ def test_sd3_resume_is_exact(tiny_model, tmp_path):
     assert a.keys() == b.keys() and a
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_a_lora_both_families_claim_goes_to_the_models_own(tmp_path):
+    """Joint-block keys alone (no metadata) fit both SD3's and FLUX's rules: loading it into a model of either
+    family must not be refused because the other one is registered first."""
+    from safetensors.torch import save_file
+
+    from sdtune.families.flux import FLUX
+
+    file = tmp_path / "joint_only.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}, file)
+    assert SD3_FAMILY.recognises_lora(list(load_file(file)), {}) and FLUX.recognises_lora(list(load_file(file)), {})
+    assert lora_family(file, prefer=FLUX) is FLUX and lora_family(file, prefer=SD3_FAMILY) is SD3_FAMILY
