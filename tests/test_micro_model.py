@@ -192,3 +192,19 @@ def test_scenes_rendered_in_processes_are_those_of_one_sequence():
         assert scene == scenes[i] and captions[i] == world.caption(scene, prefix=rng.choice(PREFIXES))
     for i in (0, 2047, 2048, 4199):
         assert (images[i] == np.asarray(world.render(scenes[i], micro.RESOLUTION))).all()
+
+
+def test_decoder_tuning_changes_the_decoder_alone(pretrained, tmp_path):
+    """--decoder-steps: the VAE's decoder trains and its encoder does not (the latents a UNet learnt stay)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "e"
+    pretrain(PretrainConfig(out=str(out), num_images=16, steps=1, batch_size=2, eval_every=1, eval_images=2,
+                            decoder_steps=3, init_from=str(pretrained)), log=lambda _: None)
+    a, b = load_file(pretrained / "vae/diffusion_pytorch_model.safetensors"), \
+        load_file(out / "vae/diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    kept = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    tuned = [k for k in a if k.startswith(("decoder.", "post_quant_conv."))]
+    assert kept and all(torch.equal(a[k], b[k]) for k in kept)
+    assert any(not torch.equal(a[k], b[k]) for k in tuned)

@@ -43,6 +43,8 @@ def add_commands(sub: Any) -> None:
     m.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     m.add_argument("--seconds", type=float, default=0, help="fit the UNet stage into this many seconds: the "
                    "steps are re-planned once from the first 100 (at most --steps; 0: run --steps)")
+    m.add_argument("--decoder-steps", type=int, default=0, help="first train the VAE's decoder alone this many "
+                   "steps (batch 32; the encoder, so the latents, stay): sharper shapes from the same latents")
     m.add_argument("--ship", action="store_true", help="also copy the result into sdtune's package data")
     m.set_defaults(func=cmd_micro_pretrain)
     m = micro.add_parser("check", help="score a model's prompt following on held-out scenes of the micro world")
@@ -81,7 +83,7 @@ def cmd_micro_pretrain(args: argparse.Namespace) -> int:
                          steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                          init_from=args.init_from, device=args.device, eval_every=args.eval_every,
                          eval_images=args.eval_images, threads=args.threads,
-                         seconds=args.seconds)
+                         seconds=args.seconds, decoder_steps=args.decoder_steps)
     report = pretrain(cfg)
     last = report["history"][-1] if report.get("history") else {}
     print(f"micro model: {out} ({report['total_seconds']} s; prompt following on {last.get('images')} held-out "

@@ -62,6 +62,8 @@ class PretrainConfig:
     init_from: str | None = None  # a micro pipeline folder to continue from (its VAE is kept, not retrained)
     device: str = "cpu"  # "cuda" on a GPU machine (the same recipe; other random draws, so other weights)
     seconds: float = 0.0  # > 0: fit the UNet stage into this many seconds (fewer steps, its schedule kept whole)
+    decoder_steps: int = 0  # > 0: train the VAE's decoder alone this long first (the latents stay the same)
+    decoder_lr: float = 5e-4
 
 
 def _render_chunk(scenes: list[world.Scene]) -> np.ndarray:
@@ -141,6 +143,37 @@ def train_vae(vae, images: np.ndarray, steps: int, batch_size: int, lr: float, s
     return psnr(vae, images)
 
 
+def tune_decoder(vae, images: np.ndarray, steps: int, batch_size: int, lr: float, seed: int, log) -> None:
+    """Train the VAE's decoder alone, in place, on posterior samples of ``images``: the encoder (and so every
+    latent a UNet learnt) stays as it is, only the pixels decoded from latents get sharper. The shipped VAE
+    decodes small stars with rounded points (read as circles: bench/MICRO_PRETRAIN.md)."""
+    device = next(vae.parameters()).device
+    vae.requires_grad_(False)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (0.05 + 0.95 * (1 + math.cos(math.pi * s / steps)) / 2))
+    vae.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(images), (batch_size,), generator=g)
+        x = _to_tensor(images[idx.numpy()]).to(device)
+        with torch.no_grad():  # latents: (B, 4, 16, 16), a sample of the fixed encoder's posterior
+            z = vae.encode(x).latent_dist.sample(generator=g if device.type == "cpu" else None)
+        rec = vae.decode(z).sample
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 500 == 0 or step == steps - 1:
+            log(f"decoder step {step}/{steps} loss {loss.item():.4f}")
+    vae.requires_grad_(False)
+    vae.eval()
+
+
 def psnr(vae, images: np.ndarray) -> float:
     """Reconstruction PSNR (dB) of the VAE on the first 256 images."""
     with torch.no_grad():
@@ -217,6 +250,8 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = logger.info) -> d
     t1 = time.time()
     if not cfg.init_from:
         vae = vae_stage(cfg, vae, images, log)
+    if cfg.decoder_steps:
+        tune_decoder(vae, images, cfg.decoder_steps, 32, cfg.decoder_lr, cfg.seed, log)
     vae_psnr = psnr(vae, images)
     means, stds = encode_latents(vae, images)
     # a continued model keeps its VAE's factor: its UNet learned latents scaled by it
