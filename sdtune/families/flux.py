@@ -22,9 +22,9 @@ torch, diffusers and transformers are imported inside the methods that use them 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from sdtune.errors import SdtuneError
 from sdtune.families.base import (
@@ -38,6 +38,7 @@ from sdtune.families.base import (
     SamplingDefaults,
     TextEncoderSpec,
 )
+from sdtune.families.flow import FlowOptions, flow_config_problems, flow_objective
 from sdtune.families.sd import CLIP_TARGETS, clip_text_config
 from sdtune.families.t5 import t5_config, tiny_t5_tokenizer
 from sdtune.objectives import FlowMatchingObjective
@@ -90,18 +91,12 @@ KOHYA_MODULES = (
 SAMPLING = SamplingDefaults(guidance_scale=3.5, scheduler="FlowMatchEulerDiscreteScheduler")
 
 
-class FluxOptions(BaseModel):
-    """Options that exist only for FLUX models (recipe section ``flux``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class FluxOptions(FlowOptions):
+    """Options that exist only for FLUX models (recipe section ``flux``): how timesteps are drawn, and the
+    guidance input."""
 
     guidance_scale: float = Field(1.0, ge=0, description="the guidance input of a guidance-distilled transformer "
                                   "(FLUX.1-dev) during training; diffusers' script uses 1.0")
-    weighting_scheme: Literal["logit_normal", "mode", "none", "sigma_sqrt", "cosmap"] = Field(
-        "logit_normal", description="how timesteps are drawn (and for sigma_sqrt / cosmap the loss weighted)")
-    logit_mean: float = 0.0
-    logit_std: float = Field(1.0, gt=0)
-    mode_scale: float = 1.29
 
 
 @dataclass(frozen=True)
@@ -169,21 +164,9 @@ class Flux:
 
     def config_problems(self, cfg: Any) -> list[str]:
         """Options that do not work for FLUX yet, each naming its key."""
-        t, problems = cfg.train, []
-        if t.noise_offset:
-            problems.append("train.noise_offset: a DDPM option; FLUX trains with flow matching: remove it")
-        if t.snr_gamma is not None:
-            problems.append("train.snr_gamma: min-SNR is a DDPM weighting; for FLUX use flux.weighting_scheme")
-        if cfg.model.prediction_type:
-            problems.append("model.prediction_type: FLUX models predict the flow (noise - latents); remove it")
+        problems = flow_config_problems(cfg, "FLUX", "flux")
         if cfg.model.clip_skip != 1:
             problems.append("model.clip_skip: FLUX conditions on CLIP's pooled output only; remove it")
-        if cfg.pivotal.enabled:
-            problems.append("pivotal.enabled: pivotal tuning is not available for FLUX yet (T5's embeddings)")
-        if cfg.train.validation_every:
-            problems.append("train.validation_every: the validation loss is not available for FLUX yet; set it to 0")
-        if cfg.lora.type != "lora":
-            problems.append(f"lora.type: {cfg.lora.type} is not available for FLUX yet; use lora")
         return problems
 
     # ---------------------------------------------------------------------------------------------------
@@ -270,10 +253,7 @@ class Flux:
 
     def objective(self, noise_scheduler: Any, prediction_type: str, *, noise_offset: float = 0.0,
                   snr_gamma: float | None = None, options: Any = None) -> FlowMatchingObjective:
-        if noise_offset or snr_gamma is not None:
-            raise SdtuneError("train.noise_offset / train.snr_gamma: DDPM options, not available for FLUX")
-        o = options or FluxOptions()
-        return FlowMatchingObjective(noise_scheduler, o.weighting_scheme, o.logit_mean, o.logit_std, o.mode_scale)
+        return flow_objective(noise_scheduler, options or FluxOptions(), "FLUX", noise_offset, snr_gamma)
 
     def tokenize(self, tokenizers: list[Any], captions: list[str]) -> list[Any]:
         # as FluxPipeline.encode_prompt: CLIP padded to 77, T5 to max_sequence_length

@@ -25,9 +25,7 @@ torch, diffusers and transformers are imported inside the methods that use them 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
 from sdtune.errors import SdtuneError
 from sdtune.families.base import (
@@ -41,6 +39,7 @@ from sdtune.families.base import (
     SamplingDefaults,
     TextEncoderSpec,
 )
+from sdtune.families.flow import FlowOptions, flow_config_problems, flow_objective
 from sdtune.families.sd import CLIP_TARGETS, IMPL_SGM, clip_text_config
 from sdtune.families.t5 import t5_config, tiny_t5_tokenizer
 from sdtune.objectives import FlowMatchingObjective
@@ -58,17 +57,8 @@ DEFAULT_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn
 KOHYA_UNAVAILABLE = "export.kohya is not available for SD3.x yet; use the diffusers format"
 
 
-class SD3Options(BaseModel):
-    """Options that exist only for SD3 models (recipe section ``sd3``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    weighting_scheme: Literal["logit_normal", "mode", "none", "sigma_sqrt", "cosmap"] = Field(
-        "logit_normal", description="how timesteps are drawn (and for sigma_sqrt / cosmap the loss weighted); "
-        "diffusers' SD3 script uses logit_normal")
-    logit_mean: float = 0.0
-    logit_std: float = Field(1.0, gt=0)
-    mode_scale: float = 1.29
+class SD3Options(FlowOptions):
+    """Options that exist only for SD3 models (recipe section ``sd3``): how timesteps are drawn."""
 
 
 @dataclass(frozen=True)
@@ -150,20 +140,7 @@ class SD3:
 
     def config_problems(self, cfg: Any) -> list[str]:
         """Options that do not work for SD3 yet, each naming its key (model.clip_skip: ``sdtune.plan``)."""
-        t, problems = cfg.train, []
-        if t.noise_offset:
-            problems.append("train.noise_offset: a DDPM option; SD3 trains with flow matching: remove it")
-        if t.snr_gamma is not None:
-            problems.append("train.snr_gamma: min-SNR is a DDPM weighting; for SD3 use sd3.weighting_scheme")
-        if cfg.model.prediction_type:
-            problems.append("model.prediction_type: SD3 models predict the flow (noise - latents); remove it")
-        if cfg.pivotal.enabled:
-            problems.append("pivotal.enabled: pivotal tuning is not available for SD3 yet (T5's embeddings)")
-        if t.validation_every:
-            problems.append("train.validation_every: the validation loss is not available for SD3 yet; set it to 0")
-        if cfg.lora.type != "lora":
-            problems.append(f"lora.type: {cfg.lora.type} is not available for SD3 yet; use lora")
-        return problems
+        return flow_config_problems(cfg, "SD3", "sd3")
 
     # ---------------------------------------------------------------------------------------------------
     # Loading and building
@@ -259,10 +236,7 @@ class SD3:
 
     def objective(self, noise_scheduler: Any, prediction_type: str, *, noise_offset: float = 0.0,
                   snr_gamma: float | None = None, options: Any = None) -> FlowMatchingObjective:
-        if noise_offset or snr_gamma is not None:
-            raise SdtuneError("train.noise_offset / train.snr_gamma: DDPM options, not available for SD3")
-        o = options or SD3Options()
-        return FlowMatchingObjective(noise_scheduler, o.weighting_scheme, o.logit_mean, o.logit_std, o.mode_scale)
+        return flow_objective(noise_scheduler, options or SD3Options(), "SD3", noise_offset, snr_gamma)
 
     def tokenize(self, tokenizers: list[Any], captions: list[str]) -> list[Any]:
         # as StableDiffusion3Pipeline.encode_prompt: both CLIPs padded to 77, T5 to max_sequence_length

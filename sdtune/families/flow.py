@@ -1,0 +1,52 @@
+"""What the flow-matching families (FLUX.1, SD3.x) share: their recipe options for drawing timesteps, the
+objective built from them, and the recipe options they cannot train with yet."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdtune.errors import SdtuneError
+from sdtune.objectives import FlowMatchingObjective
+
+
+class FlowOptions(BaseModel):
+    """How timesteps are drawn (``diffusers.training_utils.compute_density_for_timestep_sampling``); a family's
+    recipe section (``flux``, ``sd3``) subclasses it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weighting_scheme: Literal["logit_normal", "mode", "none", "sigma_sqrt", "cosmap"] = Field(
+        "logit_normal", description="how timesteps are drawn (and for sigma_sqrt / cosmap the loss weighted); "
+        "diffusers' FLUX and SD3 scripts use logit_normal")
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+
+
+def flow_objective(noise_scheduler: Any, options: FlowOptions, label: str, noise_offset: float,
+                   snr_gamma: float | None) -> FlowMatchingObjective:
+    """The objective of a flow-matching family with its recipe options."""
+    if noise_offset or snr_gamma is not None:
+        raise SdtuneError(f"train.noise_offset / train.snr_gamma: DDPM options, not available for {label}")
+    o = options
+    return FlowMatchingObjective(noise_scheduler, o.weighting_scheme, o.logit_mean, o.logit_std, o.mode_scale)
+
+
+def flow_config_problems(cfg: Any, label: str, section: str) -> list[str]:
+    """The recipe options a flow-matching family cannot train with yet, one line each naming its key."""
+    t, problems = cfg.train, []
+    if t.noise_offset:
+        problems.append(f"train.noise_offset: a DDPM option; {label} trains with flow matching: remove it")
+    if t.snr_gamma is not None:
+        problems.append(f"train.snr_gamma: min-SNR is a DDPM weighting; for {label} use {section}.weighting_scheme")
+    if cfg.model.prediction_type:
+        problems.append(f"model.prediction_type: {label} models predict the flow (noise - latents); remove it")
+    if cfg.pivotal.enabled:
+        problems.append(f"pivotal.enabled: pivotal tuning is not available for {label} yet (T5's embeddings)")
+    if t.validation_every:
+        problems.append(f"train.validation_every: the validation loss is not available for {label} yet; set it to 0")
+    if cfg.lora.type != "lora":
+        problems.append(f"lora.type: {cfg.lora.type} is not available for {label} yet; use lora")
+    return problems
