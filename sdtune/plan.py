@@ -392,12 +392,14 @@ def _scan_data(cfg: Config, resolution: int | None) -> tuple[list[Path | None], 
 
 def with_family_defaults(cfg: Config, family: Family) -> Config:
     """``cfg`` with the family's own defaults where the recipe leaves a key unset: ``lora.target_modules``
-    (``Family.lora_targets``; FLUX trains its text-stream projections too) and ``sample.guidance_scale``
-    (``Family.sampling``; FLUX.1-dev: 3.5). What the run folder records and a resume compares."""
-    if "guidance_scale" not in cfg.sample.model_fields_set and \
-            cfg.sample.guidance_scale != family.sampling.guidance_scale:
-        sample = cfg.sample.model_copy(update={"guidance_scale": family.sampling.guidance_scale})
-        cfg = cfg.model_copy(update={"sample": sample})
+    (``Family.lora_targets``; FLUX trains its text-stream projections too), ``sample.guidance_scale`` and
+    ``prior.generation_guidance`` (``Family.sampling``; FLUX.1-dev: 3.5, for the grids and the class images
+    alike). What the run folder records and a resume compares."""
+    guidance = family.sampling.guidance_scale
+    for section, key in (("sample", "guidance_scale"), ("prior", "generation_guidance")):
+        part = getattr(cfg, section)
+        if key not in part.model_fields_set and getattr(part, key) != guidance:
+            cfg = cfg.model_copy(update={section: part.model_copy(update={key: guidance})})
     if family.lora_targets is None or "target_modules" in cfg.lora.model_fields_set:
         return cfg
     return cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"target_modules": list(family.lora_targets)})})

@@ -405,6 +405,10 @@ def test_flux_sampling_defaults(tiny_model, tmp_path):
     base = overrides(model, tmp_path / "run")
     assert with_family_defaults(load_config(None, base), FLUX).sample.guidance_scale == 3.5
     assert with_family_defaults(load_config(None, [*base, "sample.guidance_scale=5"]), FLUX).sample.guidance_scale == 5
+    # the class images too (prior preservation's "a photo of a dog" at FLUX's guidance, not SD's 7.5)
+    assert with_family_defaults(load_config(None, base), FLUX).prior.generation_guidance == 3.5
+    assert with_family_defaults(load_config(None, [*base, "prior.generation_guidance=2"]),
+                                FLUX).prior.generation_guidance == 2
     sd = overrides(tiny_model("sd15"), tmp_path / "sd")
     assert with_family_defaults(load_config(None, sd), families.get("sd15")).sample.guidance_scale == 7.5
     req = Request(model=str(model), lora=[], cells=[Cell("a dog", 0, None), Cell("a dog", 1, 2.0)],
