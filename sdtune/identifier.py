@@ -22,7 +22,7 @@ import random
 import re
 import unicodedata
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,7 @@ class _Encoder:
     tokenize: Callable[[str], tuple[list[str], list[int]]]
     special_ids: frozenset[int]
     last_id: int  # the last regular (non-special) id: the 100th percentile
+    judged: bool = True  # False: T5's SentencePiece (FLUX, SD3), shown but held to no single-token rule
 
 
 def _shipped_encoder(name: str, pad_token: str) -> _Encoder:
@@ -131,7 +132,7 @@ def _hf_encoder(name: str, tokenizer: Any) -> _Encoder:
 
     specials = frozenset(tokenizer.all_special_ids)
     last_id = max(i for i in tokenizer.get_vocab().values() if i not in specials)
-    return _Encoder(name, tokenize, specials, last_id)
+    return _Encoder(name, tokenize, specials, last_id, judged="T5" not in type(tokenizer).__name__)
 
 
 def _encoders(tokenizers: list | None, family: str | None = None) -> list[_Encoder]:
@@ -142,7 +143,9 @@ def _encoders(tokenizers: list | None, family: str | None = None) -> list[_Encod
         return [_shipped_encoder("CLIP", EOS_TOKEN)]
     # A family's encoders differ in their pad token: OpenCLIP (SD2, SDXL's second encoder) pads with '!',
     # which its tokenizer then matches as a special token.
-    return [_shipped_encoder(e.label, e.pad_token) for e in families.get(family).text_encoders]
+    # T5 (FLUX, SD3) has a SentencePiece vocabulary sdtune does not ship: its CLIP encoders are what is checked
+    return [_shipped_encoder(e.label, e.pad_token) for e in families.get(family).text_encoders
+            if not e.model_class.startswith("T5")]
 
 
 # --- word lists ---------------------------------------------------------------------------------------------
@@ -270,10 +273,16 @@ def piece_list(pieces: list[str], ids: list[int]) -> str:
     return " + ".join(f"{p} ({i})" for p, i in zip(pieces, ids))
 
 
+# What a rare token means for T5 (issue #17): nothing like CLIP's single-token rule holds there.
+T5_NOTE = ("{name} (T5) is not judged: its SentencePiece vocabulary splits a made-up word into pieces ({pieces}), "
+           "and FLUX and SD3 read most of a prompt through T5 in context; the single-token checks above are for "
+           "the CLIP part, and the LoRA teaches T5's pieces what they mean here")
+
+
 def _check(word: str, encoders: list[_Encoder], freqs: dict[str, float]) -> Report:
     problems: list[tuple[str, str]] = []  # (verdict, reason), the worst first once sorted
-    notes: list[str] = []
-    tokenized = [(e, *e.tokenize(word)) for e in encoders]
+    notes = [T5_NOTE.format(name=e.name, pieces=piece_list(*e.tokenize(word))) for e in encoders if not e.judged]
+    tokenized = [(e, *e.tokenize(word)) for e in encoders if e.judged]
     pieces, ids = tokenized[0][1], tokenized[0][2]
     single = all(len(p) == 1 for _, p, _ in tokenized)
     regular = [
@@ -330,7 +339,7 @@ def _check(word: str, encoders: list[_Encoder], freqs: dict[str, float]) -> Repo
     return Report(
         word=word, pieces=pieces, ids=ids, single_token=single, rarity_percentile=rarity,
         is_word=max(freqs.values(), default=0.0) >= WORD_ZIPF, verdict=verdict, reasons=reasons + notes,
-        encoders=[{"name": e.name, "pieces": p, "ids": i} for e, p, i in tokenized],
+        encoders=[{"name": e.name, "pieces": p, "ids": i} for e, p, i in ((e, *e.tokenize(word)) for e in encoders)],
         frequencies=dict(sorted(freqs.items(), key=lambda kv: -kv[1])), meaning=meaning,
     )
 
@@ -340,7 +349,13 @@ def check_identifiers(words: list[str], tokenizers: list | None = None, family: 
     ``family`` picks the shipped encoders to check (both of SDXL's; default: SD1.x's CLIP)."""
     encoders = _encoders(tokenizers, family)
     freqs = word_frequencies(w for w in words if w)
-    return [_check(w, encoders, freqs.get(w, {})) for w in words]
+    reports = [_check(w, encoders, freqs.get(w, {})) for w in words]
+    t5 = [e.label for e in families.get(family).text_encoders if e.model_class.startswith("T5")] \
+        if family and not tokenizers else []
+    # the shipped vocabularies are CLIP's: T5's view needs the model's tokenizer
+    notes = [f"{label} is not checked without the model's tokenizer (--tokenizer MODEL shows its pieces); T5 has "
+             "no single-token rule: FLUX and SD3 read the pieces in context" for label in t5]
+    return [replace(r, reasons=r.reasons + notes) for r in reports] if notes else reports
 
 
 def check_identifier(word: str, tokenizers: list | None = None) -> Report:

@@ -212,3 +212,20 @@ def test_tokenizer_option_errors(tiny_model, tmp_path):
     with pytest.raises(SdtuneError, match="cannot read a CLIP tokenizer"):
         load_tokenizers(str(tmp_path))
     assert len(load_tokenizers(str(tiny_model("sdxl") / "tokenizer_2"))) == 1
+
+
+def test_t5_is_shown_but_not_held_to_the_single_token_rule():
+    """FLUX / SD3 pipelines hand the check a T5 tokenizer too: SentencePiece splits any made-up word, which must
+    not make every identifier 'bad' (what training warned for each FLUX run); the CLIP part is judged, T5's
+    pieces are shown with a note. Without the model (--family), T5 is named as not checked."""
+    from sdtune.families.t5 import tiny_t5_tokenizer
+
+    report = check_identifier("ohwx", [clip_tokenizer(), tiny_t5_tokenizer()])
+    assert report.verdict == "good" and report.single_token
+    assert [e["name"] for e in report.encoders] == ["tokenizer", "tokenizer_2"]
+    assert len(report.encoders[1]["pieces"]) > 1  # T5 did split it
+    assert any("(T5) is not judged" in r for r in report.reasons)
+    assert check_identifier("rifle", [clip_tokenizer(), tiny_t5_tokenizer()]).verdict != "good"  # CLIP still judges
+    shipped = check_identifiers(["ohwx"], family="flux")[0]
+    assert shipped.verdict == "good" and [e["name"] for e in shipped.encoders] == ["CLIP ViT-L/14"]
+    assert any("T5-XXL is not checked" in r for r in shipped.reasons)
