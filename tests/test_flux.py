@@ -490,3 +490,17 @@ def test_flux_kohya_file_samples_the_pixels_of_the_diffusers_file(tiny_model, tm
     # the family's defaults, recorded: FLUX.1-dev's guidance and the scheduler that really ran
     assert sidecars["kohya"]["cell"]["guidance_scale"] == 3.5
     assert sidecars["kohya"]["settings"]["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+
+
+def test_eval_samples_a_flux_model_at_its_own_guidance(tiny_model):
+    """`sdtune eval` without --guidance: the scorer's (the paper's 7.5, the micro world's 4) for SD models, the
+    family's own for FLUX (3.5: at 7.5 a guidance-distilled model draws burnt images)."""
+    from types import SimpleNamespace
+
+    from sdtune.cli.eval import _guidance
+
+    paper, world = SimpleNamespace(guidance=7.5), SimpleNamespace(guidance=4.0)
+    assert _guidance(paper, str(tiny_model("flux")), None) == 3.5
+    assert _guidance(world, str(tiny_model("flux")), None) == 3.5
+    assert _guidance(paper, str(tiny_model("sd15")), None) == 7.5
+    assert _guidance(world, str(tiny_model("sd15")), None) == 4.0

@@ -94,7 +94,7 @@ def add_commands(sub: Any) -> None:
                    help="--metrics world: how many subject-in-a-new-context prompts (default %(default)s)")
     p.add_argument("--model", help="base model (default: the run's)")
     p.add_argument("--steps", type=positive_int, help="sampler steps per image (default 25; world: 20)")
-    p.add_argument("--guidance", type=finite_float, help="default 7.5; world: 4")
+    p.add_argument("--guidance", type=finite_float, help="default 7.5; world: 4; FLUX / SD3: their own (3.5 / 7.0)")
     p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="dpmpp_2m")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--width", type=pixels, help="default: the run's resolution, else the model's")
@@ -214,11 +214,21 @@ def spec_from_args(args: argparse.Namespace, scorer: Scorer) -> EvalSpec:
         run=str(target), model=model, loras=loras, steps={label: step_of(label, f) for label, f in loras},  # type: ignore[misc]
         subject_dir=Path(subject_dir), identifier=identifier, class_noun=class_noun, prompt_set=prompt_set,
         prompts=prompts, images_per_prompt=args.images_per_prompt, lora_scales=scales,
-        guidance=args.guidance if args.guidance is not None else scorer.guidance,
+        guidance=args.guidance if args.guidance is not None else _guidance(scorer, model, revision),
         settings=_settings(args, scorer, model, revision, data.get("resolution")), class_prompt=class_prompt,
         revision=revision, variant=model_cfg.get("variant"), dtype=args.dtype, device=args.device,
         model_options=run_model_options(args.model, run_cfg),
     )
+
+
+def _guidance(scorer: Scorer, model: str, revision: str | None) -> float:
+    """The scorer's guidance (the paper's 7.5, the micro world's 4), unless the model's family samples at its own
+    (FLUX.1-dev 3.5, SD3 7.0): 7.5 is an SD setting, and a guidance-distilled FLUX at 7.5 draws burnt images."""
+    from sdtune.families.base import SamplingDefaults
+    from sdtune.models import inspect_model
+
+    own = inspect_model(model, revision, for_training=False).family.sampling.guidance_scale
+    return scorer.guidance if own == SamplingDefaults().guidance_scale else own
 
 
 REPORT_FILES = ("report.json", "report.md", "metrics.png")  # what sdtune.eval.report writes into the folder
