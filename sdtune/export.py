@@ -367,10 +367,15 @@ def _original_layout_tensors(family: Family, component: str, adapter: Adapter) -
             raise SdtuneError(f"{component}: DoRA on {', '.join(trained.values())}, which the kohya layout fuses "
                               f"into {name}: no loader reads a fused DoRA; use --format diffusers")
         down, up, alpha = _fused_lora(entry, trained, adapter)
+        magnitude = magnitudes[0]
+        if entry.swapped_halves_at and up.shape[0] == entry.swapped_halves_at * down.shape[1]:
+            # (out, r): the original's first half of the outputs is diffusers' second (KohyaModule)
+            up = torch.cat(up.chunk(2)[::-1]).contiguous()
+            magnitude = None if magnitude is None else torch.cat(magnitude.chunk(2)[::-1])
         tensors |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
                     f"{name}.alpha": torch.tensor(alpha, dtype=torch.float32)}
-        if magnitudes[0] is not None:  # one norm per output channel, (out, 1) as _kohya_tensors writes it
-            tensors[f"{name}.dora_scale"] = magnitudes[0].reshape(up.shape[0], 1).contiguous()
+        if magnitude is not None:  # one norm per output channel, (out, 1) as _kohya_tensors writes it
+            tensors[f"{name}.dora_scale"] = magnitude.reshape(up.shape[0], 1).contiguous()
     known = {f"{m}.{part}" for m in adapter.modules()
              for part in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")}
     left = sorted(set(adapter.tensors) - known)
@@ -474,7 +479,7 @@ def kohya_metadata(
         "ss_network_module": version.network_module,
         "ss_network_dim": str(int(rank)),
         "ss_network_alpha": str(float(alpha)),
-        "ss_base_model_version": version.base_model_version,
+        "ss_base_model_version": dict(version.variant_versions).get(architecture or "", version.base_model_version),
         "ss_v2": str(version.v2),
         "ss_v_parameterization": str(v_pred),
         "ss_resolution": f"({res}, {res})",

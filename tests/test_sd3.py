@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import DEMO_DATA, ROOT, overrides
@@ -143,8 +144,10 @@ def test_sd3_refuses_what_it_cannot_do_yet(tiny_model, tmp_path):
     assert not SD3.recognises_lora(["unet.down_blocks.0.attentions.0.to_q.lora_A.weight"], {"ss_base_model_version": "sd_v1"})
     assert [f.name for f in families.registered() if f.recognises_lora([joint], {})][0] == "sd3"
     assert families.get("flux").recognises_lora([joint, "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"], {})
+    # kohya's own SD3 files carry the model type as ss_base_model_version
+    assert SD3.recognises_lora(["foo"], {"ss_base_model_version": "5-large"})
     version = SD3.kohya_version("flow_matching")
-    assert (version.base_model_version, version.architecture) == ("sd3", "stable-diffusion-v3-medium/lora")
+    assert (version.base_model_version, version.architecture) == ("medium", "stable-diffusion-3-medium")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -198,16 +201,28 @@ def test_sd3_trains_through_the_cli(sd3_run):
     untrained = {k for k, v in lora.items() if "lora_B" in k and v.abs().sum() == 0}
     assert untrained == {"transformer.transformer_blocks.1.attn.add_q_proj.lora_B.weight"}
     assert all(torch.isfinite(v).all() for v in lora.values())
-    # the kohya file is not written (its SD3 layout is not implemented), and the run says so
-    assert not list(out.glob("*_kohya.safetensors"))
-    assert "export.kohya is not available for SD3.x" in log
+    # the kohya file beside it, in the original MMDiT's names: both blocks' qkv, both CLIPs
+    kohya = load_file(out / f"{out.name}_kohya.safetensors")
+    assert {"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight",
+            "lora_unet_joint_blocks_1_context_block_attn_qkv.lora_up.weight",
+            "lora_unet_joint_blocks_0_context_block_attn_proj.lora_up.weight"} <= kohya.keys()
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_") for k in kohya)
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in kohya)
+    assert "export.kohya is not available" not in log
     # sample grids during and after training, rendered (a failed cell would be a flat grey square)
     for step in (2, 4):
         grid = np.asarray(Image.open(out / "samples" / f"step-{step:06d}.png").convert("RGB")).astype(float)
         assert grid.std() > 10
     assert "StableDiffusion3Pipeline" in (out / "README.md").read_text()
     exported = _cli("export", str(out), "--format", "kohya", "-o", str(out.parent / "k.safetensors"))
-    assert exported.returncode != 0 and "export.kohya is not available for SD3.x" in exported.stdout + exported.stderr
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    again = load_file(out.parent / "k.safetensors")
+    assert again.keys() == kohya.keys() and all(torch.equal(again[k], kohya[k]) for k in kohya)
+    with safe_open(out.parent / "k.safetensors", "pt") as f:
+        meta = f.metadata()
+    # the tiny model has no QK-norm: SD3 Medium's type, as kohya's analyze_state_dict_state tells it
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == ("medium",
+                                                                               "stable-diffusion-3-medium/lora")
 
 
 @pytest.mark.slow
@@ -266,3 +281,196 @@ def test_a_lora_both_families_claim_goes_to_the_models_own(tmp_path):
                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}, file)
     assert SD3_FAMILY.recognises_lora(list(load_file(file)), {}) and FLUX.recognises_lora(list(load_file(file)), {})
     assert lora_family(file, prefer=FLUX) is FLUX and lora_family(file, prefer=SD3_FAMILY) is SD3_FAMILY
+
+
+# --------------------------------------------------------------------------------------------------------
+# kohya files in the original MMDiT layout (what ComfyUI loads), checked against ComfyUI's own mapping
+
+# ComfyUI's comfy/utils.py (MMDIT_MAP_BASIC, MMDIT_MAP_BLOCK, mmdit_to_diffusers): the original MMDiT weight
+# each diffusers SD3Transformer2DModel weight is, re-implemented here. {original suffix: diffusers suffix}
+_COMFY_MAP_BLOCK = {
+    "context_block.adaLN_modulation.1": "norm1_context.linear", "context_block.attn.proj": "attn.to_add_out",
+    "context_block.mlp.fc1": "ff_context.net.0.proj", "context_block.mlp.fc2": "ff_context.net.2",
+    "x_block.adaLN_modulation.1": "norm1.linear", "x_block.attn.proj": "attn.to_out.0",
+    "x_block.attn2.proj": "attn2.to_out.0", "x_block.mlp.fc1": "ff.net.0.proj", "x_block.mlp.fc2": "ff.net.2",
+}
+_COMFY_MAP_BLOCK_NORMS = {"context_block.attn.ln_q.weight": "attn.norm_added_q.weight",
+                          "context_block.attn.ln_k.weight": "attn.norm_added_k.weight",
+                          "x_block.attn.ln_q.weight": "attn.norm_q.weight", "x_block.attn.ln_k.weight": "attn.norm_k.weight",
+                          "x_block.attn2.ln_q.weight": "attn2.norm_q.weight",
+                          "x_block.attn2.ln_k.weight": "attn2.norm_k.weight"}
+_COMFY_MAP_BASIC = {  # (original, diffusers, swap_scale_shift)
+    ("context_embedder", "context_embedder", False), ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1", False),
+    ("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2", False),
+    ("x_embedder.proj", "pos_embed.proj", False), ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1", False),
+    ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2", False),
+    ("final_layer.adaLN_modulation.1", "norm_out.linear", True), ("final_layer.linear", "proj_out", False),
+}
+
+
+def _comfy_mmdit_to_diffusers(depth: int) -> dict[str, tuple[str, tuple[int, int, int] | None, bool]]:
+    """ComfyUI comfy/utils.py ``mmdit_to_diffusers``: {diffusers key: (original key, (dim, start, length) of
+    the slice it is, or None; whether swap_scale_shift maps it)}. q, k, v are slices of qkv at offsets of
+    depth x 64 (the width of every SD3: 64 per head, as many heads as blocks); the last block's text adaLN and
+    the final layer's are (shift, scale) in the original and (scale, shift) in diffusers."""
+    key_map: dict[str, tuple[str, tuple[int, int, int] | None, bool]] = {}
+    offset = depth * 64
+    for i in range(depth):
+        block_from, block_to = f"transformer_blocks.{i}", f"joint_blocks.{i}"
+        for end in ("weight", "bias"):
+            for attn, stream, names in (("attn", "x_block.attn", ("to_q", "to_k", "to_v")),
+                                        ("attn", "context_block.attn", ("add_q_proj", "add_k_proj", "add_v_proj")),
+                                        ("attn2", "x_block.attn2", ("to_q", "to_k", "to_v"))):
+                for n, name in enumerate(names):
+                    key_map[f"{block_from}.{attn}.{name}.{end}"] = (f"{block_to}.{stream}.qkv.{end}",
+                                                                     (0, offset * n, offset), False)
+            for original, diffusers in _COMFY_MAP_BLOCK.items():
+                key_map[f"{block_from}.{diffusers}.{end}"] = (f"{block_to}.{original}.{end}", None, False)
+        for original, diffusers in _COMFY_MAP_BLOCK_NORMS.items():
+            key_map[f"{block_from}.{diffusers}"] = (f"{block_to}.{original}", None, False)
+    for end in ("weight", "bias"):
+        for original, diffusers, swap in _COMFY_MAP_BASIC:
+            key_map[f"{diffusers}.{end}"] = (f"{original}.{end}", None, swap)
+        key_map[f"transformer_blocks.{depth - 1}.norm1_context.linear.{end}"] = (
+            f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1.{end}", None, True)
+    key_map["pos_embed.pos_embed"] = ("pos_embed", None, False)
+    return key_map
+
+
+def _swap_scale_shift(weight: torch.Tensor) -> torch.Tensor:
+    shift, scale = weight.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+def _to_original(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """A diffusers SD3 state dict in the original layout, each weight placed where ComfyUI's map says."""
+    key_map, original = _comfy_mmdit_to_diffusers(depth), {}
+    for key, value in state.items():
+        name, offset, swap = key_map[key]
+        if offset is None:
+            original[name] = _swap_scale_shift(value) if swap else value.clone()
+            continue
+        fused = original.setdefault(name, torch.zeros(3 * value.shape[0], *value.shape[1:]))
+        fused.narrow(*offset).copy_(value)
+    return original
+
+
+def _comfy_apply(original: dict[str, torch.Tensor], lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI comfy/lora.py: ``model_lora_keys_unet`` maps "lora_unet_" + an original weight's name (dots as
+    underscores) onto that whole weight, ``load_lora`` reads NAME.lora_up / lora_down / alpha, and
+    ``calculate_weight`` adds (alpha / lora_down.shape[0]) x (up @ down).reshape(weight.shape) to it."""
+    key_map = {"lora_unet_" + k[:-len(".weight")].replace(".", "_"): k
+               for k in original if k.endswith(".weight")}
+    patched, loaded = dict(original), set()
+    for x, key in key_map.items():
+        if f"{x}.lora_up.weight" not in lora:
+            continue
+        up, down, alpha = lora[f"{x}.lora_up.weight"], lora[f"{x}.lora_down.weight"], lora[f"{x}.alpha"].item()
+        patched[key] = original[key] + (alpha / down.shape[0]) * torch.mm(up, down).reshape(original[key].shape)
+        loaded |= {f"{x}.lora_up.weight", f"{x}.lora_down.weight", f"{x}.alpha"}
+    assert loaded == set(lora), f"lora key not loaded: {sorted(set(lora) - loaded)[:3]}"  # ComfyUI's warning
+    return patched
+
+
+# every Linear of the joint blocks: both streams' attention, SD3.5 Medium's attn2, the MLPs and the adaLNs
+_ALL_BLOCK_LINEARS = r"transformer_blocks\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0)|attn\.(add_q_proj|add_k_proj|" \
+                     r"add_v_proj|to_add_out)|ff(_context)?\.net\.(0\.proj|2)|norm1(_context)?\.linear)"
+
+
+def _mmdit_x_with_lora():
+    """A tiny SD3.5-Medium-like transformer (MMDiT-X: attn2 in block 0, QK-norm) of SD3's 64-wide heads, one
+    per block as in every SD3 (ComfyUI sizes qkv by depth x 64), with a LoRA on every block Linear: random ups,
+    alpha 2 x rank, and block 0's image to_k at its own alpha and rank (so the fused qkv mixes scales)."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=4, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=64,
+        num_attention_heads=2, caption_projection_dim=128, joint_attention_dim=32, pooled_projection_dim=32,
+        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")
+    base = {k: v.clone() for k, v in transformer.state_dict().items()}
+    special = "transformer_blocks.0.attn.to_k"
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=_ALL_BLOCK_LINEARS,
+                                       rank_pattern={special: 2}, alpha_pattern={special: 6}))
+    g = torch.Generator().manual_seed(1)
+    for name, p in transformer.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+    return transformer, base
+
+
+def test_sd3_kohya_keys_shapes_alphas_and_metadata():
+    from sdtune.export import Adapter, to_kohya
+
+    transformer, _ = _mmdit_x_with_lora()
+    adapter = Adapter.from_module(transformer)
+    tensors, meta = to_kohya(SD3, {"transformer": adapter}, prediction_type="flow_matching",
+                             architecture="stable-diffusion-3-5-medium")
+    block = ["x_block_attn_qkv", "x_block_attn_proj", "context_block_attn_qkv", "x_block_mlp_fc1",
+             "x_block_mlp_fc2", "x_block_adaLN_modulation_1", "context_block_adaLN_modulation_1"]
+    # block 0 has attn2 and a whole text stream; the last block's text stream ends (no proj, no MLP)
+    first = [*block, "x_block_attn2_qkv", "x_block_attn2_proj", "context_block_attn_proj", "context_block_mlp_fc1",
+             "context_block_mlp_fc2"]
+    names = {k.split(".")[0] for k in tensors}
+    assert names == {f"lora_unet_joint_blocks_0_{n}" for n in first} | {f"lora_unet_joint_blocks_1_{n}" for n in block}
+    assert all(f"{n}.{p}" in tensors for n in names for p in ("lora_down.weight", "lora_up.weight", "alpha"))
+    d, r, t = 128, 4, adapter.tensors
+    qkv = "lora_unet_joint_blocks_1_x_block_attn_qkv"
+    assert tensors[f"{qkv}.lora_down.weight"].shape == (3 * r, d) and tensors[f"{qkv}.lora_up.weight"].shape == (3 * d, 3 * r)
+    assert float(tensors[f"{qkv}.alpha"]) == 2.0 * 3 * r  # alpha / fused rank stays PEFT's 8 / 4
+    # block 0's qkv: q at rank 4 (scale 2), k at rank 2 (scale 3, folded into its up as 3 / 2), v at rank 4
+    mixed = "lora_unet_joint_blocks_0_x_block_attn_qkv"
+    assert tensors[f"{mixed}.lora_down.weight"].shape == (10, d) and float(tensors[f"{mixed}.alpha"]) == 2.0 * 10
+    up = tensors[f"{mixed}.lora_up.weight"]
+    assert torch.allclose(up[d:2 * d, 4:6], t["transformer_blocks.0.attn.to_k.lora_B.weight"] * 1.5)
+    assert not up[:d, 4:].any() and not up[2 * d:, :6].any()  # block-diagonal
+    # the last block's text adaLN: 2 x d outputs, its halves swapped into the original's (shift, scale)
+    last = t["transformer_blocks.1.norm1_context.linear.lora_B.weight"]
+    assert last.shape == (2 * d, r)
+    assert torch.equal(tensors["lora_unet_joint_blocks_1_context_block_adaLN_modulation_1.lora_up.weight"],
+                       torch.cat([last[d:], last[:d]]))
+    assert torch.equal(tensors["lora_unet_joint_blocks_0_context_block_adaLN_modulation_1.lora_up.weight"],
+                       t["transformer_blocks.0.norm1_context.linear.lora_B.weight"])  # 6 x d: as trained
+    # metadata as kohya's sd3_train_network.py writes it (model type; "stable-diffusion-3-" + it; "diffusers")
+    assert meta["ss_base_model_version"] == "5-medium" and meta["ss_network_module"] == "networks.lora_sd3"
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
+    assert meta["modelspec.implementation"] == "diffusers"
+    _, default = to_kohya(SD3, {"transformer": adapter}, prediction_type="flow_matching")
+    assert (default["ss_base_model_version"], default["modelspec.architecture"]) == \
+        ("medium", "stable-diffusion-3-medium/lora")
+    # a module the original layout names elsewhere (the embedders, the final layer) is one clear error
+    odd = Adapter({"proj_out.lora_A.weight": torch.zeros(4, 8), "proj_out.lora_B.weight": torch.zeros(8, 4)},
+                  {"r": 4, "lora_alpha": 4})
+    with pytest.raises(SdtuneError, match="proj_out has no name in the SD3.x kohya layout"):
+        to_kohya(SD3, {"transformer": odd})
+
+
+def test_sd3_kohya_file_applied_as_comfyui_does_gives_the_diffusers_loras_weights():
+    """The kohya file applied the way ComfyUI applies it (``_comfy_apply``) to the original-layout weights
+    gives, for every weight, what PEFT's merge gives the diffusers weights, in the original layout."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from peft.tuners.lora import LoraLayer
+
+    from sdtune.export import Adapter, to_kohya
+
+    transformer, base = _mmdit_x_with_lora()
+    depth = 2
+    original = _to_original(base, depth)
+    # the re-implemented ComfyUI map is the layout diffusers' own single-file converter reads back
+    back = convert_sd3_transformer_checkpoint_to_diffusers({k: v.clone() for k, v in original.items()})
+    assert back.keys() == base.keys() and all(torch.equal(back[k], base[k]) for k in base)
+
+    tensors, _ = to_kohya(SD3, {"transformer": Adapter.from_module(transformer)}, prediction_type="flow_matching")
+    for module in transformer.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()  # PEFT's own W + scale x B @ A, per diffusers module
+    merged = {k.replace(".base_layer", ""): v for k, v in transformer.state_dict().items() if "lora_" not in k}
+    want, got = _to_original(merged, depth), _comfy_apply(original, tensors)
+    assert want.keys() == got.keys()
+    changed = [k for k in want if not torch.equal(want[k], original[k])]
+    # every LoRA'd weight, fused or renamed: 12 in block 0, 7 in the last
+    assert len(changed) == 19 and len(tensors) == 19 * 3
+    for k in want:
+        scale = (want[k] - original[k]).abs().max() + 1e-12
+        assert torch.allclose(got[k], want[k], atol=1e-5 * max(1.0, float(scale))), k

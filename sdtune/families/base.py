@@ -47,6 +47,9 @@ class KohyaVersion:
     default_resolution: int
     v2: bool = False  # kohya's ss_v2 flag
     network_module: str = "networks.lora"  # ss_network_module of a LoRA: the sd-scripts module that trains it
+    # {ModelSpec architecture (``ModelInfo.architecture``): ss_base_model_version} where kohya names a family's
+    # variants apart (SD3: "medium", "5-medium", "5-large"); others get base_model_version
+    variant_versions: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,10 @@ class KohyaModule:
     # each member's output width as a multiple of the first's, to size the zero blocks of members that were
     # not trained (FLUX's single-block MLP input is 4x the attention width); (): all equal
     widths: tuple[int, ...] = ()
+    # the output width, as a multiple of the input's, at which diffusers' module orders its output's two halves
+    # the other way round from the original's (SD3's last block: a (scale, shift) norm1_context.linear where
+    # the original's adaLN_modulation gives (shift, scale)); the LoRA's up rows are swapped there. 0: never
+    swapped_halves_at: int = 0
 
 
 @dataclass(frozen=True)

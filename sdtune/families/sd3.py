@@ -14,8 +14,12 @@ loss on the predicted clean latents ``noisy_latents - sigma * model_pred`` again
 loss weighted by sigma ** 2 per example) is not offered: sdtune trains the plain flow-matching loss, as the
 FLUX script does.
 
-Not yet: kohya / SAI LoRA files (fused qkv keys; training writes the diffusers file only and says so),
-single-file checkpoints, pivotal tuning, LoHa / LoKr, the validation loss, noise offset and min-SNR (DDPM
+kohya LoRA files (what ComfyUI loads) use the original MMDiT's module names, as kohya sd-scripts'
+``networks/lora_sd3.py`` writes them, with q, k, v fused into each stream's qkv (``KOHYA_MODULES``;
+``sdtune.export`` fuses the LoRAs). diffusers' SD3 loader cannot read them back (it has no kohya converter):
+``sdtune sample`` uses the run's diffusers file.
+
+Not yet: single-file checkpoints, pivotal tuning, LoHa / LoKr, the validation loss, noise offset and min-SNR (DDPM
 notions), clip skip (``sdtune.plan`` refuses it for every multi-encoder family), a model without T5, a memory
 estimate calibrated for SD3 (SD's constants are used); ``config_problems`` refuses each such key in one line.
 
@@ -40,7 +44,7 @@ from sdtune.families.base import (
     TextEncoderSpec,
 )
 from sdtune.families.flow import FlowOptions, flow_config_problems, flow_objective
-from sdtune.families.sd import CLIP_TARGETS, IMPL_SGM, clip_text_config
+from sdtune.families.sd import CLIP_TARGETS, clip_text_config
 from sdtune.families.t5 import t5_config, tiny_t5_tokenizer
 from sdtune.objectives import FlowMatchingObjective
 from sdtune.tokens import EOS_TOKEN, clip_tokenizer
@@ -54,7 +58,50 @@ FLUX_KEY_MARKS = ("transformer.single_transformer_blocks.", "lora_unet_double_bl
 # attention (attn2, MMDiT-X) out, as that script does; the last block has no to_add_out (its text stream ends)
 DEFAULT_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                    "attn.add_v_proj", "attn.to_add_out")
-KOHYA_UNAVAILABLE = "export.kohya is not available for SD3.x yet; use the diffusers format"
+# kohya-ss sd-scripts networks/lora_sd3.py: lora_unet_ for the MMDiT ("make ComfyUI compatible"), lora_te1_ /
+# lora_te2_ for CLIP-L / CLIP-G (T5 would be lora_te3_; sdtune never trains it)
+KOHYA_PREFIXES = {"transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def _kohya(name: str, *members: str, swapped_halves_at: int = 0) -> KohyaModule:
+    return KohyaModule(name, members, swapped_halves_at=swapped_halves_at)
+
+
+def _qkv(attn: str, q: str, k: str, v: str) -> tuple[str, str, str]:
+    return (f"{_BLOCK}.{attn}.{q}", f"{_BLOCK}.{attn}.{k}", f"{_BLOCK}.{attn}.{v}")
+
+
+# The original MMDiT's names (Stability's sd3 code, kohya's library/sd3_models.py, ComfyUI's mmdit.py) for
+# diffusers' SD3Transformer2DModel modules, as ComfyUI maps diffusers keys to them (comfy/utils.py
+# MMDIT_MAP_BLOCK, mmdit_to_diffusers): each joint block is an x_block (image stream) and a context_block (text
+# stream), each with attn.qkv (q, k, v fused: out = 3 x dim), attn.proj, mlp.fc1, mlp.fc2 and
+# adaLN_modulation.1; SD3.5 Medium's first blocks add x_block.attn2 (MMDiT-X). A kohya key is "lora_unet_" +
+# the original weight's name with dots as underscores, which ComfyUI's model_lora_keys_unet maps onto that
+# whole weight. The last block's context_block is pre-only (no proj, no MLP) and its adaLN gives (shift,
+# scale) where diffusers' norm1_context (AdaLayerNormContinuous) gives (scale, shift): its out is 2 x dim, the
+# other blocks' 6 x dim, so swapped_halves_at=2 swaps only the last block's (ComfyUI: swap_scale_shift there).
+# The embedders and the final layer are left out: export refuses them.
+_BLOCK = "transformer_blocks.{i}"
+KOHYA_MODULES = (
+    _kohya("joint_blocks_{i}_x_block_attn_qkv", *_qkv("attn", "to_q", "to_k", "to_v")),
+    _kohya("joint_blocks_{i}_x_block_attn_proj", f"{_BLOCK}.attn.to_out.0"),
+    _kohya("joint_blocks_{i}_context_block_attn_qkv", *_qkv("attn", "add_q_proj", "add_k_proj", "add_v_proj")),
+    _kohya("joint_blocks_{i}_context_block_attn_proj", f"{_BLOCK}.attn.to_add_out"),
+    _kohya("joint_blocks_{i}_x_block_attn2_qkv", *_qkv("attn2", "to_q", "to_k", "to_v")),
+    _kohya("joint_blocks_{i}_x_block_attn2_proj", f"{_BLOCK}.attn2.to_out.0"),
+    _kohya("joint_blocks_{i}_x_block_mlp_fc1", f"{_BLOCK}.ff.net.0.proj"),
+    _kohya("joint_blocks_{i}_x_block_mlp_fc2", f"{_BLOCK}.ff.net.2"),
+    _kohya("joint_blocks_{i}_context_block_mlp_fc1", f"{_BLOCK}.ff_context.net.0.proj"),
+    _kohya("joint_blocks_{i}_context_block_mlp_fc2", f"{_BLOCK}.ff_context.net.2"),
+    _kohya("joint_blocks_{i}_x_block_adaLN_modulation_1", f"{_BLOCK}.norm1.linear"),
+    _kohya("joint_blocks_{i}_context_block_adaLN_modulation_1", f"{_BLOCK}.norm1_context.linear",
+           swapped_halves_at=2),
+)
+# kohya-ss sd-scripts library/sd3_utils.py analyze_state_dict_state: the model type it derives from the weights
+# (QK-norm: SD3.5; with attn2 layers: 3.5 Medium), which train_network.py writes as ss_base_model_version and
+# sai_model_spec.py as ModelSpec's architecture "stable-diffusion-3-" + it (+ "/lora")
+KOHYA_VARIANTS = {"medium": "stable-diffusion-3-medium", "5-medium": "stable-diffusion-3-5-medium",
+                  "5-large": "stable-diffusion-3-5-large"}
 
 
 class SD3Options(FlowOptions):
@@ -82,8 +129,8 @@ class SD3:
     lora_pipeline: str = "StableDiffusion3Pipeline"
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
     hub_tags: tuple[str, ...] = ("sd3", "sd3-diffusers", "text-to-image")
-    kohya_prefixes: dict[str, str] = field(default_factory=dict)  # none yet: see KOHYA_UNAVAILABLE
-    kohya_modules: tuple[KohyaModule, ...] = ()
+    kohya_prefixes: dict[str, str] = field(default_factory=lambda: dict(KOHYA_PREFIXES))
+    kohya_modules: tuple[KohyaModule, ...] = KOHYA_MODULES
     # the pipeline's default guidance (SD3 samples with classifier-free guidance), with the model's own
     # flow-matching scheduler: the DDPM-style ones of --scheduler do not take its sigmas
     sampling: SamplingDefaults = SamplingDefaults(guidance_scale=7.0, scheduler="FlowMatchEulerDiscreteScheduler")
@@ -116,6 +163,7 @@ class SD3:
             resolution=int(transformer.get("sample_size", self.default_resolution // vae_scale)) * vae_scale,
             # the VAE's downscale x the transformer's patch size: 16 for SD3
             bucket_multiple=vae_scale * patch, pipeline_class=index.get("_class_name", "?"),
+            architecture=KOHYA_VARIANTS[_model_type(transformer)],
         )
 
     def _check_trainable(self, pretrained: str, index: dict, transformer: dict, vae: dict) -> None:
@@ -280,11 +328,15 @@ class SD3:
     # LoRA files
 
     def kohya_version(self, prediction_type: str) -> KohyaVersion:
-        # ss_base_model_version "sd3"; ModelSpec architecture as SD3 Medium LoRAs carry it
-        return KohyaVersion("sd3", "stable-diffusion-v3-medium/lora", IMPL_SGM, self.default_resolution)
+        # as kohya's sd3_train_network.py writes an SD3 LoRA: ss_base_model_version the model type, ModelSpec
+        # architecture "stable-diffusion-3-<type>" (describe: ModelInfo.architecture; SD3 Medium where the
+        # model is not known) and implementation "diffusers" (sai_model_spec.determine_implementation)
+        return KohyaVersion("medium", KOHYA_VARIANTS["medium"], "diffusers", self.default_resolution,
+                            network_module="networks.lora_sd3",
+                            variant_versions=tuple((arch, kind) for kind, arch in KOHYA_VARIANTS.items()))
 
     def kohya_warnings(self, modules: dict[str, list[str]]) -> list[str]:
-        return [KOHYA_UNAVAILABLE]
+        return []
 
     def recognises_lora(self, keys: list[str], metadata: dict[str, str]) -> bool:
         version = metadata.get("ss_base_model_version", "")
@@ -293,7 +345,16 @@ class SD3:
         # (or metadata) tell them apart. SDXL files have unet. keys, which the rule below never matches
         if version.startswith("flux") or any(k.startswith(FLUX_KEY_MARKS) for k in keys):
             return False
-        return version.startswith("sd3") or any(k.startswith(LORA_KEY_MARKS) for k in keys)
+        # kohya's own SD3 files say the model type ("5-large": KOHYA_VARIANTS), sdtune's before them "sd3"
+        return version.startswith("sd3") or version in KOHYA_VARIANTS or \
+            any(k.startswith(LORA_KEY_MARKS) for k in keys)
+
+
+def _model_type(transformer: dict) -> str:
+    """kohya's name of the SD3 variant whose transformer config this is (``KOHYA_VARIANTS``)."""
+    if not transformer.get("qk_norm"):
+        return "medium"
+    return "5-medium" if transformer.get("dual_attention_layers") else "5-large"
 
 
 SD3_FAMILY = SD3()
