@@ -10,9 +10,9 @@ the formats that name a run file; ``sdtune push`` uploads those files). A new fo
 entry there. The kohya key rules were read from the loaders' own code; each rule below says where it comes
 from, and ``tests/test_export.py`` re-implements the loaders' rules to check every key. Key prefixes and
 version metadata come from the model's family (``Family.kohya_prefixes``, ``Family.kohya_version``), and so do
-the names of a denoiser whose kohya files use its original layout (``Family.kohya_modules``: FLUX.1's BFL names,
-with the LoRAs of q, k and v fused into one on qkv; ``tests/test_flux.py`` reads them back through diffusers'
-converter).
+the names of a denoiser whose kohya files use its original layout (``Family.kohya_modules``: FLUX.1's BFL names
+and SD3's MMDiT names, with the LoRAs of q, k and v fused into one on qkv; ``tests/test_flux.py`` reads them back
+through diffusers' converter, ``tests/test_sd3.py`` through ComfyUI's key mapping).
 
 Every file keeps to the canonical key layout (``sdtune.layout``: text-encoder keys under ``text_model.``),
 which every diffusers / transformers version reads, and names the base model publicly (``public_name``: a hub
@@ -231,7 +231,7 @@ def to_kohya(
     model weights. The metadata ends with kohya's ``sshs_*`` hashes of these tensors (``kohya_hashes``).
 
     Per module ``NAME.lora_down.weight`` = PEFT lora_A, ``NAME.lora_up.weight`` = lora_B, ``NAME.alpha`` and,
-    with DoRA, ``NAME.dora_scale``; a family with an original layout (``Family.kohya_modules``: FLUX.1) gets
+    with DoRA, ``NAME.dora_scale``; a family with an original layout (``Family.kohya_modules``: FLUX.1, SD3) gets
     its denoiser's modules under those names, fused where the original model fuses them
     (``_original_layout_tensors``). A LoHa or LoKr is written in LyCORIS' layout instead (``NAME.hada_w1_a``
     ... or ``NAME.lokr_w1`` ..., ``NAME.alpha``; ``_lycoris_tensors``).
@@ -351,8 +351,8 @@ def _fused_lora(entry: KohyaModule, trained: dict[int, str],
 
 
 def _original_layout_tensors(family: Family, component: str, adapter: Adapter) -> dict[str, torch.Tensor]:
-    """The denoiser's kohya tensors in its original layout (``Family.kohya_modules``: FLUX.1's BFL names,
-    q, k, v fused into qkv): per kohya module ``NAME.lora_down.weight``, ``NAME.lora_up.weight``, ``NAME.alpha``
+    """The denoiser's kohya tensors in its original layout (``Family.kohya_modules``: FLUX.1's BFL names, SD3's
+    MMDiT names, q, k, v fused into qkv): per kohya module ``NAME.lora_down.weight``, ``NAME.lora_up.weight``, ``NAME.alpha``
     (``_fused_lora``), and a renamed (single-member) module's DoRA ``dora_scale`` as ``_kohya_tensors`` writes
     it; DoRA on a fused Linear is refused (no loader reads one)."""
     import torch
