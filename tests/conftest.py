@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,39 @@ def overrides(model: Path, out: Path, *extra: str) -> list[str]:
         "sample.seeds=[0]",
         *extra,
     ]
+
+
+def interrupted_and_resumed(model: Path, tmp_path: Path, steps: int, every: int, *common: str) -> tuple[Path, Path]:
+    """(straight, split): a run of ``steps`` steps, and the same run "crashed" after its step-``every``
+    checkpoint (the later checkpoint and the final LoRA gone), then resumed with ``train.resume=latest``."""
+    from sdtune.config import load_config
+    from sdtune.lora import WEIGHT_NAME
+    from sdtune.train import train
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(load_config(None, overrides(model, straight, f"train.max_steps={steps}", *common)))
+    train(load_config(None, overrides(model, split, f"train.max_steps={steps}", f"train.checkpoint_every={every}",
+                                      *common)))
+    shutil.rmtree(split / f"checkpoints/step-{steps:06d}")
+    (split / WEIGHT_NAME).unlink()
+    train(load_config(None, overrides(model, split, f"train.max_steps={steps}", "train.resume=latest", *common)))
+    return straight, split
+
+
+def assert_resumed_bitwise(straight: Path, split: Path, steps: int, component: str) -> None:
+    """The resumed run logged the same loss at every step and ends with bitwise the same adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    def losses(run: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in map(json.loads, (run / "losses.jsonl").read_text().splitlines())}
+
+    assert [losses(split)[k] for k in range(1, steps + 1)] == [losses(straight)[k] for k in range(1, steps + 1)]
+    a = load_file(straight / f"checkpoints/step-{steps:06d}/adapter-{component}.safetensors")
+    b = load_file(split / f"checkpoints/step-{steps:06d}/adapter-{component}.safetensors")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
 @pytest.fixture(scope="session")

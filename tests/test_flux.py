@@ -19,7 +19,7 @@ from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_t
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import DEMO_DATA, ROOT, overrides
+from conftest import DEMO_DATA, ROOT, assert_resumed_bitwise, interrupted_and_resumed, overrides
 from sdtune import families
 from sdtune.config import ConfigError, load_config
 from sdtune.errors import SdtuneError
@@ -33,7 +33,7 @@ from sdtune.objectives import FlowMatchingObjective
 from sdtune.plan import check_run, with_family_defaults
 from sdtune.sample import ADAPTER, Request, _apply_lora, _load_pipeline, run_sample
 from sdtune.sample import with_family_defaults as sample_defaults
-from sdtune.train import train, training_step
+from sdtune.train import training_step
 
 # --------------------------------------------------------------------------------------------------------
 # The objective against train_dreambooth_lora_flux.py
@@ -255,26 +255,10 @@ def test_flux_lora_in_flux_pipeline_gives_sdtune_sample_pixels(flux_run, tmp_pat
 
 @pytest.mark.slow
 def test_flux_resume_is_exact(tiny_model, tmp_path):
-    common = ["train.max_steps=4", "data.random_flip=true", "train.learning_rate=1e-3", "lora.dropout=0.1",
-              "sample.every=0", "flux.weighting_scheme=mode"]
-    model = tiny_model("flux")
-    straight = tmp_path / "straight"
-    train(load_config(None, overrides(model, straight, *common)))
-    split = tmp_path / "split"
-    train(load_config(None, overrides(model, split, "train.checkpoint_every=2", *common)))
-    shutil.rmtree(split / "checkpoints/step-000004")
-    (split / WEIGHT_NAME).unlink()
-    train(load_config(None, overrides(model, split, "train.resume=latest", *common)))
-
-    def losses(run: Path) -> dict[int, float]:
-        return {r["step"]: r["loss"] for r in map(json.loads, (run / "losses.jsonl").read_text().splitlines())}
-
-    assert [losses(split)[k] for k in range(1, 5)] == [losses(straight)[k] for k in range(1, 5)]
-    a = load_file(straight / "checkpoints/step-000004/adapter-transformer.safetensors")
-    b = load_file(split / "checkpoints/step-000004/adapter-transformer.safetensors")
-    assert a.keys() == b.keys() and a
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    common = ["data.random_flip=true", "train.learning_rate=1e-3", "lora.dropout=0.1", "sample.every=0",
+              "flux.weighting_scheme=mode"]
+    straight, split = interrupted_and_resumed(tiny_model("flux"), tmp_path, 4, 2, *common)
+    assert_resumed_bitwise(straight, split, 4, "transformer")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import DEMO_DATA, ROOT, overrides
+from conftest import DEMO_DATA, ROOT, assert_resumed_bitwise, interrupted_and_resumed, overrides
 from sdtune import families
 from sdtune.config import ConfigError, load_config
 from sdtune.errors import SdtuneError
@@ -27,7 +27,7 @@ from sdtune.lora import WEIGHT_NAME
 from sdtune.models import inspect_model, load_components
 from sdtune.plan import check_run
 from sdtune.sample import lora_family
-from sdtune.train import train, training_step
+from sdtune.train import training_step
 
 SD3 = SD3_FAMILY
 
@@ -247,26 +247,10 @@ def test_sd3_lora_in_sd3_pipeline_gives_sdtune_sample_pixels(sd3_run, tmp_path):
 
 @pytest.mark.slow
 def test_sd3_resume_is_exact(tiny_model, tmp_path):
-    common = ["train.max_steps=4", "data.random_flip=true", "train.learning_rate=1e-3", "lora.dropout=0.1",
-              "sample.every=0", "sd3.weighting_scheme=logit_normal"]
-    model = tiny_model("sd3")
-    straight = tmp_path / "straight"
-    train(load_config(None, overrides(model, straight, *common)))
-    split = tmp_path / "split"
-    train(load_config(None, overrides(model, split, "train.checkpoint_every=2", *common)))
-    shutil.rmtree(split / "checkpoints/step-000004")
-    (split / WEIGHT_NAME).unlink()
-    train(load_config(None, overrides(model, split, "train.resume=latest", *common)))
-
-    def losses(run: Path) -> dict[int, float]:
-        return {r["step"]: r["loss"] for r in map(json.loads, (run / "losses.jsonl").read_text().splitlines())}
-
-    assert [losses(split)[k] for k in range(1, 5)] == [losses(straight)[k] for k in range(1, 5)]
-    a = load_file(straight / "checkpoints/step-000004/adapter-transformer.safetensors")
-    b = load_file(split / "checkpoints/step-000004/adapter-transformer.safetensors")
-    assert a.keys() == b.keys() and a
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    common = ["data.random_flip=true", "train.learning_rate=1e-3", "lora.dropout=0.1", "sample.every=0",
+              "sd3.weighting_scheme=logit_normal"]
+    straight, split = interrupted_and_resumed(tiny_model("sd3"), tmp_path, 4, 2, *common)
+    assert_resumed_bitwise(straight, split, 4, "transformer")
 
 
 def test_a_lora_both_families_claim_goes_to_the_models_own(tmp_path):

@@ -1,6 +1,5 @@
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import DEMO_DATA, ROOT, overrides
+from conftest import DEMO_DATA, ROOT, assert_resumed_bitwise, interrupted_and_resumed, overrides
 from sdtune import families
 from sdtune.config import ConfigError, load_config
 from sdtune.errors import SdtuneError
@@ -191,29 +190,12 @@ RESUME_CASES = {
 def test_resume_continues_at_the_exact_step(case, tiny_model, tmp_path, bucketed_toy):
     common = [a.replace("{bucketed_toy}", str(bucketed_toy)) for a in RESUME_CASES[case]]
     common.append(f"prior.class_dir={tmp_path / 'class'}")
-    straight = tmp_path / "straight"
-    train(load_config(None, overrides(tiny_model("sd15"), straight, "train.max_steps=6", *common)))
-
     # the same run, "crashed" after its step-3 checkpoint: later artifacts gone, then resumed
-    split = tmp_path / "split"
-    train(load_config(None, overrides(tiny_model("sd15"), split, "train.max_steps=6", "train.checkpoint_every=3",
-                                      *common)))
-    shutil.rmtree(split / "checkpoints/step-000006")
-    (split / WEIGHT_NAME).unlink()
-    train(load_config(None, overrides(tiny_model("sd15"), split, "train.max_steps=6", "train.resume=latest",
-                                      *common)))
+    straight, split = interrupted_and_resumed(tiny_model("sd15"), tmp_path, 6, 3, *common)
     state = json.loads((split / "checkpoints/step-000006/state.json").read_text())
     assert state["global_step"] == 6
     # per-step losses: the resumed run logged steps 4-6 again; they equal the uninterrupted run's
-    def losses(run):
-        return {r["step"]: r["loss"] for r in map(json.loads, (run / "losses.jsonl").read_text().splitlines())}
-
-    assert [losses(split)[k] for k in range(1, 7)] == [losses(straight)[k] for k in range(1, 7)]
-    a = load_file(straight / "checkpoints/step-000006/adapter-unet.safetensors")
-    b = load_file(split / "checkpoints/step-000006/adapter-unet.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert_resumed_bitwise(straight, split, 6, "unet")
 
 
 def test_config_drift_ignores_options_one_version_does_not_have():
