@@ -153,6 +153,17 @@ class ModelFiles:
         return self._read[filename]
 
 
+def empty_module_names(model_class: str, config: dict) -> list[str]:
+    """Every module name of a diffusers model (``model_class``, e.g. "UNet2DConditionModel") built from its
+    config as a skeleton on the meta device: no memory, no weights read."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = getattr(diffusers, model_class).from_config(config)
+    return [n for n, _ in model.named_modules()]
+
+
 def read_model_file(pretrained: str, filename: str, revision: str | None = None) -> dict:
     """One JSON config file of a local model folder or hub model."""
     local = Path(pretrained).expanduser()

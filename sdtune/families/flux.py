@@ -37,6 +37,7 @@ from sdtune.families.base import (
     OriginalLayout,
     SamplingDefaults,
     TextEncoderSpec,
+    empty_module_names,
 )
 from sdtune.families.flow import FlowOptions, flow_config_problems, flow_objective
 from sdtune.families.sd import CLIP_TARGETS, clip_text_config
@@ -155,12 +156,7 @@ class Flux:
         )
 
     def denoiser_module_names(self, files: ModelFiles) -> list[str]:
-        from accelerate import init_empty_weights
-        from diffusers import FluxTransformer2DModel
-
-        with init_empty_weights():
-            transformer = FluxTransformer2DModel.from_config(files.read("transformer/config.json"))
-        return [n for n, _ in transformer.named_modules()]
+        return empty_module_names("FluxTransformer2DModel", files.read("transformer/config.json"))
 
     def config_problems(self, cfg: Any) -> list[str]:
         """Options that do not work for FLUX yet, each naming its key."""

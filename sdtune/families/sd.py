@@ -24,6 +24,7 @@ from sdtune.families.base import (
     OriginalLayout,
     SamplingDefaults,
     TextEncoderSpec,
+    empty_module_names,
 )
 from sdtune.objectives import DiffusionObjective
 from sdtune.tokens import EOS_TOKEN, clip_tokenizer
@@ -133,12 +134,7 @@ class StableDiffusion:
         )
 
     def denoiser_module_names(self, files: ModelFiles) -> list[str]:
-        from accelerate import init_empty_weights
-        from diffusers import UNet2DConditionModel
-
-        with init_empty_weights():  # a skeleton on the meta device: no memory, no weights read
-            unet = UNet2DConditionModel.from_config(files.read("unet/config.json"))
-        return [n for n, _ in unet.named_modules()]
+        return empty_module_names("UNet2DConditionModel", files.read("unet/config.json"))
 
     def config_problems(self, cfg: Any) -> list[str]:
         return []  # every option works for SD

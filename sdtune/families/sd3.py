@@ -42,6 +42,7 @@ from sdtune.families.base import (
     OriginalLayout,
     SamplingDefaults,
     TextEncoderSpec,
+    empty_module_names,
 )
 from sdtune.families.flow import FlowOptions, flow_config_problems, flow_objective
 from sdtune.families.sd import CLIP_TARGETS, clip_text_config
@@ -179,12 +180,7 @@ class SD3:
                 "sdtune trains text-to-image models: use the base text-to-image checkpoint")
 
     def denoiser_module_names(self, files: ModelFiles) -> list[str]:
-        from accelerate import init_empty_weights
-        from diffusers import SD3Transformer2DModel
-
-        with init_empty_weights():
-            transformer = SD3Transformer2DModel.from_config(files.read("transformer/config.json"))
-        return [n for n, _ in transformer.named_modules()]
+        return empty_module_names("SD3Transformer2DModel", files.read("transformer/config.json"))
 
     def config_problems(self, cfg: Any) -> list[str]:
         """Options that do not work for SD3 yet, each naming its key (model.clip_skip: ``sdtune.plan``)."""
