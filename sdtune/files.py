@@ -123,12 +123,10 @@ def _locate(path: str | Path) -> tuple[str, str, str]:
     (pathlib objects and a separate islink + stat were most of a 100,000-photo rerun's start-up)."""
     p = os.fspath(path)
     st = os.lstat(p)
-    if stat.S_ISLNK(st.st_mode):  # a link is resolved whole, as realpath does
-        folder, name = os.path.split(os.path.realpath(p))
+    link = stat.S_ISLNK(st.st_mode)
+    folder, name = _real_parts(p, link)
+    if link:  # the version is the target's
         st = os.stat(os.path.join(folder, name))
-    else:
-        folder, name = os.path.split(os.path.abspath(p))
-        folder = _real_folder(folder)
     # the version: size, modification time and inode (any edit or replacement changes one of them)
     return folder, name, f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
 
@@ -197,12 +195,12 @@ def _manifest(folder: str) -> _Manifest:
 _real_folder = functools.lru_cache(maxsize=4096)(os.path.realpath)
 
 
-def _real_parts(path: str | Path) -> tuple[str, str]:
+def _real_parts(path: str | Path, link: bool | None = None) -> tuple[str, str]:
     """(real folder, name) of a file: ``os.path.realpath`` with its folder's resolution done once per folder
     (it costs a system call per path component: 400,000 of them were a third of a 100,000-photo rerun's
-    start-up). A link is resolved whole, as realpath does."""
+    start-up). A link is resolved whole, as realpath does; ``link``: whether it is one, if already known."""
     p = os.fspath(path)
-    if os.path.islink(p):
+    if os.path.islink(p) if link is None else link:
         return os.path.split(os.path.realpath(p))
     folder, name = os.path.split(os.path.abspath(p))
     return _real_folder(folder), name
