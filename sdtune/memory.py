@@ -49,9 +49,13 @@ def estimate(
     latents_cached: bool,
     vae_bytes: int = 4,
     constants: MemoryConstants = SD_CONSTANTS,
+    unet_bytes: int | None = None,
 ) -> Estimate:
-    """Peak memory from parameter counts (frozen in ``weight_bytes`` each, some kept fp32) and batch shape."""
-    weights = (unet_params + frozen_on_gpu_params) * weight_bytes + fp32_on_gpu_params * 4
+    """Peak memory from parameter counts (frozen in ``weight_bytes`` each, some kept fp32) and batch shape;
+    ``unet_bytes``: the frozen denoiser's bytes as stored, where they are not ``weight_bytes`` a weight
+    (``model.quantize``)."""
+    denoiser = unet_params * weight_bytes if unet_bytes is None else unet_bytes
+    weights = denoiser + frozen_on_gpu_params * weight_bytes + fp32_on_gpu_params * 4
     # fp32 LoRA weight + gradient + the optimizer's state: AdamW two copies, Prodigy four, Lion one; fp32, or
     # one byte each for the 8-bit optimizers
     state = state_copies(optimizer) * (1 if optimizer.endswith("8bit") else 4)

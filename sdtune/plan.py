@@ -35,6 +35,8 @@ from sdtune.locks import HOLDER, LOCK
 from sdtune.models import describe, model_files, vae_problem, weight_problems
 from sdtune.optim import optimizer_problems
 from sdtune.pivotal import config_problems as pivotal_problems
+from sdtune.quantize import problems as quantize_problems
+from sdtune.quantize import warnings as quantize_warnings
 from sdtune.resume import check_resume, fingerprint
 from sdtune.runs import WEIGHT_NAME, claimed_by_sdtune, complete_checkpoints
 from sdtune.single_file import is_single_file, param_count_problem, read_checkpoint
@@ -423,6 +425,8 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
                                   scan.examples, problems, warnings)
     _check_train(cfg, problems)
     _check_adapter_type(cfg, problems)
+    problems += quantize_problems(cfg.model.quantize, cfg.lora.type, cfg.lora.use_dora)
+    warnings += quantize_warnings(cfg.model.quantize, cfg.train.gradient_checkpointing)
     if cfg.pivotal.enabled:
         problems += pivotal_problems(cfg.identifiers(), cfg.pivotal.new_tokens, cfg.pivotal.init)
     t = cfg.train  # the optimizer's package, arguments and learning rate, before any weight loads

@@ -12,6 +12,7 @@ the base model is a depth model.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from sdtune.models import inspect_model, load_components, torch_dtype
 from sdtune.pivotal import BUNDLE_PREFIX, Embeddings, bundle_files
 from sdtune.pivotal import folder_files as embedding_folder_files
 from sdtune.pivotal import from_files as embeddings_from_files
+from sdtune.quantize import is_quantized, quantize
 from sdtune.runs import (
     SOFTWARE,
     WEIGHT_NAME,
@@ -48,6 +50,8 @@ from sdtune.runs import (
 from sdtune.schedulers import sampling_scheduler
 
 ADAPTER = "sdtune"  # adapter name under which `sdtune sample` loads a LoRA
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -262,7 +266,14 @@ def _load_pipeline(req: Request) -> tuple[Any, Family]:
 
             pipe = AutoPipelineForInpainting.from_pipe(pipe)
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, req.settings.scheduler)
-    pipe.to(device, dtype)
+    if opts.get("quantize"):  # cast on the CPU, quantized layer by layer onto the device, then the rest moves
+        pipe.to(dtype=dtype)
+        denoiser = getattr(pipe, info.family.denoiser_name)
+        logger.info(quantize(denoiser.requires_grad_(False), opts["quantize"], dtype, torch.device(device))
+                    .line(info.family.denoiser_name, key="--quantize "))
+        pipe.to(device)  # a dtype now would reinterpret NF4's packed bytes
+    else:
+        pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe, info.family
 
@@ -305,6 +316,9 @@ def _apply_lora(pipe: Any, path: str, family: Family) -> Embeddings | None:
         keys = list(f.keys())
         kind = lycoris_kind(keys)
         bundle = {k: f.get_tensor(k) for k in keys if k.startswith(BUNDLE_PREFIX)}
+    if kind is not None and is_quantized(getattr(pipe, family.denoiser_name)):
+        raise SdtuneError(f"--quantize: {path} is a {kind} file, which PEFT cannot put on quantized layers (LoRA "
+                          "only); sample it without --quantize")
     try:
         if kind is None and bundle:  # diffusers' kohya reader refuses keys that are not a LoRA's
             from safetensors.torch import load_file

@@ -92,6 +92,7 @@ from sdtune.plan import (
     with_family_defaults,
 )
 from sdtune.prior import ensure_class_images
+from sdtune.quantize import frozen_size, quantize
 from sdtune.resume import flat_keys, refuse_data_drift
 from sdtune.runs import CONFIG, RUN_MARKER, WEIGHT_NAME
 from sdtune.sample import render_grid, save_image
@@ -446,7 +447,11 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> tuple[C
         logger.warning(line)
     # Frozen weights in the compute dtype; a VAE that overflows in fp16 (SDXL's) asks for fp32 (force_upcast).
     c.vae.requires_grad_(False).to(device, torch.float32 if c.vae.config.force_upcast else weight_dtype)
-    c.denoiser.requires_grad_(False).to(device, weight_dtype)
+    if m.quantize == "none":
+        c.denoiser.requires_grad_(False).to(device, weight_dtype)
+    else:  # cast on the CPU, then quantized layer by layer as it moves: the device never holds it unquantized
+        done = quantize(c.denoiser.requires_grad_(False).to(weight_dtype), m.quantize, weight_dtype, device)
+        logger.info(done.line(info.family.denoiser_name))
     for te in c.text_encoders:
         te.requires_grad_(False).to(device, weight_dtype)
     return c, weight_dtype
@@ -685,8 +690,9 @@ def _log_memory_estimate(run: Run, trained: dict[str, torch.nn.Module], optimize
 
     trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     fp32_vae = c.vae.dtype == torch.float32
+    unet_params, unet_bytes = frozen_size(c.denoiser)  # as stored: 4-bit or fp8 with model.quantize
     est = estimate(
-        unet_params=count(c.denoiser) - trainable,
+        unet_params=unet_params, unet_bytes=unet_bytes,
         frozen_on_gpu_params=0 if run.offloaded else count(*c.text_encoders) + (0 if fp32_vae else count(c.vae)),
         fp32_on_gpu_params=count(c.vae) if fp32_vae and not run.offloaded else 0,
         trainable_params=trainable, weight_bytes=torch.finfo(run.weight_dtype).bits // 8,

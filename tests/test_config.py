@@ -125,7 +125,8 @@ def test_every_recipe_is_valid_and_dry_runs(recipe, tiny_model, tmp_path, capsys
     header = text.split("\n\n")[0].lower()
     assert "command" in header and ("memory" in header or "gpu" in header)
     cfg = load_config(recipe)  # every key valid as shipped
-    family = "sdxl" if "sdxl" in recipe.name else "sd2" if "sd2" in recipe.name else "sd15"
+    family = next((f for key, f in [("sdxl", "sdxl"), ("sd2", "sd2"), ("flux", "flux"), ("sd35", "sd3")]
+                   if key in recipe.name), "sd15")
     # dry-run against a tiny local model of the same family (no network here)
     import torch
 

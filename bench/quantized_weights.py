@@ -1,0 +1,52 @@
+"""The frozen denoiser's weights at the real models' shapes with ``model.quantize`` none / fp8 / nf4 (issue #17).
+
+    .venv/bin/python bench/quantized_weights.py            # a Markdown table, no weights loaded (a CPU, seconds)
+
+Each family's denoiser (``random_configs("full")``: FLUX.1-dev, SD3.5 Medium, SD 1.5, SDXL) is built on the meta
+device from its real config, and ``sdtune.quantize.planned_bytes`` says what ``model.quantize`` leaves it with:
+bf16 (and fp16) as stored, fp8 by casting the skeleton exactly as training does, NF4 by bitsandbytes' storage
+formula (``nf4_bytes``; tests/test_quantize.py checks it equal to the bytes of real quantized layers). The
+text encoders are not quantized: with cached text embeddings they leave the GPU before the first step (T5-XXL,
+4.76B weights, 8.9 GiB in bf16, is on the GPU while captions are encoded). These are the weights only:
+activations, LoRA, optimizer state and the CUDA context come on top (``sdtune.memory``; not calibrated for the
+flow-matching families: no GPU figure is claimed here).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+
+from sdtune import families
+from sdtune.quantize import planned_bytes
+
+MODELS = {"flux": "FLUX.1-dev", "sd3": "SD3.5 Medium", "sd15": "SD 1.5", "sdxl": "SDXL 1.0"}
+
+
+def skeleton(family: Any) -> torch.nn.Module:
+    """The family's full-size denoiser on the meta device (no memory, no weights)."""
+    import diffusers
+
+    config = family.random_configs("full")[family.denoiser_name]
+    cls = {"unet": diffusers.UNet2DConditionModel, "transformer": None}[family.denoiser_name] or \
+        {"flux": diffusers.FluxTransformer2DModel, "sd3": diffusers.SD3Transformer2DModel}[family.name]
+    with init_empty_weights():
+        return cls(**config)
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    print("| model | weights | bf16 GiB | fp8 GiB | nf4 GiB |")
+    print("|---|---:|---:|---:|---:|")
+    for name, label in MODELS.items():
+        family = families.get(name)
+        count = sum(p.numel() for p in skeleton(family).parameters())
+        sizes = [planned_bytes(skeleton(family), mode, torch.bfloat16) / 2**30 for mode in ("none", "fp8", "nf4")]
+        print(f"| {label} | {count / 1e9:.2f}B | " + " | ".join(f"{s:.2f}" for s in sizes) + " |")
+
+
+if __name__ == "__main__":
+    main()
