@@ -3,8 +3,9 @@
 # suite's shapes) trained through `sdtune train` on the GPU in bf16 and fp16 mixed precision, with a
 # checkpoint, a bitwise resume check and the sample grid, then `sdtune sample` on the result. It proves the
 # device path (packing, ids, guidance, dtypes, offload of the frozen parts), not speed: real-size FLUX rows
-# need the weights built on the GPU (not done yet).
-# Device call (carry [".whl"]; the wheels as in bench/micro_pretrain_gpu.sh's header), timeout_s 300:
+# need the weights built on the GPU: FULL=1 below (random weights drawn on the GPU with `random-model --device`).
+# Device call (carry [".whl"], made by `bash bench/device_wheels.sh`: diffusers, pydantic, bitsandbytes cut to
+# CUDA 13, 16 MB), timeout_s 300 (FULL=1 alone: 600):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #     .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; bash bench/gpu_flux_check.sh
 set -uo pipefail
@@ -38,6 +39,13 @@ if [ "${BISECT:-1}" = 1 ]; then
   bisect bf16-lr1e-4 train.mixed_precision=bf16 train.learning_rate=1e-4
   bisect bf16-uncached train.mixed_precision=bf16 train.cache_latents=false train.cache_text_embeddings=false train.offload_frozen=false
   bisect fp16-lr1e-4 train.mixed_precision=fp16 train.learning_rate=1e-4
+  # the attention kernels: bf16 with PyTorch's math SDPA only (no flash / memory-efficient kernels)
+  printf 'import runpy, sys, torch\nfor kernel in ("flash", "mem_efficient", "cudnn"):\n    getattr(torch.backends.cuda, f"enable_{kernel}_sdp")(False)\nsys.argv[0] = "sdtune"\nrunpy.run_module("sdtune", run_name="__main__")\n' > "$W/math_sdpa.py"
+  S_SAVED=$S
+  S="python3 $W/math_sdpa.py"
+  bisect bf16-math-sdpa train.mixed_precision=bf16
+  S=$S_SAVED
+  bisect bf16-nf4 train.mixed_precision=bf16 model.quantize=nf4 train.learning_rate=1e-4
 fi
 MPS=${MPS:-"bf16 fp16"}  # MPS=no BISECT=0: a CPU rehearsal of the rest
 FIRST=${MPS%% *}
@@ -66,3 +74,18 @@ print("resume bitwise:", a.keys() == b.keys() and all(torch.equal(a[k], b[k]) fo
 PY
 $S sample "$W/run-$FIRST" --prompt "a photo of sks toy" --seeds 0,1 --steps 4 --out "$W/grid.png" 2>&1 | tail -2
 cp "$W/grid.png" "$OUT/flux_grid.png" 2>/dev/null; ls "$W"
+
+# FULL=1: FLUX.1-dev at its real shapes (random weights drawn on the GPU, bf16 on disk: ~34 GB with T5-XXL),
+# 1024 px, rank 16, gradient checkpointing, 8-bit AdamW: NF4 (issue #17's target: within 24 GB) and bf16, the
+# JSON line of bench/train_bench.py each (s/step, img/s, peak GPU memory). FULL_SIZE=tiny FULL_RES=64: a CPU rehearsal.
+if [ "${FULL:-0}" = 1 ]; then
+  size=${FULL_SIZE:-full}; res=${FULL_RES:-1024}; dev=${BUILD_DEVICE:-cuda}
+  start=$(date +%s)
+  python3 -m sdtune random-model "$W/flux-$size" --family flux --size "$size" --dtype bf16 --device "$dev" 2>&1 | tail -1
+  echo "built in $(( $(date +%s) - start )) s"
+  for q in nf4 none; do
+    python3 bench/train_bench.py --model "$W/flux-$size" --resolution "$res" --mixed-precision "${FULL_MP:-bf16}" \
+      --gradient-checkpointing --rank 16 --optimizer adamw8bit --quantize $q --warmup 3 --steps "${FULL_STEPS:-10}" \
+      --workdir "$W/bench-$q" 2>&1 | grep -E '^\{|pre-flight|model.quantize|^error' | tail -4
+  done
+fi

@@ -7,6 +7,8 @@ for a LoRA training step: forward + backward through the UNet).
 
     python bench/train_bench.py --family sd15 --size full --batch-size 1 --steps 100 \
         --mixed-precision fp16 --optimizer adamw8bit          # GPU
+    python bench/train_bench.py --family flux --size full --resolution 1024 --mixed-precision bf16 \
+        --gradient-checkpointing --rank 16 --quantize nf4 --build-device cuda --steps 20   # GPU, FLUX.1-dev QLoRA
     python bench/train_bench.py --size tiny --steps 3         # CPU smoke test (CI)
 """
 
@@ -48,6 +50,10 @@ def main() -> None:
     p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune"), default="default",
                    help="train.compile_mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--no-cache", action="store_true", help="encode images and captions every step")
+    p.add_argument("--quantize", choices=("none", "nf4", "fp8"), default="none",
+                   help="model.quantize: the frozen denoiser in 4-bit NF4 or fp8")
+    p.add_argument("--build-device", default="cpu",
+                   help="where a random model's weights are drawn (cuda: a full-size FLUX.1 in seconds)")
     p.add_argument("--workdir", help="default: a temporary folder")
     args = p.parse_args()
     quiet_libraries()
@@ -62,8 +68,9 @@ def main() -> None:
     if model is None:
         model = str(work / f"model-{args.family}-{args.size}")
         if not (Path(model) / "model_index.json").is_file():
-            dtype = "fp16" if args.size == "full" else "fp32"
-            write_random_model(model, args.family, args.size, dtype=dtype)
+            # full size on disk in half precision: bf16 for the flow-matching transformers (fp16 overflows FLUX)
+            dtype = "fp32" if args.size == "tiny" else "bf16" if args.family in ("flux", "sd3") else "fp16"
+            write_random_model(model, args.family, args.size, dtype=dtype, device=args.build_device)
     info = inspect_model(model)
     resolution = args.resolution or info.resolution
     overrides = [
@@ -82,6 +89,7 @@ def main() -> None:
         f"train.compile_mode={args.compile_mode}",
         f"train.cache_latents={str(not args.no_cache).lower()}",
         f"train.cache_text_embeddings={str(not args.no_cache).lower()}",
+        f"model.quantize={args.quantize}",
         "train.checkpoint_every=0",
         "train.report_to=none",
         f"train.log_every={10**9}",
@@ -104,6 +112,7 @@ def main() -> None:
         "compile": args.compile and args.compile_mode,
         "cached": not args.no_cache,
         "rank": args.rank,
+        "quantize": args.quantize,
         "timed_steps": summary["timed_steps"],
         "s_per_step": round(summary["s_per_step"], 4),
         "img_per_s": round(summary["img_per_s"], 2),

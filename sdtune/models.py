@@ -266,10 +266,12 @@ def weight_problems(pretrained: str, revision: str | None = None) -> list[str]:
 
 
 def write_random_model(
-    directory: str | Path, family: str, size: str = "tiny", seed: int = 0, dtype: str = "fp32"
+    directory: str | Path, family: str, size: str = "tiny", seed: int = 0, dtype: str = "fp32", device: str = "cpu"
 ) -> Path:
     """Write a randomly initialised diffusers pipeline of ``family`` with the real CLIP tokenizer(s), in
-    ``tiny`` (tests, 64 px) or ``full`` (the real models' shapes, for benchmarks) size; return its folder."""
+    ``tiny`` (tests, 64 px) or ``full`` (the real models' shapes, for benchmarks) size; return its folder.
+    ``device``: where the weights are drawn (``cuda``: FLUX.1's 17B weights in seconds instead of minutes;
+    other values than the seed's ``cpu`` give other weights)."""
     import torch
 
     fam = families.get(family)
@@ -278,7 +280,8 @@ def write_random_model(
     if directory.exists() and any(directory.iterdir()):
         raise SdtuneError(f"{directory} exists and is not empty; choose a new folder")
     torch.manual_seed(seed)
-    pipe: Any = fam.pipeline(fam.random_components(size))
+    with torch.device(device):
+        pipe: Any = fam.pipeline(fam.random_components(size))
     if weights_dtype != torch.float32:
         pipe.to(weights_dtype)
     pipe.save_pretrained(directory, safe_serialization=True)

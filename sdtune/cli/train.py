@@ -7,6 +7,7 @@ from typing import Any
 
 from sdtune import families
 from sdtune.cli.console import quiet_libraries, text
+from sdtune.errors import SdtuneError
 from sdtune.models import DTYPES
 
 
@@ -29,6 +30,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--size", choices=("tiny", "full"), default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--device", default="cpu", help="where the random weights are drawn: cuda builds full-size "
+                   "models in seconds (other weights than the CPU's for the same seed)")
     p.set_defaults(func=cmd_random_model)
 
 
@@ -64,8 +67,12 @@ def cmd_random_model(args: argparse.Namespace) -> int:
     from sdtune.models import inspect_model, write_random_model, write_random_single_file
 
     quiet_libraries()
-    write = write_random_single_file if args.single_file else write_random_model
-    path = write(args.directory, args.family, args.size, args.seed, args.dtype)
+    if args.single_file:
+        if args.device != "cpu":
+            raise SdtuneError("--device: a --single-file model is drawn on the CPU; remove --device")
+        path = write_random_single_file(args.directory, args.family, args.size, args.seed, args.dtype)
+    else:
+        path = write_random_model(args.directory, args.family, args.size, args.seed, args.dtype, args.device)
     info = inspect_model(str(path))
     kind = "single-file " if args.single_file else ""
     print(f"wrote a random {kind}{info.family.name} model ({args.size}, {info.prediction_type}, {info.resolution} px) "
