@@ -52,6 +52,15 @@ class Objective(Protocol):
         smooth_l1)."""
         ...
 
+    def fixed_timesteps(self, count: int) -> torch.Tensor:
+        """``count`` timesteps (count,) evenly spread over what ``sample`` draws from: the validation loss's."""
+        ...
+
+
+def evenly_spaced(length: int, count: int) -> list[int]:
+    """``count`` indices into ``length`` at the middles of equal parts: 62, 187, ..., 937 of 1000 for 8."""
+    return [(2 * k + 1) * length // (2 * count) for k in range(count)]
+
 
 @dataclass
 class DiffusionObjective:
@@ -102,6 +111,11 @@ class DiffusionObjective:
 
     def huber_threshold(self, timesteps: torch.Tensor, huber_c: float, schedule: str) -> torch.Tensor:
         return huber_threshold(schedule, huber_c, timesteps, self.noise_scheduler.alphas_cumprod)
+
+    def fixed_timesteps(self, count: int) -> torch.Tensor:
+        import torch
+
+        return torch.tensor(evenly_spaced(self.noise_scheduler.config.num_train_timesteps, count), dtype=torch.long)
 
 
 LOSSES = ("mse", "huber", "smooth_l1")
@@ -253,6 +267,11 @@ class FlowMatchingObjective:
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return noise - latents
+
+    def fixed_timesteps(self, count: int) -> torch.Tensor:
+        # entries of the scheduler's table, as ``sample`` draws them (``sigmas`` looks each one up exactly)
+        table = self.noise_scheduler.timesteps
+        return table[evenly_spaced(len(table), count)].clone()  # (count,) float
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         if self.weighting_scheme not in ("sigma_sqrt", "cosmap"):

@@ -6,7 +6,8 @@ identifiers) are checked with the training data
 (``check_validation``, called by ``sdtune.plan.check_run``), then encoded once when the run starts (the VAE's
 latent mean, centre crop, no flip; each at its aspect bucket with ``data.aspect_buckets``). Every
 ``train.validation_every`` steps (and at the last) ``Validator.measure`` computes the denoising loss of the
-current LoRA on each image at ``VALIDATION_TIMESTEPS`` evenly spaced timesteps with fixed noise (drawn once
+current LoRA on each image at ``VALIDATION_TIMESTEPS`` evenly spaced timesteps (``Objective.fixed_timesteps``:
+DDPM's integers, or a flow-matching family's scheduler-table entries) with fixed noise (drawn once
 from a generator of its own, seeded from ``train.seed``): the same weights always give the same number, so
 the curve moves only when the weights do. It is the training objective's MSE with the same min-SNR weights
 (whatever ``train.loss`` is), under ``torch.no_grad`` in eval mode (no LoRA dropout), and it draws from no
@@ -37,7 +38,7 @@ from sdtune.config import Config
 from sdtune.data import Example, Size, assign_buckets, load_image, scan_instance_dir
 from sdtune.families import Components, Family
 from sdtune.files import content_hash
-from sdtune.objectives import Objective, scale_latents
+from sdtune.objectives import Objective, evenly_spaced, scale_latents
 
 if TYPE_CHECKING:  # sdtune.plan imports this module: it must not pull in diffusers (sdtune.ema does)
     from sdtune.ema import AdapterEMA
@@ -90,8 +91,8 @@ def check_validation(cfg: Config, resolution: int | None, training: list[Example
 
 
 def fixed_timesteps(num_train_timesteps: int, count: int = VALIDATION_TIMESTEPS) -> list[int]:
-    """``count`` timesteps at the middles of equal parts of the schedule."""
-    return [(2 * k + 1) * num_train_timesteps // (2 * count) for k in range(count)]
+    """``count`` timesteps at the middles of equal parts of a DDPM schedule (``Objective.fixed_timesteps``)."""
+    return evenly_spaced(num_train_timesteps, count)
 
 
 @dataclass
@@ -108,13 +109,13 @@ class _Image:
 class Validator:
     """The validation loss of the current weights on a fixed set of held-out images."""
 
-    def __init__(self, images: list[_Image], timesteps: list[int], family: Family, objective: Objective,
+    def __init__(self, images: list[_Image], timesteps: torch.Tensor, family: Family, objective: Objective,
                  components: Components, options: Any, batch_size: int,
                  autocast: Callable[[], AbstractContextManager], device: torch.device, dtype: torch.dtype):
         self.images, self.family, self.objective = images, family, objective
         self.components, self.options, self.batch_size = components, options, batch_size
         self.autocast, self.device, self.dtype = autocast, device, dtype
-        self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=device)  # (T,)
+        self.timesteps = timesteps.to(device)  # (T,): DDPM's integers, a flow schedule's table entries
         self.rewrite: Callable[[str], str] = str  # pivotal tuning's caption rewrite (Embeddings.rewrite)
 
     def _conditioning(self, image: _Image, rows: int, text_encoders: list[Any]) -> dict[str, Any]:
@@ -191,7 +192,7 @@ def build_validator(cfg: Config, examples: list[Example], resolution: int, bucke
     paths = [e.path for e in examples]
     sizes = assign_buckets(paths, resolution, bucket_multiple) if cfg.data.aspect_buckets \
         else [(resolution, resolution)] * len(paths)
-    timesteps = fixed_timesteps(components.noise_scheduler.config.num_train_timesteps)
+    timesteps = objective.fixed_timesteps(VALIDATION_TIMESTEPS)
     frozen = not cfg.lora.train_text_encoder and not cfg.pivotal.enabled  # else encoded with the current weights
     # on the CPU: the same noise on any device
     generator = torch.Generator("cpu").manual_seed(t.seed + _SEED_SALT)

@@ -110,13 +110,14 @@ def test_two_evaluations_agree_and_draw_from_no_training_stream(case, tiny_model
     assert validator.loss(run.unwrapped()) != first
 
 
-def test_a_run_with_validation_trains_the_same_lora_and_logs_it(tiny_model, tmp_path, folders):
+@pytest.mark.parametrize("family", ["sd15", "flux", "sd3"])
+def test_a_run_with_validation_trains_the_same_lora_and_logs_it(family, tiny_model, tmp_path, folders):
     train_dir, held_out = folders
     common = ["train.max_steps=4", "train.log_every=3", "train.learning_rate=1e-2", "lora.dropout=0.1",
-              "data.random_flip=true"]
+              "data.random_flip=true", "sample.every=0"]
     plain, validated = tmp_path / "plain", tmp_path / "validated"
-    train(_cfg(tiny_model("sd15"), plain, train_dir, *common))
-    train(_cfg(tiny_model("sd15"), validated, train_dir, *common, f"data.validation_dir={held_out}",
+    train(_cfg(tiny_model(family), plain, train_dir, *common))
+    train(_cfg(tiny_model(family), validated, train_dir, *common, f"data.validation_dir={held_out}",
                "train.validation_every=2"))
     a, b = load_file(plain / WEIGHT_NAME), load_file(validated / WEIGHT_NAME)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -137,6 +138,29 @@ def test_a_run_with_validation_trains_the_same_lora_and_logs_it(tiny_model, tmp_
                                                  "last": val[4]}
     assert summary["validation_s"] > 0
     assert "validation" not in json.loads((plain / "train_summary.json").read_text())
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_flow_families_validate_at_their_schedules_timesteps(family, tiny_model, tmp_path, folders):
+    # a flow schedule's timesteps are its table's entries (shifted: not integers); each is looked up exactly
+    train_dir, held_out = folders
+    cfg = _cfg(tiny_model(family), tmp_path / "run", train_dir, f"data.validation_dir={held_out}",
+               "train.validation_every=1", "lora.dropout=0.1")
+    run = setup(cfg, check_run(cfg), make_accelerator(cfg))
+    validator = run.validator
+    table = run.components.noise_scheduler.timesteps
+    assert validator.timesteps.tolist() == [table[i].item() for i in fixed_timesteps(len(table))]
+    sigmas = run.objective.sigmas(validator.timesteps).tolist()
+    assert sigmas == sorted(sigmas, reverse=True) and 0 < min(sigmas) and max(sigmas) < 1
+    for module in run.modules.values():
+        module.train()
+    first = validator.loss(run.unwrapped())
+    assert first == validator.loss(run.unwrapped()) and 0 < first < 10
+    assert all(m.training for m in run.modules.values())
+    with torch.no_grad():
+        for p in run.params:
+            p.add_(0.05)
+    assert validator.loss(run.unwrapped()) != first
 
 
 def test_the_summary_reads_a_resumed_record(tmp_path):

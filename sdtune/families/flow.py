@@ -45,8 +45,6 @@ def flow_config_problems(cfg: Any, label: str, section: str) -> list[str]:
         problems.append(f"model.prediction_type: {label} models predict the flow (noise - latents); remove it")
     if cfg.pivotal.enabled:
         problems.append(f"pivotal.enabled: pivotal tuning is not available for {label} yet (T5's embeddings)")
-    if t.validation_every:
-        problems.append(f"train.validation_every: the validation loss is not available for {label} yet; set it to 0")
     if cfg.lora.type != "lora":
         problems.append(f"lora.type: {cfg.lora.type} is not available for {label} yet; use lora")
     return problems

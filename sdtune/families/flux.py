@@ -12,7 +12,7 @@ kohya / BFL LoRA files (what ComfyUI and Forge load) use the original model's na
 (``KOHYA_MODULES``; ``sdtune.export`` fuses the LoRAs); sampling defaults to guidance 3.5 and the model's own
 flow-matching Euler scheduler (``SAMPLING``).
 
-Not yet: single-file checkpoints, pivotal tuning, LoHa / LoKr, the validation loss, noise offset and min-SNR (DDPM
+Not yet: single-file checkpoints, pivotal tuning, LoHa / LoKr, noise offset and min-SNR (DDPM
 notions), clip skip, a 256-token T5 option (``max_sequence_length`` is the pipeline's 512), a memory estimate
 calibrated for FLUX (SD's constants are used); ``config_problems`` refuses each such key in one line.
 

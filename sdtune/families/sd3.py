@@ -19,7 +19,7 @@ kohya LoRA files (what ComfyUI loads) use the original MMDiT's module names, as 
 ``sdtune.export`` fuses the LoRAs). diffusers' SD3 loader cannot read them back (it has no kohya converter):
 ``sdtune sample`` uses the run's diffusers file.
 
-Not yet: single-file checkpoints, pivotal tuning, LoHa / LoKr, the validation loss, noise offset and min-SNR (DDPM
+Not yet: single-file checkpoints, pivotal tuning, LoHa / LoKr, noise offset and min-SNR (DDPM
 notions), clip skip (``sdtune.plan`` refuses it for every multi-encoder family), a model without T5, a memory
 estimate calibrated for SD3 (SD's constants are used); ``config_problems`` refuses each such key in one line.
 
