@@ -232,6 +232,10 @@ class FlowMatchingObjective:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    # EDM's output preconditioning (diffusers' SD3 script, ``--precondition_outputs``): the loss on the predicted
+    # clean latents, ``noisy_latents - sigma * model_pred`` against ``latents``, which is sigma * (target -
+    # model_pred): the flow loss weighted by sigma ** 2 per example, so it is a loss weight here
+    precondition: bool = False
 
     def __post_init__(self) -> None:
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
@@ -274,11 +278,14 @@ class FlowMatchingObjective:
         return table[evenly_spaced(len(table), count)].clone()  # (count,) float
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
-        if self.weighting_scheme not in ("sigma_sqrt", "cosmap"):
-            return None  # compute_loss_weighting_for_sd3 gives ones: a plain mean
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-        return compute_loss_weighting_for_sd3(self.weighting_scheme, self.sigmas(timesteps)).float()  # (B,)
+        sigmas = self.sigmas(timesteps)  # (B,) fp32
+        weights = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas).float() \
+            if self.weighting_scheme in ("sigma_sqrt", "cosmap") else None  # the others' are ones: a plain mean
+        if self.precondition:
+            weights = sigmas**2 if weights is None else weights * sigmas**2
+        return weights  # (B,) or None
 
     def huber_threshold(self, timesteps: torch.Tensor, huber_c: float, schedule: str) -> torch.Tensor:
         import torch

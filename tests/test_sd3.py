@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
+from diffusers.training_utils import compute_loss_weighting_for_sd3
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -458,3 +459,34 @@ def test_sd3_kohya_file_applied_as_comfyui_does_gives_the_diffusers_loras_weight
     for k in want:
         scale = (want[k] - original[k]).abs().max() + 1e-12
         assert torch.allclose(got[k], want[k], atol=1e-5 * max(1.0, float(scale))), k
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "sigma_sqrt"])
+def test_sd3_precondition_outputs_is_the_reference_loss(tiny_model, scheme):
+    # train_dreambooth_lora_sd3.py --precondition_outputs 1: model_pred * (-sigmas) + noisy against the latents,
+    # with prior preservation (its two halves' means added)
+    c = load_components(str(tiny_model("sd3")), SD3)
+    ids = SD3.tokenize(c.tokenizers, ["a photo of sks toy", "a photo of sks toy", "a dog", "a dog"])
+    with torch.no_grad():
+        embeds = SD3.encode_prompt(c.text_encoders, ids)
+        cond = SD3.conditioning(embeds, {}, SD3Options(), torch.device("cpu"), torch.float32)
+        latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        options = SD3Options(weighting_scheme=scheme, precondition_outputs=True)
+        objective = SD3.objective(c.noise_scheduler, "flow_matching", options=options)
+        ours = training_step(c.denoiser, SD3, objective, latents, cond, torch.Generator().manual_seed(5),
+                             prior_preservation=True, prior_loss_weight=0.5)
+        plain = training_step(c.denoiser, SD3, SD3.objective(c.noise_scheduler, "flow_matching",
+                                                             options=SD3Options(weighting_scheme=scheme)),
+                              latents, cond, torch.Generator().manual_seed(5), prior_preservation=True,
+                              prior_loss_weight=0.5)
+        # the reference, verbatim in its maths, from the same draws
+        noise, timesteps = objective.sample(latents, torch.Generator().manual_seed(5))
+        sigmas = objective.sigmas(timesteps, latents.dim())
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        model_pred = SD3.predict(c.denoiser, noisy, timesteps, cond) * (-sigmas) + noisy
+        weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas)
+        per_example = torch.mean((weighting.float() * (model_pred.float() - latents.float()) ** 2).reshape(4, -1), 1)
+        instance, prior = per_example.chunk(2)
+    assert torch.allclose(ours.loss, instance.mean() + 0.5 * prior.mean(), rtol=1e-5)
+    assert torch.allclose(ours.prior_loss, prior.mean(), rtol=1e-5)
+    assert not torch.allclose(ours.loss, plain.loss, rtol=1e-3)  # the option changes the loss

@@ -31,7 +31,8 @@ def flow_objective(noise_scheduler: Any, options: FlowOptions, label: str, noise
     if noise_offset or snr_gamma is not None:
         raise SdtuneError(f"train.noise_offset / train.snr_gamma: DDPM options, not available for {label}")
     o = options
-    return FlowMatchingObjective(noise_scheduler, o.weighting_scheme, o.logit_mean, o.logit_std, o.mode_scale)
+    return FlowMatchingObjective(noise_scheduler, o.weighting_scheme, o.logit_mean, o.logit_std, o.mode_scale,
+                                 precondition=getattr(o, "precondition_outputs", False))
 
 
 def flow_config_problems(cfg: Any, label: str, section: str) -> list[str]:

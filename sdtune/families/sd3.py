@@ -11,8 +11,8 @@ Training is flow matching (``sdtune.objectives.FlowMatchingObjective``) on the m
 for SD3 and SD3.5), timesteps drawn logit-normal, as diffusers' ``examples/dreambooth/
 train_dreambooth_lora_sd3.py``. That script's ``--precondition_outputs`` (on by default there: EDM-style, the
 loss on the predicted clean latents ``noisy_latents - sigma * model_pred`` against ``latents``, which is the flow
-loss weighted by sigma ** 2 per example) is not offered: sdtune trains the plain flow-matching loss, as the
-FLUX script does.
+loss weighted by sigma ** 2 per example) is ``sd3.precondition_outputs``, off by default: sdtune trains the plain
+flow-matching loss, as the FLUX script does, unless asked.
 
 kohya LoRA files (what ComfyUI loads) use the original MMDiT's module names, as kohya sd-scripts'
 ``networks/lora_sd3.py`` writes them, with q, k, v fused into each stream's qkv (``KOHYA_MODULES``;
@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import Field
 
 from sdtune.errors import SdtuneError
 from sdtune.families.base import (
@@ -106,7 +108,13 @@ KOHYA_VARIANTS = {"medium": "stable-diffusion-3-medium", "5-medium": "stable-dif
 
 
 class SD3Options(FlowOptions):
-    """Options that exist only for SD3 models (recipe section ``sd3``): how timesteps are drawn."""
+    """Options that exist only for SD3 models (recipe section ``sd3``): how timesteps are drawn, and the
+    loss's preconditioning."""
+
+    precondition_outputs: bool = Field(
+        False, description="EDM output preconditioning, on by default in diffusers' train_dreambooth_lora_sd3.py: "
+        "the loss on the predicted clean latents, i.e. the flow loss weighted by sigma**2 (less weight on the "
+        "noisiest timesteps); off: the plain flow-matching loss, as FLUX trains")
 
 
 @dataclass(frozen=True)
