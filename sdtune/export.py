@@ -212,6 +212,21 @@ def kohya_module_name(family: Family, component: str, module: str) -> str:
     return prefixes[component] + module.replace(".", "_")
 
 
+# A LoHa / LoKr on a family whose kohya LoRA files use the original model's fused modules (FLUX.1, SD3): its
+# factors cannot be fused (a Hadamard or Kronecker product of q, k, v is not one of qkv), so each diffusers
+# module keeps its own name under SimpleTuner's LyCORIS prefix, which ComfyUI and Forge map onto the original
+# weights' slices (comfy/lora.py model_lora_keys_unet, Flux and SD3: "lycoris_" + the diffusers module path)
+LYCORIS_PREFIX = "lycoris_"
+
+
+def lycoris_module_name(family: Family, component: str, module: str) -> str:
+    """The name of one module of a LoHa / LoKr file: ``lycoris_<module path>`` for a flow-matching family's
+    transformer (``LYCORIS_PREFIX``), else its kohya name (``kohya_module_name``)."""
+    if component == family.denoiser_name and family.kohya_modules:
+        return LYCORIS_PREFIX + module.replace(".", "_")
+    return kohya_module_name(family, component, module)
+
+
 def to_kohya(
     family: Family,
     adapters: dict[str, Adapter],
@@ -388,14 +403,14 @@ def _lycoris_tensors(family: Family, component: str, adapter: Adapter,
                      written: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One component's LoHa / LoKr in LyCORIS' layout: per module ``NAME.<factor>`` for each factor PEFT holds
     (``hada_w1_a`` ... or ``lokr_w1`` ..., the same names and shapes: PEFT's layers copy LyCORIS' modules)
-    and ``NAME.alpha``, with the kohya module names of LoRA (``kohya_module_name``)."""
+    and ``NAME.alpha``, with the kohya module names of LoRA, or ``lycoris_...`` ones (``lycoris_module_name``)."""
     import torch
 
     names = LYCORIS_FACTORS[adapter.kind]
     tensors: dict[str, torch.Tensor] = {}
     known = set()
     for module in adapter.modules():
-        name = kohya_module_name(family, component, module)
+        name = lycoris_module_name(family, component, module)
         if f"{name}.alpha" in written or f"{name}.alpha" in tensors:
             raise SdtuneError(f"two {component} modules have the kohya name {name}")
         factors = {f: adapter.tensors[f"{module}.{f}"] for f in names if f"{module}.{f}" in adapter.tensors}
@@ -868,7 +883,7 @@ def _kohya_places(family: Family, modules: dict[str, torch.nn.Module]) -> dict[s
             continue
         for name, layer in model.named_modules():
             if isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
-                places[kohya_module_name(family, component, name)] = (component, name, layer)
+                places[lycoris_module_name(family, component, name)] = (component, name, layer)
     return places
 
 

@@ -46,6 +46,4 @@ def flow_config_problems(cfg: Any, label: str, section: str) -> list[str]:
         problems.append(f"model.prediction_type: {label} models predict the flow (noise - latents); remove it")
     if cfg.pivotal.enabled:
         problems.append(f"pivotal.enabled: pivotal tuning is not available for {label} yet (T5's embeddings)")
-    if cfg.lora.type != "lora":
-        problems.append(f"lora.type: {cfg.lora.type} is not available for {label} yet; use lora")
     return problems

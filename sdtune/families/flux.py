@@ -12,7 +12,9 @@ kohya / BFL LoRA files (what ComfyUI and Forge load) use the original model's na
 (``KOHYA_MODULES``; ``sdtune.export`` fuses the LoRAs); sampling defaults to guidance 3.5 and the model's own
 flow-matching Euler scheduler (``SAMPLING``).
 
-Not yet: single-file checkpoints, pivotal tuning, LoHa / LoKr, noise offset and min-SNR (DDPM
+A LoHa / LoKr (``lora.type``) is written with SimpleTuner's LyCORIS names (``sdtune.export.lycoris_module_name``).
+
+Not yet: single-file checkpoints, pivotal tuning, noise offset and min-SNR (DDPM
 notions), clip skip, a 256-token T5 option (``max_sequence_length`` is the pipeline's 512), a memory estimate
 calibrated for FLUX (SD's constants are used); ``config_problems`` refuses each such key in one line.
 
@@ -47,7 +49,9 @@ from sdtune.tokens import EOS_TOKEN, clip_tokenizer
 
 # diffusers' FluxTransformer2DModel block names, as diffusers-format LoRA keys and kohya/BFL keys spell them
 LORA_KEY_MARKS = ("transformer.transformer_blocks.", "transformer.single_transformer_blocks.",
-                  "lora_unet_double_blocks_", "lora_unet_single_blocks_")
+                  "lora_unet_double_blocks_", "lora_unet_single_blocks_",
+                  # LoHa / LoKr files (SimpleTuner's LyCORIS names, sdtune.export.LYCORIS_PREFIX)
+                  "lycoris_transformer_blocks_", "lycoris_single_transformer_blocks_")
 # the LoRA targets when the recipe names none, as diffusers' FLUX script trains by default: every attention
 # projection of the double (joint) blocks, image and text streams; the single blocks share to_q, to_k, to_v
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")

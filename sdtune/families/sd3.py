@@ -19,7 +19,9 @@ kohya LoRA files (what ComfyUI loads) use the original MMDiT's module names, as 
 ``sdtune.export`` fuses the LoRAs). diffusers' SD3 loader cannot read them back (it has no kohya converter):
 ``sdtune sample`` uses the run's diffusers file.
 
-Not yet: single-file checkpoints, pivotal tuning, LoHa / LoKr, noise offset and min-SNR (DDPM
+A LoHa / LoKr (``lora.type``) is written with SimpleTuner's LyCORIS names (``sdtune.export.lycoris_module_name``).
+
+Not yet: single-file checkpoints, pivotal tuning, noise offset and min-SNR (DDPM
 notions), clip skip (``sdtune.plan`` refuses it for every multi-encoder family), a model without T5, a memory
 estimate calibrated for SD3 (SD's constants are used); ``config_problems`` refuses each such key in one line.
 
@@ -53,9 +55,10 @@ from sdtune.objectives import FlowMatchingObjective
 from sdtune.tokens import EOS_TOKEN, clip_tokenizer
 
 # diffusers' SD3Transformer2DModel joint blocks as diffusers-format LoRA keys spell them, and kohya / SAI's
-LORA_KEY_MARKS = ("transformer.transformer_blocks.", "lora_unet_joint_blocks_")
+LORA_KEY_MARKS = ("transformer.transformer_blocks.", "lora_unet_joint_blocks_", "lycoris_transformer_blocks_")
 # what only FLUX.1 LoRAs have: both families' joint blocks are transformer_blocks.N.attn.* in diffusers keys
-FLUX_KEY_MARKS = ("transformer.single_transformer_blocks.", "lora_unet_double_blocks_", "lora_unet_single_blocks_")
+FLUX_KEY_MARKS = ("transformer.single_transformer_blocks.", "lora_unet_double_blocks_", "lora_unet_single_blocks_",
+                  "lycoris_single_transformer_blocks_")
 # the LoRA targets when the recipe names none, as diffusers' SD3 script trains by default: the attention
 # projections of the joint blocks, image and text streams. "attn." keeps SD3.5 Medium's second, image-only
 # attention (attn2, MMDiT-X) out, as that script does; the last block has no to_add_out (its text stream ends)
