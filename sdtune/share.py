@@ -113,6 +113,8 @@ def _embeddings_usage(config: dict, family: Family, words: list[str]) -> list[st
     keys = " + ".join(f"`{spec.embedding_key}`" for spec in family.text_encoders)
     files = ", ".join(f"`embeddings/{w}.safetensors`" for w in words)
     word = words[0]
+    if any(spec.model_class.startswith("T5") for spec in family.text_encoders):
+        return _t5_embeddings_usage(family, files, keys, word)
     return [
         "## The trained token embeddings (pivotal tuning)", "",
         f"The identifiers were trained as new token embeddings beside the LoRA: {files} ({keys}). Use them with "
@@ -125,6 +127,23 @@ def _embeddings_usage(config: dict, family: Family, words: list[str]) -> list[st
            if len(family.text_encoders) > 1 else "")
         + f", then `<{word}>` in the prompt.",
         f"- sdtune: `sdtune sample` loads them with the run's LoRA; write `{word}`.", "",
+    ]
+
+
+def _t5_embeddings_usage(family: Family, files: str, keys: str, word: str) -> list[str]:
+    """The card's lines for a family with T5 (FLUX.1, SD3), whose vectors the UIs' embedding loaders are not
+    known to read."""
+    pairs = ", ".join(f"`{spec.embedding_key}` into `{spec.name}` / `{spec.tokenizer_name}`"
+                      for spec in family.text_encoders)
+    return [
+        "## The trained token embeddings (pivotal tuning)", "",
+        f"The identifiers were trained as new token embeddings beside the LoRA, in every text encoder, T5 "
+        f"included: {files} ({keys}; their token names in the metadata, `sdtune.tokens`). Use them with the LoRA:", "",
+        f"- sdtune: `sdtune sample` loads them with the run's LoRA; write `{word}`.",
+        f"- diffusers: `pipe.load_textual_inversion(tensors[key], token=tokens, text_encoder=..., tokenizer=...)` "
+        f"once per text encoder ({pairs}), then the tokens in place of `{word}`.",
+        "- ComfyUI, Forge, AUTOMATIC1111: not known to read T5 vectors from an embedding file (not tested); the "
+        "LoRA alone loads there.", "",
     ]
 
 

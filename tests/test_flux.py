@@ -156,7 +156,7 @@ def test_flux_step_shapes_and_packing(tiny_model):
 def test_flux_refuses_what_it_cannot_do_yet(tiny_model, tmp_path):
     model = tiny_model("flux")
     base = overrides(model, tmp_path / "run")
-    for key, value in [("train.noise_offset", "0.05"), ("train.snr_gamma", "5"), ("pivotal.enabled", "true"),
+    for key, value in [("train.noise_offset", "0.05"), ("train.snr_gamma", "5"),
                        ("model.prediction_type", "epsilon")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             check_run(load_config(None, [*base, f"{key}={value}"]))

@@ -325,3 +325,73 @@ def test_two_processes_average_the_embeddings_gradients(tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     tensors, _ = _emb(out)
     assert tensors["clip_l"].shape == (2, 32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_flow_families_train_every_encoders_rows_resume_and_sample_back(family, tiny_model, tmp_path):
+    # FLUX.1: CLIP-L and T5 rows ("clip_l", "t5", as diffusers' advanced FLUX script writes them); SD3: both CLIPs'
+    # and T5's. Trained until the pivot, then fixed; the run, its checkpoint and its kohya file sample alike.
+    # FLUX: LoRA on the double blocks' text stream only: diffusers' reader of FLUX kohya files splits the single
+    # blocks' fused linear1 at FLUX.1's widths (3 x 3072 + 12288), which the tiny model does not have
+    targets = ["lora.target_modules=[add_q_proj,add_k_proj,add_v_proj,to_add_out]"] if family == "flux" else []
+    out = _run(tiny_model, tmp_path / "run", family, "train.max_steps=4", "pivotal.fraction=0.5",
+               "prior.enabled=false", "sample.every=0", *targets)
+    fam = get_family(family)
+    keys = [spec.embedding_key for spec in fam.text_encoders]
+    assert keys == (["clip_l", "t5"] if family == "flux" else ["clip_l", "clip_g", "t5"])
+    tensors, meta = _emb(out)
+    assert sorted(tensors) == sorted(keys) and all(t.shape[0] == 2 for t in tensors.values())
+    card = (out / "README.md").read_text()
+    assert "T5 included" in card and "`t5` into `text_encoder_" in card and "embedding:sks" not in card
+    rows = {step: load_file(out / f"checkpoints/step-{step:06d}/embedding_rows.safetensors") for step in (2, 4)}
+    c = load_components(str(tiny_model(family)), fam, None, None)
+    start = create(fam, ["sks"], c.tokenizers, c.text_encoders, 2, None, seed=0)
+    for spec, first in zip(fam.text_encoders, start.rows):
+        assert not torch.equal(rows[2][spec.name], first.detach().cpu())  # trained (the pivot is step 2 of 4)
+        assert torch.equal(rows[4][spec.name], rows[2][spec.name])  # then fixed
+        assert torch.equal(tensors[spec.embedding_key], rows[4][spec.name])
+
+    def sample(target: Path, name: str) -> np.ndarray:
+        r = subprocess.run([sys.executable, "-m", "sdtune", "sample", str(target), "--prompt", "a photo of sks toy",
+                            "--seeds", "0", "--steps", "2", "--out", str(tmp_path / f"{name}.png")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return np.asarray(Image.open(tmp_path / f"{name}_cells" / "cell-0000.png"))
+
+    from_run = sample(out, "run")
+    assert np.array_equal(from_run, sample(out / "checkpoints/step-000004", "checkpoint"))
+    kohya = next(out.glob("*_kohya.safetensors"))
+    bundled = {k for k in load_file(kohya) if k.startswith("bundle_emb.")}
+    assert bundled == {f"bundle_emb.sks.{k}" for k in keys}
+    if family == "flux":  # diffusers reads no SD3 kohya file (tests/test_sd3.py): the run's file samples SD3
+        assert np.array_equal(from_run, sample(kohya, "kohya"))
+    # T5 reads the trained rows: the prompt with the new tokens encodes to other hidden states
+    from sdtune.sample import _apply_lora
+
+    pipe = fam.pipeline(c)
+    emb = _apply_lora(pipe, str(out / WEIGHT_NAME), fam)
+    assert emb is not None and emb.tokens == {"sks": ["<sks0>", "<sks1>"]}
+    t5, tokenizer = c.text_encoders[-1], c.tokenizers[-1]
+
+    def hidden(text: str) -> torch.Tensor:
+        with torch.no_grad():
+            return t5(tokenizer(text, return_tensors="pt").input_ids)[0]
+
+    with_rows = hidden(emb.rewrite("a photo of sks toy"))
+    assert with_rows.shape[1] > 1
+    rows_only = emb.rows[-1].detach()
+    ids = tokenizer(emb.rewrite("sks"), add_special_tokens=False).input_ids
+    assert ids == tokenizer.convert_tokens_to_ids(["<sks0>", "<sks1>"])
+    assert torch.equal(t5.get_input_embeddings()(torch.tensor([ids]))[0], rows_only.to(t5.dtype))
+
+
+@pytest.mark.slow
+def test_flux_pivotal_resumes_bitwise(tiny_model, tmp_path):
+    from conftest import assert_resumed_bitwise, interrupted_and_resumed
+
+    straight, split = interrupted_and_resumed(tiny_model("flux"), tmp_path, 4, 2, *PIVOTAL, "pivotal.fraction=0.75",
+                                              "sample.every=0")
+    assert_resumed_bitwise(straight, split, 4, "transformer")
+    a, b = load_file(straight / "embeddings/sks.safetensors"), load_file(split / "embeddings/sks.safetensors")
+    assert a.keys() == b.keys() == {"clip_l", "t5"} and all(torch.equal(a[k], b[k]) for k in a)

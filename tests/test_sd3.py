@@ -123,7 +123,7 @@ def test_sd3_step_and_objective(tiny_model):
 def test_sd3_refuses_what_it_cannot_do_yet(tiny_model, tmp_path):
     model = tiny_model("sd3")
     base = overrides(model, tmp_path / "run")
-    for key, value in [("train.noise_offset", "0.05"), ("train.snr_gamma", "5"), ("pivotal.enabled", "true"),
+    for key, value in [("train.noise_offset", "0.05"), ("train.snr_gamma", "5"),
                        ("model.prediction_type", "epsilon"),
                        ("model.clip_skip", "2")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

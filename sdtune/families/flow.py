@@ -44,6 +44,4 @@ def flow_config_problems(cfg: Any, label: str, section: str) -> list[str]:
         problems.append(f"train.snr_gamma: min-SNR is a DDPM weighting; for {label} use {section}.weighting_scheme")
     if cfg.model.prediction_type:
         problems.append(f"model.prediction_type: {label} models predict the flow (noise - latents); remove it")
-    if cfg.pivotal.enabled:
-        problems.append(f"pivotal.enabled: pivotal tuning is not available for {label} yet (T5's embeddings)")
     return problems

@@ -14,7 +14,9 @@ flow-matching Euler scheduler (``SAMPLING``).
 
 A LoHa / LoKr (``lora.type``) is written with SimpleTuner's LyCORIS names (``sdtune.export.lycoris_module_name``).
 
-Not yet: single-file checkpoints, pivotal tuning, noise offset and min-SNR (DDPM
+Pivotal tuning trains CLIP-L's and T5's rows (files with ``clip_l`` and ``t5``, as diffusers' advanced FLUX script).
+
+Not yet: single-file checkpoints, noise offset and min-SNR (DDPM
 notions), clip skip, a 256-token T5 option (``max_sequence_length`` is the pipeline's 512), a memory estimate
 calibrated for FLUX (SD's constants are used); ``config_problems`` refuses each such key in one line.
 

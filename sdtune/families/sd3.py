@@ -21,7 +21,9 @@ kohya LoRA files (what ComfyUI loads) use the original MMDiT's module names, as 
 
 A LoHa / LoKr (``lora.type``) is written with SimpleTuner's LyCORIS names (``sdtune.export.lycoris_module_name``).
 
-Not yet: single-file checkpoints, pivotal tuning, noise offset and min-SNR (DDPM
+Pivotal tuning trains both CLIPs' and T5's rows (``clip_l``, ``clip_g``, ``t5``).
+
+Not yet: single-file checkpoints, noise offset and min-SNR (DDPM
 notions), clip skip (``sdtune.plan`` refuses it for every multi-encoder family), a model without T5, a memory
 estimate calibrated for SD3 (SD's constants are used); ``config_problems`` refuses each such key in one line.
 
