@@ -19,3 +19,16 @@ class DiskFull(SdtuneError):
 
 class KohyaUnavailable(SdtuneError):
     """The model's family has no kohya LoRA layout in sdtune yet (FLUX): only the diffusers format is written."""
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of ``e``'s message, at most ``limit`` characters, or its type's name when it has none
+    (``AssertionError()``: a library's bare assert must still give one readable line)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__
+
+
+def error_summary(e: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, or the type alone for an exception that says nothing."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__

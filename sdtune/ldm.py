@@ -31,7 +31,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, error_summary, first_line
 from sdtune.families import Components, Family, TextEncoderSpec
 from sdtune.files import atomic_path
 from sdtune.runs import safetensors_header
@@ -276,18 +276,15 @@ def read_single_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise SdtuneError(f"{path}: cannot read its tensors ({str(e).splitlines()[0][:160]})") from None
+        raise SdtuneError(f"{path}: cannot read its tensors ({first_line(e, 160)})") from None
 
-
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
 
 
 _CONFIG_FIX = "fix: give a diffusers model folder with unet/, vae/ and text_encoder/ config files"
 
 
 def _config_error(config_dir: Path, what: str, e: Exception) -> SdtuneError:
-    return SdtuneError(f"{config_dir}: cannot read the {what} config ({_first_line(e)}); {_CONFIG_FIX}")
+    return SdtuneError(f"{config_dir}: cannot read the {what} config ({error_summary(e)}); {_CONFIG_FIX}")
 
 
 def _check_config_file(config_dir: Path, subfolder: str | None) -> None:
@@ -384,7 +381,7 @@ def _load_diffusers(class_name: str, checkpoint: dict[str, Any], config_dir: Pat
                                      local_files_only=True, torch_dtype=torch_dtype)
     except (ValueError, KeyError, RuntimeError, OSError, AttributeError) as e:
         raise SdtuneError(f"{source}: diffusers could not load its {subfolder or class_name} "
-                          f"({_first_line(e)})") from None
+                          f"({error_summary(e)})") from None
     empty = [n for n, p in model.named_parameters() if p.is_meta]
     if empty:
         raise SdtuneError(f"{source}: {len(empty)} {class_name} weight(s) were not in the file "

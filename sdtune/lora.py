@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from sdtune import __version__
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, first_line
 from sdtune.export import public_name
 from sdtune.families import Family
 from sdtune.layout import canonical_text_encoder_keys, keys_for_module, rewrite_safetensors_header
@@ -87,7 +87,7 @@ def add_lora(
     try:
         module.add_adapter(config)
     except ValueError as e:
-        raise SdtuneError(f"{key}: {str(e).splitlines()[0][:200]}") from None
+        raise SdtuneError(f"{key}: {first_line(e, 200)}") from None
 
 
 def has_adapter(layer: torch.nn.Module, adapter_name: str = "default") -> bool:
@@ -162,7 +162,7 @@ def inject_adapter(module: torch.nn.Module, config: dict[str, Any], state: dict[
     try:
         module.add_adapter(peft_config, adapter_name=adapter_name)
     except ValueError as e:  # a target module this model does not have
-        raise SdtuneError(f"the adapter does not fit this model ({str(e).splitlines()[0][:160]})") from None
+        raise SdtuneError(f"the adapter does not fit this model ({first_line(e, 160)})") from None
     load_adapter_state_dict(module, state, adapter_name)
 
 

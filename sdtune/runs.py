@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from sdtune import __version__
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, error_summary, first_line
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_SUFFIX = "_kohya.safetensors"
@@ -77,7 +77,7 @@ def _read_mapping(path: Path, parse: Any) -> dict:
     try:
         value = parse(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
-        raise SdtuneError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+        raise SdtuneError(f"{path}: cannot be read ({error_summary(e, 120)}); "
                           "restore it from the run, or point at the LoRA file with --model") from None
     if value is None:
         return {}
@@ -222,7 +222,7 @@ def open_safetensors(path: str | Path) -> Iterator[Any]:
         with safe_open(str(path), "pt") as f:
             yield f
     except SafetensorError as e:
-        raise _not_safetensors(path, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
+        raise _not_safetensors(path, first_line(e, 200)) from None
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, first_line
 from sdtune.export import existing_run_files, public_name
 from sdtune.families import Family
 from sdtune.files import write_text
@@ -187,7 +187,7 @@ def file_problem(path: Path) -> str | None:
     except UnicodeDecodeError as e:
         return f"not UTF-8 text (byte {e.start})"
     except OSError as e:  # PIL's "cannot identify image file" and "image file is truncated" are OSErrors too
-        return e.strerror or str(e).replace(f" '{path}'", "").splitlines()[0][:160] or type(e).__name__
+        return e.strerror or first_line(e, 160 + len(str(path)) + 3).replace(f" '{path}'", "")[:160]
     except (ValueError, SyntaxError) as e:  # PIL raises these for some broken files
         return f"{type(e).__name__}: {str(e)[:160]}"
     return None

@@ -10,7 +10,7 @@ docstring), and register an instance below. Nothing outside this package names a
 
 from __future__ import annotations
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, error_summary
 from sdtune.families.base import (
     Components,
     Family,
@@ -86,7 +86,7 @@ def describe(files: ModelFiles, for_training: bool = True) -> ModelInfo:
         return detect(files).describe(files, for_training)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
         raise SdtuneError(f"model.pretrained: the config files of {files.pretrained} hold unexpected values "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); is it a complete, unedited "
+                          f"({error_summary(e, 120)}); is it a complete, unedited "
                           "diffusers model?") from None
 
 

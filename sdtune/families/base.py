@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, error_summary
 from sdtune.hub import is_hub_id
 
 
@@ -187,7 +187,7 @@ def read_model_file(pretrained: str, filename: str, revision: str | None = None)
         except Exception as e:  # offline, missing repo, gated repo, bad revision: all one user error
             raise SdtuneError(
                 f"model.pretrained: could not get {filename} of '{pretrained}' (no local folder by that name, "
-                f"and the hub said: {type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                f"and the hub said: {error_summary(e, 160)}); "
                 "fix: check the id, run `hf auth login` for gated models, or point at a local folder"
             ) from None
     try:
