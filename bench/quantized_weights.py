@@ -15,6 +15,7 @@ flow-matching families: no GPU figure is claimed here).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,15 +38,40 @@ def skeleton(family: Any) -> torch.nn.Module:
         return cls(**config)
 
 
+def text_encoders() -> dict[str, Callable[[], torch.nn.Module]]:
+    """The flow families' text encoders at their real shapes, on the meta device (``model.quantize_text_encoders``)."""
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    from sdtune.families.sd import clip_text_config
+    from sdtune.families.t5 import t5_config
+
+    def build(cls: Any, config: Any) -> Callable[[], torch.nn.Module]:
+        def make() -> torch.nn.Module:
+            with init_empty_weights():
+                return cls(config)
+        return make
+
+    clip_l, clip_g = families.get("sd3").random_configs("full")["clip"]
+    return {"T5-XXL encoder": build(T5EncoderModel, t5_config("full")),
+            "CLIP-L": build(CLIPTextModelWithProjection, clip_text_config(**clip_l, openclip=False)),
+            "CLIP-G (bigG)": build(CLIPTextModelWithProjection, clip_text_config(**clip_g, openclip=True))}
+
+
+def row(label: str, make: Callable[[], torch.nn.Module]) -> str:
+    count = sum(p.numel() for p in make().parameters())
+    sizes = [planned_bytes(make(), mode, torch.bfloat16) / 2**30 for mode in ("none", "fp8", "nf4")]
+    return f"| {label} | {count / 1e9:.2f}B | " + " | ".join(f"{s:.2f}" for s in sizes) + " |"
+
+
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     print("| model | weights | bf16 GiB | fp8 GiB | nf4 GiB |")
     print("|---|---:|---:|---:|---:|")
     for name, label in MODELS.items():
         family = families.get(name)
-        count = sum(p.numel() for p in skeleton(family).parameters())
-        sizes = [planned_bytes(skeleton(family), mode, torch.bfloat16) / 2**30 for mode in ("none", "fp8", "nf4")]
-        print(f"| {label} | {count / 1e9:.2f}B | " + " | ".join(f"{s:.2f}" for s in sizes) + " |")
+        print(row(label, lambda family=family: skeleton(family)))
+    for label, make in text_encoders().items():
+        print(row(label, make))
 
 
 if __name__ == "__main__":

@@ -177,6 +177,10 @@ class ModelConfig(_Section):
         "NF4 with bitsandbytes, QLoRA-style; ~0.52 bytes a weight) or fp8 (e4m3 storage, computed in the "
         "mixed-precision dtype, norms kept); FLUX.1-dev's transformer: bf16 22.2 GiB, fp8 14.1, nf4 5.7"
     )
+    quantize_text_encoders: Literal["none", "nf4", "fp8"] = Field(
+        "none", description="the same for the text encoders (linear layers; embeddings, norms and T5's fp32 'wo' "
+        "kept): T5-XXL (FLUX.1, SD3) 9.1 GiB in bf16, 5.7 fp8, 4.1 nf4, on the GPU while captions are encoded"
+    )
     clip_skip: int = Field(
         1, ge=1, le=12, description="which text-encoder layer conditions the UNet, counted from the end as "
         "AUTOMATIC1111 and kohya do: 1 the last, 2 the penultimate (anime SD1.x models); SD1.x and SD2.x"

@@ -83,8 +83,11 @@ def class_images_dir(cfg: Config, resolution: int, model_identity: str, concept:
     if concept.class_dir:
         return Path(concept.class_dir)
     p = cfg.prior
-    key = "|".join([model_identity, cfg.model.variant or "", concept.class_prompt or "", str(resolution),
-                    str(p.generation_steps), str(p.generation_guidance)])
+    m = cfg.model  # a quantized model draws other images: its own folder (unquantized keys stay as they were)
+    stored = [f"quantize={m.quantize},{m.quantize_text_encoders}"] if (m.quantize, m.quantize_text_encoders) != \
+        ("none", "none") else []
+    key = "|".join([model_identity, m.variant or "", concept.class_prompt or "", str(resolution),
+                    str(p.generation_steps), str(p.generation_guidance), *stored])
     return cache_root() / "class_images" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -426,6 +429,8 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     _check_train(cfg, problems)
     _check_adapter_type(cfg, problems)
     problems += quantize_problems(cfg.model.quantize, cfg.lora.type, cfg.lora.use_dora)
+    problems += quantize_problems(cfg.model.quantize_text_encoders, cfg.lora.type, cfg.lora.use_dora,
+                                  "model.quantize_text_encoders", adapters=cfg.lora.train_text_encoder)
     warnings += quantize_warnings(cfg.model.quantize, cfg.train.gradient_checkpointing)
     if cfg.pivotal.enabled:
         problems += pivotal_problems(cfg.identifiers(), cfg.pivotal.new_tokens, cfg.pivotal.init)

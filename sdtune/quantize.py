@@ -93,23 +93,25 @@ def _quant_state_bytes(state: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def problems(mode: str, lora_type: str, use_dora: bool) -> list[str]:
-    """Recipe options that cannot go with ``model.quantize`` ``mode``, one line each naming its key."""
+def problems(mode: str, lora_type: str, use_dora: bool, key: str = "model.quantize",
+             adapters: bool = True) -> list[str]:
+    """Recipe options that cannot go with ``key`` (``model.quantize``, ``model.quantize_text_encoders``) set to
+    ``mode``, one line each naming its key; ``adapters``: whether the quantized modules get an adapter."""
     if mode == "none":
         return []
     found = []
-    if use_dora:
+    if adapters and use_dora:
         # DoRA's magnitude needs the base weight's column norms, read from the stored weight directly
-        found.append(f"lora.use_dora: DoRA reads the base weights directly, not through model.quantize={mode}; "
-                     "fix: remove lora.use_dora, or model.quantize=none")
-    if lora_type != "lora":
+        found.append(f"lora.use_dora: DoRA reads the base weights directly, not through {key}={mode}; "
+                     f"fix: remove lora.use_dora, or {key}=none")
+    if adapters and lora_type != "lora":
         found.append(f"lora.type: {lora_type} over a quantized model is not supported by PEFT (LoRA is); fix: "
-                     "lora.type=lora, or model.quantize=none")
+                     f"lora.type=lora, or {key}=none")
     if mode == "nf4":
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            found.append("model.quantize: nf4 needs bitsandbytes; pip install bitsandbytes, or model.quantize=fp8")
+            found.append(f"{key}: nf4 needs bitsandbytes; pip install bitsandbytes, or {key}=fp8")
     return found
 
 
@@ -195,11 +197,17 @@ def _to_nf4(module: torch.nn.Module, compute_dtype: torch.dtype, device: torch.d
 
 
 def _to_fp8(module: torch.nn.Module, compute_dtype: torch.dtype) -> int:
-    if not hasattr(module, "enable_layerwise_casting"):
-        raise SdtuneError(f"model.quantize: fp8 needs a diffusers model; {type(module).__name__} is not one")
     # Convolutions stay in the compute dtype: their backward pass reads the weight tensor itself, which the
     # hook has cast back to fp8 by then (a linear layer's saves the upcast view it multiplied with)
-    module.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute_dtype, skip_modules_classes=CONVS)
+    if hasattr(module, "enable_layerwise_casting"):  # a diffusers model: its own skip list
+        module.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=compute_dtype, skip_modules_classes=CONVS)
+    else:  # a transformers text encoder: diffusers' default skip list (norms), its fp32 modules, the embeddings
+        from diffusers.hooks import apply_layerwise_casting
+        from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+        keep = tuple(rf"(^|\.){name}$" for name in getattr(module, "_keep_in_fp32_modules", None) or ())
+        apply_layerwise_casting(module, FP8, compute_dtype, DEFAULT_SKIP_MODULES_PATTERN + keep,
+                                (*CONVS, torch.nn.Embedding))
     cast = [m for m in module.modules() if getattr(m, "weight", None) is not None and m.weight.dtype == FP8]
     for m in cast:
         # PEFT gives a LoRA layer the dtype of its base layer's weight, fp8 here, unless the layer says it

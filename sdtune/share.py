@@ -95,15 +95,19 @@ def model_card(config: dict, family: Family, grid: str | None, kohya_name: str |
         f"| steps x batch | {train['max_steps']} x {train['batch_size']} |",
         f"| learning rate | {train['learning_rate']} ({train['lr_scheduler']}) |",
         f"| optimizer / precision | {train['optimizer']} / {train['mixed_precision']}"
-        + _base_storage(config.get("model", {}).get("quantize", "none")) + " |",
+        + _base_storage(config.get("model", {})) + " |",
         f"| resolution | {data.get('resolution') or 'native'} |", "",
     ]
     return "\n".join(lines)
 
 
-def _base_storage(quantize: str) -> str:
-    """The base model's storage while training, where it was not the compute dtype (``model.quantize``)."""
-    return "" if quantize == "none" else f", base model stored in {quantize} (the LoRA loads on any precision)"
+def _base_storage(model: dict) -> str:
+    """The base model's storage while training, where it was not the compute dtype (``model.quantize``,
+    ``model.quantize_text_encoders``)."""
+    denoiser, encoders = model.get("quantize", "none"), model.get("quantize_text_encoders", "none")
+    parts = ([f"base model stored in {denoiser}"] if denoiser != "none" else []) + \
+        ([f"text encoders in {encoders}"] if encoders != "none" else [])
+    return f", {', '.join(parts)} (the LoRA loads on any precision)" if parts else ""
 
 
 def _embeddings_usage(config: dict, family: Family, words: list[str]) -> list[str]:

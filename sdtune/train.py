@@ -447,13 +447,14 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> tuple[C
         logger.warning(line)
     # Frozen weights in the compute dtype; a VAE that overflows in fp16 (SDXL's) asks for fp32 (force_upcast).
     c.vae.requires_grad_(False).to(device, torch.float32 if c.vae.config.force_upcast else weight_dtype)
-    if m.quantize == "none":
-        c.denoiser.requires_grad_(False).to(device, weight_dtype)
-    else:  # cast on the CPU, then quantized layer by layer as it moves: the device never holds it unquantized
-        done = quantize(c.denoiser.requires_grad_(False).to(weight_dtype), m.quantize, weight_dtype, device)
-        logger.info(done.line(info.family.denoiser_name))
-    for te in c.text_encoders:
-        te.requires_grad_(False).to(device, weight_dtype)
+    names = [info.family.denoiser_name, *(spec.name for spec in info.family.text_encoders)]
+    for name, module, mode in zip(names, [c.denoiser, *c.text_encoders],
+                                  [m.quantize, *[m.quantize_text_encoders] * len(c.text_encoders)]):
+        if mode == "none":
+            module.requires_grad_(False).to(device, weight_dtype)
+        else:  # cast on the CPU, then quantized layer by layer as it moves: the device never holds it unquantized
+            logger.info(quantize(module.requires_grad_(False).to(weight_dtype), mode, weight_dtype, device)
+                        .line(name, key="model.quantize_text_encoders=" if module is not c.denoiser else "model.quantize="))
     return c, weight_dtype
 
 
@@ -602,8 +603,10 @@ def _text_cache(run: Run) -> TextCache | None:
     # what the embeddings depend on: the encoders' and tokenizers' files, clip skip, family, dtypes, device kind
     parts = [n for e in family.text_encoders for n in (e.name, e.tokenizer_name)]
     weights = model_identity(run.plan.model.pretrained, run.cfg.model.revision, parts, None, run.cfg.model.clip_skip)
+    stored = run.cfg.model.quantize_text_encoders  # quantized encoders encode to other numbers: another cache
     identity = hashlib.sha256("|".join([weights, family.name, str(run.weight_dtype), run.accelerator.mixed_precision,
-                                        run.device.type]).encode()).hexdigest()[:16]
+                                        run.device.type, *([stored] if stored != "none" else [])]).encode()
+                              ).hexdigest()[:16]
     # every process writes what it lacks into the shared folder; the main one first, so the others mostly read
     with run.accelerator.autocast(), run.accelerator.main_process_first():
         return TextCache(captions, encode, cache_root() / "text", identity, run.device, progress=run.main)

@@ -230,3 +230,42 @@ def test_sample_quantize_renders_records_and_replays_it(tiny_model, tmp_path, ca
                  "--quantize", "fp8", "--out", str(tmp_path / "l.png")]) != 0
     err = capsys.readouterr().err
     assert "--quantize: " in err and "is a loha file" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_quantized_text_encoders_train_under_a_lora_and_cache_apart(tiny_model, tmp_path, monkeypatch, caplog):
+    import bitsandbytes as bnb
+
+    from sdtune.plan import class_images_dir
+    from sdtune.train import make_accelerator, setup, train
+
+    monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("flux")
+    common = ["sample.every=0", "prior.class_prompt=a photo of a toy"]
+    plain = load_config(None, overrides(model, tmp_path / "plain", *common))
+    quantized = load_config(None, overrides(model, tmp_path / "q", "model.quantize_text_encoders=nf4",
+                                            "lora.train_text_encoder=true", *common))
+    run = setup(quantized, check_run(quantized), make_accelerator(quantized))
+    clip, t5 = run.components.text_encoders
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in t5.modules())
+    assert not any(type(m) is torch.nn.Linear for n, m in t5.named_modules() if not n.endswith(".wo"))
+    # CLIP, trained: PEFT's LoRA for 4-bit layers on top (QLoRA), fp32
+    lora = [m for m in clip.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert lora and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in lora)
+    assert "model.quantize_text_encoders=nf4: 12 layers of the text_encoder_2" in caplog.text
+    # quantized encoders encode to other numbers: a text cache of their own, class images of their own
+    train(load_config(None, overrides(model, tmp_path / "plain2", *common)))
+    frozen = load_config(None, overrides(model, tmp_path / "q2", "model.quantize_text_encoders=nf4", *common))
+    train(frozen)
+    assert len(list((tmp_path / "cache" / "text").iterdir())) == 2
+    assert class_images_dir(plain, 64, "id") != class_images_dir(frozen, 64, "id")
+    assert class_images_dir(plain, 64, "id") == class_images_dir(load_config(None, overrides(model, tmp_path / "x", *common)),
+                                                                 64, "id")
+
+
+def test_text_encoder_quantize_refuses_dora_only_where_the_encoders_train(tiny_model, tmp_path):
+    base = overrides(tiny_model("sd15"), tmp_path / "run", "model.quantize_text_encoders=fp8", "lora.use_dora=true")
+    check_run(load_config(None, base))  # DoRA on the UNet only: its weights are not quantized
+    with pytest.raises(ConfigError, match=r"lora\.use_dora: DoRA reads the base weights directly, not through "
+                                          r"model\.quantize_text_encoders=fp8"):
+        check_run(load_config(None, [*base, "lora.train_text_encoder=true"]))
