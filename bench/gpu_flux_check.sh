@@ -76,16 +76,19 @@ $S sample "$W/run-$FIRST" --prompt "a photo of sks toy" --seeds 0,1 --steps 4 --
 cp "$W/grid.png" "$OUT/flux_grid.png" 2>/dev/null; ls "$W"
 
 # FULL=1: FLUX.1-dev at its real shapes (random weights drawn on the GPU, bf16 on disk: ~34 GB with T5-XXL),
-# 1024 px, rank 16, gradient checkpointing, 8-bit AdamW: NF4 (issue #17's target: within 24 GB) and bf16, the
-# JSON line of bench/train_bench.py each (s/step, img/s, peak GPU memory). FULL_SIZE=tiny FULL_RES=64: a CPU rehearsal.
+# 1024 px, rank 16, gradient checkpointing, 8-bit AdamW: NF4 transformer and encoders (recipes/flux_dev_lora_16gb),
+# NF4 transformer (issue #17's target: within 24 GB) and bf16, the JSON line of bench/train_bench.py each (s/step,
+# img/s, peak GPU memory: train_summary's, which covers the whole run, caching included). FULL_SIZE=tiny FULL_RES=64: a CPU rehearsal.
 if [ "${FULL:-0}" = 1 ]; then
   size=${FULL_SIZE:-full}; res=${FULL_RES:-1024}; dev=${BUILD_DEVICE:-cuda}
   start=$(date +%s)
   python3 -m sdtune random-model "$W/flux-$size" --family flux --size "$size" --dtype bf16 --device "$dev" 2>&1 | tail -1
   echo "built in $(( $(date +%s) - start )) s"
-  for q in nf4 none; do
+  # transformer:text encoders -- the 16 GB recipe's (both NF4), the 24 GB one's, plain bf16
+  for q in nf4:nf4 nf4:none none:none; do
     python3 bench/train_bench.py --model "$W/flux-$size" --resolution "$res" --mixed-precision "${FULL_MP:-bf16}" \
-      --gradient-checkpointing --rank 16 --optimizer adamw8bit --quantize $q --warmup 3 --steps "${FULL_STEPS:-10}" \
-      --workdir "$W/bench-$q" 2>&1 | grep -E '^\{|pre-flight|model.quantize|^error' | tail -4
+      --gradient-checkpointing --rank 16 --optimizer adamw8bit --quantize "${q%%:*}" \
+      --quantize-text-encoders "${q##*:}" --warmup 3 --steps "${FULL_STEPS:-10}" \
+      --workdir "$W/bench-${q/:/-}" 2>&1 | grep -E '^\{|pre-flight|model.quantize|^error' | tail -5
   done
 fi

@@ -52,6 +52,8 @@ def main() -> None:
     p.add_argument("--no-cache", action="store_true", help="encode images and captions every step")
     p.add_argument("--quantize", choices=("none", "nf4", "fp8"), default="none",
                    help="model.quantize: the frozen denoiser in 4-bit NF4 or fp8")
+    p.add_argument("--quantize-text-encoders", choices=("none", "nf4", "fp8"), default="none",
+                   help="model.quantize_text_encoders")
     p.add_argument("--build-device", default="cpu",
                    help="where a random model's weights are drawn (cuda: a full-size FLUX.1 in seconds)")
     p.add_argument("--workdir", help="default: a temporary folder")
@@ -90,6 +92,7 @@ def main() -> None:
         f"train.cache_latents={str(not args.no_cache).lower()}",
         f"train.cache_text_embeddings={str(not args.no_cache).lower()}",
         f"model.quantize={args.quantize}",
+        f"model.quantize_text_encoders={args.quantize_text_encoders}",
         "train.checkpoint_every=0",
         "train.report_to=none",
         f"train.log_every={10**9}",
@@ -113,6 +116,7 @@ def main() -> None:
         "cached": not args.no_cache,
         "rank": args.rank,
         "quantize": args.quantize,
+        "quantize_text_encoders": args.quantize_text_encoders,
         "timed_steps": summary["timed_steps"],
         "s_per_step": round(summary["s_per_step"], 4),
         "img_per_s": round(summary["img_per_s"], 2),
