@@ -157,7 +157,12 @@ Name = Annotated[str, Field(min_length=1, max_length=MAX_KEY_CHARS)]
 class ModelConfig(_Section):
     pretrained: PathText = Field(
         description="hub id, local diffusers-format folder, or single-file .safetensors checkpoint (a Civitai "
-        "download) of SD1.x, SD2.x or SDXL"
+        "download) of SD1.x, SD2.x or SDXL, or of a FLUX.1 transformer alone (with model.base)"
+    )
+    base: PathText | None = Field(
+        None, description="for a FLUX.1 transformer file only: the FLUX.1 model (hub id or diffusers folder) whose "
+        "text encoders, tokenizers, VAE and scheduler go with it, e.g. black-forest-labs/FLUX.1-dev; model.revision "
+        "and model.variant then apply to it"
     )
     revision: str | None = None
     variant: str | None = Field(None, description="weights variant, e.g. fp16")
@@ -457,7 +462,7 @@ class _Config(_Section):
                                          "class_dir": local(c.class_dir, must_exist=False) if p.enabled
                                          else c.class_dir}) for c in d.concepts]
         return self.model_copy(update={
-            "model": m.model_copy(update={"pretrained": local(m.pretrained), "vae": local(m.vae)}),
+            "model": m.model_copy(update={"pretrained": local(m.pretrained), "vae": local(m.vae), "base": local(m.base)}),
             "data": d.model_copy(update={"instance_dir": local(d.instance_dir, must_exist=False),
                                          "dataset": local(d.dataset), "concepts": concepts,
                                          "validation_dir": local(d.validation_dir, must_exist=False)}),

@@ -1011,7 +1011,8 @@ def _write_kohya(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
             f"{run.lora_file.parent}: no config.yaml names the base model, whose family the kohya file needs"
         )
     model = run.config.get("model") or {}
-    info = inspect_model(run.base_model, model.get("revision"), prediction_type=model.get("prediction_type"))
+    info = inspect_model(run.base_model, model.get("revision"), prediction_type=model.get("prediction_type"),
+                         base=model.get("base"))
     path = write_kohya(
         out_file, info.family, run.adapters, trigger_word=run.trigger_word, base_model=run.base_model,
         prediction_type=info.prediction_type,

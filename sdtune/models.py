@@ -1,9 +1,10 @@
 """Base models: what one is, its loaded parts, and random ones built in code for tests and benchmarks.
 
 A model is any diffusers-format pipeline folder, Hugging Face hub id, or single-file checkpoint
-(``sdtune.single_file``). Its family, prediction type and native
-resolution are read from the model's own config files by its family (``sdtune.families``), never guessed from
-its name, and without loading any weights (so config errors can be reported first).
+(``sdtune.single_file``; a FLUX.1 transformer file with ``model.base``, ``sdtune.flux_file``). Its family,
+prediction type and native resolution are read from the model's own config files by its family
+(``sdtune.families``), never guessed from its name, and without loading any weights (so config errors can be
+reported first).
 
 torch is imported inside the functions that use it: the command line reads ``DTYPES`` for its choices.
 """
@@ -16,8 +17,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdtune import families
-from sdtune.errors import SdtuneError
+from sdtune import families, flux_file
+from sdtune.errors import SdtuneError, error_summary, first_line
 from sdtune.families import Components, Family, ModelFiles, ModelInfo
 from sdtune.files import content_hash, unhashed_bytes
 from sdtune.hub import is_hub_id
@@ -47,9 +48,18 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
-def model_files(pretrained: str, revision: str | None = None, prediction_type: str | None = None) -> ModelFiles:
+def model_files(pretrained: str, revision: str | None = None, prediction_type: str | None = None,
+                base: str | None = None) -> ModelFiles:
     """The config files of a model: its own (a diffusers folder or hub id), or those derived from a single-file
-    checkpoint's header (``sdtune.single_file``; ``prediction_type`` overrides what the file says)."""
+    checkpoint's header (``sdtune.single_file``; ``prediction_type`` overrides what the file says). ``base``
+    (``model.base``): the FLUX.1 model a transformer-only file goes with, which only such a file takes."""
+    flux = flux_file.read_flux_file(pretrained)
+    if flux is not None:
+        _, folder = flux_file.config_folder(pretrained, base, revision)
+        return ModelFiles(pretrained, revision, folder=folder)
+    if base:
+        raise SdtuneError(f"model.base: only a FLUX.1 transformer file (.safetensors without its text encoders and "
+                          f"VAE) takes a base model; {pretrained} is a whole model. fix: remove model.base")
     if is_single_file(pretrained):
         _, folder = config_folder(pretrained, prediction_type)
         return ModelFiles(pretrained, revision, folder=folder)
@@ -57,12 +67,13 @@ def model_files(pretrained: str, revision: str | None = None, prediction_type: s
 
 
 def inspect_model(pretrained: str, revision: str | None = None, for_training: bool = True,
-                  prediction_type: str | None = None) -> ModelInfo:
+                  prediction_type: str | None = None, base: str | None = None) -> ModelInfo:
     """Family, prediction type, native resolution and bucket multiple of a model, from config files only
-    (a single file's header). ``prediction_type`` (``model.prediction_type``) overrides the model's.
+    (a single file's header). ``prediction_type`` (``model.prediction_type``) overrides the model's; ``base``
+    is ``model.base`` (``model_files``).
 
     ``for_training`` refuses inpainting / depth denoisers (extra input channels), which sampling accepts."""
-    return describe(model_files(pretrained, revision, prediction_type), for_training, prediction_type)
+    return describe(model_files(pretrained, revision, prediction_type, base), for_training, prediction_type)
 
 
 def describe(files: ModelFiles, for_training: bool = True, prediction_type: str | None = None) -> ModelInfo:
@@ -81,10 +92,14 @@ def load_components(
     vae: str | None = None,
     prediction_type: str | None = None,
     clip_skip: int = 1,
+    base: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Components:
     """Load a model's tokenizers, text encoders, VAE, denoiser and training noise scheduler, from a diffusers
-    folder, hub id or single-file checkpoint; ``vae``, ``prediction_type`` and ``clip_skip`` are the recipe's
-    ``model.*`` options of those names.
+    folder, hub id or single-file checkpoint; ``vae``, ``prediction_type``, ``clip_skip`` and ``base`` are the
+    recipe's ``model.*`` options of those names (a FLUX.1 transformer file needs ``base``). ``dtype``: the
+    denoiser and text encoders are read straight into it (``families.base.load_kwargs``; a single-file SD
+    checkpoint loads as before, in float32); None: the libraries' float32.
 
     Weights load from safetensors only, unless ``allow_unsafe_pickle``: then .bin files are accepted too, and
     diffusers / transformers read them with torch's ``weights_only`` unpickler. Never remote code."""
@@ -96,18 +111,23 @@ def load_components(
                 f"model.pretrained: {pretrained} has only pickle weights ({pickles[0].name}); sdtune loads "
                 "safetensors. Convert them, or set model.allow_unsafe_pickle=true (loaded with weights_only)"
             )
+    flux = flux_file.read_flux_file(pretrained)
+    base = base if flux else None
     try:
-        if is_single_file(pretrained):
+        if flux:
+            c = load_flux_file(pretrained, family, base, revision, variant, safetensors_only=not allow_unsafe_pickle,
+                               dtype=dtype)
+        elif is_single_file(pretrained):
             c = load_single_file(pretrained, family, prediction_type, with_vae=vae is None)
         else:
-            c = family.load(pretrained, revision, variant, safetensors_only=not allow_unsafe_pickle)
+            c = family.load(pretrained, revision, variant, safetensors_only=not allow_unsafe_pickle, dtype=dtype)
     except (OSError, ValueError) as e:  # missing files, or pickle weights where safetensors are required
         raise SdtuneError(
-            f"model.pretrained: could not load {pretrained}"
-            f"{f' (variant {variant})' if variant else ''}: {str(e).splitlines()[0][:200]}"
+            f"model.{'base' if flux else 'pretrained'}: could not load {base or pretrained}"
+            f"{f' (variant {variant})' if variant else ''}: {first_line(e, 200)}"
         ) from None
     if vae:
-        c.vae = load_vae(vae, pretrained, prediction_type)
+        c.vae = load_vae(vae, base or pretrained, prediction_type)
     if prediction_type and c.noise_scheduler.config.prediction_type != prediction_type:
         c.noise_scheduler = type(c.noise_scheduler).from_config(c.noise_scheduler.config,
                                                                 prediction_type=prediction_type)
@@ -145,6 +165,16 @@ def load_single_file(pretrained: str, family: Family, prediction_type: str | Non
     )
 
 
+def load_flux_file(pretrained: str, family: Family, base: str | None, revision: str | None = None,
+                   variant: str | None = None, safetensors_only: bool = True, dtype: Any = None) -> Components:
+    """The components of a FLUX.1 transformer file and its base: the transformer converted from the file
+    (``sdtune.flux_file``), the rest loaded from ``base`` by the family (at ``revision`` / ``variant``)."""
+    ff, folder = flux_file.config_folder(pretrained, base, revision)
+    assert base is not None  # config_folder refuses a file without one
+    return family.load(base, revision, variant, safetensors_only, dtype=dtype,
+                       denoiser=flux_file.load_transformer(ff, folder, dtype))
+
+
 def load_vae(vae: str, pretrained: str, prediction_type: str | None = None) -> Any:
     """``model.vae``: a VAE folder or hub id (its own config.json, or a pipeline's vae/), or a single
     ``.safetensors`` file in either layout (with the base model's VAE config)."""
@@ -157,7 +187,7 @@ def load_vae(vae: str, pretrained: str, prediction_type: str | None = None) -> A
         subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
         return AutoencoderKL.from_pretrained(vae, subfolder=subfolder, use_safetensors=True)
     except (OSError, ValueError) as e:
-        raise SdtuneError(f"model.vae: could not load {vae}: {str(e).splitlines()[0][:200]}") from None
+        raise SdtuneError(f"model.vae: could not load {vae}: {first_line(e, 200)}") from None
 
 
 def vae_problem(vae: str) -> str | None:
@@ -184,7 +214,7 @@ def vae_problem(vae: str) -> str | None:
             hf_hub_download(vae, name)
             return None
         except Exception as e:  # offline, missing repo, no such file: the next name, then one line
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            why = f"{error_summary(e, 120)}"
     return f"model.vae: could not get the config of '{vae}' from the hub ({why}); fix: check the id or use a local file"
 
 
@@ -216,18 +246,22 @@ def local_folder(pretrained: str, revision: str | None = None) -> Path | None:
 
 
 def model_identity(pretrained: str, revision: str | None, subfolders: list[str], vae: str | None = None,
-                   clip_skip: int = 1) -> str:
+                   clip_skip: int = 1, base: str | None = None) -> str:
     """A short hash of what a model *is*: the bytes of every file in ``subfolders`` (weights, configs,
     tokenizer files) and of ``model_index.json``, not its name. Replacing a model folder's weights, or a
     hub snapshot moving to a new commit, gives a new identity; ``sdtune.files.content_hash`` reads each file
-    version once."""
+    version once. A FLUX.1 transformer file is its bytes for the transformer and ``base`` (``model.base``) for
+    the rest."""
     if vae or clip_skip != 1:  # model.vae and model.clip_skip make another model of the same files
-        parts = [model_identity(pretrained, revision, subfolders), str(clip_skip)]
+        parts = [model_identity(pretrained, revision, subfolders, base=base), str(clip_skip)]
         if vae:
             local = Path(vae).expanduser()
             parts.append(content_hash(local)[:16] if local.is_file() else
                          model_identity(vae, None, ["vae"] if (local / "vae").is_dir() else ["."]))
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    base = base if is_single_file(pretrained) else None
+    if base:
+        return _paired_identity(pretrained, revision, subfolders, base)
     if is_single_file(pretrained):
         return content_hash(Path(pretrained).expanduser())[:16]  # one file: its bytes are the model
     folder = local_folder(pretrained, revision)
@@ -245,6 +279,17 @@ def model_identity(pretrained: str, revision: str | None, subfolders: list[str],
         if f.is_file():
             h.update(f"{f.relative_to(folder).as_posix()}={content_hash(f)}\n".encode())
     return h.hexdigest()[:16]
+
+
+def _paired_identity(pretrained: str, revision: str | None, subfolders: list[str], base: str) -> str:
+    """``model_identity`` of a transformer file and its base: the base's alone where ``subfolders`` do not name
+    the transformer (latents and text embeddings are the base's own), else the file's bytes and the base's files
+    for the other subfolders."""
+    rest = [s for s in subfolders if s != "transformer"]
+    if len(rest) == len(subfolders):
+        return model_identity(base, revision, subfolders)
+    parts = [content_hash(Path(pretrained).expanduser())[:16], model_identity(base, revision, rest) if rest else ""]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def weight_problems(pretrained: str, revision: str | None = None) -> list[str]:

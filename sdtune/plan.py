@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from sdtune import families
+from sdtune import families, flux_file
 from sdtune.config import Concept, Config, ConfigError
 from sdtune.data import (
     ClassImages,
@@ -27,7 +27,7 @@ from sdtune.data import (
     option_warnings,
     scan_instance_dir,
 )
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, error_summary
 from sdtune.families import Family, ModelFiles, ModelInfo
 from sdtune.files import cache_root, existing_ancestor, flush_manifests
 from sdtune.hfdata import materialize
@@ -303,7 +303,7 @@ def _check_family(cfg: Config, info: ModelInfo, files: ModelFiles, problems: lis
         names = family.denoiser_module_names(files)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:  # a damaged config: no module to name
         problems.append(f"model.pretrained: cannot build the {family.denoiser_name} of {cfg.model.pretrained} from "
-                        f"its config ({type(e).__name__}: {str(e).splitlines()[0][:120]}); is the model complete?")
+                        f"its config ({error_summary(e, 120)}); is the model complete?")
         return
     for target in cfg.lora.target_modules:
         if not any(n == target or n.endswith("." + target) for n in names):
@@ -339,12 +339,17 @@ def _check_model(cfg: Config, problems: list[str], warnings: list[str]) -> tuple
     options that depend on them."""
     m = cfg.model
     try:
-        files = model_files(m.pretrained, m.revision, m.prediction_type)
+        files = model_files(m.pretrained, m.revision, m.prediction_type, m.base)
         info = describe(files, for_training=True, prediction_type=m.prediction_type)
     except SdtuneError as e:
         problems.append(str(e))
         return None, None
-    if is_single_file(m.pretrained):
+    flux = flux_file.read_flux_file(m.pretrained)
+    if flux:  # a FLUX.1 transformer file and its base (sdtune.flux_file): model_files refused one without
+        assert m.base and files.folder
+        warnings += flux_file.pair_warnings(flux, m.base, m.revision)
+        problems += [p for p in [flux_file.param_count_problem(flux, files.folder)] if p]
+    elif is_single_file(m.pretrained):
         ckpt = read_checkpoint(m.pretrained)
         if not ckpt.said_by and not m.prediction_type:
             warnings.append(f"model.prediction_type: {Path(m.pretrained).name} does not say whether it predicts "

@@ -49,7 +49,7 @@ def flat_keys(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 # Keys holding local paths: compared as absolute paths (runs store them resolved; older runs relative)
-PATH_KEYS = {"model.pretrained", "model.vae", "data.instance_dir", "data.dataset", "prior.class_dir"}
+PATH_KEYS = {"model.pretrained", "model.base", "model.vae", "data.instance_dir", "data.dataset", "prior.class_dir"}
 
 
 def _same(key: str, a: Any, b: Any) -> bool:

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, PngImagePlugin
 from tqdm.auto import tqdm
 
 from sdtune import __version__, families
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, error_summary, first_line
 from sdtune.export import lycoris_kind, read_lycoris
 from sdtune.families import Family, ModelFiles
 from sdtune.files import atomic_path, sha256_file
@@ -130,7 +130,7 @@ def render_cells(
             torch.cuda.empty_cache()
         except (RuntimeError, ValueError) as e:
             for c in batch:
-                errors[c] = str(e).splitlines()[0][:200]
+                errors[c] = first_line(e, 200)
         bar.update(len(batch))
     bar.close()
     size = (settings.width, settings.height) if init_image is None else init_image.size
@@ -226,7 +226,7 @@ class Request:
     mask: str | None = None
     outpaint: tuple[int, int, int, int] | None = None
     extras: dict = field(default_factory=dict)
-    model_options: dict = field(default_factory=dict)  # model.vae / prediction_type / clip_skip of the run
+    model_options: dict = field(default_factory=dict)  # model.vae / prediction_type / clip_skip / base of the run
     target: Cell | None = None  # a replay: the one cell to write (``cells`` holds its whole batch)
 
 
@@ -236,7 +236,8 @@ def with_family_defaults(req: Request) -> Request:
     scheduler (FLUX: its model's flow-matching Euler) has that one in the settings, which sidecars record,
     not the --scheduler name it never used. Reads config files only."""
     defaults = inspect_model(req.model, req.revision, for_training=False,
-                             prediction_type=req.model_options.get("prediction_type")).family.sampling
+                             prediction_type=req.model_options.get("prediction_type"),
+                             base=req.model_options.get("base")).family.sampling
 
     def resolved(cell: Cell) -> Cell:
         return cell if cell.guidance_scale is not None else replace(cell, guidance_scale=defaults.guidance_scale)
@@ -250,13 +251,14 @@ def _load_pipeline(req: Request) -> tuple[Any, Family]:
     dtype = torch_dtype(req.dtype)
     device = req.device or ("cuda" if torch.cuda.is_available() else "cpu")
     opts = req.model_options
-    info = inspect_model(req.model, req.revision, for_training=False, prediction_type=opts.get("prediction_type"))
+    info = inspect_model(req.model, req.revision, for_training=False, prediction_type=opts.get("prediction_type"),
+                         base=opts.get("base"))
     if req.settings.mode == "depth":
         pipe = _depth_pipeline(req)
     else:
         pipe = info.family.pipeline(load_components(info.pretrained, info.family, req.revision, req.variant,
                                                     vae=opts.get("vae"), prediction_type=opts.get("prediction_type"),
-                                                    clip_skip=opts.get("clip_skip") or 1))
+                                                    clip_skip=opts.get("clip_skip") or 1, base=opts.get("base")))
         if req.settings.mode == "img2img":
             from diffusers import AutoPipelineForImage2Image
 
@@ -289,7 +291,7 @@ def _depth_pipeline(req: Request) -> Any:
             req.model, revision=req.revision, variant=req.variant, use_safetensors=True
         )
     except (OSError, ValueError, TypeError) as e:
-        raise SdtuneError(f"--depth: {req.model} is not a depth-to-image model ({str(e).splitlines()[0][:120]})"
+        raise SdtuneError(f"--depth: {req.model} is not a depth-to-image model ({first_line(e, 120)})"
                           ) from None
 
 
@@ -332,7 +334,7 @@ def _apply_lora(pipe: Any, path: str, family: Family) -> Embeddings | None:
     except SdtuneError as e:
         raise SdtuneError(f"{path}: does not fit the base model ({e})") from None
     except Exception as e:  # diffusers raises many types for a LoRA of another layout or rank
-        raise SdtuneError(f"{path}: does not fit the base model ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        raise SdtuneError(f"{path}: does not fit the base model ({error_summary(e, 160)})"
                           ) from None
     loaded = [n for n, _ in getattr(pipe, family.denoiser_name).named_parameters() if is_adapter_key(n)]
     if not loaded:
@@ -401,7 +403,8 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
     def absolute(p):
         return str(Path(p).resolve()) if p and Path(p).exists() else p
 
-    options = {**req.model_options, **({"vae": absolute(req.model_options["vae"])} if req.model_options.get("vae") else {})}
+    options = {**req.model_options, **{k: absolute(req.model_options[k]) for k in ("vae", "base")
+                                       if req.model_options.get(k)}}
     req = replace(req, model=absolute(req.model), init_image=absolute(req.init_image), mask=absolute(req.mask),
                   model_options=options,
                   lora=[(label, absolute(f)) for label, f in req.lora],

@@ -12,6 +12,9 @@ The configs are derived from the tensor shapes with the rules of the real archit
 per block; SD2.x and SDXL: 64 channels per head; CLIP and OpenCLIP: 64 channels per head; 32 norm groups). A
 file sdtune wrote itself (``sdtune random-model --single-file``) carries its exact configs in its metadata, so
 tiny test models with other head counts round-trip too. ``sdtune.ldm`` converts the weights.
+
+FLUX.1 files (the transformer alone, in Black Forest Labs' layout, paired with ``model.base``) are
+``sdtune.flux_file``'s; they share this module's header reading and cache folders.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +49,6 @@ CONFIG_KEY = "sdtune.diffusers_configs"  # metadata of files sdtune writes: thei
 DERIVATION = "1"  # bump when the derived configs change, so cached config folders are written again
 
 
-
 def is_single_file(pretrained: str) -> bool:
     """Whether ``model.pretrained`` names one checkpoint file (not a diffusers folder or hub id)."""
     path = Path(pretrained).expanduser()
@@ -66,7 +69,9 @@ class Checkpoint:
     metadata: dict[str, str]
 
 
-def _header(pretrained: str) -> tuple[Path, dict[str, list[int]], dict[str, str]]:
+def read_header(pretrained: str) -> tuple[Path, dict[str, list[int]], dict[str, str]]:
+    """(path, {key: shape}, metadata) of a ``.safetensors`` checkpoint, from its header alone; one SdtuneError
+    naming ``model.pretrained`` for a pickle or a missing file."""
     path = Path(pretrained).expanduser()
     if path.suffix.lower() in PICKLES:
         raise SdtuneError(f"model.pretrained: {pretrained} is a pickle checkpoint ({path.suffix}), which can run code "
@@ -80,6 +85,10 @@ def _header(pretrained: str) -> tuple[Path, dict[str, list[int]], dict[str, str]
     return path, shapes, {str(k): str(v) for k, v in metadata.items()}
 
 
+TRANSFORMER_FILE = ("is a transformer checkpoint sdtune does not read as one file (SD3, a diffusers transformer "
+                    "saved alone, or a FLUX.1 file without its single blocks); use a diffusers-format model folder")
+
+
 def _not_trainable(pretrained: str, keys: list[str], shapes: dict[str, list[int]]) -> str | None:
     """Why a file is not an SD1.x / SD2.x / SDXL text-to-image checkpoint, None if it is one."""
     if not any(k.startswith(UNET) for k in keys):
@@ -89,10 +98,11 @@ def _not_trainable(pretrained: str, keys: list[str], shapes: dict[str, list[int]
         if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.")) for k in keys):
             return "is a VAE alone; give it as model.vae beside a full checkpoint"
         if any(k.startswith(("double_blocks.", "joint_blocks.", "transformer_blocks.")) for k in keys):
-            return "is a transformer model (FLUX / SD3-style), which sdtune does not train yet"
+            # a whole FLUX.1 transformer in BFL's layout is sdtune.flux_file's and does not get here
+            return TRANSFORMER_FILE
         return "has no UNet (model.diffusion_model.*); is it a Stable Diffusion checkpoint?"
     if any(k.startswith((UNET + "double_blocks.", UNET + "joint_blocks.")) for k in keys):
-        return "is a FLUX / SD3 checkpoint, which sdtune does not train yet"
+        return TRANSFORMER_FILE
     conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
     if not conv_in or len(conv_in) != 4:
         return "is not an SD1.x, SD2.x or SDXL UNet (no input_blocks.0.0 convolution)"
@@ -139,7 +149,7 @@ def _prediction(family: Family, keys: set[str], metadata: dict[str, str]) -> tup
 def read_checkpoint(pretrained: str, for_training: bool = True) -> Checkpoint:
     """What the single-file checkpoint ``pretrained`` is, from its header; one SdtuneError naming
     ``model.pretrained`` and the fix when it is not a checkpoint sdtune can use."""
-    path, shapes, metadata = _header(pretrained)
+    path, shapes, metadata = read_header(pretrained)
     keys = list(shapes)
     why = _not_trainable(pretrained, keys, shapes)
     family = _family(set(keys)) if why is None else None
@@ -324,19 +334,26 @@ def config_folder(pretrained: str, prediction_type: str | None = None) -> tuple[
         ckpt = Checkpoint(**{**ckpt.__dict__, "prediction_type": prediction_type, "said_by": "model.prediction_type"})
     configs = derived_configs(ckpt)
     key = json.dumps([DERIVATION, ckpt.family.name, ckpt.prediction_type, ckpt.zero_snr, configs], sort_keys=True)
+    folder = cache_folder(key, lambda tmp: _write_configs(ckpt, configs, tmp))
+    return ckpt, folder
+
+
+def cache_folder(key: str, write: Callable[[Path], None]) -> Path:
+    """The config folder named by ``key`` (what it is derived from) in sdtune's cache: ``write`` fills a
+    temporary folder the first time, which then takes the name at once."""
     folder = cache_root() / "single_file" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if not (folder / "model_index.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
         try:
-            _write_configs(ckpt, configs, tmp)
+            write(tmp)
             try:
                 os.replace(tmp, folder)
             except OSError:  # another process wrote the same folder first: theirs is the same
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return ckpt, folder
+    return folder
 
 
 def param_count_problem(ckpt: Checkpoint, folder: Path) -> str | None:

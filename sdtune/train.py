@@ -431,7 +431,9 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> tuple[C
                 f"{weight_dtype}")
     m = cfg.model
     c = load_components(info.pretrained, info.family, m.revision, m.variant, m.allow_unsafe_pickle, vae=m.vae,
-                        prediction_type=m.prediction_type, clip_skip=m.clip_skip)
+                        prediction_type=m.prediction_type, clip_skip=m.clip_skip, base=m.base,
+                        # read in half precision where the run computes in it: FLUX.1 + T5 take 34 GB of RAM, not 68
+                        dtype=None if weight_dtype == torch.float32 else weight_dtype)
     # Is each identifier a single, rare, meaningless token for this model's tokenizer(s)? (sdtune check-token)
     for concept in cfg.concepts():
         report = check_identifier(concept.identifier, c.tokenizers)
@@ -492,7 +494,8 @@ def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accele
         return []
     family = plan.family
     parts = [family.denoiser_name, "vae", "scheduler", *(n for e in family.text_encoders for n in (e.name, e.tokenizer_name))]
-    identity = model_identity(plan.model.pretrained, cfg.model.revision, parts, cfg.model.vae, cfg.model.clip_skip)
+    identity = model_identity(plan.model.pretrained, cfg.model.revision, parts, cfg.model.vae, cfg.model.clip_skip,
+                              base=cfg.model.base)
     pipe = family.pipeline(c, sampling_scheduler(c.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     concepts, paths = cfg.concepts(), []
@@ -564,7 +567,7 @@ def _latent_cache(cfg: Config, plan: RunPlan, c: Components, dataset: DreamBooth
     if not dataset.center_crop:  # buckets are centre crops too
         logger.info("note: train.cache_latents is off because data.center_crop=false takes a new random crop every step")
         return None
-    weights_id = model_identity(plan.model.pretrained, cfg.model.revision, ["vae"], cfg.model.vae)
+    weights_id = model_identity(plan.model.pretrained, cfg.model.revision, ["vae"], cfg.model.vae, base=cfg.model.base)
     vae_id = vae_identity(weights_id, c.vae.config, str(c.vae.dtype))
     directory = cache_root() / "latents"
     if accelerator.is_main_process:
@@ -602,7 +605,8 @@ def _text_cache(run: Run) -> TextCache | None:
 
     # what the embeddings depend on: the encoders' and tokenizers' files, clip skip, family, dtypes, device kind
     parts = [n for e in family.text_encoders for n in (e.name, e.tokenizer_name)]
-    weights = model_identity(run.plan.model.pretrained, run.cfg.model.revision, parts, None, run.cfg.model.clip_skip)
+    weights = model_identity(run.plan.model.pretrained, run.cfg.model.revision, parts, None, run.cfg.model.clip_skip,
+                             base=run.cfg.model.base)
     stored = run.cfg.model.quantize_text_encoders  # quantized encoders encode to other numbers: another cache
     identity = hashlib.sha256("|".join([weights, family.name, str(run.weight_dtype), run.accelerator.mixed_precision,
                                         run.device.type, *([stored] if stored != "none" else [])]).encode()

@@ -488,3 +488,22 @@ def test_eval_samples_a_flux_model_at_its_own_guidance(tiny_model):
     assert _guidance(world, str(tiny_model("flux")), None) == 3.5
     assert _guidance(paper, str(tiny_model("sd15")), None) == 7.5
     assert _guidance(world, str(tiny_model("sd15")), None) == 4.0
+
+
+def test_a_kohya_file_diffusers_cannot_split_is_one_line_not_a_crash(tiny_model, tmp_path, capsys):
+    # linear1 (the single blocks' fused q, k, v and MLP) of a tiny model: diffusers' reader asserts FLUX.1's
+    # widths with a bare `assert` (no message); quoting it crashed with IndexError, "a bug in sdtune"
+    from peft import LoraConfig
+
+    from sdtune.cli import main
+
+    model = tiny_model("flux")
+    c = load_components(str(model), FLUX)
+    c.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q"]))
+    kohya = write_kohya(tmp_path / "k.safetensors", FLUX, {"transformer": Adapter.from_module(c.denoiser)},
+                        base_model=str(model), prediction_type="flow_matching")
+    assert any(k.startswith("lora_unet_single_blocks_0_linear1.") for k in load_file(kohya))
+    code = main(["sample", str(kohya), "--model", str(model), "--prompt", "a toy", "--seeds", "0", "--steps", "1",
+                 "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert code != 0 and "does not fit the base model (AssertionError)" in err and "bug in sdtune" not in err

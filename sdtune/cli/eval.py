@@ -181,13 +181,13 @@ def _subject(args: argparse.Namespace, target: Path, run_cfg: dict) -> tuple[str
 
 
 def _settings(args: argparse.Namespace, scorer: Scorer, model: str, revision: str | None,
-              resolution: int | None) -> Settings:
+              resolution: int | None, base: str | None = None) -> Settings:
     """Sampling settings: the flags, else the scorer's defaults, the run's resolution or the model's own."""
     settings = Settings(negative_prompt=args.negative_prompt,
                         steps=args.steps if args.steps is not None else scorer.steps, scheduler=args.scheduler,
                         width=args.width or resolution or 0, height=args.height or resolution or 0,
                         batch_size=args.batch_size)
-    return with_size(settings, model, revision)
+    return with_size(settings, model, revision, base=base)
 
 
 def spec_from_args(args: argparse.Namespace, scorer: Scorer) -> EvalSpec:
@@ -210,24 +210,26 @@ def spec_from_args(args: argparse.Namespace, scorer: Scorer) -> EvalSpec:
     class_prompt = (args.class_prompt or (run_cfg.get("prior") or {}).get("class_prompt")
                     or f"a photo of {article} {class_noun}")
     revision = model_cfg.get("revision")
+    options = run_model_options(args.model, run_cfg)  # base: the FLUX.1 model beside a transformer file
     return EvalSpec(
         run=str(target), model=model, loras=loras, steps={label: step_of(label, f) for label, f in loras},  # type: ignore[misc]
         subject_dir=Path(subject_dir), identifier=identifier, class_noun=class_noun, prompt_set=prompt_set,
         prompts=prompts, images_per_prompt=args.images_per_prompt, lora_scales=scales,
-        guidance=args.guidance if args.guidance is not None else _guidance(scorer, model, revision),
-        settings=_settings(args, scorer, model, revision, data.get("resolution")), class_prompt=class_prompt,
-        revision=revision, variant=model_cfg.get("variant"), dtype=args.dtype, device=args.device,
-        model_options=run_model_options(args.model, run_cfg),
+        guidance=args.guidance if args.guidance is not None else _guidance(scorer, model, revision,
+                                                                           options.get("base")),
+        settings=_settings(args, scorer, model, revision, data.get("resolution"), options.get("base")),
+        class_prompt=class_prompt, revision=revision, variant=model_cfg.get("variant"), dtype=args.dtype,
+        device=args.device, model_options=options,
     )
 
 
-def _guidance(scorer: Scorer, model: str, revision: str | None) -> float:
+def _guidance(scorer: Scorer, model: str, revision: str | None, base: str | None = None) -> float:
     """The scorer's guidance (the paper's 7.5, the micro world's 4), unless the model's family samples at its own
     (FLUX.1-dev 3.5, SD3 7.0): 7.5 is an SD setting, and a guidance-distilled FLUX at 7.5 draws burnt images."""
     from sdtune.families.base import SamplingDefaults
     from sdtune.models import inspect_model
 
-    own = inspect_model(model, revision, for_training=False).family.sampling.guidance_scale
+    own = inspect_model(model, revision, for_training=False, base=base).family.sampling.guidance_scale
     return scorer.guidance if own == SamplingDefaults().guidance_scale else own
 
 

@@ -93,8 +93,10 @@ def base_model(model: str | None, target: Path, run_cfg: dict) -> str:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """--vae, --prediction-type, --clip-skip and --quantize: the recipe's model.* options, for a model given with
-    --model."""
+    """--base, --vae, --prediction-type, --clip-skip and --quantize: the recipe's model.* options, for a model
+    given with --model."""
+    p.add_argument("--base", help="the FLUX.1 model (hub id or folder) whose text encoders, tokenizers, VAE and "
+                   "scheduler go with a FLUX.1 transformer file given as --model (default: the run's model.base)")
     p.add_argument("--vae", help="a VAE in place of the model's (hub id, folder or .safetensors; default: the run's)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                    help="what a single-file model predicts, where the file does not say (default: the run's)")
@@ -105,19 +107,21 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def run_model_options(model: str | None, run_cfg: dict) -> dict:
-    """{vae, prediction_type, clip_skip} the run loaded its base model with. Its VAE and prediction type belong
-    to that base model, so they apply only when ``model`` (--model) does not name another."""
+    """{vae, prediction_type, clip_skip, base} the run loaded its base model with. Its VAE, prediction type and
+    base (the FLUX.1 model beside a transformer file) belong to that model, so they apply only when ``model``
+    (--model) does not name another."""
     run = run_cfg.get("model", {})
     own = not model or model == run.get("pretrained")
     options = {"vae": run.get("vae") if own else None, "prediction_type": run.get("prediction_type") if own else None,
-               "clip_skip": run.get("clip_skip") or 1}
+               "clip_skip": run.get("clip_skip") or 1, "base": run.get("base") if own else None}
     return {k: v for k, v in options.items() if v and not (k == "clip_skip" and v == 1)}
 
 
 def model_options(args: argparse.Namespace, run_cfg: dict) -> dict:
-    """The run's model options (``run_model_options``) with the --vae / --prediction-type / --clip-skip flags."""
+    """The run's model options (``run_model_options``) with the --base / --vae / --prediction-type / --clip-skip
+    flags."""
     flags = {"vae": args.vae, "prediction_type": args.prediction_type, "clip_skip": args.clip_skip,
-             "quantize": args.quantize}
+             "quantize": args.quantize, "base": args.base}
     options = run_model_options(args.model, run_cfg) | {k: v for k, v in flags.items() if v}
     return {k: v for k, v in options.items() if not (k == "clip_skip" and v == 1)}
 
@@ -135,13 +139,14 @@ def lora_base_model(lora_file: Path) -> str:
     raise SdtuneError(f"--model: {lora_file} {says}; pass --model HUB_ID_FOLDER_OR_FILE")
 
 
-def with_size(settings: Any, model: str, revision: str | None, prediction_type: str | None = None) -> Any:
+def with_size(settings: Any, model: str, revision: str | None, prediction_type: str | None = None,
+              base: str | None = None) -> Any:
     """``settings`` with a width and height: the model's native size where the flags and the run gave none."""
     from sdtune.models import inspect_model
 
     if settings.width and settings.height:
         return settings
-    native = inspect_model(model, revision, for_training=False, prediction_type=prediction_type).resolution
+    native = inspect_model(model, revision, for_training=False, prediction_type=prediction_type, base=base).resolution
     return replace(settings, width=settings.width or native, height=settings.height or native)
 
 
@@ -221,7 +226,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # Before anything loads: an hour of rendering must not end in "cannot write", nor replace a user's file.
     check_outputs(out, len(req.cells), grid=not args.replay, overwrite=args.overwrite)
     quiet_libraries()
-    req.settings = with_size(req.settings, req.model, req.revision, req.model_options.get("prediction_type"))
+    req.settings = with_size(req.settings, req.model, req.revision, req.model_options.get("prediction_type"),
+                             req.model_options.get("base"))
     written, failures = run_sample(req, out, grid=not args.replay)
     if args.replay:
         print(f"image: {written}")

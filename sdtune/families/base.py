@@ -153,6 +153,20 @@ class ModelFiles:
         return self._read[filename]
 
 
+def load_kwargs(dtype: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(diffusers', transformers') ``from_pretrained`` arguments that load weights straight in ``dtype`` (none for
+    None): FLUX.1's transformer and T5 are 68 GB in float32, the libraries' default, 34 GB in bf16, which is
+    what a bf16 run casts them to anyway (the same rounding, done while reading)."""
+    if dtype is None:
+        return {}, {}
+    import transformers
+    from packaging.version import Version
+
+    # transformers 4.56 renamed torch_dtype to dtype (5.x warns about the old name; 4.50 knows only that one)
+    name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {"torch_dtype": dtype}, {name: dtype}
+
+
 def empty_module_names(model_class: str, config: dict) -> list[str]:
     """Every module name of a diffusers model (``model_class``, e.g. "UNet2DConditionModel") built from its
     config as a skeleton on the meta device: no memory, no weights read."""
@@ -245,8 +259,10 @@ class Family(Protocol):
         ...
 
     # -- loading and building
-    def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool) -> Components:
-        """Tokenizers, text encoders, VAE, denoiser and the training noise scheduler."""
+    def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool,
+             dtype: Any = None) -> Components:
+        """Tokenizers, text encoders, VAE, denoiser and the training noise scheduler; ``dtype``: the denoiser's
+        and text encoders' (``load_kwargs``), None for the libraries' default (float32)."""
         ...
 
     def pipeline(self, components: Components, scheduler: Any = None) -> Any:

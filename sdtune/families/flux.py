@@ -16,9 +16,12 @@ A LoHa / LoKr (``lora.type``) is written with SimpleTuner's LyCORIS names (``sdt
 
 Pivotal tuning trains CLIP-L's and T5's rows (files with ``clip_l`` and ``t5``, as diffusers' advanced FLUX script).
 
-Not yet: single-file checkpoints, noise offset and min-SNR (DDPM
-notions), clip skip, a 256-token T5 option (``max_sequence_length`` is the pipeline's 512), a memory estimate
-calibrated for FLUX (SD's constants are used); ``config_problems`` refuses each such key in one line.
+A transformer file in BFL's layout (what fine-tunes are shared as) loads with ``model.base`` supplying the rest
+(``sdtune.flux_file``; ``load(denoiser=...)``).
+
+Not yet: noise offset and min-SNR (DDPM notions), clip skip, a 256-token T5 option (``max_sequence_length`` is
+the pipeline's 512), a memory estimate calibrated for FLUX (SD's constants are used); ``config_problems`` refuses
+each such key in one line.
 
 torch, diffusers and transformers are imported inside the methods that use them (see ``families.sd``).
 """
@@ -42,6 +45,7 @@ from sdtune.families.base import (
     SamplingDefaults,
     TextEncoderSpec,
     empty_module_names,
+    load_kwargs,
 )
 from sdtune.families.flow import FlowOptions, flow_config_problems, flow_objective
 from sdtune.families.sd import CLIP_TARGETS, clip_text_config
@@ -174,19 +178,24 @@ class Flux:
     # ---------------------------------------------------------------------------------------------------
     # Loading and building
 
-    def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool) -> Components:
+    def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool,
+             dtype: Any = None, denoiser: Any = None) -> Components:
+        """``denoiser``: a transformer already loaded (a single file's, ``sdtune.flux_file``) in place of the
+        model's own, which is then not read."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         kw: dict[str, Any] = dict(revision=revision)
         wkw: dict[str, Any] = dict(revision=revision, variant=variant, use_safetensors=True if safetensors_only else None)
+        dkw, tkw = load_kwargs(dtype)
         return Components(
             tokenizers=[CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw),
                         T5TokenizerFast.from_pretrained(pretrained, subfolder="tokenizer_2", **kw)],
-            text_encoders=[CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **wkw),
-                           T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_2", **wkw)],
+            text_encoders=[CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **wkw, **tkw),
+                           T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_2", **wkw, **tkw)],
             vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **wkw),
-            denoiser=FluxTransformer2DModel.from_pretrained(pretrained, subfolder="transformer", **wkw),
+            denoiser=denoiser if denoiser is not None else
+            FluxTransformer2DModel.from_pretrained(pretrained, subfolder="transformer", **wkw, **dkw),
             # training draws its sigmas from the model's own scheduler (timesteps and sigmas tables)
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw),
         )

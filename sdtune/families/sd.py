@@ -25,6 +25,7 @@ from sdtune.families.base import (
     SamplingDefaults,
     TextEncoderSpec,
     empty_module_names,
+    load_kwargs,
 )
 from sdtune.objectives import DiffusionObjective
 from sdtune.tokens import EOS_TOKEN, clip_tokenizer
@@ -142,22 +143,24 @@ class StableDiffusion:
     # ---------------------------------------------------------------------------------------------------
     # Loading and building
 
-    def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool) -> Components:
+    def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool,
+             dtype: Any = None) -> Components:
         import transformers
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTokenizer
 
         kw: dict[str, Any] = dict(revision=revision)
         wkw: dict[str, Any] = dict(revision=revision, variant=variant, use_safetensors=True if safetensors_only else None)
+        dkw, tkw = load_kwargs(dtype)  # the VAE loads as it is: its dtype depends on force_upcast
         tokenizers, text_encoders = [], []
         for spec in self.text_encoders:
             tokenizers.append(CLIPTokenizer.from_pretrained(pretrained, subfolder=spec.tokenizer_name, **kw))
             model_class = getattr(transformers, spec.model_class)
-            text_encoders.append(model_class.from_pretrained(pretrained, subfolder=spec.name, **wkw))
+            text_encoders.append(model_class.from_pretrained(pretrained, subfolder=spec.name, **wkw, **tkw))
         return Components(
             tokenizers=tokenizers, text_encoders=text_encoders,
             vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **wkw),
-            denoiser=UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **wkw),
+            denoiser=UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **wkw, **dkw),
             # Training always adds noise with the DDPM forward process; the model's own (sampling) scheduler
             # config carries the betas and the prediction type.
             noise_scheduler=DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw),

@@ -49,6 +49,7 @@ from sdtune.families.base import (
     SamplingDefaults,
     TextEncoderSpec,
     empty_module_names,
+    load_kwargs,
 )
 from sdtune.families.flow import FlowOptions, flow_config_problems, flow_objective
 from sdtune.families.sd import CLIP_TARGETS, clip_text_config
@@ -202,21 +203,25 @@ class SD3:
     # ---------------------------------------------------------------------------------------------------
     # Loading and building
 
-    def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool) -> Components:
+    def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool,
+             dtype: Any = None) -> Components:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         kw: dict[str, Any] = dict(revision=revision)
         wkw: dict[str, Any] = dict(revision=revision, variant=variant, use_safetensors=True if safetensors_only else None)
+        dkw, tkw = load_kwargs(dtype)
         return Components(
             tokenizers=[CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw),
                         CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", **kw),
                         T5TokenizerFast.from_pretrained(pretrained, subfolder="tokenizer_3", **kw)],
-            text_encoders=[CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder", **wkw),
-                           CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder_2", **wkw),
-                           T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_3", **wkw)],
+            text_encoders=[CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder", **wkw,
+                                                                       **tkw),
+                           CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder_2",
+                                                                       **wkw, **tkw),
+                           T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_3", **wkw, **tkw)],
             vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **wkw),
-            denoiser=SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer", **wkw),
+            denoiser=SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer", **wkw, **dkw),
             # training draws its sigmas from the model's own scheduler (shift 3.0: its timesteps and sigmas tables)
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw),
         )
