@@ -26,14 +26,17 @@ class Estimate:
     weights_gib: float
     trainable_gib: float
     activations_gib: float
+    calibrated: bool = True  # whether the activation constants were measured for this family
 
     @property
     def total_gib(self) -> float:
         return self.weights_gib + self.trainable_gib + self.activations_gib + OVERHEAD
 
     def line(self) -> str:
+        activations = f"activations {self.activations_gib:.1f}" + (
+            "; +-30%" if self.calibrated else ", a guess from SD's constants: not measured for this family")
         return (f"pre-flight estimate: ~{self.total_gib:.1f} GiB peak GPU memory (weights {self.weights_gib:.1f}, "
-                f"LoRA + optimizer {self.trainable_gib:.2f}, activations {self.activations_gib:.1f}; +-30%)")
+                f"LoRA + optimizer {self.trainable_gib:.2f}, {activations})")
 
 
 def estimate(
@@ -66,4 +69,4 @@ def estimate(
         unet *= constants.checkpointing_factor
     vae = 0.0 if latents_cached else constants.vae_activation_gib * (resolution / 1024) ** 2 * vae_bytes / 4
     activations = max(unet, vae) * images_per_micro_batch
-    return Estimate(weights / GIB, trainable / GIB, activations)
+    return Estimate(weights / GIB, trainable / GIB, activations, constants.calibrated)

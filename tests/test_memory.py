@@ -34,3 +34,16 @@ def test_estimate_is_within_15_percent_of_measured_peaks(name, kw, measured):
     )
     assert abs(est.total_gib - measured) / measured < 0.15, (est.total_gib, measured)
     assert "GiB peak GPU memory" in est.line()
+
+
+def test_a_family_without_measured_constants_says_its_activations_are_a_guess():
+    from sdtune.families import MemoryConstants, get
+
+    kw = dict(unet_params=12_000_000_000, frozen_on_gpu_params=0, fp32_on_gpu_params=0, trainable_params=10**7,
+              weight_bytes=2, images_per_micro_batch=1, resolution=1024, gradient_checkpointing=True,
+              optimizer="adamw", latents_cached=True)
+    assert "+-30%" in estimate(**kw).line() and "guess" not in estimate(**kw).line()
+    for family in ("flux", "sd3"):
+        line = estimate(**kw, constants=get(family).memory).line()
+        assert "not measured for this family" in line and "+-30%" not in line
+    assert get("sdxl").memory == MemoryConstants()

@@ -86,6 +86,8 @@ class MemoryConstants:
     unet_activation_gib: float = 1.26  # per image, per 1e9 denoiser params, per 64x64 latent pixels, 2 bytes
     checkpointing_factor: float = 0.058  # share of those activations kept with gradient checkpointing
     vae_activation_gib: float = 3.1  # per 1024x1024 image through the VAE encoder, 4 bytes
+    # the family these constants were measured for; another family's estimate says its activations are a guess
+    calibrated: bool = True
 
 
 @dataclass(frozen=True)

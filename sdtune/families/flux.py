@@ -132,7 +132,7 @@ class Flux:
     kohya_prefixes: dict[str, str] = field(default_factory=lambda: dict(KOHYA_PREFIXES))
     kohya_modules: tuple[KohyaModule, ...] = KOHYA_MODULES
     sampling: SamplingDefaults = SAMPLING
-    memory: MemoryConstants = MemoryConstants()  # SD's constants: not calibrated for FLUX
+    memory: MemoryConstants = MemoryConstants(calibrated=False)  # SD's constants: not measured for FLUX
     original_layout: OriginalLayout | None = None
     max_sequence_length: int = 512  # T5 tokens: 512 for FLUX.1-dev (the pipeline's default), 256 for schnell
 

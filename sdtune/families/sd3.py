@@ -149,7 +149,7 @@ class SD3:
     # the pipeline's default guidance (SD3 samples with classifier-free guidance), with the model's own
     # flow-matching scheduler: the DDPM-style ones of --scheduler do not take its sigmas
     sampling: SamplingDefaults = SamplingDefaults(guidance_scale=7.0, scheduler="FlowMatchEulerDiscreteScheduler")
-    memory: MemoryConstants = MemoryConstants()  # SD's constants: not calibrated for SD3
+    memory: MemoryConstants = MemoryConstants(calibrated=False)  # SD's constants: not measured for SD3
     original_layout: OriginalLayout | None = None
     # T5 tokens: StableDiffusion3Pipeline's default, which every sampler uses (diffusers' SD3 training script
     # defaults to 77, so its LoRAs train on shorter T5 embeddings than they sample with)
