@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from sdtune.data import Size, load_image
 from sdtune.errors import DiskFull, SdtuneError
-from sdtune.files import content_hash, free_bytes, mib, remembered, unhashed_bytes, write_bytes, write_text
+from sdtune.files import content_hashes, free_bytes, locate, mib, remembered, write_bytes, write_text
 from sdtune.locks import cache_lock
 from sdtune.runs import safetensors_header
 
@@ -76,14 +76,19 @@ def _cached(file: Path, key: str | None = "params", what: str = "latent") -> boo
     """Whether a cache entry is there whole: its header parses, names ``key`` (if given), and its tensors fill
     the file exactly (a header read, not the tensor: 100,000 entries are checked in seconds). A damaged one is
     removed, to be encoded again."""
-    if not file.is_file():
+    try:  # one lstat: whether it is there, and which version of it (what the manifest is asked about)
+        found = locate(file)
+    except OSError:  # not there (or a broken link)
         return False
+    if not found.regular:
+        return False
+
     def check() -> str | None:
         header = safetensors_header(file)  # raises SdtuneError for a truncated or foreign file
         return "ok" if key is None or key in header else None
 
     try:  # a header read once per version of the file (sdtune.files.remembered), a lookup after that
-        whole = remembered(file, "whole", check) == "ok"
+        whole = remembered(found, "whole", check) == "ok"
     except SdtuneError:
         whole = False
     if not whole:
@@ -136,12 +141,8 @@ def cache_latents(
     crops only: a random crop would need a new latent every step."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = list(dict.fromkeys(p for p, _, _ in items))
-    if unhashed_bytes(paths) > 1 << 26:
-        # hashlib lets go of the GIL on large reads: many new photos are hashed in threads
-        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-            hashes = dict(zip(paths, pool.map(content_hash, paths)))
-    else:  # known ones are a lookup each (sdtune.files.remembered): threads would only add their overhead
-        hashes = {p: content_hash(p) for p in paths}
+    # each photo looked at once; known ones are a lookup each, many new ones are hashed in threads
+    hashes = dict(zip(paths, content_hashes(paths), strict=True))
     out: dict[tuple[str, bool, Size], Path] = {}
     todo: list[tuple[Path, bool, Size, Path]] = []
     for path, flip, (w, h) in items:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from sdtune import __version__
 from sdtune.errors import SdtuneError
-from sdtune.files import remembered
+from sdtune.files import Located, locate, remembered
 from sdtune.images import DECODERS, IMAGE_EXTENSIONS, Decoded, Unreadable, missing_decoder, read_image
 from sdtune.prep import (
     EXTREME_ASPECT,
@@ -92,13 +92,46 @@ def _names(names: list[str]) -> str:
     return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def _entries(folder: Path) -> list[Path]:
-    """Everything directly in ``folder`` but hidden files (macOS's ``._`` forks among them) and OS junk."""
+def _listing(folder: Path) -> list[os.DirEntry]:
+    """Everything directly in ``folder`` but hidden files (macOS's ``._`` forks among them) and OS junk, by
+    name (as ``Path`` objects sort). Directory entries, not paths: a listing says which entry is a file or a
+    folder without a system call per entry (a 100,000-photo folder's stat calls and Path objects were a
+    second of every start)."""
+    junk = JUNK_FILES | JUNK_DIRS
     try:
-        return sorted(p for p in folder.iterdir()
-                      if not p.name.startswith(".") and p.name.lower() not in JUNK_FILES | JUNK_DIRS)
+        with os.scandir(folder) as entries:
+            found = [e for e in entries if not e.name.startswith(".") and e.name.lower() not in junk]
     except OSError as e:
         raise SdtuneError(f"cannot list {folder} ({e.strerror or e}); fix its permissions") from None
+    found.sort(key=lambda e: os.path.normcase(e.name))  # Windows' paths sort ignoring case, POSIX ones do not
+    return found
+
+
+def _entries(folder: Path) -> list[Path]:
+    """``_listing`` as paths."""
+    return [folder / e.name for e in _listing(folder)]
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """``Path.is_file`` of a listed entry: a regular file, or a link to one (a broken link or a loop: False)."""
+    try:
+        return entry.is_file()
+    except OSError:  # a link loop (ELOOP), which Path.is_file calls no file too
+        return False
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """``Path.is_dir`` of a listed entry (a broken link or a loop: False)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _suffix(name: str) -> str:
+    """``PurePath(name).suffix``, on the bare name: '.png' for 'a.png', '' for '.png' or 'a.'."""
+    i = name.rfind(".")
+    return name[i:] if 0 < i < len(name) - 1 else ""
 
 
 def has_word(text: str, word: str) -> bool:
@@ -161,21 +194,21 @@ def _survey(folder: Path, key: str, scan: Scan) -> list[Path]:
     """The image files directly in ``folder``. Image names that are not files are problems; other files
     that are neither images nor text (captions, metadata, prep's report), and subfolders, are warnings."""
     images, unknown, subfolders = [], [], []
-    for p in _entries(folder):
-        suffix = p.suffix.lower()
+    for e in _listing(folder):
+        suffix = _suffix(e.name).lower()
         if suffix in IMAGE_EXTENSIONS:
-            if not _utf8(p.name):
-                scan.problems.append(f"{key}: the name {_shown(p.name)} is not valid UTF-8, which run records and "
+            if not _utf8(e.name):
+                scan.problems.append(f"{key}: the name {_shown(e.name)} is not valid UTF-8, which run records and "
                                      "reports need; fix: rename it")
-            elif p.is_file():
-                images.append(p)
+            elif _is_file(e):
+                images.append(folder / e.name)
             else:
-                scan.problems.append(f"{key}: {_shown(p.name)} is {_not_a_file(p)}, not an image; "
+                scan.problems.append(f"{key}: {_shown(e.name)} is {_not_a_file(folder / e.name)}, not an image; "
                                      "fix: remove or rename it")
-        elif p.is_dir():
-            subfolders.append(p.name + "/")
+        elif _is_dir(e):
+            subfolders.append(e.name + "/")
         elif suffix not in TEXT_SUFFIXES:
-            unknown.append(p.name)
+            unknown.append(e.name)
     if unknown:
         scan.warnings.append(f"{key}: not in a format sdtune reads ({', '.join(DECODERS)}), so not used: "
                              f"{_names(unknown)}; fix: convert them to PNG or JPEG")
@@ -190,11 +223,13 @@ def _decode(path: Path, resolution: int):
     return read_image(path.read_bytes(), path.suffix, resolution, Image.MAX_IMAGE_PIXELS, (255, 255, 255))
 
 
-def _unreadable(path: Path) -> str | None:
+def _unreadable(path: Path, found: Located | None = None) -> str | None:
     """Why ``path`` cannot be trained on, with the fix; None if the reader takes it (once per version of the
-    file and of sdtune: a rerun over unchanged images decodes none of them)."""
+    file and of sdtune: a rerun over unchanged images decodes none of them). ``found``: what
+    ``sdtune.files.locate`` found of it, if at hand."""
     try:
-        if remembered(path, f"decodes-{__version__}", lambda: None if _why_unreadable(path) else "ok") == "ok":
+        if remembered(found or path, f"decodes-{__version__}",
+                      lambda: None if _why_unreadable(path) else "ok") == "ok":
             return None
     except OSError:  # it vanished or cannot be read: said below
         pass
@@ -215,6 +250,8 @@ def _why_unreadable(path: Path) -> str | None:
 
 def _file_name(name: str) -> tuple[str | None, str | None]:
     """(the bare file name, None) for a metadata.jsonl ``file_name``, or (None, why it is refused)."""
+    if name not in ("", ".", "..") and "/" not in name and "\\" not in name and ":" not in name:
+        return name, None  # a bare name already (what prep writes): no path parsing per row
     parts = PurePosixPath(name.replace("\\", "/")).parts
     if not parts:
         return None, "has an empty file_name"
@@ -247,8 +284,9 @@ def _metadata_row(raw: bytes) -> tuple[tuple[str, str] | None, str | None]:
     return ((name, row["text"]), None) if name else (None, why)
 
 
-def _read_metadata(folder: Path, key: str, scan: Scan) -> dict[str, str] | None:
-    """{file name: caption} from ``metadata.jsonl`` (None without one); bad lines become problems."""
+def _read_metadata(folder: Path, key: str, scan: Scan, images: frozenset[str] = frozenset()) -> dict[str, str] | None:
+    """{file name: caption} from ``metadata.jsonl`` (None without one); bad lines become problems.
+    ``images``: names already known to be image files in the folder (not looked up again)."""
     metadata = folder / "metadata.jsonl"
     if not metadata.is_file():
         return None
@@ -270,9 +308,11 @@ def _read_metadata(folder: Path, key: str, scan: Scan) -> dict[str, str] | None:
                                      f"the caption on line {n} is used")
             captions[row[0]], lines[row[0]] = row[1], n
     for name in captions:
+        if name in images:
+            continue
         if not (folder / name).is_file():
             scan.problems.append(f"{key}: {metadata} names {_shown(name)}, which is not in the folder")
-        elif Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+        elif _suffix(name).lower() not in IMAGE_EXTENSIONS:
             scan.problems.append(f"{key}: {metadata} names {_shown(name)}, which is not in a format sdtune reads "
                                  f"({', '.join(DECODERS)}); fix: convert it to PNG and rename it in metadata.jsonl")
     return captions
@@ -348,22 +388,26 @@ def _resize_refusal(size: Size, target: Size) -> str | None:
             f"subject (`sdtune prep` reports aspect ratios over {EXTREME_ASPECT}:1)")
 
 
-def _header_size(path: Path) -> Size | None:
-    """The upright size from the header, or None if it cannot be read (the decode then says why)."""
-    try:
-        with warnings.catch_warnings():
+def _header_size(path: Path, found: Located | None = None) -> Size | None:
+    """The upright size from the header (``upright_size``; a decompression bomb's is refused), or None if it
+    cannot be read (the decode then says why)."""
+    def strict() -> str:
+        with warnings.catch_warnings():  # only where the header is read: a remembered size is a lookup
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return upright_size(path)
+            return "{},{}".format(*_upright_size(path))
+
+    try:
+        return _size_of(remembered(found or path, "upright", strict))
     except Exception:  # a malformed header can make a decoder plugin raise anything
         return None
 
 
-def _shape_warning(name: str, size: Size) -> str | None:
+def _shape_warning(path: Path, size: Size) -> str | None:
     w, h = size
     aspect = max(w, h) / min(w, h)
     if aspect <= EXTREME_ASPECT:
         return None
-    return (f"{name} is {w}x{h} px, an extreme aspect ratio of {aspect:.1f}:1 (over {EXTREME_ASPECT}:1, as "
+    return (f"{_shown(path.name)} is {w}x{h} px, an extreme aspect ratio of {aspect:.1f}:1 (over {EXTREME_ASPECT}:1, as "
             f"`sdtune prep` reports): a square crop keeps {100 / aspect:.0f}% of it; fix: crop it to the subject")
 
 
@@ -379,22 +423,32 @@ def _small_warning(small: list[tuple[str, Size]], resolution: int | None, key: s
             + "; `sdtune prep` skips such photos (its --min-side is half the resolution); fix: use larger photos")
 
 
-def _image(path: Path, resolution: int | None, key: str, scan: Scan) -> Size | None:
+def _found(path: Path) -> Located | None:
+    """What ``sdtune.files.locate`` finds of ``path``, or None if it cannot be looked at (it vanished since the
+    listing, or a link broke: the checks then say why)."""
+    try:
+        return locate(path)
+    except OSError:
+        return None
+
+
+def _image(path: Path, resolution: int | None, key: str, scan: Scan, found: Located | None = None) -> Size | None:
     """The upright size of an image training can use; None after a problem. Checks the header's shape first,
-    so an image no resize could cover is refused before anything decodes or resizes it."""
-    name = _shown(path.name)
-    size = _header_size(path)
+    so an image no resize could cover is refused before anything decodes or resizes it. ``found``: what
+    ``sdtune.files.locate`` found of it (both checks are then lookups of that one version)."""
+    size = _header_size(path, found)
     if size is not None:
         r = resolution or LEAST_RESOLUTION
         refusal = _resize_refusal(size, (r, r))  # a square is what the largest resize covers (buckets are smaller)
         if refusal:
-            scan.problems.append(f"{key}: {name} {refusal}")
+            scan.problems.append(f"{key}: {_shown(path.name)} {refusal}")
             return None
-    reason = _unreadable(path)
+    reason = _unreadable(path, found)
     if reason or size is None:
-        scan.problems.append(f"{key}: cannot read {name}: {reason or 'unreadable header; fix: re-save it, or run `sdtune prep`'}")
+        scan.problems.append(f"{key}: cannot read {_shown(path.name)}: "
+                             f"{reason or 'unreadable header; fix: re-save it, or run `sdtune prep`'}")
         return None
-    shape = _shape_warning(name, size)
+    shape = _shape_warning(path, size)
     if shape:
         scan.warnings.append(f"{key}: {shape}")
     return size
@@ -470,26 +524,31 @@ def scan_instance_dir(
             f"{key}: {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add 3-20 photos of the subject"
         )
         return scan
-    captions = _read_metadata(folder, key, scan)
+    captions = _read_metadata(folder, key, scan, frozenset(p.name for p in images))
     if captions is not None:
         images = _listed(images, captions, scan)
     small: list[tuple[str, Size]] = []
+    identified: dict[str, bool] = {}  # whether a caption holds an identifier: each distinct caption once
     # a progress bar (on a terminal) where a scan takes a while: the first look at a large folder decodes each photo
     for path in tqdm(images, desc=f"checking {folder.name}", unit="img", disable=None if len(images) > 2000 else True,
                      leave=False):
-        if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+        found = _found(path)  # one lstat for the link check and both of _image's lookups
+        if (path.is_symlink() if found is None else found.link) and \
+                not path.resolve().is_relative_to(folder.resolve()):
             scan.problems.append(f"{key}: {_shown(path.name)} is a link to a file outside the folder; refused")
             continue
         caption = _caption(path, folder, captions, instance_prompt, words[0], key, scan, prompt_key)
         if caption is None:
             continue
         caption = apply_template(template, caption, words[0])
-        if not any(has_word(caption, word) for word in words):
+        if caption not in identified:
+            identified[caption] = any(has_word(caption, word) for word in words)
+        if not identified[caption]:
             named = f"the identifier '{words[0]}'" if len(words) == 1 else \
                 f"any of the identifiers {', '.join(repr(w) for w in words)}"
             scan.warnings.append(f"{_shown(path.name)}: caption '{_shown(' '.join(caption.split()))}' does not "
                                  f"contain {named}")
-        size = _image(path, resolution, key, scan)
+        size = _image(path, resolution, key, scan, found)
         if size is None:
             continue
         if min(size) < (resolution or LEAST_RESOLUTION) // 2:
@@ -525,10 +584,15 @@ def center_crop_top_left(width: int, height: int, size: int | Size) -> tuple[int
     return (h - th) // 2, (w - tw) // 2
 
 
-def upright_size(path: Path) -> tuple[int, int]:
+def upright_size(path: Path, found: Located | None = None) -> tuple[int, int]:
     """(width, height) as the image is seen (EXIF rotation applied), once per version of the file: PIL reads a
-    PNG whole to look for an EXIF chunk after its pixels, which was most of a 10,000-photo rerun's start-up."""
-    w, h = remembered(path, "upright", lambda: "{},{}".format(*_upright_size(path))).split(",")  # type: ignore[union-attr]
+    PNG whole to look for an EXIF chunk after its pixels, which was most of a 10,000-photo rerun's start-up.
+    ``found``: what ``sdtune.files.locate`` found of it, if at hand (it is then not looked at again)."""
+    return _size_of(remembered(found or path, "upright", lambda: "{},{}".format(*_upright_size(path))))
+
+
+def _size_of(text: str | None) -> tuple[int, int]:
+    w, h = text.split(",")  # type: ignore[union-attr]
     return int(w), int(h)
 
 
@@ -785,7 +849,11 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def targets(self) -> list[tuple[Path, Size]]:
         """Every distinct (image, size) an epoch uses, instance and class images: what a latent cache holds."""
-        pairs = [(self.instance[self._instance_index(i)].path, self.size(i)) for i in range(self.length)]
+        # each instance example's first item comes in the first pass, in the order of self.order: the same list
+        # as item by item, with one step per example rather than per item
+        square = (self.resolution, self.resolution)
+        pairs = [(self.instance[j].path, self.buckets[j] if self.buckets else square)
+                 for j in dict.fromkeys(self.order)]
         if self.classes:
             pairs += [(self._class_image(i)[0], self.size(i)) for i in range(self.length)]
         return list(dict.fromkeys(pairs))

@@ -21,6 +21,7 @@ from each (``data.center_crop``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -30,9 +31,13 @@ import os
 import re
 import shutil
 import string
+import sys
 import unicodedata
+from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from PIL import Image, ImageColor, ImageDraw
 
@@ -79,6 +84,7 @@ FACE_SIDE = 512
 FACE_MIN_CONFIDENCE = 4.0
 SHEET_CELL = 192
 SHEET_MAX = 400  # cells on the contact sheet: a 10,000-image sheet would pass JPEG's 65,500-pixel limit
+STATUSES = ("kept", "fixed", "dropped", "skipped", "ignored")
 
 
 @dataclass(frozen=True)
@@ -198,6 +204,25 @@ def prep(
         files = sum(1 for p in previous if p.name != TMP_DIR)
         logger.info(f"replacing the earlier prep output in {out_dir} ({files} files)")
 
+    created = not out_dir.exists()
+    _remove(out_dir / STAGE_DIR)  # what a killed run left
+    ledger = _Ledger(out_dir / STAGE_DIR)
+    try:
+        _collect(ledger, src_dir, out_dir, settings, caption, caption_from, crop_boxes, workers, progress)
+        return _finish(src_dir, out_dir, previous, ledger, settings, family, rename, token, caption, caption_from,
+                       fmt, drop)
+    finally:
+        ledger.close()
+        _remove(out_dir / STAGE_DIR)
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):  # a prep that failed leaves no OUT
+            out_dir.rmdir()
+
+
+def _collect(ledger: _Ledger, src_dir: Path, out_dir: Path, settings: Settings, caption: str | None,
+             caption_from: str | None, crop_boxes: dict[str, tuple[int, int, int, int]] | None, workers: int,
+             progress: bool | None) -> None:
+    """Every source file's result into ``ledger``: the files left out, the ones with no caption, and what the
+    workers made of the others. (The lists of sources and jobs, 100,000 paths each, end with this call.)"""
     sources, results = find_sources(src_dir, out_dir)
     sources, masks = pair_masks(sources, results)
     jobs = []
@@ -207,38 +232,127 @@ def prep(
             results.append(Result(rel, "skipped", reason=why))
         else:
             jobs.append((rel, str(path), text, settings, masks.get(rel), (crop_boxes or {}).get(rel)))
-    created = not out_dir.exists()
-    _remove(out_dir / STAGE_DIR)  # what a killed run left
-    try:
-        results += _run(jobs, workers, progress, out_dir / STAGE_DIR)
-        results.sort(key=lambda r: _order(r.source))
-        return _finish(src_dir, out_dir, previous, results, settings, family, rename, token, caption, caption_from,
-                       fmt, drop)
-    finally:
-        _remove(out_dir / STAGE_DIR)
-        if created and out_dir.is_dir() and not any(out_dir.iterdir()):  # a prep that failed leaves no OUT
-            out_dir.rmdir()
+    for r in results:
+        ledger.add(r)
+    for r in _run(jobs, workers, progress):
+        ledger.add(r)
 
 
-def _finish(src_dir: Path, out_dir: Path, previous: list[Path], results: list[Result], settings: Settings,
+def _finish(src_dir: Path, out_dir: Path, previous: list[Path], ledger: _Ledger, settings: Settings,
             family: str | None, rename: str, token: str | None, caption: str | None, caption_from: str | None,
             fmt: str, drop: tuple[str, ...]) -> dict:
-    """Name, check and write the processed images (staged on disk by ``_run``); return the report."""
-    kept = [r for r in results if r.status in ("kept", "fixed")]
+    """Name, check and write the processed images (staged on disk by ``_Ledger``); return the report."""
+    order = sorted(range(len(ledger)), key=lambda i: _order(ledger.sources[i]))
+    kept = [i for i in order if STATUSES[ledger.status[i]] in ("kept", "fixed")]
     if not kept:
-        raise SdtuneError(_nothing_usable(src_dir, results))
+        raise SdtuneError(_nothing_usable(src_dir, [ledger.read(i) for i in order]))
+    steps = _SetSteps(len(ledger), fmt, drop)
     # Names come before the checks (their warnings name the earlier file) and stay as they are after --drop,
     # so a source gets the same output name with or without it.
-    _name(kept, rename, token, fmt)
-    set_warnings = check_set(kept)
-    dropped = drop_flagged(kept, drop)
-    kept = [r for r in kept if r.status != "dropped"]
-    if not kept:
-        raise SdtuneError(f"--drop {','.join(drop)}: all {len(dropped)} usable images would be dropped: "
-                          + "; ".join(f"{r.source}: {r.reason}" for r in dropped[:5]))
-    report = _report(src_dir, settings, family, rename, caption, caption_from, results, set_warnings, drop)
-    _write(out_dir, previous, kept, report, dropped)
+    _name(ledger, kept, steps, rename, token)
+    set_warnings = _check_kept(ledger, kept, steps)
+    for i in kept:  # drop_flagged's choice, on the flags alone (its reasons are written with each row)
+        flags = ledger.flags[i] + steps.flags(i)
+        steps.dropped[i] = any(DROPS[d] in flags for d in drop)
+    if all(steps.dropped[i] for i in kept):
+        dropped = [steps.settle(ledger.read(i), i) for i in kept[:5]]
+        raise SdtuneError(f"--drop {','.join(drop)}: all {len(kept)} usable images would be dropped: "
+                          + "; ".join(f"{r.source}: {r.reason}" for r in dropped))
+    report = _report(src_dir, settings, family, rename, caption, caption_from,
+                     _summary(ledger, steps, set_warnings), set_warnings, drop)
+    report["files"] = _write(out_dir, previous, ledger, order, kept, steps, report)
     return report
+
+
+class _Ledger:
+    """Every result of one prep, source file by source file, without its bytes (``_stage`` puts those on disk
+    as each arrives): each ``Result`` as one JSON line in a file beside them, read back one at a time (the
+    report, the contact sheet), and in memory only what the steps over the whole set look at, a column each
+    (source names, status, the workers' flags, the duplicate and blur measurements): about 150 bytes a photo,
+    where whole ``Result`` objects were 3.7 KB (most of prep's 694 MiB peak at 100,000 photos)."""
+
+    def __init__(self, stage: Path):
+        self.stage = stage
+        self._file: TextIO | None = None  # opened by the first add, closed by close()
+        self._offsets = array("q")
+        self.sources: list[str] = []
+        self.status = bytearray()  # index into STATUSES
+        self.flags: list[tuple[str, ...]] = []  # the workers' (ANIM, SMALL, ASPECT, MASK): () for most
+        self.warnings = array("q")  # each result's count of warnings as it came
+        self.has_mask = bytearray()
+        self.sha256 = bytearray()  # 32 bytes each (zeros for none)
+        self.phash = array("Q")
+        self.sharpness = array("d")
+        self.grayscale = bytearray()
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def add(self, r: Result) -> None:
+        """Stage ``r``'s bytes and write it down."""
+        _stage(r, self.stage, len(self))
+        record = {k: v for k, v in vars(r).items() if k not in ("encoded", "mask_encoded", "thumb")}
+        if self._file is None:
+            self.stage.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.stage / "results.jsonl", "w+", encoding="utf-8")  # noqa: SIM115
+        self._file.seek(0, os.SEEK_END)
+        self._offsets.append(self._file.tell())
+        self._file.write(json.dumps(record) + "\n")  # ASCII-escaped: a name's undecodable bytes come back
+        self.sources.append(r.source)
+        self.status.append(STATUSES.index(r.status))
+        self.flags.append(tuple(sys.intern(f) for f in r.flags))
+        self.warnings.append(len(r.warnings))
+        self.has_mask.append(r.has_mask)
+        self.sha256 += bytes.fromhex(r.sha256) if r.sha256 else bytes(32)
+        self.phash.append(r.phash)
+        self.sharpness.append(r.sharpness)
+        self.grayscale.append(r.grayscale)
+
+    def read(self, i: int) -> Result:
+        """Result ``i`` as the worker left it (staged: ``Result.staged``)."""
+        assert self._file is not None
+        self._file.seek(self._offsets[i])
+        record = json.loads(self._file.readline())
+        record["source"] = self.sources[i]  # the same text: one object where rows are kept
+        for key in ("size", "crop_box", "output_size"):
+            if record[key] is not None:
+                record[key] = tuple(record[key])
+        return Result(**record)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+@dataclass
+class _SetSteps:
+    """What the steps over the whole set decided for the kept images, by ledger index: output names, the
+    warnings they added (flag, text, in order) and which ``--drop`` leaves out."""
+
+    size: int
+    fmt: str
+    drop: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        self.outputs: list[str | None] = [None] * self.size
+        self.masks: list[str | None] = [None] * self.size
+        self.added: dict[int, list[tuple[str, str]]] = {}  # few: most images get no warning
+        self.dropped = bytearray(self.size)
+
+    def warn(self, i: int, flag: str, text: str) -> None:
+        self.added.setdefault(i, []).append((flag, text))
+
+    def flags(self, i: int) -> tuple[str, ...]:
+        return tuple(flag for flag, _ in self.added.get(i, ()))
+
+    def settle(self, r: Result, i: int) -> Result:
+        """``r`` (ledger entry ``i``, as its worker left it) as the report gives it: named, warned, dropped."""
+        r.output, r.mask = self.outputs[i], self.masks[i]
+        for flag, text in self.added.get(i, ()):
+            r.warn(flag, text)
+        if self.dropped[i]:
+            drop_flagged([r], self.drop)
+        return r
 
 
 def _check_drop(drop: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
@@ -496,19 +610,17 @@ def _stage(r: Result, stage: Path, index: int) -> Result:
     return r
 
 
-def _run(jobs: list[tuple], workers: int, progress: bool | None, stage: Path | None = None) -> list[Result]:
-    """Process every job, over ``workers`` processes (0: all cores), with a progress bar; with ``stage``, each
-    result's bytes go to disk as it arrives (memory stays flat in the number of photos)."""
+def _run(jobs: list[tuple], workers: int, progress: bool | None) -> Iterator[Result]:
+    """Process every job, over ``workers`` processes (0: all cores), with a progress bar; each result as it
+    arrives (``prep`` stages its bytes on disk at once: memory stays flat in the number of photos)."""
     from tqdm.auto import tqdm
 
     workers = max(1, min(workers or _cores(), len(jobs)))
     # disable=None: a bar on a terminal, none in logs
     bar = tqdm(total=len(jobs), desc="prep", unit="img", disable=None if progress is None else not progress)
-    results = []
     if workers == 1:
         for job in jobs:
-            r = process(*job)
-            results.append(_stage(r, stage, len(results)) if stage else r)
+            yield process(*job)
             bar.update()
     else:
         import multiprocessing
@@ -516,10 +628,9 @@ def _run(jobs: list[tuple], workers: int, progress: bool | None, stage: Path | N
         # spawn, not fork: the parent may hold torch threads, which a fork can deadlock on
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             for r in pool.imap_unordered(_process_job, jobs):
-                results.append(_stage(r, stage, len(results)) if stage else r)
+                yield r
                 bar.update()
     bar.close()
-    return results
 
 
 def _process_job(job: tuple) -> Result:
@@ -799,28 +910,65 @@ def check_set(kept: list[Result]) -> list[str]:
     """Add duplicate and blur warnings to the images; return warnings about the set as a whole."""
     import numpy as np
 
-    hashes = np.array([r.phash for r in kept], dtype=np.uint64)
-    first: dict[str, int] = {}  # sha256 -> the first image with those bytes (a dict: 100,000 photos, not n^2)
-    for i, r in enumerate(kept):
-        same = first.setdefault(r.sha256, i)
-        if same != i:
-            r.warn("DUP", f"exact duplicate of {kept[same].output} ({kept[same].source})")
+    sha256 = np.frombuffer(b"".join(bytes.fromhex(r.sha256) if r.sha256 else bytes(32) for r in kept),
+                           dtype=np.uint8).reshape(len(kept), 32)
+    findings, set_warnings = set_findings(
+        sha256, np.array([r.phash for r in kept], dtype=np.uint64),
+        np.array([r.sharpness for r in kept], dtype=np.float64), all(r.grayscale for r in kept),
+        lambda i: f"{kept[i].output} ({kept[i].source})")
+    for i, flag, text in findings:
+        kept[i].warn(flag, text)
+    return set_warnings
+
+
+def set_findings(sha256, phash, sharpness, grayscale: bool,
+                 named: Callable[[int], str]) -> tuple[list[tuple[int, str, str]], list[str]]:
+    """The duplicate and blur checks over a set of n images, in order, on their measurements alone: ``sha256``
+    (n, 32) uint8 digests, ``phash`` (n,) uint64 perceptual hashes, ``sharpness`` (n,) float64, ``grayscale``
+    whether every image is. Returns ((image, flag, warning), ...) in the order to add them, and the warnings
+    about the set as a whole. ``named(i)``: how a warning names image i, e.g. '001.png (IMG_1.jpg)'."""
+    import numpy as np
+
+    n = len(phash)
+    findings: list[tuple[int, str, str]] = []
+    if n:  # the first image with the same bytes as each: np.unique's first indices (a sort, not n^2 comparisons)
+        _, first, inverse = np.unique(sha256.view(f"V{sha256.shape[1]}").ravel(), return_index=True,
+                                      return_inverse=True)
+        same = first[inverse.ravel()]
+    for i in range(n):
+        if same[i] != i:
+            findings.append((i, "DUP", f"exact duplicate of {named(int(same[i]))}"))
             continue
         if i:
             # Hamming distances to every earlier hash at once: (i,) popcounts of 64-bit XORs
-            dist = _popcount(hashes[:i] ^ hashes[i])
+            dist = _popcount(phash[:i] ^ phash[i])
             j = int(np.argmin(dist))
             if dist[j] <= NEAR_DUPLICATE_BITS:
-                r.warn("DUP", f"near duplicate of {kept[j].output} ({kept[j].source}), perceptual hash "
-                                  f"distance {int(dist[j])}/64")
-    if len(kept) >= 3:
-        median = float(np.median([r.sharpness for r in kept]))
-        for r in kept:
-            if median > 0 and r.sharpness < BLUR_RATIO * median:
-                r.warn("BLUR", f"looks blurry: sharpness {100 * r.sharpness / median:.0f}% of the set's median")
-    if all(r.grayscale for r in kept):
-        return ["every image is grayscale: the LoRA will learn a black-and-white subject"]
-    return []
+                findings.append((i, "DUP", f"near duplicate of {named(j)}, perceptual hash distance "
+                                           f"{int(dist[j])}/64"))
+    if n >= 3:
+        median = float(np.median(sharpness))
+        for i in range(n):
+            if median > 0 and sharpness[i] < BLUR_RATIO * median:
+                findings.append((i, "BLUR", f"looks blurry: sharpness {100 * sharpness[i] / median:.0f}% of the "
+                                            "set's median"))
+    if grayscale:
+        return findings, ["every image is grayscale: the LoRA will learn a black-and-white subject"]
+    return findings, []
+
+
+def _check_kept(ledger: _Ledger, kept: list[int], steps: _SetSteps) -> list[str]:
+    """``check_set`` over the kept images of a prep, from the ledger's columns (no result is read back)."""
+    import numpy as np
+
+    sha256 = np.frombuffer(ledger.sha256, dtype=np.uint8).reshape(len(ledger), 32)[kept]
+    findings, set_warnings = set_findings(
+        sha256, np.frombuffer(ledger.phash, dtype=np.uint64)[kept],
+        np.frombuffer(ledger.sharpness, dtype=np.float64)[kept], all(ledger.grayscale[i] for i in kept),
+        lambda k: f"{steps.outputs[kept[k]]} ({ledger.sources[kept[k]]})")
+    for k, flag, text in findings:
+        steps.warn(kept[k], flag, text)
+    return set_warnings
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -847,30 +995,49 @@ def sanitise(name: str) -> str:
     return name or "image"
 
 
-def _name(kept: list[Result], pattern: str, token: str | None, ext: str) -> None:
-    """Give each kept image its output name; names differ even on case-insensitive file systems."""
+def _name(ledger: _Ledger, kept: list[int], steps: _SetSteps, pattern: str, token: str | None) -> None:
+    """Give each kept image (ledger indices, in order) its output name; names differ even on case-insensitive
+    file systems."""
+    ext = steps.fmt
     taken: set[str] = set()
-    for index, r in enumerate(kept, 1):
-        stem = sanitise(Path(r.source).stem)
+    for index, i in enumerate(kept, 1):
+        stem = sanitise(Path(ledger.sources[i]).stem)
         base = sanitise(pattern.format(token=token or "", index=index, stem=stem))
         if f"{base}.{ext}".lower().endswith(MASK_SUFFIX):  # training would read it as a mask, not an image
             base = base[:-5] + "_mask"
-            r.warn("RENAMED", f"renamed to {base}.{ext}: an image named *{MASK_SUFFIX} is read as a mask")
+            steps.warn(i, "RENAMED", f"renamed to {base}.{ext}: an image named *{MASK_SUFFIX} is read as a mask")
         name, n = base, 1
         while name.casefold() in taken:
             n += 1
             name = f"{base}-{n}"
         if n > 1:
-            r.warn("RENAMED", f"renamed to {name}.{ext}: {base}.{ext} was taken (names compared ignoring case)")
+            steps.warn(i, "RENAMED", f"renamed to {name}.{ext}: {base}.{ext} was taken (names compared ignoring "
+                                     "case)")
         taken.add(name.casefold())
-        r.output = f"{name}.{ext}"
-        r.mask = f"{name}{MASK_SUFFIX}" if r.has_mask else None
+        steps.outputs[i] = f"{name}.{ext}"
+        steps.masks[i] = f"{name}{MASK_SUFFIX}" if ledger.has_mask[i] else None
+
+
+def _summary(ledger: _Ledger, steps: _SetSteps, set_warnings: list[str]) -> dict:
+    """The report's summary, from the ledger's columns and the set's steps."""
+    status = [STATUSES[code] for code in ledger.status]
+    for i, dropped in enumerate(steps.dropped):
+        if dropped:
+            status[i] = "dropped"
+    count = {s: status.count(s) for s in ("kept", "fixed", "dropped", "skipped", "ignored")}
+    kept = [i for i, s in enumerate(status) if s in ("kept", "fixed")]
+    return {"files": len(status), "images": count["kept"] + count["fixed"], **count,
+            "masks": sum(steps.masks[i] is not None for i in kept),
+            # a dropped image's warnings are its reason, not warnings about the set
+            "warnings": sum(ledger.warnings[i] + len(steps.added.get(i, ())) for i, s in enumerate(status)
+                            if s != "dropped") + len(set_warnings),
+            # the contact sheet's cells: all of them, or past SHEET_MAX the flagged ones and a sample
+            "contact_sheet": min(SHEET_MAX, count["kept"] + count["fixed"] + count["dropped"])}
 
 
 def _report(src_dir: Path, settings: Settings, family: str | None, rename: str, caption: str | None,
-            caption_from: str | None, results: list[Result], set_warnings: list[str],
-            drop: tuple[str, ...] = ()) -> dict:
-    count = {s: sum(r.status == s for r in results) for s in ("kept", "fixed", "dropped", "skipped", "ignored")}
+            caption_from: str | None, summary: dict, set_warnings: list[str], drop: tuple[str, ...] = ()) -> dict:
+    """The report but its ``files`` (``_write`` streams those to the file, and returns them)."""
     return {
         "sdtune_prep": 1,
         "source": str(src_dir),
@@ -880,44 +1047,85 @@ def _report(src_dir: Path, settings: Settings, family: str | None, rename: str, 
             "rename": rename, "caption": caption, "caption_from": caption_from, "drop": list(drop),
             "face_min_confidence": settings.face_min_confidence if settings.crop == "face" else None,
         },
-        "summary": {"files": len(results), "images": count["kept"] + count["fixed"], **count,
-                    "masks": sum(bool(r.mask) for r in results if r.status in ("kept", "fixed")),
-                    # a dropped image's warnings are its reason, not warnings about the set
-                    "warnings": sum(len(r.warnings) for r in results if r.status != "dropped") + len(set_warnings),
-                    # the contact sheet's cells: all of them, or past SHEET_MAX the flagged ones and a sample
-                    "contact_sheet": min(SHEET_MAX, count["kept"] + count["fixed"] + count["dropped"])},
+        "summary": summary,
         "set_warnings": set_warnings,
-        "files": [r.entry() for r in results],
     }
 
 
-def _write(out_dir: Path, previous: list[Path], kept: list[Result], report: dict, dropped: list[Result]) -> None:
-    """Build every output in OUT/.sdtune-prep-tmp, then replace the earlier run's outputs with them."""
+def _write(out_dir: Path, previous: list[Path], ledger: _Ledger, order: list[int], kept: list[int],
+           steps: _SetSteps, report: dict) -> list[dict]:
+    """Build every output in OUT/.sdtune-prep-tmp, then replace the earlier run's outputs with them; return the
+    report's rows. One pass over the results in order: each kept image's staged bytes are moved to its name,
+    and its metadata.jsonl line and report row written, as it comes (the report is never one string)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / TMP_DIR
     _remove(tmp)
     tmp.mkdir()
-    for r in kept:
-        if r.staged:  # moved, not copied: the bytes were written once, as they arrived
-            os.replace(r.staged, tmp / r.output)  # type: ignore[operator]
-        else:
-            (tmp / r.output).write_bytes(r.encoded)  # type: ignore[operator]
-        if r.mask:
-            if r.staged:
-                os.replace(r.staged + ".mask", tmp / r.mask)
-            else:
-                (tmp / r.mask).write_bytes(r.mask_encoded)
-    rows = [json.dumps({"file_name": r.output, "text": r.caption}, ensure_ascii=False) for r in kept]
-    (tmp / METADATA).write_text("\n".join(rows) + "\n", encoding="utf-8")
-    contact_sheet(sheet_sample(sorted([*kept, *dropped], key=lambda r: _order(r.source)))).save(
-        tmp / SHEET, "JPEG", quality=90)
-    (tmp / REPORT).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    marked = [bool(ledger.flags[i] or steps.added.get(i) or ledger.grayscale[i] or steps.dropped[i]) for i in kept]
+    shown = [steps.settle(ledger.read(kept[k]), kept[k]) for k in _sheet_indices(marked, SHEET_MAX)]
+    contact_sheet(shown).save(tmp / SHEET, "JPEG", quality=90)
+    del shown
+    rows = []
+    with open(tmp / METADATA, "w", encoding="utf-8") as metadata, \
+            open(tmp / REPORT, "w", encoding="utf-8") as file:
+        with _report_writer(file, report) as write_row:
+            for i in order:
+                r = steps.settle(ledger.read(i), i)
+                if r.status in ("kept", "fixed"):
+                    _place(r, tmp)
+                    metadata.write(json.dumps({"file_name": r.output, "text": r.caption}, ensure_ascii=False) + "\n")
+                rows.append(_shared(r.entry()))
+                write_row(rows[-1])
     for p in previous:
         if p.name != TMP_DIR:
             _remove(p)
     for p in sorted(tmp.iterdir()):
         os.replace(p, out_dir / p.name)
     tmp.rmdir()
+    return rows
+
+
+def _place(r: Result, folder: Path) -> None:
+    """A kept image's staged bytes (and mask) moved, not copied, to its name in ``folder``."""
+    if r.staged:
+        os.replace(r.staged, folder / r.output)  # type: ignore[operator]
+    else:
+        (folder / r.output).write_bytes(r.encoded)  # type: ignore[operator]
+    if r.mask:
+        if r.staged:
+            os.replace(r.staged + ".mask", folder / r.mask)
+        else:
+            (folder / r.mask).write_bytes(r.mask_encoded)
+
+
+@contextlib.contextmanager
+def _report_writer(file: TextIO, report: dict) -> Iterator[Callable[[dict], None]]:
+    """Write ``report`` with the rows given to the function yielded as its ``files``, row by row: the same text
+    as ``json.dumps(report, indent=1, ensure_ascii=False)`` with a final newline."""
+    head = json.dumps({**report, "files": []}, indent=1, ensure_ascii=False)
+    assert head.endswith('"files": []\n}')
+    file.write(head[: -len("[]\n}")])
+    written = 0
+
+    def write_row(row: dict) -> None:
+        nonlocal written
+        # a list item of the report, two levels deep: each of its lines indented by two more spaces (JSON
+        # escapes every newline inside a string, so each "\n" of the text is a line break)
+        file.write(("[\n  " if not written else ",\n  ")
+                   + json.dumps(row, indent=1, ensure_ascii=False).replace("\n", "\n  "))
+        written += 1
+
+    yield write_row
+    file.write("\n ]\n}\n" if written else "[]\n}\n")
+
+
+def _shared(row: dict) -> dict:
+    """A report row with its repeated texts (status, caption, format, crop) as one object each: 100,000 rows
+    that name the same caption hold it once."""
+    for key in ("status", "caption", "format", "crop"):
+        if isinstance(row.get(key), str):
+            row[key] = sys.intern(row[key])
+    return row
 
 
 def _remove(p: Path) -> None:
@@ -933,11 +1141,19 @@ def sheet_sample(results: list[Result], limit: int = SHEET_MAX) -> list[Result]:
     ones first (what needs a look), then an even sample of the others to fill the sheet."""
     if len(results) <= limit:
         return results
-    marked = [i for i, r in enumerate(results) if r.flags or r.grayscale or r.status == "dropped"][:limit]
-    rest = [i for i, r in enumerate(results) if not (r.flags or r.grayscale or r.status == "dropped")]
-    room = limit - len(marked)
+    marked = [bool(r.flags or r.grayscale or r.status == "dropped") for r in results]
+    return [results[i] for i in _sheet_indices(marked, limit)]
+
+
+def _sheet_indices(marked: list[bool], limit: int) -> list[int]:
+    """``sheet_sample``'s choice by position, given which results are flagged or dropped (``marked``)."""
+    if len(marked) <= limit:
+        return list(range(len(marked)))
+    flagged = [i for i, m in enumerate(marked) if m][:limit]
+    rest = [i for i, m in enumerate(marked) if not m]
+    room = limit - len(flagged)
     sample = [rest[k * len(rest) // room] for k in range(room)] if room and rest else []
-    return [results[i] for i in sorted(marked + sample)]
+    return sorted(flagged + sample)
 
 
 def contact_sheet(kept: list[Result]) -> Image.Image:

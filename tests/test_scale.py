@@ -4,6 +4,8 @@ nothing; the latent cache is tested beside the training tests (test_train.py).""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -149,6 +151,7 @@ def test_prep_keeps_each_photos_bytes_on_disk_not_in_memory(tmp_path, monkeypatc
     """Every processed photo's bytes, mask and thumbnail wait in OUT/.sdtune-prep-stage (not in memory) until
     the names are known; OUT ends with the same files as before and no stage folder."""
     import shutil
+    from pathlib import Path
 
     from conftest import DEMO_DATA
     from sdtune import prep as prep_module
@@ -160,12 +163,12 @@ def test_prep_keeps_each_photos_bytes_on_disk_not_in_memory(tmp_path, monkeypatc
     seen = {}
     original = prep_module._finish
 
-    def inspect(src_dir, out_dir, previous, results, *args):
-        kept = [r for r in results if r.status in ("kept", "fixed")]
+    def inspect(src_dir, out_dir, previous, ledger, *args):
+        kept = [ledger.read(i) for i in range(len(ledger)) if ledger.status[i] < 2]  # kept, fixed
         seen["in_memory"] = sum(len(r.encoded) + len(r.mask_encoded) for r in kept) + sum(r.thumb is not None
                                                                                            for r in kept)
-        seen["staged"] = all(r.staged and (out_dir / ".sdtune-prep-stage").is_dir() for r in kept)
-        return original(src_dir, out_dir, previous, results, *args)
+        seen["staged"] = all(Path(r.staged).is_file() and Path(f"{r.staged}.thumb.png").is_file() for r in kept)
+        return original(src_dir, out_dir, previous, ledger, *args)
 
     monkeypatch.setattr(prep_module, "_finish", inspect)
     prep_module.prep(src, tmp_path / "out", resolution=64, crop="center", caption="a photo of sks toy", workers=1,
@@ -239,7 +242,57 @@ def test_entries_this_run_wrote_are_not_read_back_by_the_next(tmp_path, monkeypa
     writes: list[int] = []
     manifest = files._Manifest(tmp_path / "m.json")
     monkeypatch.setattr(manifest, "FLUSH_EVERY", 2)
-    monkeypatch.setattr(files, "write_text", lambda path, text: writes.append(text.count('"v"')))
+    monkeypatch.setattr(files, "write_text", lambda path, text: writes.append(len(json.loads(text))))
     for i in range(64):
         manifest.put(f"{i}.png", "1|2|3", "sha256", "x")
     assert writes == [2, 4, 8, 16, 32, 64]  # each write once the new entries are half of all: O(n) in all
+
+
+def test_the_report_is_written_row_by_row_as_json_would_write_it_whole(tmp_path):
+    """prep streams prep_report.json one row at a time: the same text as json.dumps of the whole report
+    (indent 1, UTF-8 as is, a final newline), rows with nested lists, non-ASCII text and escapes included."""
+    import io
+
+    from sdtune.prep import _report_writer
+
+    head = {"sdtune_prep": 1, "source": "/photos/é", "settings": {"drop": [], "caption": "a \"quoted\"\nline"},
+            "summary": {"files": 2}, "set_warnings": ["every image is grayscale"]}
+    rows = [{"source": "ünï/cödé.jpg", "status": "kept", "size": [96, 96], "warnings": ["a", "b\tc"],
+             "crop_box": [0, 0, 96, 96], "sharpness": 12.5, "grayscale": False},
+            {"source": "x.txt", "status": "ignored", "reason": "text file, not an image"}]
+    for some in (rows, rows[:1], []):
+        out = io.StringIO()
+        with _report_writer(out, head) as write_row:
+            for row in some:
+                write_row(row)
+        assert out.getvalue() == json.dumps({**head, "files": some}, indent=1, ensure_ascii=False) + "\n"
+
+
+def test_prep_memory_grows_by_little_more_than_the_rows_it_returns(tmp_path):
+    """Issue 19: prep keeps each photo's result in a file beside its staged bytes, and in memory only the
+    columns the set checks use (sorting, names, duplicates, blur): its Python allocations grow by about 1.5 KB
+    a photo, most of it the report rows it returns (they were 5.2 KB: a Result per photo kept to the end, the
+    report built whole, then its text)."""
+    import tracemalloc
+
+    import numpy as np
+    from PIL import Image
+
+    from sdtune.prep import prep
+
+    peaks = {}
+    for n in (10, 200, 800):  # 10 first: what the first prep imports is not counted
+        src = tmp_path / f"src{n}"
+        src.mkdir()
+        rng = np.random.default_rng(n)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (72, 72, 3), dtype=np.uint8)).save(src / f"{i:04d}.png",
+                                                                                   compress_level=0)
+        tracemalloc.start()
+        report = prep(src, tmp_path / f"out{n}", resolution=64, crop="center", caption="a photo of sks toy",
+                      workers=1, progress=False)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert report["summary"]["images"] == n and len(report["files"]) == n
+        assert report["files"] == json.loads((tmp_path / f"out{n}" / "prep_report.json").read_text())["files"]
+    assert (peaks[800] - peaks[200]) / 600 < 2500
