@@ -352,11 +352,11 @@ def test_flow_families_train_every_encoders_rows_resume_and_sample_back(family, 
         assert torch.equal(rows[4][spec.name], rows[2][spec.name])  # then fixed
         assert torch.equal(tensors[spec.embedding_key], rows[4][spec.name])
 
+    from sdtune.cli import main
+
     def sample(target: Path, name: str) -> np.ndarray:
-        r = subprocess.run([sys.executable, "-m", "sdtune", "sample", str(target), "--prompt", "a photo of sks toy",
-                            "--seeds", "0", "--steps", "2", "--out", str(tmp_path / f"{name}.png")],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
+        assert main(["sample", str(target), "--prompt", "a photo of sks toy", "--seeds", "0", "--steps", "2",
+                     "--out", str(tmp_path / f"{name}.png")]) == 0
         return np.asarray(Image.open(tmp_path / f"{name}_cells" / "cell-0000.png"))
 
     from_run = sample(out, "run")
