@@ -449,14 +449,15 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> tuple[C
         logger.warning(line)
     # Frozen weights in the compute dtype; a VAE that overflows in fp16 (SDXL's) asks for fp32 (force_upcast).
     c.vae.requires_grad_(False).to(device, torch.float32 if c.vae.config.force_upcast else weight_dtype)
-    names = [info.family.denoiser_name, *(spec.name for spec in info.family.text_encoders)]
-    for name, module, mode in zip(names, [c.denoiser, *c.text_encoders],
-                                  [m.quantize, *[m.quantize_text_encoders] * len(c.text_encoders)]):
+    frozen = [(info.family.denoiser_name, c.denoiser, m.quantize, "model.quantize=")] + [
+        (spec.name, encoder, m.quantize_text_encoders, "model.quantize_text_encoders=")
+        for spec, encoder in zip(info.family.text_encoders, c.text_encoders)]
+    for name, module, mode, key in frozen:
         if mode == "none":
             module.requires_grad_(False).to(device, weight_dtype)
         else:  # cast on the CPU, then quantized layer by layer as it moves: the device never holds it unquantized
-            logger.info(quantize(module.requires_grad_(False).to(weight_dtype), mode, weight_dtype, device)
-                        .line(name, key="model.quantize_text_encoders=" if module is not c.denoiser else "model.quantize="))
+            done = quantize(module.requires_grad_(False).to(weight_dtype), mode, weight_dtype, device)
+            logger.info(done.line(name, key=key))
     return c, weight_dtype
 
 
