@@ -8,7 +8,11 @@
   kohya's ``--fp8_base`` does. diffusers' skip list stays in the compute dtype: norms, positional embeddings,
   the first and last projections, and (by name) the adaptive norms' modulation layers, which diffusers treats
   as precision-sensitive: 3.2B of FLUX.1-dev's 11.9B weights, so fp8 gives 14.1 GiB there, not 11.1
-  (``bench/quantized_weights.py``).
+  (``bench/quantized_weights.py``). Convolutions are kept too (their backward reads the re-cast weight).
+
+``model.quantize_text_encoders`` does the same to the text encoders (transformers models: diffusers'
+``apply_layerwise_casting`` with its default skip list for fp8; their ``_keep_in_fp32_modules``, T5's ``wo``,
+and the embeddings are kept in either mode).
 
 The LoRA itself stays fp32 either way, and its initial values are those of an unquantized run in the same
 compute dtype (PEFT picks the adapter's dtype from the layer's ``compute_dtype``).
