@@ -113,7 +113,7 @@ def problems(mode: str, lora_type: str, use_dora: bool, key: str = "model.quanti
                      f"lora.type=lora, or {key}=none")
     if mode == "nf4":
         try:
-            import bitsandbytes  # noqa: F401
+            _bitsandbytes()  # the one import of it, quiet about its optional CPU kernels
         except ImportError:
             found.append(f"{key}: nf4 needs bitsandbytes; pip install bitsandbytes, or {key}=fp8")
     return found
