@@ -31,6 +31,7 @@ class Settings:
     mode: str = "txt2img"  # txt2img | img2img | inpaint | outpaint | depth
     strength: float = 0.75
     batch_size: int = 1
+    max_sequence_length: int | None = None  # T5 tokens per prompt (FLUX, SD3: the run's); None: no T5
 
 
 def load_font(size: int) -> ImageFont.ImageFont:

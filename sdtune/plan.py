@@ -8,6 +8,7 @@ folder, resume: the checkpoint, its config and its data), then reports every pro
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import os
@@ -86,6 +87,10 @@ def class_images_dir(cfg: Config, resolution: int, model_identity: str, concept:
     m = cfg.model  # a quantized model draws other images: its own folder (unquantized keys stay as they were)
     stored = [f"quantize={m.quantize},{m.quantize_text_encoders}"] if (m.quantize, m.quantize_text_encoders) != \
         ("none", "none") else []
+    # a T5 prompt length the recipe sets (flux. / sd3.max_sequence_length) draws other images; a model's own
+    # (schnell's 256) goes with its identity
+    stored += [f"max_sequence_length={v.max_sequence_length}" for _, v in cfg
+               if getattr(v, "max_sequence_length", None)]
     key = "|".join([model_identity, m.variant or "", concept.class_prompt or "", str(resolution),
                     str(p.generation_steps), str(p.generation_guidance), *stored])
     return cache_root() / "class_images" / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -367,7 +372,9 @@ def _check_model(cfg: Config, problems: list[str], warnings: list[str]) -> tuple
     problem = vae_problem(m.vae) if m.vae else None
     if problem:
         problems.append(problem)
-    return info, files
+    # the T5 families' section (flow.FlowOptions) may set the prompt length; the run's family then carries it
+    tokens = getattr(cfg.family_options(info.family), "max_sequence_length", None)
+    return dataclasses.replace(info, family=families.with_prompt_length(info.family, tokens)), files
 
 
 def _scan_concept(cfg: Config, c: Concept, index: int, resolution: int | None) -> tuple[Path | None, Scan]:

@@ -53,8 +53,10 @@ def ensure_class_images(
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = True,
+    max_sequence_length: int | None = None,
 ) -> list[str]:
-    """Generate this process's share of the missing class images; return warnings for the user."""
+    """Generate this process's share of the missing class images; return warnings for the user.
+    ``max_sequence_length``: a T5 family's prompt length (the run's), given to the pipeline."""
     class_dir.mkdir(parents=True, exist_ok=True)
     warnings: list[str] = []
     manifest = class_dir / MANIFEST
@@ -91,6 +93,7 @@ def ensure_class_images(
             width=resolution,
             # One generator per image: image i is the same whatever the batch size or process count.
             generator=[torch.Generator("cpu").manual_seed(seed + i) for i in batch],
+            **({"max_sequence_length": max_sequence_length} if max_sequence_length else {}),
         ).images
         for i, image in zip(batch, images):
             save_image(image, class_dir / f"class-{i:05d}.png")

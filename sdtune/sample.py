@@ -104,6 +104,8 @@ def render_cells(
     errors: dict[Cell, str] = {}
     bar = tqdm(total=len(cells), desc="sample", unit="img", disable=not progress)
     extra = _mode_inputs(settings, init_image, mask)
+    if settings.max_sequence_length is not None:  # FluxPipeline / StableDiffusion3Pipeline's T5 prompt length
+        extra["max_sequence_length"] = settings.max_sequence_length
     scale = None
     for batch in batches(cells, settings.batch_size):
         key = batch[0]
@@ -234,16 +236,20 @@ def with_family_defaults(req: Request) -> Request:
     """``req`` with its base model's family defaults (``Family.sampling``) where it leaves them open: cells
     whose guidance scale is None get the family's (FLUX.1-dev: 3.5), and a family that samples with one
     scheduler (FLUX: its model's flow-matching Euler) has that one in the settings, which sidecars record,
-    not the --scheduler name it never used. Reads config files only."""
-    defaults = inspect_model(req.model, req.revision, for_training=False,
-                             prediction_type=req.model_options.get("prediction_type"),
-                             base=req.model_options.get("base")).family.sampling
+    not the --scheduler name it never used; a T5 family's prompt length (the run's ``max_sequence_length``
+    option, else the model's own) is in the settings too. Reads config files only."""
+    family = inspect_model(req.model, req.revision, for_training=False,
+                           prediction_type=req.model_options.get("prediction_type"),
+                           base=req.model_options.get("base")).family
+    defaults = family.sampling
+    tokens = families.with_prompt_length(family, req.model_options.get("max_sequence_length")).max_sequence_length
 
     def resolved(cell: Cell) -> Cell:
         return cell if cell.guidance_scale is not None else replace(cell, guidance_scale=defaults.guidance_scale)
 
     return replace(req, cells=[resolved(c) for c in req.cells], target=req.target and resolved(req.target),
-                   settings=replace(req.settings, scheduler=defaults.scheduler or req.settings.scheduler))
+                   settings=replace(req.settings, scheduler=defaults.scheduler or req.settings.scheduler,
+                                    max_sequence_length=tokens))
 
 
 def _load_pipeline(req: Request) -> tuple[Any, Family]:
@@ -311,7 +317,7 @@ def _apply_lora(pipe: Any, path: str, family: Family) -> Embeddings | None:
     """Load the LoRA file into the pipeline as ``ADAPTER``, with its pivotal-tuning embeddings (from the run's or
     checkpoint's ``embeddings/`` folder, or bundled in a kohya file), which are returned installed."""
     owner = lora_family(path, prefer=family)
-    if owner is not None and owner is not family:
+    if owner is not None and owner.name != family.name:  # (a schnell family is a copy: compare names)
         raise SdtuneError(f"{path}: an {owner.label} LoRA cannot be applied to this {family.label} model; use "
                           f"--model with an {owner.label} model")
     with open_safetensors(path) as f:

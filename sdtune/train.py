@@ -517,6 +517,7 @@ def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accele
                 guidance_scale=cfg.prior.generation_guidance, seed=cfg.train.seed, model_id=plan.model.pretrained,
                 model_identity=identity, process_index=accelerator.process_index,
                 num_processes=accelerator.num_processes, progress=accelerator.is_main_process,
+                max_sequence_length=family.max_sequence_length,
             ):
                 logger.warning(w)
             accelerator.wait_for_everyone()
@@ -609,8 +610,9 @@ def _text_cache(run: Run) -> TextCache | None:
     weights = model_identity(run.plan.model.pretrained, run.cfg.model.revision, parts, None, run.cfg.model.clip_skip,
                              base=run.cfg.model.base)
     stored = run.cfg.model.quantize_text_encoders  # quantized encoders encode to other numbers: another cache
+    tokens = [f"t5={family.max_sequence_length}"] if family.max_sequence_length else []  # T5's (B, L, D): L
     identity = hashlib.sha256("|".join([weights, family.name, str(run.weight_dtype), run.accelerator.mixed_precision,
-                                        run.device.type, *([stored] if stored != "none" else [])]).encode()
+                                        run.device.type, *([stored] if stored != "none" else []), *tokens]).encode()
                               ).hexdigest()[:16]
     # every process writes what it lacks into the shared folder; the main one first, so the others mostly read
     with run.accelerator.autocast(), run.accelerator.main_process_first():
@@ -1102,7 +1104,8 @@ def sample_grid(run: Run, step: int) -> Path | None:
         pipe = run.family.pipeline(live, sampling_scheduler(c.noise_scheduler.config))
         pipe.set_progress_bar_config(disable=True)
         settings = Settings(negative_prompt=cfg.sample.negative_prompt, steps=cfg.sample.steps,
-                            width=plan.resolution, height=plan.resolution)
+                            width=plan.resolution, height=plan.resolution,
+                            max_sequence_length=run.family.max_sequence_length)
         frozen = [c.vae, *c.text_encoders]
         with offload_models(*frozen, device=run.device, offload=run.offloaded), _eval_mode(run.modules.values()), \
                 run.accelerator.autocast(), ema_weights(run.ema):

@@ -10,6 +10,8 @@ docstring), and register an instance below. Nothing outside this package names a
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from sdtune.errors import SdtuneError, error_summary
 from sdtune.families.base import (
     Components,
@@ -30,7 +32,7 @@ from sdtune.families.sdxl import SDXL
 __all__ = [
     "Components", "Family", "KohyaVersion", "MemoryConstants", "ModelFiles", "ModelInfo", "OriginalLayout",
     "TextEncoderSpec",
-    "detect", "get", "names", "read_model_file", "register", "registered", "unregister",
+    "detect", "get", "names", "read_model_file", "register", "registered", "unregister", "with_prompt_length",
 ]
 
 _REGISTRY: dict[str, Family] = {}
@@ -88,6 +90,16 @@ def describe(files: ModelFiles, for_training: bool = True) -> ModelInfo:
         raise SdtuneError(f"model.pretrained: the config files of {files.pretrained} hold unexpected values "
                           f"({error_summary(e, 120)}); is it a complete, unedited "
                           "diffusers model?") from None
+
+
+def with_prompt_length(family: Family, tokens: int | None) -> Family:
+    """``family`` with ``tokens`` T5 tokens per prompt (a recipe's ``flux.max_sequence_length``); None: as it is.
+    Families are frozen dataclasses: this is a copy, the registered one is unchanged."""
+    if tokens is None or tokens == family.max_sequence_length:
+        return family
+    if family.max_sequence_length is None:
+        raise SdtuneError(f"max_sequence_length: {family.label} has no T5 encoder; its prompts are CLIP's 77 tokens")
+    return replace(family, max_sequence_length=tokens)  # type: ignore[type-var]
 
 
 # SD3 before SDXL and FLUX: an SD3 LoRA's keys (text_encoder_2., transformer.transformer_blocks.) also match

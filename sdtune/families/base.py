@@ -241,6 +241,10 @@ class Family(Protocol):
     sampling: SamplingDefaults  # guidance and scheduler where the user gives none
     memory: MemoryConstants
     original_layout: OriginalLayout | None  # its single-file checkpoints; None: it has none sdtune reads
+    # T5 tokens per prompt in training and sampling (the pipeline's ``max_sequence_length``); None: no T5 (CLIP's
+    # 77 are fixed). A model's own value comes from ``describe`` (FLUX.1-schnell: 256), a recipe's from its
+    # family section (``families.with_prompt_length``)
+    max_sequence_length: int | None
 
     # -- reading a model
     def detect(self, files: ModelFiles) -> bool:

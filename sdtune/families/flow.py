@@ -23,6 +23,11 @@ class FlowOptions(BaseModel):
     logit_mean: float = 0.0
     logit_std: float = Field(1.0, gt=0)
     mode_scale: float = 1.29
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=512, description="T5 tokens per prompt, in training and in every sample (a longer prompt is "
+        "cut there): unset, the model's own: FLUX.1-dev 512, FLUX.1-schnell 256 (as Black Forest Labs' code and "
+        "kohya's t5xxl_max_token_length), SD3.x 256 (StableDiffusion3Pipeline's default; diffusers' SD3 script "
+        "trains with 77)")
 
 
 def flow_objective(noise_scheduler: Any, options: FlowOptions, label: str, noise_offset: float,

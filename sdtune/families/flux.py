@@ -19,16 +19,18 @@ Pivotal tuning trains CLIP-L's and T5's rows (files with ``clip_l`` and ``t5``, 
 A transformer file in BFL's layout (what fine-tunes are shared as) loads with ``model.base`` supplying the rest
 (``sdtune.flux_file``; ``load(denoiser=...)``).
 
-Not yet: noise offset and min-SNR (DDPM notions), clip skip, a 256-token T5 option (``max_sequence_length`` is
-the pipeline's 512), a memory estimate calibrated for FLUX (SD's constants are used); ``config_problems`` refuses
-each such key in one line.
+T5 reads 512 tokens of a FLUX.1-dev prompt and 256 of a schnell one (``describe``; ``flux.max_sequence_length``
+sets another), in training and in every sample.
+
+Not yet: noise offset and min-SNR (DDPM notions), clip skip, a memory estimate calibrated for FLUX (SD's
+constants are used); ``config_problems`` refuses each such key in one line.
 
 torch, diffusers and transformers are imported inside the methods that use them (see ``families.sd``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import Field
@@ -134,7 +136,7 @@ class Flux:
     sampling: SamplingDefaults = SAMPLING
     memory: MemoryConstants = MemoryConstants(calibrated=False)  # SD's constants: not measured for FLUX
     original_layout: OriginalLayout | None = None
-    max_sequence_length: int = 512  # T5 tokens: 512 for FLUX.1-dev (the pipeline's default), 256 for schnell
+    max_sequence_length: int | None = 512  # T5 tokens: 512 for FLUX.1-dev (the pipeline's default); schnell: describe
 
     # ---------------------------------------------------------------------------------------------------
     # Reading a model
@@ -156,13 +158,16 @@ class Flux:
                 f"{transformer.get('in_channels')} input channels (a Fill / Canny / Depth model); sdtune trains "
                 "text-to-image models: use the base text-to-image checkpoint"
             )
+        schnell = not transformer.get("guidance_embeds", True)
         return ModelInfo(
-            pretrained=files.pretrained, family=self, prediction_type="flow_matching",
+            # schnell was trained on 256 T5 tokens (BFL's sampling code, kohya's t5xxl_max_token_length), dev on 512
+            pretrained=files.pretrained, family=replace(self, max_sequence_length=256) if schnell else self,
+            prediction_type="flow_matching",
             resolution=int(vae.get("sample_size", self.default_resolution)),
             # the VAE's downscale x the 2x2 packing: 16 for FLUX.1
             bucket_multiple=vae_scale * 2, pipeline_class=index.get("_class_name", "?"),
             # schnell (timestep-distilled) has no guidance embedding: kohya's flux_utils tells them apart so too
-            architecture=None if transformer.get("guidance_embeds", True) else "flux-1-schnell",
+            architecture="flux-1-schnell" if schnell else None,
         )
 
     def denoiser_module_names(self, files: ModelFiles) -> list[str]:

@@ -102,6 +102,7 @@ class StableDiffusion:
     sampling: SamplingDefaults = SamplingDefaults()  # guidance 7.5, the user's --scheduler
     memory: MemoryConstants = MemoryConstants()
     original_layout: OriginalLayout | None = OriginalLayout(resolutions={"epsilon": 512}, attention_heads=8)
+    max_sequence_length: int | None = None  # CLIP only: 77 tokens
 
     # ---------------------------------------------------------------------------------------------------
     # Reading a model
