@@ -127,6 +127,14 @@ def latent_key(image_hash: str, vae_id: str, size: tuple[int, int], flip: bool) 
 
 
 @torch.no_grad()
+def shard(items: list[tuple[Path, bool, Size]], index: int, count: int) -> list[tuple[Path, bool, Size]]:
+    """Process ``index`` of ``count``'s share of ``items``: every ``count``-th photo, with all its flips and
+    sizes (each photo is then hashed and decoded by one process only)."""
+    paths = list(dict.fromkeys(path for path, _, _ in items))
+    mine = set(paths[index::count])
+    return [it for it in items if it[0] in mine]
+
+
 def cache_latents(
     vae: Any,
     items: list[tuple[Path, bool, Size]],
@@ -135,10 +143,13 @@ def cache_latents(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    lock: bool = True,
 ) -> LatentStore:
     """The latent distribution parameters (8, h/8, w/8) of every (image, flip, size (w, h)), keyed
     ``(str(path), flip, size)``, encoding only the ones not on disk yet; read from disk when asked. Centre
-    crops only: a random crop would need a new latent every step."""
+    crops only: a random crop would need a new latent every step. ``lock``: hold the folder's lock while
+    encoding, so that two runs do not encode the same images at once; the processes of one run encoding
+    disjoint shares go without it (each file is written whole either way)."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = list(dict.fromkeys(p for p, _, _ in items))
     # each photo looked at once; known ones are a lookup each, many new ones are hashed in threads
@@ -152,7 +163,7 @@ def cache_latents(
         else:
             todo.append((path, flip, (w, h), file))
     if todo:
-        with cache_lock(directory, "latents"):
+        with cache_lock(directory, "latents") if lock else contextlib.nullcontext():
             _encode(vae, todo, out, batch_size, progress)
     return LatentStore(out)
 

@@ -43,7 +43,7 @@ from diffusers.training_utils import cast_training_params, offload_models
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from sdtune.cache import LatentStore, TextCache, cache_latents, note_identity, vae_identity
+from sdtune.cache import LatentStore, TextCache, cache_latents, note_identity, shard, vae_identity
 from sdtune.checkpoint import clean_temporary, load_checkpoint, save_checkpoint
 from sdtune.config import Config, ConfigError
 from sdtune.data import (
@@ -579,10 +579,13 @@ def _latent_cache(cfg: Config, plan: RunPlan, c: Components, dataset: DreamBooth
     # Every (image, size) the data can ask for: a class image once per bucket it is paired with.
     items = [(path, flip, size) for path, size in dataset.targets()
              for flip in ((False, True) if cfg.data.random_flip else (False,))]
-    # Each process encodes what it needs from the shared disk cache; the main one first, so the others mostly
-    # read its files.
-    with accelerator.main_process_first():
-        cache = cache_latents(c.vae, items, vae_id, directory, progress=accelerator.is_main_process)
+    if accelerator.num_processes > 1:
+        # each process encodes the missing latents of its share of the photos into the shared disk cache (N GPUs
+        # encode N times faster; the shares are disjoint, so no lock between them), then all look every one up
+        cache_latents(c.vae, shard(items, accelerator.process_index, accelerator.num_processes), vae_id, directory,
+                      progress=accelerator.is_main_process, lock=False)
+        accelerator.wait_for_everyone()
+    cache = cache_latents(c.vae, items, vae_id, directory, progress=accelerator.is_main_process)
     # read per batch from the files (in the loader's workers when there are any), as mean and standard deviation:
     # resident memory does not grow with the number of images
     dataset.latents = cache.as_mean_std()

@@ -141,6 +141,35 @@ def test_the_latent_cache_encodes_again_only_the_edited_photo(tiny_model, tmp_pa
     assert not torch.equal(edited[(str(paths[2]), False, (32, 32))], before[(str(paths[2]), False, (32, 32))])
 
 
+def test_processes_encode_disjoint_shares_then_find_every_latent(tiny_model, tmp_path, monkeypatch):
+    """Several processes of one run: each encodes the photos of its share (all their flips), without waiting for
+    the folder's lock (which another process of the run holds), and the lookup over every item afterwards encodes
+    nothing."""
+    from diffusers import AutoencoderKL
+
+    from sdtune import locks
+    from sdtune.cache import shard
+
+    paths = _photos(tmp_path / "photos", 5, metadata=False)
+    items = [(p, flip, (32, 32)) for p in paths for flip in (False, True)]
+    shares = [shard(items, i, 3) for i in range(3)]
+    assert sorted(it for s in shares for it in s) == sorted(items)  # disjoint and complete
+    assert [len({p for p, _, _ in s}) for s in shares] == [2, 2, 1]  # by photo: a photo's flips stay together
+    assert shard(items, 0, 1) == items
+
+    vae = AutoencoderKL.from_pretrained(tiny_model("sd15") / "vae")
+    encoded: list[int] = []
+    original = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda pixels: (encoded.append(len(pixels)), original(pixels))[1])
+    with locks.cache_lock(tmp_path / "latents", "latents"):  # held as by another process of the run
+        for s in shares:
+            cache_latents(vae, s, "vae", tmp_path / "latents", progress=False, lock=False)
+    assert sum(encoded) == 10
+    encoded.clear()
+    every = cache_latents(vae, items, "vae", tmp_path / "latents", progress=False)
+    assert encoded == [] and set(every.files) == {(str(p), f, s) for p, f, s in items}
+
+
 def test_manifests_are_one_string_per_file_and_older_ones_are_read(tmp_path, monkeypatch):
     """A manifest maps each name to one string (version, then kind and value pairs); one written in the older
     form ({"v": version, kind: value}) is read, its entries found, and written back in the new form."""
