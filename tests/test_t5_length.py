@@ -52,6 +52,9 @@ def test_the_model_says_its_length_and_a_recipe_may_set_another(tiny_model, schn
                                                  "flux.max_sequence_length=64")))
     assert plan.family.max_sequence_length == 64
     assert [i.shape[1] for i in plan.family.tokenize(c.tokenizers, ["a photo"])] == [77, 64]
+    sd3 = check_run(load_config(None, overrides(tiny_model("sd3"), tmp_path / "d", "prior.enabled=false",
+                                                "sd3.max_sequence_length=32")))
+    assert sd3.family.max_sequence_length == 32 and families.get("sd3").max_sequence_length == 256
     with pytest.raises(ConfigError, match="flux.max_sequence_length"):
         load_config(None, overrides(schnell, tmp_path / "b", "flux.max_sequence_length=1024"))
     with pytest.raises(ConfigError, match="flux"):  # another family's section: one line naming it
