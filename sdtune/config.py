@@ -157,12 +157,12 @@ Name = Annotated[str, Field(min_length=1, max_length=MAX_KEY_CHARS)]
 class ModelConfig(_Section):
     pretrained: PathText = Field(
         description="hub id, local diffusers-format folder, or single-file .safetensors checkpoint (a Civitai "
-        "download) of SD1.x, SD2.x or SDXL, or of a FLUX.1 transformer alone (with model.base)"
+        "download) of SD1.x, SD2.x or SDXL, or of a FLUX.1 or SD3.x transformer (with model.base)"
     )
     base: PathText | None = Field(
-        None, description="for a FLUX.1 transformer file only: the FLUX.1 model (hub id or diffusers folder) whose "
-        "text encoders, tokenizers, VAE and scheduler go with it, e.g. black-forest-labs/FLUX.1-dev; model.revision "
-        "and model.variant then apply to it"
+        None, description="for a FLUX.1 or SD3.x transformer file only: the model of its family (hub id or diffusers "
+        "folder) whose text encoders, tokenizers, VAE and scheduler go with it, e.g. black-forest-labs/FLUX.1-dev or "
+        "stabilityai/stable-diffusion-3.5-medium; model.revision and model.variant then apply to it"
     )
     revision: str | None = None
     variant: str | None = Field(None, description="weights variant, e.g. fp16")

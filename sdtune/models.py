@@ -1,7 +1,8 @@
 """Base models: what one is, its loaded parts, and random ones built in code for tests and benchmarks.
 
 A model is any diffusers-format pipeline folder, Hugging Face hub id, or single-file checkpoint
-(``sdtune.single_file``; a FLUX.1 transformer file with ``model.base``, ``sdtune.flux_file``). Its family,
+(``sdtune.single_file``; a FLUX.1 or SD3.x transformer file with ``model.base``, ``sdtune.transformer_file``:
+``TRANSFORMER_LAYOUTS``). Its family,
 prediction type and native resolution are read from the model's own config files by its family
 (``sdtune.families``), never guessed from its name, and without loading any weights (so config errors can be
 reported first).
@@ -17,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdtune import families, flux_file
+from sdtune import families, flux_file, sd3_file, transformer_file
 from sdtune.errors import SdtuneError, error_summary, first_line
 from sdtune.families import Components, Family, ModelFiles, ModelInfo
 from sdtune.files import content_hash, unhashed_bytes
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+# the transformer files a model.base goes with: FLUX.1's in Black Forest Labs' layout, SD3.x's in Stability's
+TRANSFORMER_LAYOUTS = (flux_file.LAYOUT, sd3_file.LAYOUT)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -48,18 +51,24 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
+def read_transformer_file(pretrained: str) -> transformer_file.TransformerFile | None:
+    """The FLUX.1 or SD3.x transformer file ``pretrained`` is (``sdtune.transformer_file``), from its header;
+    None for any other model."""
+    return transformer_file.read(pretrained, TRANSFORMER_LAYOUTS)
+
+
 def model_files(pretrained: str, revision: str | None = None, prediction_type: str | None = None,
                 base: str | None = None) -> ModelFiles:
     """The config files of a model: its own (a diffusers folder or hub id), or those derived from a single-file
     checkpoint's header (``sdtune.single_file``; ``prediction_type`` overrides what the file says). ``base``
-    (``model.base``): the FLUX.1 model a transformer-only file goes with, which only such a file takes."""
-    flux = flux_file.read_flux_file(pretrained)
-    if flux is not None:
-        _, folder = flux_file.config_folder(pretrained, base, revision)
-        return ModelFiles(pretrained, revision, folder=folder)
+    (``model.base``): the model a FLUX.1 or SD3.x transformer file goes with, which only such a file takes."""
+    tf = read_transformer_file(pretrained)
+    if tf is not None:
+        return ModelFiles(pretrained, revision, folder=transformer_file.config_folder(tf, base, revision))
     if base:
-        raise SdtuneError(f"model.base: only a FLUX.1 transformer file (.safetensors without its text encoders and "
-                          f"VAE) takes a base model; {pretrained} is a whole model. fix: remove model.base")
+        raise SdtuneError(f"model.base: only a FLUX.1 or SD3.x transformer file (in its original layout, without "
+                          f"the text encoders it takes) goes with a base model; {pretrained} is a whole model. fix: "
+                          "remove model.base")
     if is_single_file(pretrained):
         _, folder = config_folder(pretrained, prediction_type)
         return ModelFiles(pretrained, revision, folder=folder)
@@ -97,7 +106,7 @@ def load_components(
 ) -> Components:
     """Load a model's tokenizers, text encoders, VAE, denoiser and training noise scheduler, from a diffusers
     folder, hub id or single-file checkpoint; ``vae``, ``prediction_type``, ``clip_skip`` and ``base`` are the
-    recipe's ``model.*`` options of those names (a FLUX.1 transformer file needs ``base``). ``dtype``: the
+    recipe's ``model.*`` options of those names (a FLUX.1 or SD3.x transformer file needs ``base``). ``dtype``: the
     denoiser and text encoders are read straight into it (``families.base.load_kwargs``; a single-file SD
     checkpoint loads as before, in float32); None: the libraries' float32.
 
@@ -111,19 +120,19 @@ def load_components(
                 f"model.pretrained: {pretrained} has only pickle weights ({pickles[0].name}); sdtune loads "
                 "safetensors. Convert them, or set model.allow_unsafe_pickle=true (loaded with weights_only)"
             )
-    flux = flux_file.read_flux_file(pretrained)
-    base = base if flux else None
+    tf = read_transformer_file(pretrained)
+    base = base if tf else None
     try:
-        if flux:
-            c = load_flux_file(pretrained, family, base, revision, variant, safetensors_only=not allow_unsafe_pickle,
-                               dtype=dtype)
+        if tf:
+            c = load_transformer_file(tf, family, base, revision, variant, safetensors_only=not allow_unsafe_pickle,
+                                      dtype=dtype, with_vae=vae is None)
         elif is_single_file(pretrained):
             c = load_single_file(pretrained, family, prediction_type, with_vae=vae is None)
         else:
             c = family.load(pretrained, revision, variant, safetensors_only=not allow_unsafe_pickle, dtype=dtype)
     except (OSError, ValueError) as e:  # missing files, or pickle weights where safetensors are required
         raise SdtuneError(
-            f"model.{'base' if flux else 'pretrained'}: could not load {base or pretrained}"
+            f"model.{'base' if tf else 'pretrained'}: could not load {base or pretrained}"
             f"{f' (variant {variant})' if variant else ''}: {first_line(e, 200)}"
         ) from None
     if vae:
@@ -165,14 +174,19 @@ def load_single_file(pretrained: str, family: Family, prediction_type: str | Non
     )
 
 
-def load_flux_file(pretrained: str, family: Family, base: str | None, revision: str | None = None,
-                   variant: str | None = None, safetensors_only: bool = True, dtype: Any = None) -> Components:
-    """The components of a FLUX.1 transformer file and its base: the transformer converted from the file
-    (``sdtune.flux_file``), the rest loaded from ``base`` by the family (at ``revision`` / ``variant``)."""
-    ff, folder = flux_file.config_folder(pretrained, base, revision)
+def load_transformer_file(tf: transformer_file.TransformerFile, family: Family, base: str | None,
+                          revision: str | None = None, variant: str | None = None, safetensors_only: bool = True,
+                          dtype: Any = None, with_vae: bool = True) -> Components:
+    """The components of a transformer file and its base: the transformer converted from the file
+    (``sdtune.transformer_file``), and the VAE where the file bundles one its layout reads (``with_vae``:
+    no ``model.vae`` replaces it); the rest loaded from ``base`` by the family (at ``revision`` / ``variant``)."""
+    folder = transformer_file.config_folder(tf, base, revision)
     assert base is not None  # config_folder refuses a file without one
-    return family.load(base, revision, variant, safetensors_only, dtype=dtype,
-                       denoiser=flux_file.load_transformer(ff, folder, dtype))
+    transformer, vae = transformer_file.load(tf, folder, dtype, with_vae=with_vae)
+    c = family.load(base, revision, variant, safetensors_only, dtype=dtype, denoiser=transformer)
+    if vae is not None:
+        c.vae = vae
+    return c
 
 
 def load_vae(vae: str, pretrained: str, prediction_type: str | None = None) -> Any:
@@ -250,8 +264,8 @@ def model_identity(pretrained: str, revision: str | None, subfolders: list[str],
     """A short hash of what a model *is*: the bytes of every file in ``subfolders`` (weights, configs,
     tokenizer files) and of ``model_index.json``, not its name. Replacing a model folder's weights, or a
     hub snapshot moving to a new commit, gives a new identity; ``sdtune.files.content_hash`` reads each file
-    version once. A FLUX.1 transformer file is its bytes for the transformer and ``base`` (``model.base``) for
-    the rest."""
+    version once. A FLUX.1 or SD3.x transformer file is its bytes for the transformer (and a VAE it bundles) and
+    ``base`` (``model.base``) for the rest."""
     if vae or clip_skip != 1:  # model.vae and model.clip_skip make another model of the same files
         parts = [model_identity(pretrained, revision, subfolders, base=base), str(clip_skip)]
         if vae:
@@ -283,9 +297,11 @@ def model_identity(pretrained: str, revision: str | None, subfolders: list[str],
 
 def _paired_identity(pretrained: str, revision: str | None, subfolders: list[str], base: str) -> str:
     """``model_identity`` of a transformer file and its base: the base's alone where ``subfolders`` do not name
-    the transformer (latents and text embeddings are the base's own), else the file's bytes and the base's files
-    for the other subfolders."""
-    rest = [s for s in subfolders if s != "transformer"]
+    what the file gives (the transformer, and the VAE where it bundles one: latents and text embeddings are
+    otherwise the base's own), else the file's bytes and the base's files for the other subfolders."""
+    tf = read_transformer_file(pretrained)
+    own = {"transformer", *(["vae"] if tf is not None and tf.vae else [])}
+    rest = [s for s in subfolders if s not in own]
     if len(rest) == len(subfolders):
         return model_identity(base, revision, subfolders)
     parts = [content_hash(Path(pretrained).expanduser())[:16], model_identity(base, revision, rest) if rest else ""]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from sdtune import families, flux_file
+from sdtune import families, transformer_file
 from sdtune.config import Concept, Config, ConfigError
 from sdtune.data import (
     ClassImages,
@@ -33,7 +33,7 @@ from sdtune.families import Family, ModelFiles, ModelInfo
 from sdtune.files import cache_root, existing_ancestor, flush_manifests
 from sdtune.hfdata import materialize
 from sdtune.locks import HOLDER, LOCK
-from sdtune.models import describe, model_files, vae_problem, weight_problems
+from sdtune.models import describe, model_files, read_transformer_file, vae_problem, weight_problems
 from sdtune.optim import optimizer_problems
 from sdtune.pivotal import config_problems as pivotal_problems
 from sdtune.quantize import problems as quantize_problems
@@ -349,11 +349,11 @@ def _check_model(cfg: Config, problems: list[str], warnings: list[str]) -> tuple
     except SdtuneError as e:
         problems.append(str(e))
         return None, None
-    flux = flux_file.read_flux_file(m.pretrained)
-    if flux:  # a FLUX.1 transformer file and its base (sdtune.flux_file): model_files refused one without
+    tf = read_transformer_file(m.pretrained)
+    if tf:  # a FLUX.1 or SD3.x transformer file and its base (sdtune.transformer_file): refused without one
         assert m.base and files.folder
-        warnings += flux_file.pair_warnings(flux, m.base, m.revision)
-        problems += [p for p in [flux_file.param_count_problem(flux, files.folder)] if p]
+        warnings += transformer_file.pair_warnings(tf, m.base, m.revision)
+        problems += transformer_file.problems(tf, files.folder, with_vae=not m.vae)
     elif is_single_file(m.pretrained):
         ckpt = read_checkpoint(m.pretrained)
         if not ckpt.said_by and not m.prediction_type:

@@ -13,8 +13,8 @@ per block; SD2.x and SDXL: 64 channels per head; CLIP and OpenCLIP: 64 channels 
 file sdtune wrote itself (``sdtune random-model --single-file``) carries its exact configs in its metadata, so
 tiny test models with other head counts round-trip too. ``sdtune.ldm`` converts the weights.
 
-FLUX.1 files (the transformer alone, in Black Forest Labs' layout, paired with ``model.base``) are
-``sdtune.flux_file``'s; they share this module's header reading and cache folders.
+FLUX.1 and SD3.x files (the transformer in Black Forest Labs' or Stability's MMDiT layout, paired with
+``model.base``) are ``sdtune.transformer_file``'s; they share this module's header reading and cache folders.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def read_header(pretrained: str) -> tuple[Path, dict[str, list[int]], dict[str, 
     return path, shapes, {str(k): str(v) for k, v in metadata.items()}
 
 
-TRANSFORMER_FILE = ("is a transformer checkpoint sdtune does not read as one file (SD3, a diffusers transformer "
-                    "saved alone, or a FLUX.1 file without its single blocks); use a diffusers-format model folder")
+TRANSFORMER_FILE = ("is a transformer checkpoint sdtune does not read as one file (a diffusers transformer saved "
+                    "alone, or a FLUX.1 file without its single blocks); use a diffusers-format model folder")
 
 
 def _not_trainable(pretrained: str, keys: list[str], shapes: dict[str, list[int]]) -> str | None:
@@ -98,7 +98,7 @@ def _not_trainable(pretrained: str, keys: list[str], shapes: dict[str, list[int]
         if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.")) for k in keys):
             return "is a VAE alone; give it as model.vae beside a full checkpoint"
         if any(k.startswith(("double_blocks.", "joint_blocks.", "transformer_blocks.")) for k in keys):
-            # a whole FLUX.1 transformer in BFL's layout is sdtune.flux_file's and does not get here
+            # a whole FLUX.1 or SD3 transformer in its original layout is sdtune.transformer_file's: not here
             return TRANSFORMER_FILE
         return "has no UNet (model.diffusion_model.*); is it a Stable Diffusion checkpoint?"
     if any(k.startswith((UNET + "double_blocks.", UNET + "joint_blocks.")) for k in keys):

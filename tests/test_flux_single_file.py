@@ -181,7 +181,7 @@ def flux_files(tiny_model, tmp_path_factory):
 @pytest.mark.parametrize("name", ["plain", "comfy", "fp8"])
 def test_a_flux_file_is_detected_and_its_config_derived_from_its_header(name, flux_files, tiny_model):
     ff = read_flux_file(str(flux_files[name]))
-    assert ff is not None and ff.guidance and ff.variant == "FLUX.1-dev"
+    assert ff is not None and flux_file.has_guidance(ff) and ff.variant == "FLUX.1-dev"
     assert ff.prefix == ("" if name == "plain" else "model.diffusion_model.")
     assert ff.others == (1 if name == "comfy" else 0)
     assert derived_config(ff) == _own_config(tiny_model("flux"))
@@ -194,7 +194,7 @@ def test_a_flux_file_is_detected_and_its_config_derived_from_its_header(name, fl
 
 def test_schnell_is_told_from_dev_by_its_guidance_embedding(flux_files, tiny_model, tmp_path):
     ff = read_flux_file(str(flux_files["schnell"]))
-    assert ff is not None and not ff.guidance and ff.variant == "FLUX.1-schnell"
+    assert ff is not None and not flux_file.has_guidance(ff) and ff.variant == "FLUX.1-schnell"
     assert derived_config(ff) == {**_own_config(tiny_model("flux")), "guidance_embeds": False}
     info = inspect_model(str(flux_files["schnell"]), base=str(tiny_model("flux")))
     assert info.architecture == "flux-1-schnell"  # what kohya metadata calls it
@@ -234,7 +234,7 @@ def test_the_refusals_are_one_line_each(flux_files, tiny_model, tmp_path):
     # a base for a model that needs none: a diffusers folder, a hub id
     for model in (tiny_model("flux"), "black-forest-labs/FLUX.1-dev"):
         [line] = _refusal(tmp_path, model, f"model.base={tiny_model('flux')}")
-        assert line.startswith("model.base: only a FLUX.1 transformer file") and "remove model.base" in line
+        assert line.startswith("model.base: only a FLUX.1 or SD3.x transformer file") and "remove model.base" in line
     # a head width other than FLUX.1's, from a file sdtune did not write: it cannot tell the rope axes
     [line] = _refusal(tmp_path, flux_files["nometa"], f"model.base={tiny_model('flux')}")
     assert "16 channels per attention head, not FLUX.1's 128" in line and "axes_dims_rope" in line

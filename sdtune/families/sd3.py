@@ -23,7 +23,11 @@ A LoHa / LoKr (``lora.type``) is written with SimpleTuner's LyCORIS names (``sdt
 
 Pivotal tuning trains both CLIPs' and T5's rows (``clip_l``, ``clip_g``, ``t5``).
 
-Not yet: single-file checkpoints, noise offset and min-SNR (DDPM
+Single files in Stability's layout (``sd3.5_medium.safetensors`` and fine-tunes shared like it: the MMDiT, often
+with a VAE and text encoders) load as ``model.pretrained`` beside ``model.base``, the SD3.x diffusers model whose
+text encoders, tokenizers and scheduler go with them (``sdtune.sd3_file``; ``load(denoiser=...)``).
+
+Not yet: noise offset and min-SNR (DDPM
 notions), clip skip (``sdtune.plan`` refuses it for every multi-encoder family), a model without T5, a memory
 estimate calibrated for SD3 (SD's constants are used); ``config_problems`` refuses each such key in one line.
 
@@ -178,7 +182,7 @@ class SD3:
             resolution=int(transformer.get("sample_size", self.default_resolution // vae_scale)) * vae_scale,
             # the VAE's downscale x the transformer's patch size: 16 for SD3
             bucket_multiple=vae_scale * patch, pipeline_class=index.get("_class_name", "?"),
-            architecture=KOHYA_VARIANTS[_model_type(transformer)],
+            architecture=KOHYA_VARIANTS[model_type(transformer)],
         )
 
     def _check_trainable(self, pretrained: str, index: dict, transformer: dict, vae: dict) -> None:
@@ -204,7 +208,9 @@ class SD3:
     # Loading and building
 
     def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool,
-             dtype: Any = None) -> Components:
+             dtype: Any = None, denoiser: Any = None) -> Components:
+        """``denoiser``: a transformer already loaded (a single file's, ``sdtune.sd3_file``) in place of the
+        model's own, which is then not read."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -221,7 +227,8 @@ class SD3:
                                                                        **wkw, **tkw),
                            T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_3", **wkw, **tkw)],
             vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **wkw),
-            denoiser=SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer", **wkw, **dkw),
+            denoiser=denoiser if denoiser is not None else
+            SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer", **wkw, **dkw),
             # training draws its sigmas from the model's own scheduler (shift 3.0: its timesteps and sigmas tables)
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler", **kw),
         )
@@ -364,7 +371,7 @@ class SD3:
             any(k.startswith(LORA_KEY_MARKS) for k in keys)
 
 
-def _model_type(transformer: dict) -> str:
+def model_type(transformer: dict) -> str:
     """kohya's name of the SD3 variant whose transformer config this is (``KOHYA_VARIANTS``)."""
     if not transformer.get("qk_norm"):
         return "medium"
