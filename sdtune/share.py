@@ -20,6 +20,7 @@ from sdtune.export import existing_run_files, public_name
 from sdtune.families import Family
 from sdtune.files import write_text
 from sdtune.hub import check_repo_id, public_model_id
+from sdtune.models import TRANSFORMER_LAYOUTS
 from sdtune.runs import CARD, EMBEDDINGS_DIR, WEIGHT_NAME, safetensors_header
 
 
@@ -42,7 +43,10 @@ def model_card(config: dict, family: Family, grid: str | None, kohya_name: str |
     """Markdown with YAML front matter: base_model, tags, instance_prompt, license, widget. A run of several
     concepts names every identifier and how to prompt each."""
     model, data, lora, train = config["model"], config["data"], config["lora"], config["train"]
-    base = public_model_id(model["pretrained"])  # the hub validates base_model: a hub id or nothing
+    # a FLUX.1 / SD3.x transformer file beside the model that gives it encoders, tokenizers, scheduler (model.base)
+    paired = public_model_id(model.get("base")) or (model.get("base") and "BASE_MODEL")
+    # the hub validates base_model: a hub id or nothing (a transformer file is a file, whatever its path looks like)
+    base = None if paired else public_model_id(model["pretrained"])
     named = subjects(data)
     instance_prompt = named[0][1]
     front = {
@@ -60,7 +64,8 @@ def model_card(config: dict, family: Family, grid: str | None, kohya_name: str |
     # a local base by its folder's or file's name, never its path
     base_text = f"[{base}](https://huggingface.co/{base})" if base else \
         f"a local base model (`{public_name(model['pretrained'])}`)"
-    pipeline = family.lora_pipeline
+    if paired:
+        base_text = f"the transformer file `{_file_name(model['pretrained'])}` with {paired}'s text encoders"
     usage = _usage(named)
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
@@ -72,8 +77,7 @@ def model_card(config: dict, family: Family, grid: str | None, kohya_name: str |
         lines += [f"![samples]({grid})", ""]
     lines += [
         "## Use it in diffusers", "", "```python", "import torch",
-        f"from diffusers import {pipeline}", "",
-        f"pipe = {pipeline}.from_pretrained({base or 'BASE_MODEL'!r}, torch_dtype=torch.float16).to('cuda')",
+        *_pipeline_lines(model, family, base, paired),
         "pipe.load_lora_weights('REPO_OR_FOLDER')" if lora.get("type", "lora") == "lora" else
         f"# a LyCORIS {lora['type']}: load_lora_weights cannot read it; use the kohya file or sdtune sample",
         f"image = pipe({instance_prompt + ' on the beach'!r}).images[0]", "```", "",
@@ -99,6 +103,26 @@ def model_card(config: dict, family: Family, grid: str | None, kohya_name: str |
         f"| resolution | {data.get('resolution') or 'native'} |", "",
     ]
     return "\n".join(lines)
+
+
+def _file_name(path: str) -> str:
+    """A file's name without its folders (either separator): a transformer file's path may look like a hub id."""
+    return Path(path.replace("\\", "/")).name
+
+
+def _pipeline_lines(model: dict, family: Family, base: str | None, paired: str | None) -> list[str]:
+    """The diffusers snippet's imports and pipeline: ``from_pretrained`` of the base, or for a transformer file
+    (``paired``: its ``model.base``) the file's transformer from ``from_single_file`` in that base's pipeline."""
+    pipeline, dtype = family.lora_pipeline, f"torch.{family.sampling.torch_dtype}"
+    denoiser = next((layout.model_class for layout in TRANSFORMER_LAYOUTS if layout.family == family.name), None)
+    if not paired or denoiser is None:
+        return [f"from diffusers import {pipeline}", "",
+                f"pipe = {pipeline}.from_pretrained({base or 'BASE_MODEL'!r}, torch_dtype={dtype}).to('cuda')"]
+    file = _file_name(model["pretrained"])
+    return [f"from diffusers import {denoiser}, {pipeline}", "",
+            f"transformer = {denoiser}.from_single_file({file!r}, config={paired!r}, subfolder='transformer', "
+            f"torch_dtype={dtype})",
+            f"pipe = {pipeline}.from_pretrained({paired!r}, transformer=transformer, torch_dtype={dtype}).to('cuda')"]
 
 
 def _base_storage(model: dict) -> str:

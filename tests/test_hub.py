@@ -96,6 +96,30 @@ def test_the_model_card_names_only_hub_ids(tmp_path: Path) -> None:
         assert (f"base_model: {name}" in card) == (public_model_id(name) is not None), name
 
 
+def test_the_model_card_of_a_transformer_file_loads_it_into_its_base(tmp_path: Path) -> None:
+    """A FLUX.1 / SD3.x transformer file beside model.base: the snippet loads the file's transformer into the base's
+    pipeline (in bf16, as these families run), names the file by its name only, and the base by its hub id."""
+    from sdtune import families
+
+    config = {"model": {"pretrained": str(tmp_path / "my-finetune.safetensors"), "base": "black-forest-labs/FLUX.1-dev"},
+              "data": {"identifier": "sks"}, "train": {"max_steps": 1, "batch_size": 1, "learning_rate": 1e-4,
+              "lr_scheduler": "constant", "optimizer": "adamw", "mixed_precision": "bf16"},
+              "lora": {"rank": 4, "target_modules": ["to_q"]}}
+    card = share.model_card(config, families.get("flux"), None, None)
+    assert "transformer = FluxTransformer2DModel.from_single_file('my-finetune.safetensors', " \
+           "config='black-forest-labs/FLUX.1-dev', subfolder='transformer', torch_dtype=torch.bfloat16)" in card
+    assert "FluxPipeline.from_pretrained('black-forest-labs/FLUX.1-dev', transformer=transformer" in card
+    assert str(tmp_path) not in card and "base_model:" not in card  # the fine-tune is not on the Hub
+    config["model"] = {"pretrained": "x/sd35.safetensors", "base": str(tmp_path / "sd35-medium")}  # a local base
+    card = share.model_card(config, families.get("sd3"), None, None)
+    assert "SD3Transformer2DModel.from_single_file('sd35.safetensors', config='BASE_MODEL'" in card
+    assert str(tmp_path) not in card
+    config["model"] = {"pretrained": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+    card = share.model_card(config, families.get("sd15"), None, None)
+    assert "StableDiffusionPipeline.from_pretrained('stable-diffusion-v1-5/stable-diffusion-v1-5', " \
+           "torch_dtype=torch.float16)" in card
+
+
 def test_import_is_light() -> None:
     """The CLI imports sdtune modules while building its parser; huggingface_hub is loaded only on use."""
     code = (

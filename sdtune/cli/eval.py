@@ -210,7 +210,7 @@ def spec_from_args(args: argparse.Namespace, scorer: Scorer) -> EvalSpec:
     class_prompt = (args.class_prompt or (run_cfg.get("prior") or {}).get("class_prompt")
                     or f"a photo of {article} {class_noun}")
     revision = model_cfg.get("revision")
-    options = run_model_options(args.model, run_cfg)  # base: the FLUX.1 model beside a transformer file
+    options = run_model_options(args.model, run_cfg)  # base: the FLUX.1 / SD3.x model beside a transformer file
     return EvalSpec(
         run=str(target), model=model, loras=loras, steps={label: step_of(label, f) for label, f in loras},  # type: ignore[misc]
         subject_dir=Path(subject_dir), identifier=identifier, class_noun=class_noun, prompt_set=prompt_set,

@@ -95,8 +95,9 @@ def base_model(model: str | None, target: Path, run_cfg: dict) -> str:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """--base, --vae, --prediction-type, --clip-skip and --quantize: the recipe's model.* options, for a model
     given with --model."""
-    p.add_argument("--base", help="the FLUX.1 model (hub id or folder) whose text encoders, tokenizers, VAE and "
-                   "scheduler go with a FLUX.1 transformer file given as --model (default: the run's model.base)")
+    p.add_argument("--base", help="the FLUX.1 or SD3.x model (hub id or folder) whose text encoders, tokenizers, VAE "
+                   "and scheduler go with a transformer file of its family given as --model (default: the run's "
+                   "model.base)")
     p.add_argument("--vae", help="a VAE in place of the model's (hub id, folder or .safetensors; default: the run's)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                    help="what a single-file model predicts, where the file does not say (default: the run's)")
@@ -108,9 +109,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 def run_model_options(model: str | None, run_cfg: dict) -> dict:
     """{vae, prediction_type, clip_skip, base, max_sequence_length} the run loaded its base model with. Its VAE,
-    prediction type and base (the FLUX.1 model beside a transformer file) belong to that model, so they apply only
-    when ``model`` (--model) does not name another; the T5 prompt length the run set (``flux.`` / ``sd3.
-    max_sequence_length``; only its own family's section can hold one) is the LoRA's, on any model."""
+    prediction type and base (the FLUX.1 / SD3.x model beside a transformer file) belong to that model, so they
+    apply only when ``model`` (--model) does not name another; the T5 prompt length the run set (``flux.`` /
+    ``sd3.max_sequence_length``; only its own family's section can hold one) is the LoRA's, on any model."""
     run = run_cfg.get("model", {})
     own = not model or model == run.get("pretrained")
     tokens = [v["max_sequence_length"] for v in run_cfg.values() if isinstance(v, dict) and v.get("max_sequence_length")]

@@ -77,6 +77,7 @@ class SamplingDefaults:
     # None: the user's --scheduler (a name of ``sdtune.schedulers.SCHEDULERS``); a diffusers class name: the one
     # scheduler the family samples with (its model's own), whatever --scheduler says, and what sidecars record
     scheduler: str | None = None
+    torch_dtype: str = "float16"  # what the model card's diffusers snippet loads the pipeline in
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ KOHYA_MODULES = (
 )
 # FLUX.1-dev's sampling: the guidance its model card and FluxPipeline's examples use (a guidance-distilled
 # model: the scale is a transformer input, not classifier-free guidance), with the model's own scheduler
-SAMPLING = SamplingDefaults(guidance_scale=3.5, scheduler="FlowMatchEulerDiscreteScheduler")
+SAMPLING = SamplingDefaults(guidance_scale=3.5, scheduler="FlowMatchEulerDiscreteScheduler", torch_dtype="bfloat16")
 
 
 class FluxOptions(FlowOptions):

@@ -152,7 +152,8 @@ class SD3:
     kohya_modules: tuple[KohyaModule, ...] = KOHYA_MODULES
     # the pipeline's default guidance (SD3 samples with classifier-free guidance), with the model's own
     # flow-matching scheduler: the DDPM-style ones of --scheduler do not take its sigmas
-    sampling: SamplingDefaults = SamplingDefaults(guidance_scale=7.0, scheduler="FlowMatchEulerDiscreteScheduler")
+    sampling: SamplingDefaults = SamplingDefaults(guidance_scale=7.0, scheduler="FlowMatchEulerDiscreteScheduler",
+                                                  torch_dtype="bfloat16")
     memory: MemoryConstants = MemoryConstants(calibrated=False)  # SD's constants: not measured for SD3
     original_layout: OriginalLayout | None = None
     # T5 tokens: StableDiffusion3Pipeline's default, which every sampler uses (diffusers' SD3 training script
