@@ -156,6 +156,16 @@ def test_train_form_errors_land_at_their_fields(server):
     assert json.loads(body)["fields"] == {"run": "'../x' is not a run name (letters, digits, _ and -)"}
 
 
+def test_a_transformer_files_base_model_is_a_field_of_the_train_form(tmp_path):
+    from sdtune.ui.tasks import train_overrides
+
+    ws = Workspace(tmp_path / "ws")
+    _, given = train_overrides(ws, {"run": "r", "base": "x.safetensors", "model_base": "black-forest-labs/FLUX.1-dev"})
+    assert "model.base=black-forest-labs/FLUX.1-dev" in given
+    _, plain = train_overrides(ws, {"run": "r", "base": "micro", "model_base": ""})
+    assert not any(o.startswith("model.base=") for o in plain)
+
+
 # -- photos: starting boxes, a moved box, prep ----------------------------------------------------------
 
 

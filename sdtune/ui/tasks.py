@@ -24,7 +24,8 @@ MICRO = "micro"  # the base model choice that means the shipped micro model (wri
 DEFAULT_RECIPE = "micro_dreambooth.yaml"
 # page field -> the recipe key it sets; a config problem about that key is shown at that field
 FIELDS = {"steps": "train.max_steps", "learning_rate": "train.learning_rate", "rank": "lora.rank",
-          "identifier": "data.identifier", "base": "model.pretrained", "sample_every": "sample.every",
+          "identifier": "data.identifier", "base": "model.pretrained", "model_base": "model.base",
+          "sample_every": "sample.every",
           "checkpoint_every": "train.checkpoint_every", "log_every": "train.log_every", "prior": "prior.enabled"}
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 EXPORTS = {"kohya": ".safetensors", "diffusers": ".safetensors", "peft": ""}

@@ -162,7 +162,7 @@ async function checkToken() {
 // -- train --
 $("train").addEventListener("click", async () => {
   const section = $("tab-train");
-  const form = { base: $("base").value, recipe: $("recipe").value, run: $("run").value, steps: $("steps").value,
+  const form = { base: $("base").value, model_base: $("model_base").value.trim(), recipe: $("recipe").value, run: $("run").value, steps: $("steps").value,
     learning_rate: $("learning_rate").value, rank: $("rank").value, sample_every: $("sample_every").value,
     checkpoint_every: $("checkpoint_every").value, log_every: $("log_every").value, prior: $("prior").checked, advanced: $("advanced").value,
     identifier: $("identifier").value.trim() };
