@@ -25,6 +25,7 @@ from sdtune.ema import EMA_FILE, AdapterEMA, ema_weights
 from sdtune.errors import DiskFull, SdtuneError
 from sdtune.families import Family
 from sdtune.files import free_bytes, fsync, is_disk_full, mib, sha256_file, write_bytes
+from sdtune.fsdp import full_optimizer_state, shard_optimizer_state
 from sdtune.lora import adapter_state_dict, load_adapter_state_dict, save_diffusers_lora
 from sdtune.pivotal import ROWS_FILE, Embeddings
 from sdtune.resume import MANIFEST, STATE, config_drift, find_checkpoint, flat_keys, verify
@@ -121,11 +122,14 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoints/step-NNNNNN/`` atomically and verified, then prune old ones (main process writes
     all but the per-process random state). With ``ema`` (``train.ema``) the adapters are still the training
-    weights (what a resume continues), ``ema.pt`` holds the average, and the LoRA file is the average."""
+    weights (what a resume continues), ``ema.pt`` holds the average, and the LoRA file is the average.
+    Every process calls this: under FSDP the adapters and the optimizer's moments are gathered whole first
+    (``sdtune.fsdp``), so the files are those a DDP run writes."""
     root = output_dir / CHECKPOINTS
     final = root / f"step-{global_step:06d}"
     tmp = root / f".tmp-step-{global_step:06d}"
     states = {name: adapter_state_dict(module) for name, module in trained.items()}
+    optimizer_state = full_optimizer_state(optimizer)
     bad = [f"{name}.{k}" for name, sd in states.items() for k, v in sd.items() if not torch.isfinite(v).all()]
     if bad:  # never write a checkpoint that would poison a resume or an export
         raise SdtuneError(f"LoRA weights are not finite at step {global_step} ({bad[0]}); nothing was saved")
@@ -140,14 +144,16 @@ def save_checkpoint(
         if accelerator.is_main_process:
             for name, sd in states.items():
                 write_bytes(tmp / f"adapter-{name}.safetensors", save(sd))
-            write_bytes(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
+            write_bytes(tmp / "optimizer.pt", _torch_bytes(optimizer_state))
             write_bytes(tmp / "lr_scheduler.pt", _torch_bytes(lr_scheduler.state_dict()))
             if ema is not None:
                 write_bytes(tmp / EMA_FILE, ema.state_bytes())
             if embeddings is not None:  # the training rows, what a resume continues
                 write_bytes(tmp / ROWS_FILE, save(embeddings.state()))
             with ema_weights(ema):  # the checkpoint's LoRA file is what the run shows: the average when on
-                save_diffusers_lora(tmp, family, trained, (config.get("model") or {}).get("pretrained"))
+                # (read again only with EMA, never under FSDP, where gathering takes every process)
+                shown = states if ema is None else {name: adapter_state_dict(m) for name, m in trained.items()}
+                save_diffusers_lora(tmp, family, trained, (config.get("model") or {}).get("pretrained"), shown)
                 if embeddings is not None:  # and the embedding files that go with it
                     embeddings.save(tmp)
             # the data fingerprint ({"instance": ..., "class": ...}, sdtune.resume.fingerprint) lets a resume
@@ -202,7 +208,9 @@ def load_checkpoint(
         )
     for name, module in trained.items():
         load_adapter_state_dict(module, load_file(path / f"adapter-{name}.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    # whole moments (as every run writes them), cut to this process's shards under FSDP
+    saved = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(shard_optimizer_state(optimizer, saved))
     lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True), generator)
     if embeddings is not None:

@@ -24,6 +24,7 @@ from sdtune import __version__
 from sdtune.errors import SdtuneError, first_line
 from sdtune.export import public_name
 from sdtune.families import Family
+from sdtune.fsdp import full_state, shard_like
 from sdtune.layout import canonical_text_encoder_keys, keys_for_module, rewrite_safetensors_header
 from sdtune.runs import MARK_KEY, WEIGHT_NAME
 
@@ -102,13 +103,14 @@ def trainable_parameters(*modules: torch.nn.Module | None) -> list[torch.nn.Para
 def adapter_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors in PEFT naming (``...q_proj.lora_A.weight``), keys in the canonical layout
     (``sdtune.layout``: a CLIP text encoder's under ``text_model.``, whatever the installed transformers
-    calls its modules), as every LoRA file and checkpoint holds it; ``load_adapter_state_dict`` reads it."""
+    calls its modules), as every LoRA file and checkpoint holds it; ``load_adapter_state_dict`` reads it.
+
+    Always the whole tensors: a module sharded by FSDP has them gathered here, which is a collective (every
+    process calls this, on the same module; ``sdtune.fsdp``)."""
     from peft import get_peft_model_state_dict
 
-    state = {
-        k: v.detach().to("cpu", torch.float32).contiguous()
-        for k, v in get_peft_model_state_dict(module, save_embedding_layers=False).items()
-    }
+    sharded = get_peft_model_state_dict(module, save_embedding_layers=False)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in full_state(sharded).items()}
     return canonical_text_encoder_keys(state, type(module).__name__)
 
 
@@ -117,10 +119,14 @@ def load_adapter_state_dict(module: torch.nn.Module, state: dict[str, torch.Tens
     """Put tensors from ``adapter_state_dict`` (or a LoRA file's, canonical keys) back into ``module``'s
     adapter, refusing any mismatch. A CLIP text encoder's keys are renamed to the installed transformers'
     layout first (``sdtune.layout.keys_for_module``), so a checkpoint from transformers 4 resumes on 5."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+    state = keys_for_module(state, module)
+    # a module sharded by FSDP takes each tensor as its own parameter is sharded (this process's rows)
+    state = shard_like(state, get_peft_model_state_dict(module, adapter_name=adapter_name,
+                                                        save_embedding_layers=False))
     try:
-        result = set_peft_model_state_dict(module, keys_for_module(state, module), adapter_name=adapter_name)
+        result = set_peft_model_state_dict(module, state, adapter_name=adapter_name)
     except RuntimeError as e:  # torch's "size mismatch for ...": another rank or factorisation
         why = str(e).splitlines()[-1].strip()[:200]
         raise SdtuneError(f"checkpoint does not match the LoRA layout of this run ({why})") from None
@@ -167,9 +173,12 @@ def inject_adapter(module: torch.nn.Module, config: dict[str, Any], state: dict[
 
 
 def save_diffusers_lora(output_dir: str | Path, family: Family, trained: dict[str, torch.nn.Module],
-                        base_model: str | None = None) -> Path:
+                        base_model: str | None = None,
+                        states: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` in diffusers' format for the trained modules
     ({component name: PEFT-injected module}); ``pipe.load_lora_weights(output_dir)`` reads it back.
+    ``states``: their ``adapter_state_dict``s when the caller has them already (under FSDP every process
+    gathers them, and only one writes), else read here.
 
     Text-encoder keys are canonical (``text_encoder.text_model.encoder.layers.0...``, ``sdtune.layout``),
     which every diffusers version loads, whatever the installed transformers names the modules. Each
@@ -182,7 +191,7 @@ def save_diffusers_lora(output_dir: str | Path, family: Family, trained: dict[st
         # PEFT key names (lora_A / lora_B), as diffusers' own training scripts now save them. Converting them
         # to the old diffusers names renames only attention keys; diffusers' loader then guesses the format
         # from the first key and silently drops the others when a run trains more than attention.
-        kwargs[f"{name}_lora_layers"] = adapter_state_dict(module)
+        kwargs[f"{name}_lora_layers"] = states[name] if states is not None else adapter_state_dict(module)
         config = module.peft_config["default"].to_dict()
         config["base_model_name_or_path"] = public_name(base_model or config.get("base_model_name_or_path"))
         kwargs[f"{name}_lora_adapter_metadata"] = config

@@ -31,6 +31,7 @@ from sdtune.data import (
 from sdtune.errors import SdtuneError, error_summary
 from sdtune.families import Family, ModelFiles, ModelInfo
 from sdtune.files import cache_root, existing_ancestor, flush_manifests
+from sdtune.fsdp import config_problems as fsdp_problems
 from sdtune.hfdata import materialize
 from sdtune.locks import HOLDER, LOCK
 from sdtune.models import describe, model_files, read_transformer_file, vae_problem, weight_problems
@@ -446,6 +447,7 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     warnings += quantize_warnings(cfg.model.quantize, cfg.train.gradient_checkpointing)
     if cfg.pivotal.enabled:
         problems += pivotal_problems(cfg.identifiers(), cfg.pivotal.new_tokens, cfg.pivotal.init)
+    problems += fsdp_problems(cfg)  # launched with an FSDP accelerate config: what cannot run sharded
     t = cfg.train  # the optimizer's package, arguments and learning rate, before any weight loads
     found, advice = optimizer_problems(t.optimizer, t.optimizer_args, t.learning_rate,
                                        cfg.lora.text_encoder_lr if cfg.lora.train_text_encoder else None,

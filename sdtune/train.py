@@ -41,8 +41,10 @@ from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, broadcast_
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, offload_models
 from diffusers.utils.torch_utils import randn_tensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from sdtune import fsdp
 from sdtune.cache import LatentStore, TextCache, cache_latents, note_identity, shard, vae_identity
 from sdtune.checkpoint import clean_temporary, load_checkpoint, save_checkpoint
 from sdtune.config import Config, ConfigError
@@ -74,7 +76,7 @@ from sdtune.grid import Settings
 from sdtune.guards import NonFiniteGuard, Pause, StalledLoraGuard, StepTimer, StopSignals
 from sdtune.identifier import check_identifier
 from sdtune.locks import Busy, cache_lock, run_lock
-from sdtune.lora import add_lora, has_adapter, save_diffusers_lora, trainable_parameters
+from sdtune.lora import adapter_state_dict, add_lora, has_adapter, save_diffusers_lora, trainable_parameters
 from sdtune.memory import estimate
 from sdtune.models import load_components, model_identity, torch_dtype
 from sdtune.objectives import MSE, LossFunction, Objective, scale_latents
@@ -225,6 +227,17 @@ class Run:
     def output_dir(self) -> Path:
         return Path(self.cfg.train.output_dir)
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the denoiser is sharded by FSDP (``sdtune.fsdp``): then every process takes part in each of
+        its forward passes (sampling, validation) and in reading its weights."""
+        return fsdp.is_sharded(self.accelerator)
+
+    def whole_params(self) -> list[torch.Tensor]:
+        """The trained tensors whole, in the optimizer's order: gathered under FSDP (every process calls this),
+        else ``params`` themselves."""
+        return [fsdp.full_tensor(p.detach()) for p in self.params] if self.sharded else self.params
+
     def unwrapped(self) -> dict[str, torch.nn.Module]:
         """The trained modules without Accelerate's wrappers or torch.compile's, by component name: their
         state dicts have the model's own key names (a compiled module's would start with ``_orig_mod.``), and
@@ -334,8 +347,12 @@ def setup(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> Run:
     # Stepped once per optimizer step by this loop (not prepared), so no num_processes scaling is needed.
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                  num_training_steps=t.max_steps)
+    _frozen_stay_local(trained.values())
     *prepared, run.optimizer = accelerator.prepare(*trained.values(), optimizer)
     run.modules, run.lr_scheduler = dict(zip(trained, prepared)), lr_scheduler
+    if run.sharded:
+        fsdp.outputs_in_fp32(run.modules[plan.family.denoiser_name], accelerator)
+        _log_sharding(run)
     run.params = [p for group in optimizer.param_groups for p in group["params"]]
     run.ema = make_ema(run.params, t.ema, t.ema_decay, t.ema_on_cpu)
     run.text_encoders = [run.modules.get(spec.name, encoder)
@@ -347,6 +364,26 @@ def setup(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> Run:
     _log_epoch_intervals(run)
     _init_trackers(run)
     return run
+
+
+def _frozen_stay_local(modules: Iterable[torch.nn.Module]) -> None:
+    """Tell DDP to leave each module's frozen parameters and its buffers alone. Wrapping a module, it broadcasts
+    every parameter and buffer from the main process (and the buffers again before each forward); the frozen
+    ones are the same in every process, read from the same files. So a FLUX.1 transformer's 24 GB are not sent
+    at the start, and weights stored in fp8 (model.quantize=fp8), which gloo cannot send at all, stay put. The
+    trained ones are still broadcast: every process starts from the main one's LoRA. (FSDP does not read it.)"""
+    for module in modules:
+        local = [n for n, p in module.named_parameters() if not p.requires_grad] + [n for n, _ in module.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, local)
+
+
+def _log_sharding(run: Run) -> None:
+    """What FSDP shards: the denoiser's FSDP units by block class, over how many processes."""
+    name = run.family.denoiser_name
+    units = ", ".join(f"{cls} x {n}" for cls, n in fsdp.sharded_units(run.modules[name]).items())
+    logger.info(f"FSDP: the {name} is sharded over {run.accelerator.num_processes} processes, in units of "
+                f"{units or 'one: no block class of the model was wrapped'} and the rest; the memory estimate "
+                "above is for one process holding it whole")
 
 
 def _claim_output(run: Run) -> None:
@@ -406,14 +443,19 @@ def make_accelerator(cfg: Config) -> Accelerator:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
         # static shapes: one graph per aspect bucket (what CUDA graphs replay), never a dynamic-shape graph
         dynamo = TorchDynamoPlugin(backend=t.compile_backend, mode=t.compile_mode, dynamic=False)
+    # launched with an FSDP config (recipes/accelerate/fsdp.yaml): sdtune's plugin, the recipe's precision kept
+    fsdp_plugin = fsdp.make_plugin() if fsdp.requested() else None
     accelerator = Accelerator(
         cpu=launched and not torch.cuda.is_available(),
         mixed_precision=t.mixed_precision,
         dynamo_plugin=dynamo,
+        fsdp_plugin=fsdp_plugin,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=None if t.report_to == "none" else t.report_to,
         project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=str(Path(t.output_dir) / "logs")),
     )
+    if fsdp_plugin is not None:
+        fsdp.enable_on_cpu(accelerator, fsdp_plugin)  # CPU gloo processes (the tests); GPUs need nothing
     if t.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise SdtuneError(FP16_ON_CPU)  # check_run says so too; this is for library callers that skip it
     if os.environ.get("MASTER_PORT") and accelerator.num_processes == 1 and not launched:
@@ -452,9 +494,12 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> tuple[C
     frozen = [(info.family.denoiser_name, c.denoiser, m.quantize, "model.quantize=")] + [
         (spec.name, encoder, m.quantize_text_encoders, "model.quantize_text_encoders=")
         for spec, encoder in zip(info.family.text_encoders, c.text_encoders)]
+    # under FSDP the denoiser waits in host memory: prepare() moves it to the GPUs a shard at a time, so no GPU
+    # ever holds it whole
+    sharded = info.family.denoiser_name if fsdp.is_sharded(accelerator) else None
     for name, module, mode, key in frozen:
         if mode == "none":
-            module.requires_grad_(False).to(device, weight_dtype)
+            module.requires_grad_(False).to(None if name == sharded else device, weight_dtype)
         else:  # cast on the CPU, then quantized layer by layer as it moves: the device never holds it unquantized
             done = quantize(module.requires_grad_(False).to(weight_dtype), mode, weight_dtype, device)
             logger.info(done.line(name, key=key))
@@ -905,6 +950,7 @@ def optimizer_update(run: Run, loss: torch.Tensor, nonfinite: NonFiniteGuard) ->
             grad_norm = acc.clip_grad_norm_(run.params, t.max_grad_norm)
         else:  # no clipping: the norm alone, for the finite check (no multiply by a clip factor of 1)
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
+        grad_norm = fsdp.full_tensor(grad_norm)  # under FSDP a DTensor: the norm over every process's shards
         # A NaN/inf loss or gradient must never reach the weights; one flag for both (inf - inf is NaN too).
         finite = torch.isfinite(loss.detach() + grad_norm)  # () bool, on the device
         step_ok = nonfinite.allow(finite)
@@ -964,7 +1010,7 @@ def loop(run: Run) -> None:
     started = time.perf_counter()
     nonfinite = NonFiniteGuard(run.optimizer, acc.scaler, t.max_nonfinite_steps,
                                warn=lambda message: _say(message, logging.WARNING))
-    stalled = StalledLoraGuard(run.params, run.global_step, t.max_steps)
+    stalled = StalledLoraGuard(run.whole_params(), run.global_step, t.max_steps)
     timer = StepTimer(run.global_step, t.max_steps, sync=run.sync)
     losses = LossLog(run)
     # redrawn at most twice a second: a redraw per step costs host time on a fast GPU
@@ -992,7 +1038,7 @@ def loop(run: Run) -> None:
             nonfinite.record(step, finite, batch["paths"])
             if step == stalled.at_step:
                 nonfinite.check()  # skipped steps are part of the message
-                stalled.check(step, run.params, run.lr_scheduler.get_last_lr()[0], nonfinite.total)
+                stalled.check(step, run.whole_params(), run.lr_scheduler.get_last_lr()[0], nonfinite.total)
             if _stop_requested(run, stop):
                 nonfinite.check()
                 run.save()
@@ -1034,12 +1080,14 @@ def _periodic(run: Run, step: int, out: StepOutput, nonfinite: NonFiniteGuard, l
 def _validation(run: Run, step: int, timer: StepTimer, progress: Any,
                 losses: LossLog) -> dict[str, float] | None:
     """The validation losses when one is due (every ``train.validation_every`` steps and at the last),
-    measured on the main process while the others wait; None when none is due."""
+    measured on the main process while the others wait (under FSDP by every process: each forward of the
+    sharded denoiser takes them all, and the same images, noise and timesteps give the same numbers); None when
+    none is due."""
     t = run.cfg.train
     if run.validator is None or (step % t.validation_every and step != t.max_steps):
         return None
     with _aside(timer, "validation", progress, losses):
-        values = run.validator.measure(run.unwrapped(), run.ema) if run.main else {}
+        values = run.validator.measure(run.unwrapped(), run.ema) if run.main or run.sharded else {}
     run.accelerator.wait_for_everyone()
     return values
 
@@ -1091,36 +1139,46 @@ def _eval_mode(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
 
 
 def sample_grid(run: Run, step: int) -> Path | None:
-    """Render the fixed-seed grid with the live adapters (main process) into ``samples/step-NNNNNN.png``."""
+    """Render the fixed-seed grid with the live adapters (main process) into ``samples/step-NNNNNN.png``.
+    Under FSDP every process renders it: each forward of the sharded denoiser takes them all, and the same
+    prompts, seeds and steps make the same calls on each (there is no whole copy to sample from: no GPU could
+    hold one). Only the main process keeps the grid."""
     path = None
-    if run.main:
-        cfg, c, plan = run.cfg, run.components, run.plan
-        prompts = cfg.sample.prompts or default_sample_prompts(cfg, plan.examples)
-        # sampling can take minutes while the progress bar stands still: say so, then say how long it took
-        _say(f"step {step}: rendering the sample grid ({_count(len(prompts), 'prompt')} x "
-             f"{_count(len(cfg.sample.seeds), 'seed')}, {cfg.sample.steps} steps each)")
+    if run.main or run.sharded:
         started = time.perf_counter()
-        trained = run.unwrapped()  # not the compiled modules: sampling must not recompile the training graph
-        live = replace(c, denoiser=trained[run.family.denoiser_name],
-                       text_encoders=[trained.get(spec.name, te) for spec, te in zip(run.family.text_encoders,
-                                                                                    c.text_encoders)])
-        pipe = run.family.pipeline(live, sampling_scheduler(c.noise_scheduler.config))
-        pipe.set_progress_bar_config(disable=True)
-        settings = Settings(negative_prompt=cfg.sample.negative_prompt, steps=cfg.sample.steps,
-                            width=plan.resolution, height=plan.resolution,
-                            max_sequence_length=run.family.max_sequence_length)
-        frozen = [c.vae, *c.text_encoders]
-        with offload_models(*frozen, device=run.device, offload=run.offloaded), _eval_mode(run.modules.values()), \
-                run.accelerator.autocast(), ema_weights(run.ema):
-            grid = render_grid(pipe, prompts, cfg.sample.seeds, settings, guidance_scale=cfg.sample.guidance_scale,
-                               title=f"step {step}", rewrite=run.embeddings.rewrite if run.embeddings else None)
-        if run.offloaded:
-            torch.cuda.empty_cache()
-        path = save_image(grid, run.output_dir / "samples" / f"step-{step:06d}.png")
-        _log_grid(run.accelerator, grid, step)
-        _say(f"step {step}: {path.relative_to(run.output_dir)} ({time.perf_counter() - started:.1f} s)")
+        grid = _render_grid(run, step)
+        if run.main:
+            path = save_image(grid, run.output_dir / "samples" / f"step-{step:06d}.png")
+            _log_grid(run.accelerator, grid, step)
+            _say(f"step {step}: {path.relative_to(run.output_dir)} ({time.perf_counter() - started:.1f} s)")
     run.accelerator.wait_for_everyone()
     return path
+
+
+def _render_grid(run: Run, step: int) -> Any:
+    """The grid of the sample prompts x seeds with the live adapters, as a PIL image."""
+    cfg, c, plan = run.cfg, run.components, run.plan
+    prompts = cfg.sample.prompts or default_sample_prompts(cfg, plan.examples)
+    # sampling can take minutes while the progress bar stands still: say so, then say how long it took
+    _say(f"step {step}: rendering the sample grid ({_count(len(prompts), 'prompt')} x "
+         f"{_count(len(cfg.sample.seeds), 'seed')}, {cfg.sample.steps} steps each)")
+    trained = run.unwrapped()  # not the compiled modules: sampling must not recompile the training graph
+    live = replace(c, denoiser=trained[run.family.denoiser_name],
+                   text_encoders=[trained.get(spec.name, te) for spec, te in zip(run.family.text_encoders,
+                                                                                c.text_encoders)])
+    pipe = run.family.pipeline(live, sampling_scheduler(c.noise_scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    settings = Settings(negative_prompt=cfg.sample.negative_prompt, steps=cfg.sample.steps,
+                        width=plan.resolution, height=plan.resolution,
+                        max_sequence_length=run.family.max_sequence_length)
+    frozen = [c.vae, *c.text_encoders]
+    with offload_models(*frozen, device=run.device, offload=run.offloaded), _eval_mode(run.modules.values()), \
+            run.accelerator.autocast(), ema_weights(run.ema):
+        grid = render_grid(pipe, prompts, cfg.sample.seeds, settings, guidance_scale=cfg.sample.guidance_scale,
+                           title=f"step {step}", rewrite=run.embeddings.rewrite if run.embeddings else None)
+    if run.offloaded:
+        torch.cuda.empty_cache()
+    return grid
 
 
 def _count(n: int, noun: str) -> str:
@@ -1155,8 +1213,10 @@ def check_health(run: Run) -> None:
             if not has_adapter(layer):  # a LoRA, LoHa or LoKr layer
                 continue
             with torch.no_grad():
-                base = layer.get_base_layer().weight.float()
-                ratio = float(layer.get_delta_weight("default").float().norm() / (base.norm() + 1e-12))
+                # under FSDP both are DTensors: full_tensor() combines the shards' norms (float() of one would
+                # read this process's shard alone); every process runs this check
+                delta = fsdp.full_tensor(layer.get_delta_weight("default").float().norm())
+                ratio = float(delta / (fsdp.full_tensor(layer.get_base_layer().weight.float().norm()) + 1e-12))
             if not math.isfinite(ratio) or ratio > worst:
                 worst, where = ratio if math.isfinite(ratio) else math.inf, f"{name}.{layer_name}"
     loss = _probe_loss(run)
@@ -1199,13 +1259,21 @@ def _probe_loss(run: Run) -> float:
         torch.set_rng_state(states[1])
 
 
-def _save_final_lora(run: Run) -> None:
-    """The LoRA in every run format, each file whole or not at all; a full disk says how much is needed."""
+def _final_states(run: Run) -> dict[str, dict[str, torch.Tensor]]:
+    """The final LoRA's tensors by component (the average with train.ema), whole: every process calls this
+    (under FSDP gathering them takes all of them)."""
+    with ema_weights(run.ema):
+        return {name: adapter_state_dict(module) for name, module in run.unwrapped().items()}
+
+
+def _save_final_lora(run: Run, states: dict[str, dict[str, torch.Tensor]]) -> None:
+    """The LoRA (``states``, from ``_final_states``) in every run format, each file whole or not at all; a full
+    disk says how much is needed."""
     out = run.output_dir
     try:
         with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-final-") as tmp:
             with ema_weights(run.ema):  # the average with train.ema: the LoRA the run shows and saves
-                save_diffusers_lora(tmp, run.family, run.unwrapped(), run.cfg.model.pretrained)
+                save_diffusers_lora(tmp, run.family, run.unwrapped(), run.cfg.model.pretrained, states)
                 embedding_files = run.embeddings.save(tmp) if run.embeddings else []
             for f in embedding_files:  # each whole or not at all, before the LoRA that needs them
                 (out / f.parent.name).mkdir(exist_ok=True)
@@ -1274,8 +1342,9 @@ def finish(run: Run) -> Path:
     check_health(run)  # an exploded LoRA is refused before anything final is written
     _check_embeddings_agree(run)
     run.save()
+    states = _final_states(run)
     if run.main:
-        _save_final_lora(run)
+        _save_final_lora(run, states)
         write_text(out / "train_summary.json", json.dumps(summary, indent=2))
     grid = sample_grid(run, run.global_step)
     acc.end_training()
