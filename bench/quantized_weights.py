@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/quantized_weights.py            # a Markdown table, no weights loaded (a CPU, seconds)
 
-Each family's denoiser (``random_configs("full")``: FLUX.1-dev, SD3.5 Medium, SD 1.5, SDXL) is built on the meta
+Each family's denoiser (``random_configs("full")``: FLUX.1-dev, SD3.5 Medium, SD 1.5, SDXL; and SD3.5 Large) is built on the meta
 device from its real config, and ``sdtune.quantize.planned_bytes`` says what ``model.quantize`` leaves it with:
 bf16 (and fp16) as stored, fp8 by casting the skeleton exactly as training does, NF4 by bitsandbytes' storage
 formula (``nf4_bytes``; tests/test_quantize.py checks it equal to the bytes of real quantized layers). The
@@ -38,6 +38,18 @@ def skeleton(family: Any) -> torch.nn.Module:
         return cls(**config)
 
 
+def sd35_large() -> torch.nn.Module:
+    """SD3.5 Large's transformer (stabilityai/stable-diffusion-3.5-large, transformer/config.json: 38 blocks of
+    38 heads x 64, no dual attention, a 192-wide position table) on the meta device."""
+    import diffusers
+
+    medium = families.get("sd3").random_configs("full")["transformer"]
+    config = {**medium, "num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 38 * 64,
+              "pos_embed_max_size": 192, "dual_attention_layers": ()}
+    with init_empty_weights():
+        return diffusers.SD3Transformer2DModel(**config)
+
+
 def text_encoders() -> dict[str, Callable[[], torch.nn.Module]]:
     """The flow families' text encoders at their real shapes, on the meta device (``model.quantize_text_encoders``)."""
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
@@ -70,6 +82,7 @@ def main() -> None:
     for name, label in MODELS.items():
         family = families.get(name)
         print(row(label, lambda family=family: skeleton(family)))
+    print(row("SD3.5 Large", sd35_large))
     for label, make in text_encoders().items():
         print(row(label, make))
 
