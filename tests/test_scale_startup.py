@@ -276,3 +276,18 @@ def test_targets_are_the_item_by_item_list(tmp_path, repeats, buckets, classes):
     if ds.classes:
         pairs += [(ds._class_image(i)[0], ds.size(i)) for i in range(ds.length)]
     assert ds.targets() == list(dict.fromkeys(pairs))
+
+
+def test_the_command_line_raises_the_collectors_first_threshold():
+    """Start-up is mostly imports; the collector at CPython's 700 cost a rerun 1.3 s of 6.5 (bench/SCALE.md)."""
+    import gc
+
+    from sdtune.cli import GC_THRESHOLD, main
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, *before[1:])
+        assert main(["--version"]) == 0
+        assert gc.get_threshold() == (GC_THRESHOLD, *before[1:])
+    finally:
+        gc.set_threshold(*before)
