@@ -471,6 +471,11 @@ def _check_accelerate_config(path: Path | None = None) -> list[Check]:
         f"{key}={config.get(key, 'unset')}"
         for key in ("distributed_type", "num_processes", "mixed_precision")
     )
+    fsdp = config.get("fsdp_config") if isinstance(config.get("fsdp_config"), dict) else {}
+    if config.get("distributed_type") == "FSDP" and str(fsdp.get("fsdp_version", 1)) != "2":
+        # sdtune.fsdp: FSDP1 flattens a block's bf16 weights and fp32 LoRA into one tensor, which torch refuses
+        return [Check(name, f"{path}: {settings}, fsdp_version={fsdp.get('fsdp_version', '1 (unset)')}", "problem",
+                      "sdtune trains under FSDP2 only: set fsdp_config.fsdp_version: 2 (recipes/accelerate/fsdp.yaml)")]
     return [Check(name, f"{path}: {settings}", "info")]
 
 

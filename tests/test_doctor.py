@@ -395,6 +395,13 @@ def test_accelerate_config_present_and_absent(tmp_path: Path) -> None:
     (broken,) = doctor._check_accelerate_config(config)
     assert broken.status == "problem" and broken.fix
 
+    # an FSDP config: sdtune runs FSDP2 only (accelerate's default is 1)
+    config.write_text("distributed_type: FSDP\nnum_processes: 2\nfsdp_config:\n  fsdp_auto_wrap_policy: SIZE_BASED_WRAP\n")
+    (fsdp1,) = doctor._check_accelerate_config(config)
+    assert fsdp1.status == "problem" and "fsdp_version: 2" in fsdp1.fix
+    (shipped,) = doctor._check_accelerate_config(ROOT / "recipes/accelerate/fsdp.yaml")
+    assert shipped.status == "info" and "distributed_type=FSDP" in shipped.value
+
 
 def test_adamw8bit_failure_is_reported_with_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     bnb = pytest.importorskip("bitsandbytes")
