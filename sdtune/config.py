@@ -164,6 +164,11 @@ class ModelConfig(_Section):
         "folder) whose text encoders, tokenizers, VAE and scheduler go with it, e.g. black-forest-labs/FLUX.1-dev or "
         "stabilityai/stable-diffusion-3.5-medium; model.revision and model.variant then apply to it"
     )
+    bundled_text_encoders: bool = Field(
+        True, description="for a FLUX.1 or SD3.x transformer file that bundles text encoders (ComfyUI's and "
+        "Stability's all-in-one files: text_encoders.clip_l / clip_g / t5xxl): true uses them (their weights are "
+        "read from the file, model.base's are not), false uses model.base's as for a file without them"
+    )
     revision: str | None = None
     variant: str | None = Field(None, description="weights variant, e.g. fp16")
     allow_unsafe_pickle: bool = Field(

@@ -8,8 +8,10 @@ This module is FLUX.1's ``LAYOUT`` for ``sdtune.transformer_file``, which reads 
 folder and loads the weights for every family's transformer files: a FLUX.1 file's transformer keys hold
 ``double_blocks.`` and ``single_blocks.``; FLUX.1-dev has the guidance embedding (``guidance_in.``),
 FLUX.1-schnell not. The transformer's diffusers config is derived from the tensor shapes (``derived_config``)
-and its weights renamed by diffusers' converter (``to_diffusers``). A VAE or text encoders the file bundles are
-not used (a warning says so): the base's are.
+and its weights renamed by diffusers' converter (``to_diffusers``). CLIP-L and T5-XXL that the file bundles
+(ComfyUI's all-in-one ``flux1-dev-fp8.safetensors``: ``text_encoders.clip_l.``, ``text_encoders.t5xxl.``) load
+in place of the base's (``TEXT_ENCODERS``, ``sdtune.bundled_encoders``); a VAE it bundles (ComfyUI's ``vae.``)
+is not used (a warning says so): the base's is.
 
 torch and diffusers are imported inside the functions that use them.
 """
@@ -33,6 +35,8 @@ DIFFUSERS_WIDTH = 3072  # the only transformer width diffusers' converter splits
 # the base's config files the folder copies (the transformer's own is derived from the file)
 BASE_CONFIGS = ("model_index.json", "vae/config.json", "scheduler/scheduler_config.json",
                 "text_encoder/config.json", "text_encoder_2/config.json")
+# ComfyUI's names of the text encoders a file may bundle (its FluxClipModel's clip_l and t5xxl) -> FluxPipeline's
+TEXT_ENCODERS = (("clip_l", "text_encoder"), ("t5xxl", "text_encoder_2"))
 
 
 def has_guidance(tf: TransformerFile) -> bool:
@@ -192,4 +196,5 @@ def _to_diffusers(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dic
 
 LAYOUT = Layout(family="flux", label="FLUX.1", name="Black Forest Labs' layout", model_class="FluxTransformer2DModel",
                 blocks=BLOCKS, base_configs=BASE_CONFIGS, derive=derived_config, widths=_widths, variant=variant,
-                example_base=example_base, to_diffusers=_to_diffusers, warnings=_warnings)
+                example_base=example_base, to_diffusers=_to_diffusers, warnings=_warnings,
+                text_encoders=TEXT_ENCODERS)

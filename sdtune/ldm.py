@@ -309,7 +309,7 @@ def _diffusers_skeleton(class_name: str, config_dir: Path, subfolder: str | None
         return cls.from_config(config)
 
 
-def _text_encoder_skeleton(spec: TextEncoderSpec, config_dir: Path) -> Any:
+def text_encoder_skeleton(spec: TextEncoderSpec, config_dir: Path) -> Any:
     """The text encoder ``spec`` built from ``config_dir/<spec.name>`` with its weights on the meta device."""
     import transformers
     from accelerate import init_empty_weights
@@ -447,7 +447,7 @@ def load_original(checkpoint: dict[str, torch.Tensor], family: Family, config_di
     if with_vae:
         vae = _diffusers_skeleton("AutoencoderKL", config_dir, "vae")
         groups.append((VAE_PREFIX, "VAE", vae_to_original(vae), None, None))
-    encoders = [(prefix, spec, _text_encoder_skeleton(spec, config_dir))
+    encoders = [(prefix, spec, text_encoder_skeleton(spec, config_dir))
                 for prefix, spec in zip(text_encoder_prefixes(family), family.text_encoders, strict=True)]
     groups += [(p, f"{s.label} text encoder", text_encoder_to_original(e, s), s, e) for p, s, e in encoders]
     problems = []

@@ -66,9 +66,8 @@ def model_files(pretrained: str, revision: str | None = None, prediction_type: s
     if tf is not None:
         return ModelFiles(pretrained, revision, folder=transformer_file.config_folder(tf, base, revision))
     if base:
-        raise SdtuneError(f"model.base: only a FLUX.1 or SD3.x transformer file (in its original layout, without "
-                          f"the text encoders it takes) goes with a base model; {pretrained} is a whole model. fix: "
-                          "remove model.base")
+        raise SdtuneError(f"model.base: only a FLUX.1 or SD3.x transformer file (in its original layout) goes "
+                          f"with a base model; {pretrained} is a whole model. fix: remove model.base")
     if is_single_file(pretrained):
         _, folder = config_folder(pretrained, prediction_type)
         return ModelFiles(pretrained, revision, folder=folder)
@@ -103,12 +102,14 @@ def load_components(
     clip_skip: int = 1,
     base: str | None = None,
     dtype: torch.dtype | None = None,
+    bundled_text_encoders: bool = True,
 ) -> Components:
     """Load a model's tokenizers, text encoders, VAE, denoiser and training noise scheduler, from a diffusers
-    folder, hub id or single-file checkpoint; ``vae``, ``prediction_type``, ``clip_skip`` and ``base`` are the
-    recipe's ``model.*`` options of those names (a FLUX.1 or SD3.x transformer file needs ``base``). ``dtype``: the
-    denoiser and text encoders are read straight into it (``families.base.load_kwargs``; a single-file SD
-    checkpoint loads as before, in float32); None: the libraries' float32.
+    folder, hub id or single-file checkpoint; ``vae``, ``prediction_type``, ``clip_skip``, ``base`` and
+    ``bundled_text_encoders`` are the recipe's ``model.*`` options of those names (a FLUX.1 or SD3.x transformer
+    file needs ``base``, and loads the text encoders it bundles unless ``bundled_text_encoders`` is off).
+    ``dtype``: the denoiser and text encoders are read straight into it (``families.base.load_kwargs``; a
+    single-file SD checkpoint loads as before, in float32); None: the libraries' float32.
 
     Weights load from safetensors only, unless ``allow_unsafe_pickle``: then .bin files are accepted too, and
     diffusers / transformers read them with torch's ``weights_only`` unpickler. Never remote code."""
@@ -125,7 +126,7 @@ def load_components(
     try:
         if tf:
             c = load_transformer_file(tf, family, base, revision, variant, safetensors_only=not allow_unsafe_pickle,
-                                      dtype=dtype, with_vae=vae is None)
+                                      dtype=dtype, with_vae=vae is None, with_text_encoders=bundled_text_encoders)
         elif is_single_file(pretrained):
             c = load_single_file(pretrained, family, prediction_type, with_vae=vae is None)
         else:
@@ -176,14 +177,18 @@ def load_single_file(pretrained: str, family: Family, prediction_type: str | Non
 
 def load_transformer_file(tf: transformer_file.TransformerFile, family: Family, base: str | None,
                           revision: str | None = None, variant: str | None = None, safetensors_only: bool = True,
-                          dtype: Any = None, with_vae: bool = True) -> Components:
+                          dtype: Any = None, with_vae: bool = True, with_text_encoders: bool = True) -> Components:
     """The components of a transformer file and its base: the transformer converted from the file
-    (``sdtune.transformer_file``), and the VAE where the file bundles one its layout reads (``with_vae``:
-    no ``model.vae`` replaces it); the rest loaded from ``base`` by the family (at ``revision`` / ``variant``)."""
+    (``sdtune.transformer_file``), the VAE where the file bundles one its layout reads (``with_vae``: no
+    ``model.vae`` replaces it) and the text encoders it bundles (``with_text_encoders``:
+    ``model.bundled_text_encoders``), whose weights in ``base`` are then not read; the rest loaded from ``base``
+    by the family (at ``revision`` / ``variant``): tokenizers, scheduler, the VAE and encoders the file lacks."""
     folder = transformer_file.config_folder(tf, base, revision)
     assert base is not None  # config_folder refuses a file without one
     transformer, vae = transformer_file.load(tf, folder, dtype, with_vae=with_vae)
-    c = family.load(base, revision, variant, safetensors_only, dtype=dtype, denoiser=transformer)
+    encoders = transformer_file.load_text_encoders(tf, folder, dtype) if with_text_encoders else {}
+    c = family.load(base, revision, variant, safetensors_only, dtype=dtype, denoiser=transformer,
+                    loaded_text_encoders=encoders)
     if vae is not None:
         c.vae = vae
     return c
@@ -260,14 +265,16 @@ def local_folder(pretrained: str, revision: str | None = None) -> Path | None:
 
 
 def model_identity(pretrained: str, revision: str | None, subfolders: list[str], vae: str | None = None,
-                   clip_skip: int = 1, base: str | None = None) -> str:
+                   clip_skip: int = 1, base: str | None = None, bundled_text_encoders: bool = True) -> str:
     """A short hash of what a model *is*: the bytes of every file in ``subfolders`` (weights, configs,
     tokenizer files) and of ``model_index.json``, not its name. Replacing a model folder's weights, or a
     hub snapshot moving to a new commit, gives a new identity; ``sdtune.files.content_hash`` reads each file
-    version once. A FLUX.1 or SD3.x transformer file is its bytes for the transformer (and a VAE it bundles) and
-    ``base`` (``model.base``) for the rest."""
+    version once. A FLUX.1 or SD3.x transformer file is its bytes for the transformer (and a VAE and the text
+    encoders it bundles, these with ``bundled_text_encoders``: ``model.bundled_text_encoders``) and ``base``
+    (``model.base``) for the rest."""
     if vae or clip_skip != 1:  # model.vae and model.clip_skip make another model of the same files
-        parts = [model_identity(pretrained, revision, subfolders, base=base), str(clip_skip)]
+        parts = [model_identity(pretrained, revision, subfolders, base=base,
+                                bundled_text_encoders=bundled_text_encoders), str(clip_skip)]
         if vae:
             local = Path(vae).expanduser()
             parts.append(content_hash(local)[:16] if local.is_file() else
@@ -275,7 +282,7 @@ def model_identity(pretrained: str, revision: str | None, subfolders: list[str],
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     base = base if is_single_file(pretrained) else None
     if base:
-        return _paired_identity(pretrained, revision, subfolders, base)
+        return _paired_identity(pretrained, revision, subfolders, base, bundled_text_encoders)
     if is_single_file(pretrained):
         return content_hash(Path(pretrained).expanduser())[:16]  # one file: its bytes are the model
     folder = local_folder(pretrained, revision)
@@ -295,12 +302,16 @@ def model_identity(pretrained: str, revision: str | None, subfolders: list[str],
     return h.hexdigest()[:16]
 
 
-def _paired_identity(pretrained: str, revision: str | None, subfolders: list[str], base: str) -> str:
+def _paired_identity(pretrained: str, revision: str | None, subfolders: list[str], base: str,
+                     bundled_text_encoders: bool = True) -> str:
     """``model_identity`` of a transformer file and its base: the base's alone where ``subfolders`` do not name
-    what the file gives (the transformer, and the VAE where it bundles one: latents and text embeddings are
-    otherwise the base's own), else the file's bytes and the base's files for the other subfolders."""
+    what the file gives (the transformer, the VAE where it bundles one, and the text encoders it bundles where
+    ``bundled_text_encoders``: latents and text embeddings are otherwise the base's own), else the file's bytes
+    and the base's files for the other subfolders (the tokenizers are always the base's)."""
     tf = read_transformer_file(pretrained)
-    own = {"transformer", *(["vae"] if tf is not None and tf.vae else [])}
+    given = [] if tf is None else [*(["vae"] if tf.vae else []),
+                                   *(b.spec.name for b in tf.text_encoders if bundled_text_encoders)]
+    own = {"transformer", *given}
     rest = [s for s in subfolders if s not in own]
     if len(rest) == len(subfolders):
         return model_identity(base, revision, subfolders)

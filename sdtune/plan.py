@@ -351,10 +351,15 @@ def _check_model(cfg: Config, problems: list[str], warnings: list[str]) -> tuple
         problems.append(str(e))
         return None, None
     tf = read_transformer_file(m.pretrained)
+    if "bundled_text_encoders" in m.model_fields_set and not (tf and tf.text_encoders):
+        problems.append(f"model.bundled_text_encoders: {Path(m.pretrained).name} bundles no text encoders "
+                        "(text_encoders.*): the option is for a FLUX.1 or SD3.x transformer file that does; fix: "
+                        "remove it")
     if tf:  # a FLUX.1 or SD3.x transformer file and its base (sdtune.transformer_file): refused without one
         assert m.base and files.folder
         warnings += transformer_file.pair_warnings(tf, m.base, m.revision)
-        problems += transformer_file.problems(tf, files.folder, with_vae=not m.vae)
+        problems += transformer_file.problems(tf, files.folder, with_vae=not m.vae,
+                                              with_text_encoders=m.bundled_text_encoders)
     elif is_single_file(m.pretrained):
         ckpt = read_checkpoint(m.pretrained)
         if not ckpt.said_by and not m.prediction_type:

@@ -264,7 +264,8 @@ def _load_pipeline(req: Request) -> tuple[Any, Family]:
     else:
         pipe = info.family.pipeline(load_components(info.pretrained, info.family, req.revision, req.variant,
                                                     vae=opts.get("vae"), prediction_type=opts.get("prediction_type"),
-                                                    clip_skip=opts.get("clip_skip") or 1, base=opts.get("base")))
+                                                    clip_skip=opts.get("clip_skip") or 1, base=opts.get("base"),
+                                                    bundled_text_encoders=opts.get("bundled_text_encoders", True)))
         if req.settings.mode == "img2img":
             from diffusers import AutoPipelineForImage2Image
 

@@ -4,17 +4,18 @@
 ``joint_blocks.N.context_block.attn.qkv``, ``x_embedder.proj``, ``context_embedder``, ``y_embedder``,
 ``t_embedder``, ``pos_embed``, ``final_layer``; SD3.5's q/k RMS norms ``attn.ln_q`` / ``ln_k``, SD3.5 Medium's
 second attention ``x_block.attn2`` in its first blocks), usually the VAE under ``first_stage_model.``, and
-sometimes CLIP-L, CLIP-G and T5 under ``text_encoders.``. Such a file is ``model.pretrained`` beside
-``model.base``, the SD3.x diffusers model (hub id or folder) whose text encoders, tokenizers and scheduler
-it goes with.
+sometimes CLIP-L, CLIP-G and T5 under ``text_encoders.`` (``sd3_medium_incl_clips_t5xxlfp8.safetensors``).
+Such a file is ``model.pretrained`` beside ``model.base``, the SD3.x diffusers model (hub id or folder) whose
+tokenizers and scheduler it goes with, and the text encoders it does not bundle.
 
 This module is SD3's ``LAYOUT`` for ``sdtune.transformer_file`` (header reading, the config folder, the
 memory-mapped load, the ``model.base`` checks): a file is SD3's when its transformer keys hold ``joint_blocks.``.
 ``derived_config`` gives ``SD3Transformer2DModel``'s config from the tensor shapes (``sample_size`` comes from
 the base's transformer config), and the weights are renamed by diffusers' own
 ``convert_sd3_transformer_checkpoint_to_diffusers``, which splits each fused qkv in three equal parts at any
-width. A bundled VAE loads in place of the base's (diffusers' LDM VAE converter, ``sdtune.ldm.load_vae``);
-bundled text encoders are not used (a warning says so): the base's are.
+width. A bundled VAE loads in place of the base's (diffusers' LDM VAE converter, ``sdtune.ldm.load_vae``), and
+so do bundled text encoders (``TEXT_ENCODERS``, ``sdtune.bundled_encoders``; CLIP-G in transformers' or
+OpenCLIP's layout); the base's are used for those the file does not bundle.
 
 diffusers is imported inside the function that uses it.
 """
@@ -44,6 +45,9 @@ BASE_CONFIGS = ("model_index.json", "vae/config.json", "scheduler/scheduler_conf
 VARIANTS = {"medium": ("SD3 Medium", "stabilityai/stable-diffusion-3-medium-diffusers"),
             "5-medium": ("SD3.5 Medium", "stabilityai/stable-diffusion-3.5-medium"),
             "5-large": ("SD3.5 Large", "stabilityai/stable-diffusion-3.5-large")}
+# the text encoders a file may bundle, under text_encoders.<name>. (ComfyUI's SD3ClipModel, Stability's files) ->
+# StableDiffusion3Pipeline's
+TEXT_ENCODERS = (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"), ("t5xxl", "text_encoder_3"))
 _QK_NORM = "joint_blocks.0.x_block.attn.ln_q.weight"  # the image queries' RMSNorm scale: (head_dim,)
 
 
@@ -132,4 +136,4 @@ def to_diffusers(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict
 LAYOUT = Layout(family="sd3", label="SD3.x", name="Stability's MMDiT layout", model_class="SD3Transformer2DModel",
                 blocks=BLOCKS, base_configs=BASE_CONFIGS, derive=derived_config, widths=_widths, variant=variant,
                 example_base=example_base, to_diffusers=to_diffusers, from_base=("sample_size",),
-                vae_prefix=VAE_PREFIX)
+                vae_prefix=VAE_PREFIX, text_encoders=TEXT_ENCODERS)

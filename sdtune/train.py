@@ -474,6 +474,7 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> tuple[C
     m = cfg.model
     c = load_components(info.pretrained, info.family, m.revision, m.variant, m.allow_unsafe_pickle, vae=m.vae,
                         prediction_type=m.prediction_type, clip_skip=m.clip_skip, base=m.base,
+                        bundled_text_encoders=m.bundled_text_encoders,
                         # read in half precision where the run computes in it: FLUX.1 + T5 take 34 GB of RAM, not 68
                         dtype=None if weight_dtype == torch.float32 else weight_dtype)
     # Is each identifier a single, rare, meaningless token for this model's tokenizer(s)? (sdtune check-token)
@@ -541,7 +542,7 @@ def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accele
     family = plan.family
     parts = [family.denoiser_name, "vae", "scheduler", *(n for e in family.text_encoders for n in (e.name, e.tokenizer_name))]
     identity = model_identity(plan.model.pretrained, cfg.model.revision, parts, cfg.model.vae, cfg.model.clip_skip,
-                              base=cfg.model.base)
+                              base=cfg.model.base, bundled_text_encoders=cfg.model.bundled_text_encoders)
     pipe = family.pipeline(c, sampling_scheduler(c.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     concepts, paths = cfg.concepts(), []
@@ -656,7 +657,7 @@ def _text_cache(run: Run) -> TextCache | None:
     # what the embeddings depend on: the encoders' and tokenizers' files, clip skip, family, dtypes, device kind
     parts = [n for e in family.text_encoders for n in (e.name, e.tokenizer_name)]
     weights = model_identity(run.plan.model.pretrained, run.cfg.model.revision, parts, None, run.cfg.model.clip_skip,
-                             base=run.cfg.model.base)
+                             base=run.cfg.model.base, bundled_text_encoders=run.cfg.model.bundled_text_encoders)
     stored = run.cfg.model.quantize_text_encoders  # quantized encoders encode to other numbers: another cache
     tokens = [f"t5={family.max_sequence_length}"] if family.max_sequence_length else []  # T5's (B, L, D): L
     identity = hashlib.sha256("|".join([weights, family.name, str(run.weight_dtype), run.accelerator.mixed_precision,

@@ -2,8 +2,9 @@
 (Civitai, model pages), holding the transformer in its makers' original layout: FLUX.1's in Black Forest Labs'
 (``sdtune.flux_file``), SD3 / SD3.5's MMDiT in Stability's (``sdtune.sd3_file``). ComfyUI and Stability save
 it under ``model.diffusion_model.``, often in fp8 or bf16, sometimes beside a VAE (``first_stage_model.``) and
-text encoders. Such a file is ``model.pretrained`` beside ``model.base``, the diffusers model (hub id or
-folder) of the same family whose text encoders, tokenizers, VAE and scheduler it goes with.
+text encoders (``text_encoders.clip_l.``, ``clip_g.``, ``t5xxl.``). Such a file is ``model.pretrained`` beside
+``model.base``, the diffusers model (hub id or folder) of the same family whose tokenizers and scheduler go
+with it, and the text encoders and VAE the file does not bundle.
 
 As for Stable Diffusion files (``sdtune.single_file``), the header alone says what the file is (``read``): each
 family's ``Layout`` names the blocks that make its transformer and derives the diffusers config from the tensor
@@ -13,8 +14,10 @@ resolution). Nothing is fetched but the base's config files, and the base's own 
 
 ``load`` memory-maps the file, reads each tensor once, cast as it is read (fp8, bf16) to the dtype the model
 is built in, and renames the keys with the layout's converter; a VAE the file bundles where its layout says
-(``Layout.vae_prefix``) loads in place of the base's, through ``sdtune.ldm.load_vae``. The other parts load
-from the base with the family's loader (``sdtune.models.load_components``).
+(``Layout.vae_prefix``) loads in place of the base's, through ``sdtune.ldm.load_vae``. ``load_text_encoders``
+reads the text encoders it bundles (``Layout.text_encoders``, ``sdtune.bundled_encoders``) in the same way, into
+the classes of the base's configs for them (``model.bundled_text_encoders``, on by default), whose weights are
+then not read. The other parts load from the base with the family's loader (``sdtune.models.load_components``).
 
 torch, diffusers and accelerate are imported inside the functions that use them.
 """
@@ -29,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdtune import families
+from sdtune import bundled_encoders, families
+from sdtune.bundled_encoders import Bundled
 from sdtune.errors import SdtuneError, error_summary
 from sdtune.families import ModelFiles
 from sdtune.ldm import load_vae, vae_to_original
@@ -69,6 +73,9 @@ class Layout:
     warnings: Callable[[TransformerFile, str, str | None], list[str]] = _no_warnings  # (file, base, revision)
     from_base: tuple[str, ...] = ()  # config keys the base's own transformer config gives (SD3: sample_size)
     vae_prefix: str | None = None  # where a VAE the file bundles sits, which then loads in place of the base's
+    # (ComfyUI's name under text_encoders., the family's text encoder) of each encoder a file may bundle, which
+    # then loads in place of the base's (model.bundled_text_encoders), in the family's order
+    text_encoders: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,10 +96,22 @@ class TransformerFile:
         return {k: s for k, s in self.bundled.items() if k.startswith(prefix)} if prefix else {}
 
     @property
+    def text_encoders(self) -> list[Bundled]:
+        """The text encoders the file bundles (``sdtune.bundled_encoders``), in the family's order; [] for none."""
+        specs = {s.name: s for s in families.get(self.layout.family).text_encoders}
+        return bundled_encoders.find(self.bundled, {name: specs[c] for name, c in self.layout.text_encoders})
+
+    @property
+    def unused(self) -> list[str]:
+        """The file's tensors that sdtune does not use: beside its transformer, VAE and text encoders (e.g. a VAE
+        where its layout reads none: ComfyUI's FLUX files keep one under ``vae.``)."""
+        used = set(self.vae).union(*(b.shapes for b in self.text_encoders))
+        return [k for k in self.bundled if k not in used]
+
+    @property
     def others(self) -> int:
-        """How many tensors the file holds that sdtune does not use (bundled text encoders, a VAE it
-        does not read)."""
-        return len(self.bundled) - len(self.vae)
+        """How many tensors the file holds that sdtune does not use (``unused``)."""
+        return len(self.unused)
 
     @property
     def variant(self) -> str:
@@ -223,20 +242,24 @@ def pair_warnings(tf: TransformerFile, base: str, revision: str | None = None) -
     """What a user should know about a file and its base that does not stop a run."""
     warnings = []
     if tf.others:
-        used = f"its transformer ({PREFIX}*)" + (f" and VAE ({tf.layout.vae_prefix}*)" if tf.vae else "")
-        warnings.append(f"model.pretrained: {tf.path.name} also holds {tf.others} tensors outside {used}: "
-                        f"bundled text encoders{'' if tf.vae else ' or a VAE'}, which sdtune does not use; "
-                        "model.base's are used")
+        parts = [f"its transformer ({PREFIX}*)", *([f"VAE ({tf.layout.vae_prefix}*)"] if tf.vae else []),
+                 *([f"text encoders ({bundled_encoders.PREFIX}*)"] if tf.text_encoders else [])]
+        warnings.append(f"model.pretrained: {tf.path.name} also holds {tf.others} tensors outside "
+                        f"{' and '.join(parts)}, which sdtune does not use (e.g. {tf.unused[0]}): model.base's "
+                        "parts are used")
     return warnings + tf.layout.warnings(tf, base, revision)
 
 
-def problems(tf: TransformerFile, folder: Path, with_vae: bool = True) -> list[str]:
+def problems(tf: TransformerFile, folder: Path, with_vae: bool = True,
+             with_text_encoders: bool = True) -> list[str]:
     """What in the file does not fit the configs in ``folder`` (built empty, on the meta device): a layout the
-    derivation does not know, or a bundled VAE of another shape than the base's, is refused here, not mid-load.
-    ``with_vae``: the bundled VAE is used (no ``model.vae``)."""
+    derivation does not know, or a bundled VAE or text encoder of another shape than the base's, is refused
+    here, not mid-load. ``with_vae``: the bundled VAE is used (no ``model.vae``); ``with_text_encoders``: the
+    bundled text encoders are (``model.bundled_text_encoders``)."""
     found = [_param_count_problem(tf, folder)]
     if with_vae and tf.vae:
         found.append(_vae_problem(tf, folder))
+    found += [bundled_encoders.problem(b, folder, tf.path.name) for b in tf.text_encoders if with_text_encoders]
     return [p for p in found if p]
 
 
@@ -317,3 +340,16 @@ def load(tf: TransformerFile, folder: Path, dtype: torch.dtype | None = None,
                           f"{tf.layout.model_class} (e.g. {empty[0]})")
     vae = load_vae(vae_state, folder) if vae_state else None
     return model.eval(), vae
+
+
+def load_text_encoders(tf: TransformerFile, folder: Path, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """{the family's component name ("text_encoder_2"): encoder} of the text encoders the file bundles, each of
+    the class and config the base has for it (in ``folder``), its weights read from the memory-mapped file and
+    cast as they are read to ``dtype`` (None: float32), as ``load`` reads the transformer; {} for none."""
+    from safetensors import safe_open
+
+    if not tf.text_encoders:
+        return {}
+    with safe_open(str(tf.path), framework="pt") as f:
+        return {b.spec.name: bundled_encoders.load(b, f.get_tensor, folder, dtype, tf.path.name)
+                for b in tf.text_encoders}

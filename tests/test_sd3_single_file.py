@@ -174,7 +174,9 @@ def test_an_sd3_file_is_detected_and_configured_from_its_header_alone(name, sd3_
     tf = read_transformer_file(str(sd3_files[name]))
     assert tf is not None and tf.layout is sd3_file.LAYOUT
     assert tf.prefix == ("" if name == "plain" else PREFIX)
-    assert (len(tf.vae), tf.others) == ((176, 2) if name == "mmditx" else (0, 0))
+    assert (len(tf.vae), tf.others) == ((176, 0) if name == "mmditx" else (0, 0))
+    # the two text-encoder tensors are taken for encoders (tests/test_bundled_encoders.py: whole ones load)
+    assert [b.name for b in tf.text_encoders] == (["clip_l", "t5xxl"] if name == "mmditx" else [])
     assert (tf.variant, tf.example_base) == (("SD3.5 Medium", "stabilityai/stable-diffusion-3.5-medium")
                                              if name == "mmditx" else
                                              ("SD3 Medium", "stabilityai/stable-diffusion-3-medium-diffusers"))
@@ -253,12 +255,15 @@ def test_the_refusals_are_one_line_each(sd3_files, tiny_model, tmp_path):
     assert "is a LoRA, not a base model" in _refusal(tmp_path, lora)[0]
 
 
-def test_a_bundled_file_says_what_it_does_not_use(sd3_files, tiny_model, tmp_path):
-    plan = check_run(load_config(None, overrides(sd3_files["mmditx"], tmp_path / "o",
-                                                 f"model.base={tiny_model('sd3')}")))
-    assert plan.model.family is SD3
-    assert any("also holds 2 tensors outside its transformer (model.diffusion_model.*) and VAE "
-               "(first_stage_model.*): bundled text encoders, which sdtune does not use" in w for w in plan.warnings)
+def test_a_file_bundling_incomplete_text_encoders_trains_with_the_bases(sd3_files, tiny_model, tmp_path):
+    base = f"model.base={tiny_model('sd3')}"
+    problems = _refusal(tmp_path, sd3_files["mmditx"], base)
+    assert [p.split(" (")[0] for p in problems] == [f"model.pretrained: sd3-mmditx.safetensors bundles a {label} "
+                                                    "text encoder" for label in ("CLIP ViT-L/14", "T5-XXL")]
+    assert all("fix: model.bundled_text_encoders=false" in p for p in problems)
+    plan = check_run(load_config(None, overrides(sd3_files["mmditx"], tmp_path / "o", base,
+                                                 "model.bundled_text_encoders=false")))
+    assert plan.model.family is SD3 and not [w for w in plan.warnings if "also holds" in w]
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -301,14 +306,16 @@ def _losses(run: Path) -> list[float]:
 
 
 def test_training_on_an_sd3_file_equals_training_on_its_folder_and_samples(sd3_files, tiny_model, mmditx, tmp_path):
-    """The SD3.5-Medium-shaped file (no metadata, VAE and text-encoder tensors bundled) with the plain tiny
-    model as its base (whose own transformer is another) trains as the diffusers folder of its weights."""
+    """The SD3.5-Medium-shaped file (no metadata, VAE and text-encoder tensors bundled, the base's encoders used)
+    with the plain tiny model as its base (whose own transformer is another) trains as the diffusers folder of its
+    weights."""
     common = [str(ROOT / "recipes/tiny_cpu.yaml"), f"data.instance_dir={DEMO_DATA}", "prior.enabled=false",
               "train.max_steps=2", "train.log_every=1", "train.checkpoint_every=0", "sample.every=0",
               "train.report_to=none"]
     runs = {}
     for name, model in [("folder", [f"model.pretrained={mmditx}"]),
-                        ("file", [f"model.pretrained={sd3_files['mmditx']}", f"model.base={tiny_model('sd3')}"])]:
+                        ("file", [f"model.pretrained={sd3_files['mmditx']}", f"model.base={tiny_model('sd3')}",
+                                  "model.bundled_text_encoders=false"])]:
         runs[name] = tmp_path / name
         assert main(["train", *common, *model, f"train.output_dir={runs[name]}"]) == 0
     losses = _losses(runs["folder"])
@@ -334,3 +341,4 @@ def test_training_on_an_sd3_file_equals_training_on_its_folder_and_samples(sd3_f
     assert grid.std() > 10  # rendered (a failed cell would be a flat grey square)
     sidecar = json.loads(next((runs["file"] / "grid_cells").glob("*.json")).read_text())
     assert sidecar["model_options"]["base"] == str(tiny_model("sd3").resolve())
+    assert sidecar["model_options"]["bundled_text_encoders"] is False  # the run's: the base's text encoders

@@ -170,6 +170,16 @@ def load_kwargs(dtype: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"torch_dtype": dtype}, {name: dtype}
 
 
+def load_text_encoder(model_class: Any, pretrained: str, name: str, loaded: dict[str, Any] | None,
+                      **kwargs: Any) -> Any:
+    """The text encoder ``name`` ("text_encoder_2"): ``loaded``'s where it holds one (a transformer file's bundled
+    encoder, ``sdtune.transformer_file.load_text_encoders``: the model's weights for it are then not read), else
+    ``model_class.from_pretrained`` of that subfolder of ``pretrained`` with ``kwargs``."""
+    if loaded and name in loaded:
+        return loaded[name]
+    return model_class.from_pretrained(pretrained, subfolder=name, **kwargs)
+
+
 def empty_module_names(model_class: str, config: dict) -> list[str]:
     """Every module name of a diffusers model (``model_class``, e.g. "UNet2DConditionModel") built from its
     config as a skeleton on the meta device: no memory, no weights read."""

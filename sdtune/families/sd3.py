@@ -54,6 +54,7 @@ from sdtune.families.base import (
     TextEncoderSpec,
     empty_module_names,
     load_kwargs,
+    load_text_encoder,
 )
 from sdtune.families.flow import FlowOptions, flow_config_problems, flow_objective
 from sdtune.families.sd import CLIP_TARGETS, clip_text_config
@@ -209,9 +210,11 @@ class SD3:
     # Loading and building
 
     def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool,
-             dtype: Any = None, denoiser: Any = None) -> Components:
+             dtype: Any = None, denoiser: Any = None,
+             loaded_text_encoders: dict[str, Any] | None = None) -> Components:
         """``denoiser``: a transformer already loaded (a single file's, ``sdtune.sd3_file``) in place of the
-        model's own, which is then not read."""
+        model's own, which is then not read; ``loaded_text_encoders``: {component name: text encoder} likewise
+        (the ones such a file bundles)."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -222,11 +225,10 @@ class SD3:
             tokenizers=[CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw),
                         CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", **kw),
                         T5TokenizerFast.from_pretrained(pretrained, subfolder="tokenizer_3", **kw)],
-            text_encoders=[CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder", **wkw,
-                                                                       **tkw),
-                           CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder_2",
-                                                                       **wkw, **tkw),
-                           T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_3", **wkw, **tkw)],
+            text_encoders=[load_text_encoder(cls, pretrained, name, loaded_text_encoders, **wkw, **tkw)
+                           for cls, name in [(CLIPTextModelWithProjection, "text_encoder"),
+                                             (CLIPTextModelWithProjection, "text_encoder_2"),
+                                             (T5EncoderModel, "text_encoder_3")]],
             vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **wkw),
             denoiser=denoiser if denoiser is not None else
             SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer", **wkw, **dkw),
