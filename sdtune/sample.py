@@ -242,7 +242,8 @@ def with_family_defaults(req: Request) -> Request:
                            prediction_type=req.model_options.get("prediction_type"),
                            base=req.model_options.get("base")).family
     defaults = family.sampling
-    tokens = families.with_prompt_length(family, req.model_options.get("max_sequence_length")).max_sequence_length
+    tokens = families.with_prompt_length(family, req.model_options.get("max_sequence_length"),
+                                         "--max-sequence-length").max_sequence_length
 
     def resolved(cell: Cell) -> Cell:
         return cell if cell.guidance_scale is not None else replace(cell, guidance_scale=defaults.guidance_scale)

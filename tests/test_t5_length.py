@@ -108,3 +108,18 @@ def test_training_class_images_and_grids_use_the_runs_length(schnell, tmp_path, 
     cells = sorted((tmp_path / "grid_cells").glob("*.json"))
     assert cells and all(json.loads(c.read_text())["settings"]["max_sequence_length"] == 48 for c in cells)
     assert np.asarray(Image.open(tmp_path / "grid.png")).std() > 0
+
+
+def test_sample_takes_the_length_for_a_model_without_a_run(schnell, tiny_model, tmp_path, capsys):
+    from sdtune.cli import main
+
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(schnell), "--prompt", "a toy", "--seeds", "0", "--steps", "1",
+                 "--max-sequence-length", "40", "--out", str(out)]) == 0
+    cells = sorted((tmp_path / "grid_cells").glob("*.json"))
+    assert cells and all(json.loads(c.read_text())["settings"]["max_sequence_length"] == 40 for c in cells)
+    assert main(["sample", "--model", str(tiny_model("sd15")), "--prompt", "a toy", "--seeds", "0", "--steps", "1",
+                 "--max-sequence-length", "40", "--out", str(tmp_path / "sd.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: --max-sequence-length: SD1.x has no T5 encoder; its prompts are CLIP's 77 tokens. " \
+                      "fix: remove it"

@@ -105,6 +105,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    "run's, else 1)")
     p.add_argument("--quantize", choices=("nf4", "fp8"), help="store the UNet / transformer in 4-bit NF4 or fp8 "
                    "(as model.quantize: FLUX.1-dev in 5.7 or 14.1 GiB instead of 22.2); default: as --dtype")
+    p.add_argument("--max-sequence-length", type=positive_int, help="T5 tokens per prompt for FLUX.1 / SD3.x (as "
+                   "flux. / sd3.max_sequence_length; default: the run's, else the model's: FLUX.1-dev 512, "
+                   "schnell 256, SD3.x 256)")
 
 
 def run_model_options(model: str | None, run_cfg: dict) -> dict:
@@ -126,10 +129,10 @@ def run_model_options(model: str | None, run_cfg: dict) -> dict:
 
 
 def model_options(args: argparse.Namespace, run_cfg: dict) -> dict:
-    """The run's model options (``run_model_options``) with the --base / --vae / --prediction-type / --clip-skip
-    flags."""
+    """The run's model options (``run_model_options``) with the --base / --vae / --prediction-type / --clip-skip /
+    --quantize / --max-sequence-length flags."""
     flags = {"vae": args.vae, "prediction_type": args.prediction_type, "clip_skip": args.clip_skip,
-             "quantize": args.quantize, "base": args.base}
+             "quantize": args.quantize, "base": args.base, "max_sequence_length": args.max_sequence_length}
     options = run_model_options(args.model, run_cfg) | {k: v for k, v in flags.items() if v}
     return {k: v for k, v in options.items() if not (k == "clip_skip" and v == 1)}
 

@@ -92,13 +92,13 @@ def describe(files: ModelFiles, for_training: bool = True) -> ModelInfo:
                           "diffusers model?") from None
 
 
-def with_prompt_length(family: Family, tokens: int | None) -> Family:
-    """``family`` with ``tokens`` T5 tokens per prompt (a recipe's ``flux.max_sequence_length``); None: as it is.
-    Families are frozen dataclasses: this is a copy, the registered one is unchanged."""
+def with_prompt_length(family: Family, tokens: int | None, key: str = "max_sequence_length") -> Family:
+    """``family`` with ``tokens`` T5 tokens per prompt (a recipe's ``flux.max_sequence_length``, or ``key``); None:
+    as it is. Families are frozen dataclasses: this is a copy, the registered one is unchanged."""
     if tokens is None or tokens == family.max_sequence_length:
         return family
     if family.max_sequence_length is None:
-        raise SdtuneError(f"max_sequence_length: {family.label} has no T5 encoder; its prompts are CLIP's 77 tokens")
+        raise SdtuneError(f"{key}: {family.label} has no T5 encoder; its prompts are CLIP's 77 tokens. fix: remove it")
     return replace(family, max_sequence_length=tokens)  # type: ignore[type-var]
 
 
