@@ -54,9 +54,12 @@ def ensure_class_images(
     num_processes: int = 1,
     progress: bool = True,
     max_sequence_length: int | None = None,
+    missing: list[int] | None = None,
 ) -> list[str]:
     """Generate this process's share of the missing class images; return warnings for the user.
-    ``max_sequence_length``: a T5 family's prompt length (the run's), given to the pipeline."""
+    ``max_sequence_length``: a T5 family's prompt length (the run's), given to the pipeline. ``missing``: the
+    indices every process of the run listed before any of them wrote (``missing_class_indices``); a process
+    listing the folder on its own after another wrote its share would take a shifted share and leave gaps."""
     class_dir.mkdir(parents=True, exist_ok=True)
     warnings: list[str] = []
     manifest = class_dir / MANIFEST
@@ -79,7 +82,8 @@ def ensure_class_images(
     elif process_index == 0:
         write_text(manifest, json.dumps(record, indent=2))
 
-    todo = missing_class_indices(class_dir, num_class_images)[process_index::num_processes]
+    todo = (missing_class_indices(class_dir, num_class_images) if missing is None else missing)[
+        process_index::num_processes]
     if not todo:
         return warnings
     bar = tqdm(total=len(todo), desc="class images", disable=not progress, unit="img")

@@ -93,7 +93,7 @@ from sdtune.plan import (
     default_sample_prompts,
     with_family_defaults,
 )
-from sdtune.prior import ensure_class_images
+from sdtune.prior import ensure_class_images, missing_class_indices
 from sdtune.quantize import frozen_size, quantize
 from sdtune.resume import flat_keys, refuse_data_drift
 from sdtune.runs import CONFIG, RUN_MARKER, WEIGHT_NAME
@@ -557,13 +557,18 @@ def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accele
         with contextlib.ExitStack() as stack, accelerator.autocast():
             if accelerator.is_main_process:  # the other processes of this run generate beside it (other images)
                 stack.enter_context(cache_lock(class_dir, "class images"))
+            # every process lists what is missing (the folder held by this run) before any writes: each then
+            # takes its share of the same list
+            accelerator.wait_for_everyone()
+            missing = missing_class_indices(class_dir, cfg.prior.num_class_images)
+            accelerator.wait_for_everyone()
             for w in ensure_class_images(
                 pipe, class_dir, concept.class_prompt, cfg.prior.num_class_images, resolution=plan.resolution,
                 batch_size=cfg.prior.generation_batch_size, steps=cfg.prior.generation_steps,
                 guidance_scale=cfg.prior.generation_guidance, seed=cfg.train.seed, model_id=plan.model.pretrained,
                 model_identity=identity, process_index=accelerator.process_index,
                 num_processes=accelerator.num_processes, progress=accelerator.is_main_process,
-                max_sequence_length=family.max_sequence_length,
+                max_sequence_length=family.max_sequence_length, missing=missing,
             ):
                 logger.warning(w)
             accelerator.wait_for_everyone()

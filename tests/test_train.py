@@ -286,6 +286,24 @@ def test_missing_class_images_continue_where_a_crash_stopped(tmp_path):
     assert missing_class_indices(tmp_path, 3) == []
 
 
+def test_processes_share_one_list_of_missing_class_images(tmp_path):
+    """Process 1 must not list the folder after process 0 wrote its share: its own listing would skip indices
+    that nobody then generates (found with 2 processes: 6 of 8 class images, and a resume refused)."""
+    from sdtune.prior import ensure_class_images, missing_class_indices
+
+    class Pipe:
+        def __call__(self, prompts, **kwargs):
+            return type("Out", (), {"images": [Image.new("RGB", (8, 8)) for _ in prompts]})()
+
+    missing = missing_class_indices(tmp_path, 8)  # listed by every process before any writes
+    for rank in (0, 1):
+        ensure_class_images(Pipe(), tmp_path, "a dog", 8, resolution=8, batch_size=2, steps=1, guidance_scale=1.0,
+                            seed=0, model_id="m", process_index=rank, num_processes=2, progress=False,
+                            missing=missing)
+    assert missing_class_indices(tmp_path, 8) == []
+    assert sorted(p.name for p in tmp_path.glob("class-*.png")) == [f"class-{i:05d}.png" for i in range(8)]
+
+
 def test_latent_cache_is_written_once_and_reused(tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path / "cache"))
     train(load_config(None, overrides(tiny_model("sd15"), tmp_path / "a", "data.random_flip=true",
