@@ -379,8 +379,9 @@ def _original_layout_tensors(family: Family, component: str, adapter: Adapter) -
             raise SdtuneError(f"{component}: {missing[0]} has lora_A but no lora_B")
         magnitudes = [adapter.tensors.get(f"{m}.lora_magnitude_vector") for m in trained.values()]
         if len(entry.members) > 1 and any(m is not None for m in magnitudes):
-            raise SdtuneError(f"{component}: DoRA on {', '.join(trained.values())}, which the kohya layout fuses "
-                              f"into {name}: no loader reads a fused DoRA; use --format diffusers")
+            # KohyaUnavailable: a training run then keeps its diffusers file and says so, `export` refuses
+            raise KohyaUnavailable(f"{component}: DoRA on {', '.join(trained.values())}, which the kohya layout "
+                                   f"fuses into {name}: no loader reads a fused DoRA; use --format diffusers")
         down, up, alpha = _fused_lora(entry, trained, adapter)
         magnitude = magnitudes[0]
         if entry.swapped_halves_at and up.shape[0] == entry.swapped_halves_at * down.shape[1]:

@@ -507,3 +507,16 @@ def test_a_kohya_file_diffusers_cannot_split_is_one_line_not_a_crash(tiny_model,
                  "--out", str(tmp_path / "g.png")])
     err = capsys.readouterr().err
     assert code != 0 and "does not fit the base model (AssertionError)" in err and "bug in sdtune" not in err
+
+
+def test_dora_on_flux_trains_and_keeps_its_diffusers_file_without_a_kohya_one(tiny_model, tmp_path, caplog):
+    """The kohya layout fuses q, k, v: no loader reads a fused DoRA. The run still ends with its LoRA, model card
+    and grid, and says the kohya file was not written (it failed after the last step before)."""
+    from sdtune.train import train
+
+    out = tmp_path / "dora"
+    train(load_config(None, overrides(tiny_model("flux"), out, "prior.enabled=false", "lora.use_dora=true",
+                                      "train.max_steps=2", "sample.every=0")))
+    assert (out / WEIGHT_NAME).is_file() and (out / "README.md").is_file()
+    assert not (out / f"{out.name}_kohya.safetensors").exists()
+    assert any("not written" in r.message and "fused DoRA" in r.message for r in caplog.records)
