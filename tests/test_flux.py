@@ -520,3 +520,25 @@ def test_dora_on_flux_trains_and_keeps_its_diffusers_file_without_a_kohya_one(ti
     assert (out / WEIGHT_NAME).is_file() and (out / "README.md").is_file()
     assert not (out / f"{out.name}_kohya.safetensors").exists()
     assert any("not written" in r.message and "fused DoRA" in r.message for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_eval_reuses_a_flux_runs_images(flux_run, tmp_path, caplog):
+    """`sdtune eval` compares each cell's sidecar with its settings as the sampler resolves them (FLUX's own
+    scheduler and T5 length): the base model's cells are shared by checkpoints, a second eval renders none."""
+    import logging
+
+    from sdtune.eval.core import EvalSpec
+    from sdtune.eval.run import render
+
+    model, out, _ = flux_run
+    loras = [(p.name, str(p / WEIGHT_NAME)) for p in sorted((out / "checkpoints").iterdir())]
+    spec = EvalSpec(run=str(out), model=str(model), loras=loras, subject_dir=DEMO_DATA, identifier="sks",
+                    class_noun="toy", prompt_set="test", prompts=["a photo of sks toy"], images_per_prompt=1,
+                    lora_scales=[0.0, 1.0], guidance=3.5, settings=Settings(steps=1, width=64, height=64))
+    caplog.set_level(logging.INFO, logger="sdtune.eval.run")
+    render(spec, tmp_path, class_images=False, progress=False)
+    assert "reusing 1 base-model images" in caplog.text  # the second checkpoint's LoRA x0 cell
+    caplog.clear()
+    render(spec, tmp_path, class_images=False, progress=False)
+    assert caplog.text.count("reusing 2 images") == len(loras) and "rendering" not in caplog.text

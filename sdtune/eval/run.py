@@ -25,7 +25,7 @@ from sdtune.files import sha256_file
 from sdtune.grid import Cell
 from sdtune.images import open_image
 from sdtune.runs import safetensors_header
-from sdtune.sample import Request, run_sample
+from sdtune.sample import Request, run_sample, with_family_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,11 @@ def render(spec: EvalSpec, out: Path, class_images: bool,
            progress: bool = True) -> tuple[dict[str, Path], list[str]]:
     """Render (or reuse) every checkpoint's cells under ``out/samples``; ``class_images``: the class prompt
     too. Returns ({label: cells folder}, one line per failed cell)."""
+    # the settings as the sampler resolves them for this model (FLUX / SD3: their own scheduler and T5 prompt
+    # length), which every sidecar records: compared unresolved, no cell of theirs was ever reused
+    spec = replace(spec, settings=with_family_defaults(Request(
+        model=spec.model, lora=[], cells=[], settings=spec.settings, revision=spec.revision,
+        model_options=spec.model_options)).settings)
     folders: dict[str, Path] = {}
     failures: list[str] = []
     shared: dict[Cell, Image.Image] = {}  # base-model cells, keyed without their checkpoint
