@@ -57,6 +57,8 @@ def test_the_model_says_its_length_and_a_recipe_may_set_another(tiny_model, schn
     assert sd3.family.max_sequence_length == 32 and families.get("sd3").max_sequence_length == 256
     with pytest.raises(ConfigError, match="flux.max_sequence_length"):
         load_config(None, overrides(schnell, tmp_path / "b", "flux.max_sequence_length=1024"))
+    with pytest.raises(ConfigError, match="flux.max_sequence_length: expected a number, got a true/false"):
+        load_config(None, overrides(schnell, tmp_path / "b", "flux.max_sequence_length=true"))
     with pytest.raises(ConfigError, match="flux"):  # another family's section: one line naming it
         check_run(load_config(None, overrides(tiny_model("sd15"), tmp_path / "c", "prior.enabled=false",
                                               "flux.max_sequence_length=64")))
@@ -123,3 +125,14 @@ def test_sample_takes_the_length_for_a_model_without_a_run(schnell, tiny_model, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: --max-sequence-length: SD1.x has no T5 encoder; its prompts are CLIP's 77 tokens. " \
                       "fix: remove it"
+
+
+def test_the_runs_length_goes_with_its_own_model():
+    """A run's T5 length is for its model; a LoRA sampled on another model (even one without T5, where the LoRA's
+    family is then what is refused) takes that model's own."""
+    from sdtune.cli.sample import run_model_options
+
+    run = {"model": {"pretrained": "a/flux"}, "flux": {"max_sequence_length": 64}, "sd3": {"max_sequence_length": None}}
+    assert run_model_options(None, run)["max_sequence_length"] == 64
+    assert run_model_options("a/flux", run)["max_sequence_length"] == 64
+    assert "max_sequence_length" not in run_model_options("other/sd15", run)

@@ -113,16 +113,16 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 def run_model_options(model: str | None, run_cfg: dict) -> dict:
     """{vae, prediction_type, clip_skip, base, bundled_text_encoders, max_sequence_length} the run loaded its base
     model with, where they are not the defaults. Its VAE, prediction type, base (the FLUX.1 / SD3.x model beside a
-    transformer file) and bundled_text_encoders (false: the base's text encoders, not the file's) belong to that
-    model, so they apply only when ``model`` (--model) does not name another; the T5 prompt length the run set
-    (``flux.`` / ``sd3.max_sequence_length``; only its own family's section can hold one) is the LoRA's, on any
-    model."""
+    transformer file), bundled_text_encoders (false: the base's text encoders, not the file's) and the T5 prompt
+    length the run set (``flux.`` / ``sd3.max_sequence_length``; only its own family's section can hold one)
+    belong to that model, so they apply only when ``model`` (--model) does not name another (which samples at
+    its own length, or --max-sequence-length)."""
     run = run_cfg.get("model", {})
     own = not model or model == run.get("pretrained")
     tokens = [v["max_sequence_length"] for v in run_cfg.values() if isinstance(v, dict) and v.get("max_sequence_length")]
     options = {"vae": run.get("vae") if own else None, "prediction_type": run.get("prediction_type") if own else None,
                "clip_skip": run.get("clip_skip") or 1, "base": run.get("base") if own else None,
-               "max_sequence_length": tokens[0] if tokens else None}
+               "max_sequence_length": tokens[0] if tokens and own else None}
     options = {k: v for k, v in options.items() if v and not (k == "clip_skip" and v == 1)}
     bundled = own and run.get("bundled_text_encoders") is False  # the one option whose non-default value is false
     return options | ({"bundled_text_encoders": False} if bundled else {})

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from sdtune.errors import SdtuneError
 from sdtune.objectives import FlowMatchingObjective
@@ -28,6 +29,15 @@ class FlowOptions(BaseModel):
         "cut there): unset, the model's own: FLUX.1-dev 512, FLUX.1-schnell 256 (as Black Forest Labs' code and "
         "kohya's t5xxl_max_token_length), SD3.x 256 (StableDiffusion3Pipeline's default; diffusers' SD3 script "
         "trains with 77)")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # as sdtune.config's sections: pydantic's lax mode reads `true` as 1 (flux.max_sequence_length=true)
+        annotation = str(cls.model_fields[info.field_name].annotation) if info.field_name else ""
+        if isinstance(value, bool) and "bool" not in annotation and ("int" in annotation or "float" in annotation):
+            raise PydanticCustomError("bool_number", "expected a number, got a true/false value")
+        return value
 
 
 def flow_objective(noise_scheduler: Any, options: FlowOptions, label: str, noise_offset: float,
