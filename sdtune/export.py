@@ -508,6 +508,8 @@ def kohya_metadata(
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
         "modelspec.date": datetime.date.today().isoformat(),
     }
+    if prediction_type == "flow_matching":  # neither noise nor v: kohya's sai_model_spec writes none for FLUX
+        del meta["modelspec.prediction_type"]
     if dora:
         # networks.lora has no DoRA; LyCORIS (which wrote the first dora_scale files) reads these network args
         network_args = {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}

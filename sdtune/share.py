@@ -80,13 +80,11 @@ def model_card(config: dict, family: Family, grid: str | None, kohya_name: str |
         *_pipeline_lines(model, family, base, paired),
         "pipe.load_lora_weights('REPO_OR_FOLDER')" if lora.get("type", "lora") == "lora" else
         f"# a LyCORIS {lora['type']}: load_lora_weights cannot read it; use the kohya file or sdtune sample",
-        f"image = pipe({instance_prompt + ' on the beach'!r}).images[0]", "```", "",
+        f"image = pipe({instance_prompt + ' on the beach'!r}{_call_options(config, family)}).images[0]", "```", "",
     ]
     if kohya_name:
         lines += [
-            "## ComfyUI, AUTOMATIC1111, Forge, InvokeAI", "",
-            f"Use `{kohya_name}` (kohya format): put it in `models/loras/` (ComfyUI: *Load LoRA* node) or "
-            f"`models/Lora/` (AUTOMATIC1111 / Forge: `<lora:{Path(kohya_name).stem}:1>` in the prompt).", "",
+            f"## {', '.join(family.lora_clients)}", "", _kohya_usage(kohya_name, family.lora_clients), "",
         ]
     lines += _embeddings_usage(config, family, [word for word, _ in named])
     lines += [
@@ -103,6 +101,23 @@ def model_card(config: dict, family: Family, grid: str | None, kohya_name: str |
         f"| resolution | {data.get('resolution') or 'native'} |", "",
     ]
     return "\n".join(lines)
+
+
+def _call_options(config: dict, family: Family) -> str:
+    """The pipeline call's arguments beyond the prompt: a T5 family's prompt length, the run's (``flux.`` /
+    ``sd3.max_sequence_length``) or the model's (FLUX.1-schnell: 256), which FluxPipeline's default of 512 is not."""
+    run = [v["max_sequence_length"] for v in config.values() if isinstance(v, dict) and v.get("max_sequence_length")]
+    tokens = run[0] if run else family.max_sequence_length
+    return f", max_sequence_length={tokens}" if tokens else ""
+
+
+def _kohya_usage(kohya_name: str, clients: tuple[str, ...]) -> str:
+    """Where the kohya file goes in each UI that loads it for this family."""
+    prompt_uis = [c for c in clients if c in ("AUTOMATIC1111", "Forge")]
+    where = ["`models/loras/` (ComfyUI: *Load LoRA* node)"] if "ComfyUI" in clients else []
+    if prompt_uis:
+        where.append(f"`models/Lora/` ({' / '.join(prompt_uis)}: `<lora:{Path(kohya_name).stem}:1>` in the prompt)")
+    return f"Use `{kohya_name}` (kohya format): put it in {' or '.join(where)}."
 
 
 def _file_name(path: str) -> str:

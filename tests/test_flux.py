@@ -341,6 +341,7 @@ def test_flux_kohya_keys_shapes_and_metadata():
     assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
     _, schnell = to_kohya(FLUX, adapters, prediction_type="flow_matching", architecture="flux-1-schnell")
     assert schnell["modelspec.architecture"] == "flux-1-schnell/lora"
+    assert "modelspec.prediction_type" not in schnell  # flow matching: neither epsilon nor v (kohya writes none)
     # a module BFL's layout has no name for is one clear error
     odd = Adapter({"norm_out.linear.lora_A.weight": torch.zeros(4, 8),
                    "norm_out.linear.lora_B.weight": torch.zeros(8, 4)}, {"r": 4, "lora_alpha": 4})

@@ -110,6 +110,11 @@ def test_the_model_card_of_a_transformer_file_loads_it_into_its_base(tmp_path: P
            "config='black-forest-labs/FLUX.1-dev', subfolder='transformer', torch_dtype=torch.bfloat16)" in card
     assert "FluxPipeline.from_pretrained('black-forest-labs/FLUX.1-dev', transformer=transformer" in card
     assert str(tmp_path) not in card and "base_model:" not in card  # the fine-tune is not on the Hub
+    assert "max_sequence_length=512).images[0]" in card  # FLUX.1-dev's T5 length, said in the call
+    schnell = share.model_card({**config, "flux": {"max_sequence_length": 128}}, families.get("flux"), None,
+                               "x.safetensors")
+    assert "max_sequence_length=128).images[0]" in schnell and "<lora:x:1>" in schnell
+    assert "## ComfyUI, Forge\n" in schnell and "AUTOMATIC1111" not in schnell  # the UIs that load FLUX LoRAs
     config["model"] = {"pretrained": "x/sd35.safetensors", "base": str(tmp_path / "sd35-medium")}  # a local base
     card = share.model_card(config, families.get("sd3"), None, None)
     assert "SD3Transformer2DModel.from_single_file('sd35.safetensors', config='BASE_MODEL'" in card
@@ -117,7 +122,7 @@ def test_the_model_card_of_a_transformer_file_loads_it_into_its_base(tmp_path: P
     config["model"] = {"pretrained": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
     card = share.model_card(config, families.get("sd15"), None, None)
     assert "StableDiffusionPipeline.from_pretrained('stable-diffusion-v1-5/stable-diffusion-v1-5', " \
-           "torch_dtype=torch.float16)" in card
+           "torch_dtype=torch.float16)" in card and "max_sequence_length" not in card
 
 
 def test_import_is_light() -> None:

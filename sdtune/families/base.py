@@ -245,6 +245,8 @@ class Family(Protocol):
     lora_pipeline: str  # the diffusers pipeline class: text-to-image sampling, save/load_lora_weights
     pipeline_kwargs: dict[str, Any]  # what else the pipeline's constructor is given
     hub_tags: tuple[str, ...]  # model card tags
+    # the UIs that load its kohya file, as the model card names them ("AUTOMATIC1111" also gives the <lora:> hint)
+    lora_clients: tuple[str, ...]
     kohya_prefixes: dict[str, str]  # component -> kohya key prefix ("lora_unet_", "lora_te1_")
     # the denoiser's kohya names where they are not its diffusers module paths (FLUX.1's BFL layout, fused qkv);
     # empty: every module is named by its diffusers path (the UNets)

@@ -132,6 +132,7 @@ class Flux:
     lora_pipeline: str = "FluxPipeline"
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
     hub_tags: tuple[str, ...] = ("flux", "text-to-image")
+    lora_clients: tuple[str, ...] = ("ComfyUI", "Forge")  # AUTOMATIC1111 and InvokeAI's LoRA loaders: SD only
     kohya_prefixes: dict[str, str] = field(default_factory=lambda: dict(KOHYA_PREFIXES))
     kohya_modules: tuple[KohyaModule, ...] = KOHYA_MODULES
     sampling: SamplingDefaults = SAMPLING

@@ -90,6 +90,7 @@ class StableDiffusion:
         default_factory=lambda: dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     )
     hub_tags: tuple[str, ...] = ("stable-diffusion",)
+    lora_clients: tuple[str, ...] = ("ComfyUI", "AUTOMATIC1111", "Forge", "InvokeAI")
     kohya_prefixes: dict[str, str] = field(
         # kohya-ss sd-scripts' networks/lora.py names. SD1.x/SD2.x text encoders use lora_te_, the one prefix
         # all loaders take: InvokeAI patches them with prefix "lora_te_" only (invokeai/app/invocations/

@@ -149,6 +149,7 @@ class SD3:
     lora_pipeline: str = "StableDiffusion3Pipeline"
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
     hub_tags: tuple[str, ...] = ("sd3", "sd3-diffusers", "text-to-image")
+    lora_clients: tuple[str, ...] = ("ComfyUI",)  # the one UI whose SD3 LoRA key mapping the tests check
     kohya_prefixes: dict[str, str] = field(default_factory=lambda: dict(KOHYA_PREFIXES))
     kohya_modules: tuple[KohyaModule, ...] = KOHYA_MODULES
     # the pipeline's default guidance (SD3 samples with classifier-free guidance), with the model's own
