@@ -466,9 +466,10 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
 
 
 def request_from_sidecar(path: str | Path) -> Request:
-    """The one-cell request that renders a saved cell again."""
+    """The one-cell request that renders a saved cell again (refused when its LoRA file has changed since)."""
     try:
         d = json.loads(Path(path).read_text())
+        _check_replay_lora(d, path)
         cell = Cell(**d["cell"])
         # the cell's whole batch, in its order (sidecars before batch_seeds existed: the cell alone)
         batch = [replace(cell, seed=int(seed)) for seed in d.get("batch_seeds") or [cell.seed]]
@@ -481,5 +482,19 @@ def request_from_sidecar(path: str | Path) -> Request:
             outpaint=tuple(d["outpaint"]) if d["outpaint"] else None,  # type: ignore[arg-type]
             model_options=d.get("model_options") or {},
         )
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise SdtuneError(f"--replay: {path} is not an sdtune cell sidecar ({type(e).__name__}: {e})") from None
+
+
+def _check_replay_lora(d: dict, path: str | Path) -> None:
+    """Refuse to replay a cell whose LoRA file has changed since it was rendered (a resumed run rewrites its
+    LoRA): the replay would draw other pixels without a word."""
+    lora, recorded = d.get("lora"), d.get("lora_sha256")
+    if not lora or not recorded:
+        return
+    if not Path(lora).is_file():
+        raise SdtuneError(f"--replay: {path} was rendered with {lora}, which is gone")
+    if sha256_file(lora) != recorded:
+        raise SdtuneError(f"--replay: {lora} has changed since {Path(path).name} was rendered (sha256 {recorded[:12]}, "
+                          f"now {sha256_file(lora)[:12]}): a replay would not give its pixels. fix: render a new "
+                          "grid (sdtune sample RUN)")

@@ -47,6 +47,16 @@ def test_grid_axes_sidecars_and_replay(run, tmp_path, capsys):
     replay = tmp_path / "again.png"
     assert main(["sample", "--replay", str(cells[5].with_suffix(".json")), "--out", str(replay)]) == 0
     assert np.array_equal(np.asarray(Image.open(replay)), np.asarray(Image.open(cells[5])))
+    # a LoRA that changed since (a resumed run rewrites its file): refused, not other pixels without a word
+    changed = tmp_path / "changed.safetensors"
+    changed.write_bytes(Path(side["lora"]).read_bytes())
+    sidecar = tmp_path / "cell.json"
+    sidecar.write_text(json.dumps({**side, "lora": str(changed)}))
+    capsys.readouterr()
+    with changed.open("ab") as f:
+        f.write(b" ")
+    assert main(["sample", "--replay", str(sidecar), "--out", str(tmp_path / "x.png")]) == 2
+    assert "has changed since cell.json was rendered" in capsys.readouterr().err
 
 
 def test_checkpoints_all_gives_one_row_per_checkpoint(run, tmp_path):
