@@ -301,8 +301,8 @@ def _check_family(cfg: Config, info: ModelInfo, files: ModelFiles, problems: lis
         if section and section != family.options_section:
             for key in sorted(getattr(cfg, section).model_fields_set):
                 problems.append(
-                    f"{section}.{key}: an {other.label}-only option, but {cfg.model.pretrained} is an "
-                    f"{family.label} model; fix: remove it"
+                    f"{section}.{key}: {families.article(other.label)} {other.label}-only option, but "
+                    f"{cfg.model.pretrained} is {families.article(family.label)} {family.label} model; fix: remove it"
                 )
     problems += family.config_problems(cfg)
     try:

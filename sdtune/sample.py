@@ -320,8 +320,9 @@ def _apply_lora(pipe: Any, path: str, family: Family) -> Embeddings | None:
     checkpoint's ``embeddings/`` folder, or bundled in a kohya file), which are returned installed."""
     owner = lora_family(path, prefer=family)
     if owner is not None and owner.name != family.name:  # (a schnell family is a copy: compare names)
-        raise SdtuneError(f"{path}: an {owner.label} LoRA cannot be applied to this {family.label} model; use "
-                          f"--model with an {owner.label} model")
+        a = families.article(owner.label)
+        raise SdtuneError(f"{path}: {a} {owner.label} LoRA cannot be applied to this {family.label} model; use "
+                          f"--model with {a} {owner.label} model")
     with open_safetensors(path) as f:
         keys = list(f.keys())
         kind = lycoris_kind(keys)

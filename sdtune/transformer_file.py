@@ -174,7 +174,7 @@ def written_config(tf: TransformerFile) -> dict[str, Any]:
 def needs_base(tf: TransformerFile) -> str:
     """The one line that refuses a transformer file without ``model.base``."""
     label = tf.layout.label
-    return (f"model.base: {tf.path.name} holds {'' if tf.bundled else 'only '}a {tf.variant} transformer "
+    return (f"model.base: {tf.path.name} holds {'' if tf.bundled else 'only '}{families.article(tf.variant)} {tf.variant} transformer "
             f"({tf.layout.name}); set model.base to the {label} model whose text encoders, tokenizers, VAE and "
             f"scheduler go with it, e.g. model.base={tf.example_base} (sdtune sample: --base)")
 
@@ -190,8 +190,9 @@ def _read_base(tf: TransformerFile, base: str, revision: str | None) -> tuple[di
     try:
         family = families.detect(files)
         if family.name != tf.layout.family:
-            raise SdtuneError(f"model.base: {base} is a {family.label} model; a {label} transformer file "
-                              f"takes its text encoders, tokenizers, VAE and scheduler from a {label} model, "
+            a, other = families.article(label), families.article(family.label)
+            raise SdtuneError(f"model.base: {base} is {other} {family.label} model; {a} {label} transformer file "
+                              f"takes its text encoders, tokenizers, VAE and scheduler from {a} {label} model, "
                               f"e.g. model.base={tf.example_base}")
         configs = {name: files.read(name) for name in tf.layout.base_configs}
     except SdtuneError as e:  # read_model_file's lines name model.pretrained, the usual key of a model

@@ -220,7 +220,7 @@ def test_the_refusals_are_one_line_each(flux_files, tiny_model, tmp_path):
     assert "e.g. model.base=black-forest-labs/FLUX.1-schnell" in _refusal(tmp_path, flux_files["schnell"])[0]
     # a base of another family
     problems = _refusal(tmp_path, flux_files["plain"], f"model.base={tiny_model('sd15')}")
-    assert problems == [f"model.base: {tiny_model('sd15')} is a SD1.x model; a FLUX.1 transformer file takes "
+    assert problems == [f"model.base: {tiny_model('sd15')} is an SD1.x model; a FLUX.1 transformer file takes "
                         "its text encoders, tokenizers, VAE and scheduler from a FLUX.1 model, e.g. "
                         "model.base=black-forest-labs/FLUX.1-dev"]
     # a base whose T5 is not the width the transformer takes

@@ -216,16 +216,16 @@ def test_the_refusals_are_one_line_each(sd3_files, tiny_model, tmp_path):
     base = f"model.base={tiny_model('sd3')}"
     # no base: one line naming model.base with an example of the file's own variant
     assert _refusal(tmp_path, sd3_files["plain"]) == [
-        "model.base: sd3-plain.safetensors holds only a SD3 Medium transformer (Stability's MMDiT layout); set "
+        "model.base: sd3-plain.safetensors holds only an SD3 Medium transformer (Stability's MMDiT layout); set "
         "model.base to the SD3.x model whose text encoders, tokenizers, VAE and scheduler go with it, e.g. "
         "model.base=stabilityai/stable-diffusion-3-medium-diffusers (sdtune sample: --base)"]
     [line] = _refusal(tmp_path, sd3_files["mmditx"])
-    assert line.startswith("model.base: sd3-mmditx.safetensors holds a SD3.5 Medium transformer")
+    assert line.startswith("model.base: sd3-mmditx.safetensors holds an SD3.5 Medium transformer")
     assert "e.g. model.base=stabilityai/stable-diffusion-3.5-medium" in line
     # a base of another family
     assert _refusal(tmp_path, sd3_files["plain"], f"model.base={tiny_model('sd15')}") == [
-        f"model.base: {tiny_model('sd15')} is a SD1.x model; a SD3.x transformer file takes its text encoders, "
-        "tokenizers, VAE and scheduler from a SD3.x model, e.g. model.base=stabilityai/stable-diffusion-3-medium-diffusers"]
+        f"model.base: {tiny_model('sd15')} is an SD1.x model; an SD3.x transformer file takes its text encoders, "
+        "tokenizers, VAE and scheduler from an SD3.x model, e.g. model.base=stabilityai/stable-diffusion-3-medium-diffusers"]
     # a base whose T5 is not the width the transformer takes
     other = tmp_path / "other-t5"
     shutil.copytree(tiny_model("sd3"), other, ignore=shutil.ignore_patterns("*.safetensors"))

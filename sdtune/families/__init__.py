@@ -32,7 +32,8 @@ from sdtune.families.sdxl import SDXL
 __all__ = [
     "Components", "Family", "KohyaVersion", "MemoryConstants", "ModelFiles", "ModelInfo", "OriginalLayout",
     "TextEncoderSpec",
-    "detect", "get", "names", "read_model_file", "register", "registered", "unregister", "with_prompt_length",
+    "article", "detect", "get", "names", "read_model_file", "register", "registered", "unregister",
+    "with_prompt_length",
 ]
 
 _REGISTRY: dict[str, Family] = {}
@@ -90,6 +91,11 @@ def describe(files: ModelFiles, for_training: bool = True) -> ModelInfo:
         raise SdtuneError(f"model.pretrained: the config files of {files.pretrained} hold unexpected values "
                           f"({error_summary(e, 120)}); is it a complete, unedited "
                           "diffusers model?") from None
+
+
+def article(label: str) -> str:
+    """'a' or 'an' before a family's label as it is said: an SD1.x / SDXL / SD3.x model, a FLUX.1 model."""
+    return "an" if label[:1].upper() in "AEIOS" else "a"
 
 
 def with_prompt_length(family: Family, tokens: int | None, key: str = "max_sequence_length") -> Family:
