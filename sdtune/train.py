@@ -518,13 +518,16 @@ def truncated_captions(plan: RunPlan, tokenizers: list[Any], identifiers: list[s
     tokenized: dict[tuple[int, str], list[int]] = {}  # each distinct caption once: 100,000 photos share a few
     for name, caption, identifier in named:
         for k, (spec, tokenizer) in enumerate(zip(plan.family.text_encoders, tokenizers)):
-            limit = tokenizer.model_max_length
+            # T5 reads the family's prompt length (flux. / sd3.max_sequence_length), ending in its </s>; CLIP its
+            # 77 tokens between <|startoftext|> and <|endoftext|>
+            t5 = spec.model_class.startswith("T5")
+            limit = (plan.family.max_sequence_length or tokenizer.model_max_length) if t5 else tokenizer.model_max_length
             if (k, caption) not in tokenized:  # with the start and end tokens
                 tokenized[(k, caption)] = tokenizer(caption, truncation=False).input_ids
             ids = tokenized[(k, caption)]
             if len(ids) <= limit:
                 continue
-            seen = tokenizer.decode(ids[1 : limit - 1])
+            seen = tokenizer.decode(ids[0 if t5 else 1 : limit - 1], skip_special_tokens=True)
             lost = f" The identifier '{identifier}' is in the part cut off." \
                 if identifier and identifier in caption and identifier not in seen.split() else ""
             lines.append(f"{name}: its caption is {len(ids)} tokens, {spec.label} reads {limit}, so everything after "
