@@ -38,6 +38,7 @@ from pydantic_core import PydanticCustomError
 
 from sdtune import families
 from sdtune.errors import SdtuneError
+from sdtune.families.flow import refuse_bool_number
 
 # YAML 1.1 (PyYAML) reads 1e-4 and 1e3 as strings. pydantic's lax mode parses such strings for float fields;
 # for int fields (train.max_steps: 1e3) the section validator below turns whole-number ones into numbers.
@@ -89,9 +90,7 @@ class _Section(BaseModel):
     @classmethod
     def _scientific_int(cls, value: Any, info: ValidationInfo) -> Any:
         annotation = str(cls.model_fields[info.field_name].annotation) if info.field_name else ""
-        if isinstance(value, bool) and "bool" not in annotation and ("int" in annotation or "float" in annotation):
-            # pydantic's lax mode reads `true` as 1: `max_steps: true` is a mistake, not a step count
-            raise PydanticCustomError("bool_number", "expected a number, got a true/false value")
+        refuse_bool_number(value, annotation)
         if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()) and "int" in annotation:
             number = float(value)
             # a whole number as an int, so that range checks see it (pydantic reads no int from 1e30 as a float);

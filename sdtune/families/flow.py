@@ -33,11 +33,15 @@ class FlowOptions(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        # as sdtune.config's sections: pydantic's lax mode reads `true` as 1 (flux.max_sequence_length=true)
-        annotation = str(cls.model_fields[info.field_name].annotation) if info.field_name else ""
-        if isinstance(value, bool) and "bool" not in annotation and ("int" in annotation or "float" in annotation):
-            raise PydanticCustomError("bool_number", "expected a number, got a true/false value")
+        refuse_bool_number(value, str(cls.model_fields[info.field_name].annotation) if info.field_name else "")
         return value
+
+
+def refuse_bool_number(value: Any, annotation: str) -> None:
+    """A true/false value for a number field (``annotation``, as ``str()`` of it) is a mistake: pydantic's lax mode
+    reads `true` as 1 (``max_steps: true``, ``flux.max_sequence_length=true``). Used by every recipe section."""
+    if isinstance(value, bool) and "bool" not in annotation and ("int" in annotation or "float" in annotation):
+        raise PydanticCustomError("bool_number", "expected a number, got a true/false value")
 
 
 def flow_objective(noise_scheduler: Any, options: FlowOptions, label: str, noise_offset: float,
