@@ -49,6 +49,21 @@ def test_dry_run_reports_and_writes_nothing(tiny_model, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "cls").exists()
 
 
+def test_overrides_may_follow_a_flag(tiny_model, tmp_path, capsys):
+    """kohya and OneTrainer users put flags anywhere: `sdtune train R --dry-run key=value` takes the override
+    (argparse alone refused it as an unrecognized argument); anything else left over is still refused."""
+    out = tmp_path / "never"
+    code = main(["train", str(ROOT / "recipes/tiny_cpu.yaml"), f"model.pretrained={tiny_model('sd15')}",
+                 "--dry-run", f"train.output_dir={out}", "train.max_steps=7", "--print-config"])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert f"output_dir: {out}" in printed and "max_steps: 7" in printed
+    assert main(["train", str(ROOT / "recipes/tiny_cpu.yaml"), "--dry-run", "--bogus", "a.b=1"]) == 2
+    assert "unrecognized arguments: --bogus a.b=1" in capsys.readouterr().err
+    assert main(["check-token", "sks", "a.b=1"]) == 2  # a command without overrides
+    assert "unrecognized arguments: a.b=1" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # subprocess runs
 def test_train_bench_smoke():
     proc = subprocess.run([sys.executable, str(ROOT / "bench/train_bench.py"), "--size", "tiny", "--steps", "2",

@@ -15,8 +15,10 @@ it needs when it runs), so ``sdtune --help`` answers at once.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
+import re
 import sys
 import traceback
 
@@ -30,6 +32,7 @@ from sdtune.cli.console import (
     os_error_line,
     quiet_imports,
     show_messages,
+    text,
     unexpected_line,
 )
 from sdtune.errors import Interrupted, SdtuneError
@@ -54,6 +57,7 @@ def build_parser() -> Parser:
 # runs thousands of times meanwhile: a rerun over cached data started its first step in 6.4-6.6 s, at 10,000 in
 # 5.0-5.3 s (bench/SCALE.md). A training step allocates far fewer, so cycles are still collected every few steps.
 GC_THRESHOLD = 10_000
+OVERRIDE = re.compile(r"[A-Za-z_][\w.\[\]-]*=")  # a recipe override, key=value (``sdtune.config.parse_override``)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     gc.set_threshold(max(gc.get_threshold()[0], GC_THRESHOLD), *gc.get_threshold()[1:])
     quiet_imports()
     show_messages()
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        _late_overrides(parser, args, extra)
     except SystemExit as e:  # --help, --version, or a usage error (already printed as one line)
         return e.code if isinstance(e.code, int) else 2
     try:
@@ -79,6 +85,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         return _unexpected(e, args.debug or os.environ.get("SDTUNE_DEBUG", "") not in ("", "0"))
+
+
+def _late_overrides(parser: Parser, args: argparse.Namespace, extra: list[str]) -> None:
+    """Recipe overrides written after a flag (``sdtune train R --dry-run train.max_steps=5``, as kohya and
+    OneTrainer users write them): argparse leaves them unparsed; they join the command's overrides in order.
+    Anything else left over is the usage error argparse would give."""
+    if not extra:
+        return
+    if not hasattr(args, "overrides") or not all(OVERRIDE.match(a) for a in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args.overrides = [*args.overrides, *(text(a) for a in extra)]
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"argument key=value: {e}")
 
 
 def _unexpected(e: Exception, debug: bool) -> int:
