@@ -55,6 +55,13 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / MARKER).is_file()) if root.is_dir() else []
 
 
+def prompt_length(config: dict) -> int | None:
+    """The T5 prompt length a run's saved config sets (``flux.`` / ``sd3.max_sequence_length``: only its own
+    family's section can hold one), None where it sets none."""
+    found = [v["max_sequence_length"] for v in config.values() if isinstance(v, dict) and v.get("max_sequence_length")]
+    return found[0] if found else None
+
+
 def run_config(target: str | Path) -> dict:
     """The config a run folder, checkpoint folder or LoRA file inside one was trained with: a checkpoint's
     own ``state.json`` first (exact), else the nearest ``config.yaml`` above; {} if none."""

@@ -495,7 +495,8 @@ def _check_replay_lora(d: dict, path: str | Path) -> None:
         return
     if not Path(lora).is_file():
         raise SdtuneError(f"--replay: {path} was rendered with {lora}, which is gone")
-    if sha256_file(lora) != recorded:
+    now = sha256_file(lora)
+    if now != recorded:
         raise SdtuneError(f"--replay: {lora} has changed since {Path(path).name} was rendered (sha256 {recorded[:12]}, "
-                          f"now {sha256_file(lora)[:12]}): a replay would not give its pixels. fix: render a new "
-                          "grid (sdtune sample RUN)")
+                          f"now {now[:12]}): a replay would not give its pixels. fix: render a new grid (sdtune "
+                          "sample RUN)")

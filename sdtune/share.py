@@ -21,7 +21,7 @@ from sdtune.families import Family
 from sdtune.files import write_text
 from sdtune.hub import check_repo_id, public_model_id
 from sdtune.models import TRANSFORMER_LAYOUTS
-from sdtune.runs import CARD, EMBEDDINGS_DIR, WEIGHT_NAME, safetensors_header
+from sdtune.runs import CARD, EMBEDDINGS_DIR, WEIGHT_NAME, prompt_length, safetensors_header
 
 
 def subjects(data: dict) -> list[tuple[str, str]]:
@@ -106,8 +106,7 @@ def model_card(config: dict, family: Family, grid: str | None, kohya_name: str |
 def _call_options(config: dict, family: Family) -> str:
     """The pipeline call's arguments beyond the prompt: a T5 family's prompt length, the run's (``flux.`` /
     ``sd3.max_sequence_length``) or the model's (FLUX.1-schnell: 256), which FluxPipeline's default of 512 is not."""
-    run = [v["max_sequence_length"] for v in config.values() if isinstance(v, dict) and v.get("max_sequence_length")]
-    tokens = run[0] if run else family.max_sequence_length
+    tokens = prompt_length(config) or family.max_sequence_length
     return f", max_sequence_length={tokens}" if tokens else ""
 
 

@@ -21,6 +21,7 @@ from sdtune.cli.console import (
 )
 from sdtune.errors import SdtuneError
 from sdtune.models import DTYPES
+from sdtune.runs import prompt_length
 from sdtune.schedulers import SCHEDULERS
 
 
@@ -119,10 +120,9 @@ def run_model_options(model: str | None, run_cfg: dict) -> dict:
     its own length, or --max-sequence-length)."""
     run = run_cfg.get("model", {})
     own = not model or model == run.get("pretrained")
-    tokens = [v["max_sequence_length"] for v in run_cfg.values() if isinstance(v, dict) and v.get("max_sequence_length")]
     options = {"vae": run.get("vae") if own else None, "prediction_type": run.get("prediction_type") if own else None,
                "clip_skip": run.get("clip_skip") or 1, "base": run.get("base") if own else None,
-               "max_sequence_length": tokens[0] if tokens and own else None}
+               "max_sequence_length": prompt_length(run_cfg) if own else None}
     options = {k: v for k, v in options.items() if v and not (k == "clip_skip" and v == 1)}
     bundled = own and run.get("bundled_text_encoders") is False  # the one option whose non-default value is false
     return options | ({"bundled_text_encoders": False} if bundled else {})
