@@ -28,7 +28,7 @@ from sdtune.files import free_bytes, fsync, is_disk_full, mib, sha256_file, writ
 from sdtune.fsdp import full_optimizer_state, shard_optimizer_state
 from sdtune.lora import adapter_state_dict, load_adapter_state_dict, save_diffusers_lora
 from sdtune.pivotal import ROWS_FILE, Embeddings
-from sdtune.resume import MANIFEST, STATE, config_drift, find_checkpoint, flat_keys, verify
+from sdtune.resume import MANIFEST, STATE, config_drift, find_checkpoint, flat_keys, resume_drift, verify
 from sdtune.runs import CHECKPOINTS, EMBEDDINGS_DIR, MARKER, complete_checkpoints
 
 __all__ = ["DiskFull", "config_drift", "find_checkpoint", "flat_keys", "load_checkpoint", "save_checkpoint", "verify"]
@@ -195,7 +195,7 @@ def load_checkpoint(
     """Restore adapters, optimizer, LR schedule, random streams (and the EMA); return the step to continue
     from."""
     state = json.loads((path / "state.json").read_text())
-    drift = config_drift(state["config"], config)
+    drift = resume_drift(state, config)
     if drift:
         raise SdtuneError(
             f"train.resume: {path} was trained with a different config ({', '.join(drift)}); "

@@ -31,4 +31,9 @@ def first_line(e: BaseException, limit: int = 160) -> str:
 def error_summary(e: BaseException, limit: int = 160) -> str:
     """``Type: first line of the message``, or the type alone for an exception that says nothing."""
     lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
+    if not lines:
+        return type(e).__name__
+    first = lines[0]
+    if len(first) > limit:  # cut at a word, and say so: "...try aga" reads as a typo
+        first = first[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(e).__name__}: {first}"

@@ -12,11 +12,18 @@ huggingface_hub is imported inside `_why_not_repo_id`: importing its validator c
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
 
-__all__ = ["check_repo_id", "is_hub_id", "public_model_id"]
+__all__ = ["check_repo_id", "is_hub_id", "offline_reason", "offline_unless_reachable", "public_model_id"]
+
+logger = logging.getLogger(__name__)
+_UNREACHABLE = "the Hub cannot be reached from here"
+_switched_offline: list[str] = []  # [endpoint] once `offline_unless_reachable` found it unreachable
 
 _EXAMPLE = "user/my-dog-lora"
 _PATH_STARTS = (".", "/", "~")
@@ -63,3 +70,36 @@ def check_repo_id(repo: str, key: str) -> None:
 def public_model_id(model: str | None) -> str | None:
     """``model`` if it is a hub id (safe to publish), else None: a local folder, a path, or nothing."""
     return model if model and is_hub_id(model) else None
+
+
+def offline_reason() -> str:
+    """Why huggingface_hub is offline, in a few words: the Hub did not answer, or ``HF_HUB_OFFLINE``."""
+    return _UNREACHABLE if _switched_offline else "HF_HUB_OFFLINE is set"
+
+
+@functools.cache
+def offline_unless_reachable(timeout: float = 5.0) -> bool:
+    """Ask the Hub once, with no retries, whether it answers; if it does not, switch huggingface_hub (and the
+    processes this one starts) to offline mode, so that every later hub lookup reads the local cache at once.
+    True when offline.
+
+    Why: with no network, each ``hf_hub_download`` retries five times with back-off (about 25 s) before it
+    falls back to the cache or fails, and loading a model makes a dozen such calls. One HEAD through
+    huggingface_hub's own HTTP session (its proxies and ``HF_ENDPOINT`` included) settles it up front."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.is_offline_mode():
+        return True
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as e:  # DNS, refused, timeout, TLS, proxy: the Hub cannot be reached from here
+        logger.info(f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached "
+                    f"({type(e).__name__}): models are read from the local cache only")
+        # huggingface_hub reads this at each request (constants.is_offline_mode); transformers and diffusers
+        # ask it too. The environment variable carries it into class-image and accelerate subprocesses.
+        constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        _switched_offline[:] = [constants.ENDPOINT]
+        return True
+    return False

@@ -22,7 +22,7 @@ from sdtune import families, flux_file, sd3_file, transformer_file
 from sdtune.errors import SdtuneError, error_summary, first_line
 from sdtune.families import Components, Family, ModelFiles, ModelInfo
 from sdtune.files import content_hash, unhashed_bytes
-from sdtune.hub import is_hub_id
+from sdtune.hub import is_hub_id, offline_unless_reachable
 from sdtune.layout import canonical_text_encoder_folder
 from sdtune.ldm import load_original, write_single_file
 from sdtune.ldm import load_vae as load_vae_file
@@ -146,6 +146,23 @@ def load_components(
     return c
 
 
+def load_tokenizers(pretrained: str, family: Family, revision: str | None = None, base: str | None = None,
+                    folder: Path | None = None) -> list[Any]:
+    """The tokenizers ``load_components`` gives, in the family's order, without any weights: a transformer
+    file's come from its ``base``, a single-file checkpoint's from its derived config ``folder``
+    (``model_files``), any other model's from the model itself."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    if read_transformer_file(pretrained):
+        source, kw = base, {"revision": revision}
+    elif is_single_file(pretrained) and folder is not None:
+        source, kw = str(folder), {}
+    else:
+        source, kw = pretrained, {"revision": revision}
+    return [(T5TokenizerFast if spec.model_class.startswith("T5") else CLIPTokenizer)
+            .from_pretrained(source, subfolder=spec.tokenizer_name, **kw) for spec in family.text_encoders]
+
+
 def skip_last_layers(encoder: Any, n: int) -> None:
     """Drop a CLIP text encoder's last ``n`` layers (clip skip): its output is then the hidden state ``n``
     layers before the end, through the final layer norm, which is what AUTOMATIC1111's "Clip skip" n + 1 and
@@ -228,6 +245,7 @@ def vae_problem(vae: str) -> str | None:
         return f"model.vae: {vae} is neither a file, a folder nor a hub id; fix the path"
     from huggingface_hub import hf_hub_download
 
+    offline_unless_reachable()  # no network: straight to the cache, not 25 s of retries per name
     for name in ("config.json", "vae/config.json"):
         try:
             hf_hub_download(vae, name)
@@ -300,6 +318,16 @@ def model_identity(pretrained: str, revision: str | None, subfolders: list[str],
         if f.is_file():
             h.update(f"{f.relative_to(folder).as_posix()}={content_hash(f)}\n".encode())
     return h.hexdigest()[:16]
+
+
+def whole_model_identity(pretrained: str, revision: str | None, family: Family, vae: str | None = None,
+                         clip_skip: int = 1, base: str | None = None, bundled_text_encoders: bool = True) -> str:
+    """``model_identity`` of everything a run reads of its base model: denoiser, VAE, scheduler, text encoders
+    and tokenizers (the arguments are the recipe's ``model.*`` of those names)."""
+    parts = [family.denoiser_name, "vae", "scheduler",
+             *(n for e in family.text_encoders for n in (e.name, e.tokenizer_name))]
+    return model_identity(pretrained, revision, parts, vae, clip_skip, base=base,
+                          bundled_text_encoders=bundled_text_encoders)
 
 
 def _paired_identity(pretrained: str, revision: str | None, subfolders: list[str], base: str,

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -34,7 +35,15 @@ from sdtune.files import cache_root, existing_ancestor, flush_manifests
 from sdtune.fsdp import config_problems as fsdp_problems
 from sdtune.hfdata import materialize
 from sdtune.locks import HOLDER, LOCK
-from sdtune.models import describe, model_files, read_transformer_file, vae_problem, weight_problems
+from sdtune.models import (
+    describe,
+    load_tokenizers,
+    model_files,
+    read_transformer_file,
+    vae_problem,
+    weight_problems,
+    whole_model_identity,
+)
 from sdtune.optim import optimizer_problems
 from sdtune.pivotal import config_problems as pivotal_problems
 from sdtune.quantize import problems as quantize_problems
@@ -95,6 +104,14 @@ def class_images_dir(cfg: Config, resolution: int, model_identity: str, concept:
     key = "|".join([model_identity, m.variant or "", concept.class_prompt or "", str(resolution),
                     str(p.generation_steps), str(p.generation_guidance), *stored])
     return cache_root() / "class_images" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def base_identity(cfg: Config, family: Family) -> str:
+    """The identity of the base model a run reads (``sdtune.models.whole_model_identity``): its files' bytes
+    (hashed once per file version), with the recipe's ``model.vae``, ``clip_skip``, ``base`` and
+    ``bundled_text_encoders``."""
+    m = cfg.model
+    return whole_model_identity(m.pretrained, m.revision, family, m.vae, m.clip_skip, m.base, m.bundled_text_encoders)
 
 
 def class_sets(cfg: Config, class_paths: list[Path]) -> list[ClassImages]:
@@ -383,6 +400,51 @@ def _check_model(cfg: Config, problems: list[str], warnings: list[str]) -> tuple
     return dataclasses.replace(info, family=families.with_prompt_length(info.family, tokens)), files
 
 
+def _check_caption_lengths(cfg: Config, info: ModelInfo, files: ModelFiles, examples: list[Example],
+                           warnings: list[str]) -> None:
+    """A caption (or class prompt) longer than a text encoder reads, from the model's own tokenizers (no
+    weights), so that ``--dry-run`` says it and ``--strict`` refuses it with the other problems."""
+    class_prompts = [(k.key_of("class_prompt"), k.class_prompt) for k in cfg.concepts()
+                     if cfg.prior.enabled and k.class_prompt]
+    m = cfg.model
+    try:
+        tokenizers = load_tokenizers(m.pretrained, info.family, m.revision, m.base, files.folder)
+    except Exception as e:  # the load itself reports a missing or broken tokenizer, with the weights
+        warnings.append(f"captions: their length was not checked: the tokenizers of {m.base or m.pretrained} "
+                        f"could not be read ({error_summary(e, 120)})")
+        return
+    warnings += truncated_captions(info.family, examples, tokenizers, cfg.identifiers(), class_prompts)
+
+
+def truncated_captions(family: Family, examples: list[Example], tokenizers: list[Any], identifiers: list[str],
+                       class_prompts: list[tuple[str, str]]) -> list[str]:
+    """One line per caption longer than a text encoder reads (CLIP: 77 tokens with start and end): the rest
+    is cut off before the model sees it, sometimes with the identifier in it. ``identifiers``: each concept's
+    (``Config.identifiers()``); ``class_prompts``: (recipe key, class prompt) of each concept with one."""
+    lines = []
+    named = [(e.path.name, e.caption, identifiers[e.concept]) for e in examples] + \
+        [(key, prompt, None) for key, prompt in class_prompts]
+    tokenized: dict[tuple[int, str], list[int]] = {}  # each distinct caption once: 100,000 photos share a few
+    for name, caption, identifier in named:
+        for k, (spec, tokenizer) in enumerate(zip(family.text_encoders, tokenizers)):
+            # T5 reads the family's prompt length (flux. / sd3.max_sequence_length), ending in its </s>; CLIP its
+            # 77 tokens between <|startoftext|> and <|endoftext|>
+            t5 = spec.model_class.startswith("T5")
+            limit = (family.max_sequence_length or tokenizer.model_max_length) if t5 else tokenizer.model_max_length
+            if (k, caption) not in tokenized:  # with the start and end tokens
+                tokenized[(k, caption)] = tokenizer(caption, truncation=False).input_ids
+            ids = tokenized[(k, caption)]
+            if len(ids) <= limit:
+                continue
+            seen = tokenizer.decode(ids[0 if t5 else 1 : limit - 1], skip_special_tokens=True)
+            lost = f" The identifier '{identifier}' is in the part cut off." \
+                if identifier and identifier in caption and identifier not in seen.split() else ""
+            lines.append(f"{name}: its caption is {len(ids)} tokens, {spec.label} reads {limit}, so everything after "
+                         f"'...{seen[-30:]}' is ignored.{lost} fix: shorten it")
+            break  # one line per caption, whatever the number of encoders
+    return lines
+
+
 def _scan_concept(cfg: Config, c: Concept, index: int, resolution: int | None) -> tuple[Path | None, Scan]:
     """The folder of one subject's images (its instance_dir, or ``data.dataset`` written once into sdtune's cache
     as such a folder) and its scan; None and the problems if the dataset cannot be written."""
@@ -466,11 +528,14 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     if info is not None and files is not None:
         _check_family(cfg, info, files, problems)
         problems += weight_problems(cfg.model.pretrained, cfg.model.revision)
+        if not scan.problems:
+            _check_caption_lengths(cfg, info, files, scan.examples, warnings)
     data = {} if scan.problems else _data_fingerprint(cfg, scan.examples)
     resumed = None
     if cfg.train.resume and not scan.problems:
+        identity = (lambda: base_identity(cfg, info.family)) if info is not None else None
         resumed = check_resume(Path(cfg.train.output_dir), cfg.train.resume, cfg.model_dump(mode="json"), data,
-                               problems, warnings)
+                               problems, warnings, identity)
     flush_manifests()  # what the checks learnt of each file (hashes, decodes, sizes): a rerun looks it up
     if strict:
         problems += [f"{w} (--strict)" for w in warnings]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,11 +176,42 @@ def read_state(checkpoint: Path) -> dict:
     return state
 
 
+def resume_drift(state: dict, config: dict) -> list[str]:
+    """``config_drift`` between a checkpoint's state and this run's config, where the base model's location
+    (``model.pretrained`` / ``model.base``) may change when the checkpoint recorded what the base is: the model
+    folder moved to another disk, a hub id became a local copy. ``check_resume`` then compares the bytes."""
+    drift = config_drift(state.get("config") or {}, config)
+    if ((state.get("data") or {}).get("model") or {}).get("identity"):
+        drift = [k for k in drift if k not in ("model.pretrained", "model.base")]
+    return drift
+
+
+def _base_drift(checkpoint: Path, state: dict, model_identity: Callable[[], str] | None, config: dict) -> str | None:
+    """Why the base model is not the one ``checkpoint`` was trained on (its files were replaced, or the hub
+    snapshot moved), or None. The same ``model.pretrained`` no longer means the same weights then: a resume
+    would continue a LoRA on a model it was not trained for."""
+    recorded = ((state.get("data") or {}).get("model") or {}).get("identity")
+    if not recorded or model_identity is None:
+        return None
+    try:
+        now = model_identity()
+    except SdtuneError as e:
+        return str(e)
+    if now == recorded:
+        return None
+    pretrained = (config.get("model") or {}).get("pretrained")
+    return (f"train.resume: the base model is not the one {checkpoint} was trained on: the files of model.pretrained "
+            f"{pretrained} changed since (identity {recorded}, now {now}); fix: point it at the weights the run was "
+            "trained on, or start a new train.output_dir")
+
+
 def check_resume(output_dir: Path, resume: str, config: dict, instance: dict[str, dict],
-                 problems: list[str], warnings: list[str]) -> tuple[Path, dict] | None:
+                 problems: list[str], warnings: list[str],
+                 model_identity: Callable[[], str] | None = None) -> tuple[Path, dict] | None:
     """The checkpoint a resume continues and its state, or None (no resume, or nothing saved yet). Problems
-    (corrupt checkpoint, changed config, changed data) are appended to ``problems``, what cannot be checked
-    to ``warnings``."""
+    (corrupt checkpoint, changed config, changed data, other base weights at the same ``model.pretrained``:
+    ``model_identity`` gives the base's now, asked only when the checkpoint recorded one) are appended to
+    ``problems``, what cannot be checked to ``warnings``."""
     try:
         checkpoint = find_checkpoint(output_dir, resume)
         if checkpoint is None:
@@ -192,11 +224,14 @@ def check_resume(output_dir: Path, resume: str, config: dict, instance: dict[str
     if step > max_steps:
         problems.append(f"train.max_steps: {max_steps} is below the step of {checkpoint} ({step}), which is where a "
                         f"resume continues; fix: train.max_steps={step} or more, or resume an earlier checkpoint")
-    drift = config_drift(state.get("config") or {}, config)
+    drift = resume_drift(state, config)
     if drift:
         problems.append(f"train.resume: {checkpoint} was trained with a different config ({', '.join(drift)}); "
                         "fix: restore those values, or start a new train.output_dir")
     problem = refuse_data_drift(checkpoint, state, "instance", instance)
+    if problem:
+        problems.append(problem)
+    problem = _base_drift(checkpoint, state, model_identity, config)
     if problem:
         problems.append(problem)
     if "data" not in state:

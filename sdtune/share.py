@@ -20,7 +20,7 @@ from sdtune.export import existing_run_files, public_name
 from sdtune.families import Family
 from sdtune.files import write_text
 from sdtune.hub import check_repo_id, public_model_id
-from sdtune.models import TRANSFORMER_LAYOUTS
+from sdtune.models import TRANSFORMER_LAYOUTS, read_transformer_file
 from sdtune.runs import CARD, EMBEDDINGS_DIR, WEIGHT_NAME, prompt_length, safetensors_header
 
 
@@ -136,7 +136,19 @@ def _pipeline_lines(model: dict, family: Family, base: str | None, paired: str |
     return [f"from diffusers import {denoiser}, {pipeline}", "",
             f"transformer = {denoiser}.from_single_file({file!r}, config={paired!r}, subfolder='transformer', "
             f"torch_dtype={dtype})",
+            *_bundled_encoders_note(model, file),
             f"pipe = {pipeline}.from_pretrained({paired!r}, transformer=transformer, torch_dtype={dtype}).to('cuda')"]
+
+
+def _bundled_encoders_note(model: dict, file: str) -> list[str]:
+    """A comment in the snippet where training read text encoders from the transformer file
+    (``model.bundled_text_encoders``) and the snippet, which loads the base's, would condition differently."""
+    tf = read_transformer_file(model["pretrained"]) if model.get("bundled_text_encoders", True) else None
+    bundled = [b.name for b in tf.text_encoders] if tf else []
+    if not bundled:
+        return []
+    return [f"# the LoRA was trained with the text encoders {file} bundles ({', '.join(bundled)}); this loads the "
+            "base's, the same only if the file's are copies of them (ComfyUI's checkpoint loader reads the file's)"]
 
 
 def _base_storage(model: dict) -> str:

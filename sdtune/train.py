@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from sdtune import fsdp
 from sdtune.cache import LatentStore, TextCache, cache_latents, note_identity, shard, vae_identity
 from sdtune.checkpoint import clean_temporary, load_checkpoint, save_checkpoint
-from sdtune.config import Config, ConfigError
+from sdtune.config import Config
 from sdtune.data import (
     BucketBatchSampler,
     CaptionRules,
@@ -86,6 +86,7 @@ from sdtune.pivotal import create as create_embeddings
 from sdtune.plan import (
     FP16_ON_CPU,
     RunPlan,
+    base_identity,
     check_run,
     class_fingerprint,
     class_images_dir,
@@ -319,7 +320,9 @@ def setup(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> Run:
         generator=generator, weight_dtype=weight_dtype, class_paths=class_paths, dataset=dataset,
         latent_cache=_latent_cache(cfg, plan, components, dataset, accelerator),
         text_cache=None, offloaded=False,
-        data={"instance": plan.data, "class": class_fingerprint(cfg, class_paths)},
+        # what a resume checks it continues on: the photos, the class images, and the base model's bytes
+        data={"instance": plan.data, "class": class_fingerprint(cfg, class_paths),
+              "model": {"identity": base_identity(cfg, plan.family)}},
     )
     # pivotal tuning changes what a caption encodes to while it trains: captions are encoded in each step
     run.text_cache = _text_cache(run) if not cfg.pivotal.enabled else None
@@ -483,13 +486,6 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> tuple[C
         if report.verdict != "good":
             logger.warning(f"{concept.key_of('identifier')} {report.summary} (see `sdtune check-token "
                            f"{concept.identifier}`, `sdtune suggest-tokens`)")
-    class_prompts = [(k.key_of("class_prompt"), k.class_prompt) for k in cfg.concepts()
-                     if cfg.prior.enabled and k.class_prompt]
-    cut = truncated_captions(plan, c.tokenizers, cfg.identifiers(), class_prompts)
-    if cut and plan.strict:
-        raise ConfigError([f"{line} (--strict)" for line in cut])
-    for line in cut:
-        logger.warning(line)
     # Frozen weights in the compute dtype; a VAE that overflows in fp16 (SDXL's) asks for fp32 (force_upcast).
     c.vae.requires_grad_(False).to(device, torch.float32 if c.vae.config.force_upcast else weight_dtype)
     frozen = [(info.family.denoiser_name, c.denoiser, m.quantize, "model.quantize=")] + [
@@ -507,35 +503,6 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> tuple[C
     return c, weight_dtype
 
 
-def truncated_captions(plan: RunPlan, tokenizers: list[Any], identifiers: list[str],
-                       class_prompts: list[tuple[str, str]]) -> list[str]:
-    """One line per caption longer than a text encoder reads (CLIP: 77 tokens with start and end): the rest
-    is cut off before the model sees it, sometimes with the identifier in it. ``identifiers``: each concept's
-    (``Config.identifiers()``); ``class_prompts``: (recipe key, class prompt) of each concept with one."""
-    lines = []
-    named = [(e.path.name, e.caption, identifiers[e.concept]) for e in plan.examples] + \
-        [(key, prompt, None) for key, prompt in class_prompts]
-    tokenized: dict[tuple[int, str], list[int]] = {}  # each distinct caption once: 100,000 photos share a few
-    for name, caption, identifier in named:
-        for k, (spec, tokenizer) in enumerate(zip(plan.family.text_encoders, tokenizers)):
-            # T5 reads the family's prompt length (flux. / sd3.max_sequence_length), ending in its </s>; CLIP its
-            # 77 tokens between <|startoftext|> and <|endoftext|>
-            t5 = spec.model_class.startswith("T5")
-            limit = (plan.family.max_sequence_length or tokenizer.model_max_length) if t5 else tokenizer.model_max_length
-            if (k, caption) not in tokenized:  # with the start and end tokens
-                tokenized[(k, caption)] = tokenizer(caption, truncation=False).input_ids
-            ids = tokenized[(k, caption)]
-            if len(ids) <= limit:
-                continue
-            seen = tokenizer.decode(ids[0 if t5 else 1 : limit - 1], skip_special_tokens=True)
-            lost = f" The identifier '{identifier}' is in the part cut off." \
-                if identifier and identifier in caption and identifier not in seen.split() else ""
-            lines.append(f"{name}: its caption is {len(ids)} tokens, {spec.label} reads {limit}, so everything after "
-                         f"'...{seen[-30:]}' is ignored.{lost} fix: shorten it")
-            break  # one line per caption, whatever the number of encoders
-    return lines
-
-
 def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accelerator) -> list[Path]:
     """Prior preservation: each concept's class images from the base model, before any adapter exists:
     ``prior.num_class_images`` of each, in concept order (``sdtune.plan.class_sets``). Generated into a cache
@@ -543,9 +510,7 @@ def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accele
     if not cfg.prior.enabled:
         return []
     family = plan.family
-    parts = [family.denoiser_name, "vae", "scheduler", *(n for e in family.text_encoders for n in (e.name, e.tokenizer_name))]
-    identity = model_identity(plan.model.pretrained, cfg.model.revision, parts, cfg.model.vae, cfg.model.clip_skip,
-                              base=cfg.model.base, bundled_text_encoders=cfg.model.bundled_text_encoders)
+    identity = base_identity(cfg, family)
     pipe = family.pipeline(c, sampling_scheduler(c.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     concepts, paths = cfg.concepts(), []

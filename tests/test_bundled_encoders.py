@@ -258,6 +258,25 @@ def test_bundled_text_encoders_false_uses_the_bases(files, tiny_model):
     assert run_model_options(None, run) == {"base": base}
 
 
+def test_the_model_card_says_its_snippet_loads_the_bases_encoders(files, tiny_model):
+    """diffusers' from_single_file reads only the transformer of such a file: the card's snippet says that the
+    encoders it loads are the base's, not the bundled ones the LoRA was trained with."""
+    from sdtune import share
+
+    config = {"model": {"pretrained": str(files["flux-other"]), "base": str(tiny_model("flux"))},
+              "data": {"identifier": "sks"}, "train": {"max_steps": 1, "batch_size": 1, "learning_rate": 1e-4,
+              "lr_scheduler": "constant", "optimizer": "adamw", "mixed_precision": "bf16"},
+              "lora": {"rank": 4, "target_modules": ["to_q"]}}
+    note = "# the LoRA was trained with the text encoders flux-other.safetensors bundles (clip_l, t5xxl); this " \
+           "loads the base's"
+    assert note in share.model_card(config, FLUX, None, None)
+    config["model"]["bundled_text_encoders"] = False
+    assert "bundles" not in share.model_card(config, FLUX, None, None)
+    config["model"] = {"pretrained": str(files["flux-t5-48"]), "base": str(tiny_model("flux")),
+                       "bundled_text_encoders": True}
+    assert "bundles (t5xxl)" in share.model_card(config, FLUX, None, None)
+
+
 def test_training_on_an_all_in_one_file_equals_training_on_its_folder(files, tiny_model, tmp_path):
     folder = tiny_model("flux")
     base = without_weights(folder, ["text_encoder", "text_encoder_2", "transformer"], tmp_path / "base")

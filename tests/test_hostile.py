@@ -179,6 +179,21 @@ def test_a_run_refused_in_setup_leaves_no_folder_behind(tiny_model, tmp_path, ph
     assert not out.exists()
 
 
+def test_a_dry_run_names_a_cut_caption_and_strict_refuses_it(tiny_model, tmp_path, photos, recipe, capsys):
+    """The model's tokenizers (no weights) are read by the checks, so --dry-run sees what training would warn
+    of, and --dry-run --strict refuses it with the other problems, before anything is loaded or written."""
+    rows = _metadata(photos)
+    rows[0]["text"] = "a photo of " + "very " * 80 + "sks toy"
+    _write_metadata(photos, rows)
+    args = ["train", str(recipe), *overrides(tiny_model(), tmp_path / "run", f"data.instance_dir={photos}"), "--dry-run"]
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0
+    assert f"warning: {rows[0]['file_name']}: its caption is 87 tokens, CLIP ViT-L/14 reads 77" in out
+    code, _, err = run_cli(capsys, *args, "--strict")
+    assert code == 2 and f"{rows[0]['file_name']}: its caption is 87 tokens" in err and "(--strict)" in err
+    assert not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------------------------------------
 # 2. Caches keyed by what a model is, not by its name
 

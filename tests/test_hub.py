@@ -138,4 +138,4 @@ def test_import_is_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.split() == ["[]", "True"], result.stdout + result.stderr
-    assert hub.__all__ == ["check_repo_id", "is_hub_id", "public_model_id"]
+    assert hub.__all__ == ["check_repo_id", "is_hub_id", "offline_reason", "offline_unless_reachable", "public_model_id"]

@@ -141,13 +141,13 @@ def test_the_runs_length_goes_with_its_own_model():
 def test_a_caption_longer_than_the_t5_length_is_named(schnell, tmp_path):
     """CLIP reads 77 tokens and says so; T5 reads the run's length (here 8), and a caption it cuts is named too,
     with the identifier when it is in the part cut off."""
-    from sdtune.train import truncated_captions
+    from sdtune.plan import truncated_captions
 
     plan = check_run(load_config(None, overrides(schnell, tmp_path / "a", "prior.enabled=false",
                                                  "flux.max_sequence_length=8")))
     c = load_components(str(schnell), plan.family)
     long = "a photo on a sunny beach with waves and sand in the evening light of sks toy"
     plan.examples[0] = plan.examples[0].__class__(**{**plan.examples[0].__dict__, "caption": long})
-    lines = truncated_captions(plan, c.tokenizers, ["sks"], [])
+    lines = truncated_captions(plan.family, plan.examples, c.tokenizers, ["sks"], [])
     assert len(lines) == len(plan.examples)  # the tiny T5's tokenizer cuts every demo caption at 8 too
     assert "T5-XXL reads 8" in lines[0] and "The identifier 'sks' is in the part cut off" in lines[0]

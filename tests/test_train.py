@@ -17,6 +17,7 @@ from sdtune.errors import SdtuneError
 from sdtune.layout import canonical_text_encoder_keys
 from sdtune.lora import WEIGHT_NAME, add_lora
 from sdtune.models import inspect_model, load_components
+from sdtune.plan import check_run
 from sdtune.train import train, training_step
 
 SD15 = families.get("sd15")
@@ -215,6 +216,39 @@ def test_resume_refuses_a_changed_run(tiny_model, tmp_path):
     with pytest.raises(SdtuneError, match="lora.rank"):
         train(load_config(None, overrides(tiny_model("sd15"), out, "train.max_steps=4", "train.resume=latest",
                                           "lora.rank=8")))
+
+
+def test_resume_refuses_other_base_weights_at_the_same_path(tiny_model, tmp_path):
+    """Replacing a model folder's weights keeps model.pretrained the same string: the checkpoint records what the
+    base *is* (its files' bytes), so a resume on other weights is refused before any weight loads, and the same
+    bytes copied elsewhere (another mtime, another folder) still resume."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model("sd15"), model)
+    out = tmp_path / "run"
+    train(load_config(None, overrides(str(model), out, "train.max_steps=2", "prior.enabled=false")))
+    state = json.loads((out / "checkpoints/step-000002/state.json").read_text())
+    assert len(state["data"]["model"]["identity"]) == 16
+    moved = tmp_path / "moved"
+    shutil.copytree(model, moved)  # the same bytes in another folder, new mtimes: the base is the same, it resumes
+    train(load_config(None, overrides(str(moved), out, "train.max_steps=3", "train.resume=latest",
+                                      "prior.enabled=false")))
+    assert (out / "checkpoints/step-000003").is_dir()
+    weights = next((model / "unet").glob("*.safetensors"))
+    tensors = load_file(weights)
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] + 1.0  # a fine-tune saved over the base
+    save_file(tensors, weights)
+    with pytest.raises(ConfigError, match=r"train.resume: the base model is not the one .*step-000003 was trained on: "
+                                          r"the files of model.pretrained .* changed since"):
+        check_run(load_config(None, overrides(str(model), out, "train.max_steps=4", "train.resume=latest",
+                                              "prior.enabled=false")))
+    with pytest.raises(ConfigError, match="lora.rank"):  # the other keys are still compared
+        check_run(load_config(None, overrides(str(moved), out, "train.max_steps=4", "train.resume=latest",
+                                              "prior.enabled=false", "lora.rank=8")))
 
 
 def test_wandb_offline_and_tensorboard_logs(tiny_model, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from sdtune.errors import SdtuneError, error_summary
-from sdtune.hub import is_hub_id
+from sdtune.hub import is_hub_id, offline_reason, offline_unless_reachable
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,22 @@ def empty_module_names(model_class: str, config: dict) -> list[str]:
     return [n for n, _ in model.named_modules()]
 
 
+def _hub_miss(pretrained: str, filename: str, e: Exception, offline: bool) -> str:
+    """The one line for a hub id whose ``filename`` could not be had: offline and not cached, or what the Hub
+    said; with what a local folder of that spelling holds, for a path typed without its leading ./"""
+    parent = Path(pretrained).expanduser().parent
+    near = ""
+    if parent.is_dir():  # "models/sd15" with a models/ here: most likely a mistyped local path
+        names = sorted(p.name for p in parent.iterdir() if p.is_dir())[:8]
+        near = f"; {parent}/ here has {', '.join(names) if names else 'no folders'}"
+    if offline:
+        return (f"model.pretrained: '{pretrained}' is not a local folder, and as a hub id it is not in the Hugging "
+                f"Face cache ({offline_reason()}){near}; fix the path, or download the model where there is a network")
+    return (f"model.pretrained: could not get {filename} of '{pretrained}' (no local folder by that name, and the "
+            f"hub said: {error_summary(e, 160)}){near}; fix: check the id, run `hf auth login` for gated models, "
+            "or point at a local folder")
+
+
 def read_model_file(pretrained: str, filename: str, revision: str | None = None) -> dict:
     """One JSON config file of a local model folder or hub model."""
     local = Path(pretrained).expanduser()
@@ -209,14 +225,11 @@ def read_model_file(pretrained: str, filename: str, revision: str | None = None)
             )
         from huggingface_hub import hf_hub_download
 
+        offline = offline_unless_reachable()
         try:
             path = Path(hf_hub_download(pretrained, filename, revision=revision))
         except Exception as e:  # offline, missing repo, gated repo, bad revision: all one user error
-            raise SdtuneError(
-                f"model.pretrained: could not get {filename} of '{pretrained}' (no local folder by that name, "
-                f"and the hub said: {error_summary(e, 160)}); "
-                "fix: check the id, run `hf auth login` for gated models, or point at a local folder"
-            ) from None
+            raise SdtuneError(_hub_miss(pretrained, filename, e, offline)) from None
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
