@@ -49,6 +49,23 @@ def test_dry_run_reports_and_writes_nothing(tiny_model, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "cls").exists()
 
 
+def test_a_recipes_problems_are_printed_by_the_first_process_only(tmp_path, capsys, monkeypatch):
+    """Under `accelerate launch`, every process checks the same recipe: the first prints its problems, the others
+    exit with the same code without printing them again. Other errors are printed by whichever process has them."""
+    from sdtune.errors import SdtuneError
+
+    args = ["train", str(ROOT / "recipes/tiny_cpu.yaml"), "train.max_step=3", "--dry-run"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert ("error: train.max_step: unknown key; did you mean 'train.max_steps'?" in err) == printed, err
+    monkeypatch.setattr("sdtune.cli.train.cmd_train", lambda a: (_ for _ in ()).throw(SdtuneError("disk full")))
+    code = main(["train", "x.yaml"])
+    assert code == 2 and "error: disk full" in capsys.readouterr().err
+
+
 def test_overrides_may_follow_a_flag(tiny_model, tmp_path, capsys):
     """kohya and OneTrainer users put flags anywhere: `sdtune train R --dry-run key=value` takes the override
     (argparse alone refused it as an unrecognized argument); anything else left over is still refused."""

@@ -77,14 +77,25 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return e.exit_code
     except SdtuneError as e:
-        for line in str(e).splitlines():
-            print(f"error: {line}", file=sys.stderr)
+        if not _said_by_rank_zero(e):
+            for line in str(e).splitlines():
+                print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         return _unexpected(e, args.debug or os.environ.get("SDTUNE_DEBUG", "") not in ("", "0"))
+
+
+def _said_by_rank_zero(e: SdtuneError) -> bool:
+    """True for a recipe's problems (``ConfigError``) in a process other than the first of a multi-process launch
+    (``accelerate launch``): every process checks the same recipe and finds the same lines, which the first one
+    prints; the others exit with the same code, quietly, instead of printing each line N times."""
+    from sdtune.config import ConfigError
+
+    ranked = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and os.environ.get("RANK", "0") not in ("", "0")
+    return ranked and isinstance(e, ConfigError)
 
 
 def _late_overrides(parser: Parser, args: argparse.Namespace, extra: list[str]) -> None:
