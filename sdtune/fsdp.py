@@ -22,6 +22,8 @@ dtype, and the frozen base (bf16) and the LoRA (fp32) are two.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,7 +34,7 @@ from sdtune.errors import SdtuneError
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from sdtune.config import Config
+    from sdtune.config import Concept, Config
 
 FSDP_CONFIG = "recipes/accelerate/fsdp.yaml"
 
@@ -56,9 +58,10 @@ def version_problem() -> str | None:
             f"LoRA (fp32) into one tensor of one dtype, which FSDP1 refuses; fix: fsdp_version: 2 ({FSDP_CONFIG})")
 
 
-def config_problems(cfg: Config) -> list[str]:
+def config_problems(cfg: Config, class_cache: Callable[[Concept], Path] | None = None) -> list[str]:
     """What sdtune refuses in an FSDP launch, one line each naming its key and the fix; nothing otherwise.
-    Read from the recipe and the launch's environment only: called before any weight loads."""
+    Read from the recipe and the launch's environment only: called before any weight loads. ``class_cache``:
+    where a concept's generated class images are (``sdtune.plan.class_images_dir``)."""
     if not requested():
         return []
     t, quantize = cfg.train, cfg.model.quantize
@@ -85,23 +88,26 @@ def config_problems(cfg: Config) -> list[str]:
          "fix: train.compile=false"),
     ]
     found += [line for bad, line in checks if bad]
-    return found + _class_image_problems(cfg)
+    return found + _class_image_problems(cfg, class_cache)
 
 
-def _class_image_problems(cfg: Config) -> list[str]:
+def _class_image_problems(cfg: Config, class_cache: Callable[[Concept], Path] | None) -> list[str]:
     """Prior preservation under FSDP uses class images that already exist: sdtune generates them before the
-    model is sharded, which needs the whole model on one GPU, the very thing FSDP avoids."""
+    model is sharded, which needs the whole model on one GPU, the very thing FSDP avoids. ``class_cache``: the
+    cache folder a concept's generated class images are in (``sdtune.plan.class_images_dir``)."""
     if not cfg.prior.enabled:
         return []
     found = []
     for concept in cfg.concepts():
         key, need = concept.key_of("class_dir"), cfg.prior.num_class_images
-        have = len(list_images(concept.class_dir)) if concept.class_dir else 0
+        folder = Path(concept.class_dir) if concept.class_dir else class_cache(concept) if class_cache else None
+        have = len(list_images(folder)) if folder and folder.is_dir() else 0
         if have < need:
             where = f"{concept.class_dir} holds {have} of prior.num_class_images={need}" if concept.class_dir \
-                else "none is set"
+                else f"sdtune's cache holds {have} of prior.num_class_images={need} for it"
             found.append(f"{key}: under FSDP sdtune does not generate class images (that needs the whole model on "
-                         f"one GPU), and {where}; fix: {key}=FOLDER of {need} class images made beforehand, or "
+                         f"one GPU), and {where}; fix: run `sdtune class-images` with the same recipe and "
+                         f"overrides first, without the FSDP config, or {key}=FOLDER of {need} class images, or "
                          "prior.enabled=false")
     return found
 

@@ -277,13 +277,13 @@ def precision_problem(mixed_precision: str) -> str | None:
     return None
 
 
-def _check_train(cfg: Config, problems: list[str]) -> None:
+def _check_train(cfg: Config, problems: list[str], run_folder: bool = True) -> None:
     t = cfg.train
     if t.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         problems.append("train.report_to: wandb is not installed; pip install wandb, or use tensorboard")
-    if t.resume and t.resume != "latest" and not Path(t.resume).is_dir():
+    if run_folder and t.resume and t.resume != "latest" and not Path(t.resume).is_dir():
         problems.append(f"train.resume: {t.resume} is not a checkpoint folder; use 'latest' or a path")
-    earlier = complete_checkpoints(t.output_dir)
+    earlier = complete_checkpoints(t.output_dir) if run_folder else []
     if earlier and not t.resume:
         # Never overwrite an earlier run's checkpoints by starting afresh in the same folder.
         problems.append(
@@ -490,11 +490,12 @@ def with_family_defaults(cfg: Config, family: Family) -> Config:
     return cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"target_modules": list(family.lora_targets)})})
 
 
-def check_run(cfg: Config, strict: bool = False) -> RunPlan:
+def check_run(cfg: Config, strict: bool = False, run_folder: bool = True) -> RunPlan:
     """Check the model, the data, the output folder and every option that depends on them; raise ConfigError
     with every problem at once (with ``strict``, warnings too). Reads config files, safetensors headers,
     images and checkpoint manifests: no weights, and writes nothing but a ``data.dataset``'s images into
-    sdtune's cache (once per version of the dataset)."""
+    sdtune's cache (once per version of the dataset). ``run_folder=False``: the output folder and a resume
+    are not checked (``sdtune class-images`` writes no run)."""
     problems: list[str] = []
     model_warnings: list[str] = []
     info, files = _check_model(cfg, problems, model_warnings)
@@ -506,7 +507,7 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     _check_prompts(cfg, scan.examples, problems, warnings)
     validation = check_validation(cfg, cfg.data.resolution or (info.resolution if info else None),
                                   scan.examples, problems, warnings)
-    _check_train(cfg, problems)
+    _check_train(cfg, problems, run_folder)
     _check_adapter_type(cfg, problems)
     problems += quantize_problems(cfg.model.quantize, cfg.lora.type, cfg.lora.use_dora)
     problems += quantize_problems(cfg.model.quantize_text_encoders, cfg.lora.type, cfg.lora.use_dora,
@@ -514,7 +515,10 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     warnings += quantize_warnings(cfg.model.quantize, cfg.train.gradient_checkpointing)
     if cfg.pivotal.enabled:
         problems += pivotal_problems(cfg.identifiers(), cfg.pivotal.new_tokens, cfg.pivotal.init)
-    problems += fsdp_problems(cfg)  # launched with an FSDP accelerate config: what cannot run sharded
+    # launched with an FSDP accelerate config: what cannot run sharded; class images made beforehand
+    # (`sdtune class-images`) are found in their cache folder, keyed by the model's bytes
+    problems += fsdp_problems(cfg, (lambda c: class_images_dir(cfg, cfg.data.resolution or info.resolution,
+                                                               base_identity(cfg, info.family), c)) if info else None)
     t = cfg.train  # the optimizer's package, arguments and learning rate, before any weight loads
     found, advice = optimizer_problems(t.optimizer, t.optimizer_args, t.learning_rate,
                                        cfg.lora.text_encoder_lr if cfg.lora.train_text_encoder else None,
@@ -524,7 +528,8 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
     precision = precision_problem(cfg.train.mixed_precision)
     if precision:
         problems.append(precision)
-    _check_output(cfg, problems)
+    if run_folder:
+        _check_output(cfg, problems)
     if info is not None and files is not None:
         _check_family(cfg, info, files, problems)
         problems += weight_problems(cfg.model.pretrained, cfg.model.revision)
@@ -532,7 +537,7 @@ def check_run(cfg: Config, strict: bool = False) -> RunPlan:
             _check_caption_lengths(cfg, info, files, scan.examples, warnings)
     data = {} if scan.problems else _data_fingerprint(cfg, scan.examples)
     resumed = None
-    if cfg.train.resume and not scan.problems:
+    if cfg.train.resume and not scan.problems and run_folder:
         identity = (lambda: base_identity(cfg, info.family)) if info is not None else None
         resumed = check_resume(Path(cfg.train.output_dir), cfg.train.resume, cfg.model_dump(mode="json"), data,
                                problems, warnings, identity)

@@ -468,9 +468,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return accelerator
 
 
-def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> tuple[Components, torch.dtype]:
-    """The model's parts, frozen, on the device in the compute dtype; returns (components, weight_dtype)."""
-    info, device = plan.model, accelerator.device
+def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator,
+                on_cpu: bool = False) -> tuple[Components, torch.dtype]:
+    """The model's parts, frozen, on the device (``on_cpu``: left on the CPU, for diffusers' offload to move)
+    in the compute dtype; returns (components, weight_dtype)."""
+    info, device = plan.model, torch.device("cpu") if on_cpu else accelerator.device
     weight_dtype = torch_dtype(accelerator.mixed_precision)
     logger.info(f"model: {info.pretrained} ({info.family.label}, {info.prediction_type}), {plan.resolution} px, "
                 f"{weight_dtype}")
@@ -503,7 +505,31 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> tuple[C
     return c, weight_dtype
 
 
-def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accelerator) -> list[Path]:
+def make_class_images(cfg: Config, offload: str = "none") -> list[Path]:
+    """``sdtune class-images``: prior preservation's class images, made as ``train`` makes them (the same
+    folders, seeds, sizes and model), and no run folder. A run started later finds them where it looks: one
+    under FSDP, which cannot generate them, too. ``offload``: diffusers' "model" or "sequential" CPU offload,
+    for a GPU that cannot hold the whole model at once; "none" keeps it on the device."""
+    if not cfg.prior.enabled:
+        raise SdtuneError("prior.enabled: false, and class images are for prior preservation; fix: "
+                          "prior.enabled=true with a prior.class_prompt")
+    if fsdp.requested():
+        raise SdtuneError("class images are made without FSDP: run `sdtune class-images` on its own, or under "
+                          "`accelerate launch --multi_gpu` (each process makes its share)")
+    plan = check_run(cfg, run_folder=False)  # every problem of the recipe but its run folder's, at once
+    cfg = with_family_defaults(cfg.resolved_paths(), plan.family)
+    accelerator = make_accelerator(cfg)
+    if offload != "none" and accelerator.device.type != "cuda":
+        raise SdtuneError(f"--offload {offload}: diffusers' CPU offload moves the model to a CUDA GPU in parts; "
+                          f"this process runs on {accelerator.device.type}. fix: --offload none")
+    for w in plan.warnings:
+        logger.warning(w)
+    components, _ = _load_model(cfg, plan, accelerator, on_cpu=offload != "none")
+    return _class_images(cfg, plan, components, accelerator, offload)
+
+
+def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accelerator,
+                  offload: str = "none") -> list[Path]:
     """Prior preservation: each concept's class images from the base model, before any adapter exists:
     ``prior.num_class_images`` of each, in concept order (``sdtune.plan.class_sets``). Generated into a cache
     folder named by the model's identity (the bytes of its files) and the class prompt, one run at a time."""
@@ -513,6 +539,10 @@ def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accele
     identity = base_identity(cfg, family)
     pipe = family.pipeline(c, sampling_scheduler(c.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
+    if offload == "model":  # one component on the GPU at a time
+        pipe.enable_model_cpu_offload(device=accelerator.device)
+    elif offload == "sequential":  # one layer at a time: any size, much slower
+        pipe.enable_sequential_cpu_offload(device=accelerator.device)
     concepts, paths = cfg.concepts(), []
     for concept, given in zip(concepts, plan.class_dirs or [plan.class_dir], strict=True):
         assert concept.class_prompt

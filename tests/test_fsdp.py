@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +67,46 @@ def test_fsdp_refuses_what_cannot_run_sharded_one_line_each(tiny_model, tmp_path
     monkeypatch.setenv("FSDP_VERSION", "1")
     (line,) = _refusals(base)
     assert line.startswith("accelerate config fsdp_version: 1") and "fix: fsdp_version: 2" in line
+
+
+def test_class_images_made_beforehand_are_what_an_fsdp_run_and_a_plain_run_use(tiny_model, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """`sdtune class-images RECIPE overrides` makes the class images where a run of the same recipe looks (the
+    cache folder keyed by the model's bytes), and writes no run folder; an FSDP launch, which cannot generate
+    them, then finds them, and a plain run uses them as they are."""
+    from sdtune.cli import main
+
+    out = tmp_path / "run"
+    args = overrides(tiny_model("sd15"), out, "prior.class_dir=null", "prior.enabled=true",  # the recipe's folder off
+                     "prior.class_prompt=a photo of a toy", "prior.num_class_images=3", "prior.generation_steps=2",
+                     "prior.generation_batch_size=2")
+    for key, value in FSDP_ENV.items():
+        monkeypatch.setenv(key, value)
+    (line,) = _refusals(args)
+    assert line.startswith("prior.class_dir: under FSDP") and "sdtune's cache holds 0 of prior.num_class_images=3" \
+        in line and "fix: run `sdtune class-images` with the same recipe and overrides first" in line
+    assert main(["class-images", str(ROOT / "recipes/tiny_cpu.yaml"), *args]) == 2  # not under FSDP itself
+    assert "class images are made without FSDP" in capsys.readouterr().err
+    for key in FSDP_ENV:
+        monkeypatch.delenv(key)
+
+    assert main(["class-images", str(ROOT / "recipes/tiny_cpu.yaml"), *args]) == 0
+    printed = capsys.readouterr().out
+    folder = Path(printed.split("class images: 3 in ")[1].split()[0])
+    made = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+    assert len(made) == 3 and not out.exists()
+    assert main(["class-images", str(ROOT / "recipes/tiny_cpu.yaml"), *args, "--offload", "model"]) == 2
+    assert "--offload model: diffusers' CPU offload" in capsys.readouterr().err
+
+    for key, value in FSDP_ENV.items():
+        monkeypatch.setenv(key, value)
+    check_run(load_config(None, args))  # found: no refusal
+    for key in FSDP_ENV:
+        monkeypatch.delenv(key)
+    train(load_config(None, args))
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")} == made  # used, not made again
+    assert main(["class-images", str(ROOT / "recipes/tiny_cpu.yaml"), *args, "prior.enabled=false"]) == 2
+    assert "prior.enabled: false, and class images are for prior preservation" in capsys.readouterr().err
 
 
 def _launch(model, out, tmp_path, *extra):

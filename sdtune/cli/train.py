@@ -22,6 +22,18 @@ def add_commands(sub: Any) -> None:
                    help="refuse to train on any warning (a caption cut at 77 tokens, an unlisted image, ...)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("class-images", help="make prior preservation's class images for a recipe, before training",
+                       description="Generate the class images a recipe's prior preservation trains with, where "
+                       "`sdtune train` with the same recipe and overrides looks for them (prior.class_dir, or "
+                       "sdtune's cache keyed by the model's bytes), and nothing else: to look at them first, or "
+                       "for an FSDP run, which cannot generate them. Images already there are kept.")
+    p.add_argument("recipe", help="the YAML recipe the run will use")
+    p.add_argument("overrides", nargs="*", type=text, metavar="key=value", help="the run's overrides")
+    p.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
+                   help="diffusers' CPU offload on a GPU that cannot hold the whole model: model (one component "
+                   "at a time) or sequential (one layer at a time, slow)")
+    p.set_defaults(func=cmd_class_images)
+
     p = sub.add_parser("random-model", help="write a randomly initialised model (tests, demos, benchmarks)")
     p.add_argument("directory", help="the diffusers folder to write (with --single-file: the .safetensors file)")
     p.add_argument("--single-file", action="store_true",
@@ -60,6 +72,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sdtune.train import train
 
     train(cfg, plan)
+    return 0
+
+
+def cmd_class_images(args: argparse.Namespace) -> int:
+    from sdtune.config import load_config
+    from sdtune.data import list_images
+
+    cfg = load_config(args.recipe, args.overrides)
+    quiet_libraries()
+    from sdtune.train import make_class_images
+
+    paths = make_class_images(cfg, args.offload)
+    for folder in dict.fromkeys(p.parent for p in paths):
+        print(f"class images: {len(list_images(folder))} in {folder}")
     return 0
 
 
