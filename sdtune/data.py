@@ -497,6 +497,29 @@ def _check_masks(examples: list[Example], key: str, scan: Scan) -> None:
                              f"{_names(empty)}")
 
 
+KOHYA_FOLDER = re.compile(r"(\d+)_(.+)")  # kohya's "10_ohwx dog": 10 repeats of the subject "ohwx dog"
+
+
+def _subfolder_hint(folder: Path, key: str) -> str:
+    """The end of the no-images line: where the images are when they are one level down (kohya's
+    ``img/10_ohwx dog/`` layout, whose repeat count sdtune does not read from the name), else what to add."""
+    try:
+        held = sorted(d for d in folder.iterdir() if d.is_dir() and list_images(d))
+    except OSError:
+        held = []
+    if not held:
+        return "; add 3-20 photos of the subject"
+    kohya = [(d, KOHYA_FOLDER.fullmatch(d.name)) for d in held]
+    kohya = [(d, m) for d, m in kohya if m]
+    if kohya:
+        d, m = kohya[0]
+        more = f" (and {len(kohya) - 1} more such folders: one data.concepts entry each)" if len(kohya) > 1 else ""
+        return (f", but its subfolder '{d.name}' does, in kohya's REPEATS_NAME layout{more}, whose repeat count "
+                f"sdtune does not read from the name; fix: {key}={d} {key.rsplit('.', 1)[0]}.repeats={int(m[1])}")
+    return f", but its subfolder{'s' if len(held) > 1 else ''} {', '.join(repr(d.name) for d in held[:3])} " \
+           f"{'do' if len(held) > 1 else 'does'}; fix: {key}={held[0]} (a subfolder is not searched)"
+
+
 def scan_instance_dir(
     instance_dir: str | Path, identifier: str | list[str], instance_prompt: str | None,
     key: str = "data.instance_dir", resolution: int | None = None, masked_loss: bool = False, concept: int = 0,
@@ -521,7 +544,7 @@ def scan_instance_dir(
         return scan
     if not images:
         scan.problems.append(
-            f"{key}: {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add 3-20 photos of the subject"
+            f"{key}: {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}){_subfolder_hint(folder, key)}"
         )
         return scan
     captions = _read_metadata(folder, key, scan, frozenset(p.name for p in images))

@@ -394,6 +394,10 @@ def write_random_model(
     return directory
 
 
+# the families whose whole model sdtune writes as one checkpoint in Stability's original layout (sdtune.ldm)
+SINGLE_FILE_FAMILIES = ("sd15", "sd2", "sdxl")
+
+
 def write_random_single_file(
     path: str | Path, family: str, size: str = "tiny", seed: int = 0, dtype: str = "fp32"
 ) -> Path:
@@ -408,6 +412,10 @@ def write_random_single_file(
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise SdtuneError(f"{path}: a single-file model is a .safetensors file; end the name with .safetensors")
+    if fam.name not in SINGLE_FILE_FAMILIES:
+        raise SdtuneError(f"--single-file: random checkpoints are written for {', '.join(SINGLE_FILE_FAMILIES)}; "
+                          f"{fam.label} is written as a diffusers folder (sdtune trains on a transformer file of it "
+                          "beside model.base, but writes none); fix: drop --single-file")
     torch.manual_seed(seed)
     c = fam.random_components(size)
     for module in (c.denoiser, c.vae, *c.text_encoders):

@@ -197,6 +197,10 @@ def _derived_unet(family: Family, shapes: dict[str, list[int]], prediction: str)
     levels = _unet_levels(shapes)
     channels = [lv["channels"] for lv in levels]
     attention = [lv["depth"] > 0 for lv in levels]
+    if not layout.attention_heads and any(c % layout.head_channels for c in channels):
+        raise SdtuneError(f"a UNet with {channels} channels, not multiples of the {layout.head_channels} per head "
+                          f"of every {family.label} model, so its head counts cannot be read from the shapes; fix: a "
+                          "file sdtune wrote (its configs in the metadata), or the model as a diffusers folder")
     k_weight = next(v for k, v in shapes.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight"))
     proj_in = next(v for k, v in shapes.items() if k.startswith(UNET) and k.endswith(".proj_in.weight"))
     config: dict[str, Any] = dict(
@@ -252,6 +256,10 @@ def _derived_clip(shapes: dict[str, list[int]], prefix: str, openclip: bool, dro
         mlp = shapes[prefix + "text_model.encoder.layers.0.mlp.fc1.weight"][0]
         positions = shapes[prefix + "text_model.embeddings.position_embedding.weight"][0]
         projection = width
+    if width % 64:  # the head count is not in the shapes: every CLIP and OpenCLIP text encoder has 64 per head
+        raise SdtuneError(f"{prefix.rstrip('.')}: a text encoder {width} wide, not a multiple of the 64 channels "
+                          "per head that every CLIP has, so its head count cannot be read from the shapes; fix: a "
+                          "file sdtune wrote (its configs in the metadata), or the model as a diffusers folder")
     return dict(
         vocab_size=vocab, hidden_size=width, intermediate_size=mlp, num_attention_heads=width // 64,
         # SD2.x conditions on OpenCLIP-H's penultimate layer: diffusers' SD2 encoder keeps 23 of its 24 layers
@@ -274,12 +282,15 @@ def derived_configs(ckpt: Checkpoint) -> dict[str, dict[str, Any]]:
         logger.warning(f"{ckpt.path.name}: its {CONFIG_KEY} metadata is damaged; deriving the configs from its shapes")
     fam, shapes = ckpt.family, ckpt.shapes
     assert fam.original_layout is not None
-    configs: dict[str, dict[str, Any]] = {
-        "unet": _derived_unet(fam, shapes, ckpt.prediction_type),
-        "vae": _derived_vae(fam, shapes, VAE, ckpt.prediction_type) if ckpt.has_vae else {},
-    }
-    for spec, prefix in zip(fam.text_encoders, text_encoder_prefixes(fam)):
-        configs[spec.name] = _derived_clip(shapes, prefix, spec.openclip, fam.original_layout.text_layers_dropped)
+    try:
+        configs: dict[str, dict[str, Any]] = {
+            "unet": _derived_unet(fam, shapes, ckpt.prediction_type),
+            "vae": _derived_vae(fam, shapes, VAE, ckpt.prediction_type) if ckpt.has_vae else {},
+        }
+        for spec, prefix in zip(fam.text_encoders, text_encoder_prefixes(fam)):
+            configs[spec.name] = _derived_clip(shapes, prefix, spec.openclip, fam.original_layout.text_layers_dropped)
+    except SdtuneError as e:  # an architecture's rule does not hold for this file's shapes
+        raise SdtuneError(f"model.pretrained: {ckpt.path.name}: {e}") from None
     return configs
 
 

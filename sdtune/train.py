@@ -486,8 +486,9 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator,
     for concept in cfg.concepts():
         report = check_identifier(concept.identifier, c.tokenizers)
         if report.verdict != "good":
+            more = "" if "suggest-tokens" in report.summary else ", `sdtune suggest-tokens`"  # said once
             logger.warning(f"{concept.key_of('identifier')} {report.summary} (see `sdtune check-token "
-                           f"{concept.identifier}`, `sdtune suggest-tokens`)")
+                           f"{concept.identifier}`{more})")
     # Frozen weights in the compute dtype; a VAE that overflows in fp16 (SDXL's) asks for fp32 (force_upcast).
     c.vae.requires_grad_(False).to(device, torch.float32 if c.vae.config.force_upcast else weight_dtype)
     frozen = [(info.family.denoiser_name, c.denoiser, m.quantize, "model.quantize=")] + [

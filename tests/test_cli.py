@@ -66,6 +66,21 @@ def test_a_recipes_problems_are_printed_by_the_first_process_only(tmp_path, caps
     assert code == 2 and "error: disk full" in capsys.readouterr().err
 
 
+def test_information_is_printed_by_the_first_process_only(capsys, monkeypatch):
+    """Library modules log as every process of a launch runs them ("validation: 6 held-out images ..." came twice
+    under DDP): the console prints information from the first process, warnings from every one."""
+    import logging
+
+    log = logging.getLogger("sdtune.validation")
+    monkeypatch.setenv("RANK", "1")
+    log.info("validation: 6 held-out images")
+    log.warning("disk nearly full here")
+    assert capsys.readouterr().out == "warning: disk nearly full here\n"
+    monkeypatch.setenv("RANK", "0")
+    log.info("validation: 6 held-out images")
+    assert capsys.readouterr().out == "validation: 6 held-out images\n"
+
+
 def test_overrides_may_follow_a_flag(tiny_model, tmp_path, capsys):
     """kohya and OneTrainer users put flags anywhere: `sdtune train R --dry-run key=value` takes the override
     (argparse alone refused it as an unrecognized argument); anything else left over is still refused."""

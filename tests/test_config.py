@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,8 +88,20 @@ def test_missing_and_empty_data_folders(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="is not a folder"):
         _check(tiny_model, f"data.instance_dir={tmp_path / 'nope'}")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="holds no images"):
+    with pytest.raises(ConfigError, match="holds no images .*; add 3-20 photos of the subject"):
         _check(tiny_model, f"data.instance_dir={tmp_path / 'empty'}")
+    # kohya's layout, img/10_ohwx dog/*.png: the subfolder is named, with the repeat count its name carries
+    kohya = tmp_path / "img" / "10_ohwx dog"
+    shutil.copytree(DEMO_DATA, kohya)
+    with pytest.raises(ConfigError) as e:
+        _check(tiny_model, f"data.instance_dir={tmp_path / 'img'}")
+    assert f"data.instance_dir: {tmp_path / 'img'} holds no images" in str(e.value) and \
+        f"but its subfolder '10_ohwx dog' does, in kohya's REPEATS_NAME layout, whose repeat count sdtune does not " \
+        f"read from the name; fix: data.instance_dir={kohya} data.repeats=10" in str(e.value)
+    kohya.rename(tmp_path / "img" / "photos")
+    with pytest.raises(ConfigError, match=r"but its subfolder 'photos' does; fix: data.instance_dir=.*photos \(a "
+                                          r"subfolder is not searched\)"):
+        _check(tiny_model, f"data.instance_dir={tmp_path / 'img'}")
 
 
 def test_caption_without_identifier_warns(tiny_model):

@@ -229,3 +229,17 @@ def test_t5_is_shown_but_not_held_to_the_single_token_rule():
     shipped = check_identifiers(["ohwx"], family="flux")[0]
     assert shipped.verdict == "good" and [e["name"] for e in shipped.encoders] == ["CLIP ViT-L/14"]
     assert any("T5-XXL is not checked" in r for r in shipped.reasons)
+
+
+def test_training_names_the_identifiers_verdict_with_each_pointer_once(tiny_model, tmp_path, capsys):
+    """The run's warning about a weak identifier adds `sdtune check-token X` and `suggest-tokens` to the verdict,
+    which may already point at suggest-tokens ("... (see `sdtune suggest-tokens`) (see ..., `sdtune
+    suggest-tokens`)" was printed for zwx)."""
+    from conftest import overrides
+    from sdtune.config import load_config
+    from sdtune.train import train
+
+    train(load_config(None, overrides(tiny_model("sd15"), tmp_path / "run", "data.identifier=zwx",
+                                      "data.instance_prompt=a photo of zwx toy", "train.max_steps=1")))
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning: data.identifier")]
+    assert line.count("suggest-tokens") == 1 and "`sdtune check-token zwx`" in line, line

@@ -109,6 +109,12 @@ def test_cli_random_model(tmp_path, capsys):
     # refuses to write into a non-empty folder
     assert main(["random-model", str(tmp_path / "m"), "--family", "sd2"]) == 2
     assert "not empty" in capsys.readouterr().err
+    for family in ("flux", "sd3"):  # a transformer file is not written: one line, not an AttributeError
+        assert main(["random-model", str(tmp_path / "f.safetensors"), "--single-file", "--family", family]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --single-file: random checkpoints are written for sd15, sd2, sdxl;") and \
+            err.count("\n") == 1
+    assert not (tmp_path / "f.safetensors").exists()
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "flux", "sd3"])

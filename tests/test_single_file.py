@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import overrides
+from conftest import ROOT, overrides
 from sdtune import families
 from sdtune.cli import main
 from sdtune.config import ConfigError, load_config
@@ -134,6 +134,21 @@ def test_an_sd2_file_that_does_not_say_warns_and_can_be_told(single, tmp_path):
     assert any(w.startswith("model.prediction_type: sd2.safetensors does not say") for w in plan.warnings)
     told = check_run(load_config(None, overrides(path, tmp_path / "o", "model.prediction_type=epsilon")))
     assert told.model.prediction_type == "epsilon" and not any("prediction_type" in w for w in told.warnings)
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_a_file_whose_shapes_break_the_head_rule_is_one_line(family, single, tmp_path, capsys):
+    """Without sdtune's configs in its metadata, a file's head counts come from its widths (64 channels per
+    head); the tiny models are 32 wide, which no real model is: one line naming the file, not a
+    ZeroDivisionError from transformers."""
+    from sdtune.cli import main
+
+    bare = tmp_path / f"{family}-bare.safetensors"
+    save_file(load_file(single(family)), bare)  # no metadata at all
+    code = main(["train", str(ROOT / "recipes/tiny_cpu.yaml"), *overrides(bare, tmp_path / "o"), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: model.pretrained: {bare.name}: a UNet with [32, 64] channels, not multiples of " \
+        "the 64 per head" in err and "Traceback" not in err and "ZeroDivision" not in err
 
 
 def test_a_v_pred_key_makes_an_sdxl_file_v_prediction(single, tmp_path):

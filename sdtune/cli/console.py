@@ -34,6 +34,10 @@ class _Terminal(logging.Handler):
     notebook's or a test's replacement stream is used)."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        # under `accelerate launch` every process runs the same setup and says the same things: the first
+        # process prints the information, each process its own warnings and errors
+        if record.levelno < logging.WARNING and os.environ.get("RANK", "0") not in ("", "0"):
+            return
         try:
             message = record.getMessage()
             if record.levelno >= logging.ERROR:
