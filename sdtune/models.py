@@ -394,10 +394,6 @@ def write_random_model(
     return directory
 
 
-# the families whose whole model sdtune writes as one checkpoint in Stability's original layout (sdtune.ldm)
-SINGLE_FILE_FAMILIES = ("sd15", "sd2", "sdxl")
-
-
 def write_random_single_file(
     path: str | Path, family: str, size: str = "tiny", seed: int = 0, dtype: str = "fp32"
 ) -> Path:
@@ -412,8 +408,9 @@ def write_random_single_file(
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise SdtuneError(f"{path}: a single-file model is a .safetensors file; end the name with .safetensors")
-    if fam.name not in SINGLE_FILE_FAMILIES:
-        raise SdtuneError(f"--single-file: random checkpoints are written for {', '.join(SINGLE_FILE_FAMILIES)}; "
+    if fam.original_layout is None:  # the families whose whole model one checkpoint holds (sdtune.ldm)
+        whole = [f.name for f in families.registered() if f.original_layout is not None]
+        raise SdtuneError(f"--single-file: random checkpoints are written for {', '.join(whole)}; "
                           f"{fam.label} is written as a diffusers folder (sdtune trains on a transformer file of it "
                           "beside model.base, but writes none); fix: drop --single-file")
     torch.manual_seed(seed)
