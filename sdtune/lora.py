@@ -80,15 +80,43 @@ def add_lora(
     use_dora: bool = False,
     key: str = "lora.target_modules",
     kind: str = "lora",
+    unread_layers: int = 0,
 ) -> None:
     """Freeze ``module`` and add a trainable adapter named ``default`` of ``kind`` (``lora.type``: lora, loha,
-    lokr) to its ``target_modules``."""
+    lokr) to its ``target_modules``; none on the last ``unread_layers`` layers of a transformers text encoder
+    (``TextEncoderSpec.unread_layers``)."""
     module.requires_grad_(False)
     config = adapter_config(kind, rank, alpha, target_modules, dropout, use_dora)
     try:
         module.add_adapter(config)
     except ValueError as e:
         raise SdtuneError(f"{key}: {first_line(e, 200)}") from None
+    if unread_layers:
+        _drop_last_layers(module, unread_layers, key)
+
+
+def _drop_last_layers(module: torch.nn.Module, n: int, key: str) -> None:
+    """Take the adapter off the last ``n`` of a text encoder's ``encoder.layers.N`` again, and record which
+    layers keep it in its config (PEFT's ``layers_to_transform``), which the LoRA file carries: diffusers'
+    ``load_lora_weights``, ``sdtune sample`` and a resume then build the same layout. Which wrapped modules go
+    is what PEFT's own target matching says of that config.
+
+    Added everywhere first and taken off here, rather than limited by the config from the start, so that
+    the random draws of its init and of every adapter added after it (PEFT initialises each LoRA Linear from
+    the global generator) stay those of a run with all layers: the rest of the run trains bitwise as before
+    (the dropped LoRAs never changed anything: lora_B starts at zero and got no gradient)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+
+    layers = module.config.num_hidden_layers
+    if n >= layers:
+        raise SdtuneError(f"{key}: the text encoder has {layers} layers, and the model reads none of their "
+                          "outputs")
+    config = module.peft_config["default"]
+    config.layers_to_transform, config.layers_pattern = list(range(layers - n)), "layers"
+    for name, layer in list(module.named_modules()):
+        if isinstance(layer, BaseTunerLayer) and not check_target_module_exists(config, name):
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent), child, layer.get_base_layer())
 
 
 def has_adapter(layer: torch.nn.Module, adapter_name: str = "default") -> bool:

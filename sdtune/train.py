@@ -41,6 +41,7 @@ from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, broadcast_
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, offload_models
 from diffusers.utils.torch_utils import randn_tensor
+from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -70,7 +71,7 @@ from sdtune.export import (
     write_data_summary,
     write_run_files,
 )
-from sdtune.families import Components, Family
+from sdtune.families import Components, Family, TextEncoderSpec
 from sdtune.files import cache_root, free_bytes, is_disk_full, mib, write_text
 from sdtune.grid import Settings
 from sdtune.guards import NonFiniteGuard, Pause, StalledLoraGuard, StepTimer, StopSignals
@@ -341,7 +342,7 @@ def setup(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> Run:
     if t.compile and dataset.buckets:
         # one graph per bucket: past Dynamo's recompile limit (8) the step would fall back to eager, silently
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(set(dataset.buckets)) + 2)
-    trained = _add_adapters(cfg, plan.family, run.options, components)
+    trained = _add_adapters(cfg, plan.family, run.options, components, plan.resume_from)
     run.embeddings = _embeddings(cfg, plan.family, components)
     if run.embeddings is not None and run.validator is not None:
         run.validator.rewrite = run.embeddings.rewrite
@@ -672,9 +673,27 @@ def _text_cache(run: Run) -> TextCache | None:
         return TextCache(captions, encode, cache_root() / "text", identity, run.device, progress=run.main)
 
 
-def _add_adapters(cfg: Config, family: Family, options: Any, c: Components) -> dict[str, torch.nn.Module]:
+def _unread_layers(spec: TextEncoderSpec, encoder: torch.nn.Module, resume_from: Path | None) -> int:
+    """The text encoder's last layers that get no LoRA (``TextEncoderSpec.unread_layers``), or none where the
+    checkpoint a run resumes has one there: sdtune before 2026-12-01 put a LoRA on SDXL's last CLIP-L layer too
+    (it never learnt anything there), and such a checkpoint resumes exactly in its own layout."""
+    saved = resume_from / f"adapter-{spec.name}.safetensors" if resume_from else None
+    if not spec.unread_layers or saved is None or not saved.is_file():
+        return spec.unread_layers
+    last = encoder.config.num_hidden_layers - 1
+    with safe_open(str(saved), "pt") as f:
+        old_layout = any(f".layers.{last}." in k for k in f.keys())
+    if old_layout:
+        logger.info(f"{resume_from.name} has a LoRA on the last layer of {spec.label} (written by an earlier "
+                    "sdtune): the run keeps it, to resume exactly")
+    return 0 if old_layout else spec.unread_layers
+
+
+def _add_adapters(cfg: Config, family: Family, options: Any, c: Components,
+                  resume_from: Path | None = None) -> dict[str, torch.nn.Module]:
     """LoRA adapters on the denoiser (and text encoders); returns the trained modules by component name.
-    Their parameters are trained in fp32 even under mixed precision."""
+    Their parameters are trained in fp32 even under mixed precision. ``resume_from``: the checkpoint the run
+    continues, whose adapter layout is kept."""
     lora = cfg.lora
     add_lora(c.denoiser, lora.rank, lora.alpha, lora.target_modules, lora.dropout, lora.use_dora, kind=lora.type)
     trained = {family.denoiser_name: c.denoiser}
@@ -683,7 +702,8 @@ def _add_adapters(cfg: Config, family: Family, options: Any, c: Components) -> d
         for spec, encoder in zip(family.text_encoders, c.text_encoders):
             if spec.name in chosen:
                 add_lora(encoder, lora.rank, lora.alpha, lora.text_encoder_target_modules, lora.dropout,
-                         lora.use_dora, key="lora.text_encoder_target_modules", kind=lora.type)
+                         lora.use_dora, key="lora.text_encoder_target_modules", kind=lora.type,
+                         unread_layers=_unread_layers(spec, encoder, resume_from))
                 trained[spec.name] = encoder
     cast_training_params(list(trained.values()), dtype=torch.float32)
     if cfg.train.mixed_precision != "no":

@@ -27,7 +27,7 @@ from sdtune.export import Adapter, kohya_warnings, read_run, to_kohya, write_koh
 from sdtune.hub import public_model_id
 from sdtune.layout import canonical_text_encoder_keys
 from sdtune.lora import WEIGHT_NAME, add_lora
-from sdtune.models import load_components
+from sdtune.models import inspect_model, load_components
 from sdtune.train import train
 
 # the families whose kohya names are their diffusers paths (FLUX's original BFL layout: tests/test_flux.py)
@@ -89,12 +89,16 @@ def _direct(out: Path):
 
     run_lora = read_run(out)
     lora = run_lora.config["lora"]
+    # as training leaves them: no LoRA on text-encoder layers the family never reads (SDXL's CLIP-L's last)
+    specs = inspect_model(run_lora.base_model).family.text_encoders
+    unread = {spec.name: spec.unread_layers for spec in specs}
 
     def setup(pipe) -> None:
         for component, adapter in run_lora.adapters.items():
             module = getattr(pipe, component)
             targets = lora["target_modules"] if component == "unet" else lora["text_encoder_target_modules"]
-            add_lora(module, RANK, ALPHA, targets, use_dora=lora["use_dora"])
+            add_lora(module, RANK, ALPHA, targets, use_dora=lora["use_dora"],
+                     unread_layers=unread.get(component, 0))
             load_adapter_state_dict(module, adapter.tensors)
             module.eval()
 

@@ -30,6 +30,9 @@ class TextEncoderSpec:
     model_class: str = "CLIPTextModel"  # the transformers class (SDXL's second: CLIPTextModelWithProjection)
     # the key of its vectors in a textual-inversion file (AUTOMATIC1111 / ComfyUI / diffusers' advanced script)
     embedding_key: str = "clip_l"
+    # its last layers whose output the family's encode_prompt never reads (SDXL's CLIP-L: the penultimate
+    # hidden states, no pooled output). A LoRA there would get no gradient, which DDP refuses: none goes there
+    unread_layers: int = 0
 
     @property
     def tokenizer_name(self) -> str:

@@ -326,9 +326,12 @@ class SD3:
         # (the same dtype casts, so that mixed dtypes promote as there)
         clip_l, clip_g, t5 = text_encoders
         outs = [encoder(ids, output_hidden_states=True) for encoder, ids in zip((clip_l, clip_g), input_ids)]
-        # penultimate hidden states (B, 77, 768) and (B, 77, 1280), cast to CLIP-L's dtype as the pipeline does
-        clip_prompt_embeds = torch.cat([out.hidden_states[-2].to(dtype=clip_l.dtype) for out in outs], dim=-1)
-        t5_prompt_embeds = t5(input_ids[2])[0].to(dtype=t5.dtype)  # (B, 256, 4096)
+        # penultimate hidden states (B, 77, 768) and (B, 77, 1280), cast to CLIP-L's dtype as the pipeline
+        # does; a trained encoder comes wrapped in DDP, which has no dtype of its own. Every CLIP layer is
+        # read (the last through the pooled outputs), so each keeps its LoRA (TextEncoderSpec.unread_layers)
+        clip_dtype = getattr(clip_l, "module", clip_l).dtype
+        clip_prompt_embeds = torch.cat([out.hidden_states[-2].to(dtype=clip_dtype) for out in outs], dim=-1)
+        t5_prompt_embeds = t5(input_ids[2])[0].to(dtype=getattr(t5, "module", t5).dtype)  # (B, 256, 4096)
         # zero-pad the CLIP channels to T5's width, then CLIP's 77 tokens before T5's: (B, 77 + 256, 4096)
         clip_prompt_embeds = torch.nn.functional.pad(
             clip_prompt_embeds, (0, t5_prompt_embeds.shape[-1] - clip_prompt_embeds.shape[-1]))

@@ -4,6 +4,11 @@ The UNet also takes the second encoder's pooled, projected prompt embedding and 
 its original size, the top-left corner of the crop, and the target size (Podell et al. 2023, sec. 2.2).
 Its options live in the recipe section ``sdxl``.
 
+The UNet reads CLIP-L's penultimate hidden states only, so a text-encoder LoRA (``lora.train_text_encoder``)
+goes on every CLIP-L layer but the last (``TextEncoderSpec.unread_layers``): there it could not learn, and
+DDP refuses a trained parameter without a gradient. OpenCLIP's last layer feeds the pooled embedding: it
+keeps its LoRA.
+
 torch, diffusers and transformers are imported inside the methods that use them (see ``families.sd``).
 """
 
@@ -139,7 +144,9 @@ class StableDiffusionXL(StableDiffusion):
 SDXL = StableDiffusionXL(
     name="sdxl", label="SDXL", default_resolution=1024,
     text_encoders=(
-        TextEncoderSpec("text_encoder", "CLIP ViT-L/14", EOS_TOKEN),
+        # encode_prompt reads CLIP-L's penultimate hidden states only, so its last layer never matters;
+        # OpenCLIP's last layer does, through the pooled text_embeds
+        TextEncoderSpec("text_encoder", "CLIP ViT-L/14", EOS_TOKEN, unread_layers=1),
         TextEncoderSpec("text_encoder_2", "OpenCLIP ViT-bigG/14", "!", openclip=True,
                         model_class="CLIPTextModelWithProjection", embedding_key="clip_g"),
     ),
