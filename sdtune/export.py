@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdtune import __version__, families
-from sdtune.embedding_files import bundle_tensors, folder_files
+from sdtune.embedding_files import BUNDLE_PREFIX, bundle_tensors, folder_files
 from sdtune.errors import KohyaUnavailable, SdtuneError
 from sdtune.families import Family
 from sdtune.families.base import KohyaModule
@@ -667,10 +667,12 @@ def kohya_warnings(family: Family, adapters: dict[str, Adapter]) -> list[str]:
     """Known limits of the loaders for this LoRA, one line each (empty for the default recipes)."""
     warnings = []
     if any(k.endswith(".lora_magnitude_vector") for a in adapters.values() for k in a.tensors):
+        # sample reads DoRA back from kohya names that are diffusers paths only (read_kohya_dora)
+        ours = "" if family.kohya_modules else " (`sdtune sample` applies them itself)"
         warnings.append(
             "DoRA in kohya format: ComfyUI and Forge apply the per-output dora_scale (normalising by the "
             "base weight, an approximation), AUTOMATIC1111 assumes per-input magnitudes and diffusers drops "
-            "dora_scale keys; for exact DoRA use --format diffusers or peft"
+            f"dora_scale keys{ours}; for exact DoRA elsewhere use --format diffusers or peft"
         )
     return warnings + family.kohya_warnings({c: a.modules() for c, a in adapters.items()})
 
@@ -835,12 +837,21 @@ def read_lycoris(path: str | Path, family: Family, modules: dict[str, torch.nn.M
     checkpoint's ``pytorch_lora_weights.safetensors``: PEFT keys and configs, read as they are), or a file in
     LyCORIS' kohya naming (sdtune's kohya export, kohya + LyCORIS: ``lycoris_from_kohya``)."""
     with open_safetensors(path) as f:
-        keys = list(f.keys())
-        kohya = any(k.startswith(tuple(family.kohya_prefixes.values())) for k in keys)
+        # a kohya file's bundled pivotal-tuning embeddings are not adapter tensors
+        keys = [k for k in f.keys() if not k.startswith(BUNDLE_PREFIX)]
+        kohya = is_kohya_file(keys, family)
         tensors = {k: f.get_tensor(k) for k in keys} if kohya else {}
     if not kohya:
         return read_diffusers_lora(path)
     return lycoris_from_kohya(tensors, family, modules, str(path))
+
+
+def is_kohya_file(keys: list[str], family: Family) -> bool:
+    """Whether a LoRA file's tensor names are kohya's for ``family``: its kohya prefixes (``lora_unet_``,
+    ``lora_te1_``), or for a family whose kohya files name the original layout (FLUX.1, SD3) SimpleTuner's
+    ``lycoris_`` names (``LYCORIS_PREFIX``), which a LoHa / LoKr that trained no text encoder has alone."""
+    prefixes = (*family.kohya_prefixes.values(), *((LYCORIS_PREFIX,) if family.kohya_modules else ()))
+    return any(k.startswith(prefixes) for k in keys)
 
 
 def lycoris_from_kohya(tensors: dict[str, torch.Tensor], family: Family, modules: dict[str, torch.nn.Module],
@@ -934,6 +945,83 @@ def _decompose_factor(by_module: dict[str, dict[str, torch.Tensor]], layers: dic
             return candidate
     raise SdtuneError("a LoKr whose Kronecker factors follow no single factorisation of its layers; PEFT "
                       "cannot rebuild it")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading a kohya DoRA file back (for sampling)
+
+# What ``_kohya_tensors`` writes per module of a LoRA with DoRA
+KOHYA_DORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+
+
+def read_kohya_dora(path: str | Path, family: Family,
+                    modules: dict[str, torch.nn.Module]) -> dict[str, Adapter] | None:
+    """The PEFT DoRA adapters of a kohya LoRA file that holds ``dora_scale`` tensors, for
+    ``sdtune.lora.inject_adapter`` into ``modules`` ({component: module} of the base model, as
+    ``read_lycoris``); None when the file is not in the layout ``to_kohya`` writes for ``family``: a module
+    not named by its diffusers path (FLUX.1's and SD3's original layout, sd-scripts' SDXL ``input_blocks``
+    names), a module without ``dora_scale``, or one ``dora_scale`` per input channel (LyCORIS'
+    ``wd_on_out=False``); PEFT's DoRA holds none of these.
+
+    ``_kohya_tensors`` in reverse: ``lora_down`` is lora_A, ``lora_up`` lora_B, ``alpha`` / rank the scale
+    (PEFT's lora_alpha / r, per module through ``rank_pattern`` / ``alpha_pattern``), ``dora_scale`` (out,
+    1[, 1, 1]) the magnitude. Hand-written: diffusers' LoRA loaders drop ``dora_scale`` keys
+    (lora_pipeline.py: "a DoRA checkpoint that is not compatible"), and peft reads no kohya names."""
+    import torch
+
+    with open_safetensors(path) as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(BUNDLE_PREFIX)}
+    places = _kohya_places(family, modules)
+    found: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # component -> module -> {part: tensor}
+    for key, tensor in tensors.items():
+        name, _, part = key.partition(".")
+        if name not in places or part not in KOHYA_DORA_PARTS:
+            return None
+        component, module, _ = places[name]
+        found.setdefault(component, {}).setdefault(module, {})[part] = tensor.to(torch.float32)
+    adapters = {}
+    for component, by_module in found.items():
+        converted = {module: _dora_module(parts) for module, parts in by_module.items()}
+        if any(c is None for c in converted.values()):
+            return None
+        model_class = type(modules[component]).__name__
+        adapters[component] = _dora_adapter(converted, model_class)  # type: ignore[arg-type]
+    return adapters
+
+
+def _dora_module(parts: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, float] | None:
+    """(PEFT tensors, rank, alpha) of one module's kohya DoRA parts; None without a per-output
+    ``dora_scale``."""
+    down, up, scale = parts.get("lora_down.weight"), parts.get("lora_up.weight"), parts.get("dora_scale")
+    if down is None or up is None or scale is None:
+        return None
+    if scale.shape[0] != up.shape[0] or scale.numel() != up.shape[0]:  # (1, in): one per input channel
+        return None
+    rank = int(down.shape[0])
+    # no alpha: every loader's scale is 1 (alpha = rank)
+    alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
+    # PEFT's magnitude: (out,) for a Linear (up (out, r)), (1, out, 1, 1) for a Conv2d (up (out, r, 1, 1))
+    magnitude = scale.reshape(1, -1, 1, 1) if up.dim() == 4 else scale.reshape(-1)
+    peft = {"lora_A.weight": down, "lora_B.weight": up, "lora_magnitude_vector": magnitude}
+    return peft, rank, alpha
+
+
+def _dora_adapter(converted: dict[str, tuple[dict[str, torch.Tensor], int, float]],
+                  model_class: str) -> Adapter:
+    """One component's PEFT DoRA adapter from its modules' ``_dora_module``s: the most common rank and alpha
+    as ``r`` / ``lora_alpha``, the others per module (as ``_lycoris_adapter``)."""
+    from collections import Counter
+
+    r = Counter(rank for _, rank, _ in converted.values()).most_common(1)[0][0]
+    alpha = Counter(a for _, _, a in converted.values()).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_dora": True,
+        "target_modules": sorted(converted),
+        "rank_pattern": {m: rank for m, (_, rank, _) in converted.items() if rank != r},
+        "alpha_pattern": {m: a for m, (_, _, a) in converted.items() if a != alpha},
+    }
+    tensors = {f"{m}.{part}": t for m, (peft, _, _) in converted.items() for part, t in peft.items()}
+    return Adapter(canonical_text_encoder_keys(tensors, model_class), config)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from sdtune import __version__, families
 from sdtune.errors import SdtuneError, error_summary, first_line
-from sdtune.export import lycoris_kind, read_lycoris
+from sdtune.export import Adapter, lycoris_kind, read_diffusers_lora, read_kohya_dora, read_lycoris
 from sdtune.families import Family, ModelFiles
 from sdtune.files import atomic_path, sha256_file
 from sdtune.grid import Cell, Settings, failed_cell, layout
@@ -276,12 +276,17 @@ def _load_pipeline(req: Request) -> tuple[Any, Family]:
 
             pipe = AutoPipelineForInpainting.from_pipe(pipe)
     pipe.scheduler = sampling_scheduler(pipe.scheduler.config, req.settings.scheduler)
-    if opts.get("quantize"):  # cast on the CPU, quantized layer by layer onto the device, then the rest moves
+    # model.quantize / quantize_text_encoders of the run, or the flags: {component name: (mode, flag)}
+    stored = {info.family.denoiser_name: (opts.get("quantize"), "--quantize ")} | {
+        spec.name: (opts.get("quantize_text_encoders"), "--quantize-text-encoders ")
+        for spec in info.family.text_encoders}
+    if any(mode for mode, _ in stored.values()):  # cast on the CPU, quantized layer by layer onto the device
         pipe.to(dtype=dtype)
-        denoiser = getattr(pipe, info.family.denoiser_name)
-        logger.info(quantize(denoiser.requires_grad_(False), opts["quantize"], dtype, torch.device(device))
-                    .line(info.family.denoiser_name, key="--quantize "))
-        pipe.to(device)  # a dtype now would reinterpret NF4's packed bytes
+        for name, (mode, flag) in stored.items():
+            if mode:
+                module = getattr(pipe, name).requires_grad_(False)
+                logger.info(quantize(module, mode, dtype, torch.device(device)).line(name, key=flag))
+        pipe.to(device)  # then the rest moves; a dtype now would reinterpret NF4's packed bytes
     else:
         pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -325,30 +330,16 @@ def _apply_lora(pipe: Any, path: str, family: Family) -> Embeddings | None:
                           f"--model with {a} {owner.label} model")
     with open_safetensors(path) as f:
         keys = list(f.keys())
-        kind = lycoris_kind(keys)
         bundle = {k: f.get_tensor(k) for k in keys if k.startswith(BUNDLE_PREFIX)}
-    if kind is not None and is_quantized(getattr(pipe, family.denoiser_name)):
-        raise SdtuneError(f"--quantize: {path} is a {kind} file, which PEFT cannot put on quantized layers (LoRA "
-                          "only); sample it without --quantize")
     try:
-        if kind is None and bundle:  # diffusers' kohya reader refuses keys that are not a LoRA's
-            from safetensors.torch import load_file
-
-            lora = {k: v for k, v in load_file(path).items() if k not in bundle}
-            pipe.load_lora_weights(lora, adapter_name=ADAPTER)
-        elif kind is None:
-            pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name, adapter_name=ADAPTER)
-        else:
-            _inject_lycoris(pipe, path, family)
+        _load_adapter(pipe, path, family, keys, bundle)
     except SdtuneError as e:
         raise SdtuneError(f"{path}: does not fit the base model ({e})") from None
     except Exception as e:  # diffusers raises many types for a LoRA of another layout or rank
-        raise SdtuneError(f"{path}: does not fit the base model ({error_summary(e, 160)})"
-                          ) from None
+        raise SdtuneError(_load_failure(pipe, path, family, keys, e)) from None
     loaded = [n for n, _ in getattr(pipe, family.denoiser_name).named_parameters() if is_adapter_key(n)]
     if not loaded:
-        raise SdtuneError(f"{path}: none of its keys match this model's {family.denoiser_name} (another family or "
-                          "format?)")
+        raise SdtuneError(_nothing_loaded(path, family, keys))
     files = embedding_folder_files(Path(path).parent) if Path(path).name == WEIGHT_NAME else {}
     files = files or bundle_files(bundle)
     if not files:
@@ -359,14 +350,99 @@ def _apply_lora(pipe: Any, path: str, family: Family) -> Embeddings | None:
     return embeddings
 
 
-def _inject_lycoris(pipe: Any, path: str, family: Family) -> None:
-    """A LoHa / LoKr (a run's file or a LyCORIS kohya file) put in with PEFT under ``ADAPTER``: diffusers'
-    ``load_lora_weights`` reads LoRA keys only. ``set_adapters`` (the LoRA scale) and ``unload_lora_weights``
-    then treat it as a LoRA that diffusers loaded."""
+def _load_adapter(pipe: Any, path: str, family: Family, keys: list[str],
+                  bundle: dict[str, torch.Tensor]) -> None:
+    """Put the file's adapter into the pipeline as ``ADAPTER``: a LoHa / LoKr and a kohya file's DoRA with
+    PEFT (diffusers' ``load_lora_weights`` reads neither), any other LoRA with diffusers."""
+    kind = lycoris_kind(keys)
+    dora = kind is None and any(k.endswith(".dora_scale") for k in keys)
+    if (kind or dora) and is_quantized(getattr(pipe, family.denoiser_name)):
+        what = f"a {kind} file, which PEFT cannot put on quantized layers (LoRA only)" if kind else \
+            "a DoRA file, whose magnitudes need the base weights themselves, not quantized ones"
+        raise SdtuneError(f"--quantize: {path} is {what}; sample it without --quantize")
+    if kind is not None:
+        _inject_adapters(pipe, family, lambda modules: read_lycoris(path, family, modules))
+        return
+    if _is_sdtune_dora(path, keys):
+        # diffusers 0.42 hands a text encoder's DoRA magnitudes (out,) to transformers 5 under names it does
+        # not load (``lora_magnitude_vector.<adapter>``, no ``.weight``): they stayed the base weights' norms
+        _inject_adapters(pipe, family, lambda modules: read_diffusers_lora(path))
+        return
+    if dora:
+        if _inject_adapters(pipe, family, lambda modules: read_kohya_dora(path, family, modules)):
+            return
+        logger.warning(f"{path}: its DoRA magnitudes (dora_scale) are not applied: sdtune reads them from "
+                       "kohya files in the layout it writes (SD1.x, SD2.x, SDXL: diffusers module names, one "
+                       "per output channel), and diffusers' loader drops them; so the images are not the "
+                       "trained DoRA's (sample the run folder or its diffusers file for those)")
+    if bundle:  # diffusers' kohya reader refuses keys that are not a LoRA's
+        from safetensors.torch import load_file
+
+        lora = {k: v for k, v in load_file(path).items() if k not in bundle}
+        pipe.load_lora_weights(lora, adapter_name=ADAPTER)
+    else:
+        pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name, adapter_name=ADAPTER)
+
+
+def _is_sdtune_dora(path: str, keys: list[str]) -> bool:
+    """Whether a LoRA file is a DoRA in diffusers' layout with its PEFT configs (a run's or checkpoint's, or
+    ``sdtune export --format diffusers``), which ``read_diffusers_lora`` reads."""
+    if not any(k.endswith((".lora_magnitude_vector", ".lora_magnitude_vector.weight")) for k in keys):
+        return False
+    with open_safetensors(path) as f:
+        return "lora_adapter_metadata" in (f.metadata() or {})
+
+
+def _inject_adapters(pipe: Any, family: Family,
+                     read: Callable[[dict[str, Any]], dict[str, Adapter] | None]) -> bool:
+    """Put the adapters ``read`` gives for the pipeline's modules ({component: module}) in with PEFT under
+    ``ADAPTER``; ``set_adapters`` (the LoRA scale) and ``unload_lora_weights`` then treat them as a LoRA that
+    diffusers loaded. False when ``read`` gives None (it cannot read the file)."""
     names = (family.denoiser_name, *(spec.name for spec in family.text_encoders))
     modules = {name: getattr(pipe, name) for name in names}
-    for component, adapter in read_lycoris(path, family, modules).items():
+    adapters = read(modules)
+    if adapters is None:
+        return False
+    for component, adapter in adapters.items():
         inject_adapter(modules[component], adapter.config, adapter.tensors, ADAPTER)
+    return True
+
+
+def _kohya_denoiser_keys(family: Family, keys: list[str]) -> bool:
+    """Whether a file names the denoiser in its family's original layout (a FLUX.1 or SD3 kohya LoRA)."""
+    prefix = family.kohya_prefixes.get(family.denoiser_name)
+    return bool(family.kohya_modules and prefix and any(k.startswith(prefix) for k in keys))
+
+
+def _nothing_loaded(path: str, family: Family, keys: list[str]) -> str:
+    """Why a LoRA file that loaded without an error put nothing on the denoiser, as one line."""
+    if _kohya_denoiser_keys(family, keys):
+        # diffusers (0.42) has no converter for SD3's kohya layout: load_lora_weights reads none of its keys
+        return (f"{path}: {families.article(family.label)} {family.label} kohya file (lora_unet_ keys in the "
+                "original model's layout), which diffusers' LoRA loader, and so `sdtune sample`, cannot read "
+                "(ComfyUI and Forge load it); sample the run it came from instead: its folder (sdtune sample "
+                f"RUN) or its {WEIGHT_NAME}")
+    return f"{path}: none of its keys match this model's {family.denoiser_name} (another family or format?)"
+
+
+# diffusers' FLUX kohya converter (loaders/lora_conversion_utils.py, _convert_sd_scripts_to_ai_toolkit) splits
+# single_blocks_N_linear1 at FLUX.1's widths, hard-coded: q, k, v 3072 each, the MLP input 12288
+FLUX1_WIDTH = 3072
+
+
+def _load_failure(pipe: Any, path: str, family: Family, keys: list[str], error: Exception) -> str:
+    """One line for an error diffusers raised while loading a LoRA file."""
+    flux_kohya = family.name == "flux" and _kohya_denoiser_keys(family, keys)
+    config = getattr(pipe, family.denoiser_name).config
+    width = config.num_attention_heads * config.attention_head_dim if flux_kohya else FLUX1_WIDTH
+    if isinstance(error, AssertionError) and width != FLUX1_WIDTH:
+        # its assertion that the fused LoRA's rows add up to those widths fails on a model of other widths
+        # (a test model): the file is not at fault
+        return (f"{path}: diffusers' FLUX.1 kohya converter, which `sdtune sample` uses, needs FLUX.1's own "
+                f"layer widths ({FLUX1_WIDTH}) and this model's transformer is {width} wide, so it cannot "
+                "read a kohya file on this model (no fault of the file); sample the run it came from "
+                f"instead: its folder (sdtune sample RUN) or its {WEIGHT_NAME}")
+    return f"{path}: does not fit the base model ({error_summary(error, 160)})"
 
 
 def grid_title(req: Request) -> str:

@@ -3,6 +3,7 @@ hand-made rows (a new metric reaches every output), and an end-to-end run on a t
 random DINO and CLIP models (their numbers mean nothing; the plumbing is what is tested)."""
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -378,3 +379,93 @@ def test_default_report_folder_is_in_the_run(tmp_path):
     assert run_root(ckpt) == run_root(ckpt / "pytorch_lora_weights.safetensors") == tmp_path / "run"
     assert run_root(tmp_path / "run") == tmp_path / "run"
     assert run_root(tmp_path) == tmp_path  # not a run: beside the target
+
+
+# --------------------------------------------------------------------------------------------------------
+# Defaults from the run (its grids' guidance, its quantization) and from a LoRA file's metadata
+
+
+def test_a_lora_files_metadata_names_its_subject():
+    from sdtune.eval.prompts import config_from_metadata
+
+    sdtune_file = {"modelspec.trigger_phrase": "ohwx", "ss_dataset_dirs": '{"dog64": {"img_count": 5}}',
+                   "ss_tag_frequency": '{"dog64": {"ohwx": 9, "a photo of ohwx dog": 5, "grass": 2}}'}
+    cfg = config_from_metadata(sdtune_file)
+    assert cfg == {"data": {"identifier": "ohwx", "instance_prompt": "a photo of ohwx dog", "folder_names": ["dog64"]}}
+    assert class_noun_from(cfg) == "dog"  # the caption that names a class after the identifier, not the bare tag
+    # kohya's DreamBooth folder "<repeats>_<identifier> <class>", no trigger phrase
+    kohya = config_from_metadata({"ss_tag_frequency": '{"10_sks man": {"smiling": 3, "outdoors": 1}}'})
+    assert kohya["data"]["identifier"] == "sks" and class_noun_from(kohya) == "man"
+    several = config_from_metadata({"modelspec.trigger_phrase": "sks, ohwx",
+                                    "ss_tag_frequency": '{"a": {"a sks toy": 3}, "b": {"ohwx cat, grass": 2}}'})
+    assert several["data"]["concepts"] == [{"identifier": "sks", "instance_prompt": "a sks toy"},
+                                           {"identifier": "ohwx", "instance_prompt": "ohwx cat, grass"}]
+    assert config_from_metadata({}) == config_from_metadata({"ss_tag_frequency": "not json"}) == {}
+    assert config_from_metadata({"ss_dataset_dirs": '{"photos": {}}'}) == {"data": {"folder_names": ["photos"]}}
+
+
+def test_eval_of_a_lora_file_outside_its_run_reads_its_metadata(run, metric_models, prompt_file, tmp_path, capsys,
+                                                                 tiny_model):
+    from safetensors.torch import load_file, save_file
+
+    from sdtune.runs import safetensors_metadata
+
+    dino, clip = metric_models
+    shared = tmp_path / "k.safetensors"  # the run's kohya file, shared: no run folder around it
+    shutil.copy(run / "run_kohya.safetensors", shared)
+    assert safetensors_metadata(shared)["modelspec.trigger_phrase"] == "sks"
+    common = ["--model", str(tiny_model("sd15")), "--prompts", str(prompt_file), "--images-per-prompt", "1",
+              "--steps", "1", "--dino", str(dino), "--clip", str(clip)]
+    assert eval_main([str(shared), *common, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    # the identifier and class came from the file; its photos' folder it names, but not where it is
+    assert err.strip() == (f"error: --subject-dir: {shared} names its photos' folder ('demo_toy') but not where it "
+                           "is; pass --subject-dir DIR with the photos")
+    assert eval_main([str(shared), *common, "--subject-dir", str(DEMO_DATA), "--out", str(tmp_path / "r")]) == 0, \
+        capsys.readouterr().err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert (report["identifier"], report["class_noun"]) == ("sks", "toy")
+    assert report["prompts"] == ["a sks toy on the beach", "a sks toy in the snow"]
+
+    # a file that says nothing: the flags it needs, in one line each
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(shared), bare)
+    assert eval_main([str(bare), *common, "--subject-dir", str(DEMO_DATA), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "--identifier: " in err and "its metadata has no modelspec.trigger_phrase" in err and "sks" not in err
+    assert eval_main([str(bare), *common, "--identifier", "sks", "--subject-dir", str(DEMO_DATA),
+                      "--out", str(tmp_path / "b")]) == 2
+    assert "--class-noun: " in capsys.readouterr().err
+
+
+def test_eval_defaults_to_the_runs_guidance_quantization_and_dtype(run, tmp_path):
+    import yaml
+
+    from sdtune.cli import build_parser
+    from sdtune.cli.eval import make_scorer, spec_from_args
+
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    shutil.copy(run / "pytorch_lora_weights.safetensors", copied)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"] |= {"quantize": "nf4", "quantize_text_encoders": "fp8"}
+    cfg["sample"] |= {"guidance_scale": 5.0, "negative_prompt": "blurry"}
+    cfg["train"]["mixed_precision"] = "bf16"
+    (copied / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+    def spec(*flags):
+        args = build_parser().parse_args(["eval", str(copied), "--metrics", "world", *flags])
+        return spec_from_args(args, make_scorer(args))
+
+    ran = spec()
+    assert ran.model_options == {"quantize": "nf4", "quantize_text_encoders": "fp8"}
+    assert (ran.guidance, ran.settings.negative_prompt, ran.settings.steps) == (5.0, "blurry", 20)  # steps: world's
+    assert ran.dtype == ("bf16" if torch.cuda.is_available() else "fp32")  # half precision on a GPU only
+    given = spec("--quantize", "none", "--quantize-text-encoders", "nf4", "--guidance", "3", "--negative-prompt", "",
+                 "--dtype", "fp16")
+    assert given.model_options == {"quantize_text_encoders": "nf4"}
+    assert (given.guidance, given.settings.negative_prompt, given.dtype) == (3.0, "", "fp16")
+    # the family's own guidance (SD: 7.5) is no choice of the run's: the scorer's stands (the micro world's 4)
+    cfg["sample"]["guidance_scale"] = 7.5
+    (copied / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert spec().guidance == 4.0

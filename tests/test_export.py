@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -659,9 +660,73 @@ def test_dora_exports_dora_scale_per_output_channel(run, tiny_model, tmp_path):
         assert torch.allclose(calc * tensors[f"{name}.dora_scale"] / norm, merged, atol=1e-5), name
         assert not torch.allclose(merged, w, atol=1e-4), "DoRA changed the weight"
 
-    # why no image check here: diffusers drops dora_scale keys of kohya files (lora_pipeline.lora_state_dict)
+    # diffusers drops dora_scale keys of kohya files (lora_pipeline.lora_state_dict): `sdtune sample` reads
+    # them itself (test_sample_applies_the_dora_of_a_kohya_file_as_the_run_does)
     state_dict, _ = StableDiffusionPipeline.lora_state_dict(str(path))
     assert not any("magnitude" in k or "dora" in k for k in state_dict)
+
+
+def _cell(grid: Path) -> np.ndarray:
+    [cell] = sorted(grid.parent.glob(f"{grid.stem}_cells/cell-*.png"))
+    return np.asarray(Image.open(cell).convert("RGB")).astype(int)
+
+
+def test_sample_applies_the_dora_of_a_kohya_file_as_the_run_does(run, tiny_model, tmp_path, capsys):
+    """`sdtune sample FILE` of a kohya DoRA file puts PEFT's DoRA back (diffusers' loader drops dora_scale),
+    and `sdtune sample RUN` loads the trained magnitudes of the text encoder too (diffusers 0.42 with
+    transformers 5 left them at the base weights' norms): the two render the same pixels."""
+    from peft import get_peft_model_state_dict
+
+    from sdtune.sample import ADAPTER, _apply_lora
+
+    out = run("sd15", wide("sd15"), "lora.use_dora=true")  # every module kind, convs too, and CLIP
+    kohya = export_run(out, "kohya", tmp_path / "dora.safetensors")
+    model = tiny_model("sd15")
+    capsys.readouterr()  # training's own lines
+    images = {}
+    for name, target, scale in (("base", out, "0"), ("run", out, "1"), ("kohya", kohya, "1")):
+        assert main(["sample", str(target), "--model", str(model), "--prompt", "a photo of sks toy",
+                     "--seeds", "0", "--steps", "2", "--lora-scale", scale,
+                     "--out", str(tmp_path / f"{name}.png")]) == 0
+        images[name] = _cell(tmp_path / f"{name}.png")
+    assert "not applied" not in capsys.readouterr().out
+    assert np.abs(images["run"] - images["base"]).max() > 2, "DoRA must change the image, or equality is moot"
+    assert np.array_equal(images["run"], images["kohya"])
+
+    # what both put in place: the trained magnitudes of every module, bitwise
+    trained = read_run(out).adapters
+    for target in (out / WEIGHT_NAME, kohya):
+        pipe = F("sd15").pipeline(load_components(str(model), F("sd15")))
+        _apply_lora(pipe, str(target), F("sd15"))
+        for component, adapter in trained.items():
+            module = getattr(pipe, component)
+            loaded = canonical_text_encoder_keys(get_peft_model_state_dict(module, adapter_name=ADAPTER),
+                                                 type(module).__name__)
+            magnitudes = [k for k in adapter.tensors if k.endswith(".lora_magnitude_vector")]
+            assert magnitudes, component
+            for k in magnitudes:
+                assert torch.equal(loaded[k], adapter.tensors[k]), (target.name, k)
+
+
+def test_a_kohya_dora_file_sample_cannot_read_is_sampled_without_it_and_says_so(run, tiny_model, tmp_path,
+                                                                              capsys):
+    """A kohya DoRA file outside sdtune's layout (here one module without dora_scale: PEFT's DoRA is all or
+    nothing): diffusers loads it without the magnitudes, and one warning line says so."""
+    from sdtune.sample import _apply_lora
+
+    out = run("sd15", wide("sd15"), "lora.use_dora=true")
+    tensors, meta = _kohya(export_run(out, "kohya", tmp_path / "dora.safetensors"))
+    dropped = next(k for k in tensors if k.endswith(".dora_scale"))
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(partial), metadata=meta)
+    capsys.readouterr()
+    pipe = F("sd15").pipeline(load_components(str(tiny_model("sd15")), F("sd15")))
+    _apply_lora(pipe, str(partial), F("sd15"))
+    printed = capsys.readouterr().out
+    assert printed.count("\n") == 1 and printed.startswith("warning:")
+    assert "DoRA magnitudes (dora_scale) are not applied" in printed
+    assert any("lora_A" in n for n, _ in pipe.unet.named_parameters())  # its LoRA is in, without DoRA
+    assert not any("magnitude" in n for n, _ in pipe.unet.named_parameters())
 
 
 # --------------------------------------------------------------------------------------------------------

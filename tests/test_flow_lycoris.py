@@ -68,6 +68,25 @@ def test_flow_lycoris_trains_exports_comfy_names_and_samples_the_same_pixels(fam
     assert np.array_equal(ours, exported)
 
 
+@pytest.mark.parametrize(("family", "kind"), [("flux", "loha"), ("sd3", "lokr")])
+def test_flow_lycoris_without_text_encoder_samples_its_kohya_file(family, kind, tiny_model, tmp_path):
+    """No CLIP adapter: the kohya file holds lycoris_ keys alone, no lora_te* (sample took it for a diffusers
+    file: "unexpected key lycoris_transformer_blocks_0_..."); it renders the run's own pixels."""
+    model = tiny_model(family)
+    run = tmp_path / "run"
+    train(load_config(None, overrides(model, run, f"lora.type={kind}", "lora.alpha=2",
+                                      "train.learning_rate=5e-2", "sample.every=0")))
+    kohya = run / "run_kohya.safetensors"
+    with safe_open(kohya, "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("lycoris_") for k in keys)
+    base = _render(run, model, tmp_path / "base.png", "0")
+    ours = _render(run, model, tmp_path / "run.png", "1")
+    exported = _render(kohya, model, tmp_path / "kohya.png", "1")
+    assert np.abs(ours - base).max() > 2, "the adapter must change the image, or equality proves nothing"
+    assert np.array_equal(ours, exported)
+
+
 @pytest.mark.slow
 def test_flux_loha_resumes_bitwise(tiny_model, tmp_path):
     straight, split = interrupted_and_resumed(tiny_model("flux"), tmp_path, 4, 2, "lora.type=loha",

@@ -507,7 +507,9 @@ def test_a_kohya_file_diffusers_cannot_split_is_one_line_not_a_crash(tiny_model,
     code = main(["sample", str(kohya), "--model", str(model), "--prompt", "a toy", "--seeds", "0", "--steps", "1",
                  "--out", str(tmp_path / "g.png")])
     err = capsys.readouterr().err
-    assert code != 0 and "does not fit the base model (AssertionError)" in err and "bug in sdtune" not in err
+    assert code != 0 and "bug in sdtune" not in err
+    # not the file's fault: the converter's widths are FLUX.1's, the tiny model's are not
+    assert "needs FLUX.1's own layer widths (3072)" in err and "pytorch_lora_weights.safetensors" in err
 
 
 def test_dora_on_flux_trains_and_keeps_its_diffusers_file_without_a_kohya_one(tiny_model, tmp_path, caplog):

@@ -159,3 +159,24 @@ def test_depth_to_image_with_the_lora(tiny_model, tmp_path):
     cells = _cells(grid)
     assert len(cells) == 2 and json.loads(cells[1].with_suffix(".json").read_text())["settings"]["mode"] == "depth"
     assert not np.array_equal(np.asarray(Image.open(cells[0])), np.asarray(Image.open(cells[1])))
+
+
+def test_an_sd3_kohya_file_says_diffusers_cannot_read_it_and_what_to_sample(tiny_model, tmp_path, capsys):
+    """diffusers has no reader for SD3's kohya layout (README): load_lora_weights puts nothing on the
+    transformer, which read as "another family or format?"; the line says so and names what samples it."""
+    from peft import LoraConfig
+
+    from sdtune import families
+    from sdtune.export import Adapter, write_kohya
+    from sdtune.models import load_components
+
+    model, sd3 = tiny_model("sd3"), families.get("sd3")
+    c = load_components(str(model), sd3)
+    c.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    kohya = write_kohya(tmp_path / "k.safetensors", sd3, {"transformer": Adapter.from_module(c.denoiser)},
+                        base_model=str(model), prediction_type="flow_matching")
+    code = main(["sample", str(kohya), "--model", str(model), "--prompt", "a toy", "--seeds", "0",
+                 "--steps", "1", "--out", str(tmp_path / "g.png")])
+    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert code == 2 and "SD3.x kohya file" in line and "cannot read" in line and "sdtune sample RUN" in line
+    assert "pytorch_lora_weights.safetensors" in line and "another family or format" not in line

@@ -23,14 +23,22 @@ from sdtune.cli.console import (
     quiet_libraries,
     text,
 )
-from sdtune.cli.sample import base_model, run_model_options, with_size
+from sdtune.cli.sample import (
+    add_dtype_option,
+    add_quantize_options,
+    base_model,
+    quantization,
+    run_dtype,
+    run_model_options,
+    run_sampling,
+    with_size,
+)
 from sdtune.errors import SdtuneError
 from sdtune.eval.core import EvalSpec, Scorer
 from sdtune.eval.dreambench import CLIP_T_TOLERANCE, DEFAULT_CLIP, DEFAULT_DINO
-from sdtune.eval.prompts import class_noun_from, fill, strip_identifier
+from sdtune.eval.prompts import class_noun_from, config_from_metadata, fill, strip_identifier
 from sdtune.eval.report import recommendation, table
 from sdtune.grid import Settings
-from sdtune.models import DTYPES
 from sdtune.runs import (
     cell_by_sdtune,
     check_output_folder,
@@ -38,6 +46,7 @@ from sdtune.runs import (
     lora_files,
     run_config,
     run_root,
+    safetensors_metadata,
     step_of,
     written_by_sdtune,
 )
@@ -72,10 +81,12 @@ def add_commands(sub: Any) -> None:
                       help="DreamBench's live-subject prompts (default for dogs, cats, people, ...)")
     kind.add_argument("--object", dest="kind", action="store_const", const="object",
                       help="DreamBench's object prompts (default for other classes)")
-    p.add_argument("--identifier", type=text, help="default: the run's data.identifier; with data.concepts it "
-                                                   "picks the concept (default: the first)")
+    p.add_argument("--identifier", type=text, help="default: the run's data.identifier (a LoRA file outside its run: "
+                   "its metadata's modelspec.trigger_phrase); with data.concepts it picks the concept (default: the "
+                   "first)")
     p.add_argument("--class-noun", type=text, help="default: from prior.class_prompt ('a photo of a dog' -> dog), else the "
-                                        "word after the identifier in data.instance_prompt")
+                   "word after the identifier in data.instance_prompt (a LoRA file outside its run: in a caption of "
+                   "its metadata's ss_tag_frequency)")
     p.add_argument("--images-per-prompt", type=positive_int, default=4, metavar="N", help="seeds 0..N-1 for every prompt (paper: 4)")
     p.add_argument("--checkpoints", choices=("all",), help="one row per saved checkpoint of the run")
     p.add_argument("--lora-scale", default="1", metavar="LIST",
@@ -94,13 +105,15 @@ def add_commands(sub: Any) -> None:
                    help="--metrics world: how many subject-in-a-new-context prompts (default %(default)s)")
     p.add_argument("--model", help="base model (default: the run's)")
     p.add_argument("--steps", type=positive_int, help="sampler steps per image (default 25; world: 20)")
-    p.add_argument("--guidance", type=finite_float, help="default 7.5; world: 4; FLUX / SD3: their own (3.5 / 7.0)")
+    p.add_argument("--guidance", type=finite_float, help="default: the run's sample.guidance_scale where the run set "
+                   "one other than its family's, else 7.5; world: 4; FLUX / SD3: their own (3.5 / 7.0)")
     p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="dpmpp_2m")
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", type=text, help="default: the run's sample.negative_prompt, else none")
     p.add_argument("--width", type=pixels, help="default: the run's resolution, else the model's")
     p.add_argument("--height", type=pixels)
     p.add_argument("--batch-size", type=positive_int, default=1, help="seeds rendered per pipeline call")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    add_dtype_option(p)
+    add_quantize_options(p)
     p.add_argument("--device", type=device, help="default: cuda if available, else cpu")
     p.add_argument("--out", metavar="DIR", help="report folder (default: eval/ in the run folder)")
     p.add_argument("--overwrite", action="store_true",
@@ -144,11 +157,12 @@ def _one_concept(args: argparse.Namespace, run_cfg: dict) -> dict:
     if not concepts:
         return run_cfg
     words = [c.get("identifier") for c in concepts]
+    owner = "the LoRA file" if "folder_names" in data else "the run"  # a file outside its run: its trigger words
     if args.identifier and args.identifier not in words:
-        raise SdtuneError(f"--identifier: '{args.identifier}' is none of the run's concepts ({', '.join(words)}); "
+        raise SdtuneError(f"--identifier: '{args.identifier}' is none of {owner}'s concepts ({', '.join(words)}); "
                           f"pass one of them")
     if not args.identifier:
-        print(f"the run has {len(concepts)} concepts ({', '.join(words)}): evaluating {words[0]}; pass "
+        print(f"{owner} has {len(concepts)} concepts ({', '.join(words)}): evaluating {words[0]}; pass "
               "--identifier to choose another")
     chosen = concepts[words.index(args.identifier or words[0])]
     keys = ("identifier", "instance_dir", "instance_prompt")
@@ -156,34 +170,57 @@ def _one_concept(args: argparse.Namespace, run_cfg: dict) -> dict:
             "prior": {**(run_cfg.get("prior") or {}), "class_prompt": chosen.get("class_prompt")}}
 
 
+def target_config(target: Path) -> dict:
+    """The config of the run ``target`` belongs to (``run_config``), else, for a LoRA file outside any run, what its
+    metadata says of its subject (``config_from_metadata``: the identifier, a caption, its folders' names)."""
+    return run_config(target) or (config_from_metadata(safetensors_metadata(target)) if target.is_file() else {})
+
+
 def _subject(args: argparse.Namespace, target: Path, run_cfg: dict) -> tuple[str, str, str]:
     """(identifier, class noun, subject folder) from the flags, else the run's config (of one concept:
-    ``_one_concept``)."""
+    ``_one_concept``; a LoRA file outside its run: ``target_config``)."""
     data = run_cfg.get("data") or {}
+    from_file = target.is_file() and ("folder_names" in data or not run_cfg)  # a LoRA file outside its run
     identifier = args.identifier or data.get("identifier")
     if not identifier:
-        raise SdtuneError(f"--identifier: {target} does not say its identifier; pass --identifier sks")
+        says = " (its metadata has no modelspec.trigger_phrase)" if from_file else ""
+        raise SdtuneError(f"--identifier: {target} does not say its identifier{says}; pass --identifier WORD, the "
+                          "rare word it was trained with")
     class_noun = args.class_noun or class_noun_from(run_cfg)
     if not class_noun:
-        raise SdtuneError("--class-noun: the run's config names no class (prior.class_prompt); pass --class-noun dog")
+        names = (f"{target}'s metadata names no class (no caption '... {identifier} <class>' in ss_tag_frequency)"
+                 if from_file else "the run's config names no class (prior.class_prompt)")
+        raise SdtuneError(f"--class-noun: {names}; pass --class-noun dog")
     if not args.class_noun and len(class_noun.split()) > 3:
         raise SdtuneError(f"--class-noun: '{class_noun}' (from prior.class_prompt) is not a class noun; "
                           "pass --class-noun dog")
+    return identifier, class_noun, _subject_dir(args, target, data)
+
+
+def _subject_dir(args: argparse.Namespace, target: Path, data: dict) -> str:
+    """--subject-dir, else the run's photos (``data.instance_dir``, a ``data.dataset``'s folder)."""
     subject_dir = args.subject_dir or data.get("instance_dir") or _dataset_photos(data)
     if not subject_dir:
-        raise SdtuneError("--subject-dir: the run names no data.instance_dir or data.dataset; pass "
-                          "--subject-dir DIR with the photos")
+        folders = data.get("folder_names")
+        names = (f"{target} names its photos' folder{'s' if len(folders) > 1 else ''} "
+                 f"({', '.join(repr(f) for f in folders)}) but not where it is" if folders
+                 else "the run names no data.instance_dir or data.dataset")
+        raise SdtuneError(f"--subject-dir: {names}; pass --subject-dir DIR with the photos")
     if not Path(subject_dir).is_dir():
         source = "--subject-dir" if args.subject_dir else "the run's data.instance_dir"
         raise SdtuneError(f"--subject-dir: {source} {subject_dir} is not a folder here; pass --subject-dir DIR "
                           "with the subject photos")
-    return identifier, class_noun, subject_dir
+    return subject_dir
 
 
-def _settings(args: argparse.Namespace, scorer: Scorer, model: str, revision: str | None,
-              resolution: int | None, base: str | None = None) -> Settings:
-    """Sampling settings: the flags, else the scorer's defaults, the run's resolution or the model's own."""
-    settings = Settings(negative_prompt=args.negative_prompt,
+def _settings(args: argparse.Namespace, scorer: Scorer, model: str, revision: str | None, run_cfg: dict,
+              base: str | None = None) -> Settings:
+    """Sampling settings: the flags, else the scorer's steps, the run's negative prompt and resolution, else the
+    model's own size."""
+    resolution = (run_cfg.get("data") or {}).get("resolution")
+    negative = args.negative_prompt if args.negative_prompt is not None else \
+        run_sampling(run_cfg).get("negative_prompt", "")
+    settings = Settings(negative_prompt=negative,
                         steps=args.steps if args.steps is not None else scorer.steps, scheduler=args.scheduler,
                         width=args.width or resolution or 0, height=args.height or resolution or 0,
                         batch_size=args.batch_size)
@@ -195,9 +232,9 @@ def spec_from_args(args: argparse.Namespace, scorer: Scorer) -> EvalSpec:
     target = Path(args.run)
     if not target.exists():
         raise SdtuneError(f"{target}: no such run folder, checkpoint folder or LoRA file")
-    run_cfg = _one_concept(args, run_config(target))  # several concepts: the one --identifier names
+    run_cfg = _one_concept(args, target_config(target))  # several concepts: the one --identifier names
     loras = lora_files(target, args.checkpoints)
-    data, model_cfg = run_cfg.get("data") or {}, run_cfg.get("model") or {}
+    model_cfg = run_cfg.get("model") or {}
     model = base_model(args.model, target, run_cfg)
     identifier, class_noun, subject_dir = _subject(args, target, run_cfg)
     templates, prompt_set = scorer.templates(class_noun)
@@ -210,26 +247,33 @@ def spec_from_args(args: argparse.Namespace, scorer: Scorer) -> EvalSpec:
     class_prompt = (args.class_prompt or (run_cfg.get("prior") or {}).get("class_prompt")
                     or f"a photo of {article} {class_noun}")
     revision = model_cfg.get("revision")
-    options = run_model_options(args.model, run_cfg)  # base: the FLUX.1 / SD3.x model beside a transformer file
+    # base: the FLUX.1 / SD3.x model beside a transformer file; quantize: the run's, unless --quantize
+    options = quantization(run_model_options(args.model, run_cfg), args)
     return EvalSpec(
         run=str(target), model=model, loras=loras, steps={label: step_of(label, f) for label, f in loras},  # type: ignore[misc]
         subject_dir=Path(subject_dir), identifier=identifier, class_noun=class_noun, prompt_set=prompt_set,
         prompts=prompts, images_per_prompt=args.images_per_prompt, lora_scales=scales,
         guidance=args.guidance if args.guidance is not None else _guidance(scorer, model, revision,
-                                                                           options.get("base")),
-        settings=_settings(args, scorer, model, revision, data.get("resolution"), options.get("base")),
-        class_prompt=class_prompt, revision=revision, variant=model_cfg.get("variant"), dtype=args.dtype,
-        device=args.device, model_options=options,
+                                                                           options.get("base"), run_cfg),
+        settings=_settings(args, scorer, model, revision, run_cfg, options.get("base")),
+        class_prompt=class_prompt, revision=revision, variant=model_cfg.get("variant"),
+        dtype=run_dtype(args.dtype, args.device, run_cfg), device=args.device, model_options=options,
     )
 
 
-def _guidance(scorer: Scorer, model: str, revision: str | None, base: str | None = None) -> float:
-    """The scorer's guidance (the paper's 7.5, the micro world's 4), unless the model's family samples at its own
-    (FLUX.1-dev 3.5, SD3 7.0): 7.5 is an SD setting, and a guidance-distilled FLUX at 7.5 draws burnt images."""
+def _guidance(scorer: Scorer, model: str, revision: str | None, base: str | None = None,
+              run_cfg: dict | None = None) -> float:
+    """The guidance the run chose for its grids (``sample.guidance_scale``, where it is not its family's default:
+    the SDXL recipe's 5.0), else the scorer's (the paper's 7.5, the micro world's 4), unless the model's family
+    samples at its own (FLUX.1-dev 3.5, SD3 7.0): 7.5 is an SD setting, and a guidance-distilled FLUX at 7.5
+    draws burnt images."""
     from sdtune.families.base import SamplingDefaults
     from sdtune.models import inspect_model
 
     own = inspect_model(model, revision, for_training=False, base=base).family.sampling.guidance_scale
+    chosen = run_sampling(run_cfg or {}).get("guidance_scale")
+    if chosen is not None and float(chosen) != own:
+        return float(chosen)
     return scorer.guidance if own == SamplingDefaults().guidance_scale else own
 
 

@@ -24,22 +24,40 @@ from sdtune.models import DTYPES
 from sdtune.runs import prompt_length
 from sdtune.schedulers import SCHEDULERS
 
+QUANTIZE = ("none", "nf4", "fp8")  # --quantize, --quantize-text-encoders: model.quantize's values
+QUANTIZE_KEYS = ("quantize", "quantize_text_encoders")  # model.* keys, and their keys in a request's model_options
+# what an option left out is without a run to take it from (a LoRA file outside one, --model alone)
+DEFAULT_SEEDS = (0, 1, 2, 3)
+DEFAULT_STEPS = 25
+DEFAULT_SCHEDULER = "dpmpp_2m"
+
 
 def add_commands(sub: Any) -> None:
     """Add ``sample`` to the ``sdtune`` subparsers."""
-    p = sub.add_parser("sample", help="render a labelled grid with a trained LoRA (rows: prompt x scale)")
+    p = sub.add_parser("sample", help="render a labelled grid with a trained LoRA (rows: prompt x scale)",
+                       description="Render a labelled grid (prompts x seeds x LoRA scale x guidance x checkpoint). "
+                       "With a run (its folder, a checkpoint folder or a LoRA file inside one), every option left "
+                       "out is the run's: its prompts and resolution, its grids' guidance, steps, seeds and "
+                       "negative prompt (sample.*), its model options and quantization (model.*) and, on a GPU, "
+                       "its mixed precision; `sdtune sample RUN --lora-scale 1` renders the cells of its last "
+                       "grid again. A flag given wins. A LoRA file outside a run, or --model alone: the defaults "
+                       "below.")
     p.add_argument("target", nargs="?",
                    help="run folder, checkpoint folder or LoRA .safetensors file (none: --model alone, with --out)")
     p.add_argument("--model", help="base model (default: the run's, or the hub id in a LoRA file's metadata)")
-    p.add_argument("--prompt", action="append", type=text, help="prompt (repeatable)")
+    p.add_argument("--prompt", action="append", type=text, help="prompt (repeatable; default: the run's "
+                   "sample.prompts, else each concept's instance prompt and class prompt)")
     p.add_argument("--prompts-file", help="one prompt per line")
-    p.add_argument("--negative-prompt", type=text, default="")
-    p.add_argument("--seeds", default="0,1,2,3", help="comma list of seeds (whole numbers >= 0)")
+    p.add_argument("--negative-prompt", type=text, help="default: the run's sample.negative_prompt, else none")
+    p.add_argument("--seeds", help="comma list of seeds (whole numbers >= 0; default: the run's sample.seeds, "
+                   f"else {','.join(map(str, DEFAULT_SEEDS))})")
     p.add_argument("--lora-scale", default="0,1", help="comma list; 0 shows the base model")
-    p.add_argument("--guidance", help="comma list of guidance scales (default: the model family's, "
-                   "7.5; FLUX.1: 3.5)")
-    p.add_argument("--steps", type=positive_int, default=25)
-    p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="dpmpp_2m")
+    p.add_argument("--guidance", help="comma list of guidance scales (default: the run's sample.guidance_scale, "
+                   "else the model family's: 7.5; FLUX.1: 3.5, SD3.x: 7.0)")
+    p.add_argument("--steps", type=positive_int, help=f"default: the run's sample.steps, else {DEFAULT_STEPS}")
+    p.add_argument("--scheduler", choices=tuple(SCHEDULERS),
+                   help=f"default: the run's sample.scheduler where its config has one, else {DEFAULT_SCHEDULER} "
+                   "(what training's grids use; FLUX.1 and SD3.x sample with their own)")
     p.add_argument("--width", type=pixels, help="default: the run's resolution, else the model's")
     p.add_argument("--height", type=pixels)
     p.add_argument("--batch-size", type=positive_int, default=1, help="seeds rendered per pipeline call")
@@ -51,7 +69,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--outpaint", help="extend the canvas: N or left,top,right,bottom pixels, then inpaint it")
     p.add_argument("--depth", action="store_true", help="depth-to-image (the base model must be a depth model)")
     add_model_options(p)
-    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    add_dtype_option(p)
     p.add_argument("--device", type=device, help="default: cuda if available, else cpu")
     p.add_argument("--out", help="grid file, .png (default: TARGET/grid.png); its cells go to <name>_cells/")
     p.add_argument("--overwrite", action="store_true",
@@ -60,8 +78,22 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_sample)
 
 
+def run_grid_prompts(run_cfg: dict) -> list[str]:
+    """The prompts of the run's own grids: ``sample.prompts``, else (as training's ``default_sample_prompts``) each
+    concept's instance prompt, then each concept's class prompt. (Where a concept's photos have captions,
+    training's row shows its first caption, which the config does not hold: the instance prompt stands in.)"""
+    listed = (run_cfg.get("sample") or {}).get("prompts")
+    if listed:
+        return list(listed)
+    data = run_cfg.get("data") or {}
+    concepts = data.get("concepts") or [{"instance_prompt": data.get("instance_prompt"),
+                                         "class_prompt": (run_cfg.get("prior") or {}).get("class_prompt")}]
+    prompts = [c.get("instance_prompt") for c in concepts] + [c.get("class_prompt") for c in concepts]
+    return list(dict.fromkeys(p for p in prompts if p))
+
+
 def read_prompts(args: argparse.Namespace, run_cfg: dict) -> list[str]:
-    """--prompt (repeatable) and --prompts-file, else the run's sample prompts or instance prompt."""
+    """--prompt (repeatable) and --prompts-file, else the prompts of the run's grids (``run_grid_prompts``)."""
     prompts = list(args.prompt or [])
     if args.prompts_file:
         try:
@@ -72,11 +104,7 @@ def read_prompts(args: argparse.Namespace, run_cfg: dict) -> list[str]:
             raise SdtuneError(f"--prompts-file: {args.prompts_file} is not UTF-8 text (byte {e.start}: {e.reason}); "
                               "save it as UTF-8, one prompt per line") from None
         prompts += [p.strip() for p in text.splitlines() if p.strip()]
-    if not prompts:
-        data = run_cfg.get("data", {})
-        prompts = run_cfg.get("sample", {}).get("prompts") or [  # several concepts: each one's prompt
-            p for p in [data.get("instance_prompt"), *(c.get("instance_prompt") for c in data.get("concepts") or [])]
-            if p]
+    prompts = prompts or run_grid_prompts(run_cfg)
     if not prompts:
         raise SdtuneError("--prompt: no prompt given and the run has none; pass --prompt 'a photo of sks dog'")
     return prompts
@@ -94,8 +122,8 @@ def base_model(model: str | None, target: Path, run_cfg: dict) -> str:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """--base, --vae, --prediction-type, --clip-skip and --quantize: the recipe's model.* options, for a model
-    given with --model."""
+    """--base, --vae, --prediction-type, --clip-skip, --quantize(-text-encoders) and --max-sequence-length: the
+    recipe's model.* options, for a model given with --model."""
     p.add_argument("--base", help="the FLUX.1 or SD3.x model (hub id or folder) whose text encoders, tokenizers, VAE "
                    "and scheduler go with a transformer file of its family given as --model (default: the run's "
                    "model.base)")
@@ -104,37 +132,105 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="what a single-file model predicts, where the file does not say (default: the run's)")
     p.add_argument("--clip-skip", type=positive_int, help="1: last text-encoder layer, 2: penultimate (default: the "
                    "run's, else 1)")
-    p.add_argument("--quantize", choices=("nf4", "fp8"), help="store the UNet / transformer in 4-bit NF4 or fp8 "
-                   "(as model.quantize: FLUX.1-dev in 5.7 or 14.1 GiB instead of 22.2); default: as --dtype")
+    add_quantize_options(p)
     p.add_argument("--max-sequence-length", type=positive_int, help="T5 tokens per prompt for FLUX.1 / SD3.x (as "
                    "flux. / sd3.max_sequence_length; default: the run's, else the model's: FLUX.1-dev 512, "
                    "schnell 256, SD3.x 256)")
 
 
+def add_quantize_options(p: argparse.ArgumentParser) -> None:
+    """--quantize and --quantize-text-encoders (``sdtune sample`` and ``eval``): the run's model.quantize and
+    model.quantize_text_encoders unless given."""
+    p.add_argument("--quantize", choices=QUANTIZE, help="store the UNet / transformer in 4-bit NF4 or fp8 (as "
+                   "model.quantize: FLUX.1-dev in 5.7 or 14.1 GiB instead of 22.2), computing in --dtype; default: "
+                   "the run's model.quantize (none: full precision)")
+    p.add_argument("--quantize-text-encoders", choices=QUANTIZE, help="the same for the text encoders (T5-XXL: "
+                   "4.1 GiB in NF4 instead of 9.1 in bf16); default: the run's model.quantize_text_encoders")
+
+
+def add_dtype_option(p: argparse.ArgumentParser) -> None:
+    """--dtype (``sdtune sample`` and ``eval``): ``run_dtype`` unless given."""
+    p.add_argument("--dtype", choices=DTYPES, help="default: on a GPU the run's train.mixed_precision (fp16 / bf16: "
+                   "what its grids computed in), else fp32")
+
+
 def run_model_options(model: str | None, run_cfg: dict) -> dict:
-    """{vae, prediction_type, clip_skip, base, bundled_text_encoders, max_sequence_length} the run loaded its base
-    model with, where they are not the defaults. Its VAE, prediction type, base (the FLUX.1 / SD3.x model beside a
-    transformer file), bundled_text_encoders (false: the base's text encoders, not the file's) and the T5 prompt
-    length the run set (``flux.`` / ``sd3.max_sequence_length``; only its own family's section can hold one)
-    belong to that model, so they apply only when ``model`` (--model) does not name another (which samples at
-    its own length, or --max-sequence-length)."""
+    """{vae, prediction_type, clip_skip, base, bundled_text_encoders, max_sequence_length, quantize,
+    quantize_text_encoders} the run loaded its base model with, where they are not the defaults. Its VAE,
+    prediction type, base (the FLUX.1 / SD3.x model beside a transformer file), bundled_text_encoders (false: the
+    base's text encoders, not the file's) and the T5 prompt length the run set (``flux.`` /
+    ``sd3.max_sequence_length``; only its own family's section can hold one) belong to that model, so they apply
+    only when ``model`` (--model) does not name another (which samples at its own length, or
+    --max-sequence-length). Its quantization (``model.quantize``, ``model.quantize_text_encoders``) is what fits
+    the memory of the run's machine, whatever the model: it always applies."""
     run = run_cfg.get("model", {})
     own = not model or model == run.get("pretrained")
     options = {"vae": run.get("vae") if own else None, "prediction_type": run.get("prediction_type") if own else None,
                "clip_skip": run.get("clip_skip") or 1, "base": run.get("base") if own else None,
-               "max_sequence_length": prompt_length(run_cfg) if own else None}
-    options = {k: v for k, v in options.items() if v and not (k == "clip_skip" and v == 1)}
+               "max_sequence_length": prompt_length(run_cfg) if own else None,
+               **{key: run.get(key) for key in QUANTIZE_KEYS}}
+    options = {k: v for k, v in options.items() if v and v != "none" and not (k == "clip_skip" and v == 1)}
     bundled = own and run.get("bundled_text_encoders") is False  # the one option whose non-default value is false
     return options | ({"bundled_text_encoders": False} if bundled else {})
 
 
 def model_options(args: argparse.Namespace, run_cfg: dict) -> dict:
     """The run's model options (``run_model_options``) with the --base / --vae / --prediction-type / --clip-skip /
-    --quantize / --max-sequence-length flags."""
+    --max-sequence-length flags and the quantization ``quantization`` settles."""
     flags = {"vae": args.vae, "prediction_type": args.prediction_type, "clip_skip": args.clip_skip,
-             "quantize": args.quantize, "base": args.base, "max_sequence_length": args.max_sequence_length}
+             "base": args.base, "max_sequence_length": args.max_sequence_length}
     options = run_model_options(args.model, run_cfg) | {k: v for k, v in flags.items() if v}
-    return {k: v for k, v in options.items() if not (k == "clip_skip" and v == 1)}
+    options = {k: v for k, v in options.items() if not (k == "clip_skip" and v == 1)}
+    return quantization(options, args)
+
+
+def quantization(options: dict, args: argparse.Namespace) -> dict:
+    """``options`` (``run_model_options``) with --quantize / --quantize-text-encoders: a mode replaces the run's,
+    ``none`` drops it. bitsandbytes quantizes on a CPU too, so the run's quantization applies there as well; where
+    bitsandbytes is not installed, the run's nf4 is dropped, in one line saying the model is sampled unquantized,
+    and a flag's nf4 is refused."""
+    flags = {key: getattr(args, key, None) for key in QUANTIZE_KEYS}
+    options = {k: v for k, v in options.items() if flags.get(k) is None} | \
+        {k: v for k, v in flags.items() if v not in (None, "none")}
+    for key in QUANTIZE_KEYS:
+        flag = f"--{key.replace('_', '-')}"
+        if options.get(key) == "nf4" and not _bitsandbytes_here():
+            if flags[key]:
+                raise SdtuneError(f"{flag}: nf4 needs bitsandbytes; pip install bitsandbytes, or {flag} fp8")
+            print(f"note: the run's model.{key}=nf4 needs bitsandbytes, which is not installed here: sampling "
+                  f"unquantized (pip install bitsandbytes, or {flag} fp8)")
+            del options[key]
+        elif key in options and not flags[key]:
+            print(f"the run's model.{key}={options[key]}: quantized as in training ({flag} none: unquantized)")
+    return options
+
+
+def _bitsandbytes_here() -> bool:
+    from sdtune.quantize import problems
+
+    return not problems("nf4", "lora", False)  # its one complaint about nf4 alone: bitsandbytes is missing
+
+
+def run_dtype(dtype: str | None, device: str | None, run_cfg: dict) -> str:
+    """--dtype, else on a GPU the dtype the run computed in (``train.mixed_precision``: its frozen weights and
+    grids were fp16 / bf16, and FLUX.1 in fp32 needs twice the memory), else fp32 (on a CPU, or without a run:
+    a CPU computes half precision slowly, fp16 hardly at all)."""
+    if dtype:
+        return dtype
+    precision = (run_cfg.get("train") or {}).get("mixed_precision")
+    if precision not in ("fp16", "bf16"):
+        return "fp32"
+    import torch
+
+    return precision if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "fp32"
+
+
+def run_sampling(run_cfg: dict) -> dict[str, Any]:
+    """How the run rendered its own grids (its config's ``sample.*``): guidance_scale, steps, seeds,
+    negative_prompt, and scheduler where a run names one; {} without a run (a LoRA file outside one)."""
+    sample = run_cfg.get("sample") or {}
+    return {k: sample[k] for k in ("guidance_scale", "steps", "seeds", "negative_prompt", "scheduler")
+            if sample.get(k) not in (None, [])}
 
 
 def lora_base_model(lora_file: Path) -> str:
@@ -181,26 +277,37 @@ def _request(args: argparse.Namespace) -> tuple[Any, Path]:
     size = run_cfg.get("data", {}).get("resolution")
     mode = ("depth" if args.depth else "outpaint" if args.outpaint else "inpaint" if args.mask
             else "img2img" if args.init_image else "txt2img")
-    settings = Settings(
-        negative_prompt=args.negative_prompt, steps=args.steps, scheduler=args.scheduler, mode=mode,
-        width=args.width or size or 0, height=args.height or size or 0, strength=args.strength,
-        batch_size=args.batch_size,
-    )
+    guidance, seeds, shared = grid_defaults(args, run_cfg)
+    settings = Settings(**shared, mode=mode, width=args.width or size or 0, height=args.height or size or 0,
+                        strength=args.strength, batch_size=args.batch_size)
     scales = [None] if not loras else parse_floats(args.lora_scale, "--lora-scale")
-    # None: the family's default, resolved with the model (sdtune.sample.with_family_defaults)
-    guidance = parse_floats(args.guidance, "--guidance") if args.guidance is not None else [None]
-    seeds = parse_ints(args.seeds, "--seeds", 0, 2**63 - 1)
     cells = [Cell(p, s, g, sc, label) for label, _ in (loras or [(None, None)]) for p in prompts
              for sc in scales for g in guidance for s in seeds]
     req = Request(
         model=model, lora=loras, cells=cells, settings=settings, revision=run_cfg.get("model", {}).get("revision"),
-        variant=run_cfg.get("model", {}).get("variant"), dtype=args.dtype, device=args.device,
-        init_image=args.init_image, mask=args.mask, outpaint=_outpaint(args.outpaint),
+        variant=run_cfg.get("model", {}).get("variant"), dtype=run_dtype(args.dtype, args.device, run_cfg),
+        device=args.device, init_image=args.init_image, mask=args.mask, outpaint=_outpaint(args.outpaint),
         model_options=model_options(args, run_cfg),
     )
     if args.out:
         return req, Path(args.out)
     return req, (target if target.is_dir() else target.parent) / "grid.png"  # type: ignore[union-attr]
+
+
+def grid_defaults(args: argparse.Namespace, run_cfg: dict) -> tuple[list[float | None], list[int], dict[str, Any]]:
+    """(guidance scales, seeds, {negative_prompt, steps, scheduler}): each flag given, else the run's grids'
+    (``run_sampling``), else sdtune's defaults. A guidance of None is the family's default, resolved with the model
+    (``sdtune.sample.with_family_defaults``)."""
+    ran = run_sampling(run_cfg)
+    guidance = (parse_floats(args.guidance, "--guidance") if args.guidance is not None
+                else [ran.get("guidance_scale")])
+    seeds = (parse_ints(args.seeds, "--seeds", 0, 2**63 - 1) if args.seeds is not None
+             else [int(s) for s in ran.get("seeds", DEFAULT_SEEDS)])
+    shared = {"negative_prompt": args.negative_prompt if args.negative_prompt is not None
+              else ran.get("negative_prompt", ""),
+              "steps": args.steps or ran.get("steps", DEFAULT_STEPS),
+              "scheduler": args.scheduler or ran.get("scheduler", DEFAULT_SCHEDULER)}
+    return guidance, seeds, shared
 
 
 def _source(args: argparse.Namespace) -> tuple[Path | None, dict, list[tuple[str, str]], str]:
