@@ -454,6 +454,15 @@ def _image(path: Path, resolution: int | None, key: str, scan: Scan, found: Loca
     return size
 
 
+def image_problems(paths: list[Path], key: str, resolution: int | None = None) -> list[str]:
+    """One line per image of ``paths`` training could not read (``key``: the recipe key of their folder), as
+    an instance folder's scan says them; each file version is decoded once (a rerun looks it up)."""
+    scan = Scan()
+    for path in paths:
+        _image(path, resolution, key, scan, _found(path))
+    return list(scan.problems)
+
+
 def mask_of(path: Path, decoded: Decoded) -> Image.Image | None:
     """The subject mask of the image at ``path`` (decoded as ``decoded``): mode L at the decoded image's size,
     255 = subject. ``NAME.mask.png`` beside it, else the image's own transparency; None without either.

@@ -46,7 +46,7 @@ from sdtune.families import Family
 from sdtune.families.base import KohyaModule
 from sdtune.files import atomic_path
 from sdtune.hub import public_model_id
-from sdtune.layout import CLIP_TEXT_CLASSES, canonical_text_encoder_keys
+from sdtune.layout import CLIP_TEXT_CLASSES, canonical_text_encoder_keys, sort_metadata
 from sdtune.models import inspect_model
 from sdtune.runs import (
     CHECKPOINTS,
@@ -101,6 +101,13 @@ def lycoris_kind(keys: list[str] | set[str]) -> str | None:
     return next((kind for kind, names in LYCORIS_FACTORS.items() if parts & set(names)), None)
 
 
+def sorted_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A PEFT config dict (``to_dict()``) with its sets as sorted lists. PEFT keeps ``target_modules`` as a
+    set, whose order follows Python's per-process string hashing: written as it is, two runs with bitwise the
+    same weights wrote files with different bytes (and sha256), and ``sample --replay`` refused the rerun."""
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
+
+
 @dataclass
 class Adapter:
     """One component's adapter: tensors in PEFT naming and the PEFT config fields that scale them.
@@ -126,7 +133,7 @@ class Adapter:
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
         return cls(
             canonical_text_encoder_keys(tensors, type(module).__name__),  # as in the run's files
-            module.peft_config[adapter_name].to_dict(),  # type: ignore[index]
+            sorted_config(module.peft_config[adapter_name].to_dict()),  # type: ignore[index]
         )
 
     @property
@@ -1044,6 +1051,7 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], out_file: Path, metadata
     with atomic_path(out_file) as tmp:  # never leave a half-written LoRA under the real name
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={**metadata, MARK_KEY: __version__})
+        sort_metadata(tmp)  # the same bytes for the same LoRA, whatever the process
 
 
 def _write_diffusers(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
@@ -1204,8 +1212,9 @@ def export_run(run_dir: str | Path, fmt: str, out_file: str | Path,
 
 
 def run_files(run_dir: str | Path) -> dict[str, Path]:
-    """{format: file} for the formats training writes into a run folder beside its diffusers LoRA."""
-    run_dir = Path(run_dir)
+    """{format: file} for the formats training writes into a run folder beside its diffusers LoRA, named after
+    the folder (``train.output_dir=.`` too: its real name, not "")."""
+    run_dir = Path(run_dir).resolve()
     return {fmt: run_dir / f.run_file.format(run=run_dir.name) for fmt, f in WRITERS.items() if f.run_file}
 
 

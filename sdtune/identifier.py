@@ -28,6 +28,7 @@ from typing import Any
 
 from sdtune import families
 from sdtune.errors import SdtuneError
+from sdtune.hub import offline_reason, offline_unless_reachable
 from sdtune.tokens import BOS_TOKEN, EOS_TOKEN, VOCAB_SIZE, clip_tokenize, clip_vocab
 
 # --- thresholds -------------------------------------------------------------------------------------------
@@ -469,10 +470,13 @@ def load_tokenizers(path_or_id: str, family: str | None = None) -> list:
             if tok is None:
                 raise SdtuneError(f"--tokenizer: cannot read a CLIP tokenizer from {local / (s or '')}; give {hint}")
     else:
+        # no network: straight to the Hugging Face cache, not minutes of retries per subfolder tried
+        offline = offline_unless_reachable()
         first = load(names[0])
         tokenizers = [first if first is not None else load(None)]  # a model repo, or a tokenizer repo
         if tokenizers[0] is None:
-            raise SdtuneError(f"--tokenizer: cannot load {path_or_id}; give {hint}")
+            why = f" (not in the Hugging Face cache, and {offline_reason()})" if offline else ""
+            raise SdtuneError(f"--tokenizer: cannot load {path_or_id}{why}; give {hint}")
         tokenizers += [tok for tok in map(load, names[1:]) if tok is not None]
     expected = len(families.get(family).text_encoders) if family else len(tokenizers)
     if len(tokenizers) != expected:

@@ -75,12 +75,34 @@ def rewrite_safetensors_header(path: str | Path, edit: Callable[[dict[str, Any]]
     header = edit(safetensors_header(path))
     with open(path, "rb") as src:
         old_size = struct.unpack("<Q", src.read(8))[0]
-        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw = _header_bytes(header)
         raw += b" " * (-len(raw) % 8)  # the data stays 8-byte aligned, as safetensors writes it
         src.seek(8 + old_size)
         with atomic_path(path) as tmp, open(tmp, "wb") as dst:
             dst.write(struct.pack("<Q", len(raw)) + raw)
             shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _header_bytes(header: dict[str, Any]) -> bytes:
+    """A safetensors header as written: compact JSON, metadata keys sorted (see ``sort_metadata``)."""
+    if isinstance(header.get("__metadata__"), dict):
+        header = {**header, "__metadata__": dict(sorted(header["__metadata__"].items()))}
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def sort_metadata(path: str | Path) -> None:
+    """Sort the metadata keys of a ``.safetensors`` file just written, in place (the header keeps its length;
+    call it on a file not yet in its final place). safetensors writes metadata from a Rust HashMap, in an order
+    seeded per process: the same tensors and metadata gave other bytes (and another sha256) in each run, so a
+    file's hash could not say whether a LoRA changed (``sample --replay``)."""
+    header = safetensors_header(path)
+    with open(path, "r+b") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        raw = _header_bytes(header)
+        raw += b" " * (size - len(raw))  # the same keys and values: never longer than the one written
+        if len(raw) != size:  # a header with other spacing than safetensors' own: leave the file as it is
+            return
+        f.write(raw)
 
 
 def canonical_text_encoder_folder(folder: str | Path, model_class: str) -> list[Path]:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from sdtune.errors import SdtuneError, error_summary, first_line
 from sdtune.families import Components, Family, TextEncoderSpec
 from sdtune.files import atomic_path
+from sdtune.layout import sort_metadata
 from sdtune.runs import safetensors_header
 
 if TYPE_CHECKING:
@@ -260,6 +261,7 @@ def write_single_file(components: Components, family: Family, path: str | Path,
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_original(components, family).items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        sort_metadata(tmp)
     return path
 
 

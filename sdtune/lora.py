@@ -22,7 +22,7 @@ import torch
 
 from sdtune import __version__
 from sdtune.errors import SdtuneError, first_line
-from sdtune.export import public_name
+from sdtune.export import public_name, sorted_config
 from sdtune.families import Family
 from sdtune.fsdp import full_state, shard_like
 from sdtune.layout import canonical_text_encoder_keys, keys_for_module, rewrite_safetensors_header
@@ -220,7 +220,7 @@ def save_diffusers_lora(output_dir: str | Path, family: Family, trained: dict[st
         # to the old diffusers names renames only attention keys; diffusers' loader then guesses the format
         # from the first key and silently drops the others when a run trains more than attention.
         kwargs[f"{name}_lora_layers"] = states[name] if states is not None else adapter_state_dict(module)
-        config = module.peft_config["default"].to_dict()
+        config = sorted_config(module.peft_config["default"].to_dict())
         config["base_model_name_or_path"] = public_name(base_model or config.get("base_model_name_or_path"))
         kwargs[f"{name}_lora_adapter_metadata"] = config
     getattr(diffusers, family.lora_pipeline).save_lora_weights(output_dir, safe_serialization=True, **kwargs)

@@ -44,6 +44,8 @@ from sdtune.embedding_files import (
 )
 from sdtune.errors import SdtuneError
 from sdtune.families import Family
+from sdtune.files import atomic_path
+from sdtune.layout import sort_metadata
 from sdtune.runs import EMBEDDINGS_DIR, MARK_KEY
 from sdtune.tokens import clip_tokenize
 
@@ -168,7 +170,9 @@ class Embeddings:
             path = directory / f"{identifier}.safetensors"
             metadata = {TOKENS_KEY: ",".join(self.tokens[identifier]), MODE_KEY: self.mode,
                         MARK_KEY: __version__}
-            save_file(tensors, str(path), metadata=metadata)
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata=metadata)
+                sort_metadata(tmp)
             written.append(path)
         return written
 

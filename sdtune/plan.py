@@ -25,6 +25,8 @@ from sdtune.data import (
     Scan,
     concept_repeats,
     has_word,
+    image_problems,
+    list_images,
     mask_file,
     option_warnings,
     scan_instance_dir,
@@ -34,6 +36,7 @@ from sdtune.families import Family, ModelFiles, ModelInfo
 from sdtune.files import cache_root, existing_ancestor, flush_manifests
 from sdtune.fsdp import config_problems as fsdp_problems
 from sdtune.hfdata import materialize
+from sdtune.identifier import check_identifier
 from sdtune.locks import HOLDER, LOCK
 from sdtune.models import (
     describe,
@@ -46,6 +49,7 @@ from sdtune.models import (
 )
 from sdtune.optim import optimizer_problems
 from sdtune.pivotal import config_problems as pivotal_problems
+from sdtune.prior import other_class_images
 from sdtune.quantize import problems as quantize_problems
 from sdtune.quantize import warnings as quantize_warnings
 from sdtune.resume import check_resume, fingerprint
@@ -104,6 +108,16 @@ def class_images_dir(cfg: Config, resolution: int, model_identity: str, concept:
     key = "|".join([model_identity, m.variant or "", concept.class_prompt or "", str(resolution),
                     str(p.generation_steps), str(p.generation_guidance), *stored])
     return cache_root() / "class_images" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _class_image_problems(cfg: Config, resolution: int | None) -> list[str]:
+    """The images of a user's ``prior.class_dir`` that training would take (the first ``num_class_images``) and
+    could not read: said here, before anything is generated into the folder or any weight loads."""
+    if not cfg.prior.enabled:
+        return []
+    return [line for c in cfg.concepts() if c.class_dir and Path(c.class_dir).is_dir()
+            for line in image_problems(list_images(c.class_dir)[: cfg.prior.num_class_images], c.key_of("class_dir"),
+                                       resolution)]
 
 
 def base_identity(cfg: Config, family: Family) -> str:
@@ -400,10 +414,11 @@ def _check_model(cfg: Config, problems: list[str], warnings: list[str]) -> tuple
     return dataclasses.replace(info, family=families.with_prompt_length(info.family, tokens)), files
 
 
-def _check_caption_lengths(cfg: Config, info: ModelInfo, files: ModelFiles, examples: list[Example],
-                           warnings: list[str]) -> None:
-    """A caption (or class prompt) longer than a text encoder reads, from the model's own tokenizers (no
-    weights), so that ``--dry-run`` says it and ``--strict`` refuses it with the other problems."""
+def _check_tokens(cfg: Config, info: ModelInfo, files: ModelFiles, examples: list[Example],
+                  warnings: list[str]) -> None:
+    """What the model's own tokenizers (no weights) say of the run's words: an identifier that is not a single,
+    rare token (``sdtune check-token``), a caption (or class prompt) longer than a text encoder reads. Here,
+    ``--dry-run`` says them and ``--strict`` refuses them with the other problems."""
     class_prompts = [(k.key_of("class_prompt"), k.class_prompt) for k in cfg.concepts()
                      if cfg.prior.enabled and k.class_prompt]
     m = cfg.model
@@ -413,6 +428,12 @@ def _check_caption_lengths(cfg: Config, info: ModelInfo, files: ModelFiles, exam
         warnings.append(f"captions: their length was not checked: the tokenizers of {m.base or m.pretrained} "
                         f"could not be read ({error_summary(e, 120)})")
         return
+    for concept in cfg.concepts():
+        report = check_identifier(concept.identifier, tokenizers)
+        if report.verdict != "good":
+            more = "" if "suggest-tokens" in report.summary else ", `sdtune suggest-tokens`"  # said once
+            warnings.append(f"{concept.key_of('identifier')} {report.summary} (see `sdtune check-token "
+                            f"{concept.identifier}`{more})")
     warnings += truncated_captions(info.family, examples, tokenizers, cfg.identifiers(), class_prompts)
 
 
@@ -502,7 +523,7 @@ def check_run(cfg: Config, strict: bool = False, run_folder: bool = True) -> Run
     if info is not None:
         cfg = with_family_defaults(cfg, info.family)
     folders, scan = _scan_data(cfg, cfg.data.resolution or (info.resolution if info else None))
-    problems += scan.problems
+    problems += scan.problems + _class_image_problems(cfg, cfg.data.resolution or (info.resolution if info else None))
     warnings = model_warnings + list(scan.warnings) + option_warnings(cfg.data)
     _check_prompts(cfg, scan.examples, problems, warnings)
     validation = check_validation(cfg, cfg.data.resolution or (info.resolution if info else None),
@@ -534,7 +555,11 @@ def check_run(cfg: Config, strict: bool = False, run_folder: bool = True) -> Run
         _check_family(cfg, info, files, problems)
         problems += weight_problems(cfg.model.pretrained, cfg.model.revision)
         if not scan.problems:
-            _check_caption_lengths(cfg, info, files, scan.examples, warnings)
+            _check_tokens(cfg, info, files, scan.examples, warnings)
+        # class images of the user's folder that sdtune made for another prompt or model (by name here; their
+        # files' identity is compared again when the run loads the model)
+        warnings += [w for c in cfg.concepts() if cfg.prior.enabled and c.class_dir and c.class_prompt
+                     for w in [other_class_images(Path(c.class_dir), c.class_prompt, info.pretrained)] if w]
     data = {} if scan.problems else _data_fingerprint(cfg, scan.examples)
     resumed = None
     if cfg.train.resume and not scan.problems and run_folder:

@@ -37,6 +37,24 @@ def missing_class_indices(class_dir: Path, num_class_images: int) -> list[int]:
     return missing
 
 
+def other_class_images(class_dir: Path, class_prompt: str, model_id: str, model_identity: str | None = None) -> str | None:
+    """The warning for a class-image folder whose record (``MANIFEST``, written when sdtune generated them) names
+    another class prompt or model than this run's; ``model_identity``: also the model's files (None: its name
+    only, as a check that reads no weights gives it). None when they match, or nothing is recorded."""
+    try:
+        old = json.loads((class_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    old = old if isinstance(old, dict) else {}
+    same_files = model_identity is None or old.get("identity", model_identity) == model_identity
+    if old.get("class_prompt") == class_prompt and old.get("model") == model_id and same_files:
+        return None
+    changed = " (the same name, but its files have changed since)" if old.get("model") == model_id else ""
+    return (f"{class_dir} holds class images made for '{old.get('class_prompt')}' with {old.get('model')}"
+            f"{changed}, not '{class_prompt}' with {model_id}; they are used as they are (prior.class_dir is "
+            "yours: sdtune does not replace its images; empty it to generate new ones)")
+
+
 def ensure_class_images(
     pipe: Any,
     class_dir: Path,
@@ -66,19 +84,8 @@ def ensure_class_images(
     record = {"model": model_id, "identity": model_identity, "class_prompt": class_prompt, "resolution": resolution,
               "steps": steps, "guidance_scale": guidance_scale}
     if manifest.is_file():
-        try:
-            old = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = {}
-        old = old if isinstance(old, dict) else {}
-        same_model = old.get("model") == model_id and old.get("identity", model_identity) == model_identity
-        if old.get("class_prompt") != class_prompt or not same_model:
-            changed = " (the same name, but its files have changed since)" if old.get("model") == model_id else ""
-            warnings.append(
-                f"{class_dir} holds class images made for '{old.get('class_prompt')}' with {old.get('model')}"
-                f"{changed}, not '{class_prompt}' with {model_id}; they are used as they are (prior.class_dir is "
-                "yours: sdtune does not replace its images; empty it to generate new ones)"
-            )
+        other = other_class_images(class_dir, class_prompt, model_id, model_identity)
+        warnings += [other] if other else []
     elif process_index == 0:
         write_text(manifest, json.dumps(record, indent=2))
 

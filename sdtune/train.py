@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from sdtune import fsdp
 from sdtune.cache import LatentStore, TextCache, cache_latents, note_identity, shard, vae_identity
 from sdtune.checkpoint import clean_temporary, load_checkpoint, save_checkpoint
-from sdtune.config import Config
+from sdtune.config import Config, ConfigError
 from sdtune.data import (
     BucketBatchSampler,
     CaptionRules,
@@ -75,7 +75,6 @@ from sdtune.families import Components, Family, TextEncoderSpec
 from sdtune.files import cache_root, free_bytes, is_disk_full, mib, write_text
 from sdtune.grid import Settings
 from sdtune.guards import NonFiniteGuard, Pause, StalledLoraGuard, StepTimer, StopSignals
-from sdtune.identifier import check_identifier
 from sdtune.locks import Busy, cache_lock, run_lock
 from sdtune.lora import adapter_state_dict, add_lora, has_adapter, save_diffusers_lora, trainable_parameters
 from sdtune.memory import estimate
@@ -95,7 +94,7 @@ from sdtune.plan import (
     default_sample_prompts,
     with_family_defaults,
 )
-from sdtune.prior import ensure_class_images, missing_class_indices
+from sdtune.prior import ensure_class_images, missing_class_indices, other_class_images
 from sdtune.quantize import frozen_size, quantize
 from sdtune.resume import flat_keys, refuse_data_drift
 from sdtune.runs import CONFIG, RUN_MARKER, WEIGHT_NAME
@@ -483,13 +482,6 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator,
                         bundled_text_encoders=m.bundled_text_encoders,
                         # read in half precision where the run computes in it: FLUX.1 + T5 take 34 GB of RAM, not 68
                         dtype=None if weight_dtype == torch.float32 else weight_dtype)
-    # Is each identifier a single, rare, meaningless token for this model's tokenizer(s)? (sdtune check-token)
-    for concept in cfg.concepts():
-        report = check_identifier(concept.identifier, c.tokenizers)
-        if report.verdict != "good":
-            more = "" if "suggest-tokens" in report.summary else ", `sdtune suggest-tokens`"  # said once
-            logger.warning(f"{concept.key_of('identifier')} {report.summary} (see `sdtune check-token "
-                           f"{concept.identifier}`{more})")
     # Frozen weights in the compute dtype; a VAE that overflows in fp16 (SDXL's) asks for fp32 (force_upcast).
     c.vae.requires_grad_(False).to(device, torch.float32 if c.vae.config.force_upcast else weight_dtype)
     frozen = [(info.family.denoiser_name, c.denoiser, m.quantize, "model.quantize=")] + [
@@ -554,6 +546,10 @@ def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accele
                                  key=f"{plan.model.pretrained}|{concept.class_prompt}|{plan.resolution}")
             if note:
                 logger.info(note)
+        # the user's folder made for another model (its files: the plan compared names only), before any image
+        other = other_class_images(class_dir, concept.class_prompt, plan.model.pretrained, identity) if given else None
+        if other and plan.strict and other not in plan.warnings:
+            raise ConfigError([f"{other} (--strict)"])
         with contextlib.ExitStack() as stack, accelerator.autocast():
             if accelerator.is_main_process:  # the other processes of this run generate beside it (other images)
                 stack.enter_context(cache_lock(class_dir, "class images"))
@@ -570,7 +566,8 @@ def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accele
                 num_processes=accelerator.num_processes, progress=accelerator.is_main_process,
                 max_sequence_length=family.max_sequence_length, missing=missing,
             ):
-                logger.warning(w)
+                if w not in plan.warnings:  # said by the plan already
+                    logger.warning(w)
             accelerator.wait_for_everyone()
         class_paths = list_images(class_dir)[: cfg.prior.num_class_images]
         if len(concepts) > 1 and len(class_paths) != cfg.prior.num_class_images:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import re
 from pathlib import Path
 
@@ -823,3 +824,61 @@ def test_every_registered_format_exports_and_reads_back(fmt, run, tmp_path):
         assert run_file in export.existing_run_files(out)[fmt]
     else:
         assert run_file is None
+
+
+def test_the_lora_file_bytes_do_not_depend_on_the_hash_seed(tiny_model, tmp_path):
+    """PEFT keeps target_modules as a set, whose order follows Python's string hashing (PYTHONHASHSEED, random per
+    process): the config written into the file's header made two runs with bitwise equal weights write files
+    with other bytes, and `sample --replay` refused the second. Written sorted, the bytes are the same."""
+    import hashlib
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from sdtune import families\n"
+        "from sdtune.lora import add_lora, save_diffusers_lora\n"
+        "from sdtune.models import load_components\n"
+        "c = load_components(sys.argv[1], families.get('sd15'))\n"
+        "torch.manual_seed(0)\n"
+        "add_lora(c.denoiser, 4, 4, ['to_k', 'to_q', 'to_v', 'to_out.0', 'proj_in', 'proj_out', 'ff.net.2'])\n"
+        "save_diffusers_lora(sys.argv[2], families.get('sd15'), {'unet': c.denoiser})\n"
+    )
+    digests = set()
+    for seed in ("1", "2", "3"):
+        out = tmp_path / seed
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-c", script, str(tiny_model("sd15")), str(out)], check=True, env=env,
+                       timeout=300, capture_output=True)
+        digests.add(hashlib.sha256((out / WEIGHT_NAME).read_bytes()).hexdigest())
+    assert len(digests) == 1
+
+
+def test_sort_metadata_orders_the_header_in_place(tmp_path):
+    """safetensors writes metadata in a per-process hash order; sort_metadata makes the bytes a function of the
+    contents (kohya files, embeddings and single files are written through it), and the file still loads."""
+    from sdtune.layout import sort_metadata
+
+    path = tmp_path / "m.safetensors"
+    metadata = {f"k{i}": str(i) * i for i in (5, 3, 9, 1, 7)}
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.float16)}
+    save_file(tensors, path, metadata=metadata)
+    size = path.stat().st_size
+    sort_metadata(path)
+    raw = path.read_bytes()
+    assert len(raw) == size and raw.index(b'"k1"') < raw.index(b'"k3"') < raw.index(b'"k5"') < raw.index(b'"k9"')
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == metadata
+    back = load_file(path)
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+def test_a_run_in_the_current_folder_names_its_kohya_file_after_it(tiny_model, tmp_path, monkeypatch):
+    """train.output_dir=. wrote `_kohya.safetensors` (the name of "." is ""), titled `_kohya` in its metadata
+    and the model card: the folder's real name is used."""
+    folder = tmp_path / "my-dog"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    train(load_config(None, overrides(tiny_model("sd15"), Path("."), "train.max_steps=1", "sample.every=0")))
+    assert (folder / "my-dog_kohya.safetensors").is_file() and not (folder / "_kohya.safetensors").exists()
+    assert "<lora:my-dog_kohya:1>" in (folder / "README.md").read_text()

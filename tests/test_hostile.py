@@ -194,6 +194,45 @@ def test_a_dry_run_names_a_cut_caption_and_strict_refuses_it(tiny_model, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_a_dry_run_says_what_training_would_warn_of_and_strict_refuses_it(tiny_model, tmp_path, recipe, capsys):
+    """A weak identifier ('cat': a common word) and a class folder sdtune made for another prompt were warned of
+    only after the weights loaded: `--dry-run` did not show them and `--strict` trained through them."""
+    from sdtune.prior import MANIFEST
+
+    classes = tmp_path / "classes"
+    shutil.copytree(DEMO_DATA, classes, ignore=shutil.ignore_patterns("*.jsonl"))
+    (classes / MANIFEST).write_text(json.dumps({"model": "other-model", "class_prompt": "a photo of a ball"}))
+    args = ["train", str(recipe), *overrides(tiny_model(), tmp_path / "run", "data.identifier=cat",
+                                             "data.instance_prompt=a photo of cat toy", "prior.enabled=true",
+                                             "prior.class_prompt=a photo of a toy", f"prior.class_dir={classes}",
+                                             "prior.num_class_images=4"), "--dry-run"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "warning: data.identifier bad: 'cat'" in out
+    assert f"warning: {classes} holds class images made for 'a photo of a ball' with other-model, not 'a photo " \
+        "of a toy'" in out
+    code, _, err = run_cli(capsys, *args, "--strict")
+    assert code == 2 and "data.identifier bad: 'cat'" in err and "holds class images made for" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unreadable_class_image_is_refused_before_anything_is_written(tiny_model, tmp_path, recipe, capsys):
+    """A bad file among the class images training takes passed the checks; the run then generated into the
+    folder and failed on it. It is one line of the plan now."""
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    for name in ("toy_00.png", "toy_01.png"):
+        shutil.copy(DEMO_DATA / name, classes / name)
+    (classes / "bad.jpg").write_bytes(b"x")
+    before = snapshot(classes)
+    code, _, err = run_cli(capsys, "train", str(recipe), *overrides(
+        tiny_model(), tmp_path / "run", "prior.enabled=true", "prior.class_prompt=a photo of a toy",
+        f"prior.class_dir={classes}", "prior.num_class_images=4", "prior.generation_steps=1"))
+    assert code == 2 and "error: prior.class_dir: cannot read bad.jpg" in err
+    one_line_error(err)
+    assert snapshot(classes) == before and not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------------------------------------
 # 2. Caches keyed by what a model is, not by its name
 
