@@ -10,8 +10,11 @@ crops: every flagged or dropped one and an even sample of the rest, as the repor
 
 Problems with the photos themselves (near duplicates, blur, upscaling, extreme aspect, a grayscale-only
 set) are reported, never silently fixed; ``--drop`` leaves the flagged ones out (status ``dropped`` in the
-report, marked DROPPED on the contact sheet, absent from ``metadata.jsonl`` and from OUT). Sources are only
-read; nothing is written outside OUT; running twice gives the same bytes.
+report, marked DROPPED on the contact sheet, absent from ``metadata.jsonl`` and from OUT). Of a group of
+duplicates the best copy is never flagged (``set_findings``), so ``--drop duplicates`` keeps it. Sources are
+only read; nothing is written outside OUT; running twice gives the same bytes. A rerun into OUT replaces the
+earlier output, but not a file of it edited since (the report records the sha256 of what prep wrote), and an
+earlier prep output in a subfolder of SRC is skipped, not read as photos.
 
 ``--crop bucket`` keeps each photo's aspect ratio (snapped to the family's training buckets), so its
 images are not square. ``datasets`` and ``sdtune train`` read them as they are; with
@@ -30,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import string
 import sys
 import unicodedata
@@ -42,6 +46,7 @@ from typing import TextIO
 from PIL import Image, ImageColor, ImageDraw
 
 from sdtune.errors import SdtuneError
+from sdtune.files import sha256_file
 from sdtune.grid import load_font
 from sdtune.images import Decoded, Unreadable, read_image
 
@@ -73,6 +78,11 @@ DROPS = {"duplicates": "DUP", "blurry": "BLUR", "small": "SMALL", "extreme-aspec
 
 NEAR_DUPLICATE_BITS = 6  # phash Hamming distance (of 64) at or below which two photos are the same shot
 BLUR_RATIO = 0.25  # flagged when the variance of the Laplacian is below this fraction of the set's median
+# Of duplicates, copies within this fraction of the sharpest copy's sharpness count as equally sharp (then the
+# largest source is kept). Measured on DreamBench dog/00-02.jpg: at 64 px the original, JPEG q60 / q30 and
+# half-size copies are within 1% of each other (the half-size one highest), at 512 px q60 is 2-4% under the
+# original; a copy blurred with a 2 px Gaussian is 10% under at 64 px and 96% under at 512 px.
+SHARPNESS_TIE = 0.1
 EXTREME_ASPECT = 2.5
 ANALYSIS_SIDE = 256  # short side of the small copy the saliency crop and the perceptual hash look at
 FACE_SIDE = 512
@@ -124,6 +134,8 @@ class Result:
     staged: str | None = None  # where the encoded image (and NAME.mask, NAME.thumb) wait, once off the worker
     has_mask: bool = False  # a NAME.mask.png goes with it (its bytes in mask_encoded, or staged)
     sha256: str = ""
+    output_sha256: str | None = None  # of the bytes written to OUT: a rerun knows an output edited since
+    mask_sha256: str | None = None
     phash: int = 0
     sharpness: float = 0.0
     grayscale: bool = False
@@ -142,6 +154,8 @@ class Result:
         optional = {
             "reason": self.reason, "output": None if self.status == "dropped" else self.output,
             "mask": None if self.status == "dropped" else self.mask,
+            "output_sha256": None if self.status == "dropped" else self.output_sha256,
+            "mask_sha256": None if self.status == "dropped" or not self.mask else self.mask_sha256,
             "caption": self.caption, "format": self.format,
             "size": list(self.size) if self.size else None,
             "crop": self.crop, "crop_box": list(self.crop_box) if self.crop_box else None,
@@ -178,6 +192,7 @@ def prep(
     drop: tuple[str, ...] | list[str] = (),
     face_min_confidence: float | None = None,
     crop_boxes: dict[str, tuple[int, int, int, int]] | None = None,
+    overwrite_edits: bool = False,
 ) -> dict:
     """Prepare SRC into OUT and return the report (also written to OUT/prep_report.json).
 
@@ -187,6 +202,9 @@ def prep(
     ignored, and an image with none left gets the smart crop; the report gives each image's crop and score.
     ``crop_boxes`` (source name relative to SRC -> (left, top, right, bottom) in the upright source's pixels):
     a user's crop for that photo instead of ``crop``'s (``sdtune ui``); square unless ``crop`` is bucket.
+    An OUT that holds an earlier prep output is replaced, unless a file the earlier prep wrote there (an
+    image, a mask, metadata.jsonl's captions) was edited since: then SdtuneError, or with ``overwrite_edits``
+    the edits are replaced too.
 
     Raises SdtuneError for bad options, an unusable OUT, or a SRC with no usable image.
     """
@@ -199,7 +217,7 @@ def prep(
     if caption_from not in (None, "filename", "txt"):
         raise SdtuneError(f"--caption-from: '{caption_from}' is not one of filename, txt")
     src_dir, out_dir = _check_folders(src, out)
-    previous = _previous_outputs(out_dir)
+    previous = _previous_outputs(out_dir, overwrite_edits)
     if previous:
         files = sum(1 for p in previous if p.name != TMP_DIR)
         logger.info(f"replacing the earlier prep output in {out_dir} ({files} files)")
@@ -251,16 +269,14 @@ def _finish(src_dir: Path, out_dir: Path, previous: list[Path], ledger: _Ledger,
     # so a source gets the same output name with or without it.
     _name(ledger, kept, steps, rename, token)
     set_warnings = _check_kept(ledger, kept, steps)
-    for i in kept:  # drop_flagged's choice, on the flags alone (its reasons are written with each row)
-        flags = ledger.flags[i] + steps.flags(i)
-        steps.dropped[i] = any(DROPS[d] in flags for d in drop)
+    steps.decide_drops(ledger.flags, kept)  # the reasons are written with each row (settle)
     if all(steps.dropped[i] for i in kept):
         dropped = [steps.settle(ledger.read(i), i) for i in kept[:5]]
         raise SdtuneError(f"--drop {','.join(drop)}: all {len(kept)} usable images would be dropped: "
                           + "; ".join(f"{r.source}: {r.reason}" for r in dropped))
     report = _report(src_dir, settings, family, rename, caption, caption_from,
                      _summary(ledger, steps, set_warnings), set_warnings, drop)
-    report["files"] = _write(out_dir, previous, ledger, order, kept, steps, report)
+    _write(out_dir, previous, ledger, order, kept, steps, report)
     return report
 
 
@@ -281,6 +297,7 @@ class _Ledger:
         self.warnings = array("q")  # each result's count of warnings as it came
         self.has_mask = bytearray()
         self.sha256 = bytearray()  # 32 bytes each (zeros for none)
+        self.size = array("I")  # the source's width, height (0, 0 for none): which duplicate is largest
         self.phash = array("Q")
         self.sharpness = array("d")
         self.grayscale = bytearray()
@@ -304,6 +321,7 @@ class _Ledger:
         self.warnings.append(len(r.warnings))
         self.has_mask.append(r.has_mask)
         self.sha256 += bytes.fromhex(r.sha256) if r.sha256 else bytes(32)
+        self.size.extend(r.size or (0, 0))
         self.phash.append(r.phash)
         self.sharpness.append(r.sharpness)
         self.grayscale.append(r.grayscale)
@@ -327,7 +345,8 @@ class _Ledger:
 @dataclass
 class _SetSteps:
     """What the steps over the whole set decided for the kept images, by ledger index: output names, the
-    warnings they added (flag, text, in order) and which ``--drop`` leaves out."""
+    warnings they added (flag, text, in order), the best copy of each duplicate and which ``--drop`` leaves
+    out."""
 
     size: int
     fmt: str
@@ -337,6 +356,7 @@ class _SetSteps:
         self.outputs: list[str | None] = [None] * self.size
         self.masks: list[str | None] = [None] * self.size
         self.added: dict[int, list[tuple[str, str]]] = {}  # few: most images get no warning
+        self.best_copy: dict[int, int] = {}  # each image flagged DUP -> the best copy of its group
         self.dropped = bytearray(self.size)
 
     def warn(self, i: int, flag: str, text: str) -> None:
@@ -345,13 +365,26 @@ class _SetSteps:
     def flags(self, i: int) -> tuple[str, ...]:
         return tuple(flag for flag, _ in self.added.get(i, ()))
 
+    def decide_drops(self, worker_flags: list[tuple[str, ...]], kept: list[int]) -> None:
+        """Which kept images ``--drop`` leaves out, on their flags (the workers' and the set's): a duplicate
+        only where the best copy of its group stays, so no photo is lost to a copy that is itself dropped."""
+        others = {DROPS[d] for d in self.drop if d != "duplicates"}
+        for i in kept:
+            self.dropped[i] = bool(others.intersection(worker_flags[i] + self.flags(i)))
+        if "duplicates" in self.drop:
+            for i, best in self.best_copy.items():
+                self.dropped[i] |= not self.dropped[best]
+
     def settle(self, r: Result, i: int) -> Result:
         """``r`` (ledger entry ``i``, as its worker left it) as the report gives it: named, warned, dropped."""
         r.output, r.mask = self.outputs[i], self.masks[i]
         for flag, text in self.added.get(i, ()):
             r.warn(flag, text)
         if self.dropped[i]:
-            drop_flagged([r], self.drop)
+            best = self.best_copy.get(i)
+            # a duplicate of a dropped best copy is dropped for its other flags alone (decide_drops)
+            drop_flagged([r], self.drop if best is None or not self.dropped[best]
+                         else tuple(d for d in self.drop if d != "duplicates"))
         return r
 
 
@@ -368,7 +401,8 @@ def drop_flagged(kept: list[Result], drop: tuple[str, ...]) -> list[Result]:
     """Mark the images flagged by the checks named in ``drop`` as dropped (reason: the names and the warnings
     that flagged them) and return them, in order.
 
-    Only later images are flagged duplicates, so of each group of duplicates the first stays.
+    Of each group of duplicates the best copy is never flagged DUP (``set_findings``: sharpest, then largest,
+    then first by name, preferring copies no other --drop check leaves out), so it stays with ``duplicates``.
     """
     dropped = []
     for r in kept:
@@ -442,8 +476,9 @@ def _check_folders(src: str | Path, out: str | Path) -> tuple[Path, Path]:
     return src_dir, out_dir
 
 
-def _previous_outputs(out_dir: Path) -> list[Path]:
-    """What an earlier prep left in OUT (to be replaced); refuse an OUT that holds anything else."""
+def _previous_outputs(out_dir: Path, overwrite_edits: bool = False) -> list[Path]:
+    """What an earlier prep left in OUT (to be replaced); refuse an OUT that holds anything else, or (unless
+    ``overwrite_edits``) one of the earlier prep's files edited since it wrote them."""
     if not out_dir.exists():
         return []
     entries = [p for p in out_dir.iterdir() if p.name.lower() not in JUNK_FILES]
@@ -454,17 +489,61 @@ def _previous_outputs(out_dir: Path) -> list[Path]:
         raise SdtuneError(f"OUT: {out_dir} is not empty and holds no {REPORT} from an earlier prep; choose an "
                           "empty or new folder")
     try:
-        rows = json.loads(report.read_text(encoding="utf-8"))["files"]
-        ours = {REPORT, METADATA, SHEET, TMP_DIR, STAGE_DIR} | {r[key] for r in rows for key in ("output", "mask")
-                                                     if r.get(key)}
-    except (ValueError, KeyError, TypeError):
+        earlier = json.loads(report.read_text(encoding="utf-8"))
+        written = _written(earlier)
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise SdtuneError(f"OUT: {report} is unreadable; empty {out_dir} or choose another folder") from None
+    ours = {REPORT, SHEET, TMP_DIR, STAGE_DIR} | set(written)
     foreign = sorted(p.name for p in entries if p.name not in ours)
     if foreign:
-        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise SdtuneError(f"OUT: {out_dir} holds files an earlier prep did not write ({listed}); move them or "
-                          "choose another folder")
+        raise SdtuneError(f"OUT: {out_dir} holds files an earlier prep did not write ({_listed(foreign)}); move "
+                          "them or choose another folder")
+    edited = [] if overwrite_edits else _edited(entries, written, report.stat().st_mtime_ns)
+    if edited:
+        one = len(edited) == 1
+        raise SdtuneError(f"OUT: {_listed(edited)} in {out_dir} {'was' if one else 'were'} edited since prep "
+                          f"wrote {'it' if one else 'them'}; fix: --overwrite-edits to replace "
+                          f"{'it' if one else 'them'}, or move {'it' if one else 'them'} away first")
     return entries
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _written(report: dict) -> dict[str, str | None]:
+    """What the prep that wrote ``report`` left in OUT besides the report and the sheet: file name -> its
+    sha256 as written (None where that prep, an older sdtune, did not record it)."""
+    written: dict[str, str | None] = {METADATA: report.get("metadata_sha256")}
+    for row in report["files"]:
+        for key in ("output", "mask"):
+            if row.get(key):
+                written[row[key]] = row.get(f"{key}_sha256")
+    return written
+
+
+def _edited(entries: list[Path], written: dict[str, str | None], since: int) -> list[str]:
+    """The names of ``entries`` that differ from what the earlier prep wrote (``written``): a file with other
+    bytes, or a folder in a file's place. Only metadata.jsonl and files modified at or after the earlier
+    report (``since``, its mtime in ns: prep closes it after writing every image) are read, so a rerun over
+    100,000 untouched images hashes none of them. A link in a file's place is not edited content (removing
+    it loses nothing); a file whose hash the earlier prep (an older sdtune) did not record cannot be told."""
+    edited = []
+    for p in entries:
+        if p.name not in written:
+            continue
+        st = p.lstat()  # one system call a file
+        if stat.S_ISDIR(st.st_mode):
+            edited.append(p.name)
+            continue
+        expected = written[p.name]
+        if expected is None or not stat.S_ISREG(st.st_mode):  # a link: removing it loses nothing
+            continue
+        if p.name != METADATA and st.st_mtime_ns < since:
+            continue
+        if sha256_file(p) != expected:
+            edited.append(p.name)
+    return sorted(edited)
 
 
 def _nothing_usable(src_dir: Path, results: list[Result]) -> str:
@@ -491,29 +570,59 @@ def _order(rel: str) -> tuple[str, str]:
 
 def find_sources(src_dir: Path, out_dir: Path) -> tuple[list[tuple[str, Path]], list[Result]]:
     """Candidate image files under ``src_dir`` (relative name, path) and results for what is left out:
-    junk and text files (ignored), symlinks leaving SRC and non-regular files (skipped)."""
+    junk and text files (ignored), symlinks leaving SRC, non-regular and empty files, and earlier prep
+    outputs in subfolders (skipped: their crops would be duplicates, their contact sheet a collage)."""
     sources: list[tuple[str, Path]] = []
     left_out: list[Result] = []
+    src_is_prep_output = _is_prep_output(src_dir)  # re-prepping a prep output: its images, not its sheet
     for dirpath, dirnames, filenames in os.walk(src_dir):  # does not follow symlinked folders
         here = Path(dirpath)
         for d in sorted(dirnames):
-            path, rel = here / d, (here / d).relative_to(src_dir).as_posix()
-            if d.lower() in JUNK_DIRS or d.startswith("."):
-                left_out.append(Result(rel + "/", "ignored", reason="junk or hidden folder"))
+            rel = (here / d).relative_to(src_dir).as_posix()
+            row, search = _folder(here / d, rel, out_dir)
+            if row is not None:
+                left_out.append(row)
+            if not search:
                 dirnames.remove(d)
-            elif path.resolve() == out_dir:
-                dirnames.remove(d)  # OUT inside SRC: our own output is not a source
-            elif path.is_symlink():
-                left_out.append(Result(rel + "/", "skipped", reason="symlinked folder not followed"))
         dirnames.sort()
         for name in sorted(filenames):
             path, rel = here / name, (here / name).relative_to(src_dir).as_posix()
             why = _left_out(path, src_dir)
+            if src_is_prep_output and rel == SHEET:
+                why = "skipped", f"the contact sheet of the earlier sdtune prep in SRC ({REPORT}), not a photo"
             if why is None:
                 sources.append((rel, path))
             else:
                 left_out.append(Result(rel, *why))
     return sources, left_out
+
+
+def _folder(path: Path, rel: str, out_dir: Path) -> tuple[Result | None, bool]:
+    """(the report row of the subfolder ``path`` of SRC, named ``rel``, if it is left out; whether to search
+    it for photos)."""
+    name = path.name
+    if name.lower() in JUNK_DIRS or name.startswith("."):
+        return Result(rel + "/", "ignored", reason="junk or hidden folder"), False
+    if path.resolve() == out_dir:
+        return None, False  # OUT inside SRC: our own output is not a source
+    if path.is_symlink():  # os.walk does not follow it
+        return Result(rel + "/", "skipped", reason="symlinked folder not followed"), True
+    if _is_prep_output(path):
+        why = (f"an earlier sdtune prep output ({rel}/{REPORT}): its crops are not photos, nor its contact sheet; "
+               "prep the photos it came from")
+        return Result(rel + "/", "skipped", reason=why), False
+    return None, True
+
+
+def _is_prep_output(folder: Path) -> bool:
+    """Whether ``folder`` holds a prep_report.json that sdtune prep wrote (its first key is ``sdtune_prep``);
+    reads its first bytes only (a 100,000-photo report is tens of MB)."""
+    try:
+        with open(folder / REPORT, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    return re.match(rb'\{\s*"sdtune_prep"\s*:', head) is not None
 
 
 def _left_out(path: Path, src_dir: Path) -> tuple[str, str] | None:
@@ -528,8 +637,11 @@ def _left_out(path: Path, src_dir: Path) -> tuple[str, str] | None:
             return "skipped", "symlink to a file outside SRC refused"
     if not path.is_file():
         return "skipped", "not a regular file (broken link, device or pipe)"
-    if path.stat().st_size > MAX_FILE_BYTES:
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
         return "skipped", f"file larger than {MAX_FILE_BYTES // 2**20} MiB"
+    if size == 0:  # the same words as `sdtune train` (sdtune.data) for the same file
+        return "skipped", "an empty file (0 bytes); fix: copy the photo again, or remove it"
     return None
 
 
@@ -678,9 +790,11 @@ def process(rel: str, path: str, caption: str, settings: Settings, mask: str | N
     image.info = {}  # Pillow would write the source's EXIF or ICC profile back out from here
     r.output_size = image.size
     r.encoded = encode(image, settings.format)
+    r.output_sha256 = hashlib.sha256(r.encoded).hexdigest()
     subject = _subject(mask, decoded, r)
     if subject is not None:  # the same crop and resize as the pixels, so it lies exactly on them
         r.mask_encoded = encode(subject.resize(out_size, Image.Resampling.LANCZOS, box=box), "png")
+        r.mask_sha256 = hashlib.sha256(r.mask_encoded).hexdigest()
         r.has_mask = True
     r.thumb = _small(image, SHEET_CELL * min(image.size) // max(image.size))
     r.phash = int(str(imagehash.phash(small)), 16)  # of the whole picture: crops of one shot may differ
@@ -713,9 +827,20 @@ def _size_checks(r: Result, out_size: tuple[int, int], settings: Settings) -> st
         r.warn("SMALL", f"upscaled x{upscale:.2f}: crop {crop_w}x{crop_h} is smaller than {out_size[0]}x{out_size[1]}")
     aspect = max(w, h) / min(w, h)
     if aspect > EXTREME_ASPECT:
-        r.warn("ASPECT", f"extreme aspect ratio {aspect:.1f}:1" + (
-            "" if settings.crop == "bucket" else f"; the square crop keeps {100 / aspect:.0f}% of it"))
+        r.warn("ASPECT", f"extreme aspect ratio {aspect:.1f}:1; {_crop_keeps(r, out_size, settings)}")
     return None
+
+
+def _crop_keeps(r: Result, out_size: tuple[int, int], settings: Settings) -> str:
+    """How much of the source ``r``'s crop keeps, e.g. 'the square crop keeps 25% of it'; from the crop box
+    itself, so it is true of a bucket's shape and of a user's box as of the square."""
+    (w, h), (left, top, right, bottom) = r.size, r.crop_box  # type: ignore[misc]
+    kept = 100 * (right - left) * (bottom - top) / (w * h)
+    shape = "square" if out_size[0] == out_size[1] else f"{out_size[0]}x{out_size[1]}"
+    crop = f"the {shape} crop" if not (r.crop or "").startswith("user") else f"the {shape} crop box"
+    if settings.crop == "bucket":
+        crop += " (the nearest training bucket)"
+    return f"{crop} keeps {'all' if kept >= 99.5 else f'{kept:.0f}%'} of it"
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:
@@ -912,63 +1037,161 @@ def check_set(kept: list[Result]) -> list[str]:
 
     sha256 = np.frombuffer(b"".join(bytes.fromhex(r.sha256) if r.sha256 else bytes(32) for r in kept),
                            dtype=np.uint8).reshape(len(kept), 32)
-    findings, set_warnings = set_findings(
+    found = set_findings(
         sha256, np.array([r.phash for r in kept], dtype=np.uint64),
         np.array([r.sharpness for r in kept], dtype=np.float64), all(r.grayscale for r in kept),
-        lambda i: f"{kept[i].output} ({kept[i].source})")
-    for i, flag, text in findings:
+        lambda i: f"{kept[i].output} ({kept[i].source})",
+        sizes=np.array([r.size or (0, 0) for r in kept], dtype=np.int64).reshape(len(kept), 2))
+    for i, flag, text in found.findings:
         kept[i].warn(flag, text)
-    return set_warnings
+    return found.set_warnings
 
 
-def set_findings(sha256, phash, sharpness, grayscale: bool,
-                 named: Callable[[int], str]) -> tuple[list[tuple[int, str, str]], list[str]]:
+@dataclass
+class SetFindings:
+    """What ``set_findings`` found over a set of images (indices into the set)."""
+
+    findings: list[tuple[int, str, str]]  # (image, flag, warning), in the order to add them
+    set_warnings: list[str]  # about the set as a whole
+    best_copy: dict[int, int]  # each image flagged DUP -> the best copy of its group (never flagged DUP)
+
+
+def set_findings(sha256, phash, sharpness, grayscale: bool, named: Callable[[int], str], *, sizes=None,
+                 avoid=None, drop: tuple[str, ...] = ()) -> SetFindings:
     """The duplicate and blur checks over a set of n images, in order, on their measurements alone: ``sha256``
     (n, 32) uint8 digests, ``phash`` (n,) uint64 perceptual hashes, ``sharpness`` (n,) float64, ``grayscale``
-    whether every image is. Returns ((image, flag, warning), ...) in the order to add them, and the warnings
-    about the set as a whole. ``named(i)``: how a warning names image i, e.g. '001.png (IMG_1.jpg)'."""
+    whether every image is; ``named(i)``: how a warning names image i, e.g. '001.png (IMG_1.jpg)'.
+
+    Of each group of duplicates (``duplicate_groups``) the best copy is never flagged DUP, and every other
+    copy's warning names it and says why it is best (``best_copy``). ``sizes`` (n, 2): the sources' width and
+    height (None: all alike); ``avoid`` (n,) bool: the images that a ``--drop`` check other than duplicates
+    leaves out (None: none), and with ``drop`` naming blurry, the ones flagged BLUR here too."""
     import numpy as np
 
     n = len(phash)
+    blurry, median = _blurry(sharpness)
+    avoid = np.zeros(n, dtype=bool) if avoid is None else np.asarray(avoid, dtype=bool).copy()
+    if "blurry" in drop:
+        avoid |= blurry
+    sizes = np.ones((n, 2), dtype=np.int64) if sizes is None else np.asarray(sizes, dtype=np.int64)
     findings: list[tuple[int, str, str]] = []
-    if n:  # the first image with the same bytes as each: np.unique's first indices (a sort, not n^2 comparisons)
-        _, first, inverse = np.unique(sha256.view(f"V{sha256.shape[1]}").ravel(), return_index=True,
-                                      return_inverse=True)
-        same = first[inverse.ravel()]
+    best_copy: dict[int, int] = {}
+    for members in duplicate_groups(sha256, phash):
+        best, sharpest = _best_copy(members, sharpness, sizes, avoid)
+        for i in members.tolist():
+            if i != best:
+                best_copy[i] = best
+                why = _why_best(i, best, sharpest, sharpness, sizes, avoid)
+                if bytes(sha256[i]) == bytes(sha256[best]):
+                    text = f"exact duplicate of {named(best)}, the best copy: {why}"
+                else:
+                    distance = int(_popcount(phash[i:i + 1] ^ phash[best])[0])
+                    text = (f"near duplicate of {named(best)}, perceptual hash distance {distance}/64, "
+                            f"the best copy: {why}")
+                findings.append((i, "DUP", text))
+    findings.sort(key=lambda f: f[0])  # image by image, as the report lists them
+    for i in np.flatnonzero(blurry).tolist():
+        findings.append((i, "BLUR", f"looks blurry: sharpness {100 * sharpness[i] / median:.0f}% of the "
+                                    "set's median"))
+    gray = ["every image is grayscale: the LoRA will learn a black-and-white subject"] if grayscale else []
+    return SetFindings(findings, gray, best_copy)
+
+
+def _blurry(sharpness) -> tuple:
+    """((n,) bool: which images look blurry beside the set's median sharpness, the median); none in a set of
+    fewer than 3 (no median to speak of)."""
+    import numpy as np
+
+    if len(sharpness) < 3:
+        return np.zeros(len(sharpness), dtype=bool), 0.0
+    median = float(np.median(sharpness))
+    return (sharpness < BLUR_RATIO * median) if median > 0 else np.zeros(len(sharpness), dtype=bool), median
+
+
+def duplicate_groups(sha256, phash) -> list:
+    """The groups of two or more copies of one shot, each an ascending (k,) int64 array of indices: images
+    with the same bytes, or whose perceptual hash is within ``NEAR_DUPLICATE_BITS`` of the group's first
+    image's. Each image is compared with the first image of every group so far (not with every earlier image:
+    a burst of shots drifting away from its first frame starts a new group rather than chaining on), so the
+    work is n x groups popcounts and the memory a few (n,) arrays, whatever n."""
+    import numpy as np
+
+    n = len(phash)
+    if not n:
+        return []
+    # the first image with the same bytes as each: np.unique's first indices (a sort, not n^2 comparisons)
+    _, first, inverse = np.unique(sha256.view(f"V{sha256.shape[1]}").ravel(), return_index=True,
+                                  return_inverse=True)
+    same = first[inverse.ravel()]
+    group = np.arange(n)
+    heads = np.empty(n, dtype=np.uint64)  # the first image's hash of each group so far, heads[:k]
+    head_of = np.empty(n, dtype=np.int64)
+    k = 0
     for i in range(n):
         if same[i] != i:
-            findings.append((i, "DUP", f"exact duplicate of {named(int(same[i]))}"))
+            group[i] = group[same[i]]
             continue
-        if i:
-            # Hamming distances to every earlier hash at once: (i,) popcounts of 64-bit XORs
-            dist = _popcount(phash[:i] ^ phash[i])
+        if k:
+            dist = _popcount(heads[:k] ^ phash[i])  # (k,) Hamming distances to every group's first image
             j = int(np.argmin(dist))
             if dist[j] <= NEAR_DUPLICATE_BITS:
-                findings.append((i, "DUP", f"near duplicate of {named(j)}, perceptual hash distance "
-                                           f"{int(dist[j])}/64"))
-    if n >= 3:
-        median = float(np.median(sharpness))
-        for i in range(n):
-            if median > 0 and sharpness[i] < BLUR_RATIO * median:
-                findings.append((i, "BLUR", f"looks blurry: sharpness {100 * sharpness[i] / median:.0f}% of the "
-                                            "set's median"))
-    if grayscale:
-        return findings, ["every image is grayscale: the LoRA will learn a black-and-white subject"]
-    return findings, []
+                group[i] = head_of[j]
+                continue
+        heads[k], head_of[k] = phash[i], i
+        k += 1
+    counts = np.bincount(group, minlength=n)
+    shared = np.flatnonzero(counts[group] > 1)  # only the images with a copy: no array per photo
+    shared = shared[np.argsort(group[shared], kind="stable")]
+    return np.split(shared, np.flatnonzero(np.diff(group[shared])) + 1) if len(shared) else []
+
+
+def _best_copy(members, sharpness, sizes, avoid) -> tuple[int, float]:
+    """(the best of a group of duplicates, the sharpness the others are compared with): of the copies no
+    other ``--drop`` check leaves out (all if none is), those within ``SHARPNESS_TIE`` of the sharpest, then
+    the largest source, then the first by name (members are in name order)."""
+    pool = members[~avoid[members]]
+    if not len(pool):
+        pool = members
+    sharpest = float(sharpness[pool].max())
+    pool = pool[sharpness[pool] >= (1 - SHARPNESS_TIE) * sharpest]
+    area = sizes[pool, 0] * sizes[pool, 1]
+    return int(pool[area == area.max()][0]), sharpest
+
+
+def _why_best(i: int, best: int, sharpest: float, sharpness, sizes, avoid) -> str:
+    """Why copy ``best`` of a group of duplicates is kept rather than copy ``i`` (``_best_copy``'s steps)."""
+    if sharpness[i] < (1 - SHARPNESS_TIE) * sharpest:  # then best, at least (1 - SHARPNESS_TIE) * sharpest
+        why = f"sharper ({sharpness[best]:.1f} vs {sharpness[i]:.1f})"
+    elif avoid[i] and not avoid[best]:
+        why = "not left out by another --drop check, unlike this copy"
+    elif sizes[best].prod() > sizes[i].prod():
+        why = "as sharp, larger ({}x{} vs {}x{})".format(*sizes[best].tolist(), *sizes[i].tolist())
+    else:
+        why = "as sharp and as large, first by name"
+    return why + ("; another --drop check leaves it out too, so --drop duplicates does not count this copy"
+                  if avoid[best] else "")
 
 
 def _check_kept(ledger: _Ledger, kept: list[int], steps: _SetSteps) -> list[str]:
-    """``check_set`` over the kept images of a prep, from the ledger's columns (no result is read back)."""
+    """``check_set`` over the kept images of a prep, from the ledger's columns (no result is read back); the
+    best copy of each group of duplicates goes to ``steps.best_copy``."""
     import numpy as np
 
     sha256 = np.frombuffer(ledger.sha256, dtype=np.uint8).reshape(len(ledger), 32)[kept]
-    findings, set_warnings = set_findings(
+    sizes = np.frombuffer(ledger.size, dtype=np.uint32).reshape(len(ledger), 2)[kept].astype(np.int64)
+    # the flags of the other --drop checks (BLUR is set by set_findings itself)
+    others = {DROPS[d] for d in steps.drop if d not in ("duplicates", "blurry")}
+    avoid = np.fromiter((bool(others.intersection(ledger.flags[i] + steps.flags(i))) for i in kept),
+                        dtype=bool, count=len(kept))
+    found = set_findings(
         sha256, np.frombuffer(ledger.phash, dtype=np.uint64)[kept],
         np.frombuffer(ledger.sharpness, dtype=np.float64)[kept], all(ledger.grayscale[i] for i in kept),
-        lambda k: f"{steps.outputs[kept[k]]} ({ledger.sources[kept[k]]})")
-    for k, flag, text in findings:
+        lambda k: f"{steps.outputs[kept[k]]} ({ledger.sources[kept[k]]})", sizes=sizes, avoid=avoid,
+        drop=steps.drop)
+    for k, flag, text in found.findings:
         steps.warn(kept[k], flag, text)
-    return set_warnings
+    steps.best_copy = {kept[k]: kept[b] for k, b in found.best_copy.items()}
+    return found.set_warnings
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1053,10 +1276,11 @@ def _report(src_dir: Path, settings: Settings, family: str | None, rename: str, 
 
 
 def _write(out_dir: Path, previous: list[Path], ledger: _Ledger, order: list[int], kept: list[int],
-           steps: _SetSteps, report: dict) -> list[dict]:
-    """Build every output in OUT/.sdtune-prep-tmp, then replace the earlier run's outputs with them; return the
-    report's rows. One pass over the results in order: each kept image's staged bytes are moved to its name,
-    and its metadata.jsonl line and report row written, as it comes (the report is never one string)."""
+           steps: _SetSteps, report: dict) -> None:
+    """Build every output in OUT/.sdtune-prep-tmp, then replace the earlier run's outputs with them; add the
+    report's rows (``files``) and metadata.jsonl's sha256 (``metadata_sha256``) to ``report``. One pass over
+    the results in order: each kept image's staged bytes are moved to its name, and its metadata.jsonl line
+    and report row written, as it comes (the report is never one string)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / TMP_DIR
     _remove(tmp)
@@ -1065,24 +1289,29 @@ def _write(out_dir: Path, previous: list[Path], ledger: _Ledger, order: list[int
     shown = [steps.settle(ledger.read(kept[k]), kept[k]) for k in _sheet_indices(marked, SHEET_MAX)]
     contact_sheet(shown).save(tmp / SHEET, "JPEG", quality=90)
     del shown
-    rows = []
-    with open(tmp / METADATA, "w", encoding="utf-8") as metadata, \
+    rows: list[dict] = []
+    digest = hashlib.sha256()  # of metadata.jsonl as written: a rerun refuses to lose captions edited since
+    tail: dict[str, str] = {}
+    with open(tmp / METADATA, "w", encoding="utf-8", newline="\n") as metadata, \
             open(tmp / REPORT, "w", encoding="utf-8") as file:
-        with _report_writer(file, report) as write_row:
+        with _report_writer(file, report, tail) as write_row:
             for i in order:
                 r = steps.settle(ledger.read(i), i)
                 if r.status in ("kept", "fixed"):
                     _place(r, tmp)
-                    metadata.write(json.dumps({"file_name": r.output, "text": r.caption}, ensure_ascii=False) + "\n")
+                    line = json.dumps({"file_name": r.output, "text": r.caption}, ensure_ascii=False) + "\n"
+                    metadata.write(line)
+                    digest.update(line.encode("utf-8"))
                 rows.append(_shared(r.entry()))
                 write_row(rows[-1])
+            tail["metadata_sha256"] = digest.hexdigest()
+    report.update(files=rows, **tail)  # in the file's order
     for p in previous:
         if p.name != TMP_DIR:
             _remove(p)
     for p in sorted(tmp.iterdir()):
         os.replace(p, out_dir / p.name)
     tmp.rmdir()
-    return rows
 
 
 def _place(r: Result, folder: Path) -> None:
@@ -1099,9 +1328,11 @@ def _place(r: Result, folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def _report_writer(file: TextIO, report: dict) -> Iterator[Callable[[dict], None]]:
-    """Write ``report`` with the rows given to the function yielded as its ``files``, row by row: the same text
-    as ``json.dumps(report, indent=1, ensure_ascii=False)`` with a final newline."""
+def _report_writer(file: TextIO, report: dict, tail: dict[str, str] | None = None
+                   ) -> Iterator[Callable[[dict], None]]:
+    """Write ``report`` with the rows given to the function yielded as its ``files``, row by row, then the keys
+    put in ``tail`` by then (text values, known only once every row is written): the same text as
+    ``json.dumps({**report, "files": rows, **tail}, indent=1, ensure_ascii=False)`` with a final newline."""
     head = json.dumps({**report, "files": []}, indent=1, ensure_ascii=False)
     assert head.endswith('"files": []\n}')
     file.write(head[: -len("[]\n}")])
@@ -1116,7 +1347,10 @@ def _report_writer(file: TextIO, report: dict) -> Iterator[Callable[[dict], None
         written += 1
 
     yield write_row
-    file.write("\n ]\n}\n" if written else "[]\n}\n")
+    file.write("\n ]" if written else "[]")
+    for key, value in (tail or {}).items():
+        file.write(f",\n {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}")
+    file.write("\n}\n")
 
 
 def _shared(row: dict) -> dict:

@@ -382,6 +382,61 @@ def test_rerun_replaces_stale_outputs_and_refuses_foreign_folders(tmp_path):
         assert [row["source"] for row in report["files"]] == ["0.jpg", "1.jpg"]
 
 
+def test_an_earlier_prep_output_in_src_is_skipped(tmp_path, capsys):
+    """QA: a prep output in a subfolder of SRC (kept there by an earlier prep) was read back as photos, its
+    crops as near duplicates and its contact sheet as a training image."""
+    src = tmp_path / "src"
+    (src / "notes").mkdir(parents=True)
+    for i in range(3):
+        (src / f"{i}.jpg").write_bytes(jpeg(photo((96, 80), i)))
+    run(src, src / "old")
+    (src / "notes" / REPORT).write_text('{"mine": 1}')  # someone else's report: the folder is searched
+    (src / "notes" / "n.jpg").write_bytes(jpeg(photo((96, 80), 7)))
+    parser = argparse.ArgumentParser(prog="sdtune")
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["prep", str(src), str(tmp_path / "new"), "--resolution", "64", "--caption",
+                              CAPTION, "--workers", "1"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    rows = by_source(json.loads((tmp_path / "new" / REPORT).read_text()))
+    assert rows["old/"]["status"] == "skipped"
+    assert rows["old/"]["reason"].startswith("an earlier sdtune prep output (old/prep_report.json): its")
+    assert [s for s in rows if s.startswith("old/")] == ["old/"]
+    kept = [s for s, row in rows.items() if row["status"] == "kept"]
+    assert kept == ["0.jpg", "1.jpg", "2.jpg", "notes/n.jpg"]
+    assert [line for line in printed.splitlines() if "old/" in line] == [
+        f"skipped: old/: {rows['old/']['reason']}"]
+
+    # SRC itself a prep output: its images are prepped again (another resolution, say), its sheet is not
+    again = by_source(run(src / "old", tmp_path / "again"))
+    assert again[SHEET]["status"] == "skipped"
+    assert "contact sheet of the earlier sdtune prep" in again[SHEET]["reason"]
+    assert [s for s, row in again.items() if row["status"] == "kept"] == ["001.png", "002.png", "003.png"]
+
+
+def test_empty_files_and_what_an_extreme_aspect_crop_keeps(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "four.jpg").write_bytes(jpeg(photo((400, 100), 1)))  # 4:1, a bucket's shape at 64 px (128x32)
+    (src / "ten.jpg").write_bytes(jpeg(photo((1000, 100), 2)))  # 10:1
+    (src / "plain.jpg").write_bytes(jpeg(photo((96, 80), 3)))
+    square = by_source(run(src, tmp_path / "square"))
+    assert square["empty.jpg"]["status"] == "skipped"
+    assert square["empty.jpg"]["reason"] == "an empty file (0 bytes); fix: copy the photo again, or remove it"
+    assert square["four.jpg"]["warnings"] == ["extreme aspect ratio 4.0:1; the square crop keeps 25% of it"]
+    assert square["ten.jpg"]["warnings"] == ["extreme aspect ratio 10.0:1; the square crop keeps 10% of it"]
+    bucket = by_source(run(src, tmp_path / "bucket", crop="bucket", crop_boxes={"ten.jpg": (0, 0, 500, 100)}))
+    assert bucket["four.jpg"]["output_size"] == [128, 32]
+    assert bucket["four.jpg"]["warnings"] == [
+        "extreme aspect ratio 4.0:1; the 128x32 crop (the nearest training bucket) keeps all of it"]
+    assert bucket["ten.jpg"]["warnings"] == [  # the user's box, half of the photo
+        "extreme aspect ratio 10.0:1; the 128x32 crop box (the nearest training bucket) keeps 50% of it"]
+    bucket = by_source(run(src, tmp_path / "bucket2", crop="bucket"))
+    assert bucket["ten.jpg"]["warnings"] == [
+        "extreme aspect ratio 10.0:1; the 128x32 crop (the nearest training bucket) keeps 40% of it"]
+
+
 def test_empty_and_all_rejected_sources_are_errors_with_reasons(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

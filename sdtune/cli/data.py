@@ -57,8 +57,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--background", default="white", help="colour behind transparent pixels (name or #rrggbb)")
     p.add_argument("--drop", default="", metavar="CHECKS",
                    help=f"leave out the images these checks flag, a comma list of {', '.join(DROPS)} "
-                   "(e.g. duplicates,blurry; of duplicates the first stays); they are listed as dropped in "
-                   "the report and crossed out on the contact sheet (default: keep all, with warnings)")
+                   "(e.g. duplicates,blurry; of duplicates the best copy stays: sharpest, then largest, then "
+                   "first by name); they are listed as dropped in the report and crossed out on the contact "
+                   "sheet (default: keep all, with warnings)")
+    p.add_argument("--overwrite-edits", action="store_true",
+                   help="replace an earlier prep output in OUT even where its files (images, "
+                   "metadata.jsonl's captions) were edited since prep wrote them (default: refuse, naming them)")
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     p.set_defaults(func=cmd_prep)
 
@@ -90,6 +94,7 @@ def cmd_prep(args: argparse.Namespace) -> int:
         crop=args.crop, family=args.family, fmt=args.format, min_side=args.min_side, background=args.background,
         rename=args.rename, token=args.token, caption=args.caption, caption_from=args.caption_from,
         workers=args.workers, drop=args.drop, face_min_confidence=args.face_min_confidence,
+        overwrite_edits=args.overwrite_edits,
     )
     for row in report["files"]:
         if row["status"] in ("skipped", "dropped"):
