@@ -408,7 +408,8 @@ def _shape_warning(path: Path, size: Size) -> str | None:
     if aspect <= EXTREME_ASPECT:
         return None
     return (f"{_shown(path.name)} is {w}x{h} px, an extreme aspect ratio of {aspect:.1f}:1 (over {EXTREME_ASPECT}:1, as "
-            f"`sdtune prep` reports): a square crop keeps {100 / aspect:.0f}% of it; fix: crop it to the subject")
+            f"`sdtune prep` reports): a square crop keeps {100 / aspect:.0f}% of it, the nearest aspect bucket "
+            "(data.aspect_buckets) more; fix: crop it to the subject")
 
 
 def _small_warning(small: list[tuple[str, Size]], resolution: int | None, key: str) -> str:

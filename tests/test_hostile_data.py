@@ -155,7 +155,8 @@ def test_extreme_aspect_and_tiny_images_are_warnings_with_the_upscale(tmp_path):
     assert not scan.problems and len(scan.examples) == 4
     pano, small = scan.warnings
     assert pano == (f"{KEY}: pano.png is 300x64 px, an extreme aspect ratio of 4.7:1 (over {EXTREME_ASPECT}:1, as "
-                    "`sdtune prep` reports): a square crop keeps 21% of it; fix: crop it to the subject")
+                    "`sdtune prep` reports): a square crop keeps 21% of it, the nearest aspect bucket "
+                    "(data.aspect_buckets) more; fix: crop it to the subject")
     assert small.startswith(f"{KEY}: 3 image(s) under 256 px on the short side will be upscaled to cover 512x512: "
                             "dot.png 1x1 (x512), icon.png 8x8 (x64), pano.png 300x64 (x8)")
     assert "fix: use larger photos" in small and "ok.png" not in small
