@@ -29,7 +29,7 @@ from typing import Any
 from sdtune import families
 from sdtune.errors import SdtuneError
 from sdtune.hub import offline_reason, offline_unless_reachable
-from sdtune.tokens import BOS_TOKEN, EOS_TOKEN, VOCAB_SIZE, clip_tokenize, clip_vocab
+from sdtune.tokens import BOS_TOKEN, EOS_TOKEN, VOCAB_SIZE, clip_tokenize, clip_vocab, readable_piece
 
 # --- thresholds -------------------------------------------------------------------------------------------
 # Word frequencies are Zipf values: log10 of occurrences per billion words (3 = once per million words).
@@ -271,7 +271,7 @@ def _word_reason(word: str, freqs: dict[str, float]) -> tuple[str, str] | None:
 
 def piece_list(pieces: list[str], ids: list[int]) -> str:
     """``sks</w> (48136) + ...``: tokens with their ids, for reports."""
-    return " + ".join(f"{p} ({i})" for p, i in zip(pieces, ids))
+    return " + ".join(f"{readable_piece(p)} ({i})" for p, i in zip(pieces, ids))
 
 
 # What a rare token means for T5 (issue #17): nothing like CLIP's single-token rule holds there.

@@ -125,6 +125,18 @@ def _fast_tokenizer(pad_token: str) -> Tokenizer:
     return tokenizer
 
 
+def readable_piece(piece: str) -> str:
+    """A CLIP token as text: byte-level BPE writes each byte as a printable character ("æĹ¥" is the three
+    UTF-8 bytes of 日); whole characters read as themselves, bytes of a character cut between tokens as \\xNN."""
+    decoder = {c: b for b, c in _bytes_to_unicode().items()}
+    word = piece.removesuffix("</w>")
+    if not word or any(ch not in decoder for ch in word):
+        return piece
+    raw = bytes(decoder[ch] for ch in word)
+    text = raw.decode("utf-8", errors="backslashreplace")
+    return text + piece[len(word):]
+
+
 def clip_tokenize(text: str, pad_token: str = EOS_TOKEN) -> list[str]:
     """The CLIP tokens of ``text`` without BOS/EOS, exactly as ``clip_tokenizer(pad_token)`` splits it.
 

@@ -1,4 +1,4 @@
-from sdtune.tokens import EOS_TOKEN, VOCAB_SIZE, clip_tokenizer, clip_vocab
+from sdtune.tokens import EOS_TOKEN, VOCAB_SIZE, clip_tokenize, clip_tokenizer, clip_vocab
 
 
 def test_vocabulary_is_clips():
@@ -53,3 +53,14 @@ def test_clip_encode_matches_the_transformers_tokenizer():
             assert clip_encode(text, pad) == ids, (pad, text)
             assert clip_tokenize(text, pad) == tok.convert_ids_to_tokens(ids), (pad, text)
     assert clip_encode("sks!") == [48136, 256] and clip_encode("sks!", "!") == [48136, 0]
+
+
+def test_a_piece_reads_as_text_not_as_byte_characters():
+    """check-token showed 日本's tokens as byte-level BPE's characters (æĹ¥ ...); a whole character reads as
+    itself, the bytes of one cut between tokens as \\xNN, ASCII and the end-of-word mark as before."""
+    from sdtune.identifier import check_identifier
+    from sdtune.tokens import readable_piece
+
+    assert [readable_piece(p) for p in clip_tokenize("日本")] == ["日", "\\xe6\\x9c", "\\xac</w>"]
+    assert readable_piece("sks</w>") == "sks</w>" and readable_piece("</w>") == "</w>"
+    assert "日 (39121) + \\xe6\\x9c (19277)" in check_identifier("日本").summary
