@@ -5,6 +5,12 @@ A checkpoint is written into ``checkpoints/.tmp-step-NNNNNN/``, every file fsync
 kill at any moment leaves either the previous checkpoints alone or a temporary folder that the next start
 ignores and removes. Resuming verifies the manifest first (``sdtune.resume``): a corrupt checkpoint is named and never loaded.
 Old checkpoints are pruned only after the new one verifies.
+
+A resume from a checkpoint earlier than the run's newest (a rewind: ``train.resume=RUN/checkpoints/step-000008``
+on a run that reached step 20) first makes the run folder read as a run at that step (``rewind``): the later
+checkpoints, sample grids and final LoRA files move into ``checkpoints/abandoned-<time>/`` with the losses
+logged after that step, and ``losses.jsonl`` is rewritten to end there, so that it always reads in step order
+and ``train.resume=latest`` never picks a checkpoint of the abandoned branch.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import io
 import json
 import logging
 import random
+import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +32,15 @@ from safetensors.torch import load_file, save
 from sdtune.ema import EMA_FILE, AdapterEMA, ema_weights
 from sdtune.errors import DiskFull, SdtuneError
 from sdtune.families import Family
-from sdtune.files import free_bytes, fsync, is_disk_full, mib, sha256_file, write_bytes
+from sdtune.files import free_bytes, fsync, is_disk_full, mib, sha256_file, write_bytes, write_text
 from sdtune.fsdp import full_optimizer_state, shard_optimizer_state
 from sdtune.lora import adapter_state_dict, load_adapter_state_dict, save_diffusers_lora
 from sdtune.pivotal import ROWS_FILE, Embeddings
 from sdtune.resume import MANIFEST, STATE, config_drift, find_checkpoint, flat_keys, resume_drift, verify
 from sdtune.runs import CHECKPOINTS, EMBEDDINGS_DIR, MARKER, complete_checkpoints
 
-__all__ = ["DiskFull", "config_drift", "find_checkpoint", "flat_keys", "load_checkpoint", "save_checkpoint", "verify"]
+__all__ = ["DiskFull", "config_drift", "find_checkpoint", "flat_keys", "load_checkpoint", "rewind", "save_checkpoint",
+           "verify"]
 
 logger = logging.getLogger(__name__)
 
@@ -229,3 +238,98 @@ def _load_ema(path: Path, ema: AdapterEMA) -> None:
     ema.restart()
     logger.warning(f"train.ema: {path.name} holds no EMA (it was trained without it); the average starts "
                    "from its weights now")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Rewinding
+
+LOSSES = "losses.jsonl"  # one JSON line per log point (sdtune.train.LossLog), read by the UI's loss curve
+SAMPLES = "samples"
+ABANDONED = "abandoned-"  # checkpoints/abandoned-<time>/: what a rewind set aside (complete_checkpoints skips it)
+_STEP = re.compile(r"step-(\d+)")
+
+
+def _step_of(path: Path) -> int:
+    """12 for ``step-000012`` or ``step-000012.png``; -1 for a name without one."""
+    found = _STEP.match(path.name)
+    return int(found.group(1)) if found else -1
+
+
+def _log_up_to(path: Path, step: int) -> tuple[list[str], list[str]]:
+    """(kept, dropped) lines of ``losses.jsonl``: kept, the last line of each step up to ``step``, in step order
+    (an earlier sdtune appended a rewound run's steps after the old ones); dropped, every other line in file
+    order (steps past ``step``, repeated steps, a line a kill cut short)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return [], []
+    latest: dict[int, int] = {}  # step -> index of its last line
+    for i, line in enumerate(lines):
+        try:
+            logged = int(json.loads(line)["step"])
+        except (ValueError, TypeError, KeyError):
+            continue
+        if logged <= step:
+            latest[logged] = i
+    kept_at = set(latest.values())
+    kept = [lines[i] for _, i in sorted(latest.items())]
+    if kept == lines:
+        return kept, []
+    return kept, [line for i, line in enumerate(lines) if i not in kept_at]
+
+
+def _aside_folder(root: Path) -> Path:
+    """A new ``checkpoints/abandoned-<local time>/`` (``-2``, ``-3`` ... after one of the same second)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, n = root / f"{ABANDONED}{stamp}", 1
+    while folder.exists():
+        n += 1
+        folder = root / f"{ABANDONED}{stamp}-{n}"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _size(paths: list[Path]) -> int:
+    return sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+
+
+def rewind(output_dir: Path, step: int, final_files: list[Path]) -> list[str]:
+    """Make a run folder read as a run at ``step``, the step a run continues from, before it trains: returns
+    what was done, one line each (none when nothing lay past ``step``).
+
+    Checkpoints and sample grids of later steps (a resume from an earlier checkpoint than the newest) move into
+    a new ``checkpoints/abandoned-<time>/`` (as ``step-NNNNNN/``, ``samples/``), with ``final_files`` that exist
+    (the last finish's LoRA files, which belong to those steps: files or folders directly in the run folder,
+    named relative or absolute) and the dropped lines of ``losses.jsonl``;
+    nothing is deleted. Without later checkpoints or grids (a run killed between a log line and its next
+    checkpoint) the lines past ``step`` are dropped and said: those steps are trained again, exactly.
+    ``losses.jsonl`` is rewritten atomically, ending at ``step`` in step order. Main process only."""
+    later = [p for p in complete_checkpoints(output_dir) if _step_of(p) > step]
+    grids = sorted(p for p in (output_dir / SAMPLES).glob("step-*.png") if _step_of(p) > step)
+    kept, dropped = _log_up_to(output_dir / LOSSES, step)
+    if not later and not grids:
+        if not dropped:
+            return []
+        write_text(output_dir / LOSSES, "".join(f"{line}\n" for line in kept))
+        return [f"{LOSSES}: removed {len(dropped)} line{'s' if len(dropped) > 1 else ''} past step {step} or repeated "
+                "(logged by a run that stopped before its next checkpoint): this run trains those steps again"]
+    aside = _aside_folder(output_dir / CHECKPOINTS)
+    finals = [f for f in final_files if f.exists()]
+    if dropped:  # first: a kill halfway through leaves the old tail kept, and the next start finishes the rest
+        write_text(aside / LOSSES, "".join(f"{line}\n" for line in dropped))
+    for p in later:  # each an atomic rename: a checkpoint is whole here or there
+        p.rename(aside / p.name)
+    for p in grids:
+        (aside / SAMPLES).mkdir(exist_ok=True)
+        p.rename(aside / SAMPLES / p.name)
+    for p in finals:  # each directly in the run folder (a file, or the embeddings/ folder)
+        p.rename(aside / p.name)
+    if dropped:
+        write_text(output_dir / LOSSES, "".join(f"{line}\n" for line in kept))
+    fsync(output_dir / CHECKPOINTS)
+    moved = [", ".join(p.name for p in later)] if later else []
+    moved += [f"{len(grids)} sample grid{'s' if len(grids) > 1 else ''}"] if grids else []
+    moved += ["the final LoRA files"] if finals else []
+    moved += [f"{len(dropped)} line{'s' if len(dropped) > 1 else ''} of {LOSSES}"] if dropped else []
+    return [f"rewinding to step {step}: what came after it ({'; '.join(moved)}) is set aside in {aside} "
+            f"({mib(_size([aside]))}: delete that folder when you no longer need it); {LOSSES} ends at step {step}"]

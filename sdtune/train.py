@@ -25,13 +25,14 @@ import math
 import os
 import signal
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ from tqdm.auto import tqdm
 
 from sdtune import fsdp
 from sdtune.cache import LatentStore, TextCache, cache_latents, note_identity, shard, vae_identity
-from sdtune.checkpoint import clean_temporary, load_checkpoint, save_checkpoint
+from sdtune.checkpoint import clean_temporary, load_checkpoint, rewind, save_checkpoint
 from sdtune.config import Config, ConfigError
 from sdtune.data import (
     BucketBatchSampler,
@@ -68,6 +69,7 @@ from sdtune.export import (
     bucket_info,
     data_summary,
     public_name,
+    run_files,
     write_data_summary,
     write_run_files,
 )
@@ -97,7 +99,7 @@ from sdtune.plan import (
 from sdtune.prior import ensure_class_images, missing_class_indices, other_class_images
 from sdtune.quantize import frozen_size, quantize
 from sdtune.resume import flat_keys, refuse_data_drift
-from sdtune.runs import CONFIG, RUN_MARKER, WEIGHT_NAME
+from sdtune.runs import CARD, CHECKPOINTS, CONFIG, EMBEDDINGS_DIR, RUN_MARKER, WEIGHT_NAME
 from sdtune.sample import render_grid, save_image
 from sdtune.schedulers import sampling_scheduler
 from sdtune.share import write_model_card
@@ -995,6 +997,7 @@ class LossLog:
         self.total = torch.zeros((), device=run.device)
         self.count = torch.zeros((), device=run.device)
         self.clock, self.clock_step = time.perf_counter(), run.global_step
+        self.step = run.global_step  # the last step written (or the one the run started at)
         self.shown: dict[str, str] = {}  # the last validation losses, kept on the progress line
 
     def add(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
@@ -1023,12 +1026,13 @@ class LossLog:
                 f.write(json.dumps({"step": step, **logs}) + "\n")
         self.total.zero_()
         self.count.zero_()
-        self.clock, self.clock_step = now, step
+        self.clock, self.clock_step, self.step = now, step, step
 
 
 def loop(run: Run) -> None:
     """Optimizer steps from ``run.global_step`` to ``train.max_steps``; logs, checkpoints and samples on the way."""
     t, acc = run.cfg.train, run.accelerator
+    _rewind(run)
     started = time.perf_counter()
     nonfinite = NonFiniteGuard(run.optimizer, acc.scaler, t.max_nonfinite_steps,
                                warn=lambda message: _say(message, logging.WARNING))
@@ -1043,7 +1047,7 @@ def loop(run: Run) -> None:
     for module in run.modules.values():
         module.train()
     data_iter = iter(run.loader)
-    with StopSignals(logger.info) as stop:  # SIGINT / SIGTERM handlers during the loop only
+    with StopSignals(logger.info) as stop:  # SIGINT / SIGTERM stop after a step (finish has its own handling)
         while run.global_step < t.max_steps:
             batch = next(data_iter)
             with acc.accumulate(*run.modules.values()):
@@ -1061,15 +1065,12 @@ def loop(run: Run) -> None:
             if step == stalled.at_step:
                 nonfinite.check()  # skipped steps are part of the message
                 stalled.check(step, run.whole_params(), run.lr_scheduler.get_last_lr()[0], nonfinite.total)
-            if _stop_requested(run, stop):
-                nonfinite.check()
-                run.save()
-                progress.close()
-                by = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
-                raise Interrupted(f"stopped by {by} at step {step}; checkpoint saved in "
-                                  f"{run.output_dir / 'checkpoints'}; continue with train.resume=latest", stop.exit_code)
             timer.tick(step)
-            _periodic(run, step, out, nonfinite, losses, progress, timer)
+            _log_point(run, step, out, nonfinite, losses, progress, timer)
+            # after the step's log line: the step a stop saves is the last one losses.jsonl holds
+            if _stop_requested(run, stop):
+                _stop(run, stop, out, nonfinite, losses, progress)
+            _periodic(run, step, nonfinite, losses, progress, timer)
     nonfinite.check()
     progress.close()
     timed_steps, s_per_step = timer.result(run.global_step)
@@ -1079,15 +1080,60 @@ def loop(run: Run) -> None:
                   "wall_s": time.perf_counter() - started}  # the whole loop, samples and checkpoints included
 
 
-def _periodic(run: Run, step: int, out: StepOutput, nonfinite: NonFiniteGuard, losses: LossLog, progress: Any,
-              timer: StepTimer) -> None:
-    """What happens every N steps (or epochs): log, checkpoint, sample grid (each reads the non-finite flags
-    first)."""
-    t, every = run.cfg.train, run.cfg.sample.every
+def _log_point(run: Run, step: int, out: StepOutput, nonfinite: NonFiniteGuard, losses: LossLog, progress: Any,
+               timer: StepTimer) -> None:
+    """The validation loss when due, and the loss line every ``train.log_every`` steps, at a validation and at
+    the last step (each reads the non-finite flags first)."""
+    t = run.cfg.train
     validation = _validation(run, step, timer, progress, losses)
     if validation is not None or step % t.log_every == 0 or step == t.max_steps:
         nonfinite.check()
         losses.write(step, out, progress, validation)
+
+
+def _stop(run: Run, stop: StopSignals, out: StepOutput, nonfinite: NonFiniteGuard, losses: LossLog,
+          progress: Any) -> NoReturn:
+    """A signal asked the run to stop: log this step (if its log point did not), save its checkpoint, and raise
+    ``Interrupted`` (every process, at the same step). A resume continues the log at the next step."""
+    step = run.global_step
+    nonfinite.check()
+    if losses.step != step:  # off a log point (one process stops at any step): the losses since the last line
+        losses.write(step, out, progress)
+    run.save()
+    progress.close()
+    raise _interrupted(run, stop.signum, stop.exit_code)
+
+
+def _interrupted(run: Run, signum: int | None, exit_code: int, then: str = "") -> Interrupted:
+    """What every stop by a signal says (after the checkpoint of ``run.global_step`` is saved): where the run
+    stopped, and how to continue it; ``then``: what a resume does beyond training on (finish's files)."""
+    by = signal.Signals(signum).name if signum else "a signal to another process"
+    return Interrupted(f"stopped by {by} at step {run.global_step}; checkpoint saved in {run.output_dir / CHECKPOINTS}; "
+                       f"continue with train.resume=latest{then}", exit_code)
+
+
+def _final_files(out: Path) -> list[Path]:
+    """What ``finish`` writes of the run's final LoRA (besides its checkpoint): its files, token embeddings,
+    summary and model card."""
+    return [out / WEIGHT_NAME, *run_files(out).values(), out / EMBEDDINGS_DIR, out / "train_summary.json", out / CARD]
+
+
+def _rewind(run: Run) -> None:
+    """Before the first step: what lies past the step the run starts at (a resume from an earlier checkpoint than
+    the newest, or a run killed after logging steps it did not save) is set aside, said in one line, so that the
+    run folder reads as a run at that step (``sdtune.checkpoint.rewind``): ``losses.jsonl`` in step order, and
+    ``train.resume=latest`` picking this run's checkpoints."""
+    if run.main:
+        for line in rewind(run.output_dir, run.global_step, _final_files(run.output_dir)):
+            logger.warning(line)
+    run.accelerator.wait_for_everyone()
+
+
+def _periodic(run: Run, step: int, nonfinite: NonFiniteGuard, losses: LossLog, progress: Any,
+              timer: StepTimer) -> None:
+    """What happens every N steps (or epochs) after the log line: checkpoint, sample grid (each reads the
+    non-finite flags first)."""
+    t, every = run.cfg.train, run.cfg.sample.every
     if _due(run, step, t.checkpoint_every, t.checkpoint_every_epochs) and step < t.max_steps:
         nonfinite.check()
         with _aside(timer, "checkpoint", progress, losses) as pause:
@@ -1137,11 +1183,11 @@ def _say(message: str, level: int = logging.INFO) -> None:
 
 def _stop_requested(run: Run, stop: StopSignals) -> bool:
     """Whether a signal asked this run to stop. Several processes agree on it every ``train.log_every`` steps
-    (a collective, so not every step) and all stop at the same step."""
-    acc = run.accelerator
+    and at the last (a collective, so not every step) and all stop at the same step."""
+    acc, t = run.accelerator, run.cfg.train
     if acc.num_processes == 1:
         return stop.signum is not None
-    if run.global_step % run.cfg.train.log_every:
+    if run.global_step % t.log_every and run.global_step != t.max_steps:
         return False
     if stop.signum is not None:
         acc.set_trigger()
@@ -1361,18 +1407,50 @@ def finish(run: Run) -> Path:
         "optimizer": t.optimizer,
     }
     summary |= ema_summary(run.ema) | validation_summary(out / "losses.jsonl", run.global_step)
-    check_health(run)  # an exploded LoRA is refused before anything final is written
-    _check_embeddings_agree(run)
-    run.save()
-    states = _final_states(run)
-    if run.main:
-        _save_final_lora(run, states)
-        write_text(out / "train_summary.json", json.dumps(summary, indent=2))
-    grid = sample_grid(run, run.global_step)
-    acc.end_training()
-    if run.main:
-        card = write_model_card(out, run.cfg.model_dump(mode="json"), run.family)
-        logger.info(f"LoRA: {out / WEIGHT_NAME}")
-        logger.info(f"samples: {grid}")
-        logger.info(f"model card: {card}")
+    with StopSignals(logger.info) as stop:  # the final checkpoint is saved whole, then a signal stops the run
+        check_health(run)  # an exploded LoRA is refused before anything final is written
+        _check_embeddings_agree(run)
+        run.save()
+        if _stop_requested(run, stop):
+            raise _interrupted(run, stop.signum, stop.exit_code, " to write the final LoRA files")
+    with _stops_at_once(run):
+        states = _final_states(run)
+        if run.main:
+            _save_final_lora(run, states)
+            write_text(out / "train_summary.json", json.dumps(summary, indent=2))
+        grid = sample_grid(run, run.global_step)
+        acc.end_training()
+        if run.main:
+            card = write_model_card(out, run.cfg.model_dump(mode="json"), run.family)
+            logger.info(f"LoRA: {out / WEIGHT_NAME}")
+            logger.info(f"samples: {grid}")
+            logger.info(f"model card: {card}")
     return out
+
+
+@contextmanager
+def _stops_at_once(run: Run) -> Iterator[None]:
+    """Once the final checkpoint is saved, SIGINT and SIGTERM stop the run at once (a sample grid can take
+    minutes; each final file is written whole or not at all), with the hint a stop in the loop gives: a resume
+    at the last step writes the files again. Further signals are then ignored while the process ends."""
+    caught: list[int] = []
+
+    def handle(signum: int, frame: Any) -> None:
+        if not caught:
+            caught.append(signum)
+            for s in StopSignals.SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
+            raise KeyboardInterrupt
+
+    # Python delivers signals in the main thread only; elsewhere the handlers stay as they are
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, handle) for s in StopSignals.SIGNALS} if main_thread else {}
+    try:
+        yield
+    except KeyboardInterrupt:
+        signum = caught[0] if caught else signal.SIGINT
+        raise _interrupted(run, signum, 128 + signum, " to write the final LoRA files and sample grid") from None
+    finally:
+        if not caught:
+            for s, handler in old.items():
+                signal.signal(s, handler)
