@@ -826,6 +826,7 @@ def test_every_registered_format_exports_and_reads_back(fmt, run, tmp_path):
         assert run_file is None
 
 
+@pytest.mark.slow  # three processes load the tiny model
 def test_the_lora_file_bytes_do_not_depend_on_the_hash_seed(tiny_model, tmp_path):
     """PEFT keeps target_modules as a set, whose order follows Python's string hashing (PYTHONHASHSEED, random per
     process): the config written into the file's header made two runs with bitwise equal weights write files
