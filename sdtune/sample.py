@@ -23,10 +23,10 @@ from PIL import Image, ImageOps, PngImagePlugin
 from tqdm.auto import tqdm
 
 from sdtune import __version__, families
-from sdtune.errors import SdtuneError, error_summary, first_line
+from sdtune.errors import Interrupted, SdtuneError, error_summary, first_line
 from sdtune.export import Adapter, lycoris_kind, read_diffusers_lora, read_kohya_dora, read_lycoris
 from sdtune.families import Family, ModelFiles
-from sdtune.files import atomic_path, sha256_file
+from sdtune.files import atomic_path, sha256_file, write_text
 from sdtune.grid import Cell, Settings, failed_cell, layout
 from sdtune.hub import public_model_id
 from sdtune.images import open_image
@@ -93,12 +93,15 @@ def render_cells(
     adapter: str | None = None,
     batch_seeds: dict[Cell, list[int]] | None = None,
     rewrite: Callable[[str], str] | None = None,
+    on_cell: Callable[[Cell, Image.Image, str | None], None] | None = None,
 ) -> tuple[list[Image.Image], list[str | None]]:
     """Render every cell (batched over seeds). A failing batch becomes grey cells with the reason;
     the other cells are kept. Returns (images, errors) in cell order; fills ``batch_seeds`` (if given) with
     the seeds each cell was rendered together with, in batch order (a replay must batch them the same way:
     batched kernels may round differently). ``rewrite``: what a prompt becomes before the pipeline reads it
-    (pivotal tuning's identifier -> its tokens); the cells keep the prompt as written."""
+    (pivotal tuning's identifier -> its tokens); the cells keep the prompt as written. ``on_cell(cell, image,
+    error)``: called for each cell as soon as its batch is done (a failed cell: its grey image and reason), so
+    that a caller can save it before the next batch renders."""
     rewrite = rewrite or str
     images: dict[Cell, Image.Image] = {}
     errors: dict[Cell, str] = {}
@@ -106,38 +109,51 @@ def render_cells(
     extra = _mode_inputs(settings, init_image, mask)
     if settings.max_sequence_length is not None:  # FluxPipeline / StableDiffusion3Pipeline's T5 prompt length
         extra["max_sequence_length"] = settings.max_sequence_length
-    scale = None
-    for batch in batches(cells, settings.batch_size):
-        key = batch[0]
-        if adapter is not None and key.lora_scale is not None and key.lora_scale != scale:
-            pipe.set_adapters([adapter], adapter_weights=[key.lora_scale])
-            scale = key.lora_scale
-        if batch_seeds is not None:
-            batch_seeds.update({c: [m.seed for m in batch] for c in batch})
-        try:
-            out = pipe(
-                # LoRA scale 0 is the base model: the identifier stays the word, not the trained tokens
-                prompt=[key.prompt if key.lora_scale == 0 else rewrite(key.prompt)] * len(batch),
-                negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
-                num_inference_steps=settings.steps,
-                guidance_scale=key.guidance_scale,
-                generator=[torch.Generator("cpu").manual_seed(c.seed) for c in batch],
-                **extra,
-            )
-            for c, im in zip(batch, out.images):
-                images[c] = im
-        except torch.cuda.OutOfMemoryError:
-            for c in batch:
-                errors[c] = "out of GPU memory (try --batch-size 1 or a smaller size)"
-            torch.cuda.empty_cache()
-        except (RuntimeError, ValueError) as e:
-            for c in batch:
-                errors[c] = first_line(e, 200)
-        bar.update(len(batch))
-    bar.close()
     size = (settings.width, settings.height) if init_image is None else init_image.size
+    scale = None
+    try:
+        for batch in batches(cells, settings.batch_size):
+            key = batch[0]
+            if adapter is not None and key.lora_scale is not None and key.lora_scale != scale:
+                pipe.set_adapters([adapter], adapter_weights=[key.lora_scale])
+                scale = key.lora_scale
+            if batch_seeds is not None:
+                batch_seeds.update({c: [m.seed for m in batch] for c in batch})
+            _render_batch(pipe, batch, settings, extra, rewrite, images, errors)
+            if on_cell is not None:
+                for c in batch:
+                    on_cell(c, images.get(c) or failed_cell(*size, errors[c]), errors.get(c))
+            bar.update(len(batch))
+    finally:  # an interrupt too: the bar's line ends before the message that follows
+        bar.close()
     out_images = [images.get(c) or failed_cell(*size, errors[c]) for c in cells]
     return out_images, [errors.get(c) for c in cells]
+
+
+def _render_batch(pipe: Any, batch: list[Cell], settings: Settings, extra: dict, rewrite: Callable[[str], str],
+                  images: dict[Cell, Image.Image], errors: dict[Cell, str]) -> None:
+    """One pipeline call for ``batch`` (cells differing only in seed): its images into ``images``, or the
+    reason it failed into ``errors`` for each of its cells."""
+    key = batch[0]
+    try:
+        out = pipe(
+            # LoRA scale 0 is the base model: the identifier stays the word, not the trained tokens
+            prompt=[key.prompt if key.lora_scale == 0 else rewrite(key.prompt)] * len(batch),
+            negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
+            num_inference_steps=settings.steps,
+            guidance_scale=key.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(c.seed) for c in batch],
+            **extra,
+        )
+        for c, im in zip(batch, out.images):
+            images[c] = im
+    except torch.cuda.OutOfMemoryError:
+        for c in batch:
+            errors[c] = "out of GPU memory (try --batch-size 1 or a smaller size)"
+        torch.cuda.empty_cache()
+    except (RuntimeError, ValueError) as e:
+        for c in batch:
+            errors[c] = first_line(e, 200)
 
 
 def render_grid(
@@ -458,14 +474,86 @@ def grid_title(req: Request) -> str:
     return f"{run_root(first_file).name}: {first_label} to {req.lora[-1][0]} on {model}"
 
 
-def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True,
-               given: dict[Cell, Image.Image] | None = None) -> tuple[Path, list[str]]:
-    """Render the request's grid to ``out`` and each cell (+ JSON sidecar) to ``<out stem>_cells/``;
-    with ``grid=False`` (a replay) just the first cell's image to ``out``. ``given``: cells already rendered
-    elsewhere, exactly as this request would render them (eval's base-model cells); they are written and
-    drawn, not rendered again, and the model is not loaded if every cell is given.
-    Returns (path written, one line per failed cell)."""
-    given = given or {}
+UNFINISHED = "unfinished.json"  # in a grid's cells folder from its first cell until the grid is drawn
+
+
+class CellFolder:
+    """A grid's cells folder while the grid renders. Each cell, its PNG then its JSON sidecar, is written as
+    soon as it is rendered, so an interrupted grid keeps its finished cells; ``UNFINISHED`` marks the folder
+    until the grid picture is written. The same request run again on a marked folder reuses every cell whose
+    sidecar is the one it would write itself (same model, LoRA bytes, settings, seeds and batch, dtype and
+    device: the same pixels) and renders the rest. Any other cell there that sdtune wrote (another request's,
+    or a failed cell's stale one) is removed first, so the folder only ever holds this request's cells."""
+
+    def __init__(self, folder: Path, sidecars: dict[Cell, dict], position: dict[Cell, int]):
+        self.folder, self.sidecars, self.position = folder, sidecars, position
+        self.written: set[Cell] = set()  # this request's cells on disk
+
+    def paths(self, cell: Cell) -> tuple[Path, Path]:
+        """The cell's picture and its sidecar."""
+        i = self.position[cell]
+        return self.folder / f"cell-{i:04d}.png", self.folder / f"cell-{i:04d}.json"
+
+    def left_over(self, skip: dict[Cell, Image.Image]) -> dict[Cell, Image.Image]:
+        """The cells an unfinished run of this request left (none when the folder is not marked unfinished),
+        but those in ``skip``; they count as written. Reads only."""
+        if not (self.folder / UNFINISHED).is_file():
+            return {}
+        reused: dict[Cell, Image.Image] = {}
+        for cell, sidecar in self.sidecars.items():
+            image, side = self.paths(cell)
+            if cell in skip or not (image.is_file() and side.is_file()):
+                continue
+            try:
+                same = json.loads(side.read_text()) == json.loads(json.dumps(sidecar))  # tuples read back as lists
+                picture = open_image(image, "cell") if same else None
+            except (ValueError, SdtuneError):  # a sidecar or picture that does not read: rendered again
+                continue
+            if picture is not None:
+                reused[cell] = picture
+        self.written = set(reused)
+        if reused:
+            logger.info(f"reusing {len(reused)} of {len(self.position)} cells that an interrupted run of this grid "
+                        f"left in {self.folder}")
+        return reused
+
+    def start(self) -> None:
+        """Just before the first cell is written: remove every cell but the reused ones, and mark the folder
+        unfinished."""
+        keep = {f for c in self.written for f in self.paths(c)}
+        # this grid's indices: check_outputs let through only sdtune's files there, or --overwrite was given
+        mine = {f for c in self.position for f in self.paths(c)}
+        for f in sorted(self.folder.glob("cell-*")):
+            if f not in keep and (f in mine or cell_by_sdtune(f)):
+                f.unlink()
+        write_text(self.folder / UNFINISHED, json.dumps({"sdtune_version": __version__, "cells": len(self.position)}))
+
+    def write(self, cell: Cell, image: Image.Image, batch_seeds: list[int] | None = None) -> None:
+        """The cell's picture, then its sidecar (with the seeds it was rendered with, where not the planned
+        batch): a sidecar on disk vouches for its picture."""
+        image_path, sidecar_path = self.paths(cell)
+        sidecar = self.sidecars[cell] | ({"batch_seeds": batch_seeds} if batch_seeds else {})
+        save_image(image, image_path)
+        write_text(sidecar_path, json.dumps(sidecar, indent=2))
+        self.written.add(cell)
+
+    def finish(self) -> None:
+        """The grid is drawn: the folder is no longer unfinished."""
+        (self.folder / UNFINISHED).unlink(missing_ok=True)
+
+    def interrupted(self, grid: Path) -> str:
+        """What an interrupt leaves, in one line."""
+        n, done = len(self.position), len(self.written)
+        earlier = f"; {grid} is still an earlier grid" if grid.exists() else ""
+        if not done:
+            return f"interrupted before the first of {n} cells was finished{earlier}"
+        return (f"interrupted: {done} of {n} cells are written in {self.folder} (each with its .json sidecar); the "
+                f"same command again reuses them, renders the other {n - done} and draws the grid {grid.name}"
+                f"{earlier}")
+
+
+def _input_images(req: Request) -> tuple[Image.Image | None, Image.Image | None]:
+    """(init image, mask) of the request's mode, checked, sized and (outpainting) extended."""
     init_image = open_image(req.init_image, "--init-image") if req.init_image else None
     mask = open_image(req.mask, "--mask").convert("L") if req.mask else None
     if req.settings.mode in ("img2img", "inpaint", "outpaint", "depth") and init_image is None:
@@ -483,63 +571,108 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
         w, h = init_image.width // 8 * 8, init_image.height // 8 * 8
         init_image = init_image.crop((0, 0, w, h))
         mask = mask.crop((0, 0, w, h)) if mask is not None else None
+    return init_image, mask
 
-    # Sidecars must replay from anywhere: absolute paths for everything local.
+
+def _absolute(req: Request) -> Request:
+    """``req`` with absolute paths for everything local: sidecars must replay from anywhere."""
+
     def absolute(p):
         return str(Path(p).resolve()) if p and Path(p).exists() else p
 
     options = {**req.model_options, **{k: absolute(req.model_options[k]) for k in ("vae", "base")
                                        if req.model_options.get(k)}}
-    req = replace(req, model=absolute(req.model), init_image=absolute(req.init_image), mask=absolute(req.mask),
-                  model_options=options,
-                  lora=[(label, absolute(f)) for label, f in req.lora],
-                  device=req.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    req = with_family_defaults(req)
-    pipe, family = _load_pipeline(req) if any(c not in given for c in req.cells) else (None, None)
-    cells_dir = cells_folder(out) if grid else None
+    return replace(req, model=absolute(req.model), init_image=absolute(req.init_image), mask=absolute(req.mask),
+                   model_options=options, lora=[(label, absolute(f)) for label, f in req.lora],
+                   device=req.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _sidecars(req: Request) -> dict[Cell, dict]:
+    """Every cell's sidecar as it will be written. Its ``batch_seeds`` is the batch the cell is rendered in
+    (a given cell's: the one it would have been rendered in), so that its replay batches the same."""
+    sidecars: dict[Cell, dict] = {}
+    for label, lora_file in req.lora or [(None, None)]:
+        cells = [c for c in req.cells if c.checkpoint == label]
+        lora_sha256 = sha256_file(lora_file) if lora_file else None  # once per file, not once per cell
+        for batch in batches(cells, req.settings.batch_size):
+            for c in batch:
+                sidecars[c] = {
+                    "sdtune_version": __version__, "model": req.model, "revision": req.revision,
+                    "variant": req.variant, "lora": lora_file, "lora_sha256": lora_sha256, "cell": asdict(c),
+                    "settings": asdict(req.settings), "dtype": req.dtype, "device": req.device,
+                    "init_image": req.init_image, "mask": req.mask, "outpaint": req.outpaint,
+                    "model_options": req.model_options, "batch_seeds": [m.seed for m in batch],
+                }
+    return sidecars
+
+
+def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True,
+               given: dict[Cell, Image.Image] | None = None) -> tuple[Path, list[str]]:
+    """Render the request's grid to ``out`` and each cell (+ JSON sidecar) to ``<out stem>_cells/`` as soon as
+    it is rendered (``CellFolder``: an interrupted grid keeps its finished cells, and the same request again
+    resumes it); with ``grid=False`` (a replay) just the first cell's image to ``out``. ``given``: cells
+    already rendered elsewhere, exactly as this request would render them (eval's base-model cells); they are
+    written and drawn, not rendered again, and the model is not loaded if every cell is given or reused.
+    Returns (path written, one line per failed cell). Ctrl-C while a grid renders raises ``Interrupted``
+    (exit code 130) saying how many cells are on disk and where."""
+    init_image, mask = _input_images(req)
+    req = with_family_defaults(_absolute(req))
+    sidecars = _sidecars(req)
+    folder = CellFolder(cells_folder(out), sidecars, {c: i for i, c in enumerate(req.cells)}) if grid else None
+    known = dict(given or {})
+    try:
+        known |= folder.left_over(known) if folder else {}
+        pipe, family = _load_pipeline(req) if any(c not in known for c in req.cells) else (None, None)
+        if folder is not None:  # the folder changes only once the model has loaded: a load may fail
+            folder.start()
+        images, failures = _render_all(req, pipe, family, known, folder, (init_image, mask), progress)
+    except KeyboardInterrupt:
+        if folder is None:
+            raise
+        raise Interrupted(folder.interrupted(out), 130) from None
+    if folder is None:
+        return save_image(images[req.target or req.cells[0]], out), failures
+    written = save_image(layout(req.cells, [images[c] for c in req.cells], title=grid_title(req)), out)
+    folder.finish()
+    return written, failures
+
+
+def _render_all(req: Request, pipe: Any, family: Family | None, known: dict[Cell, Image.Image],
+                folder: CellFolder | None, inputs: tuple[Image.Image | None, Image.Image | None],
+                progress: bool) -> tuple[dict[Cell, Image.Image], list[str]]:
+    """Every cell's image, checkpoint by checkpoint: the ``known`` ones (given or reused) as they are, the
+    others rendered, each written to ``folder`` (if any) as soon as it is there. Returns (images, one line per
+    failed cell)."""
     images: dict[Cell, Image.Image] = {}
     failures: list[str] = []
     position = {c: i for i, c in enumerate(req.cells)}
+    batch_seeds: dict[Cell, list[int]] = {}  # filled by render_cells before each batch renders
+
+    def finished(cell: Cell, image: Image.Image, error: str | None) -> None:
+        images[cell] = image
+        if error:
+            failures.append(f"cell {position[cell]} ({cell.prompt!r}, seed {cell.seed}): {error}")
+        elif folder is not None and cell not in folder.written:
+            folder.write(cell, image, batch_seeds.get(cell))
+
     for label, lora_file in req.lora or [(None, None)]:
         cells = [c for c in req.cells if c.checkpoint == label]
-        todo = [c for c in cells if c not in given]
-        lora_sha256 = sha256_file(lora_file) if lora_file else None  # once per file, not once per cell
-        # A given cell's sidecar names the batch it would have been rendered in, so its replay batches the same.
-        batch_seeds = {c: [m.seed for m in batch] for batch in batches(cells, req.settings.batch_size) for c in batch}
-        rendered: list[Image.Image] = []
-        errors: list[str | None] = []
-        if todo:
-            embeddings = _apply_lora(pipe, lora_file, family) if lora_file else None  # type: ignore[arg-type]
-            rendered, errors = render_cells(pipe, todo, req.settings, init_image=init_image, mask=mask,
-                                            progress=progress, adapter=ADAPTER if lora_file else None,
-                                            batch_seeds=batch_seeds, rewrite=embeddings.rewrite if embeddings else None)
-            if embeddings is not None:
-                embeddings.uninstall()
-            if lora_file:
-                pipe.unload_lora_weights()
-        done = dict(zip(todo, zip(rendered, errors)))
         for c in cells:
-            im, err = (given[c], None) if c in given else done[c]
-            images[c] = im
-            i = position[c]
-            if err:
-                failures.append(f"cell {i} ({c.prompt!r}, seed {c.seed}): {err}")
-                continue
-            if cells_dir is None:
-                continue
-            sidecar = {
-                "sdtune_version": __version__, "model": req.model, "revision": req.revision, "variant": req.variant,
-                "lora": lora_file, "lora_sha256": lora_sha256,
-                "cell": asdict(c), "settings": asdict(req.settings), "dtype": req.dtype, "device": req.device,
-                "init_image": req.init_image, "mask": req.mask, "outpaint": req.outpaint,
-                "model_options": req.model_options, "batch_seeds": batch_seeds.get(c, [c.seed]),
-            }
-            save_image(im, cells_dir / f"cell-{i:04d}.png")
-            (cells_dir / f"cell-{i:04d}.json").write_text(json.dumps(sidecar, indent=2))
-    if not grid:
-        return save_image(images[req.target or req.cells[0]], out), failures
-    picture = layout(req.cells, [images[c] for c in req.cells], title=grid_title(req))
-    return save_image(picture, out), failures
+            if c in known:
+                finished(c, known[c], None)
+        todo = [c for c in cells if c not in known]
+        if not todo:
+            continue
+        embeddings = _apply_lora(pipe, lora_file, family) if lora_file else None  # type: ignore[arg-type]
+        render_cells(pipe, todo, req.settings, init_image=inputs[0], mask=inputs[1], progress=progress,
+                     adapter=ADAPTER if lora_file else None, batch_seeds=batch_seeds,
+                     rewrite=embeddings.rewrite if embeddings else None,
+                     on_cell=finished)
+        if embeddings is not None:
+            embeddings.uninstall()
+        if lora_file:
+            pipe.unload_lora_weights()
+    return images, failures
 
 
 def request_from_sidecar(path: str | Path) -> Request:

@@ -469,3 +469,71 @@ def test_eval_defaults_to_the_runs_guidance_quantization_and_dtype(run, tmp_path
     cfg["sample"]["guidance_scale"] = 7.5
     (copied / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert spec().guidance == 4.0
+
+
+def test_world_metrics_ask_for_no_subject_photos(run, tiny_model, tmp_path, capsys):
+    """The micro world's detector reads the subject from pixels: `--metrics world` on a LoRA file outside its
+    run (which names its photos' folder but not where it is) needs no --subject-dir, and one given changes
+    nothing (it says so); the paper's metrics still ask for the photos."""
+    from sdtune.cli import build_parser
+    from sdtune.cli.eval import make_scorer, spec_from_args
+
+    shared = tmp_path / "k.safetensors"
+    shutil.copy(run / "run_kohya.safetensors", shared)
+
+    def spec(*flags: str) -> EvalSpec:
+        args = build_parser().parse_args(["eval", str(shared), "--model", str(tiny_model("sd15")), *flags])
+        return spec_from_args(args, make_scorer(args))
+
+    with pytest.raises(SdtuneError, match=r"--subject-dir: .* names its photos' folder \('demo_toy'\)"):
+        spec("--metrics", "paper")
+    world = spec("--metrics", "world")
+    assert world.subject_dir is None and (world.identifier, world.class_noun) == ("sks", "toy")
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for photos in (empty, DEMO_DATA):
+        assert spec("--metrics", "world", "--subject-dir", str(photos)) == world  # so the same images and scores
+        assert capsys.readouterr().err == ("note: --subject-dir is not read: --metrics world scores the images "
+                                           "without subject photos\n")
+
+
+def test_an_interrupted_eval_keeps_its_cells_and_the_same_command_finishes_it(run, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during eval's rendering: the finished checkpoints and the finished cells of the one it was on stay,
+    the line says which, and the same command again renders only the rest, to the same numbers."""
+    from diffusers import StableDiffusionPipeline
+
+    render = StableDiffusionPipeline.__call__
+    calls: list[int] = []
+
+    def counted(interrupt_at: int | None):
+        def call(self, *args, **kw):
+            calls.append(1)
+            if len(calls) == interrupt_at:
+                raise KeyboardInterrupt
+            return render(self, *args, **kw)
+        return call
+
+    def world_eval(out: Path) -> int:
+        # per checkpoint: (1 prompt + the class prompt) x 2 images, one pipeline call each
+        return eval_main([str(run), "--metrics", "world", "--checkpoints", "all", "--world-prompts", "1",
+                          "--images-per-prompt", "2", "--steps", "2", "--out", str(out)])
+
+    out = tmp_path / "report"
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", counted(interrupt_at=6))  # step-000004's second
+    assert world_eval(out) == 130
+    cells = out / "samples" / "step-000004_cells"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"step-000004 (2/2 checkpoints): interrupted: 1 of 4 cells are written in {cells} (each with its .json "
+        "sidecar); the same command again reuses them, renders the other 3 and draws the grid step-000004.png")
+    assert len(list((out / "samples" / "step-000002_cells").glob("cell-*.png"))) == 4
+    assert len(list(cells.glob("cell-*.png"))) == 1 and not (out / "report.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", counted(interrupt_at=None))
+    assert world_eval(out) == 0
+    assert len(calls) == 3  # step-000002 reused whole, step-000004's first cell reused
+    assert world_eval(tmp_path / "straight") == 0
+    assert len(calls) == 3 + 8
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert rows == json.loads((tmp_path / "straight" / "report.json").read_text())["rows"] and len(rows) == 2

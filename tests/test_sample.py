@@ -180,3 +180,66 @@ def test_an_sd3_kohya_file_says_diffusers_cannot_read_it_and_what_to_sample(tiny
     [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert code == 2 and "SD3.x kohya file" in line and "cannot read" in line and "sdtune sample RUN" in line
     assert "pytorch_lora_weights.safetensors" in line and "another family or format" not in line
+
+
+def test_an_interrupted_grid_keeps_its_cells_and_the_same_command_finishes_it(run, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during `sdtune sample`: every finished cell is on disk with its sidecar, the command says how many
+    and where (exit 130), and the same command again renders only the others: a grid equal, bit for bit, to one
+    rendered in one go."""
+    from diffusers import StableDiffusionPipeline
+
+    render = StableDiffusionPipeline.__call__
+    calls: list[int] = []
+
+    def counted(interrupt_at: int | None):
+        def call(self, *args, **kw):
+            calls.append(len(kw["prompt"]))
+            if len(calls) == interrupt_at:
+                raise KeyboardInterrupt  # as Ctrl-C does, in the middle of a pipeline call
+            return render(self, *args, **kw)
+        return call
+
+    def sample(out: Path, seeds: str, *extra: str) -> int:
+        return main(["sample", str(run), "--prompt", "a photo of sks toy", "--seeds", seeds, "--lora-scale", "0,1",
+                     "--steps", "2", "--batch-size", "2", "--out", str(out), *extra])
+
+    grid, cells_dir = tmp_path / "g.png", tmp_path / "g_cells"
+    assert sample(grid, "0,1,2,3") == 0  # an earlier grid of 8 cells at the same --out
+    capsys.readouterr()
+    # 6 cells in 4 pipeline calls (x0 seeds 0,1 | 2, x1 seeds 0,1 | 2); Ctrl-C in the third
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", counted(interrupt_at=3))
+    assert sample(grid, "0,1,2") == 130
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"interrupted: 3 of 6 cells are written in {cells_dir} (each with its .json sidecar); the same "
+                   f"command again reuses them, renders the other 3 and draws the grid g.png; {grid} is still an "
+                   "earlier grid")
+    # the finished cells (LoRA x0), each with its sidecar; the earlier grid's 8 cells are gone, not mixed in
+    assert sorted(p.name for p in cells_dir.glob("cell-*")) == [f"cell-{i:04d}.{e}" for i in range(3)
+                                                                for e in ("json", "png")]
+    scales = [json.loads((cells_dir / f"cell-{i:04d}.json").read_text())["cell"]["lora_scale"] for i in range(3)]
+    assert scales == [0, 0, 0]
+    assert (cells_dir / "unfinished.json").is_file()
+
+    calls.clear()
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", counted(interrupt_at=None))
+    assert sample(grid, "0,1,2") == 0
+    assert "reusing 3 of 6 cells that an interrupted run of this grid left in" in capsys.readouterr().out
+    assert calls == [2, 1]  # only the LoRA x1 cells were rendered
+    assert len(_cells(grid)) == 6 and not (cells_dir / "unfinished.json").exists()
+    straight = tmp_path / "straight.png"
+    assert sample(straight, "0,1,2") == 0
+    assert calls == [2, 1, 2, 1, 2, 1]
+    assert np.array_equal(np.asarray(Image.open(grid)), np.asarray(Image.open(straight)))
+    for a, b in zip(_cells(grid), _cells(straight), strict=True):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+        # the sidecars name the same cell and batch, so each cell replays the same
+        assert json.loads(a.with_suffix(".json").read_text()) == json.loads(b.with_suffix(".json").read_text())
+
+    # another command on that folder reuses nothing: its cells are other pixels (here: 3 steps, not 2)
+    calls.clear()
+    capsys.readouterr()
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", counted(interrupt_at=1))
+    assert sample(grid, "0,1,2", "--steps", "3") == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (f"interrupted before the first of 6 cells was finished; "
+                                                        f"{grid} is still an earlier grid")
+    assert not list(cells_dir.glob("cell-*"))  # what was there was no cell of this grid

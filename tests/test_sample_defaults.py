@@ -167,3 +167,27 @@ def test_sample_of_a_quantized_run_is_quantized_as_its_grids(tiny_model, tmp_pat
                  "--out", str(plain)]) == 0
     assert _sidecar(_cells(plain)[0])["model_options"] == {}
     assert not np.array_equal(_as_training_grid(plain, "step 4"), trained)
+
+
+def test_a_prompts_file_without_a_prompt_is_refused_not_replaced_by_the_runs(tmp_path, capsys):
+    """An empty --prompts-file (or one of blank lines) is a mistake to name, not a cue to draw the run's prompts
+    instead; one with prompts gives them, stripped, after any --prompt."""
+    from types import SimpleNamespace
+
+    from sdtune.cli.sample import read_prompts
+
+    run_cfg = {"sample": {"prompts": ["a photo of sks toy"]}}
+    listed = tmp_path / "prompts.txt"
+    for text in ("", "\n  \n\t\n"):
+        listed.write_text(text)
+        code = main(["sample", "--model", str(tmp_path / "no-model"), "--prompts-file", str(listed),
+                     "--out", str(tmp_path / "g.png")])
+        assert code == 2 and capsys.readouterr().err == (f"error: --prompts-file: {listed} holds no prompt; write "
+                                                         "one prompt per line\n")
+        with pytest.raises(SdtuneError, match="holds no prompt"):  # a --prompt beside it does not excuse it
+            read_prompts(SimpleNamespace(prompt=["a dog"], prompts_file=str(listed)), run_cfg)
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "g_cells").exists()
+    listed.write_text(" a sks toy on grass \n\na sks toy at night\n")
+    assert read_prompts(SimpleNamespace(prompt=["a dog"], prompts_file=str(listed)), run_cfg) == [
+        "a dog", "a sks toy on grass", "a sks toy at night"]
+    assert read_prompts(SimpleNamespace(prompt=None, prompts_file=None), run_cfg) == ["a photo of sks toy"]

@@ -71,8 +71,8 @@ def add_commands(sub: Any) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder, checkpoint folder or LoRA .safetensors file")
     p.add_argument("--subject-dir", metavar="DIR",
-                   help="the real subject photos (default: the run's data.instance_dir or data.dataset, or "
-                        "the --identifier concept's folder)")
+                   help="--metrics paper: the real subject photos (default: the run's data.instance_dir or "
+                        "data.dataset, or the --identifier concept's folder); --metrics world reads none")
     p.add_argument("--prompts", default="dreambench", metavar="dreambench|FILE",
                    help="'dreambench' (the paper's 25 prompts) or a file: one prompt per line, with {} for "
                         "'<identifier> <class>' or {identifier} and {class}; '#' lines are comments")
@@ -176,9 +176,11 @@ def target_config(target: Path) -> dict:
     return run_config(target) or (config_from_metadata(safetensors_metadata(target)) if target.is_file() else {})
 
 
-def _subject(args: argparse.Namespace, target: Path, run_cfg: dict) -> tuple[str, str, str]:
+def _subject(args: argparse.Namespace, target: Path, run_cfg: dict,
+             photos: bool = True) -> tuple[str, str, str | None]:
     """(identifier, class noun, subject folder) from the flags, else the run's config (of one concept:
-    ``_one_concept``; a LoRA file outside its run: ``target_config``)."""
+    ``_one_concept``; a LoRA file outside its run: ``target_config``). ``photos``: whether the scorer reads the
+    subject photos (``Scorer.subject_photos``); if not, the folder is None and neither looked for nor asked."""
     data = run_cfg.get("data") or {}
     from_file = target.is_file() and ("folder_names" in data or not run_cfg)  # a LoRA file outside its run
     identifier = args.identifier or data.get("identifier")
@@ -194,6 +196,11 @@ def _subject(args: argparse.Namespace, target: Path, run_cfg: dict) -> tuple[str
     if not args.class_noun and len(class_noun.split()) > 3:
         raise SdtuneError(f"--class-noun: '{class_noun}' (from prior.class_prompt) is not a class noun; "
                           "pass --class-noun dog")
+    if not photos:
+        if args.subject_dir:
+            print(f"note: --subject-dir is not read: --metrics {args.metrics} scores the images without subject "
+                  "photos", file=sys.stderr)
+        return identifier, class_noun, None
     return identifier, class_noun, _subject_dir(args, target, data)
 
 
@@ -236,7 +243,7 @@ def spec_from_args(args: argparse.Namespace, scorer: Scorer) -> EvalSpec:
     loras = lora_files(target, args.checkpoints)
     model_cfg = run_cfg.get("model") or {}
     model = base_model(args.model, target, run_cfg)
-    identifier, class_noun, subject_dir = _subject(args, target, run_cfg)
+    identifier, class_noun, subject_dir = _subject(args, target, run_cfg, scorer.subject_photos)
     templates, prompt_set = scorer.templates(class_noun)
     prompts = list(dict.fromkeys(fill(t, identifier, class_noun) for t in templates))
     for p in prompts:
@@ -251,8 +258,8 @@ def spec_from_args(args: argparse.Namespace, scorer: Scorer) -> EvalSpec:
     options = quantization(run_model_options(args.model, run_cfg), args)
     return EvalSpec(
         run=str(target), model=model, loras=loras, steps={label: step_of(label, f) for label, f in loras},  # type: ignore[misc]
-        subject_dir=Path(subject_dir), identifier=identifier, class_noun=class_noun, prompt_set=prompt_set,
-        prompts=prompts, images_per_prompt=args.images_per_prompt, lora_scales=scales,
+        subject_dir=Path(subject_dir) if subject_dir else None, identifier=identifier, class_noun=class_noun,
+        prompt_set=prompt_set, prompts=prompts, images_per_prompt=args.images_per_prompt, lora_scales=scales,
         guidance=args.guidance if args.guidance is not None else _guidance(scorer, model, revision,
                                                                            options.get("base"), run_cfg),
         settings=_settings(args, scorer, model, revision, run_cfg, options.get("base")),

@@ -93,7 +93,8 @@ def run_grid_prompts(run_cfg: dict) -> list[str]:
 
 
 def read_prompts(args: argparse.Namespace, run_cfg: dict) -> list[str]:
-    """--prompt (repeatable) and --prompts-file, else the prompts of the run's grids (``run_grid_prompts``)."""
+    """--prompt (repeatable) and --prompts-file (refused when it holds no prompt), else the prompts of the run's
+    grids (``run_grid_prompts``)."""
     prompts = list(args.prompt or [])
     if args.prompts_file:
         try:
@@ -103,7 +104,10 @@ def read_prompts(args: argparse.Namespace, run_cfg: dict) -> list[str]:
         except UnicodeDecodeError as e:
             raise SdtuneError(f"--prompts-file: {args.prompts_file} is not UTF-8 text (byte {e.start}: {e.reason}); "
                               "save it as UTF-8, one prompt per line") from None
-        prompts += [p.strip() for p in text.splitlines() if p.strip()]
+        listed = [p.strip() for p in text.splitlines() if p.strip()]
+        if not listed:  # not the run's prompts instead: the file was meant to say which
+            raise SdtuneError(f"--prompts-file: {args.prompts_file} holds no prompt; write one prompt per line")
+        prompts += listed
     prompts = prompts or run_grid_prompts(run_cfg)
     if not prompts:
         raise SdtuneError("--prompt: no prompt given and the run has none; pass --prompt 'a photo of sks dog'")

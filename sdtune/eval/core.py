@@ -86,7 +86,7 @@ class EvalSpec:
     run: str  # what RUN named, for the report's title
     model: str
     loras: list[tuple[str, str]]  # (label, LoRA file), in training order
-    subject_dir: Path
+    subject_dir: Path | None  # the real subject photos; None for a scorer that reads none (Scorer.subject_photos)
     identifier: str
     class_noun: str
     prompt_set: str  # e.g. 'dreambench-live', 'micro-world' or the prompt file
@@ -131,6 +131,7 @@ class Scorer(Protocol):
     references: References | None
     quote: tuple[str, ...]  # metric keys quoted beside the recommendation
     class_images: bool  # also draw EvalSpec.class_prompt for every row
+    subject_photos: bool  # reads the real subject photos (EvalSpec.subject_dir, --subject-dir)
     steps: int  # sampling defaults that suit the scorer's model
     guidance: float
     rule: str  # the recommendation rule, in words

@@ -226,6 +226,7 @@ class PaperScorer:
     metrics = METRICS
     references = TABLE1
     quote = ("dino", "clip_t")
+    subject_photos = True  # DINO, CLIP-I and PRES compare with them
     steps = 25
     guidance = 7.5
 
@@ -246,6 +247,9 @@ class PaperScorer:
 
     def prepare(self, spec: EvalSpec) -> None:
         """Read the subject photos and load the metric models (on the CPU until scoring)."""
+        if spec.subject_dir is None:
+            raise SdtuneError("--subject-dir: the paper's metrics compare with the subject photos; pass "
+                              "--subject-dir DIR")
         paths = subject_images(spec.subject_dir)
         if not paths:
             raise SdtuneError(f"--subject-dir: {spec.subject_dir} holds no subject photos; pass --subject-dir DIR")

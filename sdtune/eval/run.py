@@ -3,7 +3,8 @@ write the reports.
 
 Cells are drawn by ``sdtune sample``'s renderer, one grid per checkpoint under ``out/samples``, each image with
 its JSON sidecar in ``samples/<checkpoint>_cells/`` (``sdtune sample --replay`` renders it again). Run again
-with the same settings, eval reuses the images whose sidecars match, so re-scoring samples nothing.
+with the same settings, eval reuses the images whose sidecars match, so re-scoring samples nothing; an
+interrupted eval keeps every cell it finished, and the same command again renders only the others.
 
 LoRA scale 0 is the base model, the same pixels at every checkpoint: those cells are rendered once (keyed
 without their checkpoint) and written into every checkpoint's cells folder, so each folder stays complete.
@@ -19,13 +20,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from sdtune.errors import Interrupted
 from sdtune.eval.core import EvalSpec, Row, Scorer, cell_path, eval_cells, read_rendered
 from sdtune.eval.report import write_reports
 from sdtune.files import sha256_file
 from sdtune.grid import Cell
 from sdtune.images import open_image
 from sdtune.runs import safetensors_header
-from sdtune.sample import Request, run_sample, with_family_defaults
+from sdtune.sample import UNFINISHED, Request, run_sample, with_family_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +54,10 @@ def _on_disk(cells_dir: Path, i: int, cell: Cell, spec: EvalSpec, lora_sha: str)
 
 
 def _reusable(cells_dir: Path, cells: list[Cell], spec: EvalSpec, lora_sha: str) -> bool:
-    """Whether every cell is already on disk, rendered with the same LoRA, model and settings."""
-    return all(_on_disk(cells_dir, i, cell, spec, lora_sha) for i, cell in enumerate(cells))
+    """Whether every cell is already on disk, rendered with the same LoRA, model and settings, and its grid drawn
+    (an interrupt may come after the last cell: ``run_sample`` then draws it from the cells)."""
+    return not (cells_dir / UNFINISHED).exists() and all(_on_disk(cells_dir, i, cell, spec, lora_sha)
+                                                         for i, cell in enumerate(cells))
 
 
 def _base_key(cell: Cell) -> Cell | None:
@@ -102,16 +106,18 @@ def render(spec: EvalSpec, out: Path, class_images: bool,
             logger.info(f"{label} ({n}/{len(spec.loras)}): reusing {len(cells)} images in {cells_dir}")
             continue
         given = {c: shared[k] for c in cells if plain and (k := _base_key(c)) in shared}
-        # Old cells of another prompt list would be read as this one's.
-        for old in cells_dir.glob("cell-*"):
-            old.unlink()
         reused = f", reusing {len(given)} base-model images (LoRA x0)" if given else ""
         logger.info(f"{label} ({n}/{len(spec.loras)}): rendering {len(cells) - len(given)} images{reused}")
         req = Request(model=spec.model, lora=[(label, lora_file)], cells=cells, settings=spec.settings,
                       revision=spec.revision, variant=spec.variant, dtype=spec.dtype, device=spec.device,
                       model_options=spec.model_options)
-        # One call per checkpoint keeps each grid picture a manageable size (run_sample always draws one).
-        _, failed = run_sample(req, grid, progress=progress, given=given)
+        # One call per checkpoint keeps each grid picture a manageable size (run_sample always draws one). It
+        # removes old cells of another prompt list (they would be read as this one's) and, after an interrupt,
+        # reuses this checkpoint's finished ones.
+        try:
+            _, failed = run_sample(req, grid, progress=progress, given=given)
+        except Interrupted as e:
+            raise Interrupted(f"{label} ({n}/{len(spec.loras)} checkpoints): {e}", e.exit_code) from None
         failures += [f"{label}: {line}" for line in failed]
         if plain:
             _remember(shared, cells_dir, cells, spec, lora_sha)

@@ -208,6 +208,7 @@ class WorldScorer:
     references = None
     quote = ()
     class_images = True
+    subject_photos = False  # the detector knows the subject toy: no photos to compare with
     steps = 20
     guidance = 4.0
     rule = RULE
