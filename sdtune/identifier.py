@@ -132,7 +132,8 @@ def _hf_encoder(name: str, tokenizer: Any) -> _Encoder:
         return list(tokenizer.convert_ids_to_tokens(ids)), ids
 
     specials = frozenset(tokenizer.all_special_ids)
-    last_id = max(i for i in tokenizer.get_vocab().values() if i not in specials)
+    # a vocabulary of special tokens only (a stub model's): nothing to rank against, the whole range
+    last_id = max((i for i in tokenizer.get_vocab().values() if i not in specials), default=len(tokenizer))
     return _Encoder(name, tokenize, specials, last_id, judged="T5" not in type(tokenizer).__name__)
 
 

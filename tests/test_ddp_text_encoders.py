@@ -92,8 +92,9 @@ def test_every_trained_parameter_gets_a_gradient(family, tiny_model):
 
 @pytest.mark.slow  # six tiny SDXL runs
 def test_sdxl_trains_as_before_without_the_unread_layer_and_resumes(tiny_model, tmp_path, monkeypatch):
-    """In one process, no LoRA on CLIP-L's last layer changes nothing else, bitwise (that layer's lora_B
-    stayed zero: it never got a gradient); the run resumes bitwise, in the same layout."""
+    """In one process, no LoRA on CLIP-L's last layer changes nothing else (that layer's lora_B stayed zero: it
+    never got a gradient; equal to float rounding, bitwise with one thread); the run resumes bitwise, in the same
+    layout, and a checkpoint of the old layout resumes bitwise in its own."""
     model = tiny_model("sdxl")
     common = ["lora.train_text_encoder=true", "train.learning_rate=5e-2", "sample.every=0"]
     straight, split = interrupted_and_resumed(model, tmp_path, 4, 2, *common)
@@ -107,13 +108,15 @@ def test_sdxl_trains_as_before_without_the_unread_layer_and_resumes(tiny_model, 
     last = {k for k in before if k.startswith("text_encoder.text_model.encoder.layers.1.")}
     assert last and set(before) - set(new) == last and set(new) <= set(before)
     assert all(not before[k].any() for k in last if ".lora_B." in k)
-    assert all(torch.equal(new[k], before[k]) for k in new)
+    # the same maths without the no-op layer; not bitwise across the two runs: with several threads, CPU kernels
+    # may reduce in another order where the tensors lie at other addresses (make test uses 2 threads)
+    assert all(torch.allclose(new[k], before[k], rtol=1e-4, atol=1e-6) for k in new)
     assert any(new[k].any() for k in new if k.startswith("text_encoder.") and ".lora_B." in k)  # it trained
 
     def losses(run: Path) -> list[float]:
         return [json.loads(line)["loss"] for line in (run / "losses.jsonl").read_text().splitlines()]
 
-    assert losses(straight) == losses(old)
+    assert losses(straight) == pytest.approx(losses(old), rel=1e-5)
 
     # a checkpoint of the old layout (an earlier sdtune) resumes in it, exactly
     split_old = tmp_path / "old_split"
