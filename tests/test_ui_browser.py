@@ -206,7 +206,15 @@ def _compare_and_export(page, base, ws, tmp_path, shots: Shots) -> None:
     page.fill("#seeds", "0")
     page.fill("#scales", "0,1")
     page.click("#compare")
-    page.wait_for_selector("#grid img", timeout=300_000)
+    try:
+        page.wait_for_selector("#grid img", timeout=300_000)
+    except Exception:  # say what the page showed (it once waited 300 s for a grid whose job had finished in 5)
+        shots.take(page, "compare_timeout")
+        state = page.evaluate("[document.getElementById('compare-state').textContent, "
+                              "document.getElementById('grid').innerHTML.slice(0, 500)]")
+        jobs = {p.name: (p / "rc").read_text().strip() if (p / "rc").is_file() else "no rc"
+                for p in sorted((ws / "jobs").iterdir())}
+        raise AssertionError(f"no grid shown: compare-state / #grid {state}; jobs {jobs}") from None
     assert page.evaluate("document.querySelector('#grid img').naturalWidth") > 64
     shots.take(page, "compare_grid")
 
