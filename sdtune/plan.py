@@ -9,6 +9,7 @@ folder, resume: the checkpoint, its config and its data), then reports every pro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import os
@@ -522,6 +523,8 @@ def check_run(cfg: Config, strict: bool = False, run_folder: bool = True) -> Run
     info, files = _check_model(cfg, problems, model_warnings)
     if info is not None:
         cfg = with_family_defaults(cfg, info.family)
+    # the base model's bytes, hashed only if a check needs them (FSDP's class images, a resume), then once
+    identity = functools.cache(lambda: base_identity(cfg, info.family))
     folders, scan = _scan_data(cfg, cfg.data.resolution or (info.resolution if info else None))
     problems += scan.problems + _class_image_problems(cfg, cfg.data.resolution or (info.resolution if info else None))
     warnings = model_warnings + list(scan.warnings) + option_warnings(cfg.data)
@@ -539,7 +542,7 @@ def check_run(cfg: Config, strict: bool = False, run_folder: bool = True) -> Run
     # launched with an FSDP accelerate config: what cannot run sharded; class images made beforehand
     # (`sdtune class-images`) are found in their cache folder, keyed by the model's bytes
     problems += fsdp_problems(cfg, (lambda c: class_images_dir(cfg, cfg.data.resolution or info.resolution,
-                                                               base_identity(cfg, info.family), c)) if info else None)
+                                                               identity(), c)) if info else None)
     t = cfg.train  # the optimizer's package, arguments and learning rate, before any weight loads
     found, advice = optimizer_problems(t.optimizer, t.optimizer_args, t.learning_rate,
                                        cfg.lora.text_encoder_lr if cfg.lora.train_text_encoder else None,
@@ -563,9 +566,8 @@ def check_run(cfg: Config, strict: bool = False, run_folder: bool = True) -> Run
     data = {} if scan.problems else _data_fingerprint(cfg, scan.examples)
     resumed = None
     if cfg.train.resume and not scan.problems and run_folder:
-        identity = (lambda: base_identity(cfg, info.family)) if info is not None else None
         resumed = check_resume(Path(cfg.train.output_dir), cfg.train.resume, cfg.model_dump(mode="json"), data,
-                               problems, warnings, identity)
+                               problems, warnings, identity if info is not None else None)
     flush_manifests()  # what the checks learnt of each file (hashes, decodes, sizes): a rerun looks it up
     if strict:
         problems += [f"{w} (--strict)" for w in warnings]

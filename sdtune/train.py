@@ -312,7 +312,8 @@ def setup(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> Run:
         torch.backends.cudnn.allow_tf32 = True
 
     components, weight_dtype = _load_model(cfg, plan, accelerator)
-    class_paths = _class_images(cfg, plan, components, accelerator)
+    identity = base_identity(cfg, plan.family)  # the base model's bytes: class images' key, and what resume checks
+    class_paths = _class_images(cfg, plan, components, accelerator, identity)
     dataset = _dataset(cfg, plan, class_paths, components)
     run = Run(
         cfg=cfg, plan=plan, accelerator=accelerator, components=components, options=cfg.family_options(plan.family),
@@ -324,7 +325,7 @@ def setup(cfg: Config, plan: RunPlan, accelerator: Accelerator) -> Run:
         text_cache=None, offloaded=False,
         # what a resume checks it continues on: the photos, the class images, and the base model's bytes
         data={"instance": plan.data, "class": class_fingerprint(cfg, class_paths),
-              "model": {"identity": base_identity(cfg, plan.family)}},
+              "model": {"identity": identity}},
     )
     # pivotal tuning changes what a caption encodes to while it trains: captions are encoded in each step
     run.text_cache = _text_cache(run) if not cfg.pivotal.enabled else None
@@ -521,18 +522,18 @@ def make_class_images(cfg: Config, offload: str = "none") -> list[Path]:
     for w in plan.warnings:
         logger.warning(w)
     components, _ = _load_model(cfg, plan, accelerator, on_cpu=offload != "none")
-    return _class_images(cfg, plan, components, accelerator, offload)
+    return _class_images(cfg, plan, components, accelerator, base_identity(cfg, plan.family), offload)
 
 
-def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accelerator,
+def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accelerator, identity: str,
                   offload: str = "none") -> list[Path]:
     """Prior preservation: each concept's class images from the base model, before any adapter exists:
     ``prior.num_class_images`` of each, in concept order (``sdtune.plan.class_sets``). Generated into a cache
-    folder named by the model's identity (the bytes of its files) and the class prompt, one run at a time."""
+    folder named by the model's ``identity`` (``base_identity``: the bytes of its files) and the class prompt,
+    one run at a time."""
     if not cfg.prior.enabled:
         return []
     family = plan.family
-    identity = base_identity(cfg, family)
     pipe = family.pipeline(c, sampling_scheduler(c.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     if offload == "model":  # one component on the GPU at a time
