@@ -95,6 +95,17 @@ def test_sdxl_trains_as_before_without_the_unread_layer_and_resumes(tiny_model, 
     """In one process, no LoRA on CLIP-L's last layer changes nothing else (that layer's lora_B stayed zero: it
     never got a gradient; equal to float rounding, bitwise with one thread); the run resumes bitwise, in the same
     layout, and a checkpoint of the old layout resumes bitwise in its own."""
+    # one thread: with two, the runs of this test were not reproducible among themselves in the full suite
+    # (about 1e-7 at step 4, cause not found); with one they are bitwise
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _sdxl_runs(tiny_model, tmp_path, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sdxl_runs(tiny_model, tmp_path, monkeypatch) -> None:
     model = tiny_model("sdxl")
     common = ["lora.train_text_encoder=true", "train.learning_rate=5e-2", "sample.every=0"]
     straight, split = interrupted_and_resumed(model, tmp_path, 4, 2, *common)
