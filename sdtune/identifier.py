@@ -444,7 +444,7 @@ def _suggestion_pool() -> tuple[str, ...]:
 # --- a model's own tokenizers ------------------------------------------------------------------------------
 
 
-def load_tokenizers(path_or_id: str, family: str | None = None) -> list:
+def tokenizers_at(path_or_id: str, family: str | None = None) -> list:
     """The tokenizer(s) of a model folder or hub id (``tokenizer/``, ``tokenizer_2/``, ... as its family has
     them), or of a tokenizer folder or tokenizer repo."""
     from transformers import CLIPTokenizer

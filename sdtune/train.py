@@ -260,6 +260,12 @@ class Run:
             torch.cuda.synchronize(self.device)
 
 
+# setup writes the run folder's first byte last (``_claim_output``); class images and cache entries are written one
+# by one into their own caches, which the next run completes instead of starting over
+SETUP_INTERRUPTED = ("interrupted before the first step: nothing to resume and the run folder is as it was; the class "
+                     "images and cached latents made so far are kept, and the same command again reuses them")
+
+
 def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     """Run DreamBooth LoRA training as configured; return the output folder."""
     plan = plan or check_run(cfg)  # every config problem is reported before any weight loads
@@ -268,7 +274,10 @@ def train(cfg: Config, plan: RunPlan | None = None) -> Path:
     cfg = with_family_defaults(cfg.resolved_paths(), plan.family)
     accelerator = make_accelerator(cfg)
     with _exclusive(accelerator, Path(cfg.train.output_dir)):  # one run per folder
-        run = setup(cfg, plan, accelerator)
+        try:
+            run = setup(cfg, plan, accelerator)
+        except KeyboardInterrupt:  # Ctrl-C (or SIGTERM: sdtune.cli) while loading, generating or caching
+            raise Interrupted(SETUP_INTERRUPTED, 130) from None
         loop(run)
         return finish(run)
 

@@ -81,6 +81,33 @@ def test_information_is_printed_by_the_first_process_only(capsys, monkeypatch):
     assert capsys.readouterr().out == "validation: 6 held-out images\n"
 
 
+def test_ctrl_c_or_sigterm_during_setup_says_what_is_kept_and_writes_no_run_folder(tiny_model, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Ctrl-C before the first step (loading, class images, caching) said only "interrupted": now it says that
+    there is nothing to resume and what is kept. SIGTERM takes the same path with its own exit code (Python's
+    default ended the process without a word), and the CLI puts the default SIGTERM handling back after."""
+    import os
+    import signal
+
+    def stop_in_setup(signum: int | None):
+        def cache(*a, **kw):
+            if signum is None:
+                raise KeyboardInterrupt  # as Ctrl-C does
+            os.kill(os.getpid(), signum)
+        return cache
+
+    out = tmp_path / "run"
+    for signum, code in ((None, 130), (signal.SIGTERM, 143)):
+        monkeypatch.setattr("sdtune.train._latent_cache", stop_in_setup(signum))
+        assert main(["train", str(ROOT / "recipes/tiny_cpu.yaml"),
+                     *overrides(tiny_model("sd15"), out)]) == code
+        err = capsys.readouterr().err.splitlines()
+        assert err[-1].startswith("interrupted before the first step: nothing to resume"), err
+        assert "the same command again reuses them" in err[-1]
+        assert not out.exists()  # the lock taken at the start leaves no folder behind
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_overrides_may_follow_a_flag(tiny_model, tmp_path, capsys):
     """kohya and OneTrainer users put flags anywhere: `sdtune train R --dry-run key=value` takes the override
     (argparse alone refused it as an unrecognized argument); anything else left over is still refused."""

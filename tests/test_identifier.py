@@ -15,8 +15,8 @@ from sdtune.identifier import (
     SUGGEST_PATTERN,
     check_identifier,
     check_identifiers,
-    load_tokenizers,
     suggest_identifiers,
+    tokenizers_at,
     word_frequencies,
 )
 from sdtune.tokens import clip_tokenize, clip_tokenizer
@@ -196,7 +196,7 @@ def test_check_token_agrees_with_the_clip_tokenizer_on_random_strings():
 
 
 def test_check_token_agrees_with_a_model_folders_tokenizers(tiny_model):
-    tokenizers = load_tokenizers(str(tiny_model("sdxl")), family="sdxl")
+    tokenizers = tokenizers_at(str(tiny_model("sdxl")), family="sdxl")
     assert len(tokenizers) == 2
     words = random_strings(1000, seed=1)
     from_model = check_identifiers(words, tokenizers)
@@ -208,10 +208,10 @@ def test_check_token_agrees_with_a_model_folders_tokenizers(tiny_model):
 
 def test_tokenizer_option_errors(tiny_model, tmp_path):
     with pytest.raises(SdtuneError, match="not an SDXL model"):
-        load_tokenizers(str(tiny_model("sd15")), family="sdxl")
+        tokenizers_at(str(tiny_model("sd15")), family="sdxl")
     with pytest.raises(SdtuneError, match="cannot read a CLIP tokenizer"):
-        load_tokenizers(str(tmp_path))
-    assert len(load_tokenizers(str(tiny_model("sdxl") / "tokenizer_2"))) == 1
+        tokenizers_at(str(tmp_path))
+    assert len(tokenizers_at(str(tiny_model("sdxl") / "tokenizer_2"))) == 1
 
 
 def test_t5_is_shown_but_not_held_to_the_single_token_rule():

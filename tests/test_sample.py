@@ -182,6 +182,34 @@ def test_an_sd3_kohya_file_says_diffusers_cannot_read_it_and_what_to_sample(tiny
     assert "pytorch_lora_weights.safetensors" in line and "another family or format" not in line
 
 
+def test_sigterm_during_a_grid_keeps_its_cells_and_says_so(run, tmp_path, capsys, monkeypatch):
+    """SIGTERM (a scheduler's limit, `kill`, the UI's Stop) during `sdtune sample` takes Ctrl-C's path: the
+    finished cells stay, the command says where, and it exits 143. Python's default ended it without a word."""
+    import os
+    import signal
+
+    from diffusers import StableDiffusionPipeline
+
+    render = StableDiffusionPipeline.__call__
+    calls: list[int] = []
+
+    def call(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return render(self, *args, **kw)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", call)
+    grid, cells_dir = tmp_path / "g.png", tmp_path / "g_cells"
+    # 4 cells in 2 pipeline calls (seeds 0,1 at LoRA x0, then at x1); SIGTERM in the second
+    assert main(["sample", str(run), "--prompt", "a photo of sks toy", "--seeds", "0,1", "--lora-scale", "0,1",
+                 "--steps", "2", "--batch-size", "2", "--out", str(grid)]) == 143
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"interrupted: 2 of 4 cells are written in {cells_dir} (each with its .json sidecar)")
+    assert len(list(cells_dir.glob("cell-*.png"))) == 2 and not grid.exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_an_interrupted_grid_keeps_its_cells_and_the_same_command_finishes_it(run, tmp_path, capsys, monkeypatch):
     """Ctrl-C during `sdtune sample`: every finished cell is on disk with its sidecar, the command says how many
     and where (exit 130), and the same command again renders only the others: a grid equal, bit for bit, to one

@@ -19,8 +19,12 @@ import argparse
 import gc
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from sdtune import __version__
 from sdtune.cli import data, doctor, micro, sample, share, ui
@@ -29,6 +33,7 @@ from sdtune.cli import train as training
 from sdtune.cli.console import (
     Parser,
     memory_line,
+    not_first_process,
     os_error_line,
     quiet_imports,
     show_messages,
@@ -71,21 +76,47 @@ def main(argv: list[str] | None = None) -> int:
         _late_overrides(parser, args, extra)
     except SystemExit as e:  # --help, --version, or a usage error (already printed as one line)
         return e.code if isinstance(e.code, int) else 2
+    terminated: list[int] = []
     try:
-        return args.func(args)
+        with _sigterm_as_ctrl_c(terminated):
+            return args.func(args)
     except Interrupted as e:
         print(str(e), file=sys.stderr)
-        return e.exit_code
+        return SIGTERM_EXIT if terminated and e.exit_code == 130 else e.exit_code
     except SdtuneError as e:
         if not _said_by_rank_zero(e):
             for line in str(e).splitlines():
                 print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("stopped by SIGTERM" if terminated else "interrupted", file=sys.stderr)
+        return SIGTERM_EXIT if terminated else 130
     except Exception as e:
         return _unexpected(e, args.debug or os.environ.get("SDTUNE_DEBUG", "") not in ("", "0"))
+
+
+SIGTERM_EXIT = 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
+
+
+@contextmanager
+def _sigterm_as_ctrl_c(terminated: list[int]) -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's time limit, the UI's Stop) takes Ctrl-C's path for the command: what
+    a command keeps and says on Ctrl-C (a grid's finished cells, a setup's caches) it keeps and says on SIGTERM,
+    where Python's default ends the process without a word. ``terminated`` records that it came. A training
+    loop installs its own handlers (``sdtune.guards.StopSignals``) and puts this one back after."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield  # a handler someone else installed (a test runner, an embedding program) is theirs to keep
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _said_by_rank_zero(e: SdtuneError) -> bool:
@@ -94,8 +125,7 @@ def _said_by_rank_zero(e: SdtuneError) -> bool:
     prints; the others exit with the same code, quietly, instead of printing each line N times."""
     from sdtune.config import ConfigError
 
-    ranked = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and os.environ.get("RANK", "0") not in ("", "0")
-    return ranked and isinstance(e, ConfigError)
+    return not_first_process() and isinstance(e, ConfigError)
 
 
 def _late_overrides(parser: Parser, args: argparse.Namespace, extra: list[str]) -> None:

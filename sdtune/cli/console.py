@@ -29,6 +29,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
+def not_first_process() -> bool:
+    """True in every process but the first of a multi-process launch (``accelerate launch``, torchrun): their
+    ``RANK`` is set and not 0. These processes say the same things as the first, which alone prints them."""
+    return os.environ.get("RANK", "0") not in ("", "0")
+
+
 class _Terminal(logging.Handler):
     """Writes sdtune's log records as plain lines to the current ``sys.stdout`` (looked up per record, so a
     notebook's or a test's replacement stream is used)."""
@@ -36,7 +42,7 @@ class _Terminal(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         # under `accelerate launch` every process runs the same setup and says the same things: the first
         # process prints the information, each process its own warnings and errors
-        if record.levelno < logging.WARNING and os.environ.get("RANK", "0") not in ("", "0"):
+        if record.levelno < logging.WARNING and not_first_process():
             return
         try:
             message = record.getMessage()

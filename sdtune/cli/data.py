@@ -124,9 +124,9 @@ def cmd_prep(args: argparse.Namespace) -> int:
 
 
 def cmd_check_token(args: argparse.Namespace) -> int:
-    from sdtune.identifier import check_identifiers, load_tokenizers, piece_list
+    from sdtune.identifier import check_identifiers, piece_list, tokenizers_at
 
-    tokenizers = load_tokenizers(args.tokenizer, args.family) if args.tokenizer else None
+    tokenizers = tokenizers_at(args.tokenizer, args.family) if args.tokenizer else None
     report = check_identifiers([args.word], tokenizers, None if tokenizers else args.family)[0]
     if args.json:
         print(report.to_json())
@@ -142,9 +142,9 @@ def cmd_check_token(args: argparse.Namespace) -> int:
 def cmd_suggest_tokens(args: argparse.Namespace) -> int:
     import json
 
-    from sdtune.identifier import load_tokenizers, suggest_identifiers, suggestion_reports
+    from sdtune.identifier import suggest_identifiers, suggestion_reports, tokenizers_at
 
-    tokenizers = load_tokenizers(args.tokenizer, args.family) if args.tokenizer else None
+    tokenizers = tokenizers_at(args.tokenizer, args.family) if args.tokenizer else None
     family = None if tokenizers else args.family
     if args.json:
         reports = suggestion_reports(args.n, args.seed, tokenizers, family)
