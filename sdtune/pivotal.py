@@ -52,6 +52,7 @@ from sdtune.tokens import clip_tokenize
 __all__ = ["BUNDLE_PREFIX", "Embeddings", "bind", "bundle_files", "bundle_tensors", "create", "folder_files",
            "from_files"]
 
+STOPPED_AT = "stopped_at"  # in ROWS_FILE: the step the rows stopped training at (0-dim int64), once they have
 ROWS_FILE = "embedding_rows.safetensors"  # a checkpoint's training rows (the files hold the EMA's when on)
 
 
@@ -110,6 +111,9 @@ class Embeddings:
     rows: list[torch.nn.Parameter]  # one per text encoder, (N, width), fp32
     ids: list[list[int]]  # per text encoder, the token id of each row
     mode: str = "new"  # MODE_KEY: how the rows started
+    # the step the rows stopped training at (the pivot), once they have: checkpoints record it, so a run resumed
+    # with a longer train.max_steps (a later pivot) keeps them fixed instead of training them again
+    stopped_at: int | None = None
     _installed: list[tuple[Any, Any]] | None = None  # (encoder, its original input embedding)
 
     # -- prompts
@@ -177,9 +181,13 @@ class Embeddings:
         return written
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The rows as they train, by text encoder name (what a checkpoint resumes)."""
-        return {spec.name: rows.detach().float().cpu().contiguous()
-                for spec, rows in zip(self.family.text_encoders, self.rows)}
+        """The rows as they train, by text encoder name, and ``stopped_at`` once set (what a checkpoint
+        resumes)."""
+        state = {spec.name: rows.detach().float().cpu().contiguous()
+                 for spec, rows in zip(self.family.text_encoders, self.rows)}
+        if self.stopped_at is not None:
+            state[STOPPED_AT] = torch.tensor(self.stopped_at, dtype=torch.int64)
+        return state
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Put ``state`` back, refusing another layout (a checkpoint of other identifiers or token counts)."""
@@ -191,6 +199,7 @@ class Embeddings:
                     raise SdtuneError(f"checkpoint does not match this run's pivotal tuning ({spec.name} embeddings: "
                                       f"expected {tuple(rows.shape)}, got {got})")
                 rows.copy_(tensor.to(rows.device, rows.dtype))
+        self.stopped_at = int(state[STOPPED_AT]) if STOPPED_AT in state else None
 
 
 def _init_rows(table: torch.Tensor, count: int, init_ids: list[int] | None, generator: torch.Generator) -> torch.Tensor:

@@ -208,7 +208,10 @@ class Run:
 
     @property
     def pivot_step(self) -> int:
-        """Pivotal tuning trains the embeddings in steps [0, pivot_step), then only the LoRA."""
+        """Pivotal tuning trains the embeddings in steps [0, pivot_step), then only the LoRA: the first
+        ``pivotal.fraction`` of ``train.max_steps``, or the step they stopped at in an earlier part of the run."""
+        if self.embeddings is not None and self.embeddings.stopped_at is not None:
+            return self.embeddings.stopped_at
         return max(1, round(self.cfg.pivotal.fraction * self.cfg.train.max_steps))
 
     def embeddings_training(self) -> bool:
@@ -817,6 +820,10 @@ def _resume(run: Run) -> int:
     step = load_checkpoint(checkpoint, run.accelerator, run.unwrapped(), run.optimizer, run.lr_scheduler,
                            run.generator, run.cfg.model_dump(mode="json"), ema=run.ema, embeddings=run.embeddings)
     logger.info(f"resumed from {checkpoint} at step {step}")
+    e, planned = run.embeddings, max(1, round(run.cfg.pivotal.fraction * run.cfg.train.max_steps))
+    if e is not None and e.stopped_at is not None and e.stopped_at != planned:
+        logger.info(f"pivotal tuning: the embeddings stopped training at step {e.stopped_at} and stay as they are "
+                    f"(pivotal.fraction of this train.max_steps would end their training at step {planned})")
     return step
 
 
@@ -957,7 +964,10 @@ def forward_backward(run: Run, batch: dict) -> StepOutput:
     with torch.no_grad():
         latents = batch_latents(run, batch)
     if run.embeddings is not None:  # past the pivot the vectors stay as they are (no gradient, no update)
-        run.embeddings.set_training(run.embeddings_training())
+        training = run.embeddings_training()
+        if not training and run.embeddings.stopped_at is None:
+            run.embeddings.stopped_at = run.pivot_step
+        run.embeddings.set_training(training)
     conditioning = batch_conditioning(run, batch)
     with run.accelerator.autocast():
         out = training_step(

@@ -150,6 +150,26 @@ def test_resume_is_bitwise(tiny_model, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_embeddings_that_stopped_stay_fixed_when_a_resume_moves_the_pivot(tiny_model, tmp_path, caplog):
+    """A finished run extended with a longer train.max_steps: its pivot (a fraction of max_steps) moves later,
+    past where the embeddings had already stopped. They stay as they were (the checkpoint records where they
+    stopped), and the log says so; before, they trained again from the resumed step to the new pivot."""
+    import logging
+
+    out = _run(tiny_model, tmp_path / "run", "sd15", "train.max_steps=4", "pivotal.fraction=0.5")  # pivot: 2
+    rows_4 = load_file(out / "checkpoints/step-000004/embedding_rows.safetensors")
+    assert int(rows_4["stopped_at"]) == 2
+    lora_4 = load_file(out / "checkpoints/step-000004/adapter-unet.safetensors")
+    with caplog.at_level(logging.INFO, logger="sdtune"):
+        _run(tiny_model, out, "sd15", "train.max_steps=12", "pivotal.fraction=0.5", "train.resume=latest")
+    rows_12 = load_file(out / "checkpoints/step-000012/embedding_rows.safetensors")
+    assert torch.equal(rows_12["text_encoder"], rows_4["text_encoder"]) and int(rows_12["stopped_at"]) == 2
+    assert "the embeddings stopped training at step 2 and stay as they are" in caplog.text
+    # the LoRA went on
+    lora_12 = load_file(out / "checkpoints/step-000012/adapter-unet.safetensors")
+    assert any(not torch.equal(lora_4[k], lora_12[k]) for k in lora_4)
+
+
 @pytest.mark.slow
 def test_sdxl_files_load_as_the_uis_read_them_and_sample_back(tiny_model, tmp_path):
     out = _run(tiny_model, tmp_path / "run", "sdxl", "train.max_steps=4")
