@@ -46,13 +46,28 @@ def other_class_images(class_dir: Path, class_prompt: str, model_id: str, model_
     except (OSError, ValueError):
         return None
     old = old if isinstance(old, dict) else {}
-    same_files = model_identity is None or old.get("identity", model_identity) == model_identity
-    if old.get("class_prompt") == class_prompt and old.get("model") == model_id and same_files:
+    same_place = _same_place(old.get("model"), model_id)
+    if model_identity is not None and old.get("identity"):
+        same_model = old["identity"] == model_identity  # the files decide, wherever they are now
+    else:
+        same_model = same_place
+    if old.get("class_prompt") == class_prompt and same_model:
         return None
-    changed = " (the same name, but its files have changed since)" if old.get("model") == model_id else ""
+    changed = " (the same name, but its files have changed since)" if same_place and not same_model else ""
     return (f"{class_dir} holds class images made for '{old.get('class_prompt')}' with {old.get('model')}"
             f"{changed}, not '{class_prompt}' with {model_id}; they are used as they are (prior.class_dir is "
             "yours: sdtune does not replace its images; empty it to generate new ones)")
+
+
+def _same_place(recorded: str | None, model_id: str) -> bool:
+    """Whether a recorded model name and this run's name the same model: the same hub id, or the same local
+    folder however written (training records absolute paths; a recipe may give ``models/sd15``)."""
+    if recorded == model_id:
+        return True
+    if not recorded:
+        return False
+    a, b = Path(recorded).expanduser(), Path(model_id).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
 
 
 def ensure_class_images(

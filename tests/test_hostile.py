@@ -216,6 +216,27 @@ def test_a_dry_run_says_what_training_would_warn_of_and_strict_refuses_it(tiny_m
     assert not (tmp_path / "run").exists()
 
 
+def test_a_class_folder_is_the_same_models_however_its_path_is_written(tmp_path, monkeypatch):
+    """Training records the model's absolute path in the class folder; a recipe that writes it relative
+    (`models/sd15`) named the same model and was warned of (and refused by --strict) as another. A moved model
+    with the same files is the same model; the same path with other files is not."""
+    from sdtune.prior import MANIFEST, other_class_images
+
+    model, classes = tmp_path / "models" / "sd15", tmp_path / "classes"
+    model.mkdir(parents=True)
+    classes.mkdir()
+    record = {"model": str(model), "identity": "abc", "class_prompt": "a photo of a dog"}
+    (classes / MANIFEST).write_text(json.dumps(record))
+    monkeypatch.chdir(tmp_path)
+    assert other_class_images(classes, "a photo of a dog", "models/sd15") is None  # the plan: names only
+    assert other_class_images(classes, "a photo of a dog", "models/sd15", "abc") is None
+    assert other_class_images(classes, "a photo of a dog", "/elsewhere/sd15", "abc") is None  # moved, same files
+    assert "the same name, but its files have changed since" in other_class_images(
+        classes, "a photo of a dog", "models/sd15", "def")
+    assert "made for 'a photo of a dog'" in other_class_images(classes, "a photo of a dog", "other/model")
+    assert "not 'a photo of a cat'" in other_class_images(classes, "a photo of a cat", "models/sd15", "abc")
+
+
 def test_an_unreadable_class_image_is_refused_before_anything_is_written(tiny_model, tmp_path, recipe, capsys):
     """A bad file among the class images training takes passed the checks; the run then generated into the
     folder and failed on it. It is one line of the plan now."""
