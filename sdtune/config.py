@@ -776,10 +776,43 @@ def _read_text(p: Path) -> str:
                           f"line {line}); save it as UTF-8") from None
 
 
+def shipped_recipes() -> Path | None:
+    """The recipes that ship inside the package (the repository's ``recipes/``, package data), or None."""
+    folder = Path(__file__).resolve().parent / "recipes"  # in a checkout, a link to ../recipes
+    return folder if folder.is_dir() else None
+
+
+def find_recipe(recipe: str | os.PathLike) -> Path:
+    """The recipe file ``recipe`` names: the file itself when it exists; else a shipped recipe, by its name
+    (``sd15_dreambooth_lora_prior``, with or without ``.yaml``) or as this README writes it
+    (``recipes/sd15_dreambooth_lora_prior.yaml``), so a pip-installed sdtune runs the README's commands from any
+    folder. A name found nowhere is refused with the shipped names."""
+    p = Path(recipe)
+    shipped = shipped_recipes()
+    if p.exists() or shipped is None:
+        return p
+    parts = p.parts
+    if "recipes" in parts[:-1]:  # recipes/x.yaml, ../recipes/accelerate/x.yaml: what follows the last recipes/
+        relative = Path(*parts[len(parts) - 1 - parts[::-1].index("recipes") + 1:])
+    elif len(parts) == 1:
+        relative = p
+    else:
+        return p
+    for candidate in (shipped / relative, shipped / relative.with_name(relative.name + ".yaml")):
+        if candidate.is_file():
+            return candidate
+    if len(parts) == 1:
+        names = sorted(f.stem for f in shipped.glob("*.yaml"))
+        close = difflib.get_close_matches(p.stem, names, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; shipped recipes: {', '.join(names)}"
+        raise SdtuneError(f"recipe {p}: no such file, nor a shipped recipe of that name{hint}")
+    return p
+
+
 def _read_recipe(path: str | os.PathLike | None) -> dict[str, Any]:
     if path is None:
         return {}
-    p = Path(path)
+    p = find_recipe(path)
     raw = _load_yaml(_read_text(p), f"recipe {p}")
     if raw is None:  # an empty recipe, or only comments
         return {}

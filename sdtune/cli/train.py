@@ -14,7 +14,8 @@ from sdtune.models import DTYPES
 def add_commands(sub: Any) -> None:
     """Add ``train`` and ``random-model`` to the ``sdtune`` subparsers."""
     p = sub.add_parser("train", help="train a DreamBooth LoRA from a YAML recipe")
-    p.add_argument("recipe", help="YAML recipe, e.g. recipes/sd15_dreambooth_lora.yaml")
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/sd15_dreambooth_lora.yaml, or a shipped recipe's name "
+                   "(`sdtune recipes` lists them)")
     p.add_argument("overrides", nargs="*", type=text, metavar="key=value", help="override recipe keys, e.g. train.max_steps=800")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true", help="check recipe, data and model presence, then exit")
@@ -34,6 +35,13 @@ def add_commands(sub: Any) -> None:
                    "at a time) or sequential (one layer at a time, slow)")
     p.set_defaults(func=cmd_class_images)
 
+    p = sub.add_parser("recipes", help="list the recipes that ship with sdtune, or print one to copy and edit",
+                       description="The recipes that ship with sdtune (the repository's recipes/). `sdtune train` "
+                       "takes one by name from any folder (`sdtune train sd15_dreambooth_lora ...`); to edit one, "
+                       "print it into a file: `sdtune recipes sd15_dreambooth_lora > my_recipe.yaml`.")
+    p.add_argument("name", nargs="?", help="a recipe's name: print it whole")
+    p.set_defaults(func=cmd_recipes)
+
     p = sub.add_parser("random-model", help="write a randomly initialised model (tests, demos, benchmarks)")
     p.add_argument("directory", help="the diffusers folder to write (with --single-file: the .safetensors file)")
     p.add_argument("--single-file", action="store_true",
@@ -45,6 +53,27 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--device", default="cpu", help="where the random weights are drawn: cuda builds full-size "
                    "models in seconds (other weights than the CPU's for the same seed)")
     p.set_defaults(func=cmd_random_model)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from sdtune.config import find_recipe, shipped_recipes
+
+    shipped = shipped_recipes()
+    if shipped is None:
+        raise SdtuneError("this sdtune was installed without its recipes; reinstall it, or take them from the "
+                          "repository's recipes/ folder")
+    if args.name:
+        recipe = find_recipe(args.name)
+        if not recipe.is_file() or shipped.resolve() not in recipe.resolve().parents:
+            raise SdtuneError(f"{args.name}: not a shipped recipe; `sdtune recipes` lists them")
+        print(recipe.read_text(encoding="utf-8"), end="")
+        return 0
+    for recipe in sorted(shipped.glob("*.yaml")):
+        head = recipe.read_text(encoding="utf-8").split("\n", 1)[0]
+        # a recipe's first line: "# NAME.yaml - what it trains"
+        print(f"{recipe.stem:<28} {head.split(' - ', 1)[-1] if ' - ' in head else ''}")
+    print(f"\n(in {shipped}; `sdtune train NAME key=value ...` runs one, `sdtune recipes NAME` prints it)")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

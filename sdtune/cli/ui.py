@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sdtune.config import shipped_recipes
 from sdtune.errors import SdtuneError
 
 
@@ -29,8 +30,9 @@ def _recipe_dir(given: str | None) -> Path | None:
         if not Path(given).is_dir():
             raise SdtuneError(f"--recipes: {given} is not a folder")
         return Path(given).resolve()
-    for folder in (Path("recipes"), Path(__file__).resolve().parents[2] / "recipes"):
-        if folder.is_dir():
+    shipped = shipped_recipes()  # a pip install has no recipes/ beside it: the package's own
+    for folder in (Path("recipes"), shipped):
+        if folder is not None and folder.is_dir():
             return folder.resolve()
     return None
 
