@@ -3,8 +3,8 @@
 Every file in SRC is read safely (``sdtune.images``), cropped (center, saliency, face or aspect bucket),
 Lanczos-resized and written to OUT with ``metadata.jsonl`` (``file_name``, ``text``), which is what
 ``datasets.load_dataset("imagefolder", data_dir=OUT)`` and ``sdtune train`` read. Beside them:
-``prep_report.json`` (every source file: kept / fixed (what) / skipped (why) / ignored, output name, crop
-box, and the checks) and ``contact_sheet.jpg``, every kept crop labelled on one page (past ``SHEET_MAX``
+``prep_report.json`` (every source file: kept / fixed (what) / skipped (why) / ignored / caption (a .txt or
+metadata file its captions were read from), output name, crop box, and the checks) and ``contact_sheet.jpg``, every kept crop labelled on one page (past ``SHEET_MAX``
 crops: every flagged or dropped one and an even sample of the rest, as the report says). The sheet is not in
 ``metadata.jsonl``, so neither ``datasets`` nor ``sdtune train`` takes it for a training image.
 
@@ -16,8 +16,9 @@ only read; nothing is written outside OUT; running twice gives the same bytes. A
 earlier output, but not a file of it edited since (the report records the sha256 of what prep wrote), and an
 earlier prep output in a subfolder of SRC is skipped, not read as photos.
 
-``--crop bucket`` keeps each photo's aspect ratio (snapped to the family's training buckets), so its
-images are not square. ``datasets`` and ``sdtune train`` read them as they are; with
+``--crop bucket`` keeps each photo's aspect ratio (snapped to the training buckets: with ``bucket_multiple``,
+the model's, only those whose sides its denoiser takes, as training assigns them), so its images are not
+square. ``datasets`` and ``sdtune train`` read them as they are; with
 ``data.aspect_buckets: true`` the trainer batches them by the same buckets, otherwise it crops a square
 from each (``data.center_crop``).
 """
@@ -38,9 +39,10 @@ import string
 import sys
 import unicodedata
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TextIO
 
 from PIL import Image, ImageColor, ImageDraw
@@ -49,6 +51,7 @@ from sdtune.errors import SdtuneError
 from sdtune.files import sha256_file
 from sdtune.grid import load_font
 from sdtune.images import Decoded, Unreadable, read_image
+from sdtune.source_captions import SourceMetadata, has_metadata, is_metadata_file, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ logger = logging.getLogger(__name__)
 # every other command import this module for its subcommand, and should not pay for them.
 
 CROPS = ("center", "smart", "face", "bucket")
+CAPTION_SOURCES = ("filename", "txt", "metadata")  # --caption-from
 FORMATS = ("png", "jpg", "webp")
 RENAME_FIELDS = {"token": "the --token word", "index": "1, 2, ... in source order", "stem": "source name"}
 DEFAULT_RENAME = "{index:03d}"
@@ -94,7 +98,9 @@ FACE_SIDE = 512
 FACE_MIN_CONFIDENCE = 4.0
 SHEET_CELL = 192
 SHEET_MAX = 400  # cells on the contact sheet: a 10,000-image sheet would pass JPEG's 65,500-pixel limit
-STATUSES = ("kept", "fixed", "dropped", "skipped", "ignored")
+# caption: a .txt or metadata file that prep read captions from (not an image; counted apart from "ignored")
+STATUSES = ("kept", "fixed", "dropped", "skipped", "ignored", "caption")
+SHOWN_NOTES = 5  # of many notes of one kind (caption mismatches, captions without images), the ones a message names
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ class Settings:
     background: tuple[int, int, int] = (255, 255, 255)
     max_pixels: int | None = Image.MAX_IMAGE_PIXELS
     face_min_confidence: float = FACE_MIN_CONFIDENCE  # --crop face: faces scoring less are not faces
+    bucket_multiple: int = 1  # --crop bucket: only buckets whose sides are multiples of this (the model's)
 
 
 @dataclass
@@ -115,7 +122,7 @@ class Result:
     """The outcome for one source file (picklable: it travels back from a worker process)."""
 
     source: str
-    status: str  # kept | fixed | dropped (by --drop) | skipped | ignored
+    status: str  # kept | fixed | dropped (by --drop) | skipped | ignored | caption (a caption file prep read)
     reason: str | None = None
     caption: str | None = None
     format: str | None = None
@@ -187,12 +194,13 @@ def prep(
     token: str | None = None,
     caption: str | None = None,
     caption_from: str | None = None,
-    workers: int = 0,
+    workers: int | None = None,
     progress: bool | None = None,
     drop: tuple[str, ...] | list[str] = (),
     face_min_confidence: float | None = None,
     crop_boxes: dict[str, tuple[int, int, int, int]] | None = None,
     overwrite_edits: bool = False,
+    bucket_multiple: int | None = None,
 ) -> dict:
     """Prepare SRC into OUT and return the report (also written to OUT/prep_report.json).
 
@@ -205,17 +213,19 @@ def prep(
     An OUT that holds an earlier prep output is replaced, unless a file the earlier prep wrote there (an
     image, a mask, metadata.jsonl's captions) was edited since: then SdtuneError, or with ``overwrite_edits``
     the edits are replaced too.
+    ``caption_from``: filename, txt (a .txt beside each image) or metadata (SRC's metadata.jsonl / .csv, as
+    datasets' imagefolder reads them: ``sdtune.source_captions``); the files read are ``caption`` rows.
+    ``workers``: processes, at most the CPU cores (None: all of them). ``bucket_multiple`` (``--crop bucket``
+    only): write only buckets whose sides are multiples of it, the model's ``ModelInfo.bucket_multiple``, as
+    training buckets them (None: 1, every bucket of ``bucket_sizes``).
 
     Raises SdtuneError for bad options, an unusable OUT, or a SRC with no usable image.
     """
-    settings = _settings(resolution, crop, fmt, min_side, background, face_min_confidence)
+    settings = _settings(resolution, crop, fmt, min_side, background, face_min_confidence, bucket_multiple)
     drop = _check_drop(drop)
     _check_rename(rename, token)
-    if caption is None and caption_from is None:
-        raise SdtuneError("--caption: give a caption, e.g. --caption 'a photo of sks dog', or --caption-from "
-                          "filename|txt")
-    if caption_from not in (None, "filename", "txt"):
-        raise SdtuneError(f"--caption-from: '{caption_from}' is not one of filename, txt")
+    _check_caption_option(src, caption, caption_from)
+    workers = _check_workers(workers)
     src_dir, out_dir = _check_folders(src, out)
     previous = _previous_outputs(out_dir, overwrite_edits)
     if previous:
@@ -226,9 +236,9 @@ def prep(
     _remove(out_dir / STAGE_DIR)  # what a killed run left
     ledger = _Ledger(out_dir / STAGE_DIR)
     try:
-        _collect(ledger, src_dir, out_dir, settings, caption, caption_from, crop_boxes, workers, progress)
+        notes = _collect(ledger, src_dir, out_dir, settings, caption, caption_from, crop_boxes, workers, progress)
         return _finish(src_dir, out_dir, previous, ledger, settings, family, rename, token, caption, caption_from,
-                       fmt, drop)
+                       fmt, drop, notes)
     finally:
         ledger.close()
         _remove(out_dir / STAGE_DIR)
@@ -238,28 +248,35 @@ def prep(
 
 def _collect(ledger: _Ledger, src_dir: Path, out_dir: Path, settings: Settings, caption: str | None,
              caption_from: str | None, crop_boxes: dict[str, tuple[int, int, int, int]] | None, workers: int,
-             progress: bool | None) -> None:
+             progress: bool | None) -> list[str]:
     """Every source file's result into ``ledger``: the files left out, the ones with no caption, and what the
-    workers made of the others. (The lists of sources and jobs, 100,000 paths each, end with this call.)"""
+    workers made of the others; returns the warnings about the captions as a whole (``_caption_notes``). (The
+    lists of sources and jobs, 100,000 paths each, end with this call.)"""
     sources, results = find_sources(src_dir, out_dir)
     sources, masks = pair_masks(sources, results)
-    jobs = []
+    metadata = _source_metadata(src_dir, results, caption_from)
+    jobs, captioned = [], {}
     for rel, path in sources:
-        text, why = _caption(src_dir, rel, caption, caption_from)
+        text, why = _caption(src_dir, rel, caption, caption_from, metadata)
         if text is None:
             results.append(Result(rel, "skipped", reason=why))
         else:
+            if caption_from in ("txt", "metadata"):  # to compare with the other source (_caption_notes)
+                captioned[rel] = text
             jobs.append((rel, str(path), text, settings, masks.get(rel), (crop_boxes or {}).get(rel)))
+    notes = _caption_notes(src_dir, sources, captioned, results, caption_from, metadata)
     for r in results:
         ledger.add(r)
     for r in _run(jobs, workers, progress):
         ledger.add(r)
+    return notes
 
 
 def _finish(src_dir: Path, out_dir: Path, previous: list[Path], ledger: _Ledger, settings: Settings,
             family: str | None, rename: str, token: str | None, caption: str | None, caption_from: str | None,
-            fmt: str, drop: tuple[str, ...]) -> dict:
-    """Name, check and write the processed images (staged on disk by ``_Ledger``); return the report."""
+            fmt: str, drop: tuple[str, ...], notes: list[str]) -> dict:
+    """Name, check and write the processed images (staged on disk by ``_Ledger``); return the report.
+    ``notes``: warnings about the captions, the first of the report's ``set_warnings``."""
     order = sorted(range(len(ledger)), key=lambda i: _order(ledger.sources[i]))
     kept = [i for i in order if STATUSES[ledger.status[i]] in ("kept", "fixed")]
     if not kept:
@@ -268,7 +285,7 @@ def _finish(src_dir: Path, out_dir: Path, previous: list[Path], ledger: _Ledger,
     # Names come before the checks (their warnings name the earlier file) and stay as they are after --drop,
     # so a source gets the same output name with or without it.
     _name(ledger, kept, steps, rename, token)
-    set_warnings = _check_kept(ledger, kept, steps)
+    set_warnings = notes + _check_kept(ledger, kept, steps)
     steps.decide_drops(ledger.flags, kept)  # the reasons are written with each row (settle)
     if all(steps.dropped[i] for i in kept):
         dropped = [steps.settle(ledger.read(i), i) for i in kept[:5]]
@@ -415,7 +432,7 @@ def drop_flagged(kept: list[Result], drop: tuple[str, ...]) -> list[Result]:
 
 
 def _settings(resolution: int, crop: str, fmt: str, min_side: int | None, background: str,
-              face_min_confidence: float | None = None) -> Settings:
+              face_min_confidence: float | None = None, bucket_multiple: int | None = None) -> Settings:
     if not isinstance(resolution, int) or resolution < 64 or resolution > 4096 or resolution % 8:
         raise SdtuneError(f"--resolution: {resolution} is not a multiple of 8 between 64 and 4096; e.g. 512")
     if crop not in CROPS:
@@ -430,7 +447,53 @@ def _settings(resolution: int, crop: str, fmt: str, min_side: int | None, backgr
     except ValueError:
         raise SdtuneError(f"--background: '{background}' is not a colour; use a name or #rrggbb") from None
     return Settings(resolution, crop, fmt, min_side, rgb, Image.MAX_IMAGE_PIXELS,  # type: ignore[arg-type]
-                    _face_min_confidence(face_min_confidence, crop))
+                    _face_min_confidence(face_min_confidence, crop),
+                    _bucket_multiple(bucket_multiple, crop, resolution))
+
+
+def _bucket_multiple(value: int | None, crop: str, resolution: int) -> int:
+    """--bucket-multiple, checked: a whole number >= 1 that divides the resolution (a model that takes only
+    multiples of it takes no square of another side), given only with --crop bucket (else it does nothing)."""
+    if value is None:
+        return 1
+    if crop != "bucket":
+        raise SdtuneError(f"--bucket-multiple: only --crop bucket uses it (this is --crop {crop}); drop it or use "
+                          "--crop bucket")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SdtuneError(f"--bucket-multiple: {value} is not a whole number >= 1; e.g. 64 (SD1.x), 32 (SDXL), "
+                          "16 (FLUX.1, SD3.x)")
+    if resolution % value:
+        lower = max(value, resolution // value * value)
+        raise SdtuneError(f"--resolution: {resolution} is not a multiple of the bucket multiple {value}, so the "
+                          f"model takes no {resolution}x{resolution} image; e.g. --resolution {lower} or "
+                          f"{lower + value}")
+    return value
+
+
+def _check_caption_option(src: str | Path, caption: str | None, caption_from: str | None) -> None:
+    """Refuse a run with no caption option (naming SRC's metadata file, if it has one) or an unknown one."""
+    if caption is None and caption_from is None:
+        found = has_metadata(src)
+        hint = (f"; SRC has {found}: --caption-from metadata uses its captions" if found else "")
+        raise SdtuneError("--caption: give a caption, e.g. --caption 'a photo of sks dog', or --caption-from "
+                          f"{'|'.join(CAPTION_SOURCES)}{hint}")
+    if caption_from not in (None, *CAPTION_SOURCES):
+        raise SdtuneError(f"--caption-from: '{caption_from}' is not one of {', '.join(CAPTION_SOURCES)}")
+
+
+def _check_workers(workers: int | None) -> int:
+    """--workers, checked: None is every CPU core this process may use; more than that are that many (more
+    processes than cores only share them, each with its own imports and memory), with a note."""
+    cores = _cores()
+    if workers is None:
+        return cores
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise SdtuneError(f"--workers: {workers} is not a number of processes >= 1; leave it out to use all "
+                          f"{cores} CPU cores")
+    if workers > cores:
+        logger.info(f"--workers {workers}: this machine has {cores} CPU cores for it; using {cores}")
+        return cores
+    return workers
 
 
 def _face_min_confidence(value: float | None, crop: str) -> float:
@@ -547,7 +610,7 @@ def _edited(entries: list[Path], written: dict[str, str | None], since: int) -> 
 
 
 def _nothing_usable(src_dir: Path, results: list[Result]) -> str:
-    usable = [r for r in results if r.status != "ignored"]
+    usable = [r for r in results if r.status not in ("ignored", "caption")]
     if not usable:
         return f"SRC: {src_dir} holds no image files" + (
             f" ({len(results)} ignored: {', '.join(r.source for r in results[:5])})" if results else "")
@@ -557,6 +620,9 @@ def _nothing_usable(src_dir: Path, results: list[Result]) -> str:
         lines.append(f"... and {len(usable) - 20} more")
     if any((r.reason or "").startswith("too small") for r in usable):
         lines.append("fix: use larger photos, or lower --min-side (they will be upscaled) or --resolution")
+    found = has_metadata(src_dir)
+    if found and any((r.reason or "").startswith("no caption") and "metadata" not in (r.reason or "") for r in usable):
+        lines.append(f"fix: SRC has {found}: --caption-from metadata uses its captions")
     return "\n".join(lines)
 
 
@@ -678,7 +744,8 @@ def fit_mask(file: Path, decoded: Decoded) -> Image.Image:
     return mask.image.convert("L").resize(decoded.image.size, Image.Resampling.BILINEAR)
 
 
-def _caption(src_dir: Path, rel: str, caption: str | None, caption_from: str | None) -> tuple[str | None, str]:
+def _caption(src_dir: Path, rel: str, caption: str | None, caption_from: str | None,
+             metadata: SourceMetadata | None = None) -> tuple[str | None, str]:
     """(caption, '') or (None, why there is none)."""
     if caption is not None:
         return caption, ""
@@ -686,6 +753,12 @@ def _caption(src_dir: Path, rel: str, caption: str | None, caption_from: str | N
     if caption_from == "filename":
         text = caption_from_filename(path.stem)
         return (text, "") if text else (None, "no caption: the file name holds no words")
+    if caption_from == "metadata":
+        found = metadata.captions.get(rel) if metadata else None
+        if found is None:
+            return None, f"no caption: {metadata.names() if metadata else 'metadata.jsonl'} does not list it " \
+                         "(--caption-from metadata)"
+        return (found.text, "") if found.text else (None, f"no caption: {found.where} gives it an empty caption")
     sidecar = path.with_suffix(".txt")
     if not sidecar.is_file() or not sidecar.resolve().is_relative_to(src_dir):
         return None, f"no caption: {sidecar.name} not found beside it (--caption-from txt)"
@@ -694,6 +767,105 @@ def _caption(src_dir: Path, rel: str, caption: str | None, caption_from: str | N
     except UnicodeDecodeError:
         return None, f"no caption: {sidecar.name} is not UTF-8 text"
     return (text, "") if text else (None, f"no caption: {sidecar.name} is empty")
+
+
+def _source_metadata(src_dir: Path, left_out: list[Result], caption_from: str | None) -> SourceMetadata | None:
+    """The captions of SRC's metadata files (``sdtune.source_captions``): for --caption-from metadata (an error
+    without any), and for txt, to say where a .txt and the metadata disagree (a metadata file that cannot be
+    read is then not compared); None otherwise."""
+    files = [r.source for r in left_out if r.status == "ignored" and is_metadata_file(r.source)]
+    if caption_from == "metadata":
+        if not files:
+            raise SdtuneError(f"--caption-from metadata: {src_dir} has no metadata.jsonl or metadata.csv (a "
+                              "file_name column and a text, caption or prompt column); fix: --caption-from txt "
+                              "or filename, or --caption")
+        return read_metadata(src_dir, files)
+    if caption_from == "txt" and files:
+        with contextlib.suppress(SdtuneError):
+            return read_metadata(src_dir, files)
+    return None
+
+
+def _caption_notes(src_dir: Path, sources: list[tuple[str, Path]], captioned: dict[str, str],
+                   left_out: list[Result], caption_from: str | None, metadata: SourceMetadata | None) -> list[str]:
+    """Mark the caption files read (.txt, metadata) as ``caption`` rows, each .txt beside no image with a
+    warning ("caption without image"); return the warnings about the captions as a whole: metadata rows
+    naming no image, and images whose .txt and metadata captions differ (saying which one is used).
+    ``captioned``: each image with a caption -> that caption."""
+    names = {rel for rel, _ in sources}
+    if caption_from == "txt":
+        _mark_txt_rows(names, captioned, left_out)
+    notes: list[str] = []
+    if metadata is None:
+        return notes
+    read = Counter(metadata.captions[rel].file for rel in captioned) if caption_from == "metadata" else Counter()
+    for r in left_out:
+        if r.status == "ignored" and r.source in metadata.files:
+            r.status, r.reason = ("caption", f"the captions of {read[r.source]} images (--caption-from metadata)") \
+                if read[r.source] else ("ignored", f"not read: --caption-from {caption_from} (--caption-from "
+                                                     "metadata reads it)")
+    if caption_from == "metadata":
+        notes += metadata.notes
+        orphans = [f"{rel} ({c.where})" for rel, c in metadata.captions.items() if rel not in names]
+        if orphans:
+            notes.append(f"caption without image: {_count(len(orphans), 'row')} of {metadata.names()} name no image "
+                         f"in SRC, so their captions are not used: {_listed(orphans)}")
+    differ = _differing(src_dir, captioned, metadata, caption_from)
+    if differ:
+        used_name, other = ("metadata", "the .txt files") if caption_from == "metadata" else (".txt", metadata.names())
+        notes.append(f"{_count(len(differ), 'image')} with a .txt and a {metadata.names()} caption that differ; "
+                     f"the {used_name} captions are used (--caption-from {caption_from}), not {other}: "
+                     + "; ".join(differ[:SHOWN_NOTES]) + (" ..." if len(differ) > SHOWN_NOTES else ""))
+    return notes
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _mark_txt_rows(names: set[str], captioned: dict[str, str], left_out: list[Result]) -> None:
+    """With --caption-from txt: each .txt read as an image's caption becomes a ``caption`` row, and each .txt
+    with no image of its name beside it an ``ignored`` row with a warning (its image was deleted or renamed)."""
+    read = {}
+    for rel in captioned:  # in source order: of a.jpg and a.png sharing a.txt, the first names it
+        read.setdefault(PurePosixPath(rel).with_suffix(".txt").as_posix(), rel)
+    beside = {PurePosixPath(rel).with_suffix(".txt").as_posix() for rel in names}
+    for r in left_out:
+        if r.status != "ignored" or PurePosixPath(r.source).suffix != ".txt":
+            continue
+        if r.source in read:
+            r.status, r.reason = "caption", f"the caption of {read[r.source]} (--caption-from txt)"
+        elif r.source not in beside:
+            stem = PurePosixPath(r.source).with_suffix("").as_posix()
+            r.reason = "caption without image"
+            r.warnings.append(f"caption without image: no image {stem}.* beside it, so its caption is not used")
+
+
+def _differing(src_dir: Path, captioned: dict[str, str], metadata: SourceMetadata, caption_from: str | None
+               ) -> list[str]:
+    """'a.png: 'x' (metadata.jsonl line 3) vs 'y' (a.txt)' for each captioned image whose .txt and metadata
+    captions differ (whitespace aside)."""
+    if caption_from not in ("txt", "metadata"):
+        return []
+    differ = []
+    for rel, text in captioned.items():
+        found = metadata.captions.get(rel)
+        if found is None:
+            continue
+        txt = text if caption_from == "txt" else _sidecar_text(src_dir, rel)
+        if txt is not None and txt != found.text:
+            sidecar = PurePosixPath(rel).with_suffix(".txt").name
+            differ.append(f"{rel}: {found.text[:60]!r} ({found.where}) vs {txt[:60]!r} ({sidecar})")
+    return differ
+
+
+def _sidecar_text(src_dir: Path, rel: str) -> str | None:
+    """The caption in the .txt beside the image ``rel``, whitespace made single spaces; None if unreadable."""
+    sidecar = (src_dir / rel).with_suffix(".txt")
+    try:
+        return " ".join(sidecar.read_bytes()[:65536].decode("utf-8-sig").split())
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def caption_from_filename(stem: str) -> str:
@@ -727,7 +899,7 @@ def _run(jobs: list[tuple], workers: int, progress: bool | None) -> Iterator[Res
     arrives (``prep`` stages its bytes on disk at once: memory stays flat in the number of photos)."""
     from tqdm.auto import tqdm
 
-    workers = max(1, min(workers or _cores(), len(jobs)))
+    workers = max(1, min(workers, len(jobs)))
     # disable=None: a bar on a terminal, none in logs
     bar = tqdm(total=len(jobs), desc="prep", unit="img", disable=None if progress is None else not progress)
     if workers == 1:
@@ -868,7 +1040,7 @@ def choose_crop(
     im, res = decoded.image, settings.resolution
     r.crop = settings.crop
     if settings.crop == "bucket":
-        bw, bh = nearest_bucket(decoded.size, res)
+        bw, bh = nearest_bucket(decoded.size, res, settings.bucket_multiple)
         r.crop = f"bucket {bw}x{bh}"
         return aspect_box(im.size, bw / bh), (bw, bh)
     if settings.crop == "center":
@@ -897,7 +1069,7 @@ def user_crop(decoded: Decoded, user_box: tuple[int, int, int, int], settings: S
     cw, ch = right - left, bottom - top
     r.crop = "user"
     if settings.crop == "bucket":
-        out_size = nearest_bucket((round(cw), round(ch)), settings.resolution)
+        out_size = nearest_bucket((round(cw), round(ch)), settings.resolution, settings.bucket_multiple)
         r.crop = f"user, bucket {out_size[0]}x{out_size[1]}"
     elif abs(cw - ch) > max(2.0, 0.01 * max(cw, ch)):  # a square output would stretch it
         raise ValueError(f"{list(user_box)} is {cw:g}x{ch:g}, not square (only --crop bucket keeps other shapes)")
@@ -1250,6 +1422,7 @@ def _summary(ledger: _Ledger, steps: _SetSteps, set_warnings: list[str]) -> dict
     count = {s: status.count(s) for s in ("kept", "fixed", "dropped", "skipped", "ignored")}
     kept = [i for i, s in enumerate(status) if s in ("kept", "fixed")]
     return {"files": len(status), "images": count["kept"] + count["fixed"], **count,
+            "captions": status.count("caption"),  # the caption files read (.txt, metadata)
             "masks": sum(steps.masks[i] is not None for i in kept),
             # a dropped image's warnings are its reason, not warnings about the set
             "warnings": sum(ledger.warnings[i] + len(steps.added.get(i, ())) for i, s in enumerate(status)
@@ -1269,6 +1442,7 @@ def _report(src_dir: Path, settings: Settings, family: str | None, rename: str, 
             "min_side": settings.min_side, "background": "#{:02x}{:02x}{:02x}".format(*settings.background),
             "rename": rename, "caption": caption, "caption_from": caption_from, "drop": list(drop),
             "face_min_confidence": settings.face_min_confidence if settings.crop == "face" else None,
+            "bucket_multiple": settings.bucket_multiple if settings.crop == "bucket" else None,
         },
         "summary": summary,
         "set_warnings": set_warnings,

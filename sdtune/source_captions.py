@@ -33,7 +33,12 @@ class Caption:
     """One image's caption in a metadata file, and where it was read (for messages)."""
 
     text: str
-    where: str  # e.g. "dogs/metadata.jsonl line 3"
+    file: str  # the metadata file, relative to SRC: "dogs/metadata.jsonl"
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.file} line {self.line}"
 
 
 @dataclass
@@ -88,7 +93,7 @@ def read_metadata(src_dir: Path, files: list[str]) -> SourceMetadata:
             if source in found.captions:
                 found.notes.append(f"{where} captions {source} again ({found.captions[source].where} did); the "
                                    f"caption on {where} is used")
-            found.captions[source] = Caption(text, where)
+            found.captions[source] = Caption(text, rel, line)
     return found
 
 
