@@ -1,7 +1,8 @@
 """Training data: find subject images and captions, turn them into batches, in a resumable order.
 
 Instance folders are either a Hugging Face ``imagefolder`` dataset (images + ``metadata.jsonl`` with
-``file_name`` and ``text``, as ``sdtune prep`` writes it), images with a ``.txt`` caption beside each, or plain
+``file_name`` and ``text``, as ``sdtune prep`` writes it, or ``metadata.csv``; the caption key is ``text``,
+``caption`` or ``prompt``, as for ``data.dataset``), images with a ``.txt`` caption beside each, or plain
 images that all share ``data.instance_prompt``.
 
 The order of examples is a pure function of (seed, position in the stream), so a resumed run continues with
@@ -20,6 +21,8 @@ weights on the latent grid (``MaskRules``).
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -27,7 +30,7 @@ import random
 import re
 import warnings
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -41,6 +44,7 @@ from tqdm.auto import tqdm
 from sdtune import __version__
 from sdtune.errors import SdtuneError
 from sdtune.files import Located, locate, remembered
+from sdtune.hfdata import CAPTION_COLUMNS
 from sdtune.images import DECODERS, IMAGE_EXTENSIONS, Decoded, Unreadable, missing_decoder, read_image
 from sdtune.prep import (
     EXTREME_ASPECT,
@@ -264,67 +268,192 @@ def _file_name(name: str) -> tuple[str | None, str | None]:
     return parts[0], None
 
 
-def _metadata_row(raw: bytes) -> tuple[tuple[str, str] | None, str | None]:
-    """One metadata.jsonl line -> ((file name, caption), None), (None, why it is refused) or (None, None) if blank."""
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # the caption files of datasets' imagefolder read here
+_ANY_CAPTION = f"a caption ({', '.join(CAPTION_COLUMNS[:-1])} or {CAPTION_COLUMNS[-1]})"
+_BLANK = object()  # a blank metadata.jsonl line (json.loads("null") is None: a bad row, not a blank one)
+Parsed = tuple[tuple[str, str] | None, str | None]  # ((file name, caption), None) or (None, why refused)
+Row = tuple[int, tuple[str, str] | None, str | None]  # the same after its line number
+
+
+def _json_line(raw: bytes) -> tuple[Any, str | None]:
+    """One metadata.jsonl line -> (its JSON value, None), (_BLANK, None) if blank, (None, None) if it is not
+    JSON (``_json_row`` refuses it), or (None, why it is refused) if it is not UTF-8."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return None, (f"is not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
                       "fix: save the file as UTF-8")
     if not line.strip():
-        return None, None
+        return _BLANK, None
     try:
-        row = json.loads(line)
+        return json.loads(line), None
     except ValueError:
-        row = None
-    if not (isinstance(row, dict) and isinstance(row.get("file_name"), str) and isinstance(row.get("text"), str)):
-        return None, ('is not a JSON object with file_name and text; fix: e.g. {"file_name": "001.png", '
-                      '"text": "a photo of sks dog"}')
+        return None, None
+
+
+def _json_row(row: Any, caption_key: str | None) -> Parsed:
+    """One parsed metadata.jsonl line -> ((file name, caption), None) or (None, why it is refused)."""
+    if not (isinstance(row, dict) and isinstance(row.get("file_name"), str) and caption_key
+            and isinstance(row.get(caption_key), str)):
+        wanted = f"{caption_key} (the caption key of its first row: one key per file)" if caption_key \
+            else _ANY_CAPTION
+        return None, (f"is not a JSON object with file_name and {wanted}; fix: e.g. "
+                      f'{{"file_name": "001.png", "{caption_key or "text"}": "a photo of sks dog"}}')
     name, why = _file_name(row["file_name"])
-    return ((name, row["text"]), None) if name else (None, why)
+    return ((name, row[caption_key]), None) if name else (None, why)
 
 
-def _read_metadata(folder: Path, key: str, scan: Scan, images: frozenset[str] = frozenset()) -> dict[str, str] | None:
-    """{file name: caption} from ``metadata.jsonl`` (None without one); bad lines become problems.
-    ``images``: names already known to be image files in the folder (not looked up again)."""
-    metadata = folder / "metadata.jsonl"
-    if not metadata.is_file():
-        return None
-    try:
-        data = metadata.read_bytes()
-    except OSError as e:
-        scan.problems.append(f"{key}: cannot read {metadata} ({e.strerror or e}); fix: make it readable")
-        return None
-    captions: dict[str, str] = {}
-    lines: dict[str, int] = {}
+def _jsonl_rows(data: bytes) -> Iterator[Row]:
+    """metadata.jsonl's rows. Its caption key is the first of ``CAPTION_COLUMNS`` (as data.dataset's caption
+    column) on its first row that names a file; every row must use that key."""
+    caption_key = None
     # bytes.splitlines: only \n and \r end a line; str.splitlines would also split a caption at U+2028
     for n, raw in enumerate(data.removeprefix(_BOM).splitlines(), 1):
-        row, problem = _metadata_row(raw)
+        row, problem = _json_line(raw)
+        if row is _BLANK:
+            continue
+        if caption_key is None and isinstance(row, dict) and isinstance(row.get("file_name"), str):
+            caption_key = next((c for c in CAPTION_COLUMNS if isinstance(row.get(c), str)), None)
+        yield (n, None, problem) if problem else (n, *_json_row(row, caption_key))
+
+
+def _csv_columns(header: list[str]) -> tuple[int, int, int, str] | str:
+    """(fields per line, file_name's index, the caption's index, the caption key) of a metadata.csv header
+    line, or why it is refused."""
+    caption_key = next((c for c in CAPTION_COLUMNS if c in header), None)
+    if "file_name" in header and caption_key:
+        return len(header), header.index("file_name"), header.index(caption_key), caption_key
+    return (f"is a header without file_name and {_ANY_CAPTION} ({_shown(','.join(header)) or 'empty'}); "
+            "fix: a first line such as file_name,text")
+
+
+def _csv_row(cells: list[str], columns: tuple[int, int, int, str]) -> Parsed:
+    """One metadata.csv line -> ((file name, caption), None) or (None, why it is refused)."""
+    width, name_at, caption_at, caption_key = columns
+    if len(cells) != width:  # as pandas (datasets' reader) does: a stray comma is an error, not a new field
+        return None, (f"has {len(cells)} fields, its header {width}; fix: one value per column (a caption "
+                      'that holds a comma in double quotes: "a photo of sks dog, smiling")')
+    if not cells[caption_at].strip():  # an empty cell is no caption (datasets reads it as null)
+        return None, f"has an empty {caption_key}; fix: fill it in, or remove the line"
+    name, why = _file_name(cells[name_at])
+    return ((name, cells[caption_at]), None) if name else (None, why)
+
+
+def _csv_rows(data: bytes) -> Iterator[Row]:
+    """metadata.csv's rows, as datasets' imagefolder reads them: a header line naming file_name and a caption
+    column (the first of ``CAPTION_COLUMNS`` in it), then one image per line."""
+    data = data.removeprefix(_BOM)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield (data[:e.start].count(b"\n") + 1, None,
+               f"is not UTF-8 text (byte 0x{data[e.start]:02x}); fix: save the file as UTF-8")
+        return
+    # newline="": the csv module itself ends lines (\n, \r\n or \r) outside quotes, never at U+2028
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        columns = _csv_columns(next(reader, []))
+        if isinstance(columns, str):
+            yield 1, None, columns
+            return
+        for cells in reader:
+            if any(cell.strip() for cell in cells):
+                yield (reader.line_num, *_csv_row(cells, columns))
+    except csv.Error as e:  # a NUL byte, a field over the csv module's size limit
+        yield reader.line_num, None, f"cannot be read as CSV ({e}); fix: save it again as CSV"
+
+
+def _bad_lines(key: str, metadata: Path, group: list[tuple[int, str]]) -> str:
+    """One problem line for every line refused for one reason: the first one said, the others counted (a file
+    whose every line is wrong is one line of output, not one per image)."""
+    n, problem = group[0]
+    what, _, fix = problem.partition("; fix: ")
+    others = [str(m) for m, _ in group[1:]]
+    more = (f" ({len(others):,} more line{'s' if len(others) > 1 else ''} like it: {', '.join(others[:5])}"
+            f"{', ...' if len(others) > 5 else ''})") if others else ""
+    return f"{key}: {metadata} line {n} {what}{more}" + (f"; fix: {fix}" if fix else "")
+
+
+def _collect(rows: Iterator[Row], metadata: Path, key: str, scan: Scan) -> dict[str, str]:
+    """{file name: caption} of a metadata file's rows; refused lines become problems, one per reason."""
+    captions: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    bad: dict[str, list[tuple[int, str]]] = {}  # the refused lines, by their fix (one reason, one line)
+    repeated: list[tuple[str, int, int]] = []  # (name, earlier line, this line)
+    for n, row, problem in rows:
         if problem:
-            scan.problems.append(f"{key}: {metadata} line {n} {problem}")
+            bad.setdefault(problem.partition("; fix: ")[2] or problem, []).append((n, problem))
         elif row:
             if row[0] in lines:
-                scan.warnings.append(f"{key}: {metadata} lists {_shown(row[0])} on lines {lines[row[0]]} and {n}; "
-                                     f"the caption on line {n} is used")
+                repeated.append((row[0], lines[row[0]], n))
             captions[row[0]], lines[row[0]] = row[1], n
-    for name in captions:
-        if name in images:
-            continue
-        if not (folder / name).is_file():
-            scan.problems.append(f"{key}: {metadata} names {_shown(name)}, which is not in the folder")
-        elif _suffix(name).lower() not in IMAGE_EXTENSIONS:
-            scan.problems.append(f"{key}: {metadata} names {_shown(name)}, which is not in a format sdtune reads "
-                                 f"({', '.join(DECODERS)}); fix: convert it to PNG and rename it in metadata.jsonl")
+    scan.problems.extend(_bad_lines(key, metadata, group) for group in bad.values())
+    if repeated:
+        name, first, n = repeated[0]
+        others = list(dict.fromkeys(r[0] for r in repeated[1:] if r[0] != name))
+        more = f"; so is the last line of {len(others)} more name(s) listed twice: {_names(others)}" \
+            if others else ""
+        scan.warnings.append(f"{key}: {metadata} lists {_shown(name)} on lines {first} and {n}; the caption "
+                             f"on line {n} is used{more}")
     return captions
 
 
-def _listed(images: list[Path], captions: dict[str, str], scan: Scan) -> list[Path]:
-    """As datasets' imagefolder does: with a metadata.jsonl, images it does not list are not examples
-    (`sdtune prep`'s contact_sheet.jpg among them)."""
+def _check_named(captions: dict[str, str], metadata: Path, key: str, scan: Scan,
+                 images: frozenset[str]) -> None:
+    """Every name a metadata file lists is an image in its folder (``images``: names already known to be; the
+    others are looked up). One problem line per kind, naming the first few."""
+    missing, unreadable = [], []
+    for name in captions:
+        if name in images:
+            continue
+        if not (metadata.parent / name).is_file():
+            missing.append(name)
+        elif _suffix(name).lower() not in IMAGE_EXTENSIONS:
+            unreadable.append(name)
+    if missing:
+        scan.problems.append(f"{key}: {metadata} names {_names(missing)}, which "
+                             f"{'is' if len(missing) == 1 else 'are'} not in the folder")
+    if unreadable:
+        scan.problems.append(f"{key}: {metadata} names {_names(unreadable)}, which "
+                             f"{'is' if len(unreadable) == 1 else 'are'} not in a format sdtune reads "
+                             f"({', '.join(DECODERS)}); fix: convert to PNG and rename in {metadata.name}")
+
+
+def _read_if_file(path: Path, key: str, scan: Scan) -> bytes | None:
+    """The bytes of ``path``, None if it is no file (nothing said) or cannot be read (a problem). Opened
+    rather than looked up first: no stat call per scan for a file that is not there."""
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    except OSError as e:
+        scan.problems.append(f"{key}: cannot read {path} ({e.strerror or e}); fix: make it readable")
+        return None
+
+
+def _captioned(folder: Path, images: list[Path], key: str,
+               scan: Scan) -> tuple[list[Path], dict[str, str] | None]:
+    """The images to train on and their captions from the folder's ``metadata.jsonl`` or ``metadata.csv``
+    (None without either; then .txt files or the prompt caption them). As datasets' imagefolder does, images
+    the file does not list are not examples (`sdtune prep`'s contact_sheet.jpg among them), and a folder with
+    both files is refused. Each file is read once, whatever the number of images."""
+    found = [(folder / name, data) for name in METADATA_FILES
+             if (data := _read_if_file(folder / name, key, scan)) is not None]
+    if len(found) > 1:
+        scan.problems.append(f"{key}: {folder} holds both {' and '.join(METADATA_FILES)}, so which captions "
+                             "are meant is not clear (datasets' imagefolder refuses such a folder too); fix: "
+                             "keep one")
+        return [], {}
+    if not found:
+        return images, None
+    metadata, data = found[0]
+    rows = _csv_rows(data) if metadata.suffix == ".csv" else _jsonl_rows(data)
+    captions = _collect(rows, metadata, key, scan)
+    _check_named(captions, metadata, key, scan, frozenset(p.name for p in images))
     unlisted = [p.name for p in images if p.name not in captions and p.name != "contact_sheet.jpg"]
     if unlisted:
-        scan.warnings.append(f"not in metadata.jsonl, so not used: {_names(unlisted)}")
-    return [p for p in images if p.name in captions]
+        scan.warnings.append(f"not in {metadata.name}, so not used: {_names(unlisted)}")
+    return [p for p in images if p.name in captions], captions
 
 
 def _sidecar(path: Path, folder: Path) -> tuple[str | None, str | None]:
@@ -557,9 +686,7 @@ def scan_instance_dir(
             f"{key}: {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}){_subfolder_hint(folder, key)}"
         )
         return scan
-    captions = _read_metadata(folder, key, scan, frozenset(p.name for p in images))
-    if captions is not None:
-        images = _listed(images, captions, scan)
+    images, captions = _captioned(folder, images, key, scan)
     small: list[tuple[str, Size]] = []
     identified: dict[str, bool] = {}  # whether a caption holds an identifier: each distinct caption once
     # a progress bar (on a terminal) where a scan takes a while: the first look at a large folder decodes each photo

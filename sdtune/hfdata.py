@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image as PILImage
 
 from sdtune.files import cache_root, write_text
-from sdtune.hub import is_hub_id
+from sdtune.hub import is_hub_id, offline_reason, offline_unless_reachable
 from sdtune.images import DECODERS, IMAGE_EXTENSIONS
 from sdtune.locks import cache_lock
 
@@ -128,16 +128,57 @@ def _open(dataset: str, split: str, problems: list[str]) -> Dataset | None:
     if path.is_dir():
         if any((path / name).is_file() for name in _SAVED):
             return _open_saved(path, split, problems)
-        return _load(dataset, split, problems, path=str(path))
+        return _open_folder(path, split, problems)
     if path.exists():
         problems.append(f"{KEY}: {dataset} is a file but not .parquet or .arrow; fix: give .parquet or "
                         ".arrow files, a folder (an imagefolder, or one written by save_to_disk) or a hub id")
         return None
     if is_hub_id(dataset):
-        return _load(dataset, split, problems, path=dataset)
+        return _open_hub(dataset, split, problems)
     problems.append(f"{KEY}: {dataset} is no file or folder here, and not a hub id (owner/name); fix: give a "
                     ".parquet or .arrow file, a folder, or a dataset id such as user/my-dog-photos")
     return None
+
+
+def _open_folder(folder: Path, split: str, problems: list[str]) -> Dataset | None:
+    """A local folder that ``save_to_disk`` did not write: its .parquet / .arrow files as datasets infers them,
+    else its images through the ``imagefolder`` builder, named rather than inferred: datasets infers the
+    ``text`` builder for a folder with as many .txt captions as images, as ``sdtune prep`` and ``sdtune micro
+    subject`` write them (metadata.jsonl or metadata.csv beside the images still captions them)."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    suffixes = _suffixes(folder)
+    if suffixes & set(FILE_BUILDERS):
+        return _load(str(folder), split, problems, path=str(folder))
+    if suffixes & set(ImageFolder.EXTENSIONS):
+        return _load("imagefolder", split, problems, path=str(folder), data_dir=str(folder))
+    problems.append(f"{KEY}: {folder} holds no images and no .parquet or .arrow files (subfolders included); "
+                    "fix: give a folder of images, data files or a hub id (a folder of photos trains as "
+                    "data.instance_dir too, with no copy into the cache)")
+    return None
+
+
+def _suffixes(folder: Path) -> set[str]:
+    """The lower-case extensions of the files in ``folder`` and its subfolders (datasets reads split folders
+    such as train/ and test/), hidden ones left out as datasets leaves them."""
+    found: set[str] = set()
+    for _, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
+        found.update(os.path.splitext(f)[1].lower() for f in files if not f.startswith((".", "__")))
+    return found
+
+
+def _open_hub(dataset: str, split: str, problems: list[str]) -> Dataset | None:
+    """A hub dataset, after the one probe models get (``sdtune.hub.offline_unless_reachable``): with no
+    network, datasets then reads its cache at once instead of retrying each request five times (about 30 s
+    of retry lines) before failing."""
+    if offline_unless_reachable():
+        import datasets
+
+        # datasets reads HF_HUB_OFFLINE once, at its import, which may have come before the probe switched
+        # huggingface_hub offline (HF_DATASETS_OFFLINE is the same switch's old name)
+        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    return _load(dataset, split, problems, path=dataset)
 
 
 def _is_glob(text: str) -> bool:
@@ -202,9 +243,14 @@ def _load(name: str, split: str, problems: list[str], path: str, **kwargs: Any) 
 
 
 def _offline_problem(path: str, e: Exception) -> str:
-    return (f"{KEY}: {path} is not in the datasets cache ({os.fspath(_hf_cache())}) and HF_HUB_OFFLINE / "
-            f"HF_DATASETS_OFFLINE keep the Hub out of reach ({_one_line(e)}); fix: load it once online, "
-            "unset them, or give a local copy (.parquet files, or a save_to_disk folder)")
+    """The line of a dataset datasets did not find in its cache while offline, saying why it is offline: the
+    Hub did not answer sdtune's probe, or a variable the user set (never one sdtune set itself)."""
+    from huggingface_hub import constants
+
+    why = offline_reason() if constants.is_offline_mode() else "HF_DATASETS_OFFLINE is set"
+    return (f"{KEY}: {path} is not in the datasets cache ({os.fspath(_hf_cache())}), and {why} "
+            f"({_one_line(e)}); fix: load it once with the Hub in reach, or give a local copy (.parquet files, "
+            "a save_to_disk folder or a folder of images)")
 
 
 def _hf_cache() -> Path:
