@@ -95,7 +95,7 @@ def offline_unless_reachable(timeout: float = 5.0) -> bool:
         get_session().head(constants.ENDPOINT, timeout=timeout)
     except Exception as e:  # DNS, refused, timeout, TLS, proxy: the Hub cannot be reached from here
         logger.info(f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached "
-                    f"({type(e).__name__}): models are read from the local cache only")
+                    f"({type(e).__name__}): hub ids (models, datasets) are read from the local cache only")
         # huggingface_hub reads this at each request (constants.is_offline_mode); transformers and diffusers
         # ask it too. The environment variable carries it into class-image and accelerate subprocesses.
         constants.HF_HUB_OFFLINE = True
