@@ -56,6 +56,7 @@ from sdtune.quantize import warnings as quantize_warnings
 from sdtune.resume import check_resume, fingerprint
 from sdtune.runs import WEIGHT_NAME, claimed_by_sdtune, complete_checkpoints
 from sdtune.single_file import is_single_file, param_count_problem, read_checkpoint
+from sdtune.trackers import problems as tracker_problems
 from sdtune.validation import check_validation
 
 # what a folder may hold and still count as empty: desktop junk, and the lock of a run that stopped in setup
@@ -296,6 +297,8 @@ def _check_train(cfg: Config, problems: list[str], run_folder: bool = True) -> N
     t = cfg.train
     if t.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         problems.append("train.report_to: wandb is not installed; pip install wandb, or use tensorboard")
+    if run_folder:  # a run starts the tracker (class-images starts none): W&B's API key, before any load
+        problems += tracker_problems(t.report_to)
     if run_folder and t.resume and t.resume != "latest" and not Path(t.resume).is_dir():
         problems.append(f"train.resume: {t.resume} is not a checkpoint folder; use 'latest' or a path")
     earlier = complete_checkpoints(t.output_dir) if run_folder else []

@@ -46,7 +46,7 @@ from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from sdtune import fsdp
+from sdtune import fsdp, trackers
 from sdtune.cache import LatentStore, TextCache, cache_latents, note_identity, shard, vae_identity
 from sdtune.checkpoint import clean_temporary, load_checkpoint, rewind, save_checkpoint
 from sdtune.config import Config, ConfigError
@@ -916,12 +916,22 @@ def _log_epoch_intervals(run: Run) -> None:
 
 
 def _init_trackers(run: Run) -> None:
+    """Start ``train.report_to``'s tracker on the main process; a resume continues its run, from the resumed
+    step (``sdtune.trackers``). A tracker that cannot start is one ``SdtuneError``."""
     t, acc = run.cfg.train, run.accelerator
     if acc.is_main_process and acc.trackers == [] and t.report_to != "none":
-        init = {"wandb": {"dir": str(run.output_dir)}} if t.report_to == "wandb" else {}
+        init, notes = trackers.init_kwargs(t.report_to, run.output_dir, run.global_step, bool(t.resume))
+        for note in notes:
+            logger.warning(note)
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                    for k, v in flat_keys(run.cfg.model_dump(mode="json")).items()}
-        acc.init_trackers("sdtune", config=hparams, init_kwargs=init)
+        try:
+            acc.init_trackers("sdtune", config=hparams, init_kwargs=init)
+        except Exception as e:
+            error = trackers.start_error(t.report_to, e)
+            if error is None:
+                raise
+            raise error from e
 
 
 # --------------------------------------------------------------------------------------------------------
