@@ -169,6 +169,10 @@ def _second_tab(context, page, base, ws, job: str, shots: Shots):
     second.goto(base)
     second.click("nav button[data-tab=train]")
     second.wait_for_function(f"document.getElementById('job-state').textContent.startsWith('{job}')")
+    # the reopened page's Train form shows the followed run's settings, not the defaults; its job list names it
+    second.wait_for_function(f"document.getElementById('steps').value == '{STEPS}'")
+    assert second.input_value("#advanced") == ADVANCED + "\n" and not second.is_checked("#prior")
+    assert second.input_value("#train-jobs") == job
     shots.take(second, "second_tab")
     page.close()  # closing a page stops nothing
     time.sleep(2)
@@ -217,6 +221,9 @@ def _compare_and_export(page, base, ws, tmp_path, shots: Shots) -> None:
         raise AssertionError(f"no grid shown: compare-state / #grid {state}; jobs {jobs}") from None
     assert page.evaluate("document.querySelector('#grid img').naturalWidth") > 64
     shots.take(page, "compare_grid")
+    page.reload()  # the finished grid is shown again after a reload
+    page.click("nav button[data-tab=compare]")
+    page.wait_for_selector("#grid img", timeout=30_000)
 
     page.click("nav button[data-tab=export]")
     page.select_option("#format", "kohya")

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import base64
 import hmac
+import io
 import json
+import logging
 import mimetypes
 import threading
 import traceback
+import zipfile
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -30,6 +33,7 @@ from sdtune.ui import jobs, photos, tasks
 from sdtune.ui.workspace import Workspace
 
 MAX_JSON_BYTES = 1 << 20
+log = logging.getLogger(__name__)  # a bug's traceback goes to the server's terminal, not into the page
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8")}
 
 
@@ -86,6 +90,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
+        if self.close_connection:  # a refused body left unread (``_body``): the socket is not reused
+            self.send_header("Connection", "close")
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
@@ -105,10 +111,17 @@ class Handler(BaseHTTPRequestHandler):
             return False
         return True
 
-    def _body(self, limit: int) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > limit:
-            raise SdtuneError(f"request body of {length} bytes is over the {limit} byte limit")
+    def _body(self, limit: int, what: str = "the request body") -> bytes:
+        """The request's body, up to ``limit`` bytes; ``what`` names it in the refusal (e.g. the file)."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= limit:
+            self.close_connection = True  # the unread body must not be read as the next request
+            size = f"{length} bytes" if length >= 0 else "a body of unknown length"
+            raise SdtuneError(f"{what}: {size} is over the {limit // 2**20} MiB limit" if length > limit else
+                              f"{what}: {size}; send it with a Content-Length")
         return self.rfile.read(length) if length else b""
 
     def _dispatch(self, routes: dict[str, Callable[..., Any]]) -> None:
@@ -133,12 +146,18 @@ class Handler(BaseHTTPRequestHandler):
             self._json(400, {"error": str(e)})
         except (OSError, ValueError) as e:
             self._json(400, {"error": f"{type(e).__name__}: {e}"})
-        except Exception as e:  # a bug: the page shows one line, the server keeps serving
-            self._json(500, {"error": f"internal error: {type(e).__name__}: {e}",
-                             "trace": traceback.format_exc(limit=3)})
+        except Exception as e:  # a bug: one line for the page, the traceback for the terminal; it serves on
+            # the message carries the traceback: sdtune's terminal handler prints messages only
+            trace = traceback.format_exc().rstrip()
+            log.error("%s %s failed (a bug in sdtune):\n%s", self.command, path, trace)
+            self._json(500, {"error": f"internal error (a bug in sdtune; the server's terminal has the "
+                                      f"traceback): {type(e).__name__}: {e}"})
 
     def _file(self, rel: str, download: bool) -> None:
         file = self.server.ws.path(rel)  # refuses .., absolute paths, links out of the workspace
+        if file.is_dir() and download and rel.strip("/"):  # a PEFT export is a folder: one .zip of it
+            return self._send(200, _zipped(self.server.ws, file), "application/zip",
+                              {"Content-Disposition": f'attachment; filename="{file.name}.zip"'})
         if not file.is_file():
             return self._json(404, {"error": f"no such file: {rel}"})
         content_type = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
@@ -146,7 +165,10 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, file.read_bytes(), content_type, headers)
 
     def _form(self) -> dict[str, Any]:
-        value = json.loads(self._body(MAX_JSON_BYTES) or b"{}")
+        try:
+            value = json.loads(self._body(MAX_JSON_BYTES) or b"{}")
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise SdtuneError(f"the request body is not JSON: {e}") from None
         if not isinstance(value, dict):
             raise SdtuneError("the request body must be a JSON object")
         return value
@@ -159,6 +181,20 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         self._dispatch(POST_ROUTES)
+
+
+def _zipped(ws: Workspace, folder: Path) -> bytes:
+    """A folder's files as a .zip (stored: safetensors do not compress); each path through ``confine`` too."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for file in sorted(folder.rglob("*")):
+            try:
+                inside = ws.path(ws.rel(file))  # rel: ValueError for a link that leads out of the workspace
+            except (ValueError, SdtuneError):
+                continue
+            if inside.is_file():
+                z.write(inside, file.relative_to(folder).as_posix())
+    return buf.getvalue()
 
 
 # -- endpoints: each takes the handler and the query, returns a JSON-ready value ---------------------------
@@ -175,6 +211,7 @@ def get_state(h: Handler, q: dict) -> dict:
         "photos": [{"name": n, "preview": f"previews/{n}.jpg", "caption": photos.caption_of(ws, n), **info.get(n, {})}
                    for n in names],
         "crop": state.get("crop", "smart"), "resolution": state.get("resolution", 64),
+        "max_upload_bytes": MAX_FILE_BYTES,
         "dataset": json.loads(report.read_text())["summary"] if report.is_file() else None,
         "recipes": tasks.recipes(h.server.recipe_dir), "default_recipe": tasks.DEFAULT_RECIPE,
         "runs": sorted(p.name for p in ws.path("runs").iterdir() if p.is_dir()),
@@ -182,29 +219,58 @@ def get_state(h: Handler, q: dict) -> dict:
     }
 
 
+def _text(form: dict, key: str, default: str | None = None) -> str:
+    """Field ``key`` of a request, a string (``default`` when absent; required without one)."""
+    value = form.get(key, default)
+    if not isinstance(value, str):
+        raise SdtuneError(f"{key}: missing" if value is None else f"{key}: {json.dumps(value)[:60]} is not text")
+    return value
+
+
+def _whole(form: dict, key: str, default: int) -> int:
+    """Field ``key`` of a request, a whole number (a JSON number or its digits as text: the page sends what
+    was typed, so "1e999" is refused as typed, not as the null that JSON makes of Infinity)."""
+    value = form.get(key, default)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdecimal():
+        return int(value)
+    raise SdtuneError(f"{key}: {json.dumps(value)[:60]} is not a whole number; e.g. 512")
+
+
 def post_upload(h: Handler, q: dict) -> dict:
-    data = h._body(MAX_FILE_BYTES)
+    name = q.get("name", "")
+    if not name:
+        raise SdtuneError("name: the upload has no file name (/api/upload?name=NAME.jpg)")
+    data = h._body(MAX_FILE_BYTES, what=name)
     with h.server.lock:
-        return photos.add_upload(h.server.ws, q.get("name", "upload"), data)
+        return photos.add_upload(h.server.ws, name, data)
 
 
 def post_analyse(h: Handler, q: dict) -> dict:
     form = h._form()
+    crop, resolution = _text(form, "crop", "smart"), _whole(form, "resolution", 64)
     with h.server.lock:
-        return photos.analyse(h.server.ws, str(form.get("crop", "smart")), int(form.get("resolution", 64)))
+        return photos.analyse(h.server.ws, crop, resolution)
 
 
 def post_box(h: Handler, q: dict) -> dict:
     form = h._form()
+    name = _text(form, "name")
     with h.server.lock:
-        photos.set_box(h.server.ws, str(form["name"]), list(form["box"]))
+        photos.set_box(h.server.ws, name, form.get("box"))
     return {"ok": True}
 
 
 def post_caption(h: Handler, q: dict) -> dict:
     form = h._form()
+    name, caption = _text(form, "name"), _text(form, "caption")
     with h.server.lock:
-        photos.set_caption(h.server.ws, Path(str(form["name"])).stem, str(form["caption"]))
+        if name not in photos.photo_names(h.server.ws):
+            raise SdtuneError(f"name: {name!r} is not a photo here")
+        photos.set_caption(h.server.ws, Path(name).stem, caption)
     return {"ok": True}
 
 
@@ -218,7 +284,7 @@ def post_drop(h: Handler, q: dict) -> dict:
 def post_prepare(h: Handler, q: dict) -> dict:
     form = h._form()
     with h.server.lock:
-        report = photos.prepare(h.server.ws, int(form.get("resolution", 64)), str(form.get("crop", "smart")),
+        report = photos.prepare(h.server.ws, _whole(form, "resolution", 64), _text(form, "crop", "smart"),
                                 [d for d in form.get("drop", []) if d])
     return {"summary": report["summary"], "contact_sheet": "dataset/contact_sheet.jpg",
             "files": report["files"]}
@@ -243,6 +309,9 @@ def get_job(h: Handler, q: dict) -> dict:
     s = jobs.status(ws, q.get("name", ""), log_lines=30)
     if s["kind"] == "train" and s["run_dir"]:
         s["progress"] = tasks.progress(ws, s["run_dir"])
+        s["form"] = tasks.form_of(ws, jobs.argv_of(ws, s["name"]))  # a reloaded tab shows the run's settings
+    elif s["state"] == "finished":
+        s.update(tasks.output_of(ws, s["name"]))  # the grid / file / report it made, shown again after a reload
     return s
 
 
@@ -260,7 +329,8 @@ def get_progress(h: Handler, q: dict) -> dict:
 
 def get_report(h: Handler, q: dict) -> dict:
     file = h.server.ws.path(f"{q.get('run', '')}/eval/report.md")
-    return {"report": file.read_text() if file.is_file() else None}
+    # folder: where the report's images (metrics.png) are, for the page to show them
+    return {"report": file.read_text() if file.is_file() else None, "folder": h.server.ws.rel(file.parent)}
 
 
 GET_ROUTES: dict[str, Callable[[Handler, dict], Any]] = {
@@ -278,7 +348,7 @@ POST_ROUTES: dict[str, Callable[[Handler, dict], Any]] = {
 }
 
 
-def make_server(workspace: str | Path, host: str = "127.0.0.1", port: int = 7860,
+def make_server(workspace: str | Path, host: str = "127.0.0.1", port: int = 7980,
                 recipe_dir: str | Path | None = None, auth: str | None = None) -> UIServer:
     """The server, bound (port 0: any free port); ``serve_forever()`` runs it."""
     if host not in ("127.0.0.1", "localhost", "::1") and not auth:

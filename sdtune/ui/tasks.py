@@ -6,16 +6,23 @@ checkpoints/, config.yaml), never from the process itself.
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from sdtune.config import ConfigError, load_config
+from sdtune import families
+from sdtune.config import Config, ConfigError, load_config
+from sdtune.data import has_word
 from sdtune.errors import SdtuneError
+from sdtune.identifier import check_identifiers
 from sdtune.micro.model import write_model
-from sdtune.runs import CONFIG, KOHYA_SUFFIX, complete_checkpoints
+from sdtune.plan import RunPlan, check_run
+from sdtune.runs import CONFIG, KOHYA_SUFFIX, WEIGHT_NAME, complete_checkpoints
 from sdtune.ui import jobs
 from sdtune.ui.photos import DATASET
 from sdtune.ui.workspace import Workspace
@@ -27,6 +34,12 @@ FIELDS = {"steps": "train.max_steps", "learning_rate": "train.learning_rate", "r
           "identifier": "data.identifier", "base": "model.pretrained", "model_base": "model.base",
           "sample_every": "sample.every",
           "checkpoint_every": "train.checkpoint_every", "log_every": "train.log_every", "prior": "prior.enabled"}
+# keys the form sets without a field of their own: their problems are shown at the field that set them
+KEY_FIELDS = {"train.output_dir": "run", "data.instance_dir": "dataset", "data.resolution": "dataset",
+              "prior.class_prompt": "class", "data.instance_prompt": "class", "sample.prompts": "class"}
+# a recipe's family-only options (each family's own recipe section): a problem there means the recipe does not fit
+FAMILY_SECTIONS = tuple(f"{f.options_section}." for f in families.registered() if f.options_section)
+CLASS_WORDS = re.compile(r"^[A-Za-z][A-Za-z -]{0,39}$")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 EXPORTS = {"kohya": ".safetensors", "diffusers": ".safetensors", "peft": ""}
 
@@ -45,13 +58,24 @@ def recipes(folder: Path | None) -> list[str]:
 
 def base_model(ws: Workspace, base: str) -> str:
     """model.pretrained for the page's base model: the micro model (written into the workspace on first use),
-    or a local folder / single file / hub id as given."""
+    a local folder / single file made absolute (read from the folder ``sdtune ui`` was started in: the job runs
+    in the workspace), or a hub id as given."""
     if base.strip() in ("", MICRO):
         folder = ws.path("models/micro")
         if not (folder / "model_index.json").is_file():
             write_model(folder)
         return str(folder)
-    return base.strip()
+    given = Path(base.strip()).expanduser()
+    return str(given.resolve()) if given.exists() else base.strip()
+
+
+def is_micro_run(ws: Workspace, folder: Path) -> bool:
+    """Whether a run trained the workspace's micro model (whose world the ``--metrics world`` scorer reads)."""
+    try:
+        pretrained = yaml.safe_load((folder / CONFIG).read_text())["model"]["pretrained"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return False
+    return os.path.realpath(str(pretrained)) == os.path.realpath(ws.path("models/micro"))
 
 
 def train_overrides(ws: Workspace, form: dict[str, Any]) -> tuple[str, list[str]]:
@@ -65,6 +89,8 @@ def train_overrides(ws: Workspace, form: dict[str, Any]) -> tuple[str, list[str]
         value = form.get(field)
         if field != "base" and value not in (None, ""):
             out.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    if "identifier" in form and not str(form["identifier"] or "").strip():
+        raise FieldError({"identifier": "type an identifier on the Identifier tab (e.g. sks)"})
     advanced = [line.strip() for line in str(form.get("advanced") or "").splitlines() if line.strip()]
     bad = [line for line in advanced if "=" not in line]
     if bad:
@@ -72,34 +98,128 @@ def train_overrides(ws: Workspace, form: dict[str, Any]) -> tuple[str, list[str]
     return name, out + advanced
 
 
-def check_config(recipe: Path, overrides: list[str]) -> None:
+def check_config(recipe: Path, overrides: list[str]) -> Config:
     """The recipe's own checks (``load_config``), with each problem placed at its page field."""
     try:
-        load_config(recipe, overrides)
+        return load_config(recipe, overrides)
     except ConfigError as e:
-        fields: dict[str, str] = {}
-        by_key = {key: field for field, key in FIELDS.items()}
-        for problem in e.problems:
-            key = problem.split(":", 1)[0].strip()
-            field = by_key.get(key, "advanced")
-            fields[field] = (fields[field] + "; " if field in fields else "") + problem
-        raise FieldError(fields) from None
+        raise field_errors(e.problems, recipe.name) from None
+
+
+def field_errors(problems: list[str], recipe: str = "") -> FieldError:
+    """Config problems (``key: text``) at the page fields that set those keys, in the page's terms."""
+    by_key = {**{key: field for field, key in FIELDS.items()}, **KEY_FIELDS}
+    fields: dict[str, str] = {}
+    for problem in problems:
+        key = problem.partition(":")[0].strip()
+        field = by_key.get(key) or ("recipe" if key.startswith(FAMILY_SECTIONS) else "advanced")
+        text = problem  # the recipe key stays named: "advanced" takes the same keys
+        if field == "recipe":
+            text = f"recipe {recipe} does not fit this base model ({problem})"
+        elif field == "run" and "already holds" in problem:
+            text = "this run name holds another run's files: choose a new run name (or Resume that run's job)"
+        elif field == "base" and "neither a local model folder" in problem:
+            text = problem.replace("fix the path", f"a relative path is read from {Path.cwd()}, where sdtune ui "
+                                   "was started")
+        fields[field] = (fields[field] + "; " if field in fields else "") + text
+    return FieldError(fields)
+
+
+def class_overrides(cfg: Config, noun: str) -> list[str]:
+    """prior.class_prompt, data.instance_prompt and sample.prompts for the class the page names (e.g. dog):
+    the recipe's own class noun (from its prior.class_prompt: 'a photo of a toy' -> toy) replaced in its
+    sample prompts, so a recipe's scenes stay and show the user's subject."""
+    noun = " ".join(noun.split())
+    if not CLASS_WORDS.match(noun):
+        raise FieldError({"class": f"'{noun}' is not a class noun (a word or two, e.g. dog)"})
+    old = re.fullmatch(r"a photo of an? (.+)", (cfg.prior.class_prompt or "").strip())
+    prompts = [re.sub(rf"\b{re.escape(old.group(1))}\b", noun, p) for p in cfg.sample.prompts] if old else []
+    prompts = prompts or ["a photo of {identifier} " + noun, "a photo of {identifier} " + noun + " on the beach",
+                          f"a photo of a {noun}"]
+    return [f"prior.class_prompt=a photo of a {noun}", "data.instance_prompt=a photo of {identifier} " + noun,
+            "sample.prompts=" + json.dumps(prompts)]  # JSON is YAML: the override reads it as a list
+
+
+def _check_identifier(word: str) -> None:
+    """Refuse an identifier the Identifier tab calls bad (e.g. 'a photo': two words, in every caption)."""
+    report = check_identifiers([word])[0]
+    if report.verdict == "bad":
+        raise FieldError({"identifier": f"{report.summary}; pick one the Identifier tab calls good"})
+
+
+def check_plan(ws: Workspace, cfg: Config, recipe: str) -> RunPlan:
+    """``sdtune train --dry-run``'s checks on the final config (model files, data, output folder; no weights),
+    then what the page adds: captions that name the identifier, photos prepared at the run's resolution."""
+    try:
+        plan = check_run(cfg)
+    except ConfigError as e:
+        raise field_errors(e.problems, recipe) from None
+    identifier = cfg.data.identifier
+    missing = [e.caption for e in plan.examples if identifier and not has_word(e.caption, identifier)]
+    if missing:  # the run would train one word and sample another: grids that never show the subject
+        raise FieldError({"identifier": f"{len(missing)} of {len(plan.examples)} prepared captions do not name "
+                          f"'{identifier}' (e.g. '{missing[0]}'): use the identifier they name, or edit the "
+                          "captions on the Photos tab and Prepare again"})
+    try:
+        prepared = json.loads(ws.path(f"{DATASET}/prep_report.json").read_text())["settings"]["resolution"]
+    except (OSError, KeyError, TypeError, ValueError):
+        prepared = None
+    if prepared and prepared != plan.resolution:
+        raise FieldError({"dataset": f"the photos were prepared at {prepared} px, and this run trains at "
+                          f"{plan.resolution} px: set the Photos tab's resolution to {plan.resolution} and "
+                          "Prepare again"})
+    return plan
+
+
+def _recipe(recipe_dir: Path | None, form: dict[str, Any]) -> Path:
+    name = str(form.get("recipe") or DEFAULT_RECIPE)
+    if not recipe_dir or name not in recipes(recipe_dir):
+        raise FieldError({"recipe": f"no recipe '{name}' (recipes: {', '.join(recipes(recipe_dir))})"})
+    return recipe_dir / name
 
 
 def start_training(ws: Workspace, recipe_dir: Path | None, form: dict[str, Any]) -> dict[str, Any]:
-    """Check the form through the recipe's checks, then start ``sdtune train RECIPE overrides`` as a job."""
-    recipe_name = str(form.get("recipe") or DEFAULT_RECIPE)
-    if not recipe_dir or recipe_name not in recipes(recipe_dir):
-        raise FieldError({"recipe": f"no recipe '{recipe_name}' (recipes: {', '.join(recipes(recipe_dir))})"})
+    """Check the form through the recipe's checks and then the run's (``check_plan``, on the config the job
+    will run), then start ``sdtune train RECIPE overrides`` as a job."""
+    recipe = _recipe(recipe_dir, form)
     name, overrides = train_overrides(ws, form)
-    check_config(recipe_dir / recipe_name, overrides)
+    cfg = check_config(recipe, overrides)
+    if str(form.get("class") or "").strip():
+        overrides += class_overrides(cfg, str(form["class"]))
+        check_config(recipe, overrides)
     if not ws.path(f"{DATASET}/metadata.jsonl").is_file():
         raise FieldError({"dataset": "no prepared dataset yet: press Prepare on the Photos tab first"})
     if any(jobs.status(ws, n)["state"] == "running" and jobs.status(ws, n)["run_dir"] == f"runs/{name}"
            for n in jobs.names(ws, "train")):
         raise FieldError({"run": f"run '{name}' is training already"})
+    if str(form.get("identifier") or "").strip():
+        _check_identifier(str(form["identifier"]).strip())
     overrides.insert(0, f"model.pretrained={base_model(ws, str(form.get('base') or MICRO))}")
-    return jobs.start(ws, "train", ["train", str(recipe_dir / recipe_name), *overrides], run_dir=f"runs/{name}")
+    check_plan(ws, check_config(recipe, overrides), recipe.name)
+    return jobs.start(ws, "train", ["train", str(recipe), *overrides], run_dir=f"runs/{name}")
+
+
+def form_of(ws: Workspace, argv: list[str]) -> dict[str, str]:
+    """The Train form as a train job's command (``sdtune`` arguments) set it: a tab that follows a run shows
+    that run's settings."""
+    by_key = {key: field for field, key in FIELDS.items()}
+    form = {"recipe": Path(argv[1]).name if len(argv) > 1 else "", "advanced": ""}
+    from_class = False  # the Class field's keys come last (class_overrides): the user's own ones are advanced
+    for arg in argv[2:]:
+        key, _, value = arg.partition("=")
+        if key == "train.output_dir":
+            form["run"] = Path(value).name
+        elif key == "prior.class_prompt":
+            form["class"], from_class = re.sub(r"^a photo of an? ", "", value), True
+        elif from_class and key in ("data.instance_prompt", "sample.prompts"):
+            continue
+        elif key == "model.pretrained":
+            form["base"] = MICRO if os.path.realpath(value) == str(ws.path("models/micro")) else value
+        elif key in by_key:
+            form[by_key[key]] = value
+        elif key not in ("data.instance_dir", "prior.class_dir", "train.resume"):
+            form["advanced"] += arg + "\n"
+    return form
 
 
 def resume_training(ws: Workspace, name: str) -> dict[str, Any]:
@@ -147,11 +267,24 @@ def _run_folder(ws: Workspace, run: str) -> Path:
     return folder
 
 
-def _csv(value: Any, key: str, pattern: str) -> str:
+def _csv(value: Any, key: str, pattern: str, what: str = "numbers") -> str:
     text = ",".join(str(value).split()) if not isinstance(value, list) else ",".join(map(str, value))
     if not re.fullmatch(pattern, text):
-        raise FieldError({key: f"'{value}' is not a comma list of numbers"})
+        raise FieldError({key: f"'{value}' is not a comma list of {what}"})
     return text
+
+
+def _unique(ws: Workspace, folder: str, stem: str, suffix: str) -> Path:
+    """A new name in the workspace folder (time + random: two jobs started at once never share an output)."""
+    return ws.path(f"{folder}/{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}{suffix}")
+
+
+def _refuse_twin(ws: Workspace, kind: str, args: list[str], field: str) -> None:
+    """A second job identical to a running one (a double click) would only repeat its work."""
+    for name in jobs.names(ws, kind):
+        s = jobs.status(ws, name, log_lines=0)
+        if s["state"] in ("running", "starting") and jobs.argv_of(ws, name)[:len(args)] == args:
+            raise FieldError({field: f"{name} is doing exactly this already; wait for it"})
 
 
 def start_compare(ws: Workspace, form: dict[str, Any]) -> dict[str, Any]:
@@ -161,26 +294,45 @@ def start_compare(ws: Workspace, form: dict[str, Any]) -> dict[str, Any]:
     prompts = [p.strip() for p in str(form.get("prompts") or "").splitlines() if p.strip()]
     if not prompts:
         raise FieldError({"prompts": "give at least one prompt, one per line"})
-    seeds = _csv(form.get("seeds", "0,1"), "seeds", r"\d+(,\d+)*")
+    seeds = _csv(form.get("seeds", "0,1"), "seeds", r"\d+(,\d+)*", "whole numbers >= 0 (e.g. 0,1,2)")
     scales = _csv(form.get("scales", "0,1"), "scales", r"-?[\d.]+(,-?[\d.]+)*")
-    out = ws.path(f"compare/{folder.name}-{len(list(ws.path('compare').glob('*.png'))) + 1:03d}.png")
-    args = ["sample", str(folder), "--seeds", seeds, "--lora-scale", scales, "--out", str(out),
+    args = ["sample", str(folder), "--seeds", seeds, "--lora-scale", scales,
             "--steps", str(int(form.get("steps") or 20)), "--guidance", str(form.get("guidance") or 4),
-            "--batch-size", "4", "--overwrite"]
+            "--batch-size", "4"]
     for p in prompts:
         args += ["--prompt", p]
     if form.get("all_checkpoints"):
         args += ["--checkpoints", "all"]
-    job = jobs.start(ws, "compare", args, run_dir=run)
+    _refuse_twin(ws, "compare", args, "prompts")
+    out = _unique(ws, "compare", folder.name, ".png")
+    job = jobs.start(ws, "compare", [*args, "--out", str(out)], run_dir=run)
     return {**job, "grid": ws.rel(out)}
 
 
 def start_eval(ws: Workspace, form: dict[str, Any]) -> dict[str, Any]:
-    """``sdtune eval RUN --metrics world --checkpoints all``: the report with its recommended checkpoint."""
+    """``sdtune eval RUN --checkpoints all``: the report with its recommended checkpoint; ``--metrics world``
+    (the micro world's detector) for a run of the micro model, else the DreamBooth paper's (DINO, CLIP-I,
+    CLIP-T: ``sdtune eval``'s default, which needs those metric models)."""
     run = str(form.get("run") or "")
     folder = _run_folder(ws, run)
-    return jobs.start(ws, "eval", ["eval", str(folder), "--metrics", "world", "--checkpoints", "all",
-                                   "--lora-scale", "0,1", "--batch-size", "4"], run_dir=run)
+    args = ["eval", str(folder), "--metrics", "world" if is_micro_run(ws, folder) else "paper",
+            "--checkpoints", "all", "--lora-scale", "0,1", "--batch-size", "4"]
+    _refuse_twin(ws, "eval", args, "general")
+    return jobs.start(ws, "eval", args, run_dir=run)
+
+
+def export_source(folder: Path, checkpoint: str) -> Path:
+    """What Export writes from: the named checkpoint (``step-N``), else the final weights, else (a stopped
+    run) its latest checkpoint, as ``sdtune export RUN/checkpoints/step-N`` takes."""
+    done = {p.name: p for p in complete_checkpoints(folder)}
+    if checkpoint and checkpoint != "final":
+        if checkpoint not in done:
+            raise FieldError({"checkpoint": f"no complete checkpoint '{checkpoint}' (has: "
+                              f"{', '.join(done) or 'none'})"})
+        return done[checkpoint]
+    if (folder / WEIGHT_NAME).is_file() or not done:
+        return folder
+    return list(done.values())[-1]
 
 
 def start_export(ws: Workspace, form: dict[str, Any]) -> dict[str, Any]:
@@ -189,10 +341,25 @@ def start_export(ws: Workspace, form: dict[str, Any]) -> dict[str, Any]:
     folder = _run_folder(ws, run)
     if fmt not in EXPORTS:
         raise FieldError({"format": f"'{fmt}' is not one of {', '.join(EXPORTS)}"})
-    out = ws.path(f"exports/{folder.name}_{fmt}{EXPORTS[fmt]}")
-    job = jobs.start(ws, "export", ["export", str(folder), "--format", fmt, "-o", str(out), "--overwrite"],
-                     run_dir=run)
+    source = export_source(folder, str(form.get("checkpoint") or ""))
+    which = source.name if source != folder else "final"
+    out = ws.path(f"exports/{folder.name}_{which}_{fmt}{EXPORTS[fmt]}")
+    args = ["export", str(source), "--format", fmt, "-o", str(out), "--overwrite"]
+    _refuse_twin(ws, "export", args, "format")
+    job = jobs.start(ws, "export", args, run_dir=run)
     return {**job, "file": ws.rel(out)}
+
+
+def output_of(ws: Workspace, name: str) -> dict[str, Any]:
+    """What a finished compare / export / eval job made, from its command (a reloaded page shows it again):
+    {"grid": REL} / {"file": REL} / {"report": REL}."""
+    argv = jobs.argv_of(ws, name)
+    for flag, key in (("--out", "grid"), ("-o", "file")):
+        if flag in argv[:-1] and argv[0] in ("sample", "export"):
+            return {key: ws.rel(argv[argv.index(flag) + 1])}
+    if argv and argv[0] == "eval":
+        return {"report": ws.rel(Path(argv[1]) / "eval" / "report.md")}
+    return {}
 
 
 def start_push(ws: Workspace, form: dict[str, Any]) -> dict[str, Any]:
