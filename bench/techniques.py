@@ -129,10 +129,20 @@ def table(results: dict[str, list[dict[str, float]]], command: str, steps: int, 
                      + f" | {cell([r['wall_s'] for r in rows], 0)} |")
     lines += ["", "How to read it: every row runs the demo recipe's settings (learning rate 1e-3 and rank 16, tuned for "
               "AdamW and LoRA) with only the technique's own overrides, at equal steps: a row measures those settings, "
-              "not the technique at its best. Three seeds are few; the spread says how far a mean can be trusted, and "
-              "the \"=\" rule (gap within the larger spread) is a coarse one. The micro world's subject photos vary "
+              f"not the technique at its best. {seeds_note(len(seeds))} The micro world's subject photos vary "
               "their backgrounds, so the leakage masked loss is for is small here to begin with."]
     return "\n".join(lines) + "\n"
+
+
+def seeds_note(n: int) -> str:
+    """What the table's seeds allow, from how many there were."""
+    if n == 1:
+        return ("One seed gives no spread: a mean cannot be trusted, and every gap to the baseline, however small, "
+                "counts as an effect (no \"=\"); run --seeds 0,1,2 for a spread.")
+    return (f"{n} seeds are few; the spread says how far a mean can be trusted, and the \"=\" rule (gap within the "
+            "larger spread) is a coarse one." if n < 10 else
+            f"Over {n} seeds the spread says how far a mean can be trusted; the \"=\" rule (gap within the larger "
+            "spread) is a coarse one.")
 
 
 def main() -> None:
@@ -148,7 +158,9 @@ def main() -> None:
     if unknown:
         sys.exit(f"--only: unknown technique(s) {', '.join(unknown)}; choose from {', '.join(TECHNIQUES)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    work = Path(args.work)
+    # the commands run in ROOT (for recipes/...): paths the caller typed are resolved against the caller's
+    # folder once, here, so that relative --work and --out name the same folders for the script and for them
+    work, out = Path(args.work).resolve(), Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)
     log = work / "bench.log"
     base = prepare(work, log)
@@ -159,8 +171,8 @@ def main() -> None:
             results.setdefault(name, []).append(row)
             print(json.dumps({"technique": name, "seed": seed, **row}), flush=True)
     command = "python bench/techniques.py " + " ".join(sys.argv[1:])
-    Path(args.out).write_text(table(results, command.strip(), args.steps, seeds))
-    print(f"table: {args.out}")
+    out.write_text(table(results, command.strip(), args.steps, seeds))
+    print(f"table: {out}")
 
 
 if __name__ == "__main__":

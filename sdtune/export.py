@@ -50,6 +50,7 @@ from sdtune.layout import CLIP_TEXT_CLASSES, canonical_text_encoder_keys, sort_m
 from sdtune.models import inspect_model
 from sdtune.runs import (
     CHECKPOINTS,
+    EMBEDDINGS_DIR,
     KOHYA_SUFFIX,
     MARK_KEY,
     STATE,
@@ -1164,9 +1165,11 @@ def _peft_folder_by_sdtune(folder: Path) -> bool:
 
 
 def check_export_target(run: RunLora, fmt: str, out: Path, overwrite: bool = False) -> None:
-    """Refuse an ``-o`` that export must not write: a run's or checkpoint's own LoRA file, or anything in a
-    checkpoint folder (never, whatever ``overwrite`` says); a folder for a one-file format; or an existing
-    file (for peft: a non-empty folder) that sdtune did not write, unless ``overwrite``."""
+    """Refuse an ``-o`` that export must not write: a run's or checkpoint's own LoRA file, anything in a
+    checkpoint folder, a run's own files of the other formats or its token embeddings, and its file of this
+    format from any LoRA but the run's final one (``_run_file_kind``; never, whatever ``overwrite`` says);
+    a folder for a one-file format; or an existing file (for peft: a non-empty folder) that sdtune did not
+    write, unless ``overwrite``."""
     if out.resolve() == run.lora_file.resolve():
         raise SdtuneError(f"-o: {out} is the run's own LoRA file; choose another name")
     if fmt == "peft":
@@ -1188,12 +1191,37 @@ def check_export_target(run: RunLora, fmt: str, out: Path, overwrite: bool = Fal
         # A run's (or checkpoint's) files are what sample, eval, push and resume read: never replaced.
         raise SdtuneError(f"-o: {out} is in the run or checkpoint folder {folder} and would replace its "
                           f"{out.name}; choose another name")
-    for other, f in WRITERS.items():
-        if f.run_file and other != fmt and is_run_folder(folder) and fnmatch(out.name, f.run_file.format(run="*")):
-            # e.g. diffusers keys under the run's kohya name: the card and push would hand it to A1111 as kohya
-            raise SdtuneError(f"-o: {out} is the run's {other} file; a {fmt} LoRA must not take its name; choose "
-                              "another name")
+    owned = _run_file_kind(run, fmt, out)
+    if owned:
+        raise SdtuneError(f"-o: {out} {owned}; choose another name")
     check_output_file(out, "-o", overwrite)
+
+
+def _run_file_kind(run: RunLora, fmt: str, out: Path) -> str | None:
+    """Which of a run folder's own files the one-file ``out`` is, as the end of a sentence (``"is the run's
+    kohya file; ..."``); None when it is none, or when it is the run's file of this very format and ``run`` is
+    that run's final LoRA (training's ``write_run_files``, or the same export again). Whatever ``--overwrite``
+    says: the card, ``sample`` and ``push`` take these files for the run's own."""
+    folder = out.parent
+    if folder.name == EMBEDDINGS_DIR and is_run_folder(folder.parent):
+        return f"is in the run's {EMBEDDINGS_DIR} folder (its pivotal-tuning token embeddings)"
+    if not is_run_folder(folder):
+        return None
+    for other, f in WRITERS.items():
+        if not (f.run_file and fnmatch(out.name, f.run_file.format(run="*"))):
+            continue
+        if other != fmt:
+            # e.g. diffusers keys under the run's kohya name: the card and push would hand it to A1111
+            return f"is the run's {other} file; a {fmt} LoRA must not take its name"
+        if run.lora_file.parent.resolve() != folder.resolve():
+            # another run's LoRA or one of this run's checkpoints: push would upload it as the final one
+            if out.exists():
+                return (f"is the run's own {other} file (its final LoRA, as push uploads it); the LoRA of "
+                        f"{run.lora_file.parent} must not replace it")
+            return (f"would pass for the run's own {other} file (push uploads every "
+                    f"{f.run_file.format(run='*')} of a run folder as its final LoRA); the LoRA of "
+                    f"{run.lora_file.parent} must not go there")
+    return None
 
 
 def export_run(run_dir: str | Path, fmt: str, out_file: str | Path,
@@ -1236,3 +1264,30 @@ def write_run_files(run_dir: str | Path) -> list[str]:
         except KohyaUnavailable as e:  # the family has no such format yet: the run has its diffusers file
             warnings.append(f"{path.name} not written: {e}")
     return warnings
+
+
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # PeftModel.save_pretrained's names
+
+
+def read_peft_folder(folder: str | Path) -> dict[str, Adapter]:
+    """{component: Adapter} of a ``--format peft`` export (``_write_peft``): each ``COMPONENT/`` folder's
+    ``adapter_model.safetensors`` + ``adapter_config.json``, or ``folder`` alone when it is one component's
+    (its name is the component's). Keys lose PeftModel's ``base_model.model.`` prefix; {} when ``folder``
+    holds no adapter."""
+    import torch
+
+    folder = Path(folder)
+    parts = [folder] if (folder / PEFT_WEIGHTS).is_file() else sorted(p.parent for p in folder.glob(f"*/{PEFT_WEIGHTS}"))
+    adapters: dict[str, Adapter] = {}
+    for part in parts:
+        try:
+            config = json.loads((part / PEFT_CONFIG).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise SdtuneError(f"{part / PEFT_CONFIG}: cannot be read ({type(e).__name__}); a PEFT adapter needs its "
+                              f"config beside {PEFT_WEIGHTS}") from None
+        with open_safetensors(part / PEFT_WEIGHTS) as f:
+            tensors = {k.removeprefix("base_model.model."): f.get_tensor(k).to(torch.float32) for k in f.keys()}
+        # canonical text-encoder keys (text_model.encoder...), as _write_peft writes them and inject_adapter reads
+        adapters[part.name] = Adapter(canonical_text_encoder_keys(tensors) if _is_clip_text_encoder(part.name)
+                                      else tensors, config)
+    return adapters

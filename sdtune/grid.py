@@ -73,11 +73,13 @@ def make_grid(
     font = load_font(size)
     label_w = max(160, w)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    header_h = size * 2 + (size + 6 if title else 0)
+    # a title wider than a narrow grid (one seed: 288 px) wraps onto more lines rather than being cut off
+    title_lines = _wrap(probe, title, font, label_w + w * len(col_labels) - 12) if title else []
+    header_h = size * 2 + (size + 6) * len(title_lines)
     grid = Image.new("RGB", (label_w + w * len(col_labels), header_h + h * len(row_labels)), "white")
     draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((6, 4), title[: grid.width // max(1, size // 2)], fill="black", font=font)
+    for i, line in enumerate(title_lines):
+        draw.text((6, 4 + i * (size + 6)), line, fill="black", font=font)
     for c, label in enumerate(col_labels):
         draw.text((label_w + c * w + 4, header_h - size - 6), label, fill="black", font=font)
     for r, label in enumerate(row_labels):

@@ -14,7 +14,6 @@ import hashlib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -56,6 +55,7 @@ from sdtune.quantize import warnings as quantize_warnings
 from sdtune.resume import check_resume, fingerprint
 from sdtune.runs import WEIGHT_NAME, claimed_by_sdtune, complete_checkpoints
 from sdtune.single_file import is_single_file, param_count_problem, read_checkpoint
+from sdtune.tokens import truncated_captions
 from sdtune.trackers import problems as tracker_problems
 from sdtune.validation import check_validation
 
@@ -439,35 +439,6 @@ def _check_tokens(cfg: Config, info: ModelInfo, files: ModelFiles, examples: lis
             warnings.append(f"{concept.key_of('identifier')} {report.summary} (see `sdtune check-token "
                             f"{concept.identifier}`{more})")
     warnings += truncated_captions(info.family, examples, tokenizers, cfg.identifiers(), class_prompts)
-
-
-def truncated_captions(family: Family, examples: list[Example], tokenizers: list[Any], identifiers: list[str],
-                       class_prompts: list[tuple[str, str]]) -> list[str]:
-    """One line per caption longer than a text encoder reads (CLIP: 77 tokens with start and end): the rest
-    is cut off before the model sees it, sometimes with the identifier in it. ``identifiers``: each concept's
-    (``Config.identifiers()``); ``class_prompts``: (recipe key, class prompt) of each concept with one."""
-    lines = []
-    named = [(e.path.name, e.caption, identifiers[e.concept]) for e in examples] + \
-        [(key, prompt, None) for key, prompt in class_prompts]
-    tokenized: dict[tuple[int, str], list[int]] = {}  # each distinct caption once: 100,000 photos share a few
-    for name, caption, identifier in named:
-        for k, (spec, tokenizer) in enumerate(zip(family.text_encoders, tokenizers)):
-            # T5 reads the family's prompt length (flux. / sd3.max_sequence_length), ending in its </s>; CLIP its
-            # 77 tokens between <|startoftext|> and <|endoftext|>
-            t5 = spec.model_class.startswith("T5")
-            limit = (family.max_sequence_length or tokenizer.model_max_length) if t5 else tokenizer.model_max_length
-            if (k, caption) not in tokenized:  # with the start and end tokens
-                tokenized[(k, caption)] = tokenizer(caption, truncation=False).input_ids
-            ids = tokenized[(k, caption)]
-            if len(ids) <= limit:
-                continue
-            seen = tokenizer.decode(ids[0 if t5 else 1 : limit - 1], skip_special_tokens=True)
-            lost = f" The identifier '{identifier}' is in the part cut off." \
-                if identifier and identifier in caption and identifier not in seen.split() else ""
-            lines.append(f"{name}: its caption is {len(ids)} tokens, {spec.label} reads {limit}, so everything after "
-                         f"'...{seen[-30:]}' is ignored.{lost} fix: shorten it")
-            break  # one line per caption, whatever the number of encoders
-    return lines
 
 
 def _scan_concept(cfg: Config, c: Concept, index: int, resolution: int | None) -> tuple[Path | None, Scan]:

@@ -11,9 +11,13 @@ the base model is a depth model.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
-from collections.abc import Callable
+import re
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,16 @@ from tqdm.auto import tqdm
 
 from sdtune import __version__, families
 from sdtune.errors import Interrupted, SdtuneError, error_summary, first_line
-from sdtune.export import Adapter, lycoris_kind, read_diffusers_lora, read_kohya_dora, read_lycoris
+from sdtune.export import (
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    Adapter,
+    lycoris_kind,
+    read_diffusers_lora,
+    read_kohya_dora,
+    read_lycoris,
+    read_peft_folder,
+)
 from sdtune.families import Family, ModelFiles
 from sdtune.files import atomic_path, sha256_file, write_text
 from sdtune.grid import Cell, Settings, failed_cell, layout
@@ -48,6 +61,7 @@ from sdtune.runs import (
     run_root,
 )
 from sdtune.schedulers import sampling_scheduler
+from sdtune.tokens import truncated_captions
 
 ADAPTER = "sdtune"  # adapter name under which `sdtune sample` loads a LoRA
 
@@ -336,23 +350,41 @@ def lora_family(path: str | Path, prefer: Family | None = None) -> Family | None
     return next((family for family in families.registered() if family.recognises_lora(keys, meta)), None)
 
 
+def lora_digest(path: str | Path) -> str:
+    """The sha256 of a LoRA file; of a PEFT adapter folder (``sdtune export --format peft``), the sha256 of its
+    adapter files' names and sha256s, so that a replay notices any of them changing."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    files = sorted(f for f in path.rglob("adapter_*") if f.name in (PEFT_WEIGHTS, PEFT_CONFIG))
+    listing = "".join(f"{f.relative_to(path).as_posix()} {sha256_file(f)}\n" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def _apply_lora(pipe: Any, path: str, family: Family) -> Embeddings | None:
-    """Load the LoRA file into the pipeline as ``ADAPTER``, with its pivotal-tuning embeddings (from the run's or
-    checkpoint's ``embeddings/`` folder, or bundled in a kohya file), which are returned installed."""
-    owner = lora_family(path, prefer=family)
-    if owner is not None and owner.name != family.name:  # (a schnell family is a copy: compare names)
-        a = families.article(owner.label)
-        raise SdtuneError(f"{path}: {a} {owner.label} LoRA cannot be applied to this {family.label} model; use "
-                          f"--model with {a} {owner.label} model")
-    with open_safetensors(path) as f:
-        keys = list(f.keys())
-        bundle = {k: f.get_tensor(k) for k in keys if k.startswith(BUNDLE_PREFIX)}
+    """Load the LoRA file (or PEFT adapter folder) into the pipeline as ``ADAPTER``, with its pivotal-tuning
+    embeddings (from the run's or checkpoint's ``embeddings/`` folder, or bundled in a kohya file), which are
+    returned installed."""
+    keys: list[str] = []
+    bundle: dict[str, torch.Tensor] = {}
+    if not Path(path).is_dir():
+        owner = lora_family(path, prefer=family)
+        if owner is not None and owner.name != family.name:  # (a schnell family is a copy: compare names)
+            a = families.article(owner.label)
+            raise SdtuneError(f"{path}: {a} {owner.label} LoRA cannot be applied to this {family.label} model; use "
+                              f"--model with {a} {owner.label} model")
+        with open_safetensors(path) as f:
+            keys = list(f.keys())
+            bundle = {k: f.get_tensor(k) for k in keys if k.startswith(BUNDLE_PREFIX)}
     try:
-        _load_adapter(pipe, path, family, keys, bundle)
-    except SdtuneError as e:
-        raise SdtuneError(f"{path}: does not fit the base model ({e})") from None
+        with _held_library_output():
+            _load_adapter(pipe, path, family, keys, bundle)
+    except SdtuneError as e:  # sdtune's own line about this file stands as it is
+        mine = str(e) if str(e).startswith(f"{path}: ") else None
+        raise SdtuneError(mine or _size_mismatch(path, family, e) or f"{path}: does not fit the base model ({e})"
+                          ) from None
     except Exception as e:  # diffusers raises many types for a LoRA of another layout or rank
-        raise SdtuneError(_load_failure(pipe, path, family, keys, e)) from None
+        raise SdtuneError(_size_mismatch(path, family, e) or _load_failure(pipe, path, family, keys, e)) from None
     loaded = [n for n, _ in getattr(pipe, family.denoiser_name).named_parameters() if is_adapter_key(n)]
     if not loaded:
         raise SdtuneError(_nothing_loaded(path, family, keys))
@@ -369,7 +401,11 @@ def _apply_lora(pipe: Any, path: str, family: Family) -> Embeddings | None:
 def _load_adapter(pipe: Any, path: str, family: Family, keys: list[str],
                   bundle: dict[str, torch.Tensor]) -> None:
     """Put the file's adapter into the pipeline as ``ADAPTER``: a LoHa / LoKr and a kohya file's DoRA with
-    PEFT (diffusers' ``load_lora_weights`` reads neither), any other LoRA with diffusers."""
+    PEFT (diffusers' ``load_lora_weights`` reads neither), a PEFT adapter folder with PEFT, any other LoRA
+    with diffusers."""
+    if Path(path).is_dir():  # PEFT's own files: put in as PeftModel.from_pretrained would, not converted
+        _inject_adapters(pipe, family, lambda modules: _peft_adapters(path, family, modules))
+        return
     kind = lycoris_kind(keys)
     dora = kind is None and any(k.endswith(".dora_scale") for k in keys)
     if (kind or dora) and is_quantized(getattr(pipe, family.denoiser_name)):
@@ -400,6 +436,21 @@ def _load_adapter(pipe: Any, path: str, family: Family, keys: list[str],
         pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name, adapter_name=ADAPTER)
 
 
+def _peft_adapters(path: str, family: Family, modules: dict[str, Any]) -> dict[str, Adapter]:
+    """The adapters of a PEFT adapter folder, refused when they name components this family does not have or do
+    not fit their layers' widths."""
+    adapters = read_peft_folder(path)
+    names = (family.denoiser_name, *(spec.name for spec in family.text_encoders))
+    if not adapters:
+        raise SdtuneError(f"no {PEFT_WEIGHTS} in it nor in a component folder ({', '.join(names)}) of it")
+    other = sorted(set(adapters) - set(names))
+    if other:
+        raise SdtuneError(f"it holds adapters for {', '.join(other)}, which {families.article(family.label)} "
+                          f"{family.label} model does not have (it has {', '.join(names)})")
+    _peft_widths(path, family, modules, adapters)
+    return adapters
+
+
 def _is_sdtune_dora(path: str, keys: list[str]) -> bool:
     """Whether a LoRA file is a DoRA in diffusers' layout with its PEFT configs (a run's or checkpoint's, or
     ``sdtune export --format diffusers``), which ``read_diffusers_lora`` reads."""
@@ -422,6 +473,84 @@ def _inject_adapters(pipe: Any, family: Family,
     for component, adapter in adapters.items():
         inject_adapter(modules[component], adapter.config, adapter.tensors, ADAPTER)
     return True
+
+
+class _Held(logging.Handler):
+    """Keeps the log records it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _held_library_output() -> Iterator[None]:
+    """Hold diffusers', PEFT's and transformers' log records and warnings while a LoRA loads. A load that fails
+    drops them: sdtune's one line says what is wrong, where diffusers logs a size mismatch for each of ~100 layers
+    and PEFT warns with every module's name. A load that succeeds passes them on as they came (a partly matching
+    LoRA's "unexpected keys" is news)."""
+    held = _Held()
+    saved = [(log, log.handlers[:], log.propagate)
+             for log in map(logging.getLogger, ("diffusers", "peft", "transformers"))]
+    for log, _, _ in saved:
+        log.handlers, log.propagate = [held], False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:
+        for log, handlers, propagate in saved:
+            log.handlers, log.propagate = handlers, propagate
+    for record in held.records:  # only after a load that succeeded: a failure has left by now
+        logging.getLogger(record.name).handle(record)
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+# torch's load_state_dict message, which diffusers and PEFT pass on: one line per mismatched tensor
+_SIZE_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+
+
+def _size_mismatch(path: str, family: Family, error: Exception) -> str | None:
+    """One line for a LoRA made for a model of other layer widths (a size mismatch in ``error``), naming the
+    first layer and its widths in the LoRA and in the model; None for any other error."""
+    found = _SIZE_MISMATCH.findall(str(error))
+    if not found:
+        return None
+    name, theirs, ours = found[0]
+    module = re.sub(r"\.(lora_[AB]|lora_magnitude_vector)(\.\w+)*$", "", name)
+    lora, model = ([int(d) for d in dims.split(",") if d.strip()] for dims in (theirs, ours))
+    # lora_A: (rank, in[, kh, kw]), its input width; lora_B: (out, rank[, 1, 1]), its output width
+    side = "input" if ".lora_A." in name else "output" if ".lora_B." in name else "size"
+    lora_width, model_width = next(((a, b) for a, b in zip(lora, model) if a != b), (lora, model))
+    more = f"; {len(found) - 1} more tensors differ" if len(found) > 1 else ""
+    return _widths_line(path, family, f"{module}: {side} width {lora_width} in the LoRA, {model_width} in the model"
+                        f"{more}")
+
+
+def _widths_line(path: str, family: Family, what: str) -> str:
+    return (f"{path}: does not fit the base model: made for a model of other layer widths than this {family.label} "
+            f"model ({what}); use --model with the model it was trained on")
+
+
+def _peft_widths(path: str, family: Family, modules: dict[str, Any], adapters: dict[str, Adapter]) -> None:
+    """Refuse, in one line, a PEFT adapter whose LoRA matrices do not fit the model's layers: lora_A is (rank,
+    in[, kh, kw]), lora_B (out, rank[, 1, 1]) against a Linear's (out, in) or a Conv2d's (out, in, kh, kw)
+    weight. (PEFT's own error lists every layer and sdtune.lora keeps only a cut last line of it.)"""
+    for component, adapter in adapters.items():
+        for key, tensor in adapter.tensors.items():
+            name, _, part = key.rpartition(".lora_")
+            side = {"A.weight": ("input", 1), "B.weight": ("output", 0)}.get(part)
+            try:
+                weight = modules[component].get_submodule(name).weight
+            except AttributeError:  # a text encoder's canonical name on transformers 5: PEFT's own check stands
+                continue
+            if side and weight.dim() >= 2 and tensor.shape[side[1]] != weight.shape[side[1]]:
+                raise SdtuneError(_widths_line(path, family, f"{name}: {side[0]} width {tensor.shape[side[1]]} in "
+                                               f"the LoRA, {weight.shape[side[1]]} in the model"))
 
 
 def _kohya_denoiser_keys(family: Family, keys: list[str]) -> bool:
@@ -593,7 +722,7 @@ def _sidecars(req: Request) -> dict[Cell, dict]:
     sidecars: dict[Cell, dict] = {}
     for label, lora_file in req.lora or [(None, None)]:
         cells = [c for c in req.cells if c.checkpoint == label]
-        lora_sha256 = sha256_file(lora_file) if lora_file else None  # once per file, not once per cell
+        lora_sha256 = lora_digest(lora_file) if lora_file else None  # once per file, not once per cell
         for batch in batches(cells, req.settings.batch_size):
             for c in batch:
                 sidecars[c] = {
@@ -623,6 +752,8 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
     try:
         known |= folder.left_over(known) if folder else {}
         pipe, family = _load_pipeline(req) if any(c not in known for c in req.cells) else (None, None)
+        if pipe is not None:
+            _warn_truncated(pipe, family, req)  # type: ignore[arg-type]
         if folder is not None:  # the folder changes only once the model has loaded: a load may fail
             folder.start()
         images, failures = _render_all(req, pipe, family, known, folder, (init_image, mask), progress)
@@ -635,6 +766,21 @@ def run_sample(req: Request, out: Path, progress: bool = True, grid: bool = True
     written = save_image(layout(req.cells, [images[c] for c in req.cells], title=grid_title(req)), out)
     folder.finish()
     return written, failures
+
+
+_warned: set[str] = set()  # prompts already named as too long in this process (eval renders per checkpoint)
+
+
+def _warn_truncated(pipe: Any, family: Family, req: Request) -> None:
+    """Warn, once per prompt, about a prompt longer than a text encoder reads (CLIP: 77 tokens): the pipeline
+    cuts the rest off without a word. Training's own rule for captions (``sdtune.tokens.truncated_captions``)."""
+
+    family = families.with_prompt_length(family, req.settings.max_sequence_length, "--max-sequence-length")
+    prompts = [p for p in dict.fromkeys(c.prompt for c in req.cells) if p not in _warned]
+    tokenizers = [getattr(pipe, spec.tokenizer_name) for spec in family.text_encoders]
+    for line in truncated_captions(family, [], tokenizers, [], [(f"prompt '{p[:40]}'", p) for p in prompts]):
+        logger.warning(line.replace("its caption is", "it is"))
+    _warned.update(prompts)
 
 
 def _render_all(req: Request, pipe: Any, family: Family | None, known: dict[Cell, Image.Image],
@@ -702,9 +848,9 @@ def _check_replay_lora(d: dict, path: str | Path) -> None:
     lora, recorded = d.get("lora"), d.get("lora_sha256")
     if not lora or not recorded:
         return
-    if not Path(lora).is_file():
+    if not Path(lora).exists():
         raise SdtuneError(f"--replay: {path} was rendered with {lora}, which is gone")
-    now = sha256_file(lora)
+    now = lora_digest(lora)
     if now != recorded:
         raise SdtuneError(f"--replay: {lora} has changed since {Path(path).name} was rendered (sha256 {recorded[:12]}, "
                           f"now {now[:12]}): a replay would not give its pixels. fix: render a new grid (sdtune "

@@ -104,10 +104,18 @@ def model_card(config: dict, family: Family, grid: str | None, kohya_name: str |
 
 
 def _call_options(config: dict, family: Family) -> str:
-    """The pipeline call's arguments beyond the prompt: a T5 family's prompt length, the run's (``flux.`` /
-    ``sd3.max_sequence_length``) or the model's (FLUX.1-schnell: 256), which FluxPipeline's default of 512 is not."""
+    """The pipeline call's arguments beyond the prompt: the run's own grids' settings where its config records
+    them (``sample.negative_prompt``, ``steps``, ``guidance_scale``: what its samples were judged at), and a T5
+    family's prompt length, the run's (``flux.`` / ``sd3.max_sequence_length``) or the model's (FLUX.1-schnell:
+    256), which FluxPipeline's default of 512 is not."""
+    sample = config.get("sample") or {}
+    options = [f"negative_prompt={sample['negative_prompt']!r}"] if sample.get("negative_prompt") else []
+    options += [f"{name}={sample[key]!r}" for key, name in (("steps", "num_inference_steps"),
+                                                           ("guidance_scale", "guidance_scale"))
+                if sample.get(key) is not None]
     tokens = prompt_length(config) or family.max_sequence_length
-    return f", max_sequence_length={tokens}" if tokens else ""
+    options += [f"max_sequence_length={tokens}"] if tokens else []
+    return "".join(f", {option}" for option in options)
 
 
 def _kohya_usage(kohya_name: str, clients: tuple[str, ...]) -> str:
@@ -127,17 +135,22 @@ def _file_name(path: str) -> str:
 def _pipeline_lines(model: dict, family: Family, base: str | None, paired: str | None) -> list[str]:
     """The diffusers snippet's imports and pipeline: ``from_pretrained`` of the base, or for a transformer file
     (``paired``: its ``model.base``) the file's transformer from ``from_single_file`` in that base's pipeline."""
-    pipeline, dtype = family.lora_pipeline, f"torch.{family.sampling.torch_dtype}"
+    pipeline = family.lora_pipeline
+    # the device and dtype chosen in the snippet, so that it runs as written with or without a GPU (fp16 / bf16
+    # matmuls are a GPU's); `dtype=` is diffusers' keyword now (it deprecates `torch_dtype`, and warns)
+    device = ["device = 'cuda' if torch.cuda.is_available() else 'cpu'",
+              f"dtype = torch.{family.sampling.torch_dtype} if device == 'cuda' else torch.float32  # older "
+              "diffusers: torch_dtype=dtype"]
     denoiser = next((layout.model_class for layout in TRANSFORMER_LAYOUTS if layout.family == family.name), None)
     if not paired or denoiser is None:
-        return [f"from diffusers import {pipeline}", "",
-                f"pipe = {pipeline}.from_pretrained({base or 'BASE_MODEL'!r}, torch_dtype={dtype}).to('cuda')"]
+        return [f"from diffusers import {pipeline}", "", *device,
+                f"pipe = {pipeline}.from_pretrained({base or 'BASE_MODEL'!r}, dtype=dtype).to(device)"]
     file = _file_name(model["pretrained"])
-    return [f"from diffusers import {denoiser}, {pipeline}", "",
+    return [f"from diffusers import {denoiser}, {pipeline}", "", *device,
             f"transformer = {denoiser}.from_single_file({file!r}, config={paired!r}, subfolder='transformer', "
-            f"torch_dtype={dtype})",
+            "dtype=dtype)",
             *_bundled_encoders_note(model, file),
-            f"pipe = {pipeline}.from_pretrained({paired!r}, transformer=transformer, torch_dtype={dtype}).to('cuda')"]
+            f"pipe = {pipeline}.from_pretrained({paired!r}, transformer=transformer, dtype=dtype).to(device)"]
 
 
 def _bundled_encoders_note(model: dict, file: str) -> list[str]:

@@ -13,12 +13,15 @@ import gzip
 import json
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
 
 if TYPE_CHECKING:  # transformers takes ~1 s to import; clip_tokenizer() imports it when called
     from transformers import CLIPTokenizer
+
+    from sdtune.data import Example
+    from sdtune.families import Family
 
 VOCAB_SIZE = 49408
 BOS_TOKEN = "<|startoftext|>"
@@ -150,3 +153,32 @@ def clip_tokenize(text: str, pad_token: str = EOS_TOKEN) -> list[str]:
 def clip_encode(text: str, pad_token: str = EOS_TOKEN) -> list[int]:
     """The ids of :func:`clip_tokenize` (no BOS/EOS)."""
     return _fast_tokenizer(pad_token).encode(text, add_special_tokens=False).ids
+
+
+def truncated_captions(family: Family, examples: list[Example], tokenizers: list[Any], identifiers: list[str],
+                       class_prompts: list[tuple[str, str]]) -> list[str]:
+    """One line per caption longer than a text encoder reads (CLIP: 77 tokens with start and end): the rest
+    is cut off before the model sees it, sometimes with the identifier in it. ``identifiers``: each concept's
+    (``Config.identifiers()``); ``class_prompts``: (recipe key, class prompt) of each concept with one."""
+    lines = []
+    named = [(e.path.name, e.caption, identifiers[e.concept]) for e in examples] + \
+        [(key, prompt, None) for key, prompt in class_prompts]
+    tokenized: dict[tuple[int, str], list[int]] = {}  # each distinct caption once: 100,000 photos share a few
+    for name, caption, identifier in named:
+        for k, (spec, tokenizer) in enumerate(zip(family.text_encoders, tokenizers)):
+            # T5 reads the family's prompt length (flux. / sd3.max_sequence_length), ending in its </s>; CLIP its
+            # 77 tokens between <|startoftext|> and <|endoftext|>
+            t5 = spec.model_class.startswith("T5")
+            limit = (family.max_sequence_length or tokenizer.model_max_length) if t5 else tokenizer.model_max_length
+            if (k, caption) not in tokenized:  # with the start and end tokens
+                tokenized[(k, caption)] = tokenizer(caption, truncation=False).input_ids
+            ids = tokenized[(k, caption)]
+            if len(ids) <= limit:
+                continue
+            seen = tokenizer.decode(ids[0 if t5 else 1 : limit - 1], skip_special_tokens=True)
+            lost = f" The identifier '{identifier}' is in the part cut off." \
+                if identifier and identifier in caption and identifier not in seen.split() else ""
+            lines.append(f"{name}: its caption is {len(ids)} tokens, {spec.label} reads {limit}, so everything after "
+                         f"'...{seen[-30:]}' is ignored.{lost} fix: shorten it")
+            break  # one line per caption, whatever the number of encoders
+    return lines

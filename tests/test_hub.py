@@ -107,7 +107,8 @@ def test_the_model_card_of_a_transformer_file_loads_it_into_its_base(tmp_path: P
               "lora": {"rank": 4, "target_modules": ["to_q"]}}
     card = share.model_card(config, families.get("flux"), None, None)
     assert "transformer = FluxTransformer2DModel.from_single_file('my-finetune.safetensors', " \
-           "config='black-forest-labs/FLUX.1-dev', subfolder='transformer', torch_dtype=torch.bfloat16)" in card
+           "config='black-forest-labs/FLUX.1-dev', subfolder='transformer', dtype=dtype)" in card
+    assert "dtype = torch.bfloat16 if device == 'cuda' else torch.float32" in card
     assert "FluxPipeline.from_pretrained('black-forest-labs/FLUX.1-dev', transformer=transformer" in card
     assert str(tmp_path) not in card and "base_model:" not in card  # the fine-tune is not on the Hub
     assert "max_sequence_length=512).images[0]" in card  # FLUX.1-dev's T5 length, said in the call
@@ -122,7 +123,7 @@ def test_the_model_card_of_a_transformer_file_loads_it_into_its_base(tmp_path: P
     config["model"] = {"pretrained": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
     card = share.model_card(config, families.get("sd15"), None, None)
     assert "StableDiffusionPipeline.from_pretrained('stable-diffusion-v1-5/stable-diffusion-v1-5', " \
-           "torch_dtype=torch.float16)" in card and "max_sequence_length" not in card
+           "dtype=dtype).to(device)" in card and "max_sequence_length" not in card
 
 
 def test_import_is_light() -> None:

@@ -15,7 +15,6 @@ from typing import Any
 
 from sdtune.cli.console import (
     device,
-    finite_float,
     non_negative,
     parse_floats,
     pixels,
@@ -31,6 +30,7 @@ from sdtune.cli.sample import (
     run_dtype,
     run_model_options,
     run_sampling,
+    target_loras,
     with_size,
 )
 from sdtune.errors import SdtuneError
@@ -43,7 +43,6 @@ from sdtune.runs import (
     cell_by_sdtune,
     check_output_folder,
     grid_by_sdtune,
-    lora_files,
     run_config,
     run_root,
     safetensors_metadata,
@@ -75,7 +74,8 @@ def add_commands(sub: Any) -> None:
                         "data.dataset, or the --identifier concept's folder); --metrics world reads none")
     p.add_argument("--prompts", default="dreambench", metavar="dreambench|FILE",
                    help="'dreambench' (the paper's 25 prompts) or a file: one prompt per line, with {} for "
-                        "'<identifier> <class>' or {identifier} and {class}; '#' lines are comments")
+                        "'<identifier> <class>' or {identifier} and {class}; blank lines and lines starting with '#' "
+                        "(comments) are skipped, as in sample --prompts-file")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--live", dest="kind", action="store_const", const="live",
                       help="DreamBench's live-subject prompts (default for dogs, cats, people, ...)")
@@ -105,7 +105,7 @@ def add_commands(sub: Any) -> None:
                    help="--metrics world: how many subject-in-a-new-context prompts (default %(default)s)")
     p.add_argument("--model", help="base model (default: the run's)")
     p.add_argument("--steps", type=positive_int, help="sampler steps per image (default 25; world: 20)")
-    p.add_argument("--guidance", type=finite_float, help="default: the run's sample.guidance_scale where the run set "
+    p.add_argument("--guidance", type=non_negative, help="default: the run's sample.guidance_scale where the run set "
                    "one other than its family's, else 7.5; world: 4; FLUX / SD3: their own (3.5 / 7.0)")
     p.add_argument("--scheduler", choices=tuple(SCHEDULERS), default="dpmpp_2m")
     p.add_argument("--negative-prompt", type=text, help="default: the run's sample.negative_prompt, else none")
@@ -121,9 +121,21 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _paper_flags(args: argparse.Namespace) -> list[str]:
+    """The flags of ``--metrics paper`` that were given (``--metrics world`` reads none of them)."""
+    given = {"--prompts FILE": args.prompts != "dreambench", "--pres": args.pres, "--dino": args.dino != DEFAULT_DINO,
+             "--clip": args.clip != DEFAULT_CLIP, "--live / --object": args.kind is not None,
+             "--clip-t-tolerance": args.clip_t_tolerance != CLIP_T_TOLERANCE}
+    return [flag for flag, on in given.items() if on]
+
+
 def make_scorer(args: argparse.Namespace) -> Scorer:
-    """The scorer that ``--metrics`` names, with its flags."""
+    """The scorer that ``--metrics`` names, with its flags (a flag of the other scorer's is refused)."""
     if args.metrics == "world":
+        if _paper_flags(args):
+            raise SdtuneError(f"{', '.join(_paper_flags(args))}: not read by --metrics world, which draws its own "
+                              "subject prompts (--world-prompts N) and the class prompt, and scores them with the "
+                              "micro world's detector; drop them, or use --metrics paper")
         from sdtune.micro.measure import WorldScorer
 
         return WorldScorer(n_prompts=args.world_prompts)
@@ -131,6 +143,27 @@ def make_scorer(args: argparse.Namespace) -> Scorer:
 
     return PaperScorer(prompts=args.prompts, kind=args.kind, dino=args.dino, clip=args.clip,
                        clip_t_tolerance=args.clip_t_tolerance, pres=args.pres)
+
+
+def check_world_model(model: str, revision: str | None, base: str | None = None) -> None:
+    """Refuse ``--metrics world`` on a model that cannot be the micro model (config files only): its detector
+    reads the micro world's shapes and colours from 64 px pictures, and on any other model's images its
+    numbers and recommendation mean nothing. The micro model's kind is SD1.x, 64 px, with a 32-wide CLIP text
+    encoder (``sdtune.micro.model``); config files cannot tell a pretrained micro model from a random one of
+    those shapes (the tests' tiny SD1.x model is one)."""
+    from sdtune.micro import model as micro
+    from sdtune.models import describe, model_files
+
+    files = model_files(model, revision, None, base)
+    info = describe(files, for_training=False)
+    spec = info.family.text_encoders[0]
+    width = files.read(f"{spec.name}/config.json").get("hidden_size")
+    if (info.family.name, info.resolution, width) == (micro.FAMILY, micro.RESOLUTION, micro.TEXT_WIDTH):
+        return
+    raise SdtuneError(f"--metrics world: {model} is not the micro model (it is {info.family.label} at "
+                      f"{info.resolution} px with a {width}-wide text encoder; the micro model is SD1.x at "
+                      f"{micro.RESOLUTION} px, {micro.TEXT_WIDTH} wide): the micro world's detector means nothing "
+                      "on its images; use --metrics paper")
 
 
 def _dataset_photos(data: dict) -> str | None:
@@ -240,9 +273,11 @@ def spec_from_args(args: argparse.Namespace, scorer: Scorer) -> EvalSpec:
     if not target.exists():
         raise SdtuneError(f"{target}: no such run folder, checkpoint folder or LoRA file")
     run_cfg = _one_concept(args, target_config(target))  # several concepts: the one --identifier names
-    loras = lora_files(target, args.checkpoints)
+    loras = target_loras(target, args.checkpoints)  # a run's files, or a PEFT export's folder
     model_cfg = run_cfg.get("model") or {}
     model = base_model(args.model, target, run_cfg)
+    if args.metrics == "world":  # before the subject: what the user must fix first
+        check_world_model(model, model_cfg.get("revision"), run_model_options(args.model, run_cfg).get("base"))
     identifier, class_noun, subject_dir = _subject(args, target, run_cfg, scorer.subject_photos)
     templates, prompt_set = scorer.templates(class_noun)
     prompts = list(dict.fromkeys(fill(t, identifier, class_noun) for t in templates))

@@ -20,6 +20,7 @@ from sdtune.cli.console import (
     text,
 )
 from sdtune.errors import SdtuneError
+from sdtune.eval.prompts import prompt_lines
 from sdtune.models import DTYPES
 from sdtune.runs import prompt_length
 from sdtune.schedulers import SCHEDULERS
@@ -47,17 +48,19 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--model", help="base model (default: the run's, or the hub id in a LoRA file's metadata)")
     p.add_argument("--prompt", action="append", type=text, help="prompt (repeatable; default: the run's "
                    "sample.prompts, else each concept's instance prompt and class prompt)")
-    p.add_argument("--prompts-file", help="one prompt per line")
+    p.add_argument("--prompts-file", help="one prompt per line; blank lines and lines starting with '#' (comments) "
+                   "are skipped")
     p.add_argument("--negative-prompt", type=text, help="default: the run's sample.negative_prompt, else none")
     p.add_argument("--seeds", help="comma list of seeds (whole numbers >= 0; default: the run's sample.seeds, "
                    f"else {','.join(map(str, DEFAULT_SEEDS))})")
-    p.add_argument("--lora-scale", default="0,1", help="comma list; 0 shows the base model")
+    p.add_argument("--lora-scale", default="0,1", help="comma list; 0 shows the base model (default: %(default)s, "
+                   "without and with the LoRA)")
     p.add_argument("--guidance", help="comma list of guidance scales (default: the run's sample.guidance_scale, "
                    "else the model family's: 7.5; FLUX.1: 3.5, SD3.x: 7.0)")
     p.add_argument("--steps", type=positive_int, help=f"default: the run's sample.steps, else {DEFAULT_STEPS}")
     p.add_argument("--scheduler", choices=tuple(SCHEDULERS),
-                   help=f"default: the run's sample.scheduler where its config has one, else {DEFAULT_SCHEDULER} "
-                   "(what training's grids use; FLUX.1 and SD3.x sample with their own)")
+                   help=f"default: {DEFAULT_SCHEDULER}, what training's grids use (FLUX.1 and SD3.x sample with "
+                   "their own)")
     p.add_argument("--width", type=pixels, help="default: the run's resolution, else the model's")
     p.add_argument("--height", type=pixels)
     p.add_argument("--batch-size", type=positive_int, default=1, help="seeds rendered per pipeline call")
@@ -104,7 +107,7 @@ def read_prompts(args: argparse.Namespace, run_cfg: dict) -> list[str]:
         except UnicodeDecodeError as e:
             raise SdtuneError(f"--prompts-file: {args.prompts_file} is not UTF-8 text (byte {e.start}: {e.reason}); "
                               "save it as UTF-8, one prompt per line") from None
-        listed = [p.strip() for p in text.splitlines() if p.strip()]
+        listed = prompt_lines(text)  # eval --prompts' rule: '#' lines are comments
         if not listed:  # not the run's prompts instead: the file was meant to say which
             raise SdtuneError(f"--prompts-file: {args.prompts_file} holds no prompt; write one prompt per line")
         prompts += listed
@@ -120,6 +123,9 @@ def base_model(model: str | None, target: Path, run_cfg: dict) -> str:
     model = model or run_cfg.get("model", {}).get("pretrained")
     if model:
         return model
+    peft = peft_folder(target)
+    if peft is not None:
+        return peft_base_model(peft)
     if target.is_file():
         return lora_base_model(target)
     raise SdtuneError(f"--model: {target} does not say its base model; pass --model HUB_ID_OR_FOLDER")
@@ -230,10 +236,11 @@ def run_dtype(dtype: str | None, device: str | None, run_cfg: dict) -> str:
 
 
 def run_sampling(run_cfg: dict) -> dict[str, Any]:
-    """How the run rendered its own grids (its config's ``sample.*``): guidance_scale, steps, seeds,
-    negative_prompt, and scheduler where a run names one; {} without a run (a LoRA file outside one)."""
+    """How the run rendered its own grids (its config's ``sample.*``): guidance_scale, steps, seeds and
+    negative_prompt; {} without a run (a LoRA file outside one). (Training's grids use ``DEFAULT_SCHEDULER``: no
+    config key names another.)"""
     sample = run_cfg.get("sample") or {}
-    return {k: sample[k] for k in ("guidance_scale", "steps", "seeds", "negative_prompt", "scheduler")
+    return {k: sample[k] for k in ("guidance_scale", "steps", "seeds", "negative_prompt")
             if sample.get(k) not in (None, [])}
 
 
@@ -248,6 +255,27 @@ def lora_base_model(lora_file: Path) -> str:
     says = (f"names '{named}', not a hub id: a local model's name (files meant for sharing never hold its path)"
             if named else "names no base model")
     raise SdtuneError(f"--model: {lora_file} {says}; pass --model HUB_ID_FOLDER_OR_FILE")
+
+
+def peft_base_model(folder: Path) -> str:
+    """The base model a PEFT adapter folder names: its adapter_config.json's ``base_model_name_or_path``, when it
+    is a hub id (sdtune's export writes a local model's folder name only)."""
+    import json
+
+    from sdtune.export import PEFT_CONFIG
+    from sdtune.hub import public_model_id
+
+    configs = [folder / PEFT_CONFIG] if (folder / PEFT_CONFIG).is_file() else sorted(folder.glob(f"*/{PEFT_CONFIG}"))
+    named = None
+    for config in configs:
+        try:
+            named = named or json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue  # read again, and named, when the adapters load
+    if public_model_id(named):
+        return named  # type: ignore[return-value]
+    says = f"names '{named}', not a hub id" if named else "names no base model"
+    raise SdtuneError(f"--model: {folder}'s {PEFT_CONFIG} {says}; pass --model HUB_ID_FOLDER_OR_FILE")
 
 
 def with_size(settings: Any, model: str, revision: str | None, prediction_type: str | None = None,
@@ -277,14 +305,14 @@ def _request(args: argparse.Namespace) -> tuple[Any, Path]:
     from sdtune.sample import Request
 
     target, run_cfg, loras, model = _source(args)
-    prompts = read_prompts(args, run_cfg)
+    prompts = distinct(read_prompts(args, run_cfg), "prompts")
     size = run_cfg.get("data", {}).get("resolution")
     mode = ("depth" if args.depth else "outpaint" if args.outpaint else "inpaint" if args.mask
             else "img2img" if args.init_image else "txt2img")
     guidance, seeds, shared = grid_defaults(args, run_cfg)
     settings = Settings(**shared, mode=mode, width=args.width or size or 0, height=args.height or size or 0,
                         strength=args.strength, batch_size=args.batch_size)
-    scales = [None] if not loras else parse_floats(args.lora_scale, "--lora-scale")
+    scales = [None] if not loras else distinct(parse_floats(args.lora_scale, "--lora-scale"), "--lora-scale")
     cells = [Cell(p, s, g, sc, label) for label, _ in (loras or [(None, None)]) for p in prompts
              for sc in scales for g in guidance for s in seeds]
     req = Request(
@@ -305,24 +333,36 @@ def grid_defaults(args: argparse.Namespace, run_cfg: dict) -> tuple[list[float |
     ran = run_sampling(run_cfg)
     guidance = (parse_floats(args.guidance, "--guidance") if args.guidance is not None
                 else [ran.get("guidance_scale")])
+    if any(g is not None and g < 0 for g in guidance):  # sample.guidance_scale's range
+        raise SdtuneError(f"--guidance: guidance scales must be 0 or more, as sample.guidance_scale; got {args.guidance}")
     seeds = (parse_ints(args.seeds, "--seeds", 0, 2**63 - 1) if args.seeds is not None
              else [int(s) for s in ran.get("seeds", DEFAULT_SEEDS)])
     shared = {"negative_prompt": args.negative_prompt if args.negative_prompt is not None
               else ran.get("negative_prompt", ""),
               "steps": args.steps or ran.get("steps", DEFAULT_STEPS),
-              "scheduler": args.scheduler or ran.get("scheduler", DEFAULT_SCHEDULER)}
-    return guidance, seeds, shared
+              "scheduler": args.scheduler or DEFAULT_SCHEDULER}
+    return distinct(guidance, "--guidance"), distinct(seeds, "--seeds"), shared
+
+
+def distinct(values: list, what: str) -> list:
+    """``values`` without repeats, in their order, saying so where there were some: a repeated prompt, seed or
+    scale would render the same cells again (the same pixels) and make the grid lie about its size."""
+    unique = list(dict.fromkeys(values))
+    if len(unique) < len(values):
+        print(f"note: {what}: {len(values) - len(unique)} repeat(s) left out, {len(unique)} distinct (each cell is "
+              "drawn once)", file=sys.stderr)
+    return unique
 
 
 def _source(args: argparse.Namespace) -> tuple[Path | None, dict, list[tuple[str, str]], str]:
     """(TARGET or None, its run config, its LoRA files, the base model). No TARGET: ``--model`` alone, and the
     grid needs ``--out`` (there is no run folder to put it in)."""
-    from sdtune.runs import lora_files, run_config
+    from sdtune.runs import run_config
 
     if args.target:
         target = Path(args.target)
         run_cfg = run_config(target)
-        loras = [] if args.no_lora else lora_files(target, args.checkpoints)
+        loras = [] if args.no_lora else target_loras(target, args.checkpoints)
         return target, run_cfg, loras, base_model(args.model, target, run_cfg)
     if not args.model:
         raise SdtuneError("sample: give a TARGET (run folder, checkpoint folder or LoRA file), --model MODEL for the "
@@ -334,15 +374,57 @@ def _source(args: argparse.Namespace) -> tuple[Path | None, dict, list[tuple[str
     return None, {}, [], args.model
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+def peft_folder(target: Path) -> Path | None:
+    """The PEFT adapters a TARGET names (``sdtune export --format peft``): the export folder (one component folder
+    each: unet/, text_encoder/, ...), one component's folder, or its adapter_model.safetensors; else None."""
+    from sdtune.export import PEFT_CONFIG, PEFT_WEIGHTS
+    from sdtune.runs import WEIGHT_NAME
+
+    folder = target.parent if target.name == PEFT_WEIGHTS else target
+    if (folder / PEFT_WEIGHTS).is_file() and (folder / PEFT_CONFIG).is_file():
+        return folder
+    if folder.is_dir() and not (folder / WEIGHT_NAME).is_file() and any(folder.glob(f"*/{PEFT_WEIGHTS}")):
+        return folder
+    return None
+
+
+def check_lora_files(lora: str | Path) -> None:
+    """Read the header of a LoRA file, or of each adapter file of a PEFT folder (one line if one is broken)."""
+    from sdtune.export import PEFT_WEIGHTS
     from sdtune.runs import safetensors_header
+
+    path = Path(lora)
+    for f in sorted(path.rglob(PEFT_WEIGHTS)) if path.is_dir() else [path]:
+        safetensors_header(f)
+
+
+def target_loras(target: Path, checkpoints: str | None) -> list[tuple[str, str]]:
+    """(label, LoRA) pairs a TARGET names (``sdtune.runs.lora_files``), or its PEFT adapter folder (``peft_folder``;
+    its label the export's name, with the component for one component's folder)."""
+    from sdtune.export import PEFT_WEIGHTS
+    from sdtune.runs import STATE, lora_files, run_root
+
+    if checkpoints == "all" and (target / STATE).is_file():
+        raise SdtuneError(f"--checkpoints all: {target} is one checkpoint; give its run folder ({run_root(target)}) to "
+                          "draw every checkpoint")
+    peft = peft_folder(target)
+    if peft is None:
+        return lora_files(target, checkpoints)
+    if checkpoints == "all":
+        raise SdtuneError(f"--checkpoints all: {target} is one exported PEFT adapter; give its run folder instead")
+    check_lora_files(peft)
+    one_part = (peft / PEFT_WEIGHTS).is_file()  # ex/micro_peft/unet: "micro_peft-unet"
+    return [(f"{peft.parent.resolve().name}-{peft.name}" if one_part else peft.name, str(peft))]
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
     from sdtune.sample import check_outputs, request_from_sidecar, run_sample
 
     if args.replay:
         req = request_from_sidecar(args.replay)
         out = Path(args.out or Path(args.replay).with_suffix(".replay.png"))
         for _, lora_file in req.lora:  # the sidecar's LoRA may have gone or changed since
-            safetensors_header(lora_file)
+            check_lora_files(lora_file)
     else:
         req, out = _request(args)
     # Before anything loads: an hour of rendering must not end in "cannot write", nor replace a user's file.

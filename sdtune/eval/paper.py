@@ -49,6 +49,7 @@ from sdtune.eval.dreambench import (
 )
 from sdtune.eval.prompts import read_prompt_file, strip_identifier
 from sdtune.eval.run import eval_device
+from sdtune.hub import is_hub_id, offline_reason, offline_unless_reachable
 from sdtune.images import open_image
 from sdtune.metrics import diversity, mean_pairwise_similarity, paired_similarity
 
@@ -99,13 +100,25 @@ def _quiet_transformers():
         tlog.set_verbosity(old)
 
 
+def _cached(name: str) -> bool:
+    """Whether the Hugging Face cache holds a hub model's ``config.json``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+
 def _load(model_class: Any, model_type: str, name: str, key: str, **kwargs) -> tuple[Any, Any]:
     """(model, image processor) from a hub id or folder, or one clear error naming the flag."""
     from transformers import AutoConfig, AutoImageProcessor
 
     hint = f"pass {key} PATH (a local folder with the model and its preprocessor_config.json)"
+    # no network: one probe, then the local cache at once (not 5 retries, ~25 s, per file); a folder asks nothing
+    offline = is_hub_id(name) and offline_unless_reachable()
 
     def failed(e: Exception) -> SdtuneError:
+        if offline and not _cached(name):  # the libraries' message is about connecting: it is not cached
+            return SdtuneError(f"{key}: could not load {name}: it is not in the Hugging Face cache "
+                               f"({offline_reason()}); {hint}, or load it once with a network")
         reason = (str(e).strip().splitlines() or [""])[0][:160]
         return SdtuneError(f"{key}: could not load {name} ({type(e).__name__}: {reason}); {hint}")
 

@@ -25,13 +25,19 @@ def strip_identifier(prompt: str, identifier: str) -> str:
     return " ".join(re.sub(rf"(?<!\w){re.escape(identifier)}(?!\w)", " ", prompt).split())
 
 
+def prompt_lines(text: str) -> list[str]:
+    """The prompts of a prompt file's text, the one rule of ``sdtune eval --prompts`` and ``sdtune sample
+    --prompts-file``: one per line, stripped; blank lines and lines starting with ``#`` (comments) skipped."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 def read_prompt_file(path: str | Path) -> list[str]:
-    """Templates from a file: one per line; blank lines and lines starting with ``#`` are skipped."""
+    """Templates from a file (``prompt_lines``)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise SdtuneError(f"--prompts: cannot read {path} ({type(e).__name__}: {e})") from None
-    templates = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    templates = prompt_lines("\n".join(lines))
     if not templates:
         raise SdtuneError(f"--prompts: {path} holds no prompts (one per line; {{}} for '<identifier> <class>')")
     return templates

@@ -25,6 +25,7 @@ Shapes (why these):
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -143,7 +144,20 @@ def save_pipeline(directory: str | Path, tokenizer: Any, text_encoder: Any, vae:
     pipeline(tokenizer, text_encoder, vae, unet).save_pretrained(directory, safe_serialization=True)
     write_clip_tokenizer_files(directory / "tokenizer")
     canonical_text_encoder(directory)
+    load_in_float32(directory)
     return directory
+
+
+def load_in_float32(directory: str | Path) -> None:
+    """Make the text encoder's ``config.json`` say ``"dtype": "float32"``, in place (the weight files are not
+    touched): what a plain ``StableDiffusionPipeline.from_pretrained(directory)`` then loads in every part."""
+    # transformers 5 loads a model at its config's dtype ("float16" as saved from fp16 weights; with no dtype
+    # key, at the weights' dtype), while diffusers loads the UNet and VAE in fp32: the text encoder's fp16
+    # encoder_hidden_states then met fp32 UNet weights ("mat1 and mat2 must have the same dtype").
+    path = Path(directory) / family().text_encoders[0].name / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("dtype") != "float32":
+        path.write_text(json.dumps({**config, "dtype": "float32"}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def canonical_text_encoder(directory: str | Path) -> None:
@@ -181,6 +195,7 @@ def ship(model_dir: str | Path, target: str | Path | None = None) -> Path:
         shutil.rmtree(target)
     _copy_parts(Path(model_dir), target)
     canonical_text_encoder(target)  # a model folder from an older sdtune may hold flat keys
+    load_in_float32(target)  # ... or an fp16 dtype in its text encoder's config
     return target
 
 
@@ -194,6 +209,7 @@ def write_model(directory: str | Path, source: str | Path | None = None) -> Path
         raise SdtuneError(f"{directory} exists and is not empty; choose a new folder")
     _copy_parts(source, directory)
     canonical_text_encoder(directory)  # weights shipped by an older sdtune may hold flat keys
+    load_in_float32(directory)
     clip_tokenizer().save_pretrained(directory / "tokenizer")
     write_clip_tokenizer_files(directory / "tokenizer")
     return directory
