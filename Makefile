@@ -45,12 +45,16 @@ demo: install
 	@echo "runs/demo/eval/report.md: subject fidelity, context and class drift per checkpoint, with a recommendation."
 	@echo "grid: runs/demo/grid.png"
 
+# a pytest-xdist worker per core (at most 4), each test file on one worker (its fixtures are built once);
+# tests/conftest.py gives each worker its share of the cores. PYTEST_ARGS="-n 0" runs in one process.
+PYTEST_ARGS ?= -n auto --maxprocesses 4 --dist loadfile
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # the fast lane: everything but the tests marked slow (long trainings, subprocess launches, the notebook)
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check sdtune tests bench

@@ -30,6 +30,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# Under pytest-xdist (`make test` runs a worker per core, up to 4), each worker takes its share of the cores:
+# torch's default, a thread per core in every worker, oversubscribes them. The subprocesses tests start (the CLI,
+# accelerate launch) inherit the share through OMP_NUM_THREADS.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _WORKERS > 1:
+    import torch
+
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+    torch.set_num_threads(_THREADS)
+
 
 # sdtune's library logs; the CLI prints those messages on stdout, and so do the tests that call the library
 # directly (they assert on what a user would read).
