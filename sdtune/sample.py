@@ -545,12 +545,22 @@ def _peft_widths(path: str, family: Family, modules: dict[str, Any], adapters: d
             name, _, part = key.rpartition(".lora_")
             side = {"A.weight": ("input", 1), "B.weight": ("output", 0)}.get(part)
             try:
-                weight = modules[component].get_submodule(name).weight
+                sides = _layer_sides(modules[component].get_submodule(name))
             except AttributeError:  # a text encoder's canonical name on transformers 5: PEFT's own check stands
                 continue
-            if side and weight.dim() >= 2 and tensor.shape[side[1]] != weight.shape[side[1]]:
+            if side and sides and tensor.shape[side[1]] != sides[side[1]]:
                 raise SdtuneError(_widths_line(path, family, f"{name}: {side[0]} width {tensor.shape[side[1]]} in "
-                                               f"the LoRA, {weight.shape[side[1]]} in the model"))
+                                               f"the LoRA, {sides[side[1]]} in the model"))
+
+
+def _layer_sides(layer: Any) -> tuple[int, int] | None:
+    """(out, in) of a Linear or Conv layer from its own attributes, not its weight's shape: a bitsandbytes 4-bit
+    layer (``--quantize nf4``) keeps its weight packed, shape (n, 1)."""
+    if hasattr(layer, "out_features"):
+        return int(layer.out_features), int(layer.in_features)
+    if hasattr(layer, "out_channels"):
+        return int(layer.out_channels), int(layer.in_channels)
+    return None
 
 
 def _kohya_denoiser_keys(family: Family, keys: list[str]) -> bool:

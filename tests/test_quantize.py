@@ -221,6 +221,14 @@ def test_sample_quantize_renders_records_and_replays_it(tiny_model, tmp_path, ca
     assert main(["sample", str(run), "--prompt", "a photo of sks toy", "--seeds", "0,1", "--steps", "2",
                  "--out", str(plain)]) == 0
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "plain_cells" / "cell-0003.png")), image)
+    # the run's PEFT export on the quantized model: the same pixels (its width check read the packed 4-bit
+    # weights' (n, 1) shape and refused it as "made for a model of other layer widths")
+    peft = tmp_path / "peft"
+    assert main(["export", str(run), "--format", "peft", "-o", str(peft)]) == 0
+    assert main(["sample", str(peft), "--model", str(tiny_model("flux")), "--prompt", "a photo of sks toy",
+                 "--seeds", "0,1", "--steps", "2", "--quantize", "nf4", "--out", str(tmp_path / "p.png")]) == 0, \
+        capsys.readouterr().err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "p_cells" / "cell-0003.png")), image)
 
     loha = tmp_path / "loha"
     train(load_config(None, overrides(tiny_model("sd15"), loha, "sample.every=0", "train.max_steps=2",
