@@ -6,7 +6,8 @@ Each family's denoiser (``random_configs("full")``: FLUX.1-dev, SD3.5 Medium, SD
 device from its real config, and ``sdtune.quantize.planned_bytes`` says what ``model.quantize`` leaves it with:
 bf16 (and fp16) as stored, fp8 by casting the skeleton exactly as training does, NF4 by bitsandbytes' storage
 formula (``nf4_bytes``; tests/test_quantize.py checks it equal to the bytes of real quantized layers). The
-text encoders are not quantized: with cached text embeddings they leave the GPU before the first step (T5-XXL,
+flow families' text encoders are listed too, as stored and under ``model.quantize_text_encoders`` (NF4): by
+default they are not quantized, and with cached text embeddings they leave the GPU before the first step (T5-XXL,
 4.76B weights, 8.9 GiB in bf16, is on the GPU while captions are encoded). These are the weights only:
 activations, LoRA, optimizer state and the CUDA context come on top (``sdtune.memory``; not calibrated for the
 flow-matching families: no GPU figure is claimed here).

@@ -37,6 +37,10 @@ def test_recipes_lists_and_prints_the_shipped_recipes(capsys):
     assert "DreamBooth LoRA on Stable Diffusion 1.5 with prior preservation." in listed
     assert main(["recipes", "sd15_dreambooth_lora_prior"]) == 0
     assert capsys.readouterr().out == (ROOT / "recipes/sd15_dreambooth_lora_prior.yaml").read_text()
+    # the Accelerate configs the README's `accelerate launch --config_file recipes/accelerate/...` names
+    assert "accelerate/fsdp" in listed and "accelerate/multi_gpu" in listed
+    assert main(["recipes", "accelerate/fsdp"]) == 0
+    assert capsys.readouterr().out == (ROOT / "recipes/accelerate/fsdp.yaml").read_text()
     assert main(["recipes", "../../etc/passwd"]) == 2
     assert "not a shipped recipe" in capsys.readouterr().err
 

@@ -45,7 +45,8 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("random-model", help="write a randomly initialised model (tests, demos, benchmarks)")
     p.add_argument("directory", help="the diffusers folder to write (with --single-file: the .safetensors file)")
     p.add_argument("--single-file", action="store_true",
-                   help="write one .safetensors checkpoint in the original (Stability / Civitai) layout instead")
+                   help="write one .safetensors checkpoint in the original (Stability / Civitai) layout instead "
+                   "(sd15, sd2, sdxl)")
     p.add_argument("--family", choices=families.names(), default="sd15")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny")
     p.add_argument("--seed", type=int, default=0)
@@ -64,6 +65,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
                           "repository's recipes/ folder")
     if args.name:
         recipe = find_recipe(args.name)
+        if not recipe.is_file():  # accelerate/fsdp: an Accelerate config, which `sdtune train` does not take
+            recipe = shipped / (args.name if args.name.endswith(".yaml") else f"{args.name}.yaml")
         if not recipe.is_file() or shipped.resolve() not in recipe.resolve().parents:
             raise SdtuneError(f"{args.name}: not a shipped recipe; `sdtune recipes` lists them")
         print(recipe.read_text(encoding="utf-8"), end="")
@@ -72,7 +75,10 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         head = recipe.read_text(encoding="utf-8").split("\n", 1)[0]
         # a recipe's first line: "# NAME.yaml - what it trains"
         print(f"{recipe.stem:<28} {head.split(' - ', 1)[-1] if ' - ' in head else ''}")
-    print(f"\n(in {shipped}; `sdtune train NAME key=value ...` runs one, `sdtune recipes NAME` prints it)")
+    configs = sorted(f"accelerate/{c.stem}" for c in shipped.glob("accelerate/*.yaml"))
+    print(f"\nAccelerate configs (for `accelerate launch --config_file FILE`): {', '.join(configs)}")
+    print(f"\n(in {shipped}; `sdtune train NAME key=value ...` runs a recipe, `sdtune recipes NAME > FILE` copies "
+          "a recipe or config to edit, e.g. `sdtune recipes accelerate/multi_gpu > multi_gpu.yaml`)")
     return 0
 
 
