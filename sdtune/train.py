@@ -557,8 +557,10 @@ def _class_images(cfg: Config, plan: RunPlan, c: Components, accelerator: Accele
         assert concept.class_prompt
         class_dir = given or class_images_dir(cfg, plan.resolution, identity, concept)
         if accelerator.is_main_process and not given:
+            # keyed by the model's absolute path (cfg's, resolved): `.cache/tiny/sd15` typed in two folders is
+            # two models, and the second was said to have "changed"
             note = note_identity(cache_root() / "class_images", plan.model.pretrained, identity, "class images",
-                                 key=f"{plan.model.pretrained}|{concept.class_prompt}|{plan.resolution}")
+                                 key=f"{cfg.model.pretrained}|{concept.class_prompt}|{plan.resolution}")
             if note:
                 logger.info(note)
         # the user's folder made for another model (its files: the plan compared names only), before any image
@@ -636,7 +638,7 @@ def _latent_cache(cfg: Config, plan: RunPlan, c: Components, dataset: DreamBooth
     vae_id = vae_identity(weights_id, c.vae.config, str(c.vae.dtype))
     directory = cache_root() / "latents"
     if accelerator.is_main_process:
-        note = note_identity(directory, plan.model.pretrained, weights_id, "its latents")
+        note = note_identity(directory, plan.model.pretrained, weights_id, "its latents", key=cfg.model.pretrained)
         if note:
             logger.info(note)
     # Every (image, size) the data can ask for: a class image once per bucket it is paired with.

@@ -282,6 +282,19 @@ def test_a_replaced_model_folder_is_not_served_from_the_caches(tmp_path, monkeyp
     assert len(class_dirs) == 2 and class_dirs[0] != class_dirs[1]
 
 
+def test_two_models_at_the_same_relative_path_in_two_folders_are_two_models(tmp_path, monkeypatch, capsys):
+    """The caches' "its files changed" note was keyed by model.pretrained as typed: `model` in folder a, then
+    another `model` in folder b, was said to be a model whose files had changed. Each is its own model."""
+    monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path / "cache"))
+    prior = ["prior.enabled=true", "prior.class_prompt=a photo of a toy", "prior.num_class_images=2",
+             "prior.generation_steps=1", "train.max_steps=1"]
+    for seed, folder in enumerate((tmp_path / "a", tmp_path / "b")):
+        write_random_model(folder / "model", "sd15", "tiny", seed=seed)
+        monkeypatch.chdir(folder)
+        train(load_config(None, overrides(Path("model"), folder / "run", *prior)))
+        assert "is not the model it was" not in capsys.readouterr().out
+
+
 def test_a_truncated_latent_cache_file_is_encoded_again(tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path / "cache"))
     train(load_config(None, overrides(tiny_model(), tmp_path / "run1", "train.max_steps=1")))
