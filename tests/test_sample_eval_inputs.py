@@ -243,3 +243,21 @@ def test_a_long_title_wraps_on_a_narrow_grid():
     short = make_grid(image, ["row"], ["seed 0"], title="micro")
     long = make_grid(image, ["row"], ["seed 0"], title="micro: step-000020 to step-000060 on micro-model-folder")
     assert long.width == short.width and long.height > short.height  # a second title line, not a cut
+
+
+def test_no_prompt_names_the_files_identifier_not_a_made_up_one():
+    """A LoRA file outside its run (a kohya file with a trigger phrase) and no --prompt: the message said "the
+    run has none; pass --prompt 'a photo of sks dog'", for a file with no run and the identifier ohwx."""
+    import argparse
+
+    from sdtune.cli.sample import read_prompts
+
+    args = argparse.Namespace(prompt=None, prompts_file=None)
+    cases = [({"data": {"identifier": "ohwx"}}, "a LoRA file outside its run has no grid prompts; pass --prompt "
+              "'a photo of ohwx ...'"),
+             ({}, "pass --prompt 'a photo of <its identifier> <class>'"),
+             ({"train": {}, "data": {"identifier": "zwx"}, "sample": {"prompts": []}}, "the run has none; pass "
+              "--prompt 'a photo of zwx ...'")]
+    for run_cfg, said in cases:
+        with pytest.raises(SdtuneError, match=re.escape(said)):
+            read_prompts(args, run_cfg)

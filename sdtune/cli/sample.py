@@ -113,7 +113,11 @@ def read_prompts(args: argparse.Namespace, run_cfg: dict) -> list[str]:
         prompts += listed
     prompts = prompts or run_grid_prompts(run_cfg)
     if not prompts:
-        raise SdtuneError("--prompt: no prompt given and the run has none; pass --prompt 'a photo of sks dog'")
+        data = run_cfg.get("data") or {}
+        identifier = data.get("identifier") or next((c.get("identifier") for c in data.get("concepts") or []), None)
+        example = f"a photo of {identifier} ..." if identifier else "a photo of <its identifier> <class>"
+        where = "the run has none" if "train" in run_cfg else "a LoRA file outside its run has no grid prompts"
+        raise SdtuneError(f"--prompt: no prompt given and {where}; pass --prompt '{example}'")
     return prompts
 
 
