@@ -182,6 +182,17 @@ def test_an_sd3_kohya_file_says_diffusers_cannot_read_it_and_what_to_sample(tiny
     assert "pytorch_lora_weights.safetensors" in line and "another family or format" not in line
 
 
+def test_a_second_grid_at_the_same_name_says_it_replaces_the_first(run, tmp_path, capsys):
+    """Two `sdtune sample RUN` commands (the README's quick start) both write RUN/grid.png: the second replaced the
+    first without a word."""
+    args = ["sample", str(run), "--prompt", "a photo of sks toy", "--seeds", "0", "--lora-scale", "1", "--steps", "1",
+            "--out", str(tmp_path / "g.png")]
+    assert main(args) == 0
+    assert "replaces the earlier grid" not in capsys.readouterr().out
+    assert main([*args, "--guidance", "2"]) == 0
+    assert "(it replaces the earlier grid of that name; --out NAME.png keeps both)" in capsys.readouterr().out
+
+
 def test_sigterm_during_a_grid_keeps_its_cells_and_says_so(run, tmp_path, capsys, monkeypatch):
     """SIGTERM (a scheduler's limit, `kill`, the UI's Stop) during `sdtune sample` takes Ctrl-C's path: the
     finished cells stay, the command says where, and it exits 143. Python's default ended it without a word."""

@@ -436,11 +436,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     quiet_libraries()
     req.settings = with_size(req.settings, req.model, req.revision, req.model_options.get("prediction_type"),
                              req.model_options.get("base"))
+    earlier = out.exists()  # a grid sdtune wrote (check_outputs refused anything else)
     written, failures = run_sample(req, out, grid=not args.replay)
     if args.replay:
         print(f"image: {written}")
     else:
-        print(f"grid: {written}")
+        # the README's second sample of a run writes the same default grid.png: say the first one is gone
+        print(f"grid: {written}" + (" (it replaces the earlier grid of that name; --out NAME.png keeps both)"
+                                    if earlier else ""))
         print(f"cells: {written.with_name(written.stem + '_cells')} (each with a .json sidecar; sdtune sample --replay)")
     for line in failures:
         print(f"error: {line}", file=sys.stderr)
