@@ -109,9 +109,14 @@ def _cached(ds: Dataset, dataset: str, split: str, image: str, caption: str | No
                                                    "fingerprint": ds._fingerprint}, indent=2) + "\n")
             empty = _write(ds, image, caption, entry)
             if empty:
+                rows, gone = [row for row, _ in empty], next((path for _, path in empty if path), None)
+                # a parquet made by to_parquet alone stores its images' paths: moved or deleted, no row has one
+                why = (f"; its rows name image files that are not there (e.g. {gone}): the dataset stores paths, "
+                       "not the images; fix: put the files back, or write it again with the images embedded "
+                       "(README, 'Train from a Hugging Face dataset')") if gone else \
+                    "; fix: remove those rows, or choose another data.image_column"
                 problems.append(f"data.image_column: '{image}' of {dataset} has no readable image in "
-                                f"{len(empty)} row(s) ({_rows(empty)}); fix: remove those rows, or choose "
-                                "another data.image_column")
+                                f"{len(rows)} row(s) ({_rows(rows)}){why}")
                 return None
     return folder
 
@@ -377,9 +382,10 @@ def _stamp(folder: Path) -> str:
     return "|".join(stats)
 
 
-def _write(ds: Dataset, image: str, caption: str | None, entry: Path) -> list[int]:
+def _write(ds: Dataset, image: str, caption: str | None, entry: Path) -> list[tuple[int, str | None]]:
     """Write the images (and metadata.jsonl) into ``entry/images`` through a temporary folder renamed into
-    place once whole. Returns the rows without an image (then nothing is kept)."""
+    place once whole. Returns the rows without an image, each with the file it names if that is not there
+    (then nothing is kept)."""
     from datasets import Image
 
     for stale in entry.glob(f".{IMAGES}.*.tmp"):  # of a killed run (the lock is ours: nobody writes there)
@@ -395,8 +401,8 @@ def _write(ds: Dataset, image: str, caption: str | None, entry: Path) -> list[in
         for i, row in enumerate(rows):
             try:
                 data, source = _image_bytes(row[image])
-            except _NoImage:
-                empty.append(i)
+            except _NoImage as e:
+                empty.append((i, e.args[0] if e.args else None))
                 continue
             name = f"{i:0{width}d}{_suffix(data, source)}"
             (tmp / name).write_bytes(data)
@@ -424,6 +430,8 @@ def _image_bytes(cell: dict | None) -> tuple[bytes, str | None]:
         return cell["bytes"], path
     if os.path.isfile(path):
         return Path(path).read_bytes(), path
+    if os.path.isabs(path) and not os.path.exists(path):  # a local file named, gone (a URL is not absolute)
+        raise _NoImage(path)
     # a file only datasets can reach (a hub URL): decoded there, stored losslessly as PNG here
     from datasets import Image
 

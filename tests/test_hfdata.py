@@ -235,6 +235,26 @@ def test_rows_without_an_image_are_a_problem_and_nothing_is_kept(tmp_path):
     assert _entries() == before and not list((cache_root() / "datasets").glob("*/.images.*.tmp"))
 
 
+def test_a_parquet_of_paths_whose_files_are_gone_says_so(tmp_path):
+    """`to_parquet` alone stores each image's path: the source folder moved, the rows name files that are not
+    there, and the fix offered was "remove those rows, or choose another column"."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, data in enumerate(_images(2)):
+        (photos / f"{i}.png").write_bytes(data)
+    ds = datasets.Dataset.from_dict({"image": [str(photos / "0.png"), str(photos / "1.png")], "text": CAPTIONS[:2]},
+                                    features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}))
+    source = tmp_path / "paths.parquet"
+    ds.to_parquet(str(source))
+    (photos / "1.png").unlink()
+    problems: list[str] = []
+    assert materialize(str(source), "train", None, None, None, problems) is None
+    assert problems == [f"data.image_column: 'image' of {source} has no readable image in 1 row(s) (row 1); its rows "
+                        f"name image files that are not there (e.g. {photos / '1.png'}): the dataset stores paths, not "
+                        "the images; fix: put the files back, or write it again with the images embedded (README, "
+                        "'Train from a Hugging Face dataset')"]
+
+
 def test_a_hub_id_offline_names_the_offline_switch(tmp_path):
     if not datasets.config.HF_HUB_OFFLINE:
         pytest.skip("the Hub is not switched off (HF_HUB_OFFLINE)")
