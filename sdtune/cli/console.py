@@ -153,15 +153,24 @@ def resolution(text: str) -> int:
     return value
 
 
-def positive_int(text: str) -> int:
-    """A whole number >= 1 (steps, batch sizes, counts)."""
+def _whole(text: str, least: int, said: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {said}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (steps, batch sizes, counts)."""
+    return _whole(text, 1, "at least 1")
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number >= 0 (0: off, or the library's default)."""
+    return _whole(text, 0, "0 or more")
 
 
 def pixels(text: str) -> int:
@@ -189,6 +198,14 @@ def fraction(text: str) -> float:
     value = finite_float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be greater than 0 and at most 1, got {value:g}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value:g}")
     return value
 
 

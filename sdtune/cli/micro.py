@@ -6,7 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from sdtune.cli.console import finite_float, non_negative, positive_int, quiet_libraries, resolution, text
+from sdtune.cli.console import (
+    finite_float,
+    non_negative,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    quiet_libraries,
+    resolution,
+    text,
+)
 from sdtune.errors import SdtuneError
 from sdtune.runs import check_output_file
 
@@ -86,25 +95,6 @@ def words(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError("expected a word, got nothing")
     return value.strip()
-
-
-def positive_float(value: str) -> float:
-    """A finite number > 0 (learning rates)."""
-    number = finite_float(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {number:g}")
-    return number
-
-
-def non_negative_int(value: str) -> int:
-    """A whole number >= 0 (0: off, or the library's default)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{value}'") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
-    return number
 
 
 def cmd_micro_subject(args: argparse.Namespace) -> int:
