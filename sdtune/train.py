@@ -1021,19 +1021,22 @@ def optimizer_update(run: Run, loss: torch.Tensor, nonfinite: NonFiniteGuard) ->
 
 
 class LossLog:
-    """The mean loss of the finite micro-batches between log points, summed on the device and read once per
-    log point (a host sync); written to the trackers, the progress bar and ``losses.jsonl``."""
+    """The mean loss (and prior loss) of the finite micro-batches between log points, summed on the device and
+    read once per log point (a host sync); written to the trackers, the progress bar and ``losses.jsonl``."""
 
     def __init__(self, run: Run):
         self.run = run
         self.total = torch.zeros((), device=run.device)
+        self.prior_total = torch.zeros((), device=run.device)  # prior preservation's part of the loss, likewise
         self.count = torch.zeros((), device=run.device)
         self.clock, self.clock_step = time.perf_counter(), run.global_step
         self.step = run.global_step  # the last step written (or the one the run started at)
         self.shown: dict[str, str] = {}  # the last validation losses, kept on the progress line
 
-    def add(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, finite: torch.Tensor, prior_loss: torch.Tensor | None = None) -> None:
         self.total += torch.where(finite, loss.detach(), 0.0)
+        if prior_loss is not None:
+            self.prior_total += torch.where(finite, prior_loss.detach(), 0.0)
         self.count += finite
 
     def write(self, step: int, out: StepOutput, progress: Any,
@@ -1044,8 +1047,9 @@ class LossLog:
         now = time.perf_counter()
         logs = {"loss": loss, "lr": self.run.lr_scheduler.get_last_lr()[0],
                 "steps_per_s": (step - self.clock_step) / max(now - self.clock, 1e-9)}
-        if out.prior_loss is not None:
-            logs["prior_loss"] = out.prior_loss.item()
+        if out.prior_loss is not None:  # the same window's mean as the loss (it was the last micro-batch's alone)
+            logs["prior_loss"] = float(acc.reduce(self.prior_total, reduction="sum") /
+                                       acc.reduce(self.count, reduction="sum"))
         logs |= step_size_logs(self.run.optimizer)  # Prodigy's d: the step size it found (lr is 1.0)
         if not math.isfinite(loss):
             logger.warning(f"loss is {loss} at step {step}")
@@ -1057,6 +1061,7 @@ class LossLog:
             with open(self.run.output_dir / "losses.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **logs}) + "\n")
         self.total.zero_()
+        self.prior_total.zero_()
         self.count.zero_()
         self.clock, self.clock_step, self.step = now, step, step
 
@@ -1085,7 +1090,7 @@ def loop(run: Run) -> None:
             with acc.accumulate(*run.modules.values()):
                 out = forward_backward(run, batch)
                 finite = optimizer_update(run, out.loss, nonfinite)
-            losses.add(out.loss, finite)
+            losses.add(out.loss, finite, out.prior_loss)
             if not acc.sync_gradients:
                 continue
             run.global_step += 1

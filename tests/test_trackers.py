@@ -134,3 +134,20 @@ def test_tensorboard_shows_each_step_once_after_a_rewind(tiny_model, tmp_path):
     assert loss[-1].wall_time >= started  # the step 3 shown is this run's
     kept = {r["step"]: r["loss"] for r in _records(out)}
     assert [e.value for e in loss] == pytest.approx([kept[1], kept[2], kept[3]], rel=1e-6)
+
+
+@pytest.mark.slow  # two short trainings with prior preservation
+def test_prior_loss_is_the_same_windows_mean_as_the_loss(tiny_model, tmp_path):
+    """losses.jsonl's loss is the mean over the steps since the last log point; its prior_loss was the last
+    micro-batch's alone, so `loss - prior_loss` meant nothing once log_every > 1."""
+    prior = ("prior.enabled=true", "prior.class_prompt=a photo of a toy", "prior.num_class_images=2",
+             "prior.generation_steps=1", "train.max_steps=4", f"prior.class_dir={tmp_path / 'class'}")
+    rows = {}
+    for every in (1, 2):
+        out = tmp_path / f"every{every}"
+        train(load_config(None, overrides(tiny_model("sd15"), out, *prior, f"train.log_every={every}")))
+        rows[every] = {r["step"]: r for r in map(json.loads, (out / "losses.jsonl").read_text().splitlines())}
+    for step in (2, 4):
+        for key in ("loss", "prior_loss"):
+            mean = (rows[1][step - 1][key] + rows[1][step][key]) / 2
+            assert rows[2][step][key] == pytest.approx(mean, rel=1e-5), (step, key)
