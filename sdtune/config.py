@@ -14,6 +14,7 @@ that has options of its own (named by ``Family.options_section``).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import difflib
 import os
 import re
@@ -77,8 +78,11 @@ def _shown(value: Any) -> str:
 class ConfigError(SdtuneError):
     """All problems found in a recipe, one line each."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], without_unknown_keys: Config | None = None):
         self.problems = problems
+        # the config as it would be without its unknown keys (a typo such as train.learnign_rate), when that
+        # much is valid: the checks that need a config (sdtune.plan) can still report their problems at once
+        self.without_unknown_keys = without_unknown_keys
         super().__init__("\n".join(problems))
 
 
@@ -870,8 +874,11 @@ def _replace_alternative(raw: dict[str, Any], parts: list[str], overrides: list[
             raw[section].pop(key, None)
 
 
-def _validate_sections(raw: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    """Each known section validated on its own, so that an error in one does not hide those in another."""
+def _validate_sections(raw: dict[str, Any], problems: list[str],
+                       lenient: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Each known section validated on its own, so that an error in one does not hide those in another;
+    ``lenient`` receives the sections that are valid but for unknown keys, validated without them."""
+    lenient = {} if lenient is None else lenient
     for name, value in raw.items():
         if name not in SECTIONS:
             close = difflib.get_close_matches(str(name), list(SECTIONS), n=1)
@@ -892,7 +899,18 @@ def _validate_sections(raw: dict[str, Any], problems: list[str]) -> dict[str, An
                 sections[name] = cls.model_validate(value)
             except ValidationError as e:
                 problems.extend(_problem_from_pydantic(name, err) for err in e.errors())
+                _without_unknown_keys(name, cls, value, e, lenient)
     return sections
+
+
+def _without_unknown_keys(name: str, cls: type[BaseModel], value: dict, e: ValidationError,
+                          lenient: dict[str, Any]) -> None:
+    """Put in ``lenient`` the section validated without its unknown keys, when they are all that is wrong."""
+    errors = e.errors()
+    if all(err["type"] == "extra_forbidden" and len(err["loc"]) == 1 for err in errors):
+        unknown = {err["loc"][0] for err in errors}
+        with contextlib.suppress(ValidationError):
+            lenient[name] = cls.model_validate({k: v for k, v in value.items() if k not in unknown})
 
 
 # Written in data.instance_prompt (a concept's instance_prompt) and sample.prompts, replaced by data.identifier
@@ -939,8 +957,19 @@ def load_config(recipe: str | os.PathLike | None, overrides: list[str] | tuple[s
     raw = _read_recipe(recipe)
     problems: list[str] = []
     _apply_overrides(raw, overrides, problems)
-    sections = _validate_sections(raw, problems)
+    lenient: dict[str, Any] = {}
+    sections = _validate_sections(raw, problems, lenient)
     problems += _identifier_problems(sections)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, _lenient_config(problems, sections, lenient))
     return Config(**_with_identifier(sections))
+
+
+def _lenient_config(problems: list[str], sections: dict[str, Any], lenient: dict[str, Any]) -> Config | None:
+    """The config without its unknown keys, when they are the only problems (else None)."""
+    if not lenient or not all(": unknown key" in p for p in problems):
+        return None
+    try:
+        return Config(**_with_identifier({**sections, **lenient}))
+    except (ValidationError, SdtuneError):
+        return None

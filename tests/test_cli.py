@@ -49,6 +49,23 @@ def test_dry_run_reports_and_writes_nothing(tiny_model, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "cls").exists()
 
 
+def test_a_typo_and_the_runs_own_problems_are_said_at_once(tmp_path, capsys):
+    """A mistyped key was reported alone: the missing model and folder came on the next try. The run's checks
+    now run on the recipe without its unknown keys, and every problem is said at once."""
+    code = main(["train", str(ROOT / "recipes/tiny_cpu.yaml"), "train.learnign_rate=1e-4",
+                 f"model.pretrained={tmp_path / 'nope'}", f"train.output_dir={tmp_path / 'run'}", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: train.learnign_rate: unknown key; did you mean 'train.learning_rate'?" in err
+    assert f"error: model.pretrained: {tmp_path / 'nope'}" in err or "error: model.pretrained: '" in err, err
+    assert not (tmp_path / "run").exists()
+    # a problem other than an unknown key: the recipe's own lines only (no config to check the run with)
+    assert main(["train", str(ROOT / "recipes/tiny_cpu.yaml"), "train.max_steps=-1", "train.learnign_rate=1",
+                 f"model.pretrained={tmp_path / 'nope'}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "train.max_steps" in err and "model.pretrained" not in err
+
+
 def test_a_recipes_problems_are_printed_by_the_first_process_only(tmp_path, capsys, monkeypatch):
     """Under `accelerate launch`, every process checks the same recipe: the first prints its problems, the others
     exit with the same code without printing them again. Other errors are printed by whichever process has them."""

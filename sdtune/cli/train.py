@@ -82,11 +82,31 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from sdtune.config import load_config
+def _with_plan_problems(e: Any, strict: bool) -> Any:
+    """A recipe's ``ConfigError`` with the run checks' problems added, when the recipe is valid but for unknown
+    keys (a typo): every problem is said at once, not the typo first and the missing model on the next try."""
+    from sdtune.config import ConfigError
     from sdtune.plan import check_run
 
-    cfg = load_config(args.recipe, args.overrides)
+    if e.without_unknown_keys is None:
+        return e
+    try:
+        check_run(e.without_unknown_keys, strict=strict)
+    except ConfigError as more:
+        return ConfigError([*e.problems, *more.problems])
+    except SdtuneError as more:
+        return ConfigError([*e.problems, str(more)])
+    return e
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sdtune.config import ConfigError, load_config
+    from sdtune.plan import check_run
+
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as e:
+        raise _with_plan_problems(e, args.strict) from None
     if args.print_config:
         print(cfg.to_yaml(), end="")
         if not args.dry_run:
