@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdtune import __version__, families
-from sdtune.embedding_files import BUNDLE_PREFIX, bundle_tensors, folder_files
+from sdtune.embedding_files import BUNDLE_PREFIX, Files, bundle_tensors, folder_files, read_file
 from sdtune.errors import KohyaUnavailable, SdtuneError
 from sdtune.families import Family
 from sdtune.families.base import KohyaModule
@@ -835,6 +835,33 @@ def read_run(run_dir: str | Path) -> RunLora:
                    folder_files(run))
 
 
+def kohya_source(path: str | Path, family: Family) -> Path | None:
+    """The ``pytorch_lora_weights.safetensors`` of the run or checkpoint folder a kohya file lies in, when the
+    file is that LoRA converted: every tensor what ``to_kohya`` makes of it, bundled embeddings included (the
+    run's own kohya file, or its export put there); None for any other file."""
+    import torch
+
+    path, folder = Path(path), Path(path).parent
+    if path.name == WEIGHT_NAME or not (folder / WEIGHT_NAME).is_file() or not is_run_folder(folder):
+        return None
+    try:
+        run = read_run(folder)
+        expected: dict[str, torch.Tensor] = {}
+        for component, adapter in run.adapters.items():
+            expected.update(_kohya_tensors(family, component, adapter, expected))
+        expected |= _bundle(run.embeddings) or {}
+    except SdtuneError:  # no kohya layout for this LoRA (e.g. a fused DoRA): not its export
+        return None
+    with open_safetensors(path) as f:
+        if set(f.keys()) != set(expected):
+            return None
+        for key, tensor in expected.items():
+            stored = f.get_tensor(key)
+            if not torch.equal(stored, tensor.to(stored.dtype)):
+                return None
+    return folder / WEIGHT_NAME
+
+
 # --------------------------------------------------------------------------------------------------------
 # Reading a LoHa / LoKr file back (for sampling)
 
@@ -1071,6 +1098,7 @@ def _write_diffusers(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
         configs |= {f"{component}.{k}": v for k, v in _public_config(adapter.config, run.base_model).items()}
     metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(configs, indent=2, sort_keys=True)}
     _save_safetensors(tensors, out_file, metadata)
+    _write_embeddings(run, out_file)
     kinds = sorted({a.kind for a in run.adapters.values()} - {"lora"})
     warnings = [
         f"a {kind} in diffusers' layout holds PEFT's {kind} keys, which diffusers' load_lora_weights does "
@@ -1102,6 +1130,7 @@ def _write_peft(run: RunLora, out_dir: Path) -> tuple[Path, list[str]]:
         config.setdefault("peft_type", "LORA")
         config["inference_mode"] = True  # as PeftModel.save_pretrained writes it
         (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _write_embeddings(run, out_dir)
     return out_dir, []
 
 
@@ -1136,6 +1165,48 @@ def _bundle(embeddings: dict[str, Any]) -> dict[str, torch.Tensor] | None:
     return bundle_tensors(embeddings) if embeddings else None
 
 
+def embeddings_folder(lora: str | Path) -> Path:
+    """Where the pivotal-tuning embedding files of a LoRA lie (``<identifier>.safetensors`` each, the run's
+    layout): ``embeddings/`` beside a run's or checkpoint's ``pytorch_lora_weights.safetensors`` and inside a
+    ``--format peft`` folder; ``<file name>_embeddings/`` beside any other LoRA file (``ohwx.safetensors`` ->
+    ``ohwx_embeddings/``), so that two exports into one folder keep their own (as a grid keeps
+    ``<name>_cells/``)."""
+    lora = Path(lora)
+    if lora.suffix != ".safetensors":  # a PEFT folder (its writer refuses a .safetensors name)
+        return lora / EMBEDDINGS_DIR
+    return lora.parent / (EMBEDDINGS_DIR if lora.name == WEIGHT_NAME else f"{lora.stem}_{EMBEDDINGS_DIR}")
+
+
+def lora_embedding_files(lora: str | Path) -> Files:
+    """``{identifier: (tensors, metadata)}`` of the files in a LoRA's ``embeddings_folder``; {} when it has none."""
+    folder = embeddings_folder(lora)
+    return {p.stem: read_file(p) for p in sorted(folder.glob("*.safetensors"))} if folder.is_dir() else {}
+
+
+def _embedding_targets(run: RunLora, lora: Path) -> list[Path]:
+    return [embeddings_folder(lora) / f"{identifier}.safetensors" for identifier in run.embeddings]
+
+
+def _write_embeddings(run: RunLora, lora: Path) -> None:
+    """Copy the run's embedding files into the exported LoRA's ``embeddings_folder`` (their tensors and
+    metadata as they are: ``sdtune sample`` of the export renders the run's pixels), removing the files an
+    earlier export of this name left there that this run has not (sample would install them with this LoRA);
+    say where they went."""
+    folder, targets = embeddings_folder(lora), _embedding_targets(run, lora)
+    if folder.is_dir():
+        for stale in sorted(folder.glob("*.safetensors")):
+            if stale not in targets and written_by_sdtune(stale):
+                stale.unlink()
+    for target, (tensors, metadata) in zip(targets, run.embeddings.values()):
+        _save_safetensors(tensors, target, metadata)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    if targets:
+        logger.info(f"token embeddings (pivotal tuning): {', '.join(str(t) for t in targets)} (sdtune sample reads "
+                    "them with the LoRA; AUTOMATIC1111 / Forge: put them in embeddings/, ComfyUI: in "
+                    "models/embeddings/)")
+
+
 # --------------------------------------------------------------------------------------------------------
 # The registry
 
@@ -1147,13 +1218,15 @@ class Format:
     write: Callable[[RunLora, Path], tuple[Path, list[str]]]  # -> (what was written, warnings)
     description: str
     run_file: str | None = None  # e.g. "{run}_kohya.safetensors"; None: training does not write it
+    # whether the writer copies the run's embedding files into ``embeddings_folder`` (kohya bundles them)
+    embedding_files: bool = True
 
 
 WRITERS: dict[str, Format] = {
     "diffusers": Format(_write_diffusers, "one .safetensors for diffusers' load_lora_weights"),
     "peft": Format(_write_peft, "a folder with one PEFT adapter per trained module"),
     "kohya": Format(_write_kohya, "one .safetensors for AUTOMATIC1111, ComfyUI, Forge and InvokeAI",
-                    run_file="{run}" + KOHYA_SUFFIX),
+                    run_file="{run}" + KOHYA_SUFFIX, embedding_files=False),
 }
 
 
@@ -1169,7 +1242,9 @@ def check_export_target(run: RunLora, fmt: str, out: Path, overwrite: bool = Fal
     checkpoint folder, a run's own files of the other formats or its token embeddings, and its file of this
     format from any LoRA but the run's final one (``_run_file_kind``; never, whatever ``overwrite`` says);
     a folder for a one-file format; or an existing file (for peft: a non-empty folder) that sdtune did not
-    write, unless ``overwrite``."""
+    write, unless ``overwrite``; the same for the files of its ``embeddings_folder`` (pivotal tuning)."""
+    for target in _embedding_targets(run, out) if WRITERS[fmt].embedding_files else []:
+        check_output_file(target, "-o", overwrite)
     if out.resolve() == run.lora_file.resolve():
         raise SdtuneError(f"-o: {out} is the run's own LoRA file; choose another name")
     if fmt == "peft":

@@ -32,6 +32,8 @@ from sdtune.export import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
     Adapter,
+    kohya_source,
+    lora_embedding_files,
     lycoris_kind,
     read_diffusers_lora,
     read_kohya_dora,
@@ -46,7 +48,6 @@ from sdtune.images import open_image
 from sdtune.lora import inject_adapter, is_adapter_key
 from sdtune.models import inspect_model, load_components, torch_dtype
 from sdtune.pivotal import BUNDLE_PREFIX, Embeddings, bundle_files
-from sdtune.pivotal import folder_files as embedding_folder_files
 from sdtune.pivotal import from_files as embeddings_from_files
 from sdtune.quantize import is_quantized, quantize
 from sdtune.runs import (
@@ -363,8 +364,9 @@ def lora_digest(path: str | Path) -> str:
 
 def _apply_lora(pipe: Any, path: str, family: Family) -> Embeddings | None:
     """Load the LoRA file (or PEFT adapter folder) into the pipeline as ``ADAPTER``, with its pivotal-tuning
-    embeddings (from the run's or checkpoint's ``embeddings/`` folder, or bundled in a kohya file), which are
-    returned installed."""
+    embeddings (from its ``sdtune.export.embeddings_folder``: the run's or checkpoint's ``embeddings/``, an
+    export's; or bundled in a kohya file), which are returned installed. A run's own kohya file in its family's
+    original layout (FLUX.1, SD3) is sampled from the run's diffusers file beside it (``kohya_source``)."""
     keys: list[str] = []
     bundle: dict[str, torch.Tensor] = {}
     if not Path(path).is_dir():
@@ -376,6 +378,12 @@ def _apply_lora(pipe: Any, path: str, family: Family) -> Embeddings | None:
         with open_safetensors(path) as f:
             keys = list(f.keys())
             bundle = {k: f.get_tensor(k) for k in keys if k.startswith(BUNDLE_PREFIX)}
+        source = kohya_source(path, family) if _kohya_denoiser_keys(family, keys) else None
+        if source is not None:  # diffusers reads an SD3 kohya file not at all, a FLUX.1 one not bit for bit
+            logger.info(f"{Path(path).name} is the LoRA of {source} in kohya's {family.label} layout: sampling that "
+                        "file instead, as the run does (diffusers' loader reads an SD3 kohya file not at all, a "
+                        "FLUX.1 one only at FLUX.1's own widths)")
+            return _apply_lora(pipe, str(source), family)
     try:
         with _held_library_output():
             _load_adapter(pipe, path, family, keys, bundle)
@@ -388,8 +396,7 @@ def _apply_lora(pipe: Any, path: str, family: Family) -> Embeddings | None:
     loaded = [n for n, _ in getattr(pipe, family.denoiser_name).named_parameters() if is_adapter_key(n)]
     if not loaded:
         raise SdtuneError(_nothing_loaded(path, family, keys))
-    files = embedding_folder_files(Path(path).parent) if Path(path).name == WEIGHT_NAME else {}
-    files = files or bundle_files(bundle)
+    files = lora_embedding_files(path) or bundle_files(bundle)
     if not files:
         return None
     embeddings = embeddings_from_files(family, files, path)
