@@ -407,9 +407,9 @@ def _check_model(cfg: Config, problems: list[str], warnings: list[str]) -> tuple
         problem = param_count_problem(ckpt, files.folder) if files.folder else None
         if problem:
             problems.append(problem)
-    if m.clip_skip > 1 and len(info.family.text_encoders) > 1:
-        problems.append(f"model.clip_skip: {info.family.label} conditions on fixed layers of its two text encoders "
-                        "(kohya and AUTOMATIC1111 ignore clip skip there); fix: remove it")
+    problem = info.family.model_option_problem("clip_skip", "model.clip_skip") if m.clip_skip > 1 else None
+    if problem:  # the family's rule, which `sdtune sample --clip-skip` shares
+        problems.append(problem)
     problem = vae_problem(m.vae) if m.vae else None
     if problem:
         problems.append(problem)
@@ -530,6 +530,7 @@ def check_run(cfg: Config, strict: bool = False, run_folder: bool = True) -> Run
         _check_output(cfg, problems)
     if info is not None and files is not None:
         _check_family(cfg, info, files, problems)
+        warnings += info.family.config_warnings(cfg)  # options this model takes but ignores (FLUX.1-schnell's guidance)
         problems += weight_problems(cfg.model.pretrained, cfg.model.revision)
         if not scan.problems:
             _check_tokens(cfg, info, files, scan.examples, warnings)

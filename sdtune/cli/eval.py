@@ -31,6 +31,7 @@ from sdtune.cli.sample import (
     run_model_options,
     run_sampling,
     target_loras,
+    used_negative_prompt,
     with_size,
 )
 from sdtune.errors import SdtuneError
@@ -257,9 +258,13 @@ def _settings(args: argparse.Namespace, scorer: Scorer, model: str, revision: st
               base: str | None = None) -> Settings:
     """Sampling settings: the flags, else the scorer's steps, the run's negative prompt and resolution, else the
     model's own size."""
+    from sdtune.models import inspect_model
+
     resolution = (run_cfg.get("data") or {}).get("resolution")
     negative = args.negative_prompt if args.negative_prompt is not None else \
         run_sampling(run_cfg).get("negative_prompt", "")
+    sampling = inspect_model(model, revision, for_training=False, base=base).family.sampling
+    negative = used_negative_prompt(sampling, negative, args.negative_prompt is not None)  # FLUX.1 has no use for one
     settings = Settings(negative_prompt=negative,
                         steps=args.steps if args.steps is not None else scorer.steps, scheduler=args.scheduler,
                         width=args.width or resolution or 0, height=args.height or resolution or 0,

@@ -21,6 +21,7 @@ from sdtune.cli.console import (
 )
 from sdtune.errors import SdtuneError
 from sdtune.eval.prompts import prompt_lines
+from sdtune.families.base import ModelInfo, SamplingDefaults
 from sdtune.models import DTYPES
 from sdtune.runs import prompt_length
 from sdtune.schedulers import SCHEDULERS
@@ -310,10 +311,12 @@ def _request(args: argparse.Namespace) -> tuple[Any, Path]:
 
     target, run_cfg, loras, model = _source(args)
     prompts = distinct(read_prompts(args, run_cfg), "prompts")
+    options = model_options(args, run_cfg)
+    info = model_info(args, model, run_cfg, options)  # before anything loads: what this family cannot take
     size = run_cfg.get("data", {}).get("resolution")
     mode = ("depth" if args.depth else "outpaint" if args.outpaint else "inpaint" if args.mask
             else "img2img" if args.init_image else "txt2img")
-    guidance, seeds, shared = grid_defaults(args, run_cfg)
+    guidance, seeds, shared = family_sampling(args, info, *grid_defaults(args, run_cfg))
     settings = Settings(**shared, mode=mode, width=args.width or size or 0, height=args.height or size or 0,
                         strength=args.strength, batch_size=args.batch_size)
     scales = [None] if not loras else distinct(parse_floats(args.lora_scale, "--lora-scale"), "--lora-scale")
@@ -323,11 +326,69 @@ def _request(args: argparse.Namespace) -> tuple[Any, Path]:
         model=model, lora=loras, cells=cells, settings=settings, revision=run_cfg.get("model", {}).get("revision"),
         variant=run_cfg.get("model", {}).get("variant"), dtype=run_dtype(args.dtype, args.device, run_cfg),
         device=args.device, init_image=args.init_image, mask=args.mask, outpaint=_outpaint(args.outpaint),
-        model_options=model_options(args, run_cfg),
+        model_options=options,
     )
     if args.out:
         return req, Path(args.out)
     return req, (target if target.is_dir() else target.parent) / "grid.png"  # type: ignore[union-attr]
+
+
+def model_info(args: argparse.Namespace, model: str, run_cfg: dict, options: dict) -> ModelInfo:
+    """What the base model is (config files only), refusing in one line what its family cannot sample with,
+    named as the user gave it: the model options the family refuses in training too
+    (``Family.model_option_problem``: --prediction-type, --clip-skip) and a --width / --height its pipeline does
+    not render (``ModelInfo.sample_multiple``)."""
+    from sdtune.models import inspect_model
+
+    try:
+        info = inspect_model(model, run_cfg.get("model", {}).get("revision"), for_training=False,
+                             prediction_type=options.get("prediction_type"), base=options.get("base"))
+    except SdtuneError as e:  # model_files names the recipe key; here the user typed --base
+        raise SdtuneError(str(e).replace("model.base", "--base") if args.base and str(e).startswith("model.base")
+                          else str(e)) from None
+    for name in ("prediction_type", "clip_skip"):
+        flag = f"--{name.replace('_', '-')}"
+        problem = info.family.model_option_problem(name, flag if getattr(args, name) else f"model.{name}") \
+            if options.get(name) else None
+        if problem:
+            raise SdtuneError(problem)
+    multiple = info.sample_multiple
+    for flag, side in (("--width", args.width), ("--height", args.height)):
+        if side and side % multiple and not args.init_image:  # an init image's own size is the pipeline's to fit
+            # FluxPipeline would draw another size than the sidecar records; the others fail every cell
+            sizes = sorted({max(side // multiple, 1) * multiple, -(-side // multiple) * multiple})
+            raise SdtuneError(f"{flag}: {side} is not a multiple of {multiple}, the sides {info.family.label}'s "
+                              f"pipeline renders; fix: {flag} {' or '.join(map(str, sizes))}")
+    return info
+
+
+def family_sampling(args: argparse.Namespace, info: ModelInfo, guidance: list[float | None], seeds: list[int],
+                    shared: dict[str, Any]) -> tuple[list[float | None], list[int], dict[str, Any]]:
+    """``grid_defaults``' answer without what the model's family ignores (``SamplingDefaults``): guidance
+    scales where guidance changes nothing (FLUX.1-schnell: one row at the family's, said in a note, not one row
+    per scale of the same pixels), and a negative prompt its pipeline does not use (refused as --negative-prompt,
+    left out with a note as the run's, so that no sidecar records it)."""
+    sampling, model = info.family.sampling, info.pretrained
+    if sampling.guidance_unused and any(g is not None and g != sampling.guidance_scale for g in guidance):
+        where = "--guidance" if args.guidance is not None else "the run's sample.guidance_scale"
+        print(f"note: {where}: {model}: {sampling.guidance_unused}; each cell is drawn once, at guidance "
+              f"{sampling.guidance_scale:g}", file=sys.stderr)
+        guidance = [None]  # the family's, resolved with the model (sdtune.sample.with_family_defaults)
+    negative = used_negative_prompt(sampling, shared["negative_prompt"], args.negative_prompt is not None)
+    return guidance, seeds, shared | {"negative_prompt": negative}
+
+
+def used_negative_prompt(sampling: SamplingDefaults, negative: str, flag: bool) -> str:
+    """``negative`` where the family's pipeline uses a negative prompt; else (FLUX.1) one line refusing it as
+    --negative-prompt (``flag``: the user typed it), or a note that the run's ``sample.negative_prompt`` is left
+    out, and "" (``sdtune sample`` and ``eval``)."""
+    if not negative or not sampling.negative_prompt_unused:
+        return negative
+    if flag:
+        raise SdtuneError(f"--negative-prompt: {sampling.negative_prompt_unused}; fix: remove it")
+    print(f"note: the run's sample.negative_prompt: {sampling.negative_prompt_unused}: sampled without it",
+          file=sys.stderr)
+    return ""
 
 
 def grid_defaults(args: argparse.Namespace, run_cfg: dict) -> tuple[list[float | None], list[int], dict[str, Any]]:

@@ -46,7 +46,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("directory", help="the diffusers folder to write (with --single-file: the .safetensors file)")
     p.add_argument("--single-file", action="store_true",
                    help="write one .safetensors checkpoint in the original (Stability / Civitai) layout instead "
-                   "(sd15, sd2, sdxl)")
+                   f"({', '.join(f.name for f in families.registered() if f.original_layout)})")
     p.add_argument("--family", choices=families.names(), default="sd15")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny")
     p.add_argument("--seed", type=int, default=0)

@@ -81,6 +81,11 @@ class SamplingDefaults:
     # scheduler the family samples with (its model's own), whatever --scheduler says, and what sidecars record
     scheduler: str | None = None
     torch_dtype: str = "float16"  # what the model card's diffusers snippet loads the pipeline in
+    # why the pipeline ignores a negative prompt at these defaults (FLUX.1: guidance-distilled), for messages that
+    # name the option; "": it uses one
+    negative_prompt_unused: str = ""
+    # why guidance_scale changes nothing (FLUX.1-schnell: no guidance embedding); "": it is used
+    guidance_unused: str = ""
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,9 @@ class ModelInfo:
     # ModelSpec's architecture where the config files tell variants of a family apart ("flux-1-schnell": no
     # guidance embedding); None: the family's (``KohyaVersion.architecture``)
     architecture: str | None = None
+    # image sides the family's pipeline renders (a width or height it is given must be a multiple): diffusers'
+    # SD / SDXL pipelines check multiples of 8; FLUX.1 and SD3.x the VAE's downscale x the patch (16)
+    sample_multiple: int = 8
 
 
 @dataclass
@@ -157,6 +165,12 @@ class ModelFiles:
             source = str(self.folder) if self.folder else self.pretrained
             self._read[filename] = read_model_file(source, filename, self.revision)
         return self._read[filename]
+
+
+def clip_skip_problem(label: str, key: str) -> str:
+    """The line refusing clip skip for a family that conditions on fixed layers of several text encoders."""
+    return (f"{key}: {label} conditions on fixed layers of its text encoders (kohya and AUTOMATIC1111 ignore "
+            "clip skip there); fix: remove it")
 
 
 def load_kwargs(dtype: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -291,6 +305,17 @@ class Family(Protocol):
     def config_problems(self, cfg: Any) -> list[str]:
         """One line per recipe option (``sdtune.config.Config``) this family cannot train with yet, naming its
         key; checked with the rest of the recipe, before any weight loads."""
+        ...
+
+    def config_warnings(self, cfg: Any) -> list[str]:
+        """One line per recipe option that this family (as ``describe`` gave it: FLUX.1-schnell's copy) takes but
+        does not use, naming its key (``--strict`` refuses them)."""
+        ...
+
+    def model_option_problem(self, name: str, key: str) -> str | None:
+        """The one line refusing the model option ``name`` ("prediction_type", "clip_skip" above 1) for this
+        family, naming it ``key`` as the user wrote it ("model.clip_skip" in a recipe, "--clip-skip" for
+        ``sdtune sample``); None where the family takes it. Training and sampling share this rule."""
         ...
 
     # -- loading and building

@@ -62,5 +62,10 @@ def flow_config_problems(cfg: Any, label: str, section: str) -> list[str]:
     if t.snr_gamma is not None:
         problems.append(f"train.snr_gamma: min-SNR is a DDPM weighting; for {label} use {section}.weighting_scheme")
     if cfg.model.prediction_type:
-        problems.append(f"model.prediction_type: {label} models predict the flow (noise - latents); remove it")
+        problems.append(prediction_type_problem(label, "model.prediction_type"))
     return problems
+
+
+def prediction_type_problem(label: str, key: str) -> str:
+    """The line refusing a prediction type (``model.prediction_type``, ``--prediction-type``) for a flow family."""
+    return f"{key}: {label} models predict the flow (noise - latents); remove it"

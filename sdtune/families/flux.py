@@ -50,7 +50,7 @@ from sdtune.families.base import (
     load_kwargs,
     load_text_encoder,
 )
-from sdtune.families.flow import FlowOptions, flow_config_problems, flow_objective
+from sdtune.families.flow import FlowOptions, flow_config_problems, flow_objective, prediction_type_problem
 from sdtune.families.sd import CLIP_TARGETS, clip_text_config
 from sdtune.families.t5 import t5_config, tiny_t5_tokenizer
 from sdtune.objectives import FlowMatchingObjective
@@ -101,8 +101,16 @@ KOHYA_MODULES = (
     _kohya("single_blocks_{i}_modulation_lin", f"{_SINGLE}.norm.linear"),
 )
 # FLUX.1-dev's sampling: the guidance its model card and FluxPipeline's examples use (a guidance-distilled
-# model: the scale is a transformer input, not classifier-free guidance), with the model's own scheduler
-SAMPLING = SamplingDefaults(guidance_scale=3.5, scheduler="FlowMatchEulerDiscreteScheduler", torch_dtype="bfloat16")
+# model: the scale is a transformer input, not classifier-free guidance), with the model's own scheduler; no
+# negative prompt (FluxPipeline uses one only with true_cfg_scale > 1: true CFG, twice the compute per step)
+SAMPLING = SamplingDefaults(
+    guidance_scale=3.5, scheduler="FlowMatchEulerDiscreteScheduler", torch_dtype="bfloat16",
+    negative_prompt_unused="FLUX.1 is guidance-distilled and samples without classifier-free guidance (FluxPipeline "
+    "uses a negative prompt only with true_cfg_scale > 1), so it is not used")
+# FLUX.1-schnell (no guidance embedding: FluxPipeline drops the scale): 0.0, as its model card samples
+SCHNELL_SAMPLING = replace(SAMPLING, guidance_scale=0.0, guidance_unused="this FLUX.1 model has no guidance input "
+                           "(guidance_embeds: false in its transformer config, as FLUX.1-schnell): guidance changes "
+                           "nothing")
 
 
 class FluxOptions(FlowOptions):
@@ -163,13 +171,15 @@ class Flux:
         schnell = not transformer.get("guidance_embeds", True)
         return ModelInfo(
             # schnell was trained on 256 T5 tokens (BFL's sampling code, kohya's t5xxl_max_token_length), dev on 512
-            pretrained=files.pretrained, family=replace(self, max_sequence_length=256) if schnell else self,
+            pretrained=files.pretrained,
+            family=replace(self, max_sequence_length=256, sampling=SCHNELL_SAMPLING) if schnell else self,
             prediction_type="flow_matching",
             resolution=int(vae.get("sample_size", self.default_resolution)),
             # the VAE's downscale x the 2x2 packing: 16 for FLUX.1
             bucket_multiple=vae_scale * 2, pipeline_class=index.get("_class_name", "?"),
             # schnell (timestep-distilled) has no guidance embedding: kohya's flux_utils tells them apart so too
             architecture="flux-1-schnell" if schnell else None,
+            sample_multiple=vae_scale * 2,  # FluxPipeline resizes any other size (with a logged warning only)
         )
 
     def denoiser_module_names(self, files: ModelFiles) -> list[str]:
@@ -177,10 +187,28 @@ class Flux:
 
     def config_problems(self, cfg: Any) -> list[str]:
         """Options that do not work for FLUX yet, each naming its key."""
-        problems = flow_config_problems(cfg, "FLUX", "flux")
-        if cfg.model.clip_skip != 1:
-            problems.append("model.clip_skip: FLUX conditions on CLIP's pooled output only; remove it")
-        return problems
+        return flow_config_problems(cfg, "FLUX", "flux")  # model.clip_skip: model_option_problem, in sdtune.plan
+
+    def config_warnings(self, cfg: Any) -> list[str]:
+        """What this FLUX.1 model ignores: a guidance input without a guidance embedding (schnell), and a negative
+        prompt in the grids (``SAMPLING``)."""
+        s, warnings = self.sampling, []
+        if s.guidance_unused and cfg.flux.guidance_scale != FluxOptions().guidance_scale:
+            warnings.append(f"flux.guidance_scale: {s.guidance_unused} (its training predicts without it); fix: "
+                            "remove it")
+        if s.guidance_unused and cfg.sample.guidance_scale != s.guidance_scale:
+            warnings.append(f"sample.guidance_scale: {s.guidance_unused} (the grids are the same at any "
+                            "value); fix: remove it")
+        if s.negative_prompt_unused and cfg.sample.negative_prompt:
+            warnings.append(f"sample.negative_prompt: {s.negative_prompt_unused}; fix: remove it")
+        return warnings
+
+    def model_option_problem(self, name: str, key: str) -> str | None:
+        if name == "prediction_type":
+            return prediction_type_problem("FLUX", key)
+        if name == "clip_skip":
+            return f"{key}: FLUX conditions on CLIP's pooled output only; remove it"
+        return None
 
     # ---------------------------------------------------------------------------------------------------
     # Loading and building

@@ -24,6 +24,7 @@ from sdtune.families.base import (
     OriginalLayout,
     SamplingDefaults,
     TextEncoderSpec,
+    clip_skip_problem,
     empty_module_names,
     load_kwargs,
 )
@@ -141,6 +142,16 @@ class StableDiffusion:
 
     def config_problems(self, cfg: Any) -> list[str]:
         return []  # every option works for SD
+
+    def config_warnings(self, cfg: Any) -> list[str]:
+        return []  # every option SD takes is used
+
+    def model_option_problem(self, name: str, key: str) -> str | None:
+        # SD1.x / SD2.x condition on one CLIP, whose layers clip skip picks; SDXL (a subclass) on fixed layers
+        # of two, where kohya and AUTOMATIC1111 ignore it
+        if name == "clip_skip" and len(self.text_encoders) > 1:
+            return clip_skip_problem(self.label, key)
+        return None
 
     # ---------------------------------------------------------------------------------------------------
     # Loading and building

@@ -28,7 +28,7 @@ with a VAE and text encoders) load as ``model.pretrained`` beside ``model.base``
 text encoders, tokenizers and scheduler go with them (``sdtune.sd3_file``; ``load(denoiser=...)``).
 
 Not yet: noise offset and min-SNR (DDPM
-notions), clip skip (``sdtune.plan`` refuses it for every multi-encoder family), a model without T5, a memory
+notions), clip skip (``model_option_problem``: ``sdtune.plan`` and ``sdtune sample`` ask it), a model without T5, a memory
 estimate calibrated for SD3 (SD's constants are used); ``config_problems`` refuses each such key in one line.
 
 torch, diffusers and transformers are imported inside the methods that use them (see ``families.sd``).
@@ -52,11 +52,12 @@ from sdtune.families.base import (
     OriginalLayout,
     SamplingDefaults,
     TextEncoderSpec,
+    clip_skip_problem,
     empty_module_names,
     load_kwargs,
     load_text_encoder,
 )
-from sdtune.families.flow import FlowOptions, flow_config_problems, flow_objective
+from sdtune.families.flow import FlowOptions, flow_config_problems, flow_objective, prediction_type_problem
 from sdtune.families.sd import CLIP_TARGETS, clip_text_config
 from sdtune.families.t5 import t5_config, tiny_t5_tokenizer
 from sdtune.objectives import FlowMatchingObjective
@@ -186,6 +187,7 @@ class SD3:
             # the VAE's downscale x the transformer's patch size: 16 for SD3
             bucket_multiple=vae_scale * patch, pipeline_class=index.get("_class_name", "?"),
             architecture=KOHYA_VARIANTS[model_type(transformer)],
+            sample_multiple=vae_scale * patch,  # StableDiffusion3Pipeline.check_inputs refuses any other size
         )
 
     def _check_trainable(self, pretrained: str, index: dict, transformer: dict, vae: dict) -> None:
@@ -204,8 +206,16 @@ class SD3:
         return empty_module_names("SD3Transformer2DModel", files.read("transformer/config.json"))
 
     def config_problems(self, cfg: Any) -> list[str]:
-        """Options that do not work for SD3 yet, each naming its key (model.clip_skip: ``sdtune.plan``)."""
+        """Options that do not work for SD3 yet, each naming its key (model.clip_skip: ``model_option_problem``)."""
         return flow_config_problems(cfg, "SD3", "sd3")
+
+    def config_warnings(self, cfg: Any) -> list[str]:
+        return []  # SD3 samples with classifier-free guidance: its negative prompt and guidance are used
+
+    def model_option_problem(self, name: str, key: str) -> str | None:
+        if name == "prediction_type":
+            return prediction_type_problem("SD3", key)
+        return clip_skip_problem(self.label, key) if name == "clip_skip" else None
 
     # ---------------------------------------------------------------------------------------------------
     # Loading and building
