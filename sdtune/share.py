@@ -109,7 +109,9 @@ def _call_options(config: dict, family: Family) -> str:
     family's prompt length, the run's (``flux.`` / ``sd3.max_sequence_length``) or the model's (FLUX.1-schnell:
     256), which FluxPipeline's default of 512 is not."""
     sample = config.get("sample") or {}
-    options = [f"negative_prompt={sample['negative_prompt']!r}"] if sample.get("negative_prompt") else []
+    # a pipeline that ignores a negative prompt (FLUX.1) is not shown one
+    negative = sample.get("negative_prompt") and not family.sampling.negative_prompt_unused
+    options = [f"negative_prompt={sample['negative_prompt']!r}"] if negative else []
     options += [f"{name}={sample[key]!r}" for key, name in (("steps", "num_inference_steps"),
                                                            ("guidance_scale", "guidance_scale"))
                 if sample.get(key) is not None]

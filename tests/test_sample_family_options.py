@@ -149,3 +149,12 @@ def test_base_on_a_whole_model_names_the_flag(tiny_model, tmp_path, capsys):
     line = _refused(_sample(flux, tmp_path, "--base", str(flux)), tmp_path, capsys)
     assert line.startswith("--base: only a FLUX.1 or SD3.x transformer file") and line.endswith("fix: remove --base")
     assert "model.base" not in line
+
+
+def test_the_model_card_shows_a_negative_prompt_only_where_the_pipeline_uses_one():
+    """A FLUX.1 run's card showed `negative_prompt=...`, which FluxPipeline ignores at its defaults."""
+    from sdtune import families, share
+
+    config = {"model": {"pretrained": "x"}, "sample": {"negative_prompt": "blurry"}}
+    assert "negative_prompt" not in share._call_options(config, families.get("flux"))
+    assert "negative_prompt='blurry'" in share._call_options(config, families.get("sd15"))
