@@ -97,9 +97,14 @@ def _check_text_encoder_folder(folder: Path, model_class: str) -> None:
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     state = model.state_dict()
     wrapped = hasattr(model, "text_model")  # transformers >= 5 flattened CLIPTextModel only
+    # the dtype the config names (the micro model's fp16 file says float32: it loads beside an fp32 UNet), else
+    # the file's; fp16 -> fp32 is exact, so the values still compare bitwise
+    config = json.loads((folder / "config.json").read_text())
+    named = config.get("dtype") or config.get("torch_dtype")
     for key, tensor in saved.items():
         name = key if wrapped or not key.startswith("text_model.") else key.removeprefix("text_model.")
-        assert state[name].dtype == tensor.dtype and torch.equal(state[name], tensor), key
+        expected = getattr(torch, named) if named else tensor.dtype
+        assert state[name].dtype == expected and torch.equal(state[name], tensor.to(expected)), key
 
 
 # --------------------------------------------------------------------------------------------------------
