@@ -54,6 +54,31 @@ show_messages()
 logging.raiseExceptions = False
 
 
+@pytest.fixture
+def unreachable_hub(monkeypatch) -> list[str]:
+    """A machine where the Hugging Face Hub does not answer (DNS fails) and the user set no offline variable:
+    every HEAD raises as httpx does there. Returns the URLs asked (sdtune.hub probes once, then works offline)."""
+    import httpx
+    from huggingface_hub import constants
+
+    from sdtune import hub
+
+    heads: list[str] = []
+
+    class NoNetwork:
+        def head(self, url, timeout):
+            heads.append(url)
+            raise httpx.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.utils.get_session", lambda: NoNetwork())
+    monkeypatch.setattr(hub, "_switched_offline", [])
+    hub.offline_unless_reachable.cache_clear()
+    yield heads
+    hub.offline_unless_reachable.cache_clear()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "sdtune-cache"))

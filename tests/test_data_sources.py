@@ -183,37 +183,18 @@ def test_a_local_folder_of_photos_with_txt_captions_loads_as_an_imagefolder(data
     assert "data.instance_dir" in problems[0]
 
 
-def test_a_hub_id_without_network_is_one_probe_and_one_line(datasets, monkeypatch):
-    import httpx
-    from huggingface_hub import constants
-
-    from sdtune import hub
+def test_a_hub_id_without_network_is_one_probe_and_one_line(datasets, monkeypatch, unreachable_hub):
     from sdtune.hfdata import materialize
 
-    heads = []
-
-    class NoNetwork:
-        def head(self, url, timeout):
-            heads.append(url)
-            raise httpx.ConnectError("[Errno -2] Name or service not known")
-
     # a user who set no offline variable, on a machine where the Hub does not answer
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
-    monkeypatch.setattr("huggingface_hub.utils.get_session", lambda: NoNetwork())
-    monkeypatch.setattr(hub, "_switched_offline", [])
-    hub.offline_unless_reachable.cache_clear()
-    try:
-        start = time.monotonic()
-        problems: list[str] = []
-        assert materialize("nobody-sdtune/no-such-dataset", "train", None, None, "p", problems) is None
-        assert time.monotonic() - start < 10  # not datasets' five retries of each request
-        assert len(heads) == 1 and len(problems) == 1
-        assert problems[0].startswith("data.dataset: nobody-sdtune/no-such-dataset is not in the datasets cache")
-        assert "and the Hub cannot be reached from here" in problems[0]
-        assert "HF_HUB_OFFLINE" not in problems[0] and "HF_DATASETS_OFFLINE" not in problems[0]
-    finally:
-        hub.offline_unless_reachable.cache_clear()
+    start = time.monotonic()
+    problems: list[str] = []
+    assert materialize("nobody-sdtune/no-such-dataset", "train", None, None, "p", problems) is None
+    assert time.monotonic() - start < 10  # not datasets' five retries of each request
+    assert len(unreachable_hub) == 1 and len(problems) == 1
+    assert problems[0].startswith("data.dataset: nobody-sdtune/no-such-dataset is not in the datasets cache")
+    assert "and the Hub cannot be reached from here" in problems[0]
+    assert "HF_HUB_OFFLINE" not in problems[0] and "HF_DATASETS_OFFLINE" not in problems[0]

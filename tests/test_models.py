@@ -58,42 +58,24 @@ def test_unreachable_hub_id_is_one_clear_error():
         inspect_model("someone/some-model")
 
 
-def test_no_network_is_found_once_and_the_cache_is_read_at_once(tmp_path, monkeypatch):
+def test_no_network_is_found_once_and_the_cache_is_read_at_once(tmp_path, monkeypatch, unreachable_hub):
     """With no network, each hub lookup used to retry five times (about 25 s) before failing; one HEAD now
     switches huggingface_hub to offline mode, so a mistyped local path ("models/sd15" without ./) fails at once,
     and says what the local folder of that spelling holds."""
     import time
 
-    import httpx
     from huggingface_hub import constants
 
-    from sdtune import hub
-
-    heads = []
-
-    class NoNetwork:
-        def head(self, url, timeout):
-            heads.append(url)
-            raise httpx.ConnectError("[Errno -2] Name or service not known")
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr("huggingface_hub.utils.get_session", lambda: NoNetwork())
-    hub.offline_unless_reachable.cache_clear()
-    monkeypatch.setattr(hub, "_switched_offline", [])
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "sd-15").mkdir(parents=True)
-    try:
-        start = time.monotonic()
-        for _ in range(2):
-            with pytest.raises(SdtuneError) as e:
-                inspect_model("models/sd15")
-        assert time.monotonic() - start < 5  # not 2 x 25 s of retries
-        assert "not in the Hugging Face cache (the Hub cannot be reached from here); models/ here has sd-15" in \
-            str(e.value)
-        assert len(heads) == 1 and constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
-    finally:
-        hub.offline_unless_reachable.cache_clear()
+    start = time.monotonic()
+    for _ in range(2):
+        with pytest.raises(SdtuneError) as e:
+            inspect_model("models/sd15")
+    assert time.monotonic() - start < 5  # not 2 x 25 s of retries
+    assert "not in the Hugging Face cache (the Hub cannot be reached from here); models/ here has sd-15" in \
+        str(e.value)
+    assert len(unreachable_hub) == 1 and constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
 
 
 def test_a_long_library_message_is_cut_at_a_word():

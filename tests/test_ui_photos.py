@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_ui import request as raw_request
 
 from sdtune.errors import SdtuneError
 from sdtune.ui import photos
@@ -45,14 +46,8 @@ def server(tmp_path):
 
 
 def request(srv, method, path, body=None, headers=None) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
-    if method == "POST":
-        headers = {"X-Sdtune": "1", **(headers or {})}
-    conn.request(method, path, body=body, headers=headers or {})
-    r = conn.getresponse()
-    data = r.read()
-    conn.close()
-    return r.status, json.loads(data)
+    status, data = raw_request(srv, method, path, body, headers)
+    return status, json.loads(data)
 
 
 def upload(srv, name: str, data: bytes) -> tuple[int, dict]:
