@@ -115,7 +115,14 @@ def _with_metadata(src: Path, dst: Path, **extra: str) -> Path:
     return dst
 
 
-def test_a_lora_file_alone_takes_the_hub_base_model_from_its_metadata(kohya_file, tmp_path, requested, capsys):
+def test_a_lora_file_alone_takes_the_hub_base_model_from_its_metadata(kohya_file, tmp_path, requested, capsys,
+                                                                      monkeypatch, tiny_model):
+    from sdtune.models import inspect_model
+
+    # sample reads what the base model is (its config files) before anything loads; this hub id is in no cache
+    # here, so a local model of the same family stands in for its config files
+    info = inspect_model(str(tiny_model("sd15")), for_training=False)
+    monkeypatch.setattr(sdtune.cli.sample, "model_info", lambda *a: info)
     named = _with_metadata(kohya_file, tmp_path / "named.safetensors", ss_sd_model_name="someone/base-model")
     assert main(["sample", str(named), "--prompt", "a sks toy", *FAST, "--out", str(tmp_path / "g.png")]) == 0, \
         capsys.readouterr().err
