@@ -3,6 +3,7 @@ that fails to start is one error line, a resume continues the same W&B run, and 
 once after a rewind (read back with TensorBoard's own event reader)."""
 
 import json
+import re
 import time
 
 import pytest
@@ -97,7 +98,7 @@ def test_a_resume_continues_the_same_wandb_run(tiny_model, tmp_path, monkeypatch
     train(load_config(None, overrides(model, out, "train.max_steps=3", "train.resume=latest", *common)))
     # each start writes an offline run folder named after the run's id: both are the same W&B run
     runs = sorted((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in runs)
+    assert len(runs) == 2 and all(_of_run(p.name, run_id) for p in runs), runs
     assert (out / trackers.WANDB_RUN_ID).read_text().strip() == run_id
     kwargs, notes = trackers.init_kwargs("wandb", out, 3, resumed=True)
     assert kwargs == {"wandb": {"dir": str(out), "id": run_id, "resume": "allow", "name": "wbrun"}}
@@ -109,7 +110,13 @@ def test_a_resume_continues_the_same_wandb_run(tiny_model, tmp_path, monkeypatch
     said = capsys.readouterr().out
     assert f"W&B run {run_id} keeps steps 2-3, which an earlier run logged past step 1" in said
     runs = sorted((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 3 and all(p.name.endswith(f"-{run_id}") for p in runs)
+    assert len(runs) == 3 and all(_of_run(p.name, run_id) for p in runs), runs
+
+
+def _of_run(folder: str, run_id: str) -> bool:
+    """Whether a W&B offline folder belongs to run ``run_id``: offline-run-DATE_TIME-ID, and wandb adds -N when
+    two starts of the run fall in the same second."""
+    return re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?", folder) is not None
 
 
 def _tensorboard(out):
