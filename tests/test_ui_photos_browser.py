@@ -93,6 +93,11 @@ def test_photos_tab_is_safe_and_says_what_happened(base, tmp_path):
         page.fill("#identifier", "<img src=x onerror=\"document.title='pwned2'\">")
         page.wait_for_function("document.getElementById('token-verdict').textContent.length > 0")
         assert page.title() == "sdtune" and page.evaluate("document.querySelectorAll('img[src=x]').length") == 0
+        # the caption placeholders follow the subject (they said "sks toy" whatever the identifier and class)
+        page.fill("#identifier", "ohwx")
+        page.fill("#class", "dog")
+        assert page.evaluate("document.querySelector('.card textarea').placeholder") == \
+            "caption, e.g. a photo of ohwx dog"
         page.click("nav button[data-tab=photos]")
 
         # D: a folder upload keeps the subfolder: two 00.png, two photos, each with its caption

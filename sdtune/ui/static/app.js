@@ -113,7 +113,8 @@ function photoCard(p) {
   const title = (p.warnings || []).join("; ");
   const flags = (p.flags || []).map((f) => el("span", { className: "flag", title }, f));
   const img = el("img", { src: fileUrl(p.preview) + "?v=" + Date.now() });
-  const caption = el("textarea", { placeholder: "caption, e.g. a photo of sks toy", value: p.caption || "" });
+  const caption = el("textarea", { className: "caption", placeholder: `caption, e.g. a photo of ${shownSubject}`,
+                                    value: p.caption || "" });
   const dropButton = el("button", { className: "drop-photo", textContent: "drop" });
   const card = el("div", { className: "card" },
     el("div", { className: "frame" }, img, el("div", { className: "box" }, el("div", { className: "handle" }))),
@@ -266,6 +267,7 @@ function subjectChanged() {
   const prompts = $("prompts");
   if (prompts.value === `a photo of ${shownSubject} on a green background`) prompts.value = `a photo of ${subject} on a green background`;
   $("repo").placeholder = `you/${subject.replace(/ /g, "-")}-lora`;
+  for (const caption of document.querySelectorAll("textarea.caption")) caption.placeholder = `caption, e.g. a photo of ${subject}`;
   shownSubject = subject;
 }
 $("class").addEventListener("input", subjectChanged);
