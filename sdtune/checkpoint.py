@@ -37,7 +37,7 @@ from sdtune.fsdp import full_optimizer_state, shard_optimizer_state
 from sdtune.lora import adapter_state_dict, load_adapter_state_dict, save_diffusers_lora
 from sdtune.pivotal import ROWS_FILE, Embeddings
 from sdtune.resume import MANIFEST, STATE, config_drift, find_checkpoint, flat_keys, resume_drift, verify
-from sdtune.runs import CHECKPOINTS, EMBEDDINGS_DIR, MARKER, complete_checkpoints
+from sdtune.runs import CHECKPOINTS, EMBEDDINGS_DIR, LOSSES, MARKER, complete_checkpoints
 
 __all__ = ["DiskFull", "config_drift", "find_checkpoint", "flat_keys", "load_checkpoint", "rewind", "save_checkpoint",
            "verify"]
@@ -243,7 +243,6 @@ def _load_ema(path: Path, ema: AdapterEMA) -> None:
 # --------------------------------------------------------------------------------------------------------
 # Rewinding
 
-LOSSES = "losses.jsonl"  # one JSON line per log point (sdtune.train.LossLog), read by the UI's loss curve
 SAMPLES = "samples"
 ABANDONED = "abandoned-"  # checkpoints/abandoned-<time>/: what a rewind set aside (complete_checkpoints skips it)
 _STEP = re.compile(r"step-(\d+)")

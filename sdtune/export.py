@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # PeftModel.save_pretrained's names
 
 # Beside a finished run's LoRA: what the kohya metadata says about the training data (tag frequencies from the
 # captions, image counts, buckets, start time), recorded at training time because export runs later.
@@ -1125,11 +1126,11 @@ def _write_peft(run: RunLora, out_dir: Path) -> tuple[Path, list[str]]:
         folder = out_dir / component
         # PeftModel.save_pretrained's naming: the model sits at base_model.model inside a PeftModel
         tensors = {f"base_model.model.{k}": v for k, v in adapter.tensors.items()}
-        _save_safetensors(tensors, folder / "adapter_model.safetensors", {"format": "pt"})
+        _save_safetensors(tensors, folder / PEFT_WEIGHTS, {"format": "pt"})
         config = _public_config(adapter.config, run.base_model)
         config.setdefault("peft_type", "LORA")
         config["inference_mode"] = True  # as PeftModel.save_pretrained writes it
-        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     _write_embeddings(run, out_dir)
     return out_dir, []
 
@@ -1233,7 +1234,7 @@ WRITERS: dict[str, Format] = {
 def _peft_folder_by_sdtune(folder: Path) -> bool:
     """Whether a non-empty folder is an earlier ``--format peft`` export: one or more component folders whose
     ``adapter_model.safetensors`` sdtune wrote (their ``adapter_config.json`` come with them)."""
-    models = list(folder.glob("*/adapter_model.safetensors"))
+    models = list(folder.glob(f"*/{PEFT_WEIGHTS}"))
     return bool(models) and all(written_by_sdtune(m) for m in models)
 
 
@@ -1339,9 +1340,6 @@ def write_run_files(run_dir: str | Path) -> list[str]:
         except KohyaUnavailable as e:  # the family has no such format yet: the run has its diffusers file
             warnings.append(f"{path.name} not written: {e}")
     return warnings
-
-
-PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # PeftModel.save_pretrained's names
 
 
 def read_peft_folder(folder: str | Path) -> dict[str, Adapter]:

@@ -40,6 +40,7 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_SUFFIX = "_kohya.safetensors"
 CARD = "README.md"
 CONFIG = "config.yaml"
+LOSSES = "losses.jsonl"  # one JSON line per log point (sdtune.train.LossLog): the UI's loss curve, rewinds
 CHECKPOINTS = "checkpoints"
 EMBEDDINGS_DIR = "embeddings"  # pivotal tuning's token embeddings, one file per identifier (sdtune.pivotal)
 MARKER = "COMPLETE"  # written last into a checkpoint folder: the folder is whole

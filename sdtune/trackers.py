@@ -21,9 +21,9 @@ from typing import Any
 
 from sdtune.errors import SdtuneError, first_line
 from sdtune.files import write_text
+from sdtune.runs import LOSSES
 
 WANDB_RUN_ID = "wandb_run_id.txt"  # in the run folder: the W&B run every start of this run logs to
-LOSSES = "losses.jsonl"  # sdtune.checkpoint.LOSSES (that module imports torch): each log point, as sent
 WANDB_FIX = ("fix: `wandb login`, or set WANDB_API_KEY, or WANDB_MODE=offline to log on this machine only "
              "(`wandb sync` uploads it later), or train.report_to=tensorboard")
 

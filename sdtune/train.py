@@ -99,7 +99,7 @@ from sdtune.plan import (
 from sdtune.prior import ensure_class_images, missing_class_indices, other_class_images
 from sdtune.quantize import frozen_size, quantize
 from sdtune.resume import flat_keys, refuse_data_drift
-from sdtune.runs import CARD, CHECKPOINTS, CONFIG, EMBEDDINGS_DIR, RUN_MARKER, WEIGHT_NAME
+from sdtune.runs import CARD, CHECKPOINTS, CONFIG, EMBEDDINGS_DIR, LOSSES, RUN_MARKER, WEIGHT_NAME
 from sdtune.sample import render_grid, save_image
 from sdtune.schedulers import sampling_scheduler
 from sdtune.share import write_model_card
@@ -1058,7 +1058,7 @@ class LossLog:
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}", **self.shown)
         acc.log(logs, step=step)
         if acc.is_main_process:  # a plain record too, one line per log point (a resume appends)
-            with open(self.run.output_dir / "losses.jsonl", "a") as f:
+            with open(self.run.output_dir / LOSSES, "a") as f:
                 f.write(json.dumps({"step": step, **logs}) + "\n")
         self.total.zero_()
         self.prior_total.zero_()

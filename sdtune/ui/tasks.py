@@ -22,7 +22,7 @@ from sdtune.errors import SdtuneError
 from sdtune.identifier import check_identifiers
 from sdtune.micro.model import write_model
 from sdtune.plan import RunPlan, check_run
-from sdtune.runs import CONFIG, KOHYA_SUFFIX, WEIGHT_NAME, complete_checkpoints
+from sdtune.runs import CONFIG, KOHYA_SUFFIX, LOSSES, WEIGHT_NAME, complete_checkpoints
 from sdtune.ui import jobs
 from sdtune.ui.photos import DATASET
 from sdtune.ui.workspace import Workspace
@@ -235,8 +235,8 @@ def progress(ws: Workspace, run: str) -> dict[str, Any]:
     """What a run folder shows so far: steps, ETA, the loss curve, sample grids and checkpoints."""
     folder = ws.path(run)
     losses = []
-    if (folder / "losses.jsonl").is_file():
-        for line in (folder / "losses.jsonl").read_text().splitlines():
+    if (folder / LOSSES).is_file():
+        for line in (folder / LOSSES).read_text().splitlines():
             try:
                 row = json.loads(line)
                 losses.append({"step": row["step"], "loss": row["loss"], "steps_per_s": row.get("steps_per_s")})
