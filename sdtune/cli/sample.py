@@ -313,7 +313,8 @@ def _request(args: argparse.Namespace) -> tuple[Any, Path]:
     prompts = distinct(read_prompts(args, run_cfg), "prompts")
     options = model_options(args, run_cfg)
     info = model_info(args, model, run_cfg, options)  # before anything loads: what this family cannot take
-    size = run_cfg.get("data", {}).get("resolution")
+    # the flags', else the run's, else the model's native size (info has read it: with_size need not again)
+    size = run_cfg.get("data", {}).get("resolution") or info.resolution
     mode = ("depth" if args.depth else "outpaint" if args.outpaint else "inpaint" if args.mask
             else "img2img" if args.init_image else "txt2img")
     guidance, seeds, shared = family_sampling(args, info, *grid_defaults(args, run_cfg))
