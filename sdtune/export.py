@@ -1150,6 +1150,7 @@ def _write_kohya(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
         clip_skip=model.get("clip_skip") or 1, data=run.data, training=training_metadata(run.config),
         bundle=_bundle(run.embeddings), architecture=info.architecture,
     )
+    _write_embeddings(run, path, bundled=True)  # the standalone files too: ComfyUI and Forge read no bundle
     warnings = kohya_warnings(info.family, run.adapters)
     if run.data is None:
         warnings.append(
@@ -1162,7 +1163,8 @@ def _write_kohya(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
 
 def _bundle(embeddings: dict[str, Any]) -> dict[str, torch.Tensor] | None:
     """A run's embedding files as the kohya file's ``bundle_emb.*`` tensors (AUTOMATIC1111 loads them with the
-    LoRA; ComfyUI and Forge do not yet, so the run folder keeps the files too)."""
+    LoRA; ComfyUI and Forge do not yet, so the run folder keeps the files too, and an export writes them beside
+    the kohya file: ``_embedding_targets``)."""
     return bundle_tensors(embeddings) if embeddings else None
 
 
@@ -1184,16 +1186,21 @@ def lora_embedding_files(lora: str | Path) -> Files:
     return {p.stem: read_file(p) for p in sorted(folder.glob("*.safetensors"))} if folder.is_dir() else {}
 
 
-def _embedding_targets(run: RunLora, lora: Path) -> list[Path]:
+def _embedding_targets(run: RunLora, lora: Path, bundled: bool = False) -> list[Path]:
+    """The embedding files an export to ``lora`` writes (``embeddings_folder``), one per identifier; none for a
+    file that ``bundled`` them (a kohya file) in the folder of the LoRA it converts (the run's own kohya file):
+    the run's ``embeddings/`` there already holds them, and sample reads the bundle."""
+    if bundled and lora.parent.resolve() == run.lora_file.parent.resolve():
+        return []
     return [embeddings_folder(lora) / f"{identifier}.safetensors" for identifier in run.embeddings]
 
 
-def _write_embeddings(run: RunLora, lora: Path) -> None:
+def _write_embeddings(run: RunLora, lora: Path, bundled: bool = False) -> None:
     """Copy the run's embedding files into the exported LoRA's ``embeddings_folder`` (their tensors and
     metadata as they are: ``sdtune sample`` of the export renders the run's pixels), removing the files an
     earlier export of this name left there that this run has not (sample would install them with this LoRA);
     say where they went."""
-    folder, targets = embeddings_folder(lora), _embedding_targets(run, lora)
+    folder, targets = embeddings_folder(lora), _embedding_targets(run, lora, bundled)
     if folder.is_dir():
         for stale in sorted(folder.glob("*.safetensors")):
             if stale not in targets and written_by_sdtune(stale):
@@ -1219,15 +1226,14 @@ class Format:
     write: Callable[[RunLora, Path], tuple[Path, list[str]]]  # -> (what was written, warnings)
     description: str
     run_file: str | None = None  # e.g. "{run}_kohya.safetensors"; None: training does not write it
-    # whether the writer copies the run's embedding files into ``embeddings_folder`` (kohya bundles them)
-    embedding_files: bool = True
+    bundles_embeddings: bool = False  # the file holds the run's embeddings too (kohya's bundle_emb.*)
 
 
 WRITERS: dict[str, Format] = {
     "diffusers": Format(_write_diffusers, "one .safetensors for diffusers' load_lora_weights"),
     "peft": Format(_write_peft, "a folder with one PEFT adapter per trained module"),
     "kohya": Format(_write_kohya, "one .safetensors for AUTOMATIC1111, ComfyUI, Forge and InvokeAI",
-                    run_file="{run}" + KOHYA_SUFFIX, embedding_files=False),
+                    run_file="{run}" + KOHYA_SUFFIX, bundles_embeddings=True),
 }
 
 
@@ -1244,7 +1250,7 @@ def check_export_target(run: RunLora, fmt: str, out: Path, overwrite: bool = Fal
     format from any LoRA but the run's final one (``_run_file_kind``; never, whatever ``overwrite`` says);
     a folder for a one-file format; or an existing file (for peft: a non-empty folder) that sdtune did not
     write, unless ``overwrite``; the same for the files of its ``embeddings_folder`` (pivotal tuning)."""
-    for target in _embedding_targets(run, out) if WRITERS[fmt].embedding_files else []:
+    for target in _embedding_targets(run, out, WRITERS[fmt].bundles_embeddings):
         check_output_file(target, "-o", overwrite)
     if out.resolve() == run.lora_file.resolve():
         raise SdtuneError(f"-o: {out} is the run's own LoRA file; choose another name")

@@ -32,6 +32,7 @@ from sdtune.export import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
     Adapter,
+    embeddings_folder,
     kohya_source,
     lora_embedding_files,
     lycoris_kind,
@@ -357,8 +358,20 @@ def lora_digest(path: str | Path) -> str:
     path = Path(path)
     if not path.is_dir():
         return sha256_file(path)
-    files = sorted(f for f in path.rglob("adapter_*") if f.name in (PEFT_WEIGHTS, PEFT_CONFIG))
-    listing = "".join(f"{f.relative_to(path).as_posix()} {sha256_file(f)}\n" for f in files)
+    return _files_digest(path, sorted(f for f in path.rglob("adapter_*") if f.name in (PEFT_WEIGHTS, PEFT_CONFIG)))
+
+
+def embeddings_digest(path: str | Path) -> str | None:
+    """The sha256 of the pivotal-tuning embedding files ``sdtune sample`` installs with a LoRA (those of its
+    ``embeddings_folder``: their names and sha256s), None when it has none; recorded beside ``lora_digest``,
+    which does not cover them, so that a replay notices them changing, appearing or going."""
+    folder = embeddings_folder(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return _files_digest(folder, files) if files else None
+
+
+def _files_digest(root: Path, files: list[Path]) -> str:
+    listing = "".join(f"{f.relative_to(root).as_posix()} {sha256_file(f)}\n" for f in files)
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
@@ -740,11 +753,13 @@ def _sidecars(req: Request) -> dict[Cell, dict]:
     for label, lora_file in req.lora or [(None, None)]:
         cells = [c for c in req.cells if c.checkpoint == label]
         lora_sha256 = lora_digest(lora_file) if lora_file else None  # once per file, not once per cell
+        embeddings_sha256 = embeddings_digest(lora_file) if lora_file else None
         for batch in batches(cells, req.settings.batch_size):
             for c in batch:
                 sidecars[c] = {
                     "sdtune_version": __version__, "model": req.model, "revision": req.revision,
-                    "variant": req.variant, "lora": lora_file, "lora_sha256": lora_sha256, "cell": asdict(c),
+                    "variant": req.variant, "lora": lora_file, "lora_sha256": lora_sha256,
+                    "embeddings_sha256": embeddings_sha256, "cell": asdict(c),
                     "settings": asdict(req.settings), "dtype": req.dtype, "device": req.device,
                     "init_image": req.init_image, "mask": req.mask, "outpaint": req.outpaint,
                     "model_options": req.model_options, "batch_seeds": [m.seed for m in batch],
@@ -860,15 +875,23 @@ def request_from_sidecar(path: str | Path) -> Request:
 
 
 def _check_replay_lora(d: dict, path: str | Path) -> None:
-    """Refuse to replay a cell whose LoRA file has changed since it was rendered (a resumed run rewrites its
-    LoRA): the replay would draw other pixels without a word."""
+    """Refuse to replay a cell whose LoRA file, or the pivotal-tuning embedding files sample reads with it, have
+    changed since it was rendered (a resumed run rewrites both): the replay would draw other pixels without a
+    word. (A sidecar from before ``embeddings_sha256`` was recorded is checked for its LoRA only.)"""
     lora, recorded = d.get("lora"), d.get("lora_sha256")
     if not lora or not recorded:
         return
     if not Path(lora).exists():
         raise SdtuneError(f"--replay: {path} was rendered with {lora}, which is gone")
+    fix = "a replay would not give its pixels. fix: render a new grid (sdtune sample RUN)"
     now = lora_digest(lora)
     if now != recorded:
         raise SdtuneError(f"--replay: {lora} has changed since {Path(path).name} was rendered (sha256 {recorded[:12]}, "
-                          f"now {now[:12]}): a replay would not give its pixels. fix: render a new grid (sdtune "
-                          "sample RUN)")
+                          f"now {now[:12]}): {fix}")
+    if "embeddings_sha256" not in d:
+        return
+    was, now = d["embeddings_sha256"], embeddings_digest(lora)
+    if now != was:
+        raise SdtuneError(f"--replay: the token embeddings read with {lora} ({embeddings_folder(lora)}) have changed "
+                          f"since {Path(path).name} was rendered (sha256 {(was or 'none')[:12]}, now "
+                          f"{(now or 'none')[:12]}): {fix}")

@@ -7,8 +7,10 @@ ComfyUI logs as "lora key not loaded" and A1111 as "Failed to match keys when lo
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -169,9 +171,28 @@ def test_kohya_file_renders_like_the_adapters_for_every_module_kind(family, run,
     kohya = export_run(out, "kohya", tmp_path / "export.safetensors")
     base, _ = _render(family, model)
     truth, _ = _render(family, model, setup=_direct(out))
-    got, _ = _render(family, model, tmp_path, kohya.name)
+    with _library_warnings() as said:
+        got, _ = _render(family, model, tmp_path, kohya.name)
     assert np.abs(truth - base).max() > 0.05
     assert np.abs(got - truth).max() <= TOLERANCE
+    # diffusers' kohya converter read every key: no "unexpected keys" / "not loaded" / "not compatible" word
+    assert said == []
+
+
+@contextlib.contextmanager
+def _library_warnings():
+    """The warnings diffusers, PEFT and transformers log meanwhile (their loggers do not propagate to caplog)."""
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
+    for log in loggers:
+        log.addHandler(handler)
+    try:
+        yield said
+    finally:
+        for log in loggers:
+            log.removeHandler(handler)
 
 
 def test_diffusers_format_keeps_attention_when_other_modules_are_trained(run, tiny_model):

@@ -5,6 +5,7 @@ diffusers' loader cannot read (SD3) is sampled from the run's diffusers file bes
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import overrides
@@ -23,7 +25,7 @@ from sdtune.errors import SdtuneError
 from sdtune.export import Adapter, RunLora, _write_diffusers, export_run, write_kohya
 from sdtune.grid import Cell, Settings
 from sdtune.runs import WEIGHT_NAME
-from sdtune.sample import Request, run_sample
+from sdtune.sample import Request, request_from_sidecar, run_sample
 from sdtune.train import train
 
 
@@ -131,3 +133,53 @@ def test_an_sd3_runs_own_kohya_file_samples_from_the_runs_diffusers_file(tiny_mo
                         prediction_type="flow_matching")
     with pytest.raises(SdtuneError, match="SD3.x kohya file .* cannot read"):
         render("other", other)
+
+
+def test_a_kohya_export_writes_the_standalone_embedding_files_beside_it(pivotal_run, tmp_path):
+    """ComfyUI and Forge read no bundle_emb.* tensors: the export writes the run's files beside the kohya file too
+    (its name's own folder), never over a file sdtune did not write; the run's own kohya file, beside the run's
+    embeddings/, bundles them and adds no second copy."""
+    run_emb = load_file(pivotal_run / "embeddings" / "sks.safetensors")
+    assert [p.name for p in pivotal_run.glob("*_embeddings")] == []
+    with safe_open(str(next(pivotal_run.glob("*_kohya.safetensors"))), "pt") as f:
+        assert {k for k in f.keys() if k.startswith("bundle_emb.")} == {f"bundle_emb.sks.{k}" for k in run_emb}
+
+    foreign = tmp_path / "sks_embeddings" / "sks.safetensors"
+    foreign.parent.mkdir()
+    save_file({"clip_l": torch.zeros(1, 32)}, str(foreign))
+    assert main(["export", str(pivotal_run), "--format", "kohya", "-o", str(tmp_path / "sks.safetensors")]) == 2
+    assert not (tmp_path / "sks.safetensors").exists() and load_file(foreign)["clip_l"].shape == (1, 32)
+    foreign.unlink()
+
+    kohya, _ = export_run(pivotal_run, "kohya", tmp_path / "sks.safetensors")
+    exported = load_file(foreign)
+    assert exported.keys() == run_emb.keys() and all(torch.equal(exported[k], run_emb[k]) for k in run_emb)
+    with safe_open(str(kohya), "pt") as f:  # and still bundled, for AUTOMATIC1111
+        assert all(torch.equal(f.get_tensor(f"bundle_emb.sks.{k}"), run_emb[k]) for k in run_emb)
+
+
+def test_a_replay_notices_the_token_embeddings_changing(pivotal_run, tiny_model, tmp_path, capsys):
+    """The LoRA file's sha256 does not cover the embedding files sample installs with it: the sidecar records
+    theirs beside it, and a replay refuses changed, added or removed ones (an old sidecar: its LoRA only)."""
+    folder = tmp_path / "copy"
+    diffusers_file, _ = export_run(pivotal_run, "diffusers", folder / "sks.safetensors")
+    _sample(diffusers_file, tmp_path / "grid.png", "--model", str(tiny_model("sd15")))
+    sidecar = tmp_path / "grid_cells" / "cell-0000.json"
+    recorded = json.loads(sidecar.read_text())
+    assert len(recorded["embeddings_sha256"]) == 64
+    replay = ["sample", "--replay", str(sidecar), "--out", str(tmp_path / "again.png")]
+
+    embedding = folder / "sks_embeddings" / "sks.safetensors"
+    tensors = load_file(embedding)
+    save_file({k: v + 1 for k, v in tensors.items()}, str(embedding))
+    capsys.readouterr()
+    assert main(replay) == 2
+    err = capsys.readouterr().err
+    assert f"the token embeddings read with {diffusers_file.resolve()}" in err and "have changed since" in err
+    embedding.unlink()
+    assert main(replay) == 2
+    assert "now none" in capsys.readouterr().err
+    # a sidecar written before embeddings_sha256 existed: checked for its LoRA file only
+    del recorded["embeddings_sha256"]
+    sidecar.write_text(json.dumps(recorded))
+    assert request_from_sidecar(sidecar).lora == [(recorded["cell"]["checkpoint"], recorded["lora"])]
