@@ -22,6 +22,9 @@ from sdtune.eval.prompts import class_noun_from, fill, read_prompt_file, strip_i
 from sdtune.eval.report import plot_metrics, shown_metrics, table, write_reports
 from sdtune.metrics import cosine_matrix, diversity, mean_pairwise_similarity, paired_similarity
 from sdtune.runs import run_root
+from sdtune.ui import tasks
+from sdtune.ui.tasks import recommended_checkpoint
+from sdtune.ui.workspace import Workspace
 
 # --------------------------------------------------------------------------------------------------------
 # Metric maths
@@ -195,6 +198,31 @@ def _rendered(spec) -> list[Rendered]:
                      {p: [Image.new("RGB", (8, 8), (v, v, v))] * 2 for p in spec.prompts})
             for label in spec.steps for scale in spec.lora_scales
             for v in [int(40 + 60 * scale + spec.steps[label])]]
+
+
+def test_the_ui_export_defaults_to_the_checkpoint_eval_recommends(tmp_path):
+    """sdtune ui's Export reads eval's report.json (as write_reports writes it) for its default checkpoint; none
+    when the checkpoint is gone (a rewind) or the base model did best (LoRA scale 0)."""
+    run = tmp_path / "run"
+    for label in ("step-000010", "step-000020"):
+        (run / "checkpoints" / label).mkdir(parents=True)
+        (run / "checkpoints" / label / "COMPLETE").write_text("")
+    assert recommended_checkpoint(run) is None  # no report yet
+    spec, scorer = _spec(), PixelScorer()
+    rows = scorer.score(spec, _rendered(spec))
+    (run / "eval").mkdir()
+    write_reports(run / "eval", spec, scorer, rows, scorer.recommend(rows))
+    got = recommended_checkpoint(run)
+    assert got["checkpoint"] == "step-000020" and got["why"].startswith("recommended by eval (bright ")
+    assert got["why"].endswith(": the brightest row")
+    assert tasks.progress(Workspace(tmp_path), "run")["recommended"] == got
+
+    base_best = next(r for r in rows if r.lora_scale == 0)
+    write_reports(run / "eval", spec, scorer, rows, base_best)
+    assert recommended_checkpoint(run) is None
+    write_reports(run / "eval", spec, scorer, rows, scorer.recommend(rows))
+    (run / "checkpoints" / "step-000020" / "COMPLETE").unlink()
+    assert recommended_checkpoint(run) is None
 
 
 def test_a_new_metric_reaches_the_table_both_reports_and_the_plot(tmp_path):

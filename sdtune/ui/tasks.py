@@ -250,7 +250,26 @@ def progress(ws: Workspace, run: str) -> dict[str, Any]:
     kohya = folder / f"{folder.name}{KOHYA_SUFFIX}"
     return {"run": run, "step": step, "max_steps": max_steps, "eta_s": eta, "losses": losses, "samples": samples,
             "checkpoints": [p.name for p in complete_checkpoints(folder)],
-            "kohya": ws.rel(kohya) if kohya.is_file() else None}
+            "kohya": ws.rel(kohya) if kohya.is_file() else None, "recommended": recommended_checkpoint(folder)}
+
+
+def recommended_checkpoint(folder: Path) -> dict[str, str] | None:
+    """What the run's eval report (``sdtune eval RUN``: ``RUN/eval/report.json``) recommends, as Export's default:
+    {"checkpoint": "step-N", "why": "..."}; None without a report, when it recommends none, when it recommends LoRA
+    scale 0 (the base model did best: no checkpoint to prefer), or when that checkpoint is no longer complete (a
+    rewind removed it)."""
+    try:
+        report = json.loads((folder / "eval" / "report.json").read_text(encoding="utf-8"))
+        best = report["recommendation"]
+        name, scale, rule = best["checkpoint"], float(best["lora_scale"]), str(best.get("rule") or "")
+    except (OSError, ValueError, KeyError, TypeError):  # no report, one being written, or not eval's
+        return None
+    if scale <= 0 or name not in {p.name for p in complete_checkpoints(folder)}:
+        return None
+    metrics = ", ".join(f"{k} {v:.3f}" for k, v in (best.get("metrics") or {}).items() if isinstance(v, (int, float)))
+    at = "" if scale == 1 else f" at LoRA scale {scale:g}"
+    return {"checkpoint": name, "why": f"recommended by eval{at}" + (f" ({metrics})" if metrics else "")
+            + (f": {rule}" if rule else "")}
 
 
 def _max_steps(folder: Path) -> int | None:

@@ -387,13 +387,19 @@ async function listCheckpoints() {
   // new checkpoints appear while a run trains: asked again every 10 s, at once for another run
   if (!run || (sel.dataset.run === run && Date.now() - (+sel.dataset.at || 0) < 10000)) return;
   Object.assign(sel.dataset, { run, at: Date.now() });
-  const chosen = sel.value;
+  const chosen = sel.value, picked = sel.dataset.picked === run; // the user's own pick stands
   const p = await api("/api/progress?run=" + encodeURIComponent(run));
-  const options = [["", "final weights (else the latest checkpoint)"], ...p.checkpoints.slice().reverse().map((c) => [c, c])];
+  const best = p.recommended && p.recommended.checkpoint;
+  const options = [["", "final weights (else the latest checkpoint)"],
+    ...p.checkpoints.slice().reverse().map((c) => [c, c === best ? c + " (recommended by eval)" : c])];
   sel.replaceChildren(...options.map(([value, text]) => new Option(text, value)));
-  if (p.checkpoints.includes(chosen)) sel.value = chosen;
+  // without a pick of the user's: eval's recommended checkpoint when the run has a report, else the final weights
+  if (picked && (chosen === "" || p.checkpoints.includes(chosen))) sel.value = chosen;
+  else if (best) sel.value = best;
+  $("recommended").textContent = best ? `${best}: ${p.recommended.why}` : "";
 }
-$("export-run").addEventListener("change", listCheckpoints);
+$("export-run").addEventListener("change", () => { delete $("checkpoint").dataset.picked; listCheckpoints(); });
+$("checkpoint").addEventListener("change", () => { $("checkpoint").dataset.picked = $("export-run").value; });
 // after a reload: the newest finished grid, report and export are shown again
 async function showLastOutputs() {
   const last = (kind) => state.jobs.filter((j) => j.kind === kind && j.state === "finished").pop();
