@@ -103,13 +103,15 @@ def load_components(
     base: str | None = None,
     dtype: torch.dtype | None = None,
     bundled_text_encoders: bool = True,
+    tokenizers: list[Any] | None = None,
 ) -> Components:
     """Load a model's tokenizers, text encoders, VAE, denoiser and training noise scheduler, from a diffusers
     folder, hub id or single-file checkpoint; ``vae``, ``prediction_type``, ``clip_skip``, ``base`` and
     ``bundled_text_encoders`` are the recipe's ``model.*`` options of those names (a FLUX.1 or SD3.x transformer
     file needs ``base``, and loads the text encoders it bundles unless ``bundled_text_encoders`` is off).
     ``dtype``: the denoiser and text encoders are read straight into it (``families.base.load_kwargs``; a
-    single-file SD checkpoint loads as before, in float32); None: the libraries' float32.
+    single-file SD checkpoint loads as before, in float32); None: the libraries' float32. ``tokenizers``: the
+    model's tokenizers already read (``load_tokenizers``: ``check_run``'s), which are then not read again.
 
     Weights load from safetensors only, unless ``allow_unsafe_pickle``: then .bin files are accepted too, and
     diffusers / transformers read them with torch's ``weights_only`` unpickler. Never remote code."""
@@ -126,11 +128,13 @@ def load_components(
     try:
         if tf:
             c = load_transformer_file(tf, family, base, revision, variant, safetensors_only=not allow_unsafe_pickle,
-                                      dtype=dtype, with_vae=vae is None, with_text_encoders=bundled_text_encoders)
+                                      dtype=dtype, with_vae=vae is None, with_text_encoders=bundled_text_encoders,
+                                      tokenizers=tokenizers)
         elif is_single_file(pretrained):
-            c = load_single_file(pretrained, family, prediction_type, with_vae=vae is None)
+            c = load_single_file(pretrained, family, prediction_type, with_vae=vae is None, tokenizers=tokenizers)
         else:
-            c = family.load(pretrained, revision, variant, safetensors_only=not allow_unsafe_pickle, dtype=dtype)
+            c = family.load(pretrained, revision, variant, safetensors_only=not allow_unsafe_pickle, dtype=dtype,
+                            tokenizers=tokenizers)
     except (OSError, ValueError) as e:  # missing files, or pickle weights where safetensors are required
         raise SdtuneError(
             f"model.{'base' if tf else 'pretrained'}: could not load {base or pretrained}"
@@ -175,9 +179,11 @@ def skip_last_layers(encoder: Any, n: int) -> None:
     encoder.config.num_hidden_layers = len(layers) - n
 
 
-def load_single_file(pretrained: str, family: Family, prediction_type: str | None, with_vae: bool = True) -> Components:
+def load_single_file(pretrained: str, family: Family, prediction_type: str | None, with_vae: bool = True,
+                     tokenizers: list[Any] | None = None) -> Components:
     """The components of a single-file checkpoint, converted by ``sdtune.ldm`` with the configs derived from its
-    header (``sdtune.single_file``); the file is memory-mapped, not read twice."""
+    header (``sdtune.single_file``); the file is memory-mapped, not read twice. ``tokenizers``: already read
+    (from the derived config folder), in place of reading them."""
     from diffusers import DDPMScheduler
     from safetensors.torch import load_file
     from transformers import CLIPTokenizer
@@ -186,7 +192,8 @@ def load_single_file(pretrained: str, family: Family, prediction_type: str | Non
     checkpoint = load_file(str(Path(pretrained).expanduser()))
     unet, vae, text_encoders = load_original(checkpoint, family, folder, with_vae=with_vae, source=pretrained)
     return Components(
-        tokenizers=[CLIPTokenizer.from_pretrained(folder, subfolder=s.tokenizer_name) for s in family.text_encoders],
+        tokenizers=tokenizers or [CLIPTokenizer.from_pretrained(folder, subfolder=s.tokenizer_name)
+                                  for s in family.text_encoders],
         text_encoders=text_encoders, vae=vae, denoiser=unet,
         noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
     )
@@ -194,18 +201,20 @@ def load_single_file(pretrained: str, family: Family, prediction_type: str | Non
 
 def load_transformer_file(tf: transformer_file.TransformerFile, family: Family, base: str | None,
                           revision: str | None = None, variant: str | None = None, safetensors_only: bool = True,
-                          dtype: Any = None, with_vae: bool = True, with_text_encoders: bool = True) -> Components:
+                          dtype: Any = None, with_vae: bool = True, with_text_encoders: bool = True,
+                          tokenizers: list[Any] | None = None) -> Components:
     """The components of a transformer file and its base: the transformer converted from the file
     (``sdtune.transformer_file``), the VAE where the file bundles one its layout reads (``with_vae``: no
     ``model.vae`` replaces it) and the text encoders it bundles (``with_text_encoders``:
     ``model.bundled_text_encoders``), whose weights in ``base`` are then not read; the rest loaded from ``base``
-    by the family (at ``revision`` / ``variant``): tokenizers, scheduler, the VAE and encoders the file lacks."""
+    by the family (at ``revision`` / ``variant``): tokenizers (unless ``tokenizers`` holds them already read),
+    scheduler, the VAE and encoders the file lacks."""
     folder = transformer_file.config_folder(tf, base, revision)
     assert base is not None  # config_folder refuses a file without one
     transformer, vae = transformer_file.load(tf, folder, dtype, with_vae=with_vae)
     encoders = transformer_file.load_text_encoders(tf, folder, dtype) if with_text_encoders else {}
     c = family.load(base, revision, variant, safetensors_only, dtype=dtype, denoiser=transformer,
-                    loaded_text_encoders=encoders)
+                    loaded_text_encoders=encoders, tokenizers=tokenizers)
     if vae is not None:
         c.vae = vae
     return c

@@ -14,8 +14,9 @@ import hashlib
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from sdtune import families, transformer_file
 from sdtune.config import Concept, Config, ConfigError
@@ -85,6 +86,10 @@ class RunPlan(BaseModel):
     resume_state: dict = {}  # its state.json
     strict: bool = False  # warnings found later (captions, tokens) stop the run too
     validation: list[Example] = []  # data.validation_dir's held-out examples (sdtune.validation)
+    # the model's tokenizers as the token check read them: the run loads these, not its own copies (none: the
+    # check could not read them, and the run reads them with the weights). Pivotal tuning adds its tokens to them:
+    # a plan starts one run.
+    tokenizers: list[Any] = Field(default_factory=list, repr=False, exclude=True)
 
     @property
     def family(self) -> Family:
@@ -419,10 +424,11 @@ def _check_model(cfg: Config, problems: list[str], warnings: list[str]) -> tuple
 
 
 def _check_tokens(cfg: Config, info: ModelInfo, files: ModelFiles, examples: list[Example],
-                  warnings: list[str]) -> None:
+                  warnings: list[str]) -> list[Any]:
     """What the model's own tokenizers (no weights) say of the run's words: an identifier that is not a single,
     rare token (``sdtune check-token``), a caption (or class prompt) longer than a text encoder reads. Here,
-    ``--dry-run`` says them and ``--strict`` refuses them with the other problems."""
+    ``--dry-run`` says them and ``--strict`` refuses them with the other problems. Returns the tokenizers, for
+    the run to use (none if they could not be read)."""
     class_prompts = [(k.key_of("class_prompt"), k.class_prompt) for k in cfg.concepts()
                      if cfg.prior.enabled and k.class_prompt]
     m = cfg.model
@@ -431,7 +437,7 @@ def _check_tokens(cfg: Config, info: ModelInfo, files: ModelFiles, examples: lis
     except Exception as e:  # the load itself reports a missing or broken tokenizer, with the weights
         warnings.append(f"captions: their length was not checked: the tokenizers of {m.base or m.pretrained} "
                         f"could not be read ({error_summary(e, 120)})")
-        return
+        return []
     for concept in cfg.concepts():
         report = check_identifier(concept.identifier, tokenizers)
         if report.verdict != "good":
@@ -439,6 +445,7 @@ def _check_tokens(cfg: Config, info: ModelInfo, files: ModelFiles, examples: lis
             warnings.append(f"{concept.key_of('identifier')} {report.summary} (see `sdtune check-token "
                             f"{concept.identifier}`{more})")
     warnings += truncated_captions(info.family, examples, tokenizers, cfg.identifiers(), class_prompts)
+    return tokenizers
 
 
 def _scan_concept(cfg: Config, c: Concept, index: int, resolution: int | None) -> tuple[Path | None, Scan]:
@@ -494,6 +501,7 @@ def check_run(cfg: Config, strict: bool = False, run_folder: bool = True) -> Run
     are not checked (``sdtune class-images`` writes no run)."""
     problems: list[str] = []
     model_warnings: list[str] = []
+    tokenizers: list[Any] = []
     info, files = _check_model(cfg, problems, model_warnings)
     if info is not None:
         cfg = with_family_defaults(cfg, info.family)
@@ -533,7 +541,7 @@ def check_run(cfg: Config, strict: bool = False, run_folder: bool = True) -> Run
         warnings += info.family.config_warnings(cfg)  # options this model takes but ignores (FLUX.1-schnell's guidance)
         problems += weight_problems(cfg.model.pretrained, cfg.model.revision)
         if not scan.problems:
-            _check_tokens(cfg, info, files, scan.examples, warnings)
+            tokenizers = _check_tokens(cfg, info, files, scan.examples, warnings)
         # class images of the user's folder that sdtune made for another prompt or model (by name here; their
         # files' identity is compared again when the run loads the model)
         warnings += [w for c in cfg.concepts() if cfg.prior.enabled and c.class_dir and c.class_prompt
@@ -556,7 +564,7 @@ def check_run(cfg: Config, strict: bool = False, run_folder: bool = True) -> Run
                    instance_dir=folders[0], class_dir=class_dirs[0],
                    warnings=warnings, data=data, resume_from=resumed[0] if resumed else None,
                    resume_state=resumed[1] if resumed else {}, strict=strict, validation=validation,
-                   instance_dirs=folders, class_dirs=class_dirs,
+                   instance_dirs=folders, class_dirs=class_dirs, tokenizers=tokenizers,
                    repeats=concept_repeats(counts, [c.repeats for c in concepts], cfg.data.balance_concepts,
                                            cfg.data.repeats))
 

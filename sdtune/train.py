@@ -495,6 +495,7 @@ def _load_model(cfg: Config, plan: RunPlan, accelerator: Accelerator,
     c = load_components(info.pretrained, info.family, m.revision, m.variant, m.allow_unsafe_pickle, vae=m.vae,
                         prediction_type=m.prediction_type, clip_skip=m.clip_skip, base=m.base,
                         bundled_text_encoders=m.bundled_text_encoders,
+                        tokenizers=plan.tokenizers or None,  # check_run's: read once per run
                         # read in half precision where the run computes in it: FLUX.1 + T5 take 34 GB of RAM, not 68
                         dtype=None if weight_dtype == torch.float32 else weight_dtype)
     # Frozen weights in the compute dtype; a VAE that overflows in fp16 (SDXL's) asks for fp32 (force_upcast).

@@ -504,3 +504,24 @@ def test_two_processes_on_a_busy_folder_both_refuse(tiny_model, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_run_reads_each_tokenizer_once(tiny_model, tmp_path, monkeypatch):
+    """check_run reads the tokenizers for the token check and the run trains with those: each tokenizer folder
+    is read once per run (it was read again with the weights), and again by the next run (no cache between runs)."""
+    from transformers import CLIPTokenizer
+
+    real = CLIPTokenizer.from_pretrained.__func__
+    reads: list[tuple[str, str | None]] = []
+
+    def counting(cls, source, *args, **kwargs):
+        reads.append((str(source), kwargs.get("subfolder")))
+        return real(cls, source, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPTokenizer, "from_pretrained", classmethod(counting))
+    model = tiny_model("sdxl")
+    for run in ("a", "b"):
+        reads.clear()
+        train(load_config(None, overrides(model, tmp_path / run, "train.max_steps=1", "sdxl.crop_conditioning=false")))
+        assert sorted(reads) == [(str(model), "tokenizer"), (str(model), "tokenizer_2")], reads
+        assert (tmp_path / run / WEIGHT_NAME).is_file()

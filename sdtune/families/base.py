@@ -320,9 +320,10 @@ class Family(Protocol):
 
     # -- loading and building
     def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool,
-             dtype: Any = None) -> Components:
+             dtype: Any = None, tokenizers: list[Any] | None = None) -> Components:
         """Tokenizers, text encoders, VAE, denoiser and the training noise scheduler; ``dtype``: the denoiser's
-        and text encoders' (``load_kwargs``), None for the libraries' default (float32)."""
+        and text encoders' (``load_kwargs``), None for the libraries' default (float32); ``tokenizers``: the
+        model's, already read (``sdtune.models.load_tokenizers``), which are then not read again."""
         ...
 
     def pipeline(self, components: Components, scheduler: Any = None) -> Any:

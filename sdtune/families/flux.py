@@ -215,10 +215,10 @@ class Flux:
 
     def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool,
              dtype: Any = None, denoiser: Any = None,
-             loaded_text_encoders: dict[str, Any] | None = None) -> Components:
+             loaded_text_encoders: dict[str, Any] | None = None, tokenizers: list[Any] | None = None) -> Components:
         """``denoiser``: a transformer already loaded (a single file's, ``sdtune.flux_file``) in place of the
         model's own, which is then not read; ``loaded_text_encoders``: {component name: text encoder} likewise
-        (the ones such a file bundles)."""
+        (the ones such a file bundles); ``tokenizers``: the model's, already read, likewise."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -226,8 +226,8 @@ class Flux:
         wkw: dict[str, Any] = dict(revision=revision, variant=variant, use_safetensors=True if safetensors_only else None)
         dkw, tkw = load_kwargs(dtype)
         return Components(
-            tokenizers=[CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw),
-                        T5TokenizerFast.from_pretrained(pretrained, subfolder="tokenizer_2", **kw)],
+            tokenizers=tokenizers or [CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kw),
+                                      T5TokenizerFast.from_pretrained(pretrained, subfolder="tokenizer_2", **kw)],
             text_encoders=[load_text_encoder(cls, pretrained, name, loaded_text_encoders, **wkw, **tkw)
                            for cls, name in [(CLIPTextModel, "text_encoder"), (T5EncoderModel, "text_encoder_2")]],
             vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **wkw),

@@ -157,7 +157,7 @@ class StableDiffusion:
     # Loading and building
 
     def load(self, pretrained: str, revision: str | None, variant: str | None, safetensors_only: bool,
-             dtype: Any = None) -> Components:
+             dtype: Any = None, tokenizers: list[Any] | None = None) -> Components:
         import transformers
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTokenizer
@@ -165,9 +165,10 @@ class StableDiffusion:
         kw: dict[str, Any] = dict(revision=revision)
         wkw: dict[str, Any] = dict(revision=revision, variant=variant, use_safetensors=True if safetensors_only else None)
         dkw, tkw = load_kwargs(dtype)  # the VAE loads as it is: its dtype depends on force_upcast
-        tokenizers, text_encoders = [], []
+        tokenizers = tokenizers or [CLIPTokenizer.from_pretrained(pretrained, subfolder=spec.tokenizer_name, **kw)
+                                    for spec in self.text_encoders]
+        text_encoders = []
         for spec in self.text_encoders:
-            tokenizers.append(CLIPTokenizer.from_pretrained(pretrained, subfolder=spec.tokenizer_name, **kw))
             model_class = getattr(transformers, spec.model_class)
             text_encoders.append(model_class.from_pretrained(pretrained, subfolder=spec.name, **wkw, **tkw))
         return Components(
