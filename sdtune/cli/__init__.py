@@ -4,6 +4,7 @@
     data.py    prep, check-token,           share.py   export, push
                suggest-tokens                eval.py    eval
     micro.py   micro ...                    doctor.py  doctor
+    launch.py  launch (accelerate launch)
 
 The library raises ``SdtuneError`` and logs; this package prints: mistakes a user can make end in one
 ``error: ...`` line and exit code 2, never a traceback. So do the OSErrors of a user's paths (permission
@@ -22,12 +23,13 @@ import re
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sdtune import __version__
-from sdtune.cli import data, doctor, micro, sample, share, ui
+from sdtune.cli import data, doctor, launch, micro, sample, share, ui
 from sdtune.cli import eval as evaluation  # (`eval` would shadow the built-in)
 from sdtune.cli import train as training
 from sdtune.cli.console import (
@@ -42,7 +44,7 @@ from sdtune.cli.console import (
 )
 from sdtune.errors import Interrupted, SdtuneError
 
-COMMAND_GROUPS = (training, data, sample, share, evaluation, micro, doctor, ui)
+COMMAND_GROUPS = (training, launch, data, sample, share, evaluation, micro, doctor, ui)
 
 
 def build_parser() -> Parser:
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("stopped by SIGTERM" if terminated else "interrupted", file=sys.stderr)
+        if not not_first_process():  # the launcher stops the others when one fails: the first says it
+            print("stopped by SIGTERM" if terminated else "interrupted", file=sys.stderr)
         return SIGTERM_EXIT if terminated else 130
     except Exception as e:
         return _unexpected(e, args.debug or os.environ.get("SDTUNE_DEBUG", "") not in ("", "0"))
@@ -119,13 +122,24 @@ def _sigterm_as_ctrl_c(terminated: list[int]) -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+# How long a process other than the first waits before it exits quietly on a recipe's problems: torch elastic
+# (accelerate launch with several processes, torchrun) stops every process once one has failed, and a quiet one
+# that failed first stopped the first before it said the problems: the launch then ended without a word of why.
+RANK_ZERO_GRACE_S = 10.0
+
+
 def _said_by_rank_zero(e: SdtuneError) -> bool:
     """True for a recipe's problems (``ConfigError``) in a process other than the first of a multi-process launch
     (``accelerate launch``): every process checks the same recipe and finds the same lines, which the first one
-    prints; the others exit with the same code, quietly, instead of printing each line N times."""
+    prints; the others exit with the same code, quietly, instead of printing each line N times (under torch
+    elastic, after ``RANK_ZERO_GRACE_S``, unless it has stopped them by then: the first process fails first)."""
     from sdtune.config import ConfigError
 
-    return not_first_process() and isinstance(e, ConfigError)
+    if not (not_first_process() and isinstance(e, ConfigError)):
+        return False
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        time.sleep(RANK_ZERO_GRACE_S)
+    return True
 
 
 def _late_overrides(parser: Parser, args: argparse.Namespace, extra: list[str]) -> None:
