@@ -266,3 +266,26 @@ def test_push_token_is_never_written(tmp_path):
         if file.is_file():
             assert b"hf_SECRET123" not in file.read_bytes(), file
     assert "hf_SECRET123" not in json.dumps(jobs.status(ws, job["name"]))
+
+
+def test_two_tabs_stopping_the_same_job_both_succeed(server):
+    """Two tabs follow the same training and both press Stop: the job gets its SIGTERM and ends 'stopped'; the
+    second Stop (sent while it stops, and again once it has ended) answers with the job's state, not an error
+    box (it said 'job ... is not running (stopped)')."""
+    ws = server.ws
+    # a job that, like a training, takes a moment to stop after SIGTERM and exits 143
+    script = ("import signal, sys, time\n"
+              "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.5), sys.exit(143)))\n"
+              "time.sleep(60)\n")
+    job = jobs.launch(ws, "train", [sys.executable, "-c", script])
+    assert wait_for(lambda: jobs.status(ws, job["name"])["state"] == "running")
+    time.sleep(0.3)  # the handler is installed
+    body = json.dumps({"name": job["name"]}).encode()
+    headers = {"Content-Type": "application/json"}
+    first = request(server, "POST", "/api/stop", body, headers)
+    second = request(server, "POST", "/api/stop", body, headers)  # the other tab, while the job stops
+    assert first[0] == 200 and second[0] == 200, (first, second)
+    assert wait_for(lambda: jobs.status(ws, job["name"])["state"] == "stopped")
+    status, answer = request(server, "POST", "/api/stop", body, headers)  # a tab that polled late
+    assert status == 200 and json.loads(answer)["state"] == "stopped"
+    assert jobs.status(ws, job["name"])["rc"] == 143

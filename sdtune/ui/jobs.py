@@ -130,12 +130,23 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
+ENDED = ("finished", "failed", "stopped", "lost")  # states of a job whose process is gone
+
+
 def stop(ws: Workspace, name: str) -> dict[str, Any]:
-    """SIGTERM to a running job's process (training saves a checkpoint, then exits)."""
+    """SIGTERM to a running job's process (training saves a checkpoint, then exits). A job that has already
+    ended (another tab's Stop, or its own end) is left as it is and its status returned, not an error: two
+    tabs may show the same job. A second SIGTERM to a job that is stopping is harmless (a training ignores it
+    while it saves: ``sdtune.guards.StopSignals``)."""
     s = status(ws, name)
+    if s["state"] in ENDED:
+        return s
     if s["state"] != "running":
-        raise SdtuneError(f"job {name} is not running ({s['state']})")
-    os.kill(s["pid"], signal.SIGTERM)
+        raise SdtuneError(f"job {name} is not running ({s['state']}); fix: wait for it to start, then Stop")
+    try:
+        os.kill(s["pid"], signal.SIGTERM)
+    except ProcessLookupError:  # it ended between the status and the signal
+        pass
     return s
 
 
