@@ -1,7 +1,7 @@
 """Training data: find subject images and captions, turn them into batches, in a resumable order.
 
 Instance folders are either a Hugging Face ``imagefolder`` dataset (images + ``metadata.jsonl`` with
-``file_name`` and ``text``, as ``sdtune prep`` writes it, or ``metadata.csv``; the caption key is ``text``,
+``file_name`` and ``text``, as ``sdtune prep`` writes it, or ``metadata.csv`` / ``metadata.parquet``; the caption key is ``text``,
 ``caption`` or ``prompt``, as for ``data.dataset``), images with a ``.txt`` caption beside each, or plain
 images that all share ``data.instance_prompt``.
 
@@ -42,7 +42,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdtune import __version__
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, error_summary
 from sdtune.files import Located, locate, remembered
 from sdtune.hfdata import CAPTION_COLUMNS
 from sdtune.images import DECODERS, IMAGE_EXTENSIONS, Decoded, Unreadable, missing_decoder, read_image
@@ -211,7 +211,7 @@ def _survey(folder: Path, key: str, scan: Scan) -> list[Path]:
                                      "fix: remove or rename it")
         elif _is_dir(e):
             subfolders.append(e.name + "/")
-        elif suffix not in TEXT_SUFFIXES:
+        elif suffix not in TEXT_SUFFIXES and e.name not in METADATA_FILES:
             unknown.append(e.name)
     if unknown:
         scan.warnings.append(f"{key}: not in a format sdtune reads ({', '.join(DECODERS)}), so not used: "
@@ -268,7 +268,8 @@ def _file_name(name: str) -> tuple[str | None, str | None]:
     return parts[0], None
 
 
-METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # the caption files of datasets' imagefolder read here
+# the caption files of datasets' imagefolder (datasets 3 to 5 read all three), read here
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 _ANY_CAPTION = f"a caption ({', '.join(CAPTION_COLUMNS[:-1])} or {CAPTION_COLUMNS[-1]})"
 _BLANK = object()  # a blank metadata.jsonl line (json.loads("null") is None: a bad row, not a blank one)
 Parsed = tuple[tuple[str, str] | None, str | None]  # ((file name, caption), None) or (None, why refused)
@@ -363,15 +364,50 @@ def _csv_rows(data: bytes) -> Iterator[Row]:
         yield reader.line_num, None, f"cannot be read as CSV ({e}); fix: save it again as CSV"
 
 
+def _parquet_rows(data: bytes) -> Iterator[Row]:
+    """metadata.parquet's rows (numbered from 1), as datasets' imagefolder reads them: a ``file_name`` column
+    and a caption column (the first of ``CAPTION_COLUMNS`` it has), one image per row. A problem of the whole
+    file is row 0."""
+    import pyarrow as pa  # datasets' own dependency; only a folder with a metadata.parquet needs it
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as e:
+        yield 0, None, (f"cannot be read as Parquet ({error_summary(e, 100)}); fix: write it again, e.g. with "
+                        "pandas' DataFrame.to_parquet")
+        return
+    caption_key = next((c for c in CAPTION_COLUMNS if c in table.column_names), None)
+    if "file_name" not in table.column_names or caption_key is None:
+        yield 0, None, (f"has no file_name and {_ANY_CAPTION} columns (its columns: "
+                        f"{_shown(', '.join(table.column_names)) or 'none'}); fix: name them file_name and text")
+        return
+    names, captions = table.column("file_name").to_pylist(), table.column(caption_key).to_pylist()
+    for n, (name, caption) in enumerate(zip(names, captions), 1):
+        if not isinstance(name, str) or not isinstance(caption, str) or not caption.strip():
+            what = "file_name" if not isinstance(name, str) else caption_key
+            yield n, None, f"has no {what} (empty or not text); fix: fill it in, or remove the row"
+            continue
+        file, why = _file_name(name)
+        yield (n, (file, caption), None) if file else (n, None, why)
+
+
+def _unit(metadata: Path) -> str:
+    """What a metadata file's numbers count, for messages: a Parquet file has rows, the text files lines."""
+    return "row" if metadata.suffix == ".parquet" else "line"
+
+
 def _bad_lines(key: str, metadata: Path, group: list[tuple[int, str]]) -> str:
     """One problem line for every line refused for one reason: the first one said, the others counted (a file
     whose every line is wrong is one line of output, not one per image)."""
     n, problem = group[0]
     what, _, fix = problem.partition("; fix: ")
     others = [str(m) for m, _ in group[1:]]
-    more = (f" ({len(others):,} more line{'s' if len(others) > 1 else ''} like it: {', '.join(others[:5])}"
+    unit = _unit(metadata)
+    more = (f" ({len(others):,} more {unit}{'s' if len(others) > 1 else ''} like it: {', '.join(others[:5])}"
             f"{', ...' if len(others) > 5 else ''})") if others else ""
-    return f"{key}: {metadata} line {n} {what}{more}" + (f"; fix: {fix}" if fix else "")
+    at = f" {unit} {n}" if n else ""  # 0: the file as a whole
+    return f"{key}: {metadata}{at} {what}{more}" + (f"; fix: {fix}" if fix else "")
 
 
 def _collect(rows: Iterator[Row], metadata: Path, key: str, scan: Scan) -> dict[str, str]:
@@ -391,10 +427,11 @@ def _collect(rows: Iterator[Row], metadata: Path, key: str, scan: Scan) -> dict[
     if repeated:
         name, first, n = repeated[0]
         others = list(dict.fromkeys(r[0] for r in repeated[1:] if r[0] != name))
-        more = f"; so is the last line of {len(others)} more name(s) listed twice: {_names(others)}" \
+        unit = _unit(metadata)
+        more = f"; so is the last {unit} of {len(others)} more name(s) listed twice: {_names(others)}" \
             if others else ""
-        scan.warnings.append(f"{key}: {metadata} lists {_shown(name)} on lines {first} and {n}; the caption "
-                             f"on line {n} is used{more}")
+        scan.warnings.append(f"{key}: {metadata} lists {_shown(name)} on {unit}s {first} and {n}; the caption "
+                             f"on {unit} {n} is used{more}")
     return captions
 
 
@@ -433,21 +470,21 @@ def _read_if_file(path: Path, key: str, scan: Scan) -> bytes | None:
 
 def _captioned(folder: Path, images: list[Path], key: str,
                scan: Scan) -> tuple[list[Path], dict[str, str] | None]:
-    """The images to train on and their captions from the folder's ``metadata.jsonl`` or ``metadata.csv``
-    (None without either; then .txt files or the prompt caption them). As datasets' imagefolder does, images
-    the file does not list are not examples (`sdtune prep`'s contact_sheet.jpg among them), and a folder with
-    both files is refused. Each file is read once, whatever the number of images."""
+    """The images to train on and their captions from the folder's ``metadata.jsonl``, ``metadata.csv`` or
+    ``metadata.parquet`` (None without one; then .txt files or the prompt caption them). As datasets'
+    imagefolder does, images the file does not list are not examples (`sdtune prep`'s contact_sheet.jpg among
+    them), and a folder with two of them is refused. Each file is read once, whatever the number of images."""
     found = [(folder / name, data) for name in METADATA_FILES
              if (data := _read_if_file(folder / name, key, scan)) is not None]
     if len(found) > 1:
-        scan.problems.append(f"{key}: {folder} holds both {' and '.join(METADATA_FILES)}, so which captions "
-                             "are meant is not clear (datasets' imagefolder refuses such a folder too); fix: "
-                             "keep one")
+        scan.problems.append(f"{key}: {folder} holds {'both ' if len(found) == 2 else ''}{' and '.join(m.name for m, _ in found)}, so which "
+                             "captions are meant is not clear (datasets' imagefolder refuses such a folder too); "
+                             "fix: keep one")
         return [], {}
     if not found:
         return images, None
     metadata, data = found[0]
-    rows = _csv_rows(data) if metadata.suffix == ".csv" else _jsonl_rows(data)
+    rows = {".csv": _csv_rows, ".parquet": _parquet_rows}.get(metadata.suffix, _jsonl_rows)(data)
     captions = _collect(rows, metadata, key, scan)
     _check_named(captions, metadata, key, scan, frozenset(p.name for p in images))
     unlisted = [p.name for p in images if p.name not in captions and p.name != "contact_sheet.jpg"]

@@ -149,7 +149,7 @@ def _open_folder(folder: Path, split: str, problems: list[str]) -> Dataset | Non
     """A local folder that ``save_to_disk`` did not write: its .parquet / .arrow files as datasets infers them,
     else its images through the ``imagefolder`` builder, named rather than inferred: datasets infers the
     ``text`` builder for a folder with as many .txt captions as images, as ``sdtune prep`` and ``sdtune micro
-    subject`` write them (metadata.jsonl or metadata.csv beside the images still captions them)."""
+    subject`` write them (a metadata.jsonl, .csv or .parquet beside the images still captions them)."""
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
     suffixes = _suffixes(folder)

@@ -697,6 +697,8 @@ def _left_out(path: Path, src_dir: Path) -> tuple[str, str] | None:
         return "ignored", "junk or hidden file"
     if path.suffix.lower() in TEXT_SUFFIXES:
         return "ignored", "text file, not an image"
+    if is_metadata_file(name):  # metadata.parquet: read for --caption-from metadata, never decoded
+        return "ignored", "metadata file, not an image"
     if path.is_symlink():
         target = path.resolve()
         if not target.is_relative_to(src_dir):
@@ -776,7 +778,7 @@ def _source_metadata(src_dir: Path, left_out: list[Result], caption_from: str | 
     files = [r.source for r in left_out if r.status == "ignored" and is_metadata_file(r.source)]
     if caption_from == "metadata":
         if not files:
-            raise SdtuneError(f"--caption-from metadata: {src_dir} has no metadata.jsonl or metadata.csv (a "
+            raise SdtuneError(f"--caption-from metadata: {src_dir} has no metadata.jsonl, .csv or .parquet (a "
                               "file_name column and a text, caption or prompt column); fix: --caption-from txt "
                               "or filename, or --caption")
         return read_metadata(src_dir, files)

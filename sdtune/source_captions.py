@@ -1,10 +1,10 @@
-"""The captions a folder of source photos already holds in ``metadata.jsonl`` / ``metadata.csv``, read as
+"""The captions a folder of source photos already holds in ``metadata.jsonl`` / ``.csv`` / ``.parquet``, read as
 ``datasets``' imagefolder reads them, for ``sdtune prep SRC OUT --caption-from metadata``.
 
 As in ``datasets`` (2.x to 5.x): a metadata file may be in SRC or in any subfolder, and each row's
 ``file_name`` is relative to the folder the file is in (``dogs/metadata.jsonl`` naming ``a.jpg`` captions
 ``dogs/a.jpg``); a ``file_name`` that is absolute or climbs out with ``..`` is refused; SRC holds metadata
-files of one kind (``datasets`` refuses a mix of .jsonl and .csv). The caption is the first of the columns
+files of one kind (``datasets`` refuses a mix of .jsonl, .csv and .parquet). The caption is the first of the columns
 ``text``, ``caption``, ``prompt`` that the file has (``sdtune.hfdata.CAPTION_COLUMNS``: what ``data.dataset``
 takes by default), with runs of whitespace made one space, as ``--caption-from txt`` reads a .txt.
 
@@ -22,10 +22,11 @@ import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, error_summary
 from sdtune.hfdata import CAPTION_COLUMNS
 
-METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # what datasets' imagefolder reads captions from
+# what datasets' imagefolder reads captions from (datasets 3 to 5 read all three)
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 
 
 @dataclass
@@ -34,11 +35,11 @@ class Caption:
 
     text: str
     file: str  # the metadata file, relative to SRC: "dogs/metadata.jsonl"
-    line: int
+    line: int  # a Parquet file's row
 
     @property
     def where(self) -> str:
-        return f"{self.file} line {self.line}"
+        return f"{self.file} {_unit(self.file)} {self.line}"
 
 
 @dataclass
@@ -73,7 +74,7 @@ def read_metadata(src_dir: Path, files: list[str]) -> SourceMetadata:
     kinds = sorted({posixpath.splitext(f)[1] for f in files})
     if len(kinds) > 1:
         raise SdtuneError(f"SRC: holds metadata files of two kinds ({', '.join(files[:4])}); datasets' imagefolder "
-                          "reads one kind; fix: keep metadata.jsonl or metadata.csv, not both")
+                          "reads one kind; fix: keep one of metadata.jsonl, metadata.csv and metadata.parquet")
     found = SourceMetadata()
     for rel in files:
         rows = _rows(src_dir / rel, rel)
@@ -85,7 +86,7 @@ def read_metadata(src_dir: Path, files: list[str]) -> SourceMetadata:
         found.files[rel] = len(rows)
         folder = posixpath.dirname(rel)
         for line, row in rows:
-            where = f"{rel} line {line}"
+            where = f"{rel} {_unit(rel)} {line}"
             name = _file_name(row.get("file_name"), where)
             source = posixpath.join(folder, name) if folder else name
             value = row.get(column)
@@ -97,8 +98,27 @@ def read_metadata(src_dir: Path, files: list[str]) -> SourceMetadata:
     return found
 
 
+def _unit(rel: str) -> str:
+    """What a metadata file's numbers count, for messages: a Parquet file has rows, the text files lines."""
+    return "row" if rel.endswith(".parquet") else "line"
+
+
+def _parquet_rows(path: Path, rel: str) -> list[tuple[int, dict]]:
+    """The rows of a metadata.parquet as (row number from 1, {column: value})."""
+    import pyarrow  # datasets' own dependency; only a folder with a metadata.parquet needs it
+    import pyarrow.parquet as pq
+
+    try:
+        return list(enumerate(pq.read_table(path).to_pylist(), 1))
+    except (pyarrow.ArrowException, OSError) as e:
+        raise SdtuneError(f"--caption-from metadata: cannot read {rel} as Parquet ({error_summary(e, 100)}); fix: "
+                          "write it again, e.g. with pandas' DataFrame.to_parquet") from None
+
+
 def _rows(path: Path, rel: str) -> list[tuple[int, dict]]:
     """The rows of one metadata file as (line number, {column: value}); blank lines are skipped."""
+    if rel.endswith(".parquet"):
+        return _parquet_rows(path, rel)
     try:
         data = path.read_bytes().decode("utf-8-sig")
     except OSError as e:

@@ -198,3 +198,53 @@ def test_a_hub_id_without_network_is_one_probe_and_one_line(datasets, monkeypatc
     assert problems[0].startswith("data.dataset: nobody-sdtune/no-such-dataset is not in the datasets cache")
     assert "and the Hub cannot be reached from here" in problems[0]
     assert "HF_HUB_OFFLINE" not in problems[0] and "HF_DATASETS_OFFLINE" not in problems[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# metadata.parquet
+
+
+def _parquet(path: Path, columns: dict[str, list]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+
+
+def test_metadata_parquet_captions_the_images_as_imagefolder_reads_it(tmp_path):
+    """datasets' imagefolder reads metadata.parquet beside .jsonl and .csv: so does a training folder (it was
+    'not in a format sdtune reads, fix: convert them to PNG', and the images trained on the instance prompt)."""
+    names = _folder(tmp_path)
+    _parquet(tmp_path / "metadata.parquet", {"file_name": names, "prompt": CAPTIONS})
+    scan = scan_instance_dir(tmp_path, "sks", "an instance prompt that must not be used")
+    assert scan.problems == [] and scan.warnings == []
+    assert [(e.path.name, e.caption) for e in scan.examples] == list(zip(names, CAPTIONS))
+    shutil.copy(DEMO_DATA / "toy_05.png", tmp_path / "extra.png")
+    scan = scan_instance_dir(tmp_path, "sks", None)
+    assert len(scan.examples) == 3 and "not in metadata.parquet, so not used: extra.png" in scan.warnings
+
+
+def test_metadata_parquet_problems_are_one_line_per_reason_with_rows(tmp_path):
+    names = _folder(tmp_path)
+    parquet = tmp_path / "metadata.parquet"
+    _parquet(parquet, {"file_name": [names[0], names[1], names[2], "gone.png", "sub/x.png"],
+                       "text": ["sks toy", None, "", "sks toy", "sks toy"]})
+    scan = scan_instance_dir(tmp_path, "sks", None)
+    assert scan.problems == [
+        f"{KEY}: {parquet} row 2 has no text (empty or not text) (1 more row like it: 3); fix: fill it in, or "
+        "remove the row",
+        f"{KEY}: {parquet} row 5 names sub/x.png, in a subfolder, which is not read; fix: move the image into the "
+        "folder itself and give its bare file name",
+        f"{KEY}: {parquet} names gone.png, which is not in the folder",
+    ]
+    _parquet(parquet, {"file_name": names, "label": ["a", "b", "c"]})
+    assert scan_instance_dir(tmp_path, "sks", None).problems == [
+        f"{KEY}: {parquet} has no file_name and a caption (text, caption or prompt) columns (its columns: "
+        "file_name, label); fix: name them file_name and text"]
+    parquet.write_bytes(b"not parquet")
+    [problem] = scan_instance_dir(tmp_path, "sks", None).problems
+    assert problem.startswith(f"{KEY}: {parquet} cannot be read as Parquet (")
+    _jsonl(tmp_path / "metadata.jsonl", [{"file_name": n, "text": "sks toy"} for n in names])
+    assert scan_instance_dir(tmp_path, "sks", None).problems == [
+        f"{KEY}: {tmp_path} holds both metadata.jsonl and metadata.parquet, so which captions are meant is not "
+        "clear (datasets' imagefolder refuses such a folder too); fix: keep one"]

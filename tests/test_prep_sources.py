@@ -112,7 +112,7 @@ def test_no_caption_option_names_the_metadata_file_and_how_to_use_it(tmp_path):
 
 
 @pytest.mark.parametrize("files, says", [
-    ({}, "has no metadata.jsonl or metadata.csv"),
+    ({}, "has no metadata.jsonl, .csv or .parquet"),
     ({"metadata.jsonl": '{"file_name": "p0.jpg", "text": "x"}\n', "sub/metadata.csv": "file_name,text\n"},
      "two kinds"),
     ({"metadata.jsonl": '{"file_name": "p0.jpg", "text": "x"}\nnot json\n'}, "metadata.jsonl line 2 is not a JSON"),
@@ -263,3 +263,44 @@ def test_workers_are_checked_and_capped_at_the_cores(tmp_path, monkeypatch, capl
         report = prep(src, tmp_path / "out", resolution=64, caption="x", workers=64, progress=False)
     assert "--workers 64: this machine has 1 CPU cores for it; using 1" in caplog.text
     assert report["summary"]["images"] == 1
+
+
+def _parquet(path: Path, columns: dict[str, list]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+
+
+def test_captions_from_metadata_parquet_as_datasets_reads_them(tmp_path):
+    """metadata.parquet (datasets 3 to 5's imagefolder reads it beside .jsonl and .csv): its captions, nested
+    ones relative to their folder, the file counted as a caption file (it was decoded as a photo and skipped),
+    and the same captions datasets' imagefolder gives; a broken one is one line naming it."""
+    datasets = pytest.importorskip("datasets")
+    src = tmp_path / "src"
+    photos(src, 2)
+    photos(src / "more", 1)
+    _parquet(src / "metadata.parquet", {"file_name": ["p0.jpg", "p1.jpg"],
+                                        "caption": ["a photo of sks dog, on a beach", "sks dog  in snow"],
+                                        "width": [96, 72]})
+    _parquet(src / "more" / "metadata.parquet", {"file_name": ["p0.jpg"], "caption": ["nested sks dog"]})
+    report = run(src, tmp_path / "a", caption_from="metadata")
+    got = {row["source"]: row.get("caption") for row in report["files"] if row["status"] == "kept"}
+    assert got == {"p0.jpg": "a photo of sks dog, on a beach", "p1.jpg": "sks dog in snow",
+                   "more/p0.jpg": "nested sks dog"}
+    assert sorted(written(tmp_path / "a").values()) == sorted(got.values())
+    table = by_source(report)
+    assert table["metadata.parquet"]["status"] == table["more/metadata.parquet"]["status"] == "caption"
+    assert report["summary"]["skipped"] == 0 and report["summary"]["ignored"] == 0
+    ds = datasets.load_dataset("imagefolder", data_dir=str(src), split="train", cache_dir=str(tmp_path / "hf"))
+    theirs = {Path(im.filename).relative_to(src).as_posix(): t for im, t in zip(ds["image"], ds["caption"])}
+    assert {k: " ".join(v.split()) for k, v in theirs.items()} == got
+
+    (src / "more" / "metadata.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(SdtuneError) as e:
+        run(src, tmp_path / "b", caption_from="metadata")
+    assert "cannot read more/metadata.parquet as Parquet" in str(e.value) and len(str(e.value).splitlines()) == 1
+    (src / "more" / "metadata.parquet").unlink()
+    _parquet(src / "metadata.parquet", {"file_name": ["p0.jpg", None], "text": ["sks dog", "sks dog"]})
+    with pytest.raises(SdtuneError, match=r"metadata.parquet row 2 has no file_name"):
+        run(src, tmp_path / "c", caption_from="metadata")

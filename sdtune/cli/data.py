@@ -62,8 +62,8 @@ def add_commands(sub: Any) -> None:
     captions.add_argument("--caption", type=text, help="one caption for every image, e.g. 'a photo of sks dog'")
     captions.add_argument("--caption-from", choices=CAPTION_SOURCES,
                           help="filename: the source name ('sks_dog_beach_2.jpg' -> 'sks dog beach'); "
-                          "txt: a .txt file with the same name beside each image; metadata: SRC's metadata.jsonl "
-                          "or metadata.csv, as datasets' imagefolder reads them (file_name and a text, caption "
+                          "txt: a .txt file with the same name beside each image; metadata: SRC's metadata.jsonl, "
+                          ".csv or .parquet, as datasets' imagefolder reads them (file_name and a text, caption "
                           "or prompt column)")
     p.add_argument("--format", choices=FORMATS, default="png", help="output format (default png)")
     p.add_argument("--min-side", type=int,
