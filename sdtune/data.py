@@ -55,6 +55,7 @@ from sdtune.prep import (
     fit_mask,
     nearest_bucket,
 )
+from sdtune.source_captions import METADATA_FILES, unit_of
 
 Size = tuple[int, int]  # (width, height) of a training crop, as PIL and `sdtune prep` write sizes
 
@@ -268,8 +269,6 @@ def _file_name(name: str) -> tuple[str | None, str | None]:
     return parts[0], None
 
 
-# the caption files of datasets' imagefolder (datasets 3 to 5 read all three), read here
-METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 _ANY_CAPTION = f"a caption ({', '.join(CAPTION_COLUMNS[:-1])} or {CAPTION_COLUMNS[-1]})"
 _BLANK = object()  # a blank metadata.jsonl line (json.loads("null") is None: a bad row, not a blank one)
 Parsed = tuple[tuple[str, str] | None, str | None]  # ((file name, caption), None) or (None, why refused)
@@ -392,18 +391,13 @@ def _parquet_rows(data: bytes) -> Iterator[Row]:
         yield (n, (file, caption), None) if file else (n, None, why)
 
 
-def _unit(metadata: Path) -> str:
-    """What a metadata file's numbers count, for messages: a Parquet file has rows, the text files lines."""
-    return "row" if metadata.suffix == ".parquet" else "line"
-
-
 def _bad_lines(key: str, metadata: Path, group: list[tuple[int, str]]) -> str:
     """One problem line for every line refused for one reason: the first one said, the others counted (a file
     whose every line is wrong is one line of output, not one per image)."""
     n, problem = group[0]
     what, _, fix = problem.partition("; fix: ")
     others = [str(m) for m, _ in group[1:]]
-    unit = _unit(metadata)
+    unit = unit_of(metadata.name)
     more = (f" ({len(others):,} more {unit}{'s' if len(others) > 1 else ''} like it: {', '.join(others[:5])}"
             f"{', ...' if len(others) > 5 else ''})") if others else ""
     at = f" {unit} {n}" if n else ""  # 0: the file as a whole
@@ -427,7 +421,7 @@ def _collect(rows: Iterator[Row], metadata: Path, key: str, scan: Scan) -> dict[
     if repeated:
         name, first, n = repeated[0]
         others = list(dict.fromkeys(r[0] for r in repeated[1:] if r[0] != name))
-        unit = _unit(metadata)
+        unit = unit_of(metadata.name)
         more = f"; so is the last {unit} of {len(others)} more name(s) listed twice: {_names(others)}" \
             if others else ""
         scan.warnings.append(f"{key}: {metadata} lists {_shown(name)} on {unit}s {first} and {n}; the caption "

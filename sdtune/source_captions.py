@@ -39,7 +39,7 @@ class Caption:
 
     @property
     def where(self) -> str:
-        return f"{self.file} {_unit(self.file)} {self.line}"
+        return f"{self.file} {unit_of(self.file)} {self.line}"
 
 
 @dataclass
@@ -86,7 +86,7 @@ def read_metadata(src_dir: Path, files: list[str]) -> SourceMetadata:
         found.files[rel] = len(rows)
         folder = posixpath.dirname(rel)
         for line, row in rows:
-            where = f"{rel} {_unit(rel)} {line}"
+            where = f"{rel} {unit_of(rel)} {line}"
             name = _file_name(row.get("file_name"), where)
             source = posixpath.join(folder, name) if folder else name
             value = row.get(column)
@@ -98,9 +98,9 @@ def read_metadata(src_dir: Path, files: list[str]) -> SourceMetadata:
     return found
 
 
-def _unit(rel: str) -> str:
+def unit_of(name: str) -> str:
     """What a metadata file's numbers count, for messages: a Parquet file has rows, the text files lines."""
-    return "row" if rel.endswith(".parquet") else "line"
+    return "row" if name.endswith(".parquet") else "line"
 
 
 def _parquet_rows(path: Path, rel: str) -> list[tuple[int, dict]]:
