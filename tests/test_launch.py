@@ -82,6 +82,8 @@ def test_launch_usage_mistakes_are_one_line(capsys):
     err = capsys.readouterr().err
     assert err == ("error: launch: unrecognized arguments: --num_procs; fix: see `accelerate launch --help` for "
                    "its options\n"), err
+    assert main(["launch"]) == 2  # a mistake too, not a help page and exit 0
+    assert capsys.readouterr().err.startswith("error: launch: no sdtune command; fix: name it after")
     assert main(["launch", "--help"]) == 0
     assert "usage: sdtune launch [ACCELERATE LAUNCH OPTIONS] {train,class-images} RECIPE" in capsys.readouterr().out
 

@@ -43,12 +43,13 @@ def add_commands(sub: Any) -> None:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     arguments = list(args.arguments)
-    if not arguments or arguments[0] in ("-h", "--help"):
+    if arguments[:1] in (["-h"], ["--help"]):
         args.launch_parser.print_help()
         return 0
     at = next((i for i, a in enumerate(arguments) if a in LAUNCHABLE), None)
     if at is None:
-        raise SdtuneError(f"launch: no sdtune command in `{' '.join(arguments)}`; fix: name it after accelerate's "
+        given = f" in `{' '.join(arguments)}`" if arguments else ""
+        raise SdtuneError(f"launch: no sdtune command{given}; fix: name it after accelerate's "
                           "options, e.g. `sdtune launch --num_processes 2 train RECIPE`")
     from accelerate.commands.launch import launch_command, launch_command_parser
 
