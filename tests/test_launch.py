@@ -126,3 +126,21 @@ def test_a_launch_that_succeeds_exits_0(tiny_model, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ok: " in proc.stdout and "error" not in proc.stderr, proc.stdout + proc.stderr
+
+
+def test_a_stop_is_said_once_by_the_first_process(monkeypatch, capsys):
+    """Ctrl-C reaches every process of a launch, and each stops at the same step with the same line: the first
+    says it (it was printed once per process), all exit 130."""
+    from sdtune.errors import Interrupted
+
+    def stopped(args):
+        raise Interrupted("stopped by SIGINT at step 190; checkpoint saved in out/checkpoints; continue with "
+                          "train.resume=latest", 130)
+
+    monkeypatch.setattr("sdtune.cli.train.cmd_train", stopped)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("1", ""), ("0", "stopped by SIGINT at step 190; checkpoint saved in out/checkpoints; "
+                                        "continue with train.resume=latest\n")):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", "r.yaml"]) == 130
+        assert capsys.readouterr().err == said

@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         with _sigterm_as_ctrl_c(terminated):
             return args.func(args)
     except Interrupted as e:
-        print(str(e), file=sys.stderr)
+        # every process of a launch stops at the same step (the loop agrees on it) with the same line: the
+        # first says it, not each of N processes
+        if not not_first_process():
+            print(str(e), file=sys.stderr)
         return SIGTERM_EXIT if terminated and e.exit_code == 130 else e.exit_code
     except SdtuneError as e:
         if not _said_by_rank_zero(e):
