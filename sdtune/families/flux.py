@@ -191,8 +191,13 @@ class Flux:
 
     def config_warnings(self, cfg: Any) -> list[str]:
         """What this FLUX.1 model ignores: a guidance input without a guidance embedding (schnell), and a negative
-        prompt in the grids (``SAMPLING``)."""
+        prompt in the grids (``SAMPLING``); and fp16 mixed precision, in which its training goes non-finite."""
         s, warnings = self.sampling, []
+        if cfg.train.mixed_precision == "fp16":
+            # seen on an H200 (bench/RESULTS.md, Run 3: loss nan from step 1, where bf16 and fp32 ran) and by kohya
+            # sd-scripts' users (issue 1707: nan, or a LoRA that changes nothing); FLUX.1 ships in bf16
+            warnings.append("train.mixed_precision: fp16 overflows FLUX.1's activations (the loss goes nan, or the "
+                            "LoRA learns nothing); fix: bf16 (GPUs from Ampere / RTX 30xx on), else no (fp32)")
         if s.guidance_unused and cfg.flux.guidance_scale != FluxOptions().guidance_scale:
             warnings.append(f"flux.guidance_scale: {s.guidance_unused} (its training predicts without it); fix: "
                             "remove it")
