@@ -144,3 +144,20 @@ def test_a_stop_is_said_once_by_the_first_process(monkeypatch, capsys):
         monkeypatch.setenv("RANK", rank)
         assert main(["train", "r.yaml"]) == 130
         assert capsys.readouterr().err == said
+
+
+def test_under_accelerate_launch_a_note_points_past_its_traceback(monkeypatch, capsys):
+    """`accelerate launch -m sdtune train BAD` still ends in accelerate's traceback (its launcher's, not
+    sdtune's): the first process says so after its error lines, and names `sdtune launch`; a process that
+    `sdtune launch` started, or a plain `sdtune train`, does not."""
+    monkeypatch.delenv("SDTUNE_LAUNCH", raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    args = ["train", *BAD_RECIPE, "--dry-run"]
+    assert main(args) == 2 and "note:" not in capsys.readouterr().err
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("error: train.max_step: unknown key")
+    assert err[-1].startswith("note: the traceback below is accelerate launch's report of this exit (code 2)") and "`sdtune launch`" in err[-1]
+    monkeypatch.setenv("SDTUNE_LAUNCH", "1")
+    assert main(args) == 2 and "note:" not in capsys.readouterr().err

@@ -40,6 +40,7 @@ from sdtune.cli.console import (
     quiet_imports,
     show_messages,
     text,
+    under_accelerate_launch,
     unexpected_line,
 )
 from sdtune.errors import Interrupted, SdtuneError
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         if not _said_by_rank_zero(e):
             for line in str(e).splitlines():
                 print(f"error: {line}", file=sys.stderr)
+            if under_accelerate_launch() and not not_first_process():
+                print("note: the traceback below is accelerate launch's report of this exit (code 2), not another "
+                      "error; `sdtune launch` takes the same options and ends without it", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if not not_first_process():  # the launcher stops the others when one fails: the first says it

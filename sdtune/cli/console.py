@@ -29,6 +29,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
+LAUNCHED_BY_SDTUNE = "SDTUNE_LAUNCH"  # set by `sdtune launch` for the processes it starts
+
+
+def under_accelerate_launch() -> bool:
+    """True in a process that ``accelerate launch`` started itself (not through ``sdtune launch``): a failure
+    there is followed by the launcher's own traceback (``CalledProcessError`` / ``ChildFailedError``)."""
+    return "ACCELERATE_MIXED_PRECISION" in os.environ and LAUNCHED_BY_SDTUNE not in os.environ
+
+
 def not_first_process() -> bool:
     """True in every process but the first of a multi-process launch (``accelerate launch``, torchrun): their
     ``RANK`` is set and not 0. These processes say the same things as the first, which alone prints them."""

@@ -15,7 +15,9 @@ import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
+from sdtune.cli.console import LAUNCHED_BY_SDTUNE
 from sdtune.errors import SdtuneError
 
 LAUNCHABLE = ("train", "class-images")  # the sdtune commands that run as several processes
@@ -64,7 +66,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if debug:
         os.environ["SDTUNE_DEBUG"] = "1"  # the processes show their tracebacks too
     try:
-        with _signals_go_to_the_processes(), _quiet_elastic(not debug):
+        # LAUNCHED_BY_SDTUNE: the processes leave out their note on accelerate's traceback (there is none)
+        with _signals_go_to_the_processes(), _quiet_elastic(not debug), \
+                mock.patch.dict(os.environ, {LAUNCHED_BY_SDTUNE: "1"}):
             launch_command(launch)
     except subprocess.CalledProcessError as e:
         return _failed(f"`sdtune {arguments[at]}`", e.returncode)
