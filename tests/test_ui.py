@@ -289,3 +289,27 @@ def test_two_tabs_stopping_the_same_job_both_succeed(server):
     status, answer = request(server, "POST", "/api/stop", body, headers)  # a tab that polled late
     assert status == 200 and json.loads(answer)["state"] == "stopped"
     assert jobs.status(ws, job["name"])["rc"] == 143
+
+
+def test_stop_pressed_as_a_job_starts_waits_for_it(tmp_path, monkeypatch):
+    """Stop on a job whose process has not written its pid yet ('starting') waits for it, then stops it (it
+    said 'not running (starting)'); one that never starts is one line after STARTING_S."""
+    from sdtune.ui.workspace import write_json
+
+    ws = Workspace(tmp_path / "ws")
+    folder = ws.path("jobs") / "train-001"
+    folder.mkdir()
+    write_json(folder / "job.json", {"name": "train-001", "kind": "train", "argv": ["python", "-m", "sdtune"],
+                                     "run_dir": None, "started": time.time()})
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        late = threading.Timer(0.5, lambda: (folder / "pid").write_text(str(child.pid)))
+        late.start()
+        assert jobs.stop(ws, "train-001")["pid"] == child.pid
+        assert child.wait(10) == -signal.SIGTERM  # (no watcher here writes its rc: its state then reads 'lost')
+    finally:
+        child.kill()
+    (folder / "pid").unlink()
+    monkeypatch.setattr(jobs, "STARTING_S", 0.2)
+    with pytest.raises(SdtuneError, match="train-001 has not started in 0 s; fix: press Stop again"):
+        jobs.stop(ws, "train-001")

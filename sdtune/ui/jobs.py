@@ -131,6 +131,7 @@ def _read_int(path: Path) -> int | None:
 
 
 ENDED = ("finished", "failed", "stopped", "lost")  # states of a job whose process is gone
+STARTING_S = 5.0  # how long Stop waits for a job that is starting (no pid yet) to start
 
 
 def stop(ws: Workspace, name: str) -> dict[str, Any]:
@@ -138,16 +139,20 @@ def stop(ws: Workspace, name: str) -> dict[str, Any]:
     ended (another tab's Stop, or its own end) is left as it is and its status returned, not an error: two
     tabs may show the same job. A second SIGTERM to a job that is stopping is harmless (a training ignores it
     while it saves: ``sdtune.guards.StopSignals``)."""
-    s = status(ws, name)
+    s = status(ws, name, log_lines=0)
+    deadline = time.monotonic() + STARTING_S
+    while s["state"] == "starting" and time.monotonic() < deadline:  # Stop pressed as the job starts
+        time.sleep(0.05)
+        s = status(ws, name, log_lines=0)
     if s["state"] in ENDED:
-        return s
+        return status(ws, name)
     if s["state"] != "running":
-        raise SdtuneError(f"job {name} is not running ({s['state']}); fix: wait for it to start, then Stop")
+        raise SdtuneError(f"job {name} has not started in {STARTING_S:.0f} s; fix: press Stop again in a moment")
     try:
         os.kill(s["pid"], signal.SIGTERM)
     except ProcessLookupError:  # it ended between the status and the signal
         pass
-    return s
+    return status(ws, name)
 
 
 def argv_of(ws: Workspace, name: str) -> list[str]:
