@@ -99,6 +99,14 @@ def tiny_model(tmp_path_factory):
     return get
 
 
+def write_parquet(path: Path, columns: dict[str, list]) -> None:
+    """A Parquet file of ``columns`` (a metadata.parquet, as datasets and pandas write them)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+
+
 def overrides(model: Path, out: Path, *extra: str) -> list[str]:
     """A small, fast training run on the drawn demo subject."""
     return [

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_DATA, ROOT
+from conftest import DEMO_DATA, ROOT, write_parquet
 from sdtune.cli import main
 from sdtune.data import scan_instance_dir
 
@@ -204,18 +204,11 @@ def test_a_hub_id_without_network_is_one_probe_and_one_line(datasets, monkeypatc
 # metadata.parquet
 
 
-def _parquet(path: Path, columns: dict[str, list]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table(columns), path)
-
-
 def test_metadata_parquet_captions_the_images_as_imagefolder_reads_it(tmp_path):
     """datasets' imagefolder reads metadata.parquet beside .jsonl and .csv: so does a training folder (it was
     'not in a format sdtune reads, fix: convert them to PNG', and the images trained on the instance prompt)."""
     names = _folder(tmp_path)
-    _parquet(tmp_path / "metadata.parquet", {"file_name": names, "prompt": CAPTIONS})
+    write_parquet(tmp_path / "metadata.parquet", {"file_name": names, "prompt": CAPTIONS})
     scan = scan_instance_dir(tmp_path, "sks", "an instance prompt that must not be used")
     assert scan.problems == [] and scan.warnings == []
     assert [(e.path.name, e.caption) for e in scan.examples] == list(zip(names, CAPTIONS))
@@ -227,7 +220,7 @@ def test_metadata_parquet_captions_the_images_as_imagefolder_reads_it(tmp_path):
 def test_metadata_parquet_problems_are_one_line_per_reason_with_rows(tmp_path):
     names = _folder(tmp_path)
     parquet = tmp_path / "metadata.parquet"
-    _parquet(parquet, {"file_name": [names[0], names[1], names[2], "gone.png", "sub/x.png"],
+    write_parquet(parquet, {"file_name": [names[0], names[1], names[2], "gone.png", "sub/x.png"],
                        "text": ["sks toy", None, "", "sks toy", "sks toy"]})
     scan = scan_instance_dir(tmp_path, "sks", None)
     assert scan.problems == [
@@ -237,7 +230,7 @@ def test_metadata_parquet_problems_are_one_line_per_reason_with_rows(tmp_path):
         "folder itself and give its bare file name",
         f"{KEY}: {parquet} names gone.png, which is not in the folder",
     ]
-    _parquet(parquet, {"file_name": names, "label": ["a", "b", "c"]})
+    write_parquet(parquet, {"file_name": names, "label": ["a", "b", "c"]})
     assert scan_instance_dir(tmp_path, "sks", None).problems == [
         f"{KEY}: {parquet} has no file_name and a caption (text, caption or prompt) columns (its columns: "
         "file_name, label); fix: name them file_name and text"]

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from prep_corpus import jpeg, photo
 
+from conftest import write_parquet
 from sdtune.cli.data import SHOWN_WARNINGS, add_commands
 from sdtune.data import assign_buckets
 from sdtune.errors import SdtuneError
@@ -265,13 +266,6 @@ def test_workers_are_checked_and_capped_at_the_cores(tmp_path, monkeypatch, capl
     assert report["summary"]["images"] == 1
 
 
-def _parquet(path: Path, columns: dict[str, list]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table(columns), path)
-
-
 def test_captions_from_metadata_parquet_as_datasets_reads_them(tmp_path):
     """metadata.parquet (datasets 3 to 5's imagefolder reads it beside .jsonl and .csv): its captions, nested
     ones relative to their folder, the file counted as a caption file (it was decoded as a photo and skipped),
@@ -280,10 +274,10 @@ def test_captions_from_metadata_parquet_as_datasets_reads_them(tmp_path):
     src = tmp_path / "src"
     photos(src, 2)
     photos(src / "more", 1)
-    _parquet(src / "metadata.parquet", {"file_name": ["p0.jpg", "p1.jpg"],
+    write_parquet(src / "metadata.parquet", {"file_name": ["p0.jpg", "p1.jpg"],
                                         "caption": ["a photo of sks dog, on a beach", "sks dog  in snow"],
                                         "width": [96, 72]})
-    _parquet(src / "more" / "metadata.parquet", {"file_name": ["p0.jpg"], "caption": ["nested sks dog"]})
+    write_parquet(src / "more" / "metadata.parquet", {"file_name": ["p0.jpg"], "caption": ["nested sks dog"]})
     report = run(src, tmp_path / "a", caption_from="metadata")
     got = {row["source"]: row.get("caption") for row in report["files"] if row["status"] == "kept"}
     assert got == {"p0.jpg": "a photo of sks dog, on a beach", "p1.jpg": "sks dog in snow",
@@ -301,6 +295,6 @@ def test_captions_from_metadata_parquet_as_datasets_reads_them(tmp_path):
         run(src, tmp_path / "b", caption_from="metadata")
     assert "cannot read more/metadata.parquet as Parquet" in str(e.value) and len(str(e.value).splitlines()) == 1
     (src / "more" / "metadata.parquet").unlink()
-    _parquet(src / "metadata.parquet", {"file_name": ["p0.jpg", None], "text": ["sks dog", "sks dog"]})
+    write_parquet(src / "metadata.parquet", {"file_name": ["p0.jpg", None], "text": ["sks dog", "sks dog"]})
     with pytest.raises(SdtuneError, match=r"metadata.parquet row 2 has no file_name"):
         run(src, tmp_path / "c", caption_from="metadata")
