@@ -248,23 +248,26 @@ def progress(ws: Workspace, run: str) -> dict[str, Any]:
     eta = (max_steps - step) / rate if rate and max_steps else None
     samples = sorted(ws.rel(p) for p in (folder / "samples").glob("step-*.png")) if (folder / "samples").is_dir() else []
     kohya = folder / f"{folder.name}{KOHYA_SUFFIX}"
+    checkpoints = [p.name for p in complete_checkpoints(folder)]  # listed once: the recommendation checks it too
     return {"run": run, "step": step, "max_steps": max_steps, "eta_s": eta, "losses": losses, "samples": samples,
-            "checkpoints": [p.name for p in complete_checkpoints(folder)],
-            "kohya": ws.rel(kohya) if kohya.is_file() else None, "recommended": recommended_checkpoint(folder)}
+            "checkpoints": checkpoints, "kohya": ws.rel(kohya) if kohya.is_file() else None,
+            "recommended": recommended_checkpoint(folder, checkpoints)}
 
 
-def recommended_checkpoint(folder: Path) -> dict[str, str] | None:
+def recommended_checkpoint(folder: Path, checkpoints: list[str] | None = None) -> dict[str, str] | None:
     """What the run's eval report (``sdtune eval RUN``: ``RUN/eval/report.json``) recommends, as Export's default:
     {"checkpoint": "step-N", "why": "..."}; None without a report, when it recommends none, when it recommends LoRA
     scale 0 (the base model did best: no checkpoint to prefer), or when that checkpoint is no longer complete (a
-    rewind removed it)."""
+    rewind removed it). ``checkpoints``: the run's complete checkpoints' names, if already listed."""
     try:
         report = json.loads((folder / "eval" / "report.json").read_text(encoding="utf-8"))
         best = report["recommendation"]
         name, scale, rule = best["checkpoint"], float(best["lora_scale"]), str(best.get("rule") or "")
     except (OSError, ValueError, KeyError, TypeError):  # no report, one being written, or not eval's
         return None
-    if scale <= 0 or name not in {p.name for p in complete_checkpoints(folder)}:
+    if checkpoints is None:
+        checkpoints = [p.name for p in complete_checkpoints(folder)]
+    if scale <= 0 or name not in checkpoints:
         return None
     metrics = ", ".join(f"{k} {v:.3f}" for k, v in (best.get("metrics") or {}).items() if isinstance(v, (int, float)))
     at = "" if scale == 1 else f" at LoRA scale {scale:g}"
