@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import ROOT, overrides
+from sdtune.cli import main
 from sdtune.config import ConfigError, load_config
 from sdtune.families import get as get_family
 from sdtune.models import load_components
@@ -190,10 +191,9 @@ def test_sdxl_files_load_as_the_uis_read_them_and_sample_back(tiny_model, tmp_pa
     assert all(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_", "bundle_emb.")) for k in kohya)
 
     def sample(target: Path, name: str, *extra: str) -> np.ndarray:
-        r = subprocess.run([sys.executable, "-m", "sdtune", "sample", str(target), "--prompt", "a photo of sks toy",
-                            "--seeds", "0", "--steps", "2", "--width", "64", "--height", "64",
-                            "--out", str(tmp_path / f"{name}.png"), *extra], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
+        # in-process (a process per call cost ~7 s of imports each): every call loads its own pipeline
+        assert main(["sample", str(target), "--prompt", "a photo of sks toy", "--seeds", "0", "--steps", "2",
+                     "--width", "64", "--height", "64", "--out", str(tmp_path / f"{name}.png"), *extra]) == 0
         return np.asarray(Image.open(tmp_path / f"{name}_cells" / "cell-0000.png"))
 
     from_run = sample(out, "run")
@@ -371,8 +371,6 @@ def test_flow_families_train_every_encoders_rows_resume_and_sample_back(family, 
         assert not torch.equal(rows[2][spec.name], first.detach().cpu())  # trained (the pivot is step 2 of 4)
         assert torch.equal(rows[4][spec.name], rows[2][spec.name])  # then fixed
         assert torch.equal(tensors[spec.embedding_key], rows[4][spec.name])
-
-    from sdtune.cli import main
 
     def sample(target: Path, name: str) -> np.ndarray:
         assert main(["sample", str(target), "--prompt", "a photo of sks toy", "--seeds", "0", "--steps", "2",
