@@ -319,6 +319,12 @@ def _kohya_tensors(family: Family, component: str, adapter: Adapter,
     return tensors
 
 
+def _member_regex(member: str) -> re.Pattern[str]:
+    """A ``KohyaModule`` member's template as a regex whose group is the block index:
+    "transformer_blocks.{i}.attn.to_q" -> transformer_blocks\\.(\\d+)\\.attn\\.to_q."""
+    return re.compile(r"(\d+)".join(map(re.escape, member.split("{i}"))))
+
+
 def _kohya_groups(family: Family, component: str,
                   modules: list[str]) -> dict[str, tuple[KohyaModule, dict[int, str]]]:
     """{kohya name: (its ``KohyaModule``, {member index: trained diffusers module})} for a family whose
@@ -326,8 +332,7 @@ def _kohya_groups(family: Family, component: str,
     patterns = []
     for entry in family.kohya_modules:
         for index, member in enumerate(entry.members):
-            # "transformer_blocks.{i}.attn.to_q" -> transformer_blocks\.(\d+)\.attn\.to_q
-            patterns.append((re.compile(r"(\d+)".join(map(re.escape, member.split("{i}")))), entry, index))
+            patterns.append((_member_regex(member), entry, index))
     groups: dict[str, tuple[KohyaModule, dict[int, str]]] = {}
     for module in modules:
         found = next(((m, entry, index) for regex, entry, index in patterns if (m := regex.fullmatch(module))), None)
@@ -374,11 +379,36 @@ def _fused_lora(entry: KohyaModule, trained: dict[int, str],
     return down.contiguous(), torch.block_diag(*ups).contiguous(), scale * down.shape[0]
 
 
+def _fused_magnitude(component: str, name: str, entry: KohyaModule, trained: dict[int, str],
+                     adapter: Adapter) -> torch.Tensor | None:
+    """The DoRA magnitude (out,) of one Linear of the original layout, None without DoRA. PEFT's magnitude is
+    one norm per output row of W0 + scale x up @ down; the fused Linear's rows are its members' rows in order,
+    each with its own LoRA (``_fused_lora``), so its magnitude is the members' stacked, exactly. A member
+    that was not trained would need its base rows' norms (a magnitude that leaves it unchanged), which the
+    adapter does not hold: refused, naming it (KohyaUnavailable: a run keeps its diffusers file, says so)."""
+    import torch
+
+    magnitudes = [adapter.tensors.get(f"{m}.lora_magnitude_vector") for m in trained.values()]
+    if all(m is None for m in magnitudes):
+        return None
+    if len(trained) < len(entry.members) or any(m is None for m in magnitudes):
+        first = min(trained)
+        block = _member_regex(entry.members[first]).fullmatch(trained[first])
+        others = [m.format(i=block.group(1) if block and block.groups() else "")
+                  for j, m in enumerate(entry.members) if j not in trained]
+        raise KohyaUnavailable(
+            f"{component}: DoRA on {', '.join(trained.values())} but not on {', '.join(others)}, which the kohya "
+            f"layout fuses with them into {name}: its dora_scale needs every member's magnitudes; add "
+            f"{', '.join(dict.fromkeys(o.rsplit('.', 1)[-1] for o in others))} to lora.target_modules, or use "
+            "--format diffusers")
+    return torch.cat([adapter.tensors[f"{trained[j]}.lora_magnitude_vector"] for j in sorted(trained)])
+
+
 def _original_layout_tensors(family: Family, component: str, adapter: Adapter) -> dict[str, torch.Tensor]:
     """The denoiser's kohya tensors in its original layout (``Family.kohya_modules``: FLUX.1's BFL names, SD3's
     MMDiT names, q, k, v fused into qkv): per kohya module ``NAME.lora_down.weight``, ``NAME.lora_up.weight``, ``NAME.alpha``
-    (``_fused_lora``), and a renamed (single-member) module's DoRA ``dora_scale`` as ``_kohya_tensors`` writes
-    it; DoRA on a fused Linear is refused (no loader reads one)."""
+    (``_fused_lora``), and with DoRA ``NAME.dora_scale`` (out, 1) as ``_kohya_tensors`` writes it: a fused
+    Linear's is its members' magnitudes stacked (``_fused_magnitude``)."""
     import torch
 
     tensors: dict[str, torch.Tensor] = {}
@@ -386,13 +416,8 @@ def _original_layout_tensors(family: Family, component: str, adapter: Adapter) -
         missing = [m for m in trained.values() if f"{m}.lora_B.weight" not in adapter.tensors]
         if missing:
             raise SdtuneError(f"{component}: {missing[0]} has lora_A but no lora_B")
-        magnitudes = [adapter.tensors.get(f"{m}.lora_magnitude_vector") for m in trained.values()]
-        if len(entry.members) > 1 and any(m is not None for m in magnitudes):
-            # KohyaUnavailable: a training run then keeps its diffusers file and says so, `export` refuses
-            raise KohyaUnavailable(f"{component}: DoRA on {', '.join(trained.values())}, which the kohya layout "
-                                   f"fuses into {name}: no loader reads a fused DoRA; use --format diffusers")
+        magnitude = _fused_magnitude(component, name, entry, trained, adapter)
         down, up, alpha = _fused_lora(entry, trained, adapter)
-        magnitude = magnitudes[0]
         if entry.swapped_halves_at and up.shape[0] == entry.swapped_halves_at * down.shape[1]:
             # (out, r): the original's first half of the outputs is diffusers' second (KohyaModule)
             up = torch.cat(up.chunk(2)[::-1]).contiguous()
@@ -676,12 +701,12 @@ def kohya_warnings(family: Family, adapters: dict[str, Adapter]) -> list[str]:
     """Known limits of the loaders for this LoRA, one line each (empty for the default recipes)."""
     warnings = []
     if any(k.endswith(".lora_magnitude_vector") for a in adapters.values() for k in a.tensors):
-        # sample reads DoRA back from kohya names that are diffusers paths only (read_kohya_dora)
-        ours = "" if family.kohya_modules else " (`sdtune sample` applies them itself)"
+        # `sdtune sample` reads the files it writes back as DoRA (read_kohya_dora)
         warnings.append(
             "DoRA in kohya format: ComfyUI and Forge apply the per-output dora_scale (normalising by the "
             "base weight, an approximation), AUTOMATIC1111 assumes per-input magnitudes and diffusers drops "
-            f"dora_scale keys{ours}; for exact DoRA elsewhere use --format diffusers or peft"
+            "dora_scale keys (`sdtune sample` applies them itself); for exact DoRA elsewhere use --format "
+            "diffusers or peft"
         )
     return warnings + family.kohya_warnings({c: a.modules() for c, a in adapters.items()})
 
@@ -994,35 +1019,97 @@ def read_kohya_dora(path: str | Path, family: Family,
                     modules: dict[str, torch.nn.Module]) -> dict[str, Adapter] | None:
     """The PEFT DoRA adapters of a kohya LoRA file that holds ``dora_scale`` tensors, for
     ``sdtune.lora.inject_adapter`` into ``modules`` ({component: module} of the base model, as
-    ``read_lycoris``); None when the file is not in the layout ``to_kohya`` writes for ``family``: a module
-    not named by its diffusers path (FLUX.1's and SD3's original layout, sd-scripts' SDXL ``input_blocks``
-    names), a module without ``dora_scale``, or one ``dora_scale`` per input channel (LyCORIS'
-    ``wd_on_out=False``); PEFT's DoRA holds none of these.
+    ``read_lycoris``); None when the file is not in a layout ``to_kohya`` writes for ``family``: a module
+    named neither by its diffusers path nor, for FLUX.1 and SD3, by the original layout
+    (``Family.kohya_modules``; sd-scripts' SDXL ``input_blocks`` names are not read), a module without
+    ``dora_scale``, or one ``dora_scale`` per input channel (LyCORIS' ``wd_on_out=False``); PEFT's DoRA holds
+    none of these.
 
     ``_kohya_tensors`` in reverse: ``lora_down`` is lora_A, ``lora_up`` lora_B, ``alpha`` / rank the scale
     (PEFT's lora_alpha / r, per module through ``rank_pattern`` / ``alpha_pattern``), ``dora_scale`` (out,
-    1[, 1, 1]) the magnitude. Hand-written: diffusers' LoRA loaders drop ``dora_scale`` keys
+    1[, 1, 1]) the magnitude; a fused Linear of the original layout is split into its members
+    (``_split_fused_dora``). Hand-written: diffusers' LoRA loaders drop ``dora_scale`` keys
     (lora_pipeline.py: "a DoRA checkpoint that is not compatible"), and peft reads no kohya names."""
     import torch
 
     with open_safetensors(path) as f:
         tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(BUNDLE_PREFIX)}
-    places = _kohya_places(family, modules)
-    found: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # component -> module -> {part: tensor}
+    places, fused = _kohya_places(family, modules), _original_layout_places(family, modules)
+    found: dict[str, dict[str, torch.Tensor]] = {}  # kohya module -> {part: tensor}
     for key, tensor in tensors.items():
         name, _, part = key.partition(".")
-        if name not in places or part not in KOHYA_DORA_PARTS:
+        if (name not in places and name not in fused) or part not in KOHYA_DORA_PARTS:
             return None
-        component, module, _ = places[name]
-        found.setdefault(component, {}).setdefault(module, {})[part] = tensor.to(torch.float32)
-    adapters = {}
-    for component, by_module in found.items():
-        converted = {module: _dora_module(parts) for module, parts in by_module.items()}
-        if any(c is None for c in converted.values()):
+        found.setdefault(name, {})[part] = tensor.to(torch.float32)
+    converted: dict[str, dict[str, tuple[dict[str, torch.Tensor], int, float]]] = {}  # component -> module -> ...
+    for name, parts in found.items():
+        if name in fused:
+            component, entry, block = fused[name]
+            members = _split_fused_dora(parts, entry, block, modules[component])
+        else:
+            component, module, _ = places[name]
+            one = _dora_module(parts)
+            members = None if one is None else {module: one}
+        if members is None:
             return None
-        model_class = type(modules[component]).__name__
-        adapters[component] = _dora_adapter(converted, model_class)  # type: ignore[arg-type]
-    return adapters
+        converted.setdefault(component, {}).update(members)
+    return {component: _dora_adapter(by_module, type(modules[component]).__name__)
+            for component, by_module in converted.items()}
+
+
+def _original_layout_places(family: Family,
+                            modules: dict[str, torch.nn.Module]) -> dict[str, tuple[str, KohyaModule, str]]:
+    """{kohya name: (component, its ``KohyaModule``, block index)} of the denoiser's original layout
+    (``Family.kohya_modules``), for every block of ``modules``' denoiser that has the entry's first member."""
+    component = family.denoiser_name
+    if not family.kohya_modules or component not in modules:
+        return {}
+    names = [name for name, _ in modules[component].named_modules()]
+    places = {}
+    for entry in family.kohya_modules:
+        regex = _member_regex(entry.members[0])
+        for name in names:
+            if match := regex.fullmatch(name):
+                block = match.group(1) if match.groups() else ""
+                places[family.kohya_prefixes[component] + entry.name.format(i=block)] = (component, entry, block)
+    return places
+
+
+def _split_fused_dora(parts: dict[str, torch.Tensor], entry: KohyaModule, block: str,
+                      model: torch.nn.Module) -> dict[str, tuple[dict[str, torch.Tensor], int, float]] | None:
+    """{member module: (PEFT tensors, rank, alpha)} of one Linear of the original layout with DoRA; None
+    unless its parts are a per-output DoRA whose rows are its members' (their widths read from ``model``).
+
+    The fused Linear's output rows are its members' in order, and DoRA's magnitude is one norm per row, so
+    member j is exactly a DoRA of its own: the shared down, its rows of up and of the magnitude, at the file's
+    scale (alpha / rank). Columns of its up that are zero (the other members' blocks of the block-diagonal up
+    ``_fused_lora`` writes) are dropped, so q, k, v of rank r come back at rank r, not 3r; a file trained on the
+    fused Linear (a dense up) keeps the full rank for each member."""
+    import torch
+
+    down, up, scale = parts.get("lora_down.weight"), parts.get("lora_up.weight"), parts.get("dora_scale")
+    if down is None or up is None or scale is None or up.dim() != 2 or scale.numel() != up.shape[0]:
+        return None
+    rank = int(down.shape[0])
+    lora_scale = (float(parts["alpha"]) if "alpha" in parts else rank) / rank  # no alpha: every loader's 1
+    magnitude = scale.reshape(-1)
+    if entry.swapped_halves_at and up.shape[0] == entry.swapped_halves_at * down.shape[1]:
+        # the original's (shift, scale) halves back into diffusers' (scale, shift) order (KohyaModule)
+        up, magnitude = torch.cat(up.chunk(2)[::-1]), torch.cat(magnitude.chunk(2)[::-1])
+    layers = dict(model.named_modules())
+    members = [m.format(i=block) for m in entry.members]
+    widths = [getattr(layers.get(m), "out_features", None) for m in members]
+    if None in widths or sum(widths) != up.shape[0]:
+        return None
+    split = {}
+    for member, up_j, magnitude_j in zip(members, up.split(widths), magnitude.split(widths)):
+        keep = (up_j != 0).any(dim=0)
+        keep[0] |= not keep.any()  # an all-zero block: one column, so that the magnitude still applies
+        r = int(keep.sum())
+        peft = {"lora_A.weight": down[keep].contiguous(), "lora_B.weight": up_j[:, keep].contiguous(),
+                "lora_magnitude_vector": magnitude_j.contiguous()}
+        split[member] = (peft, r, lora_scale * r)
+    return split
 
 
 def _dora_module(parts: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, float] | None:

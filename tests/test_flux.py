@@ -512,9 +512,11 @@ def test_a_kohya_file_diffusers_cannot_split_is_one_line_not_a_crash(tiny_model,
     assert "needs FLUX.1's own layer widths (3072)" in err and "pytorch_lora_weights.safetensors" in err
 
 
-def test_dora_on_flux_trains_and_keeps_its_diffusers_file_without_a_kohya_one(tiny_model, tmp_path, caplog):
-    """The kohya layout fuses q, k, v: no loader reads a fused DoRA. The run still ends with its LoRA, model card
-    and grid, and says the kohya file was not written (it failed after the last step before)."""
+def test_dora_on_flux_with_linear1_partly_trained_keeps_its_diffusers_file_and_says_what_to_add(tiny_model,
+                                                                                                 tmp_path, caplog):
+    """The default targets train q, k, v of the single blocks but not proj_mlp, which BFL's layout fuses with
+    them into linear1: its dora_scale would need proj_mlp's base norms. The run still ends with its LoRA, model
+    card and grid, and says the kohya file was not written and what to add."""
     from sdtune.train import train
 
     out = tmp_path / "dora"
@@ -522,7 +524,115 @@ def test_dora_on_flux_trains_and_keeps_its_diffusers_file_without_a_kohya_one(ti
                                       "train.max_steps=2", "sample.every=0")))
     assert (out / WEIGHT_NAME).is_file() and (out / "README.md").is_file()
     assert not (out / f"{out.name}_kohya.safetensors").exists()
-    assert any("not written" in r.message and "fused DoRA" in r.message for r in caplog.records)
+    said = [r.message for r in caplog.records if "not written" in r.message]
+    assert said and "but not on single_transformer_blocks.0.proj_mlp" in said[0], said
+    assert "add proj_mlp to lora.target_modules" in said[0], said
+    # and before training, with the recipe's other warnings (not only once the run is over)
+    before = [r.message for r in caplog.records if "lora.use_dora: the single blocks' to_q" in r.message]
+    assert before and caplog.records.index(next(r for r in caplog.records if r.message in before)) < \
+        caplog.records.index(next(r for r in caplog.records if "not written" in r.message))
+    for targets, warned in (("[to_q,to_k,to_v,to_out.0]", True), ("[attn.to_q,proj_mlp]", False),
+                            ("[to_out.0,add_q_proj]", False)):
+        cfg = load_config(None, overrides(tiny_model("flux"), out, "lora.use_dora=true",
+                                          f"lora.target_modules={targets}"))
+        assert any(w.startswith("lora.use_dora: the single blocks'") for w in FLUX.config_warnings(cfg)) == warned
+
+
+def _tiny_dora(model: Path) -> dict[str, Adapter]:
+    """A DoRA on every module kind of the tiny FLUX that BFL's layout names, linear1's four members included,
+    with random ups and magnitudes (as trained ones: not the base norms), alpha 2 x rank."""
+    from peft import LoraConfig
+
+    c = load_components(str(model), FLUX)
+    double = r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|" \
+             r"to_add_out)|ff\.net\.2|norm1\.linear)"
+    single = r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)"
+    c.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", use_dora=True,
+                                      target_modules=f"{double}|{single}"))
+    g = torch.Generator().manual_seed(5)
+    for name, p in c.denoiser.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+        elif "lora_magnitude_vector" in name:
+            p.data = p.data * (1 + 0.5 * torch.rand(p.shape, generator=g))
+    return {"transformer": Adapter.from_module(c.denoiser)}
+
+
+def _layer_outputs(pipe) -> dict[str, torch.Tensor]:
+    """Every adapted Linear of the pipeline's transformer on a fixed input of its width (seeded by it)."""
+    with torch.no_grad():
+        return {n: m(torch.randn(3, m.in_features, generator=torch.Generator().manual_seed(m.in_features)))
+                for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and ADAPTER in m.lora_A}
+
+
+def test_a_flux_dora_kohya_file_fuses_qkv_and_samples_back_as_the_dora(tiny_model, tmp_path, caplog):
+    """q, k, v (and linear1's MLP input) fused in BFL's layout: the dora_scale of the fused Linear is the
+    members' magnitudes stacked, exactly (DoRA's norm is per output row). `sdtune sample` splits it back:
+    every adapted layer computes what the diffusers file's does, and the pixels match."""
+    model = tiny_model("flux")
+    adapters = _tiny_dora(model)
+    diffusers_file, _ = _write_diffusers(RunLora(tmp_path / "x", adapters, {"model": {"pretrained": str(model)}}),
+                                         tmp_path / "lora.safetensors")
+    kohya_file = write_kohya(tmp_path / "lora_kohya.safetensors", FLUX, adapters, base_model=str(model),
+                             prediction_type="flow_matching")
+    tensors, t = load_file(kohya_file), adapters["transformer"].tensors
+    magnitude = [t[f"transformer_blocks.0.attn.{m}.lora_magnitude_vector"] for m in ("to_q", "to_k", "to_v")]
+    assert torch.equal(tensors["lora_unet_double_blocks_0_img_attn_qkv.dora_scale"][:, 0], torch.cat(magnitude))
+    assert tensors["lora_unet_single_blocks_0_linear1.dora_scale"].shape[0] == \
+        tensors["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape[0]
+    outputs = {}
+    for name, lora in (("diffusers", diffusers_file), ("kohya", kohya_file)):
+        pipe, family = _load_pipeline(Request(model=str(model), lora=[], cells=[], settings=Settings(), device="cpu"))
+        _apply_lora(pipe, str(lora), family)
+        outputs[name] = _layer_outputs(pipe)
+        if name == "kohya":  # split back to the members' rank, not the fused 3 x rank
+            assert pipe.transformer.transformer_blocks[0].attn.to_q.lora_A[ADAPTER].weight.shape[0] == 4
+    assert outputs["kohya"].keys() == outputs["diffusers"].keys() and len(outputs["kohya"]) == 10 + 5
+    for key, value in outputs["diffusers"].items():
+        assert torch.allclose(outputs["kohya"][key], value, atol=1e-5), key
+    images = {}
+    for name, lora in (("diffusers", diffusers_file), ("kohya", kohya_file)):
+        req = Request(model=str(model), lora=[(name, str(lora))], cells=[Cell("a photo of sks toy", 0, None, 1.0, name)],
+                      settings=Settings(steps=2, width=64, height=64))
+        run_sample(req, tmp_path / f"{name}.png", progress=False)
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}_cells/cell-0000.png").convert("RGB")).astype(int)
+    assert np.abs(images["kohya"] - images["diffusers"]).max() <= 1
+    assert not any("not applied" in r.message for r in caplog.records)
+
+
+def test_a_flux_dora_trained_on_the_fused_linear_reads_back_exactly(tiny_model, tmp_path):
+    """A LyCORIS-style file trained on BFL's fused qkv (a dense up, one dora_scale for 3 x width rows): q, k
+    and v each become a DoRA of the full rank whose outputs stacked are the fused Linear's, computed here by
+    DoRA's own formula m * (W0 + s up @ down) / ||W0 + s up @ down||_row."""
+    from sdtune.export import read_kohya_dora
+    from sdtune.lora import inject_adapter
+
+    model = tiny_model("flux")
+    c = load_components(str(model), FLUX)
+    attn = c.denoiser.transformer_blocks[0].attn
+    g = torch.Generator().manual_seed(1)
+    width, rank, alpha = attn.to_q.in_features, 6, 3.0
+    down, up = torch.randn(rank, width, generator=g), torch.randn(3 * width, rank, generator=g) * 0.3
+    w0 = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).detach()
+    bias = torch.cat([attn.to_q.bias, attn.to_k.bias, attn.to_v.bias]).detach()
+    scale = w0.norm(dim=1) * (1 + 0.5 * torch.rand(3 * width, generator=g))
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(alpha),
+               f"{name}.dora_scale": scale[:, None].contiguous()}, str(tmp_path / "fused.safetensors"))
+    adapters = read_kohya_dora(tmp_path / "fused.safetensors", FLUX, {"transformer": c.denoiser})
+    assert adapters is not None and sorted(adapters["transformer"].modules()) == [
+        f"transformer_blocks.0.attn.{m}" for m in ("to_k", "to_q", "to_v")]
+    inject_adapter(c.denoiser, adapters["transformer"].config, adapters["transformer"].tensors, "x")
+    merged = w0 + (alpha / rank) * up @ down
+    expected = scale[:, None] * merged / merged.norm(dim=1, keepdim=True)
+    x = torch.randn(5, width, generator=g)
+    with torch.no_grad():
+        got = torch.cat([attn.to_q(x), attn.to_k(x), attn.to_v(x)], dim=1)
+    assert torch.allclose(got, x @ expected.T + bias, atol=1e-4)
+    # a dora_scale per input channel (LyCORIS' wd_on_out=False) is not PEFT's DoRA: not read
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+               f"{name}.dora_scale": torch.ones(1, width)}, str(tmp_path / "per_input.safetensors"))
+    assert read_kohya_dora(tmp_path / "per_input.safetensors", FLUX, {"transformer": c.denoiser}) is None
 
 
 @pytest.mark.slow

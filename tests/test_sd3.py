@@ -362,26 +362,35 @@ _ALL_BLOCK_LINEARS = r"transformer_blocks\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\
                      r"add_v_proj|to_add_out)|ff(_context)?\.net\.(0\.proj|2)|norm1(_context)?\.linear)"
 
 
-def _mmdit_x_with_lora():
-    """A tiny SD3.5-Medium-like transformer (MMDiT-X: attn2 in block 0, QK-norm) of SD3's 64-wide heads, one
-    per block as in every SD3 (ComfyUI sizes qkv by depth x 64), with a LoRA on every block Linear: random ups,
-    alpha 2 x rank, and block 0's image to_k at its own alpha and rank (so the fused qkv mixes scales)."""
+def _mmdit_x():
+    """The tiny SD3.5-Medium-like transformer of ``_mmdit_x_with_lora``, without a LoRA (the same weights)."""
     from diffusers import SD3Transformer2DModel
-    from peft import LoraConfig
 
     torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
+    return SD3Transformer2DModel(
         sample_size=4, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=64,
         num_attention_heads=2, caption_projection_dim=128, joint_attention_dim=32, pooled_projection_dim=32,
         pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
+def _mmdit_x_with_lora(use_dora: bool = False):
+    """A tiny SD3.5-Medium-like transformer (MMDiT-X: attn2 in block 0, QK-norm) of SD3's 64-wide heads, one
+    per block as in every SD3 (ComfyUI sizes qkv by depth x 64), with a LoRA on every block Linear: random ups,
+    alpha 2 x rank, and block 0's image to_k at its own alpha and rank (so the fused qkv mixes scales); with
+    ``use_dora``, DoRA with magnitudes moved off the base norms (as training moves them)."""
+    from peft import LoraConfig
+
+    transformer = _mmdit_x()
     base = {k: v.clone() for k, v in transformer.state_dict().items()}
     special = "transformer_blocks.0.attn.to_k"
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=_ALL_BLOCK_LINEARS,
-                                       rank_pattern={special: 2}, alpha_pattern={special: 6}))
+                                       rank_pattern={special: 2}, alpha_pattern={special: 6}, use_dora=use_dora))
     g = torch.Generator().manual_seed(1)
     for name, p in transformer.named_parameters():
         if "lora_B" in name:
             p.data = torch.randn(p.shape, generator=g) * 0.1
+        elif "lora_magnitude_vector" in name:
+            p.data = p.data * (1 + 0.5 * torch.rand(p.shape, generator=g))
     return transformer, base
 
 
@@ -459,6 +468,40 @@ def test_sd3_kohya_file_applied_as_comfyui_does_gives_the_diffusers_loras_weight
     for k in want:
         scale = (want[k] - original[k]).abs().max() + 1e-12
         assert torch.allclose(got[k], want[k], atol=1e-5 * max(1.0, float(scale))), k
+
+
+def test_sd3_dora_kohya_file_reads_back_as_the_same_dora(tmp_path):
+    """DoRA in the original layout: q, k, v fused into qkv with their magnitudes stacked (k at its own rank
+    and scale), the last block's text adaLN with its halves swapped, SD3.5 Medium's attn2. Read back by
+    `sdtune sample`'s reader onto a fresh transformer, every adapted layer computes what the trained one does."""
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import save_file
+
+    from sdtune.export import Adapter, read_kohya_dora, to_kohya
+    from sdtune.lora import inject_adapter
+
+    transformer, base = _mmdit_x_with_lora(use_dora=True)
+    tensors, _ = to_kohya(SD3, {"transformer": Adapter.from_module(transformer)}, prediction_type="flow_matching")
+    assert len([k for k in tensors if k.endswith(".dora_scale")]) == 19
+    d, t = 128, Adapter.from_module(transformer).tensors
+    last = t["transformer_blocks.1.norm1_context.linear.lora_magnitude_vector"]
+    assert torch.equal(tensors["lora_unet_joint_blocks_1_context_block_adaLN_modulation_1.dora_scale"][:, 0],
+                       torch.cat([last[d:], last[:d]]))
+    fresh = _mmdit_x()
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in base.items())
+    save_file(tensors, str(tmp_path / "dora.safetensors"))
+    adapters = read_kohya_dora(tmp_path / "dora.safetensors", SD3, {"transformer": fresh})
+    assert adapters is not None
+    inject_adapter(fresh, adapters["transformer"].config, adapters["transformer"].tensors, "read")
+    trained = {n: m for n, m in transformer.named_modules() if isinstance(m, LoraLayer)}
+    read = {n: m for n, m in fresh.named_modules() if isinstance(m, LoraLayer)}
+    assert trained.keys() == read.keys() and len(read) == 19 + 2 * 5  # five qkv: three members each
+    assert read["transformer_blocks.0.attn.to_k"].lora_A["read"].weight.shape[0] == 2  # its own rank back
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, layer in trained.items():
+            x = torch.randn(3, layer.in_features, generator=g)
+            assert torch.allclose(read[name](x), layer(x), atol=1e-5), name
 
 
 @pytest.mark.parametrize("scheme", ["logit_normal", "sigma_sqrt"])

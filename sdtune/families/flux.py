@@ -69,6 +69,16 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj
 KOHYA_PREFIXES = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
 
 
+def _splits_linear1(targets: list[str]) -> bool:
+    """Whether PEFT's ``target_modules`` (names matched as whole dotted suffixes) take some of a single
+    block's q, k, v but not its proj_mlp, the members BFL's layout fuses into linear1."""
+    def targeted(module: str) -> bool:
+        return any(module == t or module.endswith("." + t) for t in targets)
+
+    block = "single_transformer_blocks.0"
+    return any(targeted(f"{block}.attn.{m}") for m in ("to_q", "to_k", "to_v")) and not targeted(f"{block}.proj_mlp")
+
+
 def _kohya(name: str, *members: str, widths: tuple[int, ...] = ()) -> KohyaModule:
     return KohyaModule(name, members, widths)
 
@@ -198,6 +208,12 @@ class Flux:
             # sd-scripts' users (issue 1707: nan, or a LoRA that changes nothing); FLUX.1 ships in bf16
             warnings.append("train.mixed_precision: fp16 overflows FLUX.1's activations (the loss goes nan, or the "
                             "LoRA learns nothing); fix: bf16 (GPUs from Ampere / RTX 30xx on), else no (fp32)")
+        if cfg.lora.use_dora and _splits_linear1(cfg.lora.target_modules):
+            # said before training, not only when the run's kohya export then fails (sdtune.export._fused_magnitude)
+            warnings.append("lora.use_dora: the single blocks' to_q, to_k, to_v are targets but proj_mlp is not, and "
+                            "FLUX.1's layout fuses all four into linear1, whose DoRA magnitudes the kohya file needs "
+                            "whole: the run will write its diffusers LoRA but no kohya file (ComfyUI, Forge); fix: add "
+                            "proj_mlp to lora.target_modules")
         if s.guidance_unused and cfg.flux.guidance_scale != FluxOptions().guidance_scale:
             warnings.append(f"flux.guidance_scale: {s.guidance_unused} (its training predicts without it); fix: "
                             "remove it")
