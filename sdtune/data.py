@@ -21,9 +21,6 @@ weights on the latent grid (``MaskRules``).
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import os
 import random
@@ -42,10 +39,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdtune import __version__
-from sdtune.errors import SdtuneError, error_summary
-from sdtune.files import Located, locate, remembered
-from sdtune.hfdata import CAPTION_COLUMNS
+from sdtune.errors import SdtuneError
+from sdtune.files import Located, locate, remembered, shown_name
 from sdtune.images import DECODERS, IMAGE_EXTENSIONS, Decoded, Unreadable, missing_decoder, read_image
+from sdtune.metadata import BOM, METADATA_FILES, Row, metadata_rows, unit_of
 from sdtune.prep import (
     EXTREME_ASPECT,
     JUNK_DIRS,
@@ -55,14 +52,12 @@ from sdtune.prep import (
     fit_mask,
     nearest_bucket,
 )
-from sdtune.source_captions import METADATA_FILES, unit_of
 
 Size = tuple[int, int]  # (width, height) of a training crop, as PIL and `sdtune prep` write sizes
 
 # data.resolution's lower bound (sdtune.config). A scan told no resolution judges shapes at it, so it refuses
 # only what no resolution could train.
 LEAST_RESOLUTION = 64
-_BOM = b"\xef\xbb\xbf"  # Windows editors start UTF-8 files with it
 
 
 @dataclass(frozen=True)
@@ -81,19 +76,8 @@ class Scan:
     warnings: list[str] = field(default_factory=list)
 
 
-def _shown(name: str) -> str:
-    """A file name fit for a one-line report: bytes that are not UTF-8 as \\xNN, and the whole name quoted
-    and escaped if it holds a newline or another control character (it would break the line)."""
-    try:
-        raw = os.fsencode(name)  # undecodable bytes of a name on disk come back as they were
-    except UnicodeEncodeError:  # a lone surrogate from elsewhere (a JSON escape)
-        raw = name.encode("utf-8", "backslashreplace")
-    text = raw.decode("utf-8", "backslashreplace")
-    return text if text.isprintable() else repr(text)
-
-
 def _names(names: list[str]) -> str:
-    shown = ", ".join(_shown(n) for n in names[:5])
+    shown = ", ".join(shown_name(n) for n in names[:5])
     return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
@@ -203,12 +187,12 @@ def _survey(folder: Path, key: str, scan: Scan) -> list[Path]:
         suffix = _suffix(e.name).lower()
         if suffix in IMAGE_EXTENSIONS:
             if not _utf8(e.name):
-                scan.problems.append(f"{key}: the name {_shown(e.name)} is not valid UTF-8, which run records and "
+                scan.problems.append(f"{key}: the name {shown_name(e.name)} is not valid UTF-8, which run records and "
                                      "reports need; fix: rename it")
             elif _is_file(e):
                 images.append(folder / e.name)
             else:
-                scan.problems.append(f"{key}: {_shown(e.name)} is {_not_a_file(folder / e.name)}, not an image; "
+                scan.problems.append(f"{key}: {shown_name(e.name)} is {_not_a_file(folder / e.name)}, not an image; "
                                      "fix: remove or rename it")
         elif _is_dir(e):
             subfolders.append(e.name + "/")
@@ -261,134 +245,12 @@ def _file_name(name: str) -> tuple[str | None, str | None]:
     if not parts:
         return None, "has an empty file_name"
     if parts[0] == "/" or PureWindowsPath(name).drive or ".." in parts:
-        return None, (f"names {_shown(name)}, outside the folder: refused; fix: copy the image into the folder "
+        return None, (f"names {shown_name(name)}, outside the folder: refused; fix: copy the image into the folder "
                       "and give its bare file name")
     if len(parts) > 1:
-        return None, (f"names {_shown(name)}, in a subfolder, which is not read; fix: move the image into the "
+        return None, (f"names {shown_name(name)}, in a subfolder, which is not read; fix: move the image into the "
                       "folder itself and give its bare file name")
     return parts[0], None
-
-
-_ANY_CAPTION = f"a caption ({', '.join(CAPTION_COLUMNS[:-1])} or {CAPTION_COLUMNS[-1]})"
-_BLANK = object()  # a blank metadata.jsonl line (json.loads("null") is None: a bad row, not a blank one)
-Parsed = tuple[tuple[str, str] | None, str | None]  # ((file name, caption), None) or (None, why refused)
-Row = tuple[int, tuple[str, str] | None, str | None]  # the same after its line number
-
-
-def _json_line(raw: bytes) -> tuple[Any, str | None]:
-    """One metadata.jsonl line -> (its JSON value, None), (_BLANK, None) if blank, (None, None) if it is not
-    JSON (``_json_row`` refuses it), or (None, why it is refused) if it is not UTF-8."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, (f"is not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                      "fix: save the file as UTF-8")
-    if not line.strip():
-        return _BLANK, None
-    try:
-        return json.loads(line), None
-    except ValueError:
-        return None, None
-
-
-def _json_row(row: Any, caption_key: str | None) -> Parsed:
-    """One parsed metadata.jsonl line -> ((file name, caption), None) or (None, why it is refused)."""
-    if not (isinstance(row, dict) and isinstance(row.get("file_name"), str) and caption_key
-            and isinstance(row.get(caption_key), str)):
-        wanted = f"{caption_key} (the caption key of its first row: one key per file)" if caption_key \
-            else _ANY_CAPTION
-        return None, (f"is not a JSON object with file_name and {wanted}; fix: e.g. "
-                      f'{{"file_name": "001.png", "{caption_key or "text"}": "a photo of sks dog"}}')
-    name, why = _file_name(row["file_name"])
-    return ((name, row[caption_key]), None) if name else (None, why)
-
-
-def _jsonl_rows(data: bytes) -> Iterator[Row]:
-    """metadata.jsonl's rows. Its caption key is the first of ``CAPTION_COLUMNS`` (as data.dataset's caption
-    column) on its first row that names a file; every row must use that key."""
-    caption_key = None
-    # bytes.splitlines: only \n and \r end a line; str.splitlines would also split a caption at U+2028
-    for n, raw in enumerate(data.removeprefix(_BOM).splitlines(), 1):
-        row, problem = _json_line(raw)
-        if row is _BLANK:
-            continue
-        if caption_key is None and isinstance(row, dict) and isinstance(row.get("file_name"), str):
-            caption_key = next((c for c in CAPTION_COLUMNS if isinstance(row.get(c), str)), None)
-        yield (n, None, problem) if problem else (n, *_json_row(row, caption_key))
-
-
-def _csv_columns(header: list[str]) -> tuple[int, int, int, str] | str:
-    """(fields per line, file_name's index, the caption's index, the caption key) of a metadata.csv header
-    line, or why it is refused."""
-    caption_key = next((c for c in CAPTION_COLUMNS if c in header), None)
-    if "file_name" in header and caption_key:
-        return len(header), header.index("file_name"), header.index(caption_key), caption_key
-    return (f"is a header without file_name and {_ANY_CAPTION} ({_shown(','.join(header)) or 'empty'}); "
-            "fix: a first line such as file_name,text")
-
-
-def _csv_row(cells: list[str], columns: tuple[int, int, int, str]) -> Parsed:
-    """One metadata.csv line -> ((file name, caption), None) or (None, why it is refused)."""
-    width, name_at, caption_at, caption_key = columns
-    if len(cells) != width:  # as pandas (datasets' reader) does: a stray comma is an error, not a new field
-        return None, (f"has {len(cells)} fields, its header {width}; fix: one value per column (a caption "
-                      'that holds a comma in double quotes: "a photo of sks dog, smiling")')
-    if not cells[caption_at].strip():  # an empty cell is no caption (datasets reads it as null)
-        return None, f"has an empty {caption_key}; fix: fill it in, or remove the line"
-    name, why = _file_name(cells[name_at])
-    return ((name, cells[caption_at]), None) if name else (None, why)
-
-
-def _csv_rows(data: bytes) -> Iterator[Row]:
-    """metadata.csv's rows, as datasets' imagefolder reads them: a header line naming file_name and a caption
-    column (the first of ``CAPTION_COLUMNS`` in it), then one image per line."""
-    data = data.removeprefix(_BOM)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        yield (data[:e.start].count(b"\n") + 1, None,
-               f"is not UTF-8 text (byte 0x{data[e.start]:02x}); fix: save the file as UTF-8")
-        return
-    # newline="": the csv module itself ends lines (\n, \r\n or \r) outside quotes, never at U+2028
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        columns = _csv_columns(next(reader, []))
-        if isinstance(columns, str):
-            yield 1, None, columns
-            return
-        for cells in reader:
-            if any(cell.strip() for cell in cells):
-                yield (reader.line_num, *_csv_row(cells, columns))
-    except csv.Error as e:  # a NUL byte, a field over the csv module's size limit
-        yield reader.line_num, None, f"cannot be read as CSV ({e}); fix: save it again as CSV"
-
-
-def _parquet_rows(data: bytes) -> Iterator[Row]:
-    """metadata.parquet's rows (numbered from 1), as datasets' imagefolder reads them: a ``file_name`` column
-    and a caption column (the first of ``CAPTION_COLUMNS`` it has), one image per row. A problem of the whole
-    file is row 0."""
-    import pyarrow as pa  # datasets' own dependency; only a folder with a metadata.parquet needs it
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowException, OSError) as e:
-        yield 0, None, (f"cannot be read as Parquet ({error_summary(e, 100)}); fix: write it again, e.g. with "
-                        "pandas' DataFrame.to_parquet")
-        return
-    caption_key = next((c for c in CAPTION_COLUMNS if c in table.column_names), None)
-    if "file_name" not in table.column_names or caption_key is None:
-        yield 0, None, (f"has no file_name and {_ANY_CAPTION} columns (its columns: "
-                        f"{_shown(', '.join(table.column_names)) or 'none'}); fix: name them file_name and text")
-        return
-    names, captions = table.column("file_name").to_pylist(), table.column(caption_key).to_pylist()
-    for n, (name, caption) in enumerate(zip(names, captions), 1):
-        if not isinstance(name, str) or not isinstance(caption, str) or not caption.strip():
-            what = "file_name" if not isinstance(name, str) else caption_key
-            yield n, None, f"has no {what} (empty or not text); fix: fill it in, or remove the row"
-            continue
-        file, why = _file_name(name)
-        yield (n, (file, caption), None) if file else (n, None, why)
 
 
 def _bad_lines(key: str, metadata: Path, group: list[tuple[int, str]]) -> str:
@@ -402,6 +264,14 @@ def _bad_lines(key: str, metadata: Path, group: list[tuple[int, str]]) -> str:
             f"{', ...' if len(others) > 5 else ''})") if others else ""
     at = f" {unit} {n}" if n else ""  # 0: the file as a whole
     return f"{key}: {metadata}{at} {what}{more}" + (f"; fix: {fix}" if fix else "")
+
+
+def _bare_names(rows: Iterator[Row]) -> Iterator[Row]:
+    """The rows with each ``file_name`` as the bare name of an image in the folder itself (``_file_name``): a
+    training folder is read on its own, not its subfolders."""
+    for n, row, problem in rows:
+        name, why = _file_name(row[0]) if row else (None, None)
+        yield (n, None, problem or why) if not name else (n, (name, row[1]), None)  # type: ignore[index]
 
 
 def _collect(rows: Iterator[Row], metadata: Path, key: str, scan: Scan) -> dict[str, str]:
@@ -424,7 +294,7 @@ def _collect(rows: Iterator[Row], metadata: Path, key: str, scan: Scan) -> dict[
         unit = unit_of(metadata.name)
         more = f"; so is the last {unit} of {len(others)} more name(s) listed twice: {_names(others)}" \
             if others else ""
-        scan.warnings.append(f"{key}: {metadata} lists {_shown(name)} on {unit}s {first} and {n}; the caption "
+        scan.warnings.append(f"{key}: {metadata} lists {shown_name(name)} on {unit}s {first} and {n}; the caption "
                              f"on {unit} {n} is used{more}")
     return captions
 
@@ -478,7 +348,7 @@ def _captioned(folder: Path, images: list[Path], key: str,
     if not found:
         return images, None
     metadata, data = found[0]
-    rows = {".csv": _csv_rows, ".parquet": _parquet_rows}.get(metadata.suffix, _jsonl_rows)(data)
+    rows = _bare_names(metadata_rows(data, metadata.name))
     captions = _collect(rows, metadata, key, scan)
     _check_named(captions, metadata, key, scan, frozenset(p.name for p in images))
     unlisted = [p.name for p in images if p.name not in captions and p.name != "contact_sheet.jpg"]
@@ -492,7 +362,7 @@ def _sidecar(path: Path, folder: Path) -> tuple[str | None, str | None]:
     sidecar = path.with_suffix(".txt")
     if not sidecar.is_file():
         return None, None
-    name = _shown(sidecar.name)
+    name = shown_name(sidecar.name)
     if sidecar.is_symlink() and not sidecar.resolve().is_relative_to(folder.resolve()):
         return None, f"{name} is a link to a file outside the folder; refused"
     try:
@@ -500,7 +370,7 @@ def _sidecar(path: Path, folder: Path) -> tuple[str | None, str | None]:
     except OSError as e:
         return None, f"cannot read {name} ({e.strerror or e}); fix: make it readable (chmod +r)"
     try:
-        return data.removeprefix(_BOM).decode("utf-8").strip(), None
+        return data.removeprefix(BOM).decode("utf-8").strip(), None
     except UnicodeDecodeError as e:
         return None, (f"{name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
                       "fix: save it as UTF-8")
@@ -519,7 +389,7 @@ def _caption(path: Path, folder: Path, captions: dict[str, str] | None, instance
     caption = caption if caption is not None else instance_prompt
     if caption is None:
         setting = f"set {prompt_key} (e.g. 'a photo of {identifier} dog') or " if prompt_key else ""
-        scan.problems.append(f"{key}: {_shown(path.name)} has no caption; fix: {setting}give it one in "
+        scan.problems.append(f"{key}: {shown_name(path.name)} has no caption; fix: {setting}give it one in "
                              f"metadata.jsonl{'' if prompt_key else ' or a .txt beside it'}")
     return caption
 
@@ -567,7 +437,7 @@ def _shape_warning(path: Path, size: Size) -> str | None:
     aspect = max(w, h) / min(w, h)
     if aspect <= EXTREME_ASPECT:
         return None
-    return (f"{_shown(path.name)} is {w}x{h} px, an extreme aspect ratio of {aspect:.1f}:1 (over {EXTREME_ASPECT}:1, as "
+    return (f"{shown_name(path.name)} is {w}x{h} px, an extreme aspect ratio of {aspect:.1f}:1 (over {EXTREME_ASPECT}:1, as "
             f"`sdtune prep` reports): a square crop keeps {100 / aspect:.0f}% of it, the nearest aspect bucket "
             "(data.aspect_buckets) more; fix: crop it to the subject")
 
@@ -577,7 +447,7 @@ def _small_warning(small: list[tuple[str, Size]], resolution: int | None, key: s
     (its default --min-side), training upscales them."""
     r = resolution or LEAST_RESOLUTION
     more = "" if resolution else " or more"
-    items = [f"{_shown(name)} {w}x{h} (x{r / min(w, h):.3g}{more})" for name, (w, h) in small[:5]]
+    items = [f"{shown_name(name)} {w}x{h} (x{r / min(w, h):.3g}{more})" for name, (w, h) in small[:5]]
     return (f"{key}: {len(small)} image(s) under {r // 2} px on the short side will be upscaled to cover {r}x{r}"
             f"{'' if resolution else ' (the least data.resolution)'}: {', '.join(items)}"
             + (f" and {len(small) - 5} more" if len(small) > 5 else "")
@@ -602,11 +472,11 @@ def _image(path: Path, resolution: int | None, key: str, scan: Scan, found: Loca
         r = resolution or LEAST_RESOLUTION
         refusal = _resize_refusal(size, (r, r))  # a square is what the largest resize covers (buckets are smaller)
         if refusal:
-            scan.problems.append(f"{key}: {_shown(path.name)} {refusal}")
+            scan.problems.append(f"{key}: {shown_name(path.name)} {refusal}")
             return None
     reason = _unreadable(path, found)
     if reason or size is None:
-        scan.problems.append(f"{key}: cannot read {_shown(path.name)}: "
+        scan.problems.append(f"{key}: cannot read {shown_name(path.name)}: "
                              f"{reason or 'unreadable header; fix: re-save it, or run `sdtune prep`'}")
         return None
     shape = _shape_warning(path, size)
@@ -631,7 +501,7 @@ def mask_of(path: Path, decoded: Decoded) -> Image.Image | None:
     file = mask_file(path)
     if not file.is_file():
         return decoded.alpha
-    name = _shown(file.name)
+    name = shown_name(file.name)
     if file.is_symlink() and not file.resolve().is_relative_to(path.parent.resolve()):
         raise SdtuneError(f"the mask {name} is a link to a file outside the folder; refused")
     try:
@@ -726,7 +596,7 @@ def scan_instance_dir(
         found = _found(path)  # one lstat for the link check and both of _image's lookups
         if (path.is_symlink() if found is None else found.link) and \
                 not path.resolve().is_relative_to(folder.resolve()):
-            scan.problems.append(f"{key}: {_shown(path.name)} is a link to a file outside the folder; refused")
+            scan.problems.append(f"{key}: {shown_name(path.name)} is a link to a file outside the folder; refused")
             continue
         caption = _caption(path, folder, captions, instance_prompt, words[0], key, scan, prompt_key)
         if caption is None:
@@ -737,7 +607,7 @@ def scan_instance_dir(
         if not identified[caption]:
             named = f"the identifier '{words[0]}'" if len(words) == 1 else \
                 f"any of the identifiers {', '.join(repr(w) for w in words)}"
-            scan.warnings.append(f"{_shown(path.name)}: caption '{_shown(' '.join(caption.split()))}' does not "
+            scan.warnings.append(f"{shown_name(path.name)}: caption '{shown_name(' '.join(caption.split()))}' does not "
                                  f"contain {named}")
         size = _image(path, resolution, key, scan, found)
         if size is None:
@@ -821,11 +691,11 @@ def load_example(path: Path, size: int | Size, center_crop: bool, flip: bool, rn
     try:
         decoded = _decode(path, max(tw, th))
     except (OSError, Unreadable) as e:  # a class image, or an instance image changed since the scan
-        raise SdtuneError(f"cannot read {_shown(str(path))} ({e}); fix: remove it or run `sdtune prep`") from None
+        raise SdtuneError(f"cannot read {shown_name(str(path))} ({e}); fix: remove it or run `sdtune prep`") from None
     im = decoded.image
     refusal = _resize_refusal(im.size, (tw, th))  # (working size: the pixels that would be resized)
     if refusal:
-        raise SdtuneError(f"{_shown(str(path))} {refusal}")
+        raise SdtuneError(f"{shown_name(str(path))} {refusal}")
     original_size = (decoded.size[1], decoded.size[0])
     w, h = resized_size(im.width, im.height, (tw, th))
     if center_crop:

@@ -28,6 +28,17 @@ _UMASK = os.umask(0o022)  # read once (the only way to read it is to set it), th
 os.umask(_UMASK)
 
 
+def shown_name(name: str) -> str:
+    """A file name fit for a one-line report: bytes that are not UTF-8 as \\xNN, and the whole name quoted
+    and escaped if it holds a newline or another control character (it would break the line)."""
+    try:
+        raw = os.fsencode(name)  # undecodable bytes of a name on disk come back as they were
+    except UnicodeEncodeError:  # a lone surrogate from elsewhere (a JSON escape)
+        raw = name.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    return text if text.isprintable() else repr(text)
+
+
 def cache_root() -> Path:
     """sdtune's cache folder: ``$SDTUNE_CACHE``, else ``~/.cache/sdtune`` (not created here)."""
     return Path(os.environ.get("SDTUNE_CACHE") or Path.home() / ".cache" / "sdtune")

@@ -51,7 +51,7 @@ from sdtune.errors import SdtuneError
 from sdtune.files import sha256_file
 from sdtune.grid import load_font
 from sdtune.images import Decoded, Unreadable, read_image
-from sdtune.source_captions import SourceMetadata, has_metadata, is_metadata_file, read_metadata
+from sdtune.metadata import SourceMetadata, has_metadata, is_metadata_file, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def prep(
     image, a mask, metadata.jsonl's captions) was edited since: then SdtuneError, or with ``overwrite_edits``
     the edits are replaced too.
     ``caption_from``: filename, txt (a .txt beside each image) or metadata (SRC's metadata.jsonl / .csv, as
-    datasets' imagefolder reads them: ``sdtune.source_captions``); the files read are ``caption`` rows.
+    datasets' imagefolder reads them: ``sdtune.metadata``); the files read are ``caption`` rows.
     ``workers``: processes, at most the CPU cores (None: all of them). ``bucket_multiple`` (``--crop bucket``
     only): write only buckets whose sides are multiples of it, the model's ``ModelInfo.bucket_multiple``, as
     training buckets them (None: 1, every bucket of ``bucket_sizes``).
@@ -772,7 +772,7 @@ def _caption(src_dir: Path, rel: str, caption: str | None, caption_from: str | N
 
 
 def _source_metadata(src_dir: Path, left_out: list[Result], caption_from: str | None) -> SourceMetadata | None:
-    """The captions of SRC's metadata files (``sdtune.source_captions``): for --caption-from metadata (an error
+    """The captions of SRC's metadata files (``sdtune.metadata``): for --caption-from metadata (an error
     without any), and for txt, to say where a .txt and the metadata disagree (a metadata file that cannot be
     read is then not compared); None otherwise."""
     files = [r.source for r in left_out if r.status == "ignored" and is_metadata_file(r.source)]

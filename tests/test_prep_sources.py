@@ -119,8 +119,15 @@ def test_no_caption_option_names_the_metadata_file_and_how_to_use_it(tmp_path):
     ({"metadata.jsonl": '{"file_name": "p0.jpg", "text": "x"}\nnot json\n'}, "metadata.jsonl line 2 is not a JSON"),
     ({"metadata.jsonl": '{"file_name": "../p0.jpg", "text": "x"}\n'}, "outside its folder"),
     ({"metadata.jsonl": '{"text": "x"}\n'}, "line 1 has no file_name"),
-    ({"metadata.csv": "file_name,label\np0.jpg,dog\n"}, "has no text, caption, prompt column (its columns: "
-                                                        "file_name, label)"),
+    ({"metadata.csv": "file_name,label\np0.jpg,dog\n"}, "metadata.csv line 1 is a header without file_name and a "
+                                                        "caption (text, caption or prompt) (file_name,label)"),
+    # an unquoted comma: pandas (datasets' reader) refuses the line; prep read "a photo of sks dog" and dropped
+    # ", smiling" without a word (the training folder's reader refused it: both now parse with sdtune.metadata)
+    ({"metadata.csv": "file_name,text\np0.jpg,a photo of sks dog, smiling\n"},
+     "metadata.csv line 2 has 3 fields, its header 2; fix: one value per column"),
+    ({"metadata.jsonl": '{"file_name": "p0.jpg", "text": "x"}\n{"file_name": "p1.jpg"}\n[]\n'},
+     "metadata.jsonl line 2 is not a JSON object with file_name and text (the caption key of its first row: one "
+     "key per file) (1 more line refused: 3)"),
 ])
 def test_metadata_that_datasets_would_refuse_is_one_line(tmp_path, files, says):
     src = tmp_path / "src"
@@ -293,7 +300,7 @@ def test_captions_from_metadata_parquet_as_datasets_reads_them(tmp_path):
     (src / "more" / "metadata.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(SdtuneError) as e:
         run(src, tmp_path / "b", caption_from="metadata")
-    assert "cannot read more/metadata.parquet as Parquet" in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert "more/metadata.parquet cannot be read as Parquet" in str(e.value) and len(str(e.value).splitlines()) == 1
     (src / "more" / "metadata.parquet").unlink()
     write_parquet(src / "metadata.parquet", {"file_name": ["p0.jpg", None], "text": ["sks dog", "sks dog"]})
     with pytest.raises(SdtuneError, match=r"metadata.parquet row 2 has no file_name"):
