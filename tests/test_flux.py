@@ -434,13 +434,19 @@ def _tiny_lora(model: Path) -> dict[str, Adapter]:
     return {"transformer": Adapter.from_module(c.denoiser), "text_encoder": Adapter.from_module(c.text_encoders[0])}
 
 
+def _both_files(model: Path, adapters: dict[str, Adapter], folder: Path) -> tuple[Path, Path]:
+    """(the diffusers file, the kohya file) of ``adapters``, as a run writes them."""
+    diffusers_file, _ = _write_diffusers(RunLora(folder / "x", adapters, {"model": {"pretrained": str(model)}}),
+                                         folder / "lora.safetensors")
+    kohya_file = write_kohya(folder / "lora_kohya.safetensors", FLUX, adapters, base_model=str(model),
+                             prediction_type="flow_matching")
+    return diffusers_file, kohya_file
+
+
 def test_flux_kohya_file_samples_the_pixels_of_the_diffusers_file(tiny_model, tmp_path):
     model = tiny_model("flux")
     adapters = _tiny_lora(model)
-    diffusers_file, _ = _write_diffusers(RunLora(tmp_path / "x", adapters, {"model": {"pretrained": str(model)}}),
-                                         tmp_path / "lora.safetensors")
-    kohya_file = write_kohya(tmp_path / "lora_kohya.safetensors", FLUX, adapters, base_model=str(model),
-                             prediction_type="flow_matching")
+    diffusers_file, kohya_file = _both_files(model, adapters, tmp_path)
     assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in load_file(kohya_file))
     # an ai-toolkit file: diffusers' transformer.* keys in kohya's lora_down / lora_up naming, no metadata
     ai_toolkit = tmp_path / "ai_toolkit.safetensors"
@@ -571,10 +577,7 @@ def test_a_flux_dora_kohya_file_fuses_qkv_and_samples_back_as_the_dora(tiny_mode
     every adapted layer computes what the diffusers file's does, and the pixels match."""
     model = tiny_model("flux")
     adapters = _tiny_dora(model)
-    diffusers_file, _ = _write_diffusers(RunLora(tmp_path / "x", adapters, {"model": {"pretrained": str(model)}}),
-                                         tmp_path / "lora.safetensors")
-    kohya_file = write_kohya(tmp_path / "lora_kohya.safetensors", FLUX, adapters, base_model=str(model),
-                             prediction_type="flow_matching")
+    diffusers_file, kohya_file = _both_files(model, adapters, tmp_path)
     tensors, t = load_file(kohya_file), adapters["transformer"].tensors
     magnitude = [t[f"transformer_blocks.0.attn.{m}.lora_magnitude_vector"] for m in ("to_q", "to_k", "to_v")]
     assert torch.equal(tensors["lora_unet_double_blocks_0_img_attn_qkv.dora_scale"][:, 0], torch.cat(magnitude))
