@@ -701,12 +701,14 @@ def kohya_warnings(family: Family, adapters: dict[str, Adapter]) -> list[str]:
     """Known limits of the loaders for this LoRA, one line each (empty for the default recipes)."""
     warnings = []
     if any(k.endswith(".lora_magnitude_vector") for a in adapters.values() for k in a.tensors):
-        # `sdtune sample` reads the files it writes back as DoRA (read_kohya_dora)
+        # `sdtune sample` reads the files it writes back as DoRA (read_kohya_dora); the clients named are the
+        # family's (FLUX.1 and SD3 LoRAs load in no AUTOMATIC1111)
+        comfy = " and ".join(c for c in ("ComfyUI", "Forge") if c in family.lora_clients)
+        a1111 = ", AUTOMATIC1111 assumes per-input magnitudes" if "AUTOMATIC1111" in family.lora_clients else ""
         warnings.append(
-            "DoRA in kohya format: ComfyUI and Forge apply the per-output dora_scale (normalising by the "
-            "base weight, an approximation), AUTOMATIC1111 assumes per-input magnitudes and diffusers drops "
-            "dora_scale keys (`sdtune sample` applies them itself); for exact DoRA elsewhere use --format "
-            "diffusers or peft"
+            f"DoRA in kohya format: {comfy} {'apply' if ' and ' in comfy else 'applies'} the per-output dora_scale (normalising by the base weight, "
+            f"an approximation){a1111} and diffusers drops dora_scale keys (`sdtune sample` applies them "
+            "itself); for exact DoRA elsewhere use --format diffusers or peft"
         )
     return warnings + family.kohya_warnings({c: a.modules() for c, a in adapters.items()})
 

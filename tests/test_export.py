@@ -652,7 +652,11 @@ def test_dora_exports_dora_scale_per_output_channel(run, tiny_model, tmp_path):
     assert meta["ss_network_module"] == "lycoris.kohya"
     assert json.loads(meta["ss_network_args"])["dora_wd"] == "True"
     adapters = read_run(out).adapters
-    assert any("DoRA" in w for w in kohya_warnings(F("sd15"), adapters))
+    said = [w for w in kohya_warnings(F("sd15"), adapters) if "DoRA" in w]
+    assert said and "ComfyUI and Forge apply" in said[0] and "AUTOMATIC1111 assumes per-input" in said[0]
+    # the clients named are the family's: no AUTOMATIC1111 loads an SD3 LoRA (kohya_warnings reads the keys only)
+    said = [w for w in kohya_warnings(F("sd3"), adapters) if "DoRA" in w]
+    assert said and said[0].startswith("DoRA in kohya format: ComfyUI applies") and "AUTOMATIC1111" not in said[0]
     c = load_components(str(tiny_model("sd15")), F("sd15"))
     te_layers = {"text_encoder": c.text_encoders[0].config.num_hidden_layers}
     per_level = c.denoiser.config.layers_per_block + 1
