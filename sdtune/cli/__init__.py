@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             print(str(e), file=sys.stderr)
         return SIGTERM_EXIT if terminated and e.exit_code == 130 else e.exit_code
     except SdtuneError as e:
-        if not _said_by_rank_zero(e):
+        if _left_to_rank_zero(e):
+            if os.environ.get("TORCHELASTIC_RUN_ID"):  # torch elastic stops the others once the first has failed
+                time.sleep(RANK_ZERO_GRACE_S)
+        else:
             for line in str(e).splitlines():
                 print(f"error: {line}", file=sys.stderr)
             if under_accelerate_launch() and not not_first_process():
@@ -135,18 +138,14 @@ def _sigterm_as_ctrl_c(terminated: list[int]) -> Iterator[None]:
 RANK_ZERO_GRACE_S = 10.0
 
 
-def _said_by_rank_zero(e: SdtuneError) -> bool:
+def _left_to_rank_zero(e: SdtuneError) -> bool:
     """True for a recipe's problems (``ConfigError``) in a process other than the first of a multi-process launch
     (``accelerate launch``): every process checks the same recipe and finds the same lines, which the first one
     prints; the others exit with the same code, quietly, instead of printing each line N times (under torch
-    elastic, after ``RANK_ZERO_GRACE_S``, unless it has stopped them by then: the first process fails first)."""
+    elastic after ``RANK_ZERO_GRACE_S``, unless it has stopped them by then: the first process fails first)."""
     from sdtune.config import ConfigError
 
-    if not (not_first_process() and isinstance(e, ConfigError)):
-        return False
-    if os.environ.get("TORCHELASTIC_RUN_ID"):
-        time.sleep(RANK_ZERO_GRACE_S)
-    return True
+    return not_first_process() and isinstance(e, ConfigError)
 
 
 def _late_overrides(parser: Parser, args: argparse.Namespace, extra: list[str]) -> None:
