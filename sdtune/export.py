@@ -701,7 +701,7 @@ def kohya_warnings(family: Family, adapters: dict[str, Adapter]) -> list[str]:
     """Known limits of the loaders for this LoRA, one line each (empty for the default recipes)."""
     warnings = []
     if any(k.endswith(".lora_magnitude_vector") for a in adapters.values() for k in a.tensors):
-        # `sdtune sample` reads the files it writes back as DoRA (read_kohya_dora); the clients named are the
+        # `sdtune sample` reads the files it writes back as DoRA (read_kohya_lora); the clients named are the
         # family's (FLUX.1 and SD3 LoRAs load in no AUTOMATIC1111)
         comfy = " and ".join(c for c in ("ComfyUI", "Forge") if c in family.lora_clients)
         a1111 = ", AUTOMATIC1111 assumes per-input magnitudes" if "AUTOMATIC1111" in family.lora_clients else ""
@@ -1011,51 +1011,54 @@ def _decompose_factor(by_module: dict[str, dict[str, torch.Tensor]], layers: dic
 
 
 # --------------------------------------------------------------------------------------------------------
-# Reading a kohya DoRA file back (for sampling)
+# Reading a kohya LoRA / DoRA file back (for sampling)
 
-# What ``_kohya_tensors`` writes per module of a LoRA with DoRA
-KOHYA_DORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+# What ``_kohya_tensors`` writes per module of a LoRA, and of a LoRA with DoRA
+KOHYA_LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+KOHYA_DORA_PARTS = (*KOHYA_LORA_PARTS, "dora_scale")
+Converted = tuple[dict[str, "torch.Tensor"], int, float]  # one module's (PEFT tensors, rank, alpha)
 
 
-def read_kohya_dora(path: str | Path, family: Family,
+def read_kohya_lora(path: str | Path, family: Family,
                     modules: dict[str, torch.nn.Module]) -> dict[str, Adapter] | None:
-    """The PEFT DoRA adapters of a kohya LoRA file that holds ``dora_scale`` tensors, for
+    """The PEFT LoRA adapters of a kohya LoRA file, DoRA where it holds ``dora_scale`` tensors, for
     ``sdtune.lora.inject_adapter`` into ``modules`` ({component: module} of the base model, as
     ``read_lycoris``); None when the file is not in a layout ``to_kohya`` writes for ``family``: a module
     named neither by its diffusers path nor, for FLUX.1 and SD3, by the original layout
-    (``Family.kohya_modules``; sd-scripts' SDXL ``input_blocks`` names are not read), a module without
-    ``dora_scale``, or one ``dora_scale`` per input channel (LyCORIS' ``wd_on_out=False``); PEFT's DoRA holds
-    none of these.
+    (``Family.kohya_modules``; sd-scripts' SDXL ``input_blocks`` names are not read), a part other than
+    these (LyCORIS' factors, a full ``diff``), or with DoRA a module without ``dora_scale`` or one
+    ``dora_scale`` per input channel (LyCORIS' ``wd_on_out=False``); PEFT's DoRA holds none of these.
 
     ``_kohya_tensors`` in reverse: ``lora_down`` is lora_A, ``lora_up`` lora_B, ``alpha`` / rank the scale
     (PEFT's lora_alpha / r, per module through ``rank_pattern`` / ``alpha_pattern``), ``dora_scale`` (out,
     1[, 1, 1]) the magnitude; a fused Linear of the original layout is split into its members
-    (``_split_fused_dora``). Hand-written: diffusers' LoRA loaders drop ``dora_scale`` keys
-    (lora_pipeline.py: "a DoRA checkpoint that is not compatible"), and peft reads no kohya names."""
+    (``_split_fused``). Hand-written: diffusers' LoRA loaders drop ``dora_scale`` keys (lora_pipeline.py:
+    "a DoRA checkpoint that is not compatible") and read no SD3 kohya file, and peft reads no kohya names."""
     import torch
 
     with open_safetensors(path) as f:
         tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(BUNDLE_PREFIX)}
+    dora = any(k.endswith(".dora_scale") for k in tensors)
     places, fused = _kohya_places(family, modules), _original_layout_places(family, modules)
     found: dict[str, dict[str, torch.Tensor]] = {}  # kohya module -> {part: tensor}
     for key, tensor in tensors.items():
         name, _, part = key.partition(".")
-        if (name not in places and name not in fused) or part not in KOHYA_DORA_PARTS:
+        if (name not in places and name not in fused) or part not in (KOHYA_DORA_PARTS if dora else KOHYA_LORA_PARTS):
             return None
         found.setdefault(name, {})[part] = tensor.to(torch.float32)
-    converted: dict[str, dict[str, tuple[dict[str, torch.Tensor], int, float]]] = {}  # component -> module -> ...
+    converted: dict[str, dict[str, Converted]] = {}  # component -> module -> (PEFT tensors, rank, alpha)
     for name, parts in found.items():
         if name in fused:
             component, entry, block = fused[name]
-            members = _split_fused_dora(parts, entry, block, modules[component])
+            members = _split_fused(parts, entry, block, modules[component], dora)
         else:
             component, module, _ = places[name]
-            one = _dora_module(parts)
+            one = _kohya_module(parts, dora)
             members = None if one is None else {module: one}
         if members is None:
             return None
         converted.setdefault(component, {}).update(members)
-    return {component: _dora_adapter(by_module, type(modules[component]).__name__)
+    return {component: _converted_adapter(by_module, type(modules[component]).__name__, dora)
             for component, by_module in converted.items()}
 
 
@@ -1077,24 +1080,26 @@ def _original_layout_places(family: Family,
     return places
 
 
-def _split_fused_dora(parts: dict[str, torch.Tensor], entry: KohyaModule, block: str,
-                      model: torch.nn.Module) -> dict[str, tuple[dict[str, torch.Tensor], int, float]] | None:
-    """{member module: (PEFT tensors, rank, alpha)} of one Linear of the original layout with DoRA; None
-    unless its parts are a per-output DoRA whose rows are its members' (their widths read from ``model``).
+def _split_fused(parts: dict[str, torch.Tensor], entry: KohyaModule, block: str, model: torch.nn.Module,
+                 dora: bool) -> dict[str, Converted] | None:
+    """{member module: (PEFT tensors, rank, alpha)} of one Linear of the original layout; None unless its
+    parts are a LoRA (with ``dora`` a per-output DoRA) whose rows are its members' (their widths read from
+    ``model``).
 
-    The fused Linear's output rows are its members' in order, and DoRA's magnitude is one norm per row, so
-    member j is exactly a DoRA of its own: the shared down, its rows of up and of the magnitude, at the file's
-    scale (alpha / rank). Columns of its up that are zero (the other members' blocks of the block-diagonal up
-    ``_fused_lora`` writes) are dropped, so q, k, v of rank r come back at rank r, not 3r; a file trained on the
-    fused Linear (a dense up) keeps the full rank for each member."""
+    The fused Linear's output rows are its members' in order (and DoRA's magnitude is one norm per row), so
+    member j is exactly a LoRA (a DoRA) of its own: the shared down, its rows of up (and of the magnitude), at
+    the file's scale (alpha / rank). Columns of its up that are zero (the other members' blocks of the
+    block-diagonal up ``_fused_lora`` writes) are dropped, so q, k, v of rank r come back at rank r, not 3r; a
+    file trained on the fused Linear (a dense up, as kohya's sd-scripts writes) keeps the full rank for each
+    member."""
     import torch
 
     down, up, scale = parts.get("lora_down.weight"), parts.get("lora_up.weight"), parts.get("dora_scale")
-    if down is None or up is None or scale is None or up.dim() != 2 or scale.numel() != up.shape[0]:
+    if down is None or up is None or up.dim() != 2 or (dora and (scale is None or scale.numel() != up.shape[0])):
         return None
     rank = int(down.shape[0])
     lora_scale = (float(parts["alpha"]) if "alpha" in parts else rank) / rank  # no alpha: every loader's 1
-    magnitude = scale.reshape(-1)
+    magnitude = scale.reshape(-1) if dora else torch.zeros(up.shape[0])  # (zeros: not written)
     if entry.swapped_halves_at and up.shape[0] == entry.swapped_halves_at * down.shape[1]:
         # the original's (shift, scale) halves back into diffusers' (scale, shift) order (KohyaModule)
         up, magnitude = torch.cat(up.chunk(2)[::-1]), torch.cat(magnitude.chunk(2)[::-1])
@@ -1104,43 +1109,49 @@ def _split_fused_dora(parts: dict[str, torch.Tensor], entry: KohyaModule, block:
     if None in widths or sum(widths) != up.shape[0]:
         return None
     split = {}
+    all_zero = not up.any()  # (a LoRA saved before its first step): it stays one, on the first member
     for member, up_j, magnitude_j in zip(members, up.split(widths), magnitude.split(widths)):
         keep = (up_j != 0).any(dim=0)
-        keep[0] |= not keep.any()  # an all-zero block: one column, so that the magnitude still applies
+        if not keep.any():
+            if not (dora or all_zero and not split):
+                continue  # a member that was not trained (a zero block): no adapter on it
+            keep[0] = True  # one column: the magnitude still applies (DoRA), the module stays adapted
         r = int(keep.sum())
-        peft = {"lora_A.weight": down[keep].contiguous(), "lora_B.weight": up_j[:, keep].contiguous(),
-                "lora_magnitude_vector": magnitude_j.contiguous()}
+        peft = {"lora_A.weight": down[keep].contiguous(), "lora_B.weight": up_j[:, keep].contiguous()}
+        if dora:
+            peft["lora_magnitude_vector"] = magnitude_j.contiguous()
         split[member] = (peft, r, lora_scale * r)
     return split
 
 
-def _dora_module(parts: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, float] | None:
-    """(PEFT tensors, rank, alpha) of one module's kohya DoRA parts; None without a per-output
+def _kohya_module(parts: dict[str, torch.Tensor], dora: bool) -> Converted | None:
+    """(PEFT tensors, rank, alpha) of one module's kohya LoRA parts; with ``dora`` None without a per-output
     ``dora_scale``."""
     down, up, scale = parts.get("lora_down.weight"), parts.get("lora_up.weight"), parts.get("dora_scale")
-    if down is None or up is None or scale is None:
-        return None
-    if scale.shape[0] != up.shape[0] or scale.numel() != up.shape[0]:  # (1, in): one per input channel
+    if down is None or up is None:
         return None
     rank = int(down.shape[0])
     # no alpha: every loader's scale is 1 (alpha = rank)
     alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
+    peft = {"lora_A.weight": down, "lora_B.weight": up}
+    if not dora:
+        return peft, rank, alpha
+    if scale is None or scale.shape[0] != up.shape[0] or scale.numel() != up.shape[0]:  # (1, in): per input
+        return None
     # PEFT's magnitude: (out,) for a Linear (up (out, r)), (1, out, 1, 1) for a Conv2d (up (out, r, 1, 1))
-    magnitude = scale.reshape(1, -1, 1, 1) if up.dim() == 4 else scale.reshape(-1)
-    peft = {"lora_A.weight": down, "lora_B.weight": up, "lora_magnitude_vector": magnitude}
+    peft["lora_magnitude_vector"] = scale.reshape(1, -1, 1, 1) if up.dim() == 4 else scale.reshape(-1)
     return peft, rank, alpha
 
 
-def _dora_adapter(converted: dict[str, tuple[dict[str, torch.Tensor], int, float]],
-                  model_class: str) -> Adapter:
-    """One component's PEFT DoRA adapter from its modules' ``_dora_module``s: the most common rank and alpha
-    as ``r`` / ``lora_alpha``, the others per module (as ``_lycoris_adapter``)."""
+def _converted_adapter(converted: dict[str, Converted], model_class: str, dora: bool) -> Adapter:
+    """One component's PEFT LoRA (``dora``: DoRA) adapter from its modules' ``_kohya_module``s: the most
+    common rank and alpha as ``r`` / ``lora_alpha``, the others per module (as ``_lycoris_adapter``)."""
     from collections import Counter
 
     r = Counter(rank for _, rank, _ in converted.values()).most_common(1)[0][0]
     alpha = Counter(a for _, _, a in converted.values()).most_common(1)[0][0]
     config = {
-        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_dora": True,
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_dora": dora,
         "target_modules": sorted(converted),
         "rank_pattern": {m: rank for m, (_, rank, _) in converted.items() if rank != r},
         "alpha_pattern": {m: a for m, (_, _, a) in converted.items() if a != alpha},

@@ -37,7 +37,7 @@ from sdtune.export import (
     lora_embedding_files,
     lycoris_kind,
     read_diffusers_lora,
-    read_kohya_dora,
+    read_kohya_lora,
     read_lycoris,
     read_peft_folder,
 )
@@ -420,9 +420,10 @@ def _apply_lora(pipe: Any, path: str, family: Family) -> Embeddings | None:
 
 def _load_adapter(pipe: Any, path: str, family: Family, keys: list[str],
                   bundle: dict[str, torch.Tensor]) -> None:
-    """Put the file's adapter into the pipeline as ``ADAPTER``: a LoHa / LoKr and a kohya file's DoRA with
-    PEFT (diffusers' ``load_lora_weights`` reads neither), a PEFT adapter folder with PEFT, any other LoRA
-    with diffusers."""
+    """Put the file's adapter into the pipeline as ``ADAPTER``: a LoHa / LoKr, a kohya file's DoRA and a
+    FLUX.1 / SD3 kohya file in the layout sdtune writes with PEFT (diffusers' ``load_lora_weights`` drops
+    DoRA, reads SD3's layout not at all and FLUX.1's at its own widths only), a PEFT adapter folder with PEFT,
+    any other LoRA with diffusers."""
     if Path(path).is_dir():  # PEFT's own files: put in as PeftModel.from_pretrained would, not converted
         _inject_adapters(pipe, family, lambda modules: _peft_adapters(path, family, modules))
         return
@@ -440,9 +441,12 @@ def _load_adapter(pipe: Any, path: str, family: Family, keys: list[str],
         # not load (``lora_magnitude_vector.<adapter>``, no ``.weight``): they stayed the base weights' norms
         _inject_adapters(pipe, family, lambda modules: read_diffusers_lora(path))
         return
-    if dora:
-        if _inject_adapters(pipe, family, lambda modules: read_kohya_dora(path, family, modules)):
+    if dora or _kohya_denoiser_keys(family, keys):
+        # DoRA (diffusers' loader drops dora_scale), and FLUX.1 / SD3 in the original layout, which diffusers
+        # reads at FLUX.1's own widths only, SD3's not at all: sdtune's reader, else diffusers' below
+        if _inject_adapters(pipe, family, lambda modules: read_kohya_lora(path, family, modules)):
             return
+    if dora:
         logger.warning(f"{path}: its DoRA magnitudes (dora_scale) are not applied: sdtune reads them from "
                        "kohya files in the layouts it writes (one per output channel; SD1.x, SD2.x, SDXL: diffusers "
                        "module names; FLUX.1, SD3: the original model's), and diffusers' loader drops them; so the images are not the "
@@ -592,11 +596,12 @@ def _kohya_denoiser_keys(family: Family, keys: list[str]) -> bool:
 def _nothing_loaded(path: str, family: Family, keys: list[str]) -> str:
     """Why a LoRA file that loaded without an error put nothing on the denoiser, as one line."""
     if _kohya_denoiser_keys(family, keys):
-        # diffusers (0.42) has no converter for SD3's kohya layout: load_lora_weights reads none of its keys
+        # diffusers (0.42) has no converter for SD3's kohya layout: load_lora_weights reads none of its keys;
+        # sdtune's reader (read_kohya_lora) declined it: a module or part outside the layout sdtune writes
         return (f"{path}: {families.article(family.label)} {family.label} kohya file (lora_unet_ keys in the "
-                "original model's layout), which diffusers' LoRA loader, and so `sdtune sample`, cannot read "
-                "(ComfyUI and Forge load it); sample the run it came from instead: its folder (sdtune sample "
-                f"RUN) or its {WEIGHT_NAME}")
+                "original model's layout) with modules or parts beyond the LoRA / DoRA of the blocks that sdtune "
+                "writes and reads, and diffusers' LoRA loader reads none of it (ComfyUI and Forge load it); "
+                f"sample the run it came from instead: its folder (sdtune sample RUN) or its {WEIGHT_NAME}")
     return f"{path}: none of its keys match this model's {family.denoiser_name} (another family or format?)"
 
 

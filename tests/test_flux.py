@@ -497,9 +497,11 @@ def test_eval_samples_a_flux_model_at_its_own_guidance(tiny_model):
     assert _guidance(world, str(tiny_model("sd15")), None) == 4.0
 
 
-def test_a_kohya_file_diffusers_cannot_split_is_one_line_not_a_crash(tiny_model, tmp_path, capsys):
+def test_a_kohya_file_at_a_tiny_models_widths_samples_and_one_diffusers_cannot_split_is_one_line(tiny_model,
+                                                                                                  tmp_path, capsys):
     # linear1 (the single blocks' fused q, k, v and MLP) of a tiny model: diffusers' reader asserts FLUX.1's
-    # widths with a bare `assert` (no message); quoting it crashed with IndexError, "a bug in sdtune"
+    # widths with a bare `assert` (no message); sdtune's reader splits it at the model's own widths. A file with
+    # a part sdtune does not read (here a T5 LoRA) goes to diffusers: its assert is one line, not "a bug in sdtune"
     from peft import LoraConfig
 
     from sdtune.cli import main
@@ -510,8 +512,18 @@ def test_a_kohya_file_diffusers_cannot_split_is_one_line_not_a_crash(tiny_model,
     kohya = write_kohya(tmp_path / "k.safetensors", FLUX, {"transformer": Adapter.from_module(c.denoiser)},
                         base_model=str(model), prediction_type="flow_matching")
     assert any(k.startswith("lora_unet_single_blocks_0_linear1.") for k in load_file(kohya))
-    code = main(["sample", str(kohya), "--model", str(model), "--prompt", "a toy", "--seeds", "0", "--steps", "1",
-                 "--out", str(tmp_path / "g.png")])
+
+    def sample(lora: Path) -> int:
+        return main(["sample", str(lora), "--model", str(model), "--prompt", "a toy", "--seeds", "0", "--steps", "1",
+                     "--out", str(tmp_path / "g.png")])
+
+    assert sample(kohya) == 0
+    with_t5 = tmp_path / "with_t5.safetensors"
+    save_file({**load_file(kohya), "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight":
+               torch.zeros(4, 32), "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight":
+               torch.zeros(32, 4)}, str(with_t5))
+    capsys.readouterr()
+    code = sample(with_t5)
     err = capsys.readouterr().err
     assert code != 0 and "bug in sdtune" not in err
     # not the file's fault: the converter's widths are FLUX.1's, the tiny model's are not
@@ -607,7 +619,7 @@ def test_a_flux_dora_trained_on_the_fused_linear_reads_back_exactly(tiny_model, 
     """A LyCORIS-style file trained on BFL's fused qkv (a dense up, one dora_scale for 3 x width rows): q, k
     and v each become a DoRA of the full rank whose outputs stacked are the fused Linear's, computed here by
     DoRA's own formula m * (W0 + s up @ down) / ||W0 + s up @ down||_row."""
-    from sdtune.export import read_kohya_dora
+    from sdtune.export import read_kohya_lora
     from sdtune.lora import inject_adapter
 
     model = tiny_model("flux")
@@ -622,7 +634,7 @@ def test_a_flux_dora_trained_on_the_fused_linear_reads_back_exactly(tiny_model, 
     name = "lora_unet_double_blocks_0_img_attn_qkv"
     save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(alpha),
                f"{name}.dora_scale": scale[:, None].contiguous()}, str(tmp_path / "fused.safetensors"))
-    adapters = read_kohya_dora(tmp_path / "fused.safetensors", FLUX, {"transformer": c.denoiser})
+    adapters = read_kohya_lora(tmp_path / "fused.safetensors", FLUX, {"transformer": c.denoiser})
     assert adapters is not None and sorted(adapters["transformer"].modules()) == [
         f"transformer_blocks.0.attn.{m}" for m in ("to_k", "to_q", "to_v")]
     inject_adapter(c.denoiser, adapters["transformer"].config, adapters["transformer"].tensors, "x")
@@ -635,7 +647,7 @@ def test_a_flux_dora_trained_on_the_fused_linear_reads_back_exactly(tiny_model, 
     # a dora_scale per input channel (LyCORIS' wd_on_out=False) is not PEFT's DoRA: not read
     save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
                f"{name}.dora_scale": torch.ones(1, width)}, str(tmp_path / "per_input.safetensors"))
-    assert read_kohya_dora(tmp_path / "per_input.safetensors", FLUX, {"transformer": c.denoiser}) is None
+    assert read_kohya_lora(tmp_path / "per_input.safetensors", FLUX, {"transformer": c.denoiser}) is None
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import DEMO_DATA, overrides
@@ -161,24 +162,51 @@ def test_depth_to_image_with_the_lora(tiny_model, tmp_path):
     assert not np.array_equal(np.asarray(Image.open(cells[0])), np.asarray(Image.open(cells[1])))
 
 
-def test_an_sd3_kohya_file_says_diffusers_cannot_read_it_and_what_to_sample(tiny_model, tmp_path, capsys):
-    """diffusers has no reader for SD3's kohya layout (README): load_lora_weights puts nothing on the
-    transformer, which read as "another family or format?"; the line says so and names what samples it."""
+def test_an_sd3_kohya_file_samples_and_one_beyond_the_layout_says_what_to_sample(tiny_model, tmp_path, capsys):
+    """diffusers has no reader for SD3's kohya layout: sdtune reads the layout it writes (q, k, v split back
+    from the fused qkv), with the pixels of the same LoRA's diffusers file. A file with a module beyond it
+    (the final layer) is read by neither: load_lora_weights puts nothing on the transformer, which read as
+    "another family or format?"; the line says so and names what samples it."""
     from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
 
     from sdtune import families
-    from sdtune.export import Adapter, write_kohya
+    from sdtune.export import Adapter, RunLora, _write_diffusers, write_kohya
     from sdtune.models import load_components
 
     model, sd3 = tiny_model("sd3"), families.get("sd3")
     c = load_components(str(model), sd3)
-    c.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    kohya = write_kohya(tmp_path / "k.safetensors", sd3, {"transformer": Adapter.from_module(c.denoiser)},
-                        base_model=str(model), prediction_type="flow_matching")
-    code = main(["sample", str(kohya), "--model", str(model), "--prompt", "a toy", "--seeds", "0",
-                 "--steps", "1", "--out", str(tmp_path / "g.png")])
+    c.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    g = torch.Generator().manual_seed(0)
+    for name, p in c.denoiser.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+    adapters = {"transformer": Adapter.from_module(c.denoiser)}
+    kohya = write_kohya(tmp_path / "k.safetensors", sd3, adapters, base_model=str(model),
+                        prediction_type="flow_matching")
+    diffusers_file = tmp_path / "d" / "pytorch_lora_weights.safetensors"
+    _write_diffusers(RunLora(diffusers_file, adapters, {"model": {"pretrained": str(model)}}), diffusers_file)
+
+    def sample(lora: Path, name: str) -> int:
+        return main(["sample", str(lora), "--model", str(model), "--prompt", "a toy", "--seeds", "0",
+                     "--lora-scale", "1", "--steps", "2", "--out", str(tmp_path / f"{name}.png")])
+
+    def pixels(name: str) -> np.ndarray:
+        return np.asarray(Image.open(tmp_path / f"{name}_cells" / "cell-0000.png")).astype(int)
+
+    assert sample(kohya, "kohya") == 0 and sample(diffusers_file, "diffusers") == 0
+    assert np.abs(pixels("kohya") - pixels("diffusers")).max() <= 1
+    assert main(["sample", "--model", str(model), "--prompt", "a toy", "--seeds", "0", "--steps", "2",
+                 "--no-lora", "--out", str(tmp_path / "base.png")]) == 0
+    assert np.abs(pixels("kohya") - pixels("base")).max() > 8  # the LoRA is on
+    beyond = tmp_path / "beyond.safetensors"
+    save_file({**load_file(kohya), "lora_unet_final_layer_linear.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_final_layer_linear.lora_up.weight": torch.zeros(16, 4)}, str(beyond))
+    capsys.readouterr()
+    code = sample(beyond, "beyond")
     [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
-    assert code == 2 and "SD3.x kohya file" in line and "cannot read" in line and "sdtune sample RUN" in line
+    assert code == 2 and "SD3.x kohya file" in line and "beyond the LoRA / DoRA" in line and "sdtune sample RUN" in line
     assert "pytorch_lora_weights.safetensors" in line and "another family or format" not in line
 
 

@@ -477,7 +477,7 @@ def test_sd3_dora_kohya_file_reads_back_as_the_same_dora(tmp_path):
     from peft.tuners.lora import LoraLayer
     from safetensors.torch import save_file
 
-    from sdtune.export import Adapter, read_kohya_dora, to_kohya
+    from sdtune.export import Adapter, read_kohya_lora, to_kohya
     from sdtune.lora import inject_adapter
 
     transformer, base = _mmdit_x_with_lora(use_dora=True)
@@ -490,7 +490,7 @@ def test_sd3_dora_kohya_file_reads_back_as_the_same_dora(tmp_path):
     fresh = _mmdit_x()
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in base.items())
     save_file(tensors, str(tmp_path / "dora.safetensors"))
-    adapters = read_kohya_dora(tmp_path / "dora.safetensors", SD3, {"transformer": fresh})
+    adapters = read_kohya_lora(tmp_path / "dora.safetensors", SD3, {"transformer": fresh})
     assert adapters is not None
     inject_adapter(fresh, adapters["transformer"].config, adapters["transformer"].tensors, "read")
     trained = {n: m for n, m in transformer.named_modules() if isinstance(m, LoraLayer)}
