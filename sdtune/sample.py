@@ -392,10 +392,10 @@ def _apply_lora(pipe: Any, path: str, family: Family) -> Embeddings | None:
             keys = list(f.keys())
             bundle = {k: f.get_tensor(k) for k in keys if k.startswith(BUNDLE_PREFIX)}
         source = kohya_source(path, family) if _kohya_denoiser_keys(family, keys) else None
-        if source is not None:  # diffusers reads an SD3 kohya file not at all, a FLUX.1 one not bit for bit
+        if source is not None:  # the run's pixels bit for bit: fused qkv read back may round one level apart
             logger.info(f"{Path(path).name} is the LoRA of {source} in kohya's {family.label} layout: sampling that "
-                        "file instead, as the run does (diffusers' loader reads an SD3 kohya file not at all, a "
-                        "FLUX.1 one only at FLUX.1's own widths)")
+                        "file instead, as the run does (the run's pixels bit for bit; its q, k, v fused into one "
+                        "Linear and split back may round one level apart)")
             return _apply_lora(pipe, str(source), family)
     try:
         with _held_library_output():
