@@ -281,6 +281,16 @@ T5_NOTE = ("{name} (T5) is not judged: its SentencePiece vocabulary splits a mad
            "the CLIP part, and the LoRA teaches T5's pieces what they mean here")
 
 
+def _pivotal_note(word: str) -> list[str]:
+    """What sdtune does instead of a hand-made token such as ``<s0>`` (the diffusers advanced script's
+    pivotal-tuning tokens, textual inversion's ``<name>``): a note for one, else none."""
+    if not re.fullmatch(r"<[^<>\s]+>(<[^<>\s]+>)*", word):
+        return []
+    return [f"'{word}' looks like a new token of pivotal tuning or textual inversion: sdtune adds those itself "
+            "(pivotal.enabled: true trains new tokens for the identifier, written into prompts in its place), "
+            "so keep a rare word as the identifier"]
+
+
 def _check(word: str, encoders: list[_Encoder], freqs: dict[str, float]) -> Report:
     problems: list[tuple[str, str]] = []  # (verdict, reason), the worst first once sorted
     notes = [T5_NOTE.format(name=e.name, pieces=piece_list(*e.tokenize(word))) for e in encoders if not e.judged]
@@ -327,6 +337,7 @@ def _check(word: str, encoders: list[_Encoder], freqs: dict[str, float]) -> Repo
             problems.append(("risky", f"'{token}' is the last piece of common English words ({examples})"))
     if word != word_key and word.strip():
         notes.append(f"CLIP lowercases text: '{word}' is the same as '{word_key}'")
+    notes += _pivotal_note(word)
 
     problems.sort(key=lambda pr: pr[0] != "bad")  # stable: bad first, in the order found
     if problems:

@@ -66,6 +66,16 @@ def test_unusable_identifiers_are_bad():
         assert says in r.reasons[0], (word, r.reasons)
 
 
+def test_a_hand_made_new_token_says_sdtune_makes_those_itself():
+    """`<s0><s1>` (the diffusers advanced script's pivotal-tuning tokens) or `<name>` (textual inversion) in
+    plain CLIP are pieces; the report says what sdtune does instead. A word with a '<' inside gets no such note."""
+    for word in ("<s0><s1>", "<sks>"):
+        r = check_identifier(word)
+        assert r.verdict == "bad" and any("sdtune adds those itself (pivotal.enabled: true" in x for x in r.reasons)
+    for word in ("ohwx", "a<b", "<s0> <s1>"):
+        assert not any("pivotal" in x for x in check_identifier(word).reasons), word
+
+
 def test_a_rare_single_token_nobody_uses_is_good():
     r = check_identifier("ohwx")
     assert r.verdict == "good" and r.single_token and not r.is_word
