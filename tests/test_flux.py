@@ -615,10 +615,11 @@ def test_a_flux_dora_kohya_file_fuses_qkv_and_samples_back_as_the_dora(tiny_mode
     assert not any("not applied" in r.message for r in caplog.records)
 
 
-def test_a_flux_dora_trained_on_the_fused_linear_reads_back_exactly(tiny_model, tmp_path):
-    """A LyCORIS-style file trained on BFL's fused qkv (a dense up, one dora_scale for 3 x width rows): q, k
-    and v each become a DoRA of the full rank whose outputs stacked are the fused Linear's, computed here by
-    DoRA's own formula m * (W0 + s up @ down) / ||W0 + s up @ down||_row."""
+@pytest.mark.parametrize("dora", [True, False])
+def test_a_lora_trained_on_the_fused_linear_reads_back_exactly(tiny_model, tmp_path, dora):
+    """A file trained on BFL's fused qkv (kohya sd-scripts' FLUX LoRA; a LyCORIS DoRA: a dense up, one dora_scale
+    for 3 x width rows): q, k and v each become a LoRA (DoRA) of the full rank whose outputs stacked are the
+    fused Linear's, computed here by the formula W0 + s up @ down (DoRA's m * that / ||that||_row)."""
     from sdtune.export import read_kohya_lora
     from sdtune.lora import inject_adapter
 
@@ -633,13 +634,14 @@ def test_a_flux_dora_trained_on_the_fused_linear_reads_back_exactly(tiny_model, 
     scale = w0.norm(dim=1) * (1 + 0.5 * torch.rand(3 * width, generator=g))
     name = "lora_unet_double_blocks_0_img_attn_qkv"
     save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(alpha),
-               f"{name}.dora_scale": scale[:, None].contiguous()}, str(tmp_path / "fused.safetensors"))
+               **({f"{name}.dora_scale": scale[:, None].contiguous()} if dora else {})},
+              str(tmp_path / "fused.safetensors"))
     adapters = read_kohya_lora(tmp_path / "fused.safetensors", FLUX, {"transformer": c.denoiser})
     assert adapters is not None and sorted(adapters["transformer"].modules()) == [
         f"transformer_blocks.0.attn.{m}" for m in ("to_k", "to_q", "to_v")]
     inject_adapter(c.denoiser, adapters["transformer"].config, adapters["transformer"].tensors, "x")
     merged = w0 + (alpha / rank) * up @ down
-    expected = scale[:, None] * merged / merged.norm(dim=1, keepdim=True)
+    expected = scale[:, None] * merged / merged.norm(dim=1, keepdim=True) if dora else merged
     x = torch.randn(5, width, generator=g)
     with torch.no_grad():
         got = torch.cat([attn.to_q(x), attn.to_k(x), attn.to_v(x)], dim=1)
