@@ -47,6 +47,7 @@ from sdtune.families.base import KohyaModule
 from sdtune.files import atomic_path
 from sdtune.hub import public_model_id
 from sdtune.layout import CLIP_TEXT_CLASSES, canonical_text_encoder_keys, sort_metadata
+from sdtune.ldm import original_unet_names
 from sdtune.models import inspect_model
 from sdtune.runs import (
     CHECKPOINTS,
@@ -951,16 +952,22 @@ def lycoris_from_kohya(tensors: dict[str, torch.Tensor], family: Family, modules
 
 
 def _kohya_places(family: Family, modules: dict[str, torch.nn.Module]) -> dict[str, tuple[str, str, Any]]:
-    """{kohya module name: (component, module name, layer)} for every Linear and Conv layer of ``modules``."""
+    """{kohya module name: (component, module name, layer)} for every Linear and Conv layer of ``modules``; a
+    UNet's modules also under their original (LDM / SGM) names (``sdtune.ldm.original_unet_names``)."""
     import torch
 
     places = {}
     for component, model in modules.items():
         if component not in family.kohya_prefixes:
             continue
+        # sd-scripts' SDXL files name the UNet's modules after the original (SGM) UNet: those names too
+        original = original_unet_names(family, model) if component == family.denoiser_name else {}
         for name, layer in model.named_modules():
             if isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
                 places[lycoris_module_name(family, component, name)] = (component, name, layer)
+                if name in original:
+                    alias = family.kohya_prefixes[component] + original[name].replace(".", "_")
+                    places.setdefault(alias, (component, name, layer))
     return places
 
 
@@ -1025,7 +1032,7 @@ def read_kohya_lora(path: str | Path, family: Family,
     ``sdtune.lora.inject_adapter`` into ``modules`` ({component: module} of the base model, as
     ``read_lycoris``); None when the file is not in a layout ``to_kohya`` writes for ``family``: a module
     named neither by its diffusers path nor, for FLUX.1 and SD3, by the original layout
-    (``Family.kohya_modules``; sd-scripts' SDXL ``input_blocks`` names are not read), a part other than
+    (``Family.kohya_modules``) nor by the original UNet's (sd-scripts' SDXL ``input_blocks`` names), a part other than
     these (LyCORIS' factors, a full ``diff``), or with DoRA a module without ``dora_scale`` or one
     ``dora_scale`` per input channel (LyCORIS' ``wd_on_out=False``); PEFT's DoRA holds none of these.
 

@@ -26,6 +26,7 @@ torch, diffusers, transformers, accelerate and safetensors are imported inside t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from pathlib import Path
@@ -145,6 +146,24 @@ def _unet_table(config: Any, keys: list[str]) -> _Table:
         slot = 2 if any(k.startswith(f"up_blocks.{i}.attentions.") for k in keys) else 1
         table[f"up_blocks.{i}.upsamplers.0."] = (f"output_blocks.{i * step + layers}.{slot}.", ())
     return table
+
+
+def original_unet_names(family: Family, unet: Any) -> dict[str, str]:
+    """{diffusers module name: its name in the original (LDM / SGM) UNet} for every module of ``unet`` with a
+    weight ({} for a family without a UNet). kohya's sd-scripts trains SDXL on that UNet, so its SDXL LoRA and
+    LyCORIS files name modules after it (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``)."""
+    import torch
+
+    if family.denoiser_name != "unet":
+        return {}
+    table = _unet_table(unet.config, list(unet.state_dict()))
+    names = {}
+    for name, module in unet.named_modules():
+        if not name or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            continue
+        with contextlib.suppress(SdtuneError):  # a module the original layout has no place for
+            names[name] = next(iter(_rename({f"{name}.weight": None}, table, "unet")))[: -len(".weight")]
+    return names
 
 
 def unet_to_original(unet: Any) -> dict[str, torch.Tensor]:

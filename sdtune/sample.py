@@ -449,7 +449,8 @@ def _load_adapter(pipe: Any, path: str, family: Family, keys: list[str],
     if dora:
         logger.warning(f"{path}: its DoRA magnitudes (dora_scale) are not applied: sdtune reads them from "
                        "kohya files in the layouts it writes (one per output channel; SD1.x, SD2.x, SDXL: diffusers "
-                       "module names; FLUX.1, SD3: the original model's), and diffusers' loader drops them; so the images are not the "
+                       "module names or the original UNet's, as sd-scripts names SDXL's; FLUX.1, SD3: the original "
+                       "model's), and diffusers' loader drops them; so the images are not the "
                        "trained DoRA's (sample the run folder or its diffusers file for those)")
     if bundle:  # diffusers' kohya reader refuses keys that are not a LoRA's
         from safetensors.torch import load_file

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import overrides
-from sdtune import export, families
+from sdtune import export, families, ldm
 from sdtune.cli import main
 from sdtune.config import ConfigError, load_config
 from sdtune.export import Adapter, kohya_module_name, lycoris_from_kohya, read_run, to_kohya, write_kohya
@@ -326,6 +326,45 @@ def test_sdxl_both_text_encoders_round_trip(kind, tiny_model, tmp_path):
                 with torch.no_grad():
                     want, got = layer.get_delta_weight("default"), layers[name].get_delta_weight("default")
                 assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (component, name)
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "dora"])
+def test_sd_scripts_sdxl_names_read_as_sdtunes(kind, tiny_model, tmp_path):
+    """kohya's sd-scripts trains SDXL on the original (SGM) UNet, so its LyCORIS and DoRA files name the UNet's
+    modules after it (lora_unet_input_blocks_4_1_...): `sdtune sample`'s readers take those names for the
+    same modules (the names as ``sdtune.ldm.unet_to_original`` writes a single file, which diffusers' own
+    single-file loader reads back in tests/test_single_file.py). Such files were refused ("names no SDXL
+    module of this model"), or their DoRA magnitudes dropped."""
+    from safetensors.torch import save_file
+
+    model = tiny_model("sdxl")
+    c = load_components(str(model), F("sdxl"))
+    modules = c.named_modules(F("sdxl"))
+    torch.manual_seed(0)
+    add_lora(modules["unet"], RANK, ALPHA, TARGETS, **({"use_dora": True} if kind == "dora" else {"kind": kind}))
+    for p in modules["unet"].parameters():
+        if p.requires_grad:
+            p.data.normal_()
+    path = write_kohya(tmp_path / "xl.safetensors", F("sdxl"), {"unet": modules["unet"]})
+    fresh = load_components(str(model), F("sdxl")).named_modules(F("sdxl"))
+    unet = fresh["unet"]
+    state = list(unet.state_dict())
+    sgm = {d[: -len(".weight")].replace(".", "_"): o[: -len(".weight")].replace(".", "_")
+           for d, o in zip(state, ldm.unet_to_original(unet)) if d.endswith(".weight")}
+    renamed = {}
+    for key, value in load_file(path).items():
+        module, _, part = key.partition(".")
+        renamed[f"lora_unet_{sgm[module.removeprefix('lora_unet_')]}.{part}"] = value
+    assert any("input_blocks_" in k for k in renamed) and not any("down_blocks" in k for k in renamed)
+    save_file(renamed, str(tmp_path / "sgm.safetensors"))
+    if kind == "dora":
+        ours, theirs = (export.read_kohya_lora(f, F("sdxl"), fresh) for f in (path, tmp_path / "sgm.safetensors"))
+    else:
+        ours = lycoris_from_kohya(load_file(path), F("sdxl"), fresh, str(path))
+        theirs = lycoris_from_kohya(renamed, F("sdxl"), fresh, "sgm.safetensors")
+    assert ours is not None and theirs is not None and ours["unet"].config == theirs["unet"].config
+    assert ours["unet"].tensors.keys() == theirs["unet"].tensors.keys()
+    assert all(torch.equal(ours["unet"].tensors[k], theirs["unet"].tensors[k]) for k in ours["unet"].tensors)
 
 
 def _foreign_factors(kind: str, layer: torch.nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
