@@ -326,6 +326,11 @@ def _member_regex(member: str) -> re.Pattern[str]:
     return re.compile(r"(\d+)".join(map(re.escape, member.split("{i}"))))
 
 
+def _block(match: re.Match[str]) -> str:
+    """The block index a ``_member_regex`` match found ("" for a template without ``{i}``)."""
+    return match.group(1) if match.groups() else ""
+
+
 def _kohya_groups(family: Family, component: str,
                   modules: list[str]) -> dict[str, tuple[KohyaModule, dict[int, str]]]:
     """{kohya name: (its ``KohyaModule``, {member index: trained diffusers module})} for a family whose
@@ -342,7 +347,7 @@ def _kohya_groups(family: Family, component: str,
                               f"{', '.join(e.name for e in family.kohya_modules[:4])}, ...); export it with "
                               "--format diffusers, or train without it")
         match, entry, index = found
-        name = family.kohya_prefixes[component] + entry.name.format(i=match.group(1) if match.groups() else "")
+        name = family.kohya_prefixes[component] + entry.name.format(i=_block(match))
         groups.setdefault(name, (entry, {}))[1][index] = module
     return groups
 
@@ -394,9 +399,8 @@ def _fused_magnitude(component: str, name: str, entry: KohyaModule, trained: dic
         return None
     if len(trained) < len(entry.members) or any(m is None for m in magnitudes):
         first = min(trained)
-        block = _member_regex(entry.members[first]).fullmatch(trained[first])
-        others = [m.format(i=block.group(1) if block and block.groups() else "")
-                  for j, m in enumerate(entry.members) if j not in trained]
+        match = _member_regex(entry.members[first]).fullmatch(trained[first])
+        others = [m.format(i=_block(match) if match else "") for j, m in enumerate(entry.members) if j not in trained]
         raise KohyaUnavailable(
             f"{component}: DoRA on {', '.join(trained.values())} but not on {', '.join(others)}, which the kohya "
             f"layout fuses with them into {name}: its dora_scale needs every member's magnitudes; add "
@@ -707,9 +711,10 @@ def kohya_warnings(family: Family, adapters: dict[str, Adapter]) -> list[str]:
         comfy = " and ".join(c for c in ("ComfyUI", "Forge") if c in family.lora_clients)
         a1111 = ", AUTOMATIC1111 assumes per-input magnitudes" if "AUTOMATIC1111" in family.lora_clients else ""
         warnings.append(
-            f"DoRA in kohya format: {comfy} {'apply' if ' and ' in comfy else 'applies'} the per-output dora_scale (normalising by the base weight, "
-            f"an approximation){a1111} and diffusers drops dora_scale keys (`sdtune sample` applies them "
-            "itself); for exact DoRA elsewhere use --format diffusers or peft"
+            f"DoRA in kohya format: {comfy} {'apply' if ' and ' in comfy else 'applies'} the per-output "
+            f"dora_scale (normalising by the base weight, an approximation){a1111} and diffusers drops "
+            "dora_scale keys (`sdtune sample` applies them itself); for exact DoRA elsewhere use --format "
+            "diffusers or peft"
         )
     return warnings + family.kohya_warnings({c: a.modules() for c, a in adapters.items()})
 
@@ -1046,11 +1051,12 @@ def read_kohya_lora(path: str | Path, family: Family,
     with open_safetensors(path) as f:
         tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(BUNDLE_PREFIX)}
     dora = any(k.endswith(".dora_scale") for k in tensors)
+    allowed = KOHYA_DORA_PARTS if dora else KOHYA_LORA_PARTS
     places, fused = _kohya_places(family, modules), _original_layout_places(family, modules)
     found: dict[str, dict[str, torch.Tensor]] = {}  # kohya module -> {part: tensor}
     for key, tensor in tensors.items():
         name, _, part = key.partition(".")
-        if (name not in places and name not in fused) or part not in (KOHYA_DORA_PARTS if dora else KOHYA_LORA_PARTS):
+        if (name not in places and name not in fused) or part not in allowed:
             return None
         found.setdefault(name, {})[part] = tensor.to(torch.float32)
     converted: dict[str, dict[str, Converted]] = {}  # component -> module -> (PEFT tensors, rank, alpha)
@@ -1082,7 +1088,7 @@ def _original_layout_places(family: Family,
         regex = _member_regex(entry.members[0])
         for name in names:
             if match := regex.fullmatch(name):
-                block = match.group(1) if match.groups() else ""
+                block = _block(match)
                 places[family.kohya_prefixes[component] + entry.name.format(i=block)] = (component, entry, block)
     return places
 
@@ -1106,18 +1112,20 @@ def _split_fused(parts: dict[str, torch.Tensor], entry: KohyaModule, block: str,
         return None
     rank = int(down.shape[0])
     lora_scale = (float(parts["alpha"]) if "alpha" in parts else rank) / rank  # no alpha: every loader's 1
-    magnitude = scale.reshape(-1) if dora else torch.zeros(up.shape[0])  # (zeros: not written)
+    magnitude = scale.reshape(-1) if dora else None
     if entry.swapped_halves_at and up.shape[0] == entry.swapped_halves_at * down.shape[1]:
         # the original's (shift, scale) halves back into diffusers' (scale, shift) order (KohyaModule)
-        up, magnitude = torch.cat(up.chunk(2)[::-1]), torch.cat(magnitude.chunk(2)[::-1])
+        up = torch.cat(up.chunk(2)[::-1])
+        magnitude = None if magnitude is None else torch.cat(magnitude.chunk(2)[::-1])
     layers = dict(model.named_modules())
     members = [m.format(i=block) for m in entry.members]
     widths = [getattr(layers.get(m), "out_features", None) for m in members]
     if None in widths or sum(widths) != up.shape[0]:
         return None
+    magnitudes = magnitude.split(widths) if magnitude is not None else (None,) * len(widths)
     split = {}
     all_zero = not up.any()  # (a LoRA saved before its first step): it stays one, on the first member
-    for member, up_j, magnitude_j in zip(members, up.split(widths), magnitude.split(widths)):
+    for member, up_j, magnitude_j in zip(members, up.split(widths), magnitudes):
         keep = (up_j != 0).any(dim=0)
         if not keep.any():
             if not (dora or all_zero and not split):
@@ -1125,7 +1133,7 @@ def _split_fused(parts: dict[str, torch.Tensor], entry: KohyaModule, block: str,
             keep[0] = True  # one column: the magnitude still applies (DoRA), the module stays adapted
         r = int(keep.sum())
         peft = {"lora_A.weight": down[keep].contiguous(), "lora_B.weight": up_j[:, keep].contiguous()}
-        if dora:
+        if magnitude_j is not None:
             peft["lora_magnitude_vector"] = magnitude_j.contiguous()
         split[member] = (peft, r, lora_scale * r)
     return split
