@@ -35,6 +35,7 @@ from sdtune.families import Family
 from sdtune.files import free_bytes, fsync, is_disk_full, mib, sha256_file, write_bytes, write_text
 from sdtune.fsdp import full_optimizer_state, shard_optimizer_state
 from sdtune.lora import adapter_state_dict, load_adapter_state_dict, save_diffusers_lora
+from sdtune.optim import averaged_weights
 from sdtune.pivotal import ROWS_FILE, Embeddings
 from sdtune.resume import MANIFEST, STATE, config_drift, find_checkpoint, flat_keys, resume_drift, verify
 from sdtune.runs import CHECKPOINTS, EMBEDDINGS_DIR, LOSSES, MARKER, complete_checkpoints
@@ -159,9 +160,12 @@ def save_checkpoint(
                 write_bytes(tmp / EMA_FILE, ema.state_bytes())
             if embeddings is not None:  # the training rows, what a resume continues
                 write_bytes(tmp / ROWS_FILE, save(embeddings.state()))
-            with ema_weights(ema):  # the checkpoint's LoRA file is what the run shows: the average when on
-                # (read again only with EMA, never under FSDP, where gathering takes every process)
-                shown = states if ema is None else {name: adapter_state_dict(m) for name, m in trained.items()}
+            # the checkpoint's LoRA file is what the run shows: the average with EMA or a schedule-free optimizer
+            # (read again only then, never under FSDP, where gathering takes every process); the adapters above
+            # are the training weights, what a resume continues
+            with ema_weights(ema), averaged_weights(optimizer) as averaged:
+                shown = (states if ema is None and not averaged
+                         else {name: adapter_state_dict(m) for name, m in trained.items()})
                 save_diffusers_lora(tmp, family, trained, (config.get("model") or {}).get("pretrained"), shown)
                 if embeddings is not None:  # and the embedding files that go with it
                     embeddings.save(tmp)

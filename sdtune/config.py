@@ -383,8 +383,10 @@ class TrainConfig(_Section):
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
     lr_warmup_steps: int = Field(0, ge=0, le=10**9)
-    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "lion8bit"] = Field(
-        "adamw", description="prodigy: set train.learning_rate=1.0 (it finds the step size); see the recipe docs"
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion", "lion8bit", "adamw_schedulefree",
+                       "prodigy_schedulefree"] = Field(
+        "adamw", description="prodigy, prodigy_schedulefree: set train.learning_rate=1.0 (they find the step "
+                             "size); *_schedulefree: a constant train.lr_scheduler; see the recipe docs"
     )
     optimizer_args: dict[Name, bool | int | float | str] = Field(
         default_factory=dict, description="extra keyword arguments of the optimizer, e.g. {d_coef: 2, safeguard_warmup: true}"

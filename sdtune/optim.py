@@ -13,6 +13,17 @@
 - ``adafactor``: torch's own ``torch.optim.Adafactor`` at a fixed learning rate (kohya's LoRA setting
   ``relative_step=False, scale_parameter=False``), factored second moments, no first moment.
 - ``lion``: ``lion_pytorch.Lion``: sign updates, one moment; a learning rate 3-10x below AdamW's.
+- ``adamw_schedulefree``: ``schedulefree.AdamWScheduleFree`` (Defazio et al. 2024, Meta's package): no decaying
+  schedule; it steps at one point (y) and averages into another (x), the weights to sample, validate and
+  save. A constant learning rate (warm-up allowed), its authors' advice; typically 1-10x a scheduled AdamW's.
+- ``prodigy_schedulefree``: ``prodigyplus.ProdigyPlusScheduleFree`` (prodigy-plus-schedule-free, what
+  OneTrainer and kohya users run as "Prodigy + Schedule-Free"): Prodigy's step size on top of Schedule-Free,
+  learning rate 1.0, a constant schedule and no gradient clipping (it scales its updates itself: StableAdamW).
+
+A schedule-free optimizer's weights between steps are y; ``averaged_weights`` switches to x (their ``eval()``)
+for whatever shows or saves the LoRA, and puts y back bit for bit afterwards (their ``train()`` lerps back,
+which rounds): so a run that samples or checkpoints on the way trains exactly as one that does not, and a
+checkpoint, which keeps y and the optimizer's state, resumes exactly.
 
 ``train.optimizer_args`` are passed through as keyword arguments; ``optimizer_problems`` checks them against
 the optimizer's real signature at plan time, before any weight loads. Every optimizer's state is a plain
@@ -30,7 +41,7 @@ import importlib
 import inspect
 import io
 import reprlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +73,7 @@ class OptimizerSpec:
     betas: bool = True  # takes (train.adam_beta1, train.adam_beta2) as betas
     eps: bool = True  # takes train.adam_epsilon as eps
     state_copies: int = 2  # fp32 copies of the LoRA its state holds at most (for disk estimates)
+    schedule_free: bool = False  # steps at y, shows x: train() / eval() (``averaged_weights``)
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -80,7 +92,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "lion": OptimizerSpec("Lion", "lion_pytorch", "Lion", "lion-pytorch", eps=False, state_copies=1),
     "lion8bit": OptimizerSpec("8-bit Lion", "bitsandbytes.optim", "Lion8bit", "bitsandbytes", eps=False,
                               state_copies=1),
+    # state: z (the point the average follows) and Adam's second moment
+    "adamw_schedulefree": OptimizerSpec("Schedule-Free AdamW", "schedulefree", "AdamWScheduleFree", "schedulefree",
+                                        schedule_free=True),
+    # state: z, Prodigy's s and p0, factored second moments (the package's README: lr 1.0, betas (0.9, 0.99))
+    "prodigy_schedulefree": OptimizerSpec("Prodigy + Schedule-Free", "prodigyplus.prodigy_plus_schedulefree",
+                                          "ProdigyPlusScheduleFree", "prodigy-plus-schedule-free",
+                                          state_copies=3, schedule_free=True),
 }
+SCHEDULE_FREE_SCHEDULERS = ("constant", "constant_with_warmup")  # what their authors pair them with
 
 # Arguments set from other recipe keys; optimizer_args naming one is refused with the key to use instead.
 _FROM_RECIPE = {"params": "the LoRA's parameters", "lr": "train.learning_rate",
@@ -113,6 +133,44 @@ def optimizer_kwargs(name: str, betas: tuple[float, float], eps: float, weight_d
     return {**kwargs, **(args or {})}
 
 
+def is_schedule_free(name: str) -> bool:
+    """Whether ``train.optimizer=name`` trains at one point and shows another (``averaged_weights``)."""
+    return OPTIMIZERS[name].schedule_free
+
+
+def start_training(optimizer: Any) -> None:
+    """Put a schedule-free optimizer in its training mode (y) before its first step (it refuses to step
+    otherwise); nothing for the others (Accelerate's wrapper passes ``train()`` on only where it exists)."""
+    train = getattr(optimizer, "train", None)
+    if callable(train):
+        train()
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer: Any) -> Iterator[bool]:
+    """Inside, a schedule-free optimizer's parameters are its average x (its ``eval()``: the weights to
+    sample, validate and save); after, y again, bit for bit (a copy, where its ``train()`` would lerp back and
+    round). Nothing for other optimizers, or when already at x (nested, or before the first step). Yields
+    whether it switched."""
+    import torch
+
+    groups = getattr(optimizer, "param_groups", [])
+    if not any(g.get("train_mode") and g.get("use_schedulefree", True) for g in groups):
+        yield False
+        return
+    params = [p for g in groups for p in g["params"]]
+    with torch.no_grad():
+        y = [p.detach().clone() for p in params]  # one copy of the LoRA, for the time of the block
+    optimizer.eval()
+    try:
+        yield True
+    finally:
+        optimizer.train()  # its mode flags back to training
+        with torch.no_grad():
+            for p, saved in zip(params, y):
+                p.copy_(saved)
+
+
 def make_optimizer(name: str, groups: list[dict], betas: tuple[float, float], eps: float, weight_decay: float,
                    args: dict[str, Any] | None = None) -> Any:
     """``train.optimizer=name`` over parameter groups (each with its ``lr``), ``args`` from
@@ -130,12 +188,14 @@ def make_optimizer(name: str, groups: list[dict], betas: tuple[float, float], ep
 
 def optimizer_problems(name: str, args: dict[str, Any], learning_rate: float,
                        text_encoder_lr: float | None = None, adam_beta2: float = 0.999,
+                       lr_scheduler: str = "constant", max_grad_norm: float = 0.0,
                        ) -> tuple[list[str], list[str]]:
     """(problems, warnings) of ``train.optimizer`` and ``train.optimizer_args``, found without a model: the
     package is installed, every argument is one of the optimizer's (by its signature) and of the right type,
-    the optimizer accepts them, and the learning rate suits it. Imports torch and the optimizer's package
-    (only here, at plan time), except for torch's own optimizers without arguments."""
+    the optimizer accepts them, and the learning rate, schedule and clipping suit it. Imports torch and the
+    optimizer's package (only here, at plan time), except for torch's own optimizers without arguments."""
     advice = _advice(name, learning_rate, text_encoder_lr, adam_beta2)
+    advice += _schedule_free_advice(name, lr_scheduler, max_grad_norm)
     if OPTIMIZERS[name].package == "torch" and not args:
         return [], advice  # in every torch sdtune supports (>= 2.6): a dry run need not import torch for them
     try:
@@ -205,7 +265,9 @@ def _construction_problems(name: str, cls: type, args: dict[str, Any]) -> list[s
         dummy = torch.nn.Parameter(torch.zeros(2, 2))
         dummy.grad = torch.ones(2, 2)
         with contextlib.redirect_stdout(io.StringIO()):
-            cls([dummy], lr=1e-4, **kwargs).step()
+            optimizer = cls([dummy], lr=1e-4, **kwargs)
+            start_training(optimizer)  # a schedule-free one steps only in its training mode
+            optimizer.step()
     except Exception as e:  # whatever it raises about its arguments (ValueError, AssertionError, ...)
         shown = ", ".join(f"{k}={_SHORT.repr(v)}" for k, v in args.items())
         said = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -221,8 +283,8 @@ def _advice(name: str, learning_rate: float, text_encoder_lr: float | None, adam
         rates.append(("lora.text_encoder_lr", text_encoder_lr))
     lines: list[str] = []
     for key, lr in rates:
-        if name == "prodigy" and not PRODIGY_LR_RANGE[0] <= lr <= PRODIGY_LR_RANGE[1]:
-            lines.append(f"{key}: {lr:g} with train.optimizer=prodigy, which finds the step size itself and "
+        if name.startswith("prodigy") and not PRODIGY_LR_RANGE[0] <= lr <= PRODIGY_LR_RANGE[1]:
+            lines.append(f"{key}: {lr:g} with train.optimizer={name}, which finds the step size itself and "
                          f"multiplies it by the learning rate: its authors use 1.0. fix: {key}=1.0 (to train "
                          "faster or slower, set train.optimizer_args.d_coef, e.g. 2 or 0.5)")
         if name in ("lion", "lion8bit") and lr >= LION_MAX_LR:
@@ -236,6 +298,23 @@ def _advice(name: str, learning_rate: float, text_encoder_lr: float | None, adam
         lines.append(f"train.adam_beta2: {adam_beta2:g} with Lion, whose authors use 0.99 (its momentum "
                      f"follows the gradient {slower:.0f}x slower at {adam_beta2:g}). "
                      "fix: train.adam_beta2=0.99")
+    return lines
+
+
+def _schedule_free_advice(name: str, lr_scheduler: str, max_grad_norm: float) -> list[str]:
+    """A schedule-free optimizer under a decaying schedule (its average already does what the decay is for),
+    and Prodigy + Schedule-Free with clipping (which hides from Prodigy the gradient sizes it estimates from)."""
+    if not is_schedule_free(name):
+        return []
+    lines = []
+    if lr_scheduler not in SCHEDULE_FREE_SCHEDULERS:
+        lines.append(f"train.lr_scheduler: {lr_scheduler} with train.optimizer={name}, which averages its "
+                     "weights instead of decaying the learning rate: its authors use a constant one. "
+                     "fix: train.lr_scheduler=constant (or constant_with_warmup)")
+    if name == "prodigy_schedulefree" and max_grad_norm > 0:
+        lines.append(f"train.max_grad_norm: {max_grad_norm:g} with train.optimizer={name}, which scales its "
+                     "updates itself (StableAdamW); its author advises against clipping, which hampers its "
+                     "step size estimate. fix: train.max_grad_norm=0")
     return lines
 
 

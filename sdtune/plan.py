@@ -48,7 +48,7 @@ from sdtune.models import (
     weight_problems,
     whole_model_identity,
 )
-from sdtune.optim import optimizer_problems
+from sdtune.optim import is_schedule_free, optimizer_problems
 from sdtune.pivotal import config_problems as pivotal_problems
 from sdtune.prior import other_class_images
 from sdtune.quantize import problems as quantize_problems
@@ -318,6 +318,10 @@ def _check_train(cfg: Config, problems: list[str], run_folder: bool = True) -> N
             f"train.lr_warmup_steps: {t.lr_warmup_steps} is not below train.max_steps {t.max_steps}; the run "
             "would never reach the full learning rate"
         )
+    if t.ema and is_schedule_free(t.optimizer):
+        problems.append(f"train.ema: train.optimizer={t.optimizer} already averages the LoRA weights (the average "
+                        "is what it samples and saves); an EMA on top would average its training point instead. "
+                        "fix: train.ema=false")
     _check_intervals(cfg, problems)
 
 
@@ -528,7 +532,7 @@ def check_run(cfg: Config, strict: bool = False, run_folder: bool = True) -> Run
     t = cfg.train  # the optimizer's package, arguments and learning rate, before any weight loads
     found, advice = optimizer_problems(t.optimizer, t.optimizer_args, t.learning_rate,
                                        cfg.lora.text_encoder_lr if cfg.lora.train_text_encoder else None,
-                                       t.adam_beta2)
+                                       t.adam_beta2, t.lr_scheduler, t.max_grad_norm)
     problems += found
     warnings += advice
     precision = precision_problem(cfg.train.mixed_precision)

@@ -82,7 +82,16 @@ from sdtune.lora import adapter_state_dict, add_lora, has_adapter, save_diffuser
 from sdtune.memory import estimate
 from sdtune.models import load_components, model_identity, torch_dtype
 from sdtune.objectives import MSE, LossFunction, Objective, scale_latents
-from sdtune.optim import MIN_8BIT_SIZE, eight_bit_share, make_optimizer, state_copies, step_size_logs
+from sdtune.optim import (
+    MIN_8BIT_SIZE,
+    averaged_weights,
+    eight_bit_share,
+    is_schedule_free,
+    make_optimizer,
+    start_training,
+    state_copies,
+    step_size_logs,
+)
 from sdtune.pivotal import Embeddings
 from sdtune.pivotal import create as create_embeddings
 from sdtune.plan import (
@@ -1084,6 +1093,7 @@ def loop(run: Run) -> None:
         torch.cuda.reset_peak_memory_stats(run.device)
     for module in run.modules.values():
         module.train()
+    start_training(run.optimizer)  # a schedule-free optimizer steps in its training mode only
     data_iter = iter(run.loader)
     with StopSignals(logger.info) as stop:  # SIGINT / SIGTERM stop after a step (finish has its own handling)
         while run.global_step < t.max_steps:
@@ -1192,7 +1202,7 @@ def _validation(run: Run, step: int, timer: StepTimer, progress: Any,
     t = run.cfg.train
     if run.validator is None or (step % t.validation_every and step != t.max_steps):
         return None
-    with _aside(timer, "validation", progress, losses):
+    with _aside(timer, "validation", progress, losses), averaged_weights(run.optimizer):
         values = run.validator.measure(run.unwrapped(), run.ema) if run.main or run.sharded else {}
     run.accelerator.wait_for_everyone()
     return values
@@ -1279,7 +1289,7 @@ def _render_grid(run: Run, step: int) -> Any:
                         max_sequence_length=run.family.max_sequence_length)
     frozen = [c.vae, *c.text_encoders]
     with offload_models(*frozen, device=run.device, offload=run.offloaded), _eval_mode(run.modules.values()), \
-            run.accelerator.autocast(), ema_weights(run.ema):
+            run.accelerator.autocast(), ema_weights(run.ema), averaged_weights(run.optimizer):
         grid = render_grid(pipe, prompts, cfg.sample.seeds, settings, guidance_scale=cfg.sample.guidance_scale,
                            title=f"step {step}", rewrite=run.embeddings.rewrite if run.embeddings else None)
     if run.offloaded:
@@ -1445,13 +1455,17 @@ def finish(run: Run) -> Path:
         "optimizer": t.optimizer,
     }
     summary |= ema_summary(run.ema) | validation_summary(out / "losses.jsonl", run.global_step)
+    if is_schedule_free(t.optimizer):  # what the LoRA files hold: its average, not its training point
+        summary["lora_weights"] = "schedule-free average"
     with StopSignals(logger.info) as stop:  # the final checkpoint is saved whole, then a signal stops the run
-        check_health(run)  # an exploded LoRA is refused before anything final is written
+        with averaged_weights(run.optimizer):  # what would be saved (a schedule-free optimizer's average)
+            check_health(run)  # an exploded LoRA is refused before anything final is written
         _check_embeddings_agree(run)
         run.save()
         if _stop_requested(run, stop):
             raise _interrupted(run, stop.signum, stop.exit_code, " to write the final LoRA files")
-    with _stops_at_once(run):
+    # from here on the weights shown and saved: a schedule-free optimizer's average (y stays in the checkpoint)
+    with _stops_at_once(run), averaged_weights(run.optimizer):
         states = _final_states(run)
         if run.main:
             _save_final_lora(run, states)

@@ -1,5 +1,6 @@
-"""train.optimizer: Prodigy, Adafactor, Lion and 8-bit Lion beside AdamW, with their authors' LoRA settings;
-train.optimizer_args checked against each optimizer's real signature at plan time; exact resume with each."""
+"""train.optimizer: Prodigy, Adafactor, Lion, 8-bit Lion and the schedule-free AdamW and Prodigy beside AdamW,
+with their authors' LoRA settings; train.optimizer_args checked against each optimizer's real signature at plan
+time; exact resume with each; a schedule-free run shows and saves its average."""
 
 import json
 import shutil
@@ -11,8 +12,16 @@ from safetensors.torch import load_file
 
 from conftest import overrides
 from sdtune.config import ConfigError, load_config
+from sdtune.export import read_run
 from sdtune.lora import WEIGHT_NAME
-from sdtune.optim import OPTIMIZERS, make_optimizer, optimizer_problems, step_size_logs
+from sdtune.optim import (
+    OPTIMIZERS,
+    averaged_weights,
+    make_optimizer,
+    optimizer_problems,
+    start_training,
+    step_size_logs,
+)
 from sdtune.plan import check_run
 from sdtune.train import train
 
@@ -20,11 +29,14 @@ BETAS, EPS, WD = (0.9, 0.999), 1e-8, 0.0
 
 
 def _make(name, params, lr, **args):
-    return make_optimizer(name, [{"params": params, "lr": lr}], BETAS, EPS, WD, args)
+    optimizer = make_optimizer(name, [{"params": params, "lr": lr}], BETAS, EPS, WD, args)
+    start_training(optimizer)  # as the loop does: a schedule-free optimizer steps in its training mode only
+    return optimizer
 
 
 @pytest.mark.parametrize("name,lr", [("adamw", 1e-2), ("adamw8bit", 1e-2), ("prodigy", 1.0),
-                                     ("adafactor", 1e-2), ("lion", 1e-2), ("lion8bit", 1e-2)])
+                                     ("adafactor", 1e-2), ("lion", 1e-2), ("lion8bit", 1e-2),
+                                     ("adamw_schedulefree", 1e-2), ("prodigy_schedulefree", 1.0)])
 def test_every_optimizer_fits_a_small_problem(name, lr):
     """Each choice builds from its name alone and trains: 200 steps on a least-squares problem."""
     g = torch.Generator().manual_seed(0)
@@ -174,6 +186,8 @@ def test_a_missing_package_is_refused_naming_it(monkeypatch):
     ("lion8bit", 2e-5, None, 0.999, ["train.adam_beta2: 0.999 with Lion, whose authors use 0.99"]),
     ("lion", 2e-5, None, 0.99, []),
     ("adafactor", 1e-4, None, 0.999, []),
+    ("prodigy_schedulefree", 1e-4, None, 0.999, ["train.learning_rate: 0.0001 with train.optimizer=prodigy_sched"]),
+    ("adamw_schedulefree", 1e-3, None, 0.999, []),
 ])
 def test_learning_rate_advice(name, lr, te_lr, beta2, expected):
     problems, warnings = optimizer_problems(name, {}, lr, te_lr, beta2)
@@ -215,6 +229,12 @@ RESUME = {
                 "train.lr_scheduler=cosine"],
     "lion": ["train.optimizer=lion", "train.learning_rate=3e-4", "train.adam_beta2=0.99"],
     "adafactor": ["train.optimizer=adafactor", "train.learning_rate=1e-3"],
+    # the split run's step-3 checkpoint and a sample grid switch the LoRA to the average and back: the straight
+    # run, which does neither, must still train bit for bit the same
+    "adamw_schedulefree": ["train.optimizer=adamw_schedulefree", "train.learning_rate=1e-3",
+                           "train.lr_scheduler=constant_with_warmup", "train.lr_warmup_steps=2"],
+    "prodigy_schedulefree": ["train.optimizer=prodigy_schedulefree", "train.learning_rate=1.0",
+                             "train.max_grad_norm=0", "train.adam_beta2=0.99"],
 }
 
 
@@ -226,7 +246,8 @@ def test_resume_with_the_optimizer_continues_bitwise(case, tiny_model, tmp_path)
     common = ["train.max_steps=6", "lora.rank=8", *RESUME[case]]
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(load_config(None, overrides(tiny_model("sd15"), straight, *common)))
-    train(load_config(None, overrides(tiny_model("sd15"), split, "train.checkpoint_every=3", *common)))
+    train(load_config(None, overrides(tiny_model("sd15"), split, "train.checkpoint_every=3", "sample.every=2",
+                                      *common)))
     shutil.rmtree(split / "checkpoints/step-000006")
     (split / WEIGHT_NAME).unlink()
     train(load_config(None, overrides(tiny_model("sd15"), split, "train.resume=latest", *common)))
@@ -242,3 +263,72 @@ def test_resume_with_the_optimizer_continues_bitwise(case, tiny_model, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     before = load_file(split / "checkpoints/step-000003/adapter-unet.safetensors")
     assert any(not torch.equal(before[k], a[k]) for k in a)  # the resumed steps trained
+
+
+# --------------------------------------------------------------------------------------------------------
+# Schedule-free: trains at y, shows and saves the average x
+
+
+def test_averaged_weights_switch_to_the_average_and_back_bit_for_bit():
+    """Inside, the parameters are Schedule-Free's x = y + (1 - 1/beta1)(z - y) (its eval()); after, exactly
+    the y the steps left (its train() would lerp back and round); nested, the inner block changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 8, generator=g))
+    opt = _make("adamw_schedulefree", [w], 1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        (w ** 2).sum().backward()
+        opt.step()
+    y, z = w.detach().clone(), opt.state[w]["z"].clone()
+    with averaged_weights(opt) as averaged:
+        assert averaged
+        assert torch.allclose(w, y + (1 - 1 / BETAS[0]) * (z - y), atol=1e-6) and not torch.equal(w, y)
+        x = w.detach().clone()
+        with averaged_weights(opt) as inner:
+            assert not inner and torch.equal(w, x)
+        assert torch.equal(w, x)
+    assert torch.equal(w, y) and opt.param_groups[0]["train_mode"]
+    plain = _make("adamw", [w], 1e-2)
+    with averaged_weights(plain) as averaged:
+        assert not averaged and torch.equal(w, y)
+
+
+@pytest.mark.slow
+def test_a_schedule_free_run_saves_its_average_and_resumes_from_its_training_point(tiny_model, tmp_path):
+    """Each checkpoint's LoRA file (and the final one) holds x; its adapters, what a resume continues, hold y,
+    and with the optimizer's z they give that x: x = y + (1 - 1/beta1)(z - y)."""
+    run = tmp_path / "run"
+    train(load_config(None, overrides(tiny_model("sd15"), run, "train.max_steps=4", "train.checkpoint_every=2",
+                                      "train.optimizer=adamw_schedulefree", "train.learning_rate=1e-2")))
+    for step in ("step-000002", "step-000004"):
+        folder = run / "checkpoints" / step
+        y = load_file(folder / "adapter-unet.safetensors")
+        x = read_run(folder).adapters["unet"].tensors  # the LoRA file, in PEFT's names as the adapters
+        zs = [s["z"] for s in torch.load(folder / "optimizer.pt", weights_only=True)["state"].values()]
+        assert x.keys() == y.keys() and len(zs) == len(y)
+        for name in y:
+            assert not torch.equal(x[name], y[name]), name
+            # the z of this tensor (matched by value, not by an order the files need not share)
+            assert any(z.shape == y[name].shape and torch.allclose(x[name], y[name] + (1 - 1 / 0.9) * (z - y[name]),
+                                                                   atol=1e-6) for z in zs), name
+    assert json.loads((run / "train_summary.json").read_text())["lora_weights"] == "schedule-free average"
+    final, last = load_file(run / WEIGHT_NAME), load_file(run / "checkpoints/step-000004" / WEIGHT_NAME)
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+
+
+def test_schedule_free_settings_are_checked_before_weights(tiny_model, tmp_path):
+    model = tiny_model("sd15")
+    with pytest.raises(ConfigError, match=r"train.ema: train.optimizer=adamw_schedulefree already averages"):
+        check_run(load_config(None, overrides(model, tmp_path / "a", "train.optimizer=adamw_schedulefree",
+                                              "train.ema=true")))
+    plan = check_run(load_config(None, overrides(model, tmp_path / "b", "train.optimizer=prodigy_schedulefree",
+                                                 "train.learning_rate=1.0", "train.lr_scheduler=cosine")))
+    assert any(w.startswith("train.lr_scheduler: cosine with train.optimizer=prodigy_schedulefree") for w in
+               plan.warnings)
+    assert any(w.startswith("train.max_grad_norm: 1 with train.optimizer=prodigy_schedulefree") for w in
+               plan.warnings)
+    plan = check_run(load_config(None, overrides(model, tmp_path / "c", "train.optimizer=adamw_schedulefree",
+                                                 "train.lr_scheduler=constant_with_warmup",
+                                                 "train.lr_warmup_steps=2")))
+    assert not [w for w in plan.warnings if "schedulefree" in w]
+    assert not any((tmp_path / n).exists() for n in "abc")
