@@ -224,9 +224,10 @@ def _english() -> dict[str, float]:
 
 
 def _compound(word: str) -> tuple[str, str] | None:
-    """A split of ``word`` into two common English words of 2+ letters, if there is one."""
+    """A split of ``word`` into two common English words of 2+ letters, or the article 'a' and one ("adog"
+    reads as "a dog"), if there is one."""
     english = _english()
-    for i in range(2, len(word) - 1):
+    for i in range(1 if word.startswith("a") else 2, len(word) - 1):
         if min(english.get(word[:i], 0), english.get(word[i:], 0)) >= COMPOUND_PART_ZIPF:
             return word[:i], word[i:]
     return None
@@ -245,6 +246,13 @@ def _fragment_of(token: str) -> list[tuple[str, list[str]]]:
 
 
 # --- the check ------------------------------------------------------------------------------------------------
+
+
+def _ordinal(value: float) -> str:
+    """91 -> '91st', 92 -> '92nd', 93 -> '93rd', 11 -> '11th' (rounded to a whole number)."""
+    n = round(value)
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _per_million(zipf: float) -> str:
@@ -327,7 +335,7 @@ def _check(word: str, encoders: list[_Encoder], freqs: dict[str, float]) -> Repo
         if rarity is not None and rarity < EARLY_MERGE_PERCENTILE:
             problems.append((
                 "risky",
-                f"'{token}' is an early merge (id {ids[0]}, {rarity:.0f}th percentile): a frequent string in "
+                f"'{token}' is an early merge (id {ids[0]}, {_ordinal(rarity)} percentile): a frequent string in "
                 "CLIP's training text, so it means something",
             ))
         if token.endswith("</w>") and (parts := _compound(word_key)):
@@ -346,7 +354,7 @@ def _check(word: str, encoders: list[_Encoder], freqs: dict[str, float]) -> Repo
         verdict = "good"
         listed = "in none of" if not freqs else f"at most a stray entry (Zipf < {RARE_WORD_ZIPF:g}) in"
         reasons = [
-            f"'{pieces[0]}' is a single token (id {ids[0]}, {rarity:.0f}th percentile: a late merge), {listed} "
+            f"'{pieces[0]}' is a single token (id {ids[0]}, {_ordinal(rarity)} percentile: a late merge), {listed} "
             f"wordfreq's word lists ({len(LANGUAGES)} languages), no known meaning"
         ]
     return Report(

@@ -224,14 +224,21 @@ def _depth_name(mode: str) -> str:
 
 
 def _to_uint8(a: Image.Image, mode: str) -> np.ndarray:
-    """High-bit-depth grayscale -> 0..255, by the range the mode can hold (Pillow's convert clips at 255)."""
+    """High-bit-depth grayscale -> 0..255 (Pillow's convert clips at 255): 16-bit by the range it can hold, float
+    0..1 (or 0..255), 32-bit integers by what they hold (8-bit values as they are, beyond 16 bits by their
+    maximum)."""
     import numpy as np  # here: the command line imports this module, and only rare images need numpy
 
     a = np.asarray(a).astype(np.float64)
+    top = float(np.nanmax(a)) if a.size else 0.0
     if mode == "F":
-        a = a * 255.0 if a.size and np.nanmax(a) <= 1.0 else a  # float images are 0..1 by convention
+        a = a * 255.0 if top <= 1.0 else a  # float images are 0..1 by convention
+    elif mode == "I" and top <= 255:  # 32-bit integers hold no convention: 8-bit values stay as they are
+        pass
+    elif mode == "I" and top > 65535:  # beyond 16 bits: by the image's own range
+        a = a * (255.0 / top)
     else:
-        a = a / 257.0  # 0..65535 -> 0..255 exactly at both ends
+        a = a / 257.0  # 16-bit: 0..65535 -> 0..255 exactly at both ends
     return np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8)
 
 

@@ -242,6 +242,7 @@ def prep(
     finally:
         ledger.close()
         _remove(out_dir / STAGE_DIR)
+        _remove(out_dir / TMP_DIR)  # outputs half-built by a failure in _write (the earlier ones are intact)
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):  # a prep that failed leaves no OUT
             out_dir.rmdir()
 
@@ -462,11 +463,15 @@ def _bucket_multiple(value: int | None, crop: str, resolution: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SdtuneError(f"--bucket-multiple: {value} is not a whole number >= 1; e.g. 64 (SD1.x), 32 (SDXL), "
                           "16 (FLUX.1, SD3.x)")
+    step = math.lcm(8, value)  # a resolution is a multiple of 8 too (_settings)
+    if step > 4096:
+        raise SdtuneError(f"--bucket-multiple: {value} leaves no --resolution (a multiple of both 8 and {value} up "
+                          "to 4096); e.g. 64 (SD1.x), 32 (SDXL), 16 (FLUX.1, SD3.x)")
     if resolution % value:
-        lower = max(value, resolution // value * value)
+        lower = max(step, resolution // step * step)
+        shown = " or ".join(str(r) for r in (lower, lower + step) if 64 <= r <= 4096)
         raise SdtuneError(f"--resolution: {resolution} is not a multiple of the bucket multiple {value}, so the "
-                          f"model takes no {resolution}x{resolution} image; e.g. --resolution {lower} or "
-                          f"{lower + value}")
+                          f"model takes no {resolution}x{resolution} image; e.g. --resolution {shown}")
     return value
 
 
@@ -479,6 +484,9 @@ def _check_caption_option(src: str | Path, caption: str | None, caption_from: st
                           f"{'|'.join(CAPTION_SOURCES)}{hint}")
     if caption_from not in (None, *CAPTION_SOURCES):
         raise SdtuneError(f"--caption-from: '{caption_from}' is not one of {', '.join(CAPTION_SOURCES)}")
+    if caption is not None and not caption.strip():
+        raise SdtuneError(f"--caption: {caption!r} holds no words: every image would train on an empty caption; "
+                          "give one, e.g. --caption 'a photo of sks dog'")
 
 
 def _check_workers(workers: int | None) -> int:
@@ -753,7 +761,8 @@ def _caption(src_dir: Path, rel: str, caption: str | None, caption_from: str | N
         return caption, ""
     path = src_dir / rel
     if caption_from == "filename":
-        text = caption_from_filename(path.stem)
+        # a name's bytes that are not UTF-8 (surrogates from the file system) become U+FFFD: a caption is text
+        text = caption_from_filename(os.fsencode(path.stem).decode("utf-8", "replace"))
         return (text, "") if text else (None, "no caption: the file name holds no words")
     if caption_from == "metadata":
         found = metadata.captions.get(rel) if metadata else None
@@ -1213,7 +1222,7 @@ def check_set(kept: list[Result]) -> list[str]:
                            dtype=np.uint8).reshape(len(kept), 32)
     found = set_findings(
         sha256, np.array([r.phash for r in kept], dtype=np.uint64),
-        np.array([r.sharpness for r in kept], dtype=np.float64), all(r.grayscale for r in kept),
+        np.array([r.sharpness for r in kept], dtype=np.float64), np.array([bool(r.grayscale) for r in kept]),
         lambda i: f"{kept[i].output} ({kept[i].source})",
         sizes=np.array([r.size or (0, 0) for r in kept], dtype=np.int64).reshape(len(kept), 2))
     for i, flag, text in found.findings:
@@ -1230,11 +1239,12 @@ class SetFindings:
     best_copy: dict[int, int]  # each image flagged DUP -> the best copy of its group (never flagged DUP)
 
 
-def set_findings(sha256, phash, sharpness, grayscale: bool, named: Callable[[int], str], *, sizes=None,
+def set_findings(sha256, phash, sharpness, grayscale, named: Callable[[int], str], *, sizes=None,
                  avoid=None, drop: tuple[str, ...] = ()) -> SetFindings:
     """The duplicate and blur checks over a set of n images, in order, on their measurements alone: ``sha256``
     (n, 32) uint8 digests, ``phash`` (n,) uint64 perceptual hashes, ``sharpness`` (n,) float64, ``grayscale``
-    whether every image is; ``named(i)``: how a warning names image i, e.g. '001.png (IMG_1.jpg)'.
+    (n,) bool which images are (or one bool for all); ``named(i)``: how a warning names image i, e.g.
+    '001.png (IMG_1.jpg)'.
 
     Of each group of duplicates (``duplicate_groups``) the best copy is never flagged DUP, and every other
     copy's warning names it and says why it is best (``best_copy``). ``sizes`` (n, 2): the sources' width and
@@ -1243,6 +1253,7 @@ def set_findings(sha256, phash, sharpness, grayscale: bool, named: Callable[[int
     import numpy as np
 
     n = len(phash)
+    gray = np.broadcast_to(np.asarray(grayscale, dtype=bool), (n,))
     blurry, median = _blurry(sharpness)
     avoid = np.zeros(n, dtype=bool) if avoid is None else np.asarray(avoid, dtype=bool).copy()
     if "blurry" in drop:
@@ -1251,11 +1262,11 @@ def set_findings(sha256, phash, sharpness, grayscale: bool, named: Callable[[int
     findings: list[tuple[int, str, str]] = []
     best_copy: dict[int, int] = {}
     for members in duplicate_groups(sha256, phash):
-        best, sharpest = _best_copy(members, sharpness, sizes, avoid)
+        best, sharpest = _best_copy(members, sharpness, sizes, avoid, gray)
         for i in members.tolist():
             if i != best:
                 best_copy[i] = best
-                why = _why_best(i, best, sharpest, sharpness, sizes, avoid)
+                why = _why_best(i, best, sharpest, sharpness, sizes, avoid, gray)
                 if bytes(sha256[i]) == bytes(sha256[best]):
                     text = f"exact duplicate of {named(best)}, the best copy: {why}"
                 else:
@@ -1267,8 +1278,8 @@ def set_findings(sha256, phash, sharpness, grayscale: bool, named: Callable[[int
     for i in np.flatnonzero(blurry).tolist():
         findings.append((i, "BLUR", f"looks blurry: sharpness {100 * sharpness[i] / median:.0f}% of the "
                                     "set's median"))
-    gray = ["every image is grayscale: the LoRA will learn a black-and-white subject"] if grayscale else []
-    return SetFindings(findings, gray, best_copy)
+    all_gray = ["every image is grayscale: the LoRA will learn a black-and-white subject"] if n and gray.all() else []
+    return SetFindings(findings, all_gray, best_copy)
 
 
 def _blurry(sharpness) -> tuple:
@@ -1319,22 +1330,27 @@ def duplicate_groups(sha256, phash) -> list:
     return np.split(shared, np.flatnonzero(np.diff(group[shared])) + 1) if len(shared) else []
 
 
-def _best_copy(members, sharpness, sizes, avoid) -> tuple[int, float]:
+def _best_copy(members, sharpness, sizes, avoid, gray) -> tuple[int, float]:
     """(the best of a group of duplicates, the sharpness the others are compared with): of the copies no
-    other ``--drop`` check leaves out (all if none is), those within ``SHARPNESS_TIE`` of the sharpest, then
-    the largest source, then the first by name (members are in name order)."""
+    other ``--drop`` check leaves out (all if none is), the ones in colour (all if none is: a black-and-white
+    copy of a colour photo is never the one to keep), those within ``SHARPNESS_TIE`` of the sharpest, then the
+    largest source, then the first by name (members are in name order)."""
     pool = members[~avoid[members]]
     if not len(pool):
         pool = members
+    if (~gray[pool]).any():
+        pool = pool[~gray[pool]]
     sharpest = float(sharpness[pool].max())
     pool = pool[sharpness[pool] >= (1 - SHARPNESS_TIE) * sharpest]
     area = sizes[pool, 0] * sizes[pool, 1]
     return int(pool[area == area.max()][0]), sharpest
 
 
-def _why_best(i: int, best: int, sharpest: float, sharpness, sizes, avoid) -> str:
+def _why_best(i: int, best: int, sharpest: float, sharpness, sizes, avoid, gray) -> str:
     """Why copy ``best`` of a group of duplicates is kept rather than copy ``i`` (``_best_copy``'s steps)."""
-    if sharpness[i] < (1 - SHARPNESS_TIE) * sharpest:  # then best, at least (1 - SHARPNESS_TIE) * sharpest
+    if gray[i] and not gray[best] and not (avoid[best] and not avoid[i]):
+        why = "in colour, unlike this grayscale copy"
+    elif sharpness[i] < (1 - SHARPNESS_TIE) * sharpest:  # then best, at least (1 - SHARPNESS_TIE) * sharpest
         why = f"sharper ({sharpness[best]:.1f} vs {sharpness[i]:.1f})"
     elif avoid[i] and not avoid[best]:
         why = "not left out by another --drop check, unlike this copy"
@@ -1359,7 +1375,7 @@ def _check_kept(ledger: _Ledger, kept: list[int], steps: _SetSteps) -> list[str]
                         dtype=bool, count=len(kept))
     found = set_findings(
         sha256, np.frombuffer(ledger.phash, dtype=np.uint64)[kept],
-        np.frombuffer(ledger.sharpness, dtype=np.float64)[kept], all(ledger.grayscale[i] for i in kept),
+        np.frombuffer(ledger.sharpness, dtype=np.float64)[kept], np.array([bool(ledger.grayscale[i]) for i in kept]),
         lambda k: f"{steps.outputs[kept[k]]} ({ledger.sources[kept[k]]})", sizes=sizes, avoid=avoid,
         drop=steps.drop)
     for k, flag, text in found.findings:
@@ -1469,7 +1485,9 @@ def _write(out_dir: Path, previous: list[Path], ledger: _Ledger, order: list[int
     digest = hashlib.sha256()  # of metadata.jsonl as written: a rerun refuses to lose captions edited since
     tail: dict[str, str] = {}
     with open(tmp / METADATA, "w", encoding="utf-8", newline="\n") as metadata, \
-            open(tmp / REPORT, "w", encoding="utf-8") as file:
+            open(tmp / REPORT, "w", encoding="utf-8", errors="backslashreplace") as file:
+        # errors: a source name's bytes that are not UTF-8 (surrogates) are written as JSON's own escapes
+        # ("\udcff"), which read back as the same name
         with _report_writer(file, report, tail) as write_row:
             for i in order:
                 r = steps.settle(ledger.read(i), i)

@@ -90,6 +90,19 @@ def test_early_merges_and_compounds_are_risky():
     assert qx.verdict != "good", qx.reasons
 
 
+def test_an_article_and_a_word_read_as_both_and_percentiles_are_ordinals():
+    """'adog' is one late token, but reads as 'a dog' (suggest-tokens offered it, check-token called it good);
+    percentiles read 91st, 92nd, 93rd, not 91th."""
+    adog, aboss, ohwx = check_identifiers(["adog", "aboss", "ohwx"])
+    assert adog.verdict == "risky" and adog.reasons[0] == "'adog' reads as the English words 'a' + 'dog'"
+    assert aboss.verdict == "risky" and "'a' + 'boss'" in aboss.reasons[0]
+    assert ohwx.verdict == "good" and "(id 47993, 97th percentile: a late merge)" in ohwx.reasons[0]
+    from sdtune.identifier import _ordinal
+
+    assert [_ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 91.2, 92, 93, 100)] == \
+        ["1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "91st", "92nd", "93rd", "100th"]
+
+
 def test_word_lookup_is_the_same_for_one_word_and_for_many(monkeypatch):
     import wordfreq
 

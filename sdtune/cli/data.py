@@ -127,7 +127,7 @@ def cmd_prep(args: argparse.Namespace) -> int:
     s = report["summary"]
     captions = f"{s['captions']} caption files, " if s.get("captions") else ""
     print(
-        f"prep: {s['images']} images in {out} ({s['fixed']} fixed, {s['dropped']} dropped, {s['skipped']} "
+        f"prep: {s['images']} image{'' if s['images'] == 1 else 's'} in {out} ({s['fixed']} fixed, {s['dropped']} dropped, {s['skipped']} "
         f"skipped, {captions}{s['ignored']} "
         f"ignored, {s['warnings']} warnings); see {out / REPORT} and {out / SHEET}"
         + (f" (showing {s['contact_sheet']} of {s['images'] + s['dropped']}: every flagged one and a sample)"
