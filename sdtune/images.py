@@ -9,8 +9,10 @@ twice the output size otherwise, so the final Lanczos resize is fast and as shar
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -115,9 +117,10 @@ def read_image(
 def _read(
     data: bytes, suffix: str, min_short_side: int, max_pixels: int | None, background: tuple[int, int, int]
 ) -> Decoded:
-    im = _open(data, max_pixels)
+    fixes: list[str] = []
+    notes: list[str] = []
+    im = _open(data, max_pixels, notes)
     fmt = im.format or "?"
-    fixes, notes = [], []
     claimed = _EXTENSION_FORMATS.get(suffix.lower())
     if claimed and claimed != fmt and {claimed, fmt} != {"JPEG", "MPO"}:
         fixes.append(f"content is {fmt}, not {claimed} as the name says")
@@ -156,12 +159,12 @@ def _read(
                    alpha=alpha)
 
 
-def _open(data: bytes, max_pixels: int | None) -> Image.Image:
+def _open(data: bytes, max_pixels: int | None, notes: list[str]) -> Image.Image:
+    """The image in ``data``, not yet loaded; what Pillow warns about it goes to ``notes``."""
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x its limit; a bomb is refused, never half-trusted.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with _pillow_warnings() as said:
             im = Image.open(io.BytesIO(data), formats=DECODERS)
+        notes += said
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise Unreadable(f"refused as a decompression bomb: {_one_line(e)}") from None
     except UnidentifiedImageError:
@@ -192,10 +195,26 @@ def _orientation(im: Image.Image) -> tuple[int, str | None]:
         o = im.info.get("original_orientation") or 1
         return 1, (f"upright per HEIF orientation {o}" if o != 1 else None)
     try:
-        o = int(im.getexif().get(0x0112, 1))
+        with _pillow_warnings() as said:
+            o = int(im.getexif().get(0x0112, 1))
     except Exception:  # broken EXIF is common and harmless once stripped; keep the pixels as stored
         return 1, "unreadable EXIF ignored (orientation unknown)"
-    return (o, None) if o in range(1, 9) else (1, f"invalid EXIF orientation {o} ignored")
+    if o not in range(1, 9):
+        return 1, f"invalid EXIF orientation {o} ignored"
+    return o, ("; ".join(said) if said else None)
+
+
+@contextlib.contextmanager
+def _pillow_warnings() -> Iterator[list[str]]:
+    """What Pillow warns about a file (e.g. "Corrupt EXIF data"), collected as one-line notes for that file:
+    on the terminal they would name no file, and a prep's summary would not count them."""
+    said: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # Pillow only warns between 1x and 2x its limit; a bomb is refused, never half-trusted.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield said
+    said += list(dict.fromkeys(f"Pillow: {_one_line(w.message)}" for w in caught))
 
 
 def _normalise_mode(im: Image.Image, fixes: list[str]) -> Image.Image:

@@ -68,6 +68,9 @@ REPORT, METADATA, SHEET = "prep_report.json", "metadata.jsonl", "contact_sheet.j
 # NAME.mask.png beside the output NAME.png: a source's transparency as the subject mask (white = opaque) that
 # training's data.masked_loss reads; never a training image itself (not in metadata.jsonl).
 MASK_SUFFIX = ".mask.png"
+# what cameras and phones name their files before the number (IMG_1234, DSC01234, PXL_2024..., GOPR0001)
+CAMERA_NAME = re.compile(r"img|image|dsc[nf]?|dcim|pxl|mvimg|dji|gopr|gx|vid|photo|pic|screenshot",
+                         re.IGNORECASE)
 TMP_DIR = ".sdtune-prep-tmp"  # new outputs are built here, inside OUT, then moved into place
 # each processed image's bytes and thumbnail wait here (inside OUT) until the names are known, rather than in
 # memory: 100,000 photos at 512 px would hold gigabytes
@@ -709,10 +712,14 @@ def _left_out(path: Path, src_dir: Path) -> tuple[str, str] | None:
         return "ignored", "metadata file, not an image"
     if path.is_symlink():
         target = path.resolve()
+        if not target.exists():
+            return "skipped", "broken symlink: what it points to does not exist"
+        if target.is_dir():  # os.walk lists a link to a folder as a file when it is a loop
+            return "skipped", "symlinked folder not followed"
         if not target.is_relative_to(src_dir):
             return "skipped", "symlink to a file outside SRC refused"
     if not path.is_file():
-        return "skipped", "not a regular file (broken link, device or pipe)"
+        return "skipped", "not a regular file (a device, pipe or socket)"
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         return "skipped", f"file larger than {MAX_FILE_BYTES // 2**20} MiB"
@@ -763,7 +770,11 @@ def _caption(src_dir: Path, rel: str, caption: str | None, caption_from: str | N
     if caption_from == "filename":
         # a name's bytes that are not UTF-8 (surrogates from the file system) become U+FFFD: a caption is text
         text = caption_from_filename(os.fsencode(path.stem).decode("utf-8", "replace"))
-        return (text, "") if text else (None, "no caption: the file name holds no words")
+        if not text:
+            return None, "no caption: the file name holds no words"
+        if CAMERA_NAME.fullmatch(text):  # IMG_1234.jpg: the camera's name, not a description
+            return None, f"no caption: '{path.name}' is a camera's file name, not words that describe it"
+        return text, ""
     if caption_from == "metadata":
         found = metadata.captions.get(rel) if metadata else None
         if found is None:

@@ -469,8 +469,10 @@ def test_written_files_are_readable_by_others_as_the_umask_says(run, tmp_path, c
 def test_prep_resolution_and_doctor_output_dir(tmp_path, capsys):
     assert "must be" in one_error(capsys, main(["prep", str(DEMO_DATA), str(tmp_path / "o"),
                                                                 "--resolution", "0"]))
-    assert "must be 64-4096 pixels, got 32" in one_error(capsys, main(["prep", str(DEMO_DATA), str(tmp_path / "o"),
-                                                                        "--resolution", "32"]))
+    said = one_error(capsys, main(["prep", str(DEMO_DATA), str(tmp_path / "o"), "--resolution", "32"]))
+    assert "must be a multiple of 8 from 64 to 4096 pixels, got 32 (e.g. 64)" in said
+    said = one_error(capsys, main(["prep", str(DEMO_DATA), str(tmp_path / "o"), "--resolution", "500"]))
+    assert "must be a multiple of 8 from 64 to 4096 pixels, got 500 (e.g. 496)" in said
     assert not (tmp_path / "o").exists()
     a_file = tmp_path / "f"
     a_file.write_text("x")

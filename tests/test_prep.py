@@ -302,7 +302,8 @@ def test_captions_from_filenames_and_txt(tmp_path):
     assert caption_from_filename("sks-dog_beach_03") == "sks-dog beach"
     rows = by_source(run(src, tmp_path / "a", caption=None, caption_from="filename"))
     assert rows["sks_dog_on_the_beach (2).jpg"]["caption"] == "sks dog on the beach"
-    assert rows["IMG_0001.jpg"]["caption"] == "IMG"
+    # a camera's name is no caption (it was "IMG", silently)
+    assert rows["IMG_0001.jpg"]["status"] == "skipped" and "a camera's file name" in rows["IMG_0001.jpg"]["reason"]
     assert rows["IMG_0001.txt"]["status"] == "ignored"
     rows = by_source(run(src, tmp_path / "b", caption=None, caption_from="txt"))
     assert rows["IMG_0001.jpg"]["caption"] == "sks dog in the snow"
@@ -326,7 +327,9 @@ def test_junk_and_symlinks(tmp_path):
     (src / "leak.jpg").symlink_to(outside / "secret.jpg")
     (src / "again.jpg").symlink_to(src / "real.jpg")  # inside SRC: fine, and a duplicate
     (src / "elsewhere").symlink_to(outside, target_is_directory=True)
+    (src / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")  # broken: said so, not "outside SRC"
     rows = by_source(run(src, tmp_path / "out"))
+    assert rows["gone.jpg"]["status"] == "skipped" and rows["gone.jpg"]["reason"].startswith("broken symlink")
     for junk in (".DS_Store", "Thumbs.db", "._real.jpg", "desktop.ini", "__MACOSX/"):
         assert rows[junk]["status"] == "ignored", junk
     assert rows["leak.jpg"]["status"] == "skipped" and "outside SRC" in rows["leak.jpg"]["reason"]
@@ -467,10 +470,12 @@ def test_command_line(tmp_path, capsys):
                               "--crop", "center", "--format", "webp"])
     assert args.func(args) == 0
     printed = capsys.readouterr().out
-    assert "skipped: b.jpg: not an image" in printed and "prep: 1 images in" in printed
+    assert "skipped: b.jpg: not an image" in printed and "prep: 1 image in" in printed
     assert (tmp_path / "out" / "sks_001.webp").is_file()
 
-    bad = [["--rename", "{name}"], ["--rename", "{token}"], [], ["--resolution", "100"], ["--background", "nope"]]
+    with pytest.raises(SystemExit):  # the command line refuses it (a multiple of 8), as the library does
+        parser.parse_args(["prep", str(src), str(tmp_path / "o2"), "--resolution", "100", "--caption", CAPTION])
+    bad = [["--rename", "{name}"], ["--rename", "{token}"], [], ["--background", "nope"]]
     for extra in bad:
         args = parser.parse_args(["prep", str(src), str(tmp_path / "o2"), *extra] + (
             ["--caption", CAPTION] if extra else []))

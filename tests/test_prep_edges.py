@@ -124,3 +124,18 @@ def test_a_black_and_white_copy_is_never_the_one_kept(tmp_path):
     assert rows["b_color.jpg"]["status"] == "kept"
     assert rows["a_bw.jpg"]["status"] == "dropped"
     assert "in colour, unlike this grayscale copy" in rows["a_bw.jpg"]["reason"]
+
+
+def test_what_pillow_warns_about_a_file_is_that_files_warning(tmp_path, recwarn):
+    """A JPEG with a cut EXIF block made Pillow print 'UserWarning: Corrupt EXIF data' on the terminal, naming
+    no file, while the summary said 0 warnings: now it is the file's warning in the report."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = jpeg(photo((96, 80), 0))
+    exif = b"Exif\0\0MM\0*\0\0\0\x08" + b"\xff" * 50  # a TIFF header whose first directory is cut short
+    (src / "cut_exif.jpg").write_bytes(data[:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + data[2:])
+    report = run(src, tmp_path / "out")
+    row = report["files"][0]
+    assert row["status"] == "kept" and any(w.startswith("Pillow: Corrupt EXIF data") for w in row["warnings"])
+    assert report["summary"]["warnings"] == 1
+    assert not [w for w in recwarn if "EXIF" in str(w.message)]

@@ -176,7 +176,7 @@ def test_micro_options_have_help_and_refuse_nonsense(tmp_path, capsys):
         assert not undocumented, (name, undocumented)
     out = tmp_path / "photos"
     cases = [(["subject", str(out), "--n", "0"], "--n: must be at least 1"),
-             (["subject", str(out), "--size", "7"], "--size: must be 64-4096 pixels"),
+             (["subject", str(out), "--size", "7"], "--size: must be a multiple of 8 from 64 to 4096 pixels, got 7 (e.g. 64)"),
              (["subject", str(out), "--identifier", ""], "--identifier: expected one word"),
              (["pretrain", str(out), "--vae-steps", "-1"], "--vae-steps: must be at least 1"),
              (["pretrain", str(out), "--batch-size", "0"], "--batch-size: must be at least 1"),

@@ -155,10 +155,11 @@ def device(value: str) -> str:
 
 
 def resolution(text: str) -> int:
-    """An image side for training data: 64 to 4096 pixels, as ``data.resolution`` takes."""
-    value = positive_int(text)
-    if not 64 <= value <= 4096:
-        raise argparse.ArgumentTypeError(f"must be 64-4096 pixels, got {value}")
+    """An image side for training data: a multiple of 8 (the VAE's factor) from 64 to 4096 pixels."""
+    value = _whole(text, -(2**63), "a whole number")
+    if not 64 <= value <= 4096 or value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 from 64 to 4096 pixels, got {value} "
+                                         f"(e.g. {min(4096, max(64, value // 8 * 8))})")
     return value
 
 

@@ -47,7 +47,7 @@ def add_commands(sub: Any) -> None:
                        help="--crop bucket: write only buckets whose sides are multiples of N, the model's (SD1.x "
                        "64, SDXL 32, FLUX.1 and SD3.x 16; --model reads it); default: every bucket, in 64 px "
                        "steps (8 px under 512 px)")
-    p.add_argument("--resolution", type=resolution, help="output size in pixels, 64-4096 (default: the family's)")
+    p.add_argument("--resolution", type=resolution, help="output size in pixels, a multiple of 8 from 64 to 4096 (default: the family's)")
     p.add_argument("--crop", choices=CROPS, default="smart",
                    help="center; smart (saliency, as Birme); face (keep faces in frame, else smart); "
                    "bucket (keep the aspect ratio, snap to the nearest training bucket)")

@@ -29,7 +29,7 @@ def add_commands(sub: Any) -> None:
     m.add_argument("--n", type=positive_int, default=8, help="photos (default %(default)s)")
     m.add_argument("--seed", type=int, default=0, help="draws the scenes: the same seed, the same photos "
                    "(default %(default)s)")
-    m.add_argument("--size", type=resolution, default=64, help="side of the square photos in pixels, 64-4096 "
+    m.add_argument("--size", type=resolution, default=64, help="side of the square photos in pixels, a multiple of 8 from 64 to 4096 "
                    "(default %(default)s, the micro model's)")
     m.add_argument("--identifier", type=word, default="sks", help="the subject's rare word in the captions "
                    "(default %(default)s)")
