@@ -764,8 +764,8 @@ def fit_mask(file: Path, decoded: Decoded) -> Image.Image:
 def _caption(src_dir: Path, rel: str, caption: str | None, caption_from: str | None,
              metadata: SourceMetadata | None = None) -> tuple[str | None, str]:
     """(caption, '') or (None, why there is none)."""
-    if caption is not None:
-        return caption, ""
+    if caption is not None:  # whitespace made single spaces, as a .txt caption's
+        return " ".join(caption.split()), ""
     path = src_dir / rel
     if caption_from == "filename":
         # a name's bytes that are not UTF-8 (surrogates from the file system) become U+FFFD: a caption is text

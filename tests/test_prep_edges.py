@@ -61,6 +61,14 @@ def test_a_failure_while_writing_leaves_no_temporary_folder(tmp_path, monkeypatc
     assert sorted(p.name for p in out.iterdir()) == before  # the earlier output intact, nothing left over
 
 
+def test_a_caption_on_several_lines_is_one_line(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(jpeg(photo((96, 80), 0)))
+    run(src, tmp_path / "out", caption="a photo of\nsks dog \t on grass ")
+    assert json.loads((tmp_path / "out" / METADATA).read_text())["text"] == "a photo of sks dog on grass"
+
+
 @pytest.mark.parametrize("caption", ["", "   "])
 def test_an_empty_caption_is_refused(tmp_path, caption):
     src = tmp_path / "src"
