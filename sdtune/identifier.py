@@ -328,7 +328,12 @@ def _check(word: str, encoders: list[_Encoder], freqs: dict[str, float]) -> Repo
             ))
     if meaning:
         problems.append(("risky", f"'{word_key}' already means something: {meaning}"))
-    if found := _word_reason(word_key, freqs):
+    symbols = [unicodedata.name(c, "").lower() for c in dict.fromkeys(word) if unicodedata.category(c) == "So"]
+    if symbols:  # emoji are in CLIP's captions (the dog face is id 10631): they mean what they show
+        shown = ", ".join(f"'{n}'" for n in symbols if n) or "a symbol"
+        problems.append(("risky", f"{word!r} holds the emoji or symbol {shown}: CLIP learnt them from captions, "
+                                  "so it already means that; pick a rare single token (see `sdtune suggest-tokens`)"))
+    elif found := _word_reason(word_key, freqs):
         problems.append(found)
     if single and not problems:
         token = pieces[0]

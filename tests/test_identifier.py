@@ -97,6 +97,8 @@ def test_an_article_and_a_word_read_as_both_and_percentiles_are_ordinals():
     assert adog.verdict == "risky" and adog.reasons[0] == "'adog' reads as the English words 'a' + 'dog'"
     assert aboss.verdict == "risky" and "'a' + 'boss'" in aboss.reasons[0]
     assert ohwx.verdict == "good" and "(id 47993, 97th percentile: a late merge)" in ohwx.reasons[0]
+    dog = check_identifier("\U0001f436")  # it was "a rare word in German", by wordfreq's lists
+    assert dog.verdict == "risky" and "the emoji or symbol 'dog face'" in dog.reasons[0]
     from sdtune.identifier import _ordinal
 
     assert [_ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 91.2, 92, 93, 100)] == \
