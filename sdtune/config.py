@@ -754,7 +754,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = _load_yaml(raw, f"override {shown}", lines=False) if raw.strip() else None
     except _NotYaml:
         value = raw  # text that is not YAML, e.g. a prompt with ': ' in it, is meant as that text
-    return parts, value
+    return parts, _meant_as_text(raw, value)
+
+
+def _meant_as_text(raw: str, value: Any) -> Any:
+    """An override's value where YAML reads a command line otherwise than it was typed: a prompt holding ': '
+    (YAML: a mapping, unless written in braces) or ' #' (YAML: the rest is a comment, silently dropped) is that
+    text. Quoted values and flow collections ([...], {...}) are YAML's."""
+    text = raw.strip()
+    if not text or text[0] in "'\"[{":
+        return value
+    if isinstance(value, dict):
+        return text
+    if ("#" in text and (text.startswith("#") or " #" in text or "\t#" in text)
+            and (value is None or isinstance(value, str))):
+        return text
+    return value
 
 
 def _read_text(p: Path) -> str:

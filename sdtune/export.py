@@ -26,6 +26,7 @@ torch and safetensors are imported inside the functions that use them: the comma
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -59,6 +60,7 @@ from sdtune.runs import (
     check_output_file,
     check_output_folder,
     is_run_folder,
+    missing_lora,
     open_safetensors,
     run_config,
     written_by_sdtune,
@@ -855,7 +857,7 @@ def read_run(run_dir: str | Path) -> RunLora:
         )
     lora_file = run / WEIGHT_NAME
     if not lora_file.is_file():
-        raise SdtuneError(f"{run}: no {WEIGHT_NAME} here; is it a finished run or a checkpoint folder?")
+        raise SdtuneError(missing_lora(run, "is it a finished run or a checkpoint folder?"))
     config = run_config(run)
     lora = config.get("lora") or {}
     fallback = None
@@ -1246,6 +1248,14 @@ def _write_peft(run: RunLora, out_dir: Path) -> tuple[Path, list[str]]:
         config.setdefault("peft_type", "LORA")
         config["inference_mode"] = True  # as PeftModel.save_pretrained writes it
         (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # an earlier export's adapters for modules this LoRA does not train (a text encoder, SDXL's second) would be
+    # loaded with it: removed when sdtune wrote them (the embeddings are handled likewise, _write_embeddings)
+    for stale in sorted(out_dir.glob(f"*/{PEFT_WEIGHTS}")):
+        if stale.parent.name not in run.adapters and written_by_sdtune(stale):
+            stale.unlink()
+            (stale.parent / PEFT_CONFIG).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a file of the user's own stays, and so its folder
+                stale.parent.rmdir()
     _write_embeddings(run, out_dir)
     return out_dir, []
 
@@ -1256,8 +1266,13 @@ def _write_kohya(run: RunLora, out_file: Path) -> tuple[Path, list[str]]:
             f"{run.lora_file.parent}: no config.yaml names the base model, whose family the kohya file needs"
         )
     model = run.config.get("model") or {}
-    info = inspect_model(run.base_model, model.get("revision"), prediction_type=model.get("prediction_type"),
-                         base=model.get("base"))
+    try:
+        info = inspect_model(run.base_model, model.get("revision"), prediction_type=model.get("prediction_type"),
+                             base=model.get("base"))
+    except SdtuneError as e:  # the run's base model moved or is not downloaded: say what needs it, and the way out
+        raise SdtuneError(f"{e} (the run's model.pretrained, whose config the kohya file's names and metadata come "
+                          "from); put the model back there, or export --format diffusers or peft, which need no "
+                          "model") from None
     path = write_kohya(
         out_file, info.family, run.adapters, trigger_word=run.trigger_word, base_model=run.base_model,
         prediction_type=info.prediction_type,

@@ -125,7 +125,17 @@ def lora_files(target: str | Path, checkpoints: str | None = None) -> list[tuple
     if (target / WEIGHT_NAME).is_file():
         safetensors_header(target / WEIGHT_NAME)
         return [(target.name, str(target / WEIGHT_NAME))]
-    raise SdtuneError(f"{target}: no {WEIGHT_NAME} here; point at a run or checkpoint folder, or a LoRA file")
+    raise SdtuneError(missing_lora(target, "point at a run or checkpoint folder, or a LoRA file"))
+
+
+def missing_lora(folder: Path, otherwise: str) -> str:
+    """The one line for a folder without a LoRA: a run that stopped before its end names its newest checkpoint
+    and how to finish it; any other folder gets ``otherwise``."""
+    saved = complete_checkpoints(folder)
+    if saved:
+        return (f"{folder}: no final {WEIGHT_NAME}: the run stopped before its end; point at its newest checkpoint "
+                f"{saved[-1]}, or finish the run with train.resume=latest")
+    return f"{folder}: no {WEIGHT_NAME} here; {otherwise}"
 
 
 def step_of(label: str, lora_file: str | Path) -> int | None:

@@ -54,7 +54,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--negative-prompt", type=text, help="default: the run's sample.negative_prompt, else none")
     p.add_argument("--seeds", help="comma list of seeds (whole numbers >= 0; default: the run's sample.seeds, "
                    f"else {','.join(map(str, DEFAULT_SEEDS))})")
-    p.add_argument("--lora-scale", default="0,1", help="comma list; 0 shows the base model (default: %(default)s, "
+    p.add_argument("--lora-scale", help="comma list; 0 shows the base model (default: 0,1, "
                    "without and with the LoRA)")
     p.add_argument("--guidance", help="comma list of guidance scales (default: the run's sample.guidance_scale, "
                    "else the model family's: 7.5; FLUX.1: 3.5, SD3.x: 7.0)")
@@ -320,7 +320,10 @@ def _request(args: argparse.Namespace) -> tuple[Any, Path]:
     guidance, seeds, shared = family_sampling(args, info, *grid_defaults(args, run_cfg))
     settings = Settings(**shared, mode=mode, width=args.width or size or 0, height=args.height or size or 0,
                         strength=args.strength, batch_size=args.batch_size)
-    scales = [None] if not loras else distinct(parse_floats(args.lora_scale, "--lora-scale"), "--lora-scale")
+    if not loras and args.lora_scale is not None:  # it would be ignored: the cells hold no LoRA
+        why = "--no-lora renders the base model alone" if args.no_lora else "there is no LoRA (no TARGET)"
+        raise SdtuneError(f"--lora-scale: {why}; fix: remove --lora-scale")
+    scales = [None] if not loras else distinct(parse_floats(args.lora_scale or "0,1", "--lora-scale"), "--lora-scale")
     cells = [Cell(p, s, g, sc, label) for label, _ in (loras or [(None, None)]) for p in prompts
              for sc in scales for g in guidance for s in seeds]
     req = Request(
@@ -344,9 +347,14 @@ def model_info(args: argparse.Namespace, model: str, run_cfg: dict, options: dic
     try:
         info = inspect_model(model, run_cfg.get("model", {}).get("revision"), for_training=False,
                              prediction_type=options.get("prediction_type"), base=options.get("base"))
-    except SdtuneError as e:  # model_files names the recipe key; here the user typed --base
-        raise SdtuneError(str(e).replace("model.base", "--base") if args.base and str(e).startswith("model.base")
-                          else str(e)) from None
+    except SdtuneError as e:  # model_files names the recipe key; here the user typed --base, or --model
+        said = str(e)
+        if args.base and said.startswith("model.base"):
+            said = said.replace("model.base", "--base")
+        elif said.startswith("model.pretrained"):
+            said = (said.replace("model.pretrained", "--model", 1) if args.model else
+                    f"{said} (the base model the run or LoRA names); or pass --model HUB_ID_OR_FOLDER where it is now")
+        raise SdtuneError(said) from None
     for name in ("prediction_type", "clip_skip"):
         flag = f"--{name.replace('_', '-')}"
         problem = info.family.model_option_problem(name, flag if getattr(args, name) else f"model.{name}") \
@@ -370,6 +378,9 @@ def family_sampling(args: argparse.Namespace, info: ModelInfo, guidance: list[fl
     per scale of the same pixels), and a negative prompt its pipeline does not use (refused as --negative-prompt,
     left out with a note as the run's, so that no sidecar records it)."""
     sampling, model = info.family.sampling, info.pretrained
+    if args.scheduler and sampling.scheduler:  # it would change nothing: the family's own is used
+        raise SdtuneError(f"--scheduler: {info.family.label} samples with its model's own {sampling.scheduler} (the "
+                          "schedulers of --scheduler are for the SD families' noise predictions); fix: remove it")
     if sampling.guidance_unused and any(g is not None and g != sampling.guidance_scale for g in guidance):
         where = "--guidance" if args.guidance is not None else "the run's sample.guidance_scale"
         print(f"note: {where}: {model}: {sampling.guidance_unused}; each cell is drawn once, at guidance "
