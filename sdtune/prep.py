@@ -533,6 +533,9 @@ def _check_rename(pattern: str, token: str | None) -> None:
                           + ", ".join(f"{{{k}}}" for k in RENAME_FIELDS))
     if "token" in names and not token:
         raise SdtuneError("--rename: the pattern uses {token}; pass --token WORD, e.g. --token sks")
+    if token and "token" not in names:  # it would be ignored: --token names files, it is not the caption
+        raise SdtuneError(f"--token: the --rename pattern '{pattern}' has no {{token}}, so it would not be used; "
+                          f"fix: --rename '{{token}}_{{index:03d}}', or remove --token (the caption is --caption's)")
     try:
         pattern.format(token=token or "sks", index=1, stem="photo")
     except (ValueError, TypeError, IndexError, KeyError) as e:

@@ -147,3 +147,13 @@ def test_what_pillow_warns_about_a_file_is_that_files_warning(tmp_path, recwarn)
     assert row["status"] == "kept" and any(w.startswith("Pillow: Corrupt EXIF data") for w in row["warnings"])
     assert report["summary"]["warnings"] == 1
     assert not [w for w in recwarn if "EXIF" in str(w.message)]
+
+
+def test_a_token_the_rename_pattern_does_not_use_is_refused(tmp_path):
+    """--token ohwx with the default --rename ({index:03d}) named no file and captioned nothing, in silence."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(jpeg(photo((96, 80), 0)))
+    with pytest.raises(SdtuneError, match=r"--token: the --rename pattern '\{index:03d\}' has no \{token\}"):
+        run(src, tmp_path / "out", token="ohwx")
+    assert run(src, tmp_path / "out", token="ohwx", rename="{token}_{index:03d}")["files"][0]["output"] == "ohwx_001.png"
