@@ -94,7 +94,7 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path, tiny_model, capsys):
         (["--init-image", str(tmp_path / "missing.png")], "--init-image: cannot read"),
         (["--init-image", str(DEMO_DATA / "metadata.jsonl")], "--init-image: cannot read"),
         (["--depth", "--init-image", str(DEMO_DATA / "toy_00.png")], "not a depth-to-image model"),
-        (["--model", str(tmp_path / "nope")], "model.pretrained"),
+        (["--model", str(tmp_path / "nope")], "--model: "),  # the flag typed, not the recipe key
         (["--model", str(tiny_model("sdxl"))], "does not fit the base model"),
         (["--seeds", "a,b"], "--seeds: expected comma-separated integers"),
     ]

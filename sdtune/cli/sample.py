@@ -378,7 +378,7 @@ def family_sampling(args: argparse.Namespace, info: ModelInfo, guidance: list[fl
     per scale of the same pixels), and a negative prompt its pipeline does not use (refused as --negative-prompt,
     left out with a note as the run's, so that no sidecar records it)."""
     sampling, model = info.family.sampling, info.pretrained
-    if args.scheduler and sampling.scheduler:  # it would change nothing: the family's own is used
+    if getattr(args, "scheduler", None) and sampling.scheduler:  # it would change nothing: the family's own is used
         raise SdtuneError(f"--scheduler: {info.family.label} samples with its model's own {sampling.scheduler} (the "
                           "schedulers of --scheduler are for the SD families' noise predictions); fix: remove it")
     if sampling.guidance_unused and any(g is not None and g != sampling.guidance_scale for g in guidance):
