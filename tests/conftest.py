@@ -187,3 +187,20 @@ def checkpointed_run(tiny_model, tmp_path_factory):
     train(load_config(None, overrides(tiny_model("sd15"), out, "train.max_steps=4", "train.checkpoint_every=2",
                                       "train.learning_rate=1e-2", "data.instance_prompt=a photo of sks toy")))
     return out
+
+
+@pytest.fixture
+def requested(monkeypatch):
+    """The sample requests the CLI would render (``sdtune sample``'s); nothing loads."""
+    import sdtune.cli.sample
+    import sdtune.sample
+
+    seen = []
+
+    def capture(req, out, **kwargs):
+        seen.append(req)
+        return Path(out), []
+
+    monkeypatch.setattr(sdtune.sample, "run_sample", capture)
+    monkeypatch.setattr(sdtune.cli.sample, "with_size", lambda settings, *a: settings)
+    return seen

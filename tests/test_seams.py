@@ -47,20 +47,6 @@ def counted(monkeypatch):
     return counts
 
 
-@pytest.fixture
-def requested(monkeypatch):
-    """The sample requests the CLI would render; nothing loads."""
-    seen = []
-
-    def capture(req, out, **kwargs):
-        seen.append(req)
-        return Path(out), []
-
-    monkeypatch.setattr(sdtune.sample, "run_sample", capture)
-    monkeypatch.setattr(sdtune.cli.sample, "with_size", lambda settings, *a: settings)
-    return seen
-
-
 def one_error(capsys, code: int) -> str:
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

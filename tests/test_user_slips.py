@@ -6,14 +6,11 @@ messages that did not say the way out."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
-import sdtune.cli.sample
-import sdtune.sample
 from conftest import overrides
 from sdtune.cli import main
 from sdtune.config import ConfigError, load_config, parse_override
@@ -29,20 +26,6 @@ def one_error(capsys, code: int) -> str:
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err
     return lines[0]
-
-
-@pytest.fixture
-def requested(monkeypatch):
-    """The sample requests the CLI would render; nothing loads."""
-    seen = []
-
-    def capture(req, out, **kwargs):
-        seen.append(req)
-        return Path(out), []
-
-    monkeypatch.setattr(sdtune.sample, "run_sample", capture)
-    monkeypatch.setattr(sdtune.cli.sample, "with_size", lambda settings, *a: settings)
-    return seen
 
 
 @pytest.mark.parametrize("typed,meant", [
