@@ -31,6 +31,7 @@ import torch
 
 from sdtune.data import list_images
 from sdtune.errors import SdtuneError
+from sdtune.optim import is_schedule_free
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -85,7 +86,7 @@ def config_problems(cfg: Config, class_cache: Callable[[Concept], Path] | None =
          "model; not supported under FSDP. fix: pivotal.enabled=false, or DDP (multi_gpu.yaml)"),
         (t.ema, "train.ema: the average of sharded LoRA weights is not supported under FSDP. fix: "
          "train.ema=false, or DDP (multi_gpu.yaml)"),
-        (t.optimizer.endswith("_schedulefree"), f"train.optimizer: {t.optimizer} switches the LoRA to its "
+        (is_schedule_free(t.optimizer), f"train.optimizer: {t.optimizer} switches the LoRA to its "
          "average to sample and save, which sdtune does on one process; not supported under FSDP. fix: "
          "train.optimizer=adamw, or DDP (multi_gpu.yaml)"),
         (t.compile, "train.compile: torch.compile of the sharded denoiser is not supported by sdtune under FSDP. "

@@ -349,11 +349,11 @@ def _check_family(cfg: Config, info: ModelInfo, files: ModelFiles, problems: lis
                     f"{cfg.model.pretrained} is {families.article(family.label)} {family.label} model; fix: remove it"
                 )
     problems += family.config_problems(cfg)
-    side, multiple = cfg.data.resolution, info.sample_multiple
-    if side and side % multiple:  # FLUX.1's 2x2 packing, SD3's patches: any other side fails at the first step
-        sizes = sorted({max(side // multiple, 1) * multiple, -(-side // multiple) * multiple})
-        problems.append(f"data.resolution: {side} is not a multiple of {multiple}, the sides {family.label}'s "
-                        f"{family.denoiser_name} takes; fix: data.resolution={' or '.join(map(str, sizes))}")
+    side = cfg.data.resolution
+    sizes = info.sides_near(side) if side else None
+    if sizes:  # FLUX.1's 2x2 packing, SD3's patches: any other side fails at the first step
+        problems.append(f"data.resolution: {side} is not a multiple of {info.sample_multiple}, the sides "
+                        f"{family.label}'s {family.denoiser_name} takes; fix: data.resolution={' or '.join(map(str, sizes))}")
     try:
         names = family.denoiser_module_names(files)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:  # a damaged config: no module to name

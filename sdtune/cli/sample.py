@@ -361,13 +361,11 @@ def model_info(args: argparse.Namespace, model: str, run_cfg: dict, options: dic
             if options.get(name) else None
         if problem:
             raise SdtuneError(problem)
-    multiple = info.sample_multiple
     for flag, side in (("--width", args.width), ("--height", args.height)):
-        if side and side % multiple and not args.init_image:  # an init image's own size is the pipeline's to fit
-            # FluxPipeline would draw another size than the sidecar records; the others fail every cell
-            sizes = sorted({max(side // multiple, 1) * multiple, -(-side // multiple) * multiple})
-            raise SdtuneError(f"{flag}: {side} is not a multiple of {multiple}, the sides {info.family.label}'s "
-                              f"pipeline renders; fix: {flag} {' or '.join(map(str, sizes))}")
+        sizes = info.sides_near(side) if side and not args.init_image else None  # an init image: the pipeline's
+        if sizes:  # FluxPipeline would draw another size than the sidecar records; the others fail every cell
+            raise SdtuneError(f"{flag}: {side} is not a multiple of {info.sample_multiple}, the sides "
+                              f"{info.family.label}'s pipeline renders; fix: {flag} {' or '.join(map(str, sizes))}")
     return info
 
 

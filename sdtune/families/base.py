@@ -132,6 +132,12 @@ class ModelInfo:
     # SD / SDXL pipelines check multiples of 8; FLUX.1 and SD3.x the VAE's downscale x the patch (16)
     sample_multiple: int = 8
 
+    def sides_near(self, side: int) -> list[int] | None:
+        """The sides next to ``side`` that the pipeline renders (``sample_multiple``), to suggest in place of
+        it; None when ``side`` is one."""
+        m = self.sample_multiple
+        return sorted({max(side // m, 1) * m, -(-side // m) * m}) if side % m else None
+
 
 @dataclass
 class Components:
