@@ -453,7 +453,10 @@ def _check_tokens(cfg: Config, info: ModelInfo, files: ModelFiles, examples: lis
             more = "" if "suggest-tokens" in report.summary else ", `sdtune suggest-tokens`"  # said once
             warnings.append(f"{concept.key_of('identifier')} {report.summary} (see `sdtune check-token "
                             f"{concept.identifier}`{more})")
-    warnings += truncated_captions(info.family, examples, tokenizers, cfg.identifiers(), class_prompts)
+    identifiers = cfg.identifiers()
+    named = [(e.path.name, e.caption, identifiers[e.concept]) for e in examples]
+    warnings += truncated_captions(info.family, named + [(key, prompt, None) for key, prompt in class_prompts],
+                                   tokenizers)
     return tokenizers
 
 

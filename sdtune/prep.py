@@ -52,6 +52,7 @@ from sdtune.files import sha256_file
 from sdtune.grid import load_font
 from sdtune.images import Decoded, Unreadable, read_image
 from sdtune.metadata import SourceMetadata, has_metadata, is_metadata_file, read_metadata
+from sdtune.tokens import clip_prefix, clip_tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +270,7 @@ def _collect(ledger: _Ledger, src_dir: Path, out_dir: Path, settings: Settings, 
                 captioned[rel] = text
             jobs.append((rel, str(path), text, settings, masks.get(rel), (crop_boxes or {}).get(rel)))
     notes = _caption_notes(src_dir, sources, captioned, results, caption_from, metadata)
+    notes += _long_captions([(job[0], job[2]) for job in jobs])
     for r in results:
         ledger.add(r)
     for r in _run(jobs, workers, progress):
@@ -842,6 +844,34 @@ def _caption_notes(src_dir: Path, sources: list[tuple[str, Path]], captioned: di
                      f"the {used_name} captions are used (--caption-from {caption_from}), not {other}: "
                      + "; ".join(differ[:SHOWN_NOTES]) + (" ..." if len(differ) > SHOWN_NOTES else ""))
     return notes
+
+
+# What CLIP reads of a caption: 77 tokens with its start and end tokens. Every family sdtune trains has a CLIP
+# encoder (SD3 and FLUX add T5, which reads more, but CLIP-L's pooled embedding still stops here).
+CLIP_CAPTION_TOKENS = 75
+
+
+def _long_captions(captions: list[tuple[str, str]]) -> list[str]:
+    """A warning naming the images whose caption is longer than CLIP reads: training and sampling cut the rest
+    off without a word (``sdtune train`` warns again with the model's own tokenizers). ``captions``: (source,
+    caption) of each image."""
+    lengths: dict[str, int] = {}  # each distinct caption once: with --caption, all images share one
+    long = []
+    for rel, text in captions:
+        if text not in lengths:
+            lengths[text] = len(clip_tokenize(text))
+        if lengths[text] > CLIP_CAPTION_TOKENS:
+            long.append((rel, text))
+    if not long:
+        return []
+    shown = []
+    for rel, text in long[:SHOWN_NOTES]:
+        seen = clip_prefix(text, CLIP_CAPTION_TOKENS)
+        shown.append(f"{rel} ({lengths[text]} tokens, read up to '...{seen[-30:]}')")
+    return [f"long caption: {_count(len(long), 'image')} with a caption longer than the {CLIP_CAPTION_TOKENS} "
+            f"tokens CLIP reads (77 with its start and end), so training and sampling ignore the rest: "
+            + "; ".join(shown) + (" ..." if len(long) > SHOWN_NOTES else "")
+            + ". fix: shorten them (the subject's identifier and class first)"]
 
 
 def _count(n: int, noun: str) -> str:

@@ -816,7 +816,7 @@ def _warn_truncated(pipe: Any, family: Family, req: Request) -> None:
     family = families.with_prompt_length(family, req.settings.max_sequence_length, "--max-sequence-length")
     prompts = [p for p in dict.fromkeys(c.prompt for c in req.cells) if p not in _warned]
     tokenizers = [getattr(pipe, spec.tokenizer_name) for spec in family.text_encoders]
-    for line in truncated_captions(family, [], tokenizers, [], [(f"prompt '{p[:40]}'", p) for p in prompts]):
+    for line in truncated_captions(family, [(f"prompt '{p[:40]}'", p, None) for p in prompts], tokenizers):
         logger.warning(line.replace("its caption is", "it is"))
     _warned.update(prompts)
 

@@ -20,7 +20,6 @@ from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_to
 if TYPE_CHECKING:  # transformers takes ~1 s to import; clip_tokenizer() imports it when called
     from transformers import CLIPTokenizer
 
-    from sdtune.data import Example
     from sdtune.families import Family
 
 VOCAB_SIZE = 49408
@@ -150,19 +149,24 @@ def clip_tokenize(text: str, pad_token: str = EOS_TOKEN) -> list[str]:
     return _fast_tokenizer(pad_token).encode(text, add_special_tokens=False).tokens
 
 
+def clip_prefix(text: str, n: int, pad_token: str = EOS_TOKEN) -> str:
+    """The start of ``text`` that its first ``n`` CLIP tokens cover, as written (all of it if shorter)."""
+    offsets = _fast_tokenizer(pad_token).encode(text, add_special_tokens=False).offsets
+    return text if len(offsets) <= n else text[: offsets[n - 1][1]]
+
+
 def clip_encode(text: str, pad_token: str = EOS_TOKEN) -> list[int]:
     """The ids of :func:`clip_tokenize` (no BOS/EOS)."""
     return _fast_tokenizer(pad_token).encode(text, add_special_tokens=False).ids
 
 
-def truncated_captions(family: Family, examples: list[Example], tokenizers: list[Any], identifiers: list[str],
-                       class_prompts: list[tuple[str, str]]) -> list[str]:
+def truncated_captions(family: Family, named: list[tuple[str, str, str | None]], tokenizers: list[Any]
+                       ) -> list[str]:
     """One line per caption longer than a text encoder reads (CLIP: 77 tokens with start and end): the rest
-    is cut off before the model sees it, sometimes with the identifier in it. ``identifiers``: each concept's
-    (``Config.identifiers()``); ``class_prompts``: (recipe key, class prompt) of each concept with one."""
+    is cut off before the model sees it, sometimes with the identifier in it. ``named``: (how a line names it,
+    caption, the identifier it should hold or None) of each caption, e.g. ('001.png', 'a photo of sks dog',
+    'sks') or a class prompt's ('prior.class_prompt', 'a photo of a dog', None)."""
     lines = []
-    named = [(e.path.name, e.caption, identifiers[e.concept]) for e in examples] + \
-        [(key, prompt, None) for key, prompt in class_prompts]
     tokenized: dict[tuple[int, str], list[int]] = {}  # each distinct caption once: 100,000 photos share a few
     for name, caption, identifier in named:
         for k, (spec, tokenizer) in enumerate(zip(family.text_encoders, tokenizers)):

@@ -69,6 +69,24 @@ def test_a_caption_on_several_lines_is_one_line(tmp_path):
     assert json.loads((tmp_path / "out" / METADATA).read_text())["text"] == "a photo of sks dog on grass"
 
 
+def test_a_caption_longer_than_clip_reads_is_reported(tmp_path):
+    """A caption past CLIP's 77 tokens (a tagger's output, a pasted description) was written without a word,
+    and training read only its start. Now prep's report names the images and where CLIP stops reading;
+    a short caption gives no such warning."""
+    src = tmp_path / "src"
+    src.mkdir()
+    words = " ".join(f"word{i}" for i in range(60))  # 'word12' is two tokens: 120 in all
+    for name, text in [("long", f"a photo of sks dog, {words}"), ("short", "a photo of sks dog")]:
+        (src / f"{name}.jpg").write_bytes(jpeg(photo((96, 80), len(name))))
+        (src / f"{name}.txt").write_text(text)
+    report = run(src, tmp_path / "out", caption=None, caption_from="txt")
+    long = [w for w in report["set_warnings"] if w.startswith("long caption")]
+    assert len(long) == 1 and "1 image " in long[0] and "long.jpg (" in long[0] and "short.jpg" not in long[0]
+    assert "...a photo of sks dog" not in long[0] and "word" in long[0]  # where CLIP stops: in the word list
+    report = run(src, tmp_path / "out2", caption="a photo of sks dog")
+    assert not [w for w in report["set_warnings"] if w.startswith("long caption")]
+
+
 @pytest.mark.parametrize("caption", ["", "   "])
 def test_an_empty_caption_is_refused(tmp_path, caption):
     src = tmp_path / "src"

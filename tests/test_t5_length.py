@@ -148,6 +148,6 @@ def test_a_caption_longer_than_the_t5_length_is_named(schnell, tmp_path):
     c = load_components(str(schnell), plan.family)
     long = "a photo on a sunny beach with waves and sand in the evening light of sks toy"
     plan.examples[0] = plan.examples[0].__class__(**{**plan.examples[0].__dict__, "caption": long})
-    lines = truncated_captions(plan.family, plan.examples, c.tokenizers, ["sks"], [])
+    lines = truncated_captions(plan.family, [(e.path.name, e.caption, "sks") for e in plan.examples], c.tokenizers)
     assert len(lines) == len(plan.examples)  # the tiny T5's tokenizer cuts every demo caption at 8 too
     assert "T5-XXL reads 8" in lines[0] and "The identifier 'sks' is in the part cut off" in lines[0]
