@@ -60,7 +60,8 @@ logger = logging.getLogger(__name__)
 # every other command import this module for its subcommand, and should not pay for them.
 
 CROPS = ("center", "smart", "face", "bucket")
-CAPTION_SOURCES = ("filename", "txt", "metadata")  # --caption-from
+CAPTION_SOURCES = ("filename", "txt", "metadata")
+PALETTE_FIXES = ("palette", "1-bit")  # sdtune.images' fixes for a source of at most 256 colours  # --caption-from
 FORMATS = ("png", "jpg", "webp")
 RENAME_FIELDS = {"token": "the --token word", "index": "1, 2, ... in source order", "stem": "source name"}
 DEFAULT_RENAME = "{index:03d}"
@@ -150,6 +151,7 @@ class Result:
     phash: int = 0
     sharpness: float = 0.0
     grayscale: bool = False
+    palette: bool = False  # the source held at most 256 colours (a GIF, an 8-bit PNG, 1-bit): often dithered
     flags: list[str] = field(default_factory=list)  # short tags for the contact sheet: DUP, BLUR, ...
     flagged_by: dict[str, str] = field(default_factory=dict)  # flag -> the first warning that set it
 
@@ -324,6 +326,7 @@ class _Ledger:
         self.phash = array("Q")
         self.sharpness = array("d")
         self.grayscale = bytearray()
+        self.palette = bytearray()
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -348,6 +351,7 @@ class _Ledger:
         self.phash.append(r.phash)
         self.sharpness.append(r.sharpness)
         self.grayscale.append(r.grayscale)
+        self.palette.append(r.palette)
 
     def read(self, i: int) -> Result:
         """Result ``i`` as the worker left it (staged: ``Result.staged``)."""
@@ -1027,6 +1031,7 @@ def process(rel: str, path: str, caption: str, settings: Settings, mask: str | N
     r.phash = int(str(imagehash.phash(small)), 16)  # of the whole picture: crops of one shot may differ
     r.sharpness = sharpness(image)
     r.grayscale = is_grayscale(r.thumb)
+    r.palette = any(f.startswith(PALETTE_FIXES) for f in decoded.fixes)
     r.status = "fixed" if r.fixes else "kept"
     return r
 
@@ -1268,7 +1273,8 @@ def check_set(kept: list[Result]) -> list[str]:
         sha256, np.array([r.phash for r in kept], dtype=np.uint64),
         np.array([r.sharpness for r in kept], dtype=np.float64), np.array([bool(r.grayscale) for r in kept]),
         lambda i: f"{kept[i].output} ({kept[i].source})",
-        sizes=np.array([r.size or (0, 0) for r in kept], dtype=np.int64).reshape(len(kept), 2))
+        sizes=np.array([r.size or (0, 0) for r in kept], dtype=np.int64).reshape(len(kept), 2),
+        palette=np.array([bool(r.palette) for r in kept]))
     for i, flag, text in found.findings:
         kept[i].warn(flag, text)
     return found.set_warnings
@@ -1284,7 +1290,7 @@ class SetFindings:
 
 
 def set_findings(sha256, phash, sharpness, grayscale, named: Callable[[int], str], *, sizes=None,
-                 avoid=None, drop: tuple[str, ...] = ()) -> SetFindings:
+                 avoid=None, drop: tuple[str, ...] = (), palette=None) -> SetFindings:
     """The duplicate and blur checks over a set of n images, in order, on their measurements alone: ``sha256``
     (n, 32) uint8 digests, ``phash`` (n,) uint64 perceptual hashes, ``sharpness`` (n,) float64, ``grayscale``
     (n,) bool which images are (or one bool for all); ``named(i)``: how a warning names image i, e.g.
@@ -1293,11 +1299,14 @@ def set_findings(sha256, phash, sharpness, grayscale, named: Callable[[int], str
     Of each group of duplicates (``duplicate_groups``) the best copy is never flagged DUP, and every other
     copy's warning names it and says why it is best (``best_copy``). ``sizes`` (n, 2): the sources' width and
     height (None: all alike); ``avoid`` (n,) bool: the images that a ``--drop`` check other than duplicates
-    leaves out (None: none), and with ``drop`` naming blurry, the ones flagged BLUR here too."""
+    leaves out (None: none), and with ``drop`` naming blurry, the ones flagged BLUR here too; ``palette`` (n,)
+    bool: the sources of at most 256 colours (None: none), whose dithering reads as sharpness."""
     import numpy as np
 
     n = len(phash)
     gray = np.broadcast_to(np.asarray(grayscale, dtype=bool), (n,))
+    # which copy of a shot holds the most colour: 0 full colour, 1 a palette's (dithered), 2 grayscale
+    depth = 2 * gray + (0 if palette is None else np.asarray(palette, dtype=bool) & ~gray)
     blurry, median = _blurry(sharpness)
     avoid = np.zeros(n, dtype=bool) if avoid is None else np.asarray(avoid, dtype=bool).copy()
     if "blurry" in drop:
@@ -1306,11 +1315,11 @@ def set_findings(sha256, phash, sharpness, grayscale, named: Callable[[int], str
     findings: list[tuple[int, str, str]] = []
     best_copy: dict[int, int] = {}
     for members in duplicate_groups(sha256, phash):
-        best, sharpest = _best_copy(members, sharpness, sizes, avoid, gray)
+        best, sharpest = _best_copy(members, sharpness, sizes, avoid, depth)
         for i in members.tolist():
             if i != best:
                 best_copy[i] = best
-                why = _why_best(i, best, sharpest, sharpness, sizes, avoid, gray)
+                why = _why_best(i, best, sharpest, sharpness, sizes, avoid, depth)
                 if bytes(sha256[i]) == bytes(sha256[best]):
                     text = f"exact duplicate of {named(best)}, the best copy: {why}"
                 else:
@@ -1374,26 +1383,27 @@ def duplicate_groups(sha256, phash) -> list:
     return np.split(shared, np.flatnonzero(np.diff(group[shared])) + 1) if len(shared) else []
 
 
-def _best_copy(members, sharpness, sizes, avoid, gray) -> tuple[int, float]:
+def _best_copy(members, sharpness, sizes, avoid, depth) -> tuple[int, float]:
     """(the best of a group of duplicates, the sharpness the others are compared with): of the copies no
-    other ``--drop`` check leaves out (all if none is), the ones in colour (all if none is: a black-and-white
-    copy of a colour photo is never the one to keep), those within ``SHARPNESS_TIE`` of the sharpest, then the
-    largest source, then the first by name (members are in name order)."""
+    other ``--drop`` check leaves out (all if none is), the ones with the most colour (``depth``: a
+    black-and-white copy of a colour photo is never the one to keep, nor a GIF's dithered one, whose dither
+    reads as sharpness), those within ``SHARPNESS_TIE`` of the sharpest, then the largest source, then the
+    first by name (members are in name order)."""
     pool = members[~avoid[members]]
     if not len(pool):
         pool = members
-    if (~gray[pool]).any():
-        pool = pool[~gray[pool]]
+    pool = pool[depth[pool] == depth[pool].min()]
     sharpest = float(sharpness[pool].max())
     pool = pool[sharpness[pool] >= (1 - SHARPNESS_TIE) * sharpest]
     area = sizes[pool, 0] * sizes[pool, 1]
     return int(pool[area == area.max()][0]), sharpest
 
 
-def _why_best(i: int, best: int, sharpest: float, sharpness, sizes, avoid, gray) -> str:
+def _why_best(i: int, best: int, sharpest: float, sharpness, sizes, avoid, depth) -> str:
     """Why copy ``best`` of a group of duplicates is kept rather than copy ``i`` (``_best_copy``'s steps)."""
-    if gray[i] and not gray[best] and not (avoid[best] and not avoid[i]):
-        why = "in colour, unlike this grayscale copy"
+    if depth[i] > depth[best] and not (avoid[best] and not avoid[i]):
+        why = "in colour, unlike this grayscale copy" if depth[i] == 2 else \
+            "in full colour, unlike this copy of at most 256 colours (a palette, often dithered)"
     elif sharpness[i] < (1 - SHARPNESS_TIE) * sharpest:  # then best, at least (1 - SHARPNESS_TIE) * sharpest
         why = f"sharper ({sharpness[best]:.1f} vs {sharpness[i]:.1f})"
     elif avoid[i] and not avoid[best]:
@@ -1421,7 +1431,7 @@ def _check_kept(ledger: _Ledger, kept: list[int], steps: _SetSteps) -> list[str]
         sha256, np.frombuffer(ledger.phash, dtype=np.uint64)[kept],
         np.frombuffer(ledger.sharpness, dtype=np.float64)[kept], np.array([bool(ledger.grayscale[i]) for i in kept]),
         lambda k: f"{steps.outputs[kept[k]]} ({ledger.sources[kept[k]]})", sizes=sizes, avoid=avoid,
-        drop=steps.drop)
+        drop=steps.drop, palette=np.array([bool(ledger.palette[i]) for i in kept]))
     for k, flag, text in found.findings:
         steps.warn(kept[k], flag, text)
     steps.best_copy = {kept[k]: kept[b] for k, b in found.best_copy.items()}

@@ -152,6 +152,24 @@ def test_a_black_and_white_copy_is_never_the_one_kept(tmp_path):
     assert "in colour, unlike this grayscale copy" in rows["a_bw.jpg"]["reason"]
 
 
+def test_a_dithered_gif_copy_is_not_kept_for_its_dither(tmp_path):
+    """A GIF of a photo (few colours, Floyd-Steinberg dithered) measures sharper than the photo, its dither
+    being fine edges, and was the copy kept. Now the full-colour copy is, and the GIF's reason says why."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shot = photo((96, 80), 0).resize((128, 106), Image.Resampling.BICUBIC)
+    shot.save(src / "b_photo.png")
+    shot.convert("P", palette=Image.Palette.ADAPTIVE, colors=16, dither=Image.Dither.FLOYDSTEINBERG).save(
+        src / "a_copy.gif")
+    for i in (1, 2):
+        (src / f"c{i}.jpg").write_bytes(jpeg(photo((96, 80), 10 + i)))
+    rows = {row["source"]: row for row in run(src, tmp_path / "out", drop=("duplicates",))["files"]}
+    assert rows["a_copy.gif"]["sharpness"] > rows["b_photo.png"]["sharpness"]  # what used to decide
+    assert rows["b_photo.png"]["status"] == "kept"
+    assert rows["a_copy.gif"]["status"] == "dropped"
+    assert "in full colour, unlike this copy of at most 256 colours" in rows["a_copy.gif"]["reason"]
+
+
 def test_what_pillow_warns_about_a_file_is_that_files_warning(tmp_path, recwarn):
     """A JPEG with a cut EXIF block made Pillow print 'UserWarning: Corrupt EXIF data' on the terminal, naming
     no file, while the summary said 0 warnings: now it is the file's warning in the report."""
