@@ -3,6 +3,8 @@ as one picture with a header row of seeds and a label column. Pure PIL: no model
 
 from __future__ import annotations
 
+import functools
+import unicodedata
 from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw, ImageFont
@@ -42,6 +44,58 @@ def load_font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+# Pillow's own font (Aileron) holds ASCII only, and draws any other character as an empty box. A label with
+# other characters (a prompt in French or Japanese, a photo named été.jpg) is drawn in whichever of these the
+# system has (Pillow looks in its font folders) holds the most of them; what none holds is spelt in ASCII
+# (accents dropped, '?' for the rest) rather than drawn as boxes.
+WIDE_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "NotoSansCJK-Regular.ttc", "DroidSansFallbackFull.ttf",
+              "LiberationSans-Regular.ttf", "arialuni.ttf", "arial.ttf", "msyh.ttc", "Arial Unicode.ttf")
+
+
+def drawable(texts: list[str], size: int) -> tuple[ImageFont.ImageFont, list[str]]:
+    """The font to draw ``texts`` in at ``size`` px, and the texts as that font can draw them: Pillow's own
+    for ASCII, else the system font of ``WIDE_FONTS`` that holds the most of their other characters."""
+    others = sorted({c for text in texts for c in text if not c.isascii() and not c.isspace()})
+    if not others:
+        return load_font(size), texts
+    name = max((None, *WIDE_FONTS), key=lambda n: sum(_has_glyph(n, size, c) for c in others))
+    font = _font(name, size)
+    assert font is not None  # None (Pillow's own) always loads; a missing file holds no glyph, so is never max
+    missing = {c for c in others if not _has_glyph(name, size, c)}
+    return font, ["".join(_ascii(c) if c in missing else c for c in text) for text in texts]
+
+
+def _ascii(char: str) -> str:
+    """'é' -> 'e', '日' -> '?': the character's ASCII letters once its accents are dropped."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", char) if c.isascii() and c.isprintable())
+    return plain or "?"
+
+
+@functools.cache
+def _font(name: str | None, size: int) -> ImageFont.ImageFont | None:
+    if name is None:
+        return load_font(size)
+    try:
+        return ImageFont.truetype(name, size)
+    except OSError:  # not on this system
+        return None
+
+
+@functools.cache
+def _has_glyph(name: str | None, size: int, char: str) -> bool:
+    """Whether font ``name`` draws ``char`` as itself, not as its empty box for characters it lacks."""
+    if unicodedata.category(char) in ("Cs", "Co", "Cn", "Cc"):  # a file name's undecodable byte, unassigned
+        return False
+    font = _font(name, size)
+    return font is not None and _pixels(font, char) != _pixels(font, "\uffff")  # U+FFFF: in no font
+
+
+def _pixels(font: ImageFont.ImageFont, char: str) -> bytes:
+    im = Image.new("L", (font.size * 3 if hasattr(font, "size") else 48,) * 2)
+    ImageDraw.Draw(im).text((4, 4), char, fill=255, font=font)
+    return im.tobytes()
+
+
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
     lines, line = [], ""
     for word in text.split():
@@ -70,7 +124,8 @@ def make_grid(
                   for row in images]
     h, w = images[0][0].height, images[0][0].width
     size = max(12, min(24, w // 12))
-    font = load_font(size)
+    font, texts = drawable([title or "", *col_labels, *row_labels], size)
+    title, col_labels, row_labels = texts[0], texts[1 : 1 + len(col_labels)], texts[1 + len(col_labels):]
     label_w = max(160, w)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     # a title wider than a narrow grid (one seed: 288 px) wraps onto more lines rather than being cut off
@@ -96,9 +151,9 @@ def failed_cell(width: int, height: int, reason: str) -> Image.Image:
     """A grey cell that says why it could not be rendered (the grid keeps its other cells)."""
     im = Image.new("RGB", (width, height), (90, 90, 90))
     draw = ImageDraw.Draw(im)
-    font = load_font(max(10, width // 16))
+    font, (text,) = drawable([f"failed: {reason}"], max(10, width // 16))
     y = 4
-    for line in _wrap(draw, f"failed: {reason}", font, width - 8)[:8]:
+    for line in _wrap(draw, text, font, width - 8)[:8]:
         draw.text((4, y), line, fill="white", font=font)
         y += max(10, width // 16) + 2
     return im

@@ -49,7 +49,7 @@ from PIL import Image, ImageColor, ImageDraw
 
 from sdtune.errors import SdtuneError
 from sdtune.files import sha256_file
-from sdtune.grid import load_font
+from sdtune.grid import drawable
 from sdtune.images import Decoded, Unreadable, read_image
 from sdtune.metadata import SourceMetadata, has_metadata, is_metadata_file, read_metadata
 from sdtune.tokens import clip_prefix, clip_tokenize
@@ -1647,7 +1647,6 @@ def contact_sheet(kept: list[Result]) -> Image.Image:
     label_h, pad = 40, 8
     sheet = Image.new("RGB", (cols * (cell + pad) + pad, rows * (cell + label_h + pad) + pad), (32, 32, 32))
     draw = ImageDraw.Draw(sheet)
-    font = load_font(11)
     for i, r in enumerate(kept):
         x, y = pad + (i % cols) * (cell + pad), pad + (i // cols) * (cell + label_h + pad)
         thumb = r.thumb.copy() if r.thumb is not None else Image.open(f"{r.staged}.thumb.png")
@@ -1660,11 +1659,11 @@ def contact_sheet(kept: list[Result]) -> Image.Image:
             name, colour = "DROPPED", (255, 80, 80)
             draw.line((x, y, x + cell, y + cell), fill=colour, width=3)
             draw.line((x, y + cell, x + cell, y), fill=colour, width=3)
-        draw.text((x, y + cell + 2), _ascii(f"{name}  {flags}", cell // 6), fill=colour, font=font)
-        draw.text((x, y + cell + 18), _ascii(r.source, cell // 6), fill=(150, 150, 150), font=font)
+        font, (label, source) = drawable([_cut(f"{name}  {flags}", cell // 6), _cut(r.source, cell // 6)], 11)
+        draw.text((x, y + cell + 2), label, fill=colour, font=font)
+        draw.text((x, y + cell + 18), source, fill=(150, 150, 150), font=font)
     return sheet
 
 
-def _ascii(text: str, limit: int) -> str:
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "replace").decode()
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
