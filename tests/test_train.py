@@ -269,12 +269,14 @@ def _free_port() -> int:
 
 @pytest.mark.slow  # launches two processes
 @pytest.mark.parametrize("mode, extra", [("--cpu", ()), ("--multi_gpu", ()),
-                                         ("--multi_gpu", ("model.quantize=fp8", "train.gradient_checkpointing=true"))])
+                                         ("--multi_gpu", ("model.quantize=fp8", "train.gradient_checkpointing=true")),
+                                         ("--multi_gpu", ("train.optimizer=adamw_schedulefree",))])
 def test_two_process_cpu_launch(mode, extra, tiny_model, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine runs 2 gloo processes.
     `--cpu --num_processes 2` works too, but accelerate itself starts one process there unless MPI is set
     up; sdtune says so. DDP leaves the frozen weights where each process read them: fp8-stored ones, which
-    gloo cannot broadcast, train too."""
+    gloo cannot broadcast, train too. A schedule-free optimizer's checkpoints hold its average (x) as the LoRA
+    file and the weights it steps (y) as the adapters, under DDP as in one process."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", mode, "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
@@ -292,6 +294,11 @@ def test_two_process_cpu_launch(mode, extra, tiny_model, tmp_path):
     assert summary["images_per_step"] == 2 * processes  # batch 2 on each process
     if mode == "--cpu":
         assert "accelerate launch --multi_gpu --num_processes N" in proc.stdout
+    if "train.optimizer=adamw_schedulefree" in extra:
+        lora = load_file(out / "checkpoints/step-000004" / WEIGHT_NAME)
+        adapters = load_file(out / "checkpoints/step-000004/adapter-unet.safetensors")
+        assert {f"unet.{k}" for k in adapters} == set(lora)
+        assert not all(torch.equal(lora[f"unet.{k}"], adapters[k]) for k in adapters)  # x is not y
 
 
 def test_dora_noise_offset_checkpointing_and_retention(tiny_model, tmp_path):
